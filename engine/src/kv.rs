@@ -1,0 +1,316 @@
+//! The paged KV cache: a pool of fixed-size blocks and the sequences that own them.
+//!
+//! Storage is one allocation of `n_blocks × n_layers × {K, V} × block_size × kv_dim` f32s;
+//! the `(block, layer)` slab of K followed by V is contiguous, so a layer of a block can be
+//! shipped as one range (what the disaggregated KV push sends). Allocation and release are
+//! O(1) on a free list, under a short mutex; block contents are touched without locks,
+//! because a block belongs to exactly one [`KvSequence`] at a time and only that sequence's
+//! `&mut` methods write it.
+//!
+//! Budgeting: the pool is sized in bytes up front and never grows; running out is
+//! [`EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
+
+use crate::error::{EngineError, Result};
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+/// Tokens per KV block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// Index of a block in a [`KvPool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+/// The geometry of every block in a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub n_layers: usize,
+    pub kv_dim: usize,
+    pub block_size: usize,
+}
+
+impl KvLayout {
+    /// f32s in one layer's K (or V) of one block.
+    pub fn plane(&self) -> usize {
+        self.block_size * self.kv_dim
+    }
+    /// Bytes one block takes over all layers.
+    pub fn block_bytes(&self) -> usize {
+        self.n_layers * 2 * self.plane() * std::mem::size_of::<f32>()
+    }
+}
+
+struct Allocator {
+    free: Vec<BlockId>,
+    refs: Vec<u16>,
+}
+
+/// A fixed pool of KV blocks.
+pub struct KvPool {
+    layout: KvLayout,
+    n_blocks: usize,
+    data: NonNull<f32>,
+    alloc_layout: Layout,
+    allocator: Mutex<Allocator>,
+}
+
+// SAFETY: block contents are reached only through the owning KvSequence (see module docs);
+// the allocator is behind a mutex.
+unsafe impl Send for KvPool {}
+unsafe impl Sync for KvPool {}
+
+impl Drop for KvPool {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.data.as_ptr().cast(), self.alloc_layout) }
+    }
+}
+
+impl KvPool {
+    /// A pool of as many blocks as fit in `budget_bytes` (at least one).
+    /// Pages are committed lazily by the OS as blocks are first written.
+    pub fn with_budget(layout: KvLayout, budget_bytes: usize) -> Arc<KvPool> {
+        Self::new(layout, (budget_bytes / layout.block_bytes()).max(1))
+    }
+
+    pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
+        assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
+        let floats = n_blocks * layout.n_layers * 2 * layout.plane();
+        let alloc_layout = Layout::array::<f32>(floats)
+            .expect("KV pool size overflows")
+            .align_to(64)
+            .expect("align");
+        // SAFETY: non-zero size.
+        let ptr = unsafe { alloc_zeroed(alloc_layout) } as *mut f32;
+        let data =
+            NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(alloc_layout));
+        let free = (0..n_blocks as u32).rev().map(BlockId).collect();
+        Arc::new(KvPool {
+            layout,
+            n_blocks,
+            data,
+            alloc_layout,
+            allocator: Mutex::new(Allocator {
+                free,
+                refs: vec![0; n_blocks],
+            }),
+        })
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    pub fn free_blocks(&self) -> usize {
+        self.allocator
+            .lock()
+            .expect("kv allocator poisoned")
+            .free
+            .len()
+    }
+
+    /// Takes `n` blocks, all or none.
+    fn allocate(&self, n: usize) -> Result<Vec<BlockId>> {
+        let mut a = self.allocator.lock().expect("kv allocator poisoned");
+        if a.free.len() < n {
+            return Err(EngineError::KvExhausted {
+                needed: n,
+                free: a.free.len(),
+            });
+        }
+        let at = a.free.len() - n;
+        let got: Vec<BlockId> = a.free.drain(at..).collect();
+        for b in &got {
+            a.refs[b.0 as usize] = 1;
+        }
+        Ok(got)
+    }
+
+    fn release(&self, blocks: &[BlockId]) {
+        let mut a = self.allocator.lock().expect("kv allocator poisoned");
+        for &b in blocks {
+            let r = &mut a.refs[b.0 as usize];
+            assert!(*r > 0, "double free of KV block {b:?}");
+            *r -= 1;
+            if *r == 0 {
+                a.free.push(b);
+            }
+        }
+    }
+
+    fn plane_offset(&self, block: BlockId, layer: usize, v: bool) -> usize {
+        assert!((block.0 as usize) < self.n_blocks && layer < self.layout.n_layers);
+        ((block.0 as usize * self.layout.n_layers + layer) * 2 + v as usize) * self.layout.plane()
+    }
+
+    /// # Safety
+    /// The caller must hold the block (through its owning sequence) for the borrow's lifetime,
+    /// with no writer alive.
+    unsafe fn plane(&self, block: BlockId, layer: usize, v: bool) -> &[f32] {
+        let off = self.plane_offset(block, layer, v);
+        // SAFETY: in bounds by construction; exclusivity per the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.data.as_ptr().add(off), self.layout.plane()) }
+    }
+
+    /// # Safety
+    /// The caller must hold the block exclusively for the borrow's lifetime.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn plane_mut(&self, block: BlockId, layer: usize, v: bool) -> &mut [f32] {
+        let off = self.plane_offset(block, layer, v);
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().add(off), self.layout.plane()) }
+    }
+}
+
+/// One sequence's KV cache: its block table and how many positions are filled.
+/// Dropping it returns its blocks to the pool.
+pub struct KvSequence {
+    pool: Arc<KvPool>,
+    blocks: Vec<BlockId>,
+    len: usize,
+}
+
+impl KvSequence {
+    pub fn new(pool: Arc<KvPool>) -> KvSequence {
+        KvSequence {
+            pool,
+            blocks: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn block_table(&self) -> &[BlockId] {
+        &self.blocks
+    }
+    pub fn pool(&self) -> &Arc<KvPool> {
+        &self.pool
+    }
+
+    /// Makes room for `total` positions, allocating blocks all-or-nothing.
+    pub fn reserve(&mut self, total: usize) -> Result<()> {
+        let bs = self.pool.layout.block_size;
+        let need = total.div_ceil(bs).saturating_sub(self.blocks.len());
+        if need > 0 {
+            let got = self.pool.allocate(need)?;
+            self.blocks.extend(got);
+        }
+        Ok(())
+    }
+
+    /// Marks `n` more positions as filled (after a forward pass wrote them).
+    pub(crate) fn advance(&mut self, n: usize) {
+        assert!(self.len + n <= self.blocks.len() * self.pool.layout.block_size);
+        self.len += n;
+    }
+
+    /// Drops cached positions from `len` on (keeps the blocks).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes K and V (`kv_dim` each) of position `pos` in `layer`.
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let l = self.pool.layout;
+        let b = self.blocks[pos / l.block_size];
+        let off = (pos % l.block_size) * l.kv_dim;
+        // SAFETY: this sequence owns `b` and is borrowed mutably.
+        unsafe {
+            self.pool.plane_mut(b, layer, false)[off..off + l.kv_dim].copy_from_slice(k);
+            self.pool.plane_mut(b, layer, true)[off..off + l.kv_dim].copy_from_slice(v);
+        }
+    }
+
+    /// `(K, V)` planes of every block of `layer`, in table order.
+    pub(crate) fn layer_blocks(&self, layer: usize) -> Vec<(&[f32], &[f32])> {
+        self.blocks
+            .iter()
+            // SAFETY: this sequence owns its blocks and is borrowed shared, so no write is alive.
+            .map(|&b| unsafe {
+                (
+                    self.pool.plane(b, layer, false),
+                    self.pool.plane(b, layer, true),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for KvSequence {
+    fn drop(&mut self) {
+        self.pool.release(&self.blocks);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            n_layers: 2,
+            kv_dim: 4,
+            block_size: 4,
+        }
+    }
+
+    #[test]
+    fn write_read_and_free() {
+        let pool = KvPool::new(layout(), 3);
+        let mut s = KvSequence::new(pool.clone());
+        s.reserve(5).unwrap();
+        assert_eq!(pool.free_blocks(), 1);
+        s.write(1, 4, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        s.advance(5);
+        let planes = s.layer_blocks(1);
+        assert_eq!(&planes[1].0[..4], &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(&planes[1].1[..4], &[5.0, 6.0, 7.0, 8.0]);
+        let mut t = KvSequence::new(pool.clone());
+        assert!(matches!(
+            t.reserve(9),
+            Err(EngineError::KvExhausted { needed: 3, free: 1 })
+        ));
+        assert_eq!(pool.free_blocks(), 1, "a failed reserve takes nothing");
+        drop(s);
+        assert_eq!(pool.free_blocks(), 3);
+        t.reserve(9).unwrap();
+        assert_eq!(pool.free_blocks(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn blocks_are_never_shared_and_always_returned(ops in proptest::collection::vec((0usize..4, 0usize..40), 1..60)) {
+            let pool = KvPool::new(layout(), 16);
+            let mut seqs: Vec<KvSequence> = (0..4).map(|_| KvSequence::new(pool.clone())).collect();
+            for (i, len) in ops {
+                if len == 0 {
+                    seqs[i] = KvSequence::new(pool.clone());
+                } else {
+                    let before = seqs[i].block_table().len();
+                    match seqs[i].reserve(len) {
+                        Ok(()) => prop_assert!(seqs[i].block_table().len() * 4 >= len),
+                        Err(_) => prop_assert_eq!(seqs[i].block_table().len(), before),
+                    }
+                }
+                let mut all: Vec<BlockId> = seqs.iter().flat_map(|s| s.block_table().to_vec()).collect();
+                let n = all.len();
+                all.sort();
+                all.dedup();
+                prop_assert_eq!(all.len(), n, "a block is owned twice");
+                prop_assert_eq!(n + pool.free_blocks(), 16);
+            }
+            drop(seqs);
+            prop_assert_eq!(pool.free_blocks(), 16);
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Tandem's model runtime, shared by the prefill and decode workers.
+//!
+//! # Layout
+//! - [`gguf`]: reading (and writing) GGUF files.
+//! - [`config`]: a Llama-family model's hyper-parameters.
+//! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
+//! - [`chat`]: the GGUF's chat template.
+//! - [`kv`]: the paged KV block pool and per-sequence block tables.
+//! - [`model`]: weights and the batched forward pass.
+//! - [`sampler`], [`stop`]: choosing tokens; stop strings.
+//! - [`request`]: what workers are asked and what they stream back.
+//! - [`fetch`]: downloading and caching the default model.
+//! - [`synthetic`]: tiny generated models for tests.
+//!
+//! The two entry points the cluster splits on are [`Engine::prefill`] (prompt → first-token
+//! logits + filled KV blocks) and [`Engine::decode_step`] (a batch of sequences, one token each →
+//! logits).
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod kv;
+pub mod model;
+pub mod request;
+pub mod sampler;
+pub mod stop;
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use error::{EngineError, Result};
+pub use kv::{KvPool, KvSequence};
+pub use model::{LlamaModel, LogitsWanted};
+pub use tokenizer::{TokenId, Tokenizer};
+
+use chat::ChatTemplate;
+use gguf::{GgufFile, Metadata};
+use model::ForwardItem;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How to load an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Bytes of KV cache to reserve (the pool never grows past it).
+    pub kv_budget_bytes: usize,
+    /// The id the API serves the model under; default: `general.name` or the file stem.
+    pub model_id: Option<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kv_budget_bytes: 512 << 20,
+            model_id: None,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer, chat template and KV pool.
+pub struct Engine {
+    pub model: LlamaModel,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub model_id: String,
+    pub kv: Arc<KvPool>,
+}
+
+impl Engine {
+    pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
+        let path = path.as_ref();
+        let g = GgufFile::open(path)?;
+        let model = LlamaModel::load(&g)?;
+        let tokenizer = Tokenizer::from_metadata(&g)?;
+        if tokenizer.vocab_size() != model.cfg.vocab_size {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer has {} tokens, model {}",
+                tokenizer.vocab_size(),
+                model.cfg.vocab_size
+            )));
+        }
+        let source = g
+            .str_opt("tokenizer.chat_template")?
+            .unwrap_or(chat::CHATML);
+        let template = ChatTemplate::new(
+            source,
+            tokenizer.raw_token(tokenizer.bos),
+            tokenizer.raw_token(tokenizer.eos),
+        )?;
+        let model_id = cfg.model_id.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| {
+                    s.to_string_lossy()
+                        .split('.')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "model".into())
+        });
+        let kv = KvPool::with_budget(model.kv_layout(), cfg.kv_budget_bytes);
+        tracing::info!(
+            model = %model_id,
+            layers = model.cfg.n_layers,
+            d_model = model.cfg.d_model,
+            vocab = model.cfg.vocab_size,
+            weights_mib = model.weight_bytes() >> 20,
+            kv_blocks = kv.n_blocks(),
+            "model loaded"
+        );
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            model_id,
+            kv,
+        })
+    }
+
+    /// An empty sequence on this engine's pool.
+    pub fn new_sequence(&self) -> KvSequence {
+        KvSequence::new(self.kv.clone())
+    }
+
+    /// Largest number of tokens a sequence may hold.
+    pub fn max_context(&self) -> usize {
+        self.model.cfg.n_ctx
+    }
+
+    /// Runs `tokens` into `seq` (which may already hold a prefix); returns the logits asked for.
+    pub fn prefill(
+        &self,
+        seq: &mut KvSequence,
+        tokens: &[TokenId],
+        logits: LogitsWanted,
+    ) -> Result<Vec<f32>> {
+        let mut items = [ForwardItem {
+            seq,
+            tokens,
+            logits,
+        }];
+        Ok(self.model.forward(&mut items)?.pop().expect("one item"))
+    }
+
+    /// One decode step for a batch: each sequence takes one token; returns each one's logits.
+    pub fn decode_step(&self, batch: &mut [(&mut KvSequence, TokenId)]) -> Result<Vec<Vec<f32>>> {
+        let toks: Vec<[TokenId; 1]> = batch.iter().map(|(_, t)| [*t]).collect();
+        let mut items: Vec<ForwardItem<'_>> = batch
+            .iter_mut()
+            .zip(&toks)
+            .map(|((seq, _), t)| ForwardItem {
+                seq: &mut **seq,
+                tokens: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        self.model.forward(&mut items)
+    }
+}

@@ -1,0 +1,274 @@
+//! The Llama-family transformer: weights and the batched forward pass over paged KV.
+//!
+//! One [`LlamaModel::forward`] call runs any mix of sequences, each contributing a chunk of
+//! new tokens (a whole prompt, a prefill chunk, or one decode token). All rows go through each
+//! weight matrix together; attention runs per row over that row's own sequence. Every kernel
+//! is batch-invariant, so a sequence's logits do not depend on what else is in the call.
+
+use crate::config::LlamaConfig;
+use crate::error::{EngineError, Result};
+use crate::gguf::GgufFile;
+use crate::kv::{KvLayout, KvSequence};
+use kernels::attention::{AttnShape, attend};
+use kernels::matmul::matmul;
+use kernels::ops::{rms_norm, rope_normal, silu_mul};
+use rayon::prelude::*;
+
+/// One transformer block's weights, dequantized to f32, `[out × in]` row-major.
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate: Vec<f32>,
+    w_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+/// A loaded Llama-family model (f32 reference precision).
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    token_embd: Vec<f32>,
+    /// `None` when the output projection is tied to the embeddings.
+    output: Option<Vec<f32>>,
+    output_norm: Vec<f32>,
+    layers: Vec<Layer>,
+}
+
+/// Which logits a forward item wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    /// The last new position's (what sampling needs).
+    Last,
+    /// Every new position's (prompt log-probabilities, perplexity).
+    All,
+}
+
+/// One sequence's share of a forward call.
+pub struct ForwardItem<'a> {
+    pub seq: &'a mut KvSequence,
+    pub tokens: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+impl LlamaModel {
+    /// Reads and dequantizes every weight; checks shapes against the config.
+    pub fn load(g: &GgufFile) -> Result<LlamaModel> {
+        let cfg = LlamaConfig::from_metadata(g)?;
+        let (d, kvd, ff, v) = (
+            cfg.d_model as u64,
+            cfg.kv_dim() as u64,
+            cfg.d_ff as u64,
+            cfg.vocab_size as u64,
+        );
+        let token_embd = g.tensor_f32_shaped("token_embd.weight", &[d, v])?;
+        let output = match g.tensor_info("output.weight") {
+            Some(_) => Some(g.tensor_f32_shaped("output.weight", &[d, v])?),
+            None => None,
+        };
+        let output_norm = g.tensor_f32_shaped("output_norm.weight", &[d])?;
+        let layers = (0..cfg.n_layers)
+            .into_par_iter()
+            .map(|i| {
+                let t = |n: &str, shape: &[u64]| {
+                    g.tensor_f32_shaped(&format!("blk.{i}.{n}.weight"), shape)
+                };
+                Ok(Layer {
+                    attn_norm: t("attn_norm", &[d])?,
+                    wq: t("attn_q", &[d, d])?,
+                    wk: t("attn_k", &[d, kvd])?,
+                    wv: t("attn_v", &[d, kvd])?,
+                    wo: t("attn_output", &[d, d])?,
+                    ffn_norm: t("ffn_norm", &[d])?,
+                    w_gate: t("ffn_gate", &[d, ff])?,
+                    w_up: t("ffn_up", &[d, ff])?,
+                    w_down: t("ffn_down", &[ff, d])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(LlamaModel {
+            cfg,
+            token_embd,
+            output,
+            output_norm,
+            layers,
+        })
+    }
+
+    /// The KV block geometry this model needs.
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            n_layers: self.cfg.n_layers,
+            kv_dim: self.cfg.kv_dim(),
+            block_size: crate::kv::BLOCK_SIZE,
+        }
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let l: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_norm.len()
+                    + l.wq.len()
+                    + l.wk.len()
+                    + l.wv.len()
+                    + l.wo.len()
+                    + l.ffn_norm.len()
+                    + l.w_gate.len()
+                    + l.w_up.len()
+                    + l.w_down.len()
+            })
+            .sum();
+        (l + self.token_embd.len()
+            + self.output.as_ref().map_or(0, Vec::len)
+            + self.output_norm.len())
+            * 4
+    }
+
+    /// Runs new tokens of every item through the model, appending their K/V to each item's
+    /// sequence; returns, per item, the logits it asked for (`n × vocab` for `All`).
+    pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.cfg;
+        let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
+        // Validate and reserve before computing anything.
+        for it in items.iter_mut() {
+            if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(EngineError::BadToken(t));
+            }
+            let total = it.seq.len() + it.tokens.len();
+            if total > c.n_ctx {
+                return Err(EngineError::ContextOverflow {
+                    len: total,
+                    max: c.n_ctx,
+                });
+            }
+            it.seq.reserve(total)?;
+        }
+        // Row r belongs to item row_item[r] at position row_pos[r].
+        let mut row_item = Vec::new();
+        let mut row_pos = Vec::new();
+        for (i, it) in items.iter().enumerate() {
+            let start = it.seq.len();
+            for p in 0..it.tokens.len() {
+                row_item.push(i);
+                row_pos.push(start + p);
+            }
+        }
+        let r = row_item.len();
+        let mut x = vec![0f32; r * d];
+        for (row, &tok) in x
+            .chunks_exact_mut(d)
+            .zip(items.iter().flat_map(|it| it.tokens.iter()))
+        {
+            row.copy_from_slice(&self.token_embd[tok as usize * d..(tok as usize + 1) * d]);
+        }
+        let mut h = vec![0f32; r * d];
+        let mut q = vec![0f32; r * d];
+        let mut k = vec![0f32; r * kvd];
+        let mut v = vec![0f32; r * kvd];
+        let mut att = vec![0f32; r * d];
+        let mut proj = vec![0f32; r * d];
+        let mut gate = vec![0f32; r * ff];
+        let mut up = vec![0f32; r * ff];
+        let shape = AttnShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: hd,
+            block_size: crate::kv::BLOCK_SIZE,
+        };
+
+        for (li, l) in self.layers.iter().enumerate() {
+            norm_rows(&x, &l.attn_norm, c.rms_eps, &mut h, d);
+            matmul(&h, &l.wq, &mut q, r, d, d);
+            matmul(&h, &l.wk, &mut k, r, d, kvd);
+            matmul(&h, &l.wv, &mut v, r, d, kvd);
+            for (row, &pos) in row_pos.iter().enumerate() {
+                rope_normal(&mut q[row * d..(row + 1) * d], hd, pos, c.rope_base);
+                rope_normal(&mut k[row * kvd..(row + 1) * kvd], hd, pos, c.rope_base);
+            }
+            for row in 0..r {
+                let it = &mut items[row_item[row]];
+                it.seq.write(
+                    li,
+                    row_pos[row],
+                    &k[row * kvd..(row + 1) * kvd],
+                    &v[row * kvd..(row + 1) * kvd],
+                );
+            }
+            {
+                let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
+                att.par_chunks_exact_mut(d)
+                    .enumerate()
+                    .for_each(|(row, out)| {
+                        let n_ctx = row_pos[row] + 1;
+                        let mut scores = vec![0f32; n_ctx];
+                        attend(
+                            shape,
+                            &q[row * d..(row + 1) * d],
+                            &blocks[row_item[row]],
+                            n_ctx,
+                            &mut scores,
+                            out,
+                        );
+                    });
+            }
+            matmul(&att, &l.wo, &mut proj, r, d, d);
+            add_in_place(&mut x, &proj);
+            norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut h, d);
+            matmul(&h, &l.w_gate, &mut gate, r, d, ff);
+            matmul(&h, &l.w_up, &mut up, r, d, ff);
+            gate.par_chunks_mut(4096)
+                .zip(up.par_chunks(4096))
+                .for_each(|(g, u)| silu_mul(g, u));
+            matmul(&gate, &l.w_down, &mut proj, r, ff, d);
+            add_in_place(&mut x, &proj);
+        }
+
+        // Logits for the rows each item asked for.
+        let mut out = Vec::with_capacity(items.len());
+        let mut row0 = 0;
+        let w_out = self.output.as_deref().unwrap_or(&self.token_embd);
+        for it in items.iter_mut() {
+            let n = it.tokens.len();
+            let rows = match it.logits {
+                LogitsWanted::None => 0..0,
+                LogitsWanted::Last => row0 + n - 1..row0 + n,
+                LogitsWanted::All => row0..row0 + n,
+            };
+            let m = rows.len();
+            let mut logits = vec![0f32; m * c.vocab_size];
+            if m > 0 {
+                let mut normed = vec![0f32; m * d];
+                norm_rows(
+                    &x[rows.start * d..rows.end * d],
+                    &self.output_norm,
+                    c.rms_eps,
+                    &mut normed,
+                    d,
+                );
+                matmul(&normed, w_out, &mut logits, m, d, c.vocab_size);
+            }
+            out.push(logits);
+            it.seq.advance(n);
+            row0 += n;
+        }
+        Ok(out)
+    }
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {
+    out.par_chunks_exact_mut(d)
+        .zip(x.par_chunks_exact(d))
+        .for_each(|(o, xr)| rms_norm(xr, w, eps, o));
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,82 @@
+//! What a worker is asked to generate and what it streams back: the types the scheduler,
+//! the prefill worker and the decode worker share (in-process today; the gRPC protocol of the
+//! disaggregated cluster carries the same fields).
+
+use crate::sampler::{SamplingParams, TokenLogprobs};
+use crate::tokenizer::TokenId;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A request's id, unique within the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(pub u64);
+
+/// Everything a worker needs to generate one completion.
+#[derive(Debug, Clone)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    /// Tokens to generate at most (0: only score the prompt).
+    pub max_tokens: usize,
+    /// EOS/stop tokens are ignored until this many tokens exist.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    /// Extra token ids that end generation.
+    pub stop_token_ids: Vec<TokenId>,
+    /// Top log-probabilities to report per generated token (`None`: no logprobs).
+    pub logprobs: Option<usize>,
+    /// Top log-probabilities to report per prompt token (`echo` with `logprobs`).
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS or a stop token (stop strings are matched by the scheduler).
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+/// One generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent {
+    pub token: TokenId,
+    pub logprobs: Option<TokenLogprobs>,
+    /// Set on the last token of the sequence.
+    pub finish: Option<FinishReason>,
+}
+
+/// What a worker streams back for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    /// Log-probabilities of prompt tokens 1..n (token 0 has none), sent before any token.
+    PromptLogprobs(Vec<TokenLogprobs>),
+    Token(TokenEvent),
+    /// Prompt scored and nothing to generate (`max_tokens: 0`).
+    Done,
+    /// The request failed on the worker; nothing more follows.
+    Error(WorkerError),
+}
+
+/// A failure a worker reports for one request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WorkerError {
+    /// No KV blocks left: the client should retry later.
+    #[error("the server is out of KV-cache memory: {0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Set by the scheduler when the client goes away; workers drop the sequence at their next step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}

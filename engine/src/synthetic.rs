@@ -1,0 +1,170 @@
+//! Tiny synthetic Llama models written as real GGUF files, for fast tests of the loader, the
+//! forward pass and the servers. Weights are pseudo-random (never zero) and stored in a mix of
+//! every tensor type the loader reads.
+
+use crate::error::Result;
+use crate::gguf::{GgmlType, GgufWriter, Value};
+use crate::tokenizer::byte_to_char;
+use half::{bf16, f16};
+use kernels::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+use std::path::Path;
+
+/// Shape of a synthetic model.
+#[derive(Debug, Clone)]
+pub struct TinySpec {
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_ff: usize,
+    pub n_ctx: usize,
+    pub seed: u64,
+    /// Write a separate `output.weight` instead of tying it to the embeddings.
+    pub untied_output: bool,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        TinySpec {
+            n_layers: 2,
+            d_model: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            d_ff: 96,
+            n_ctx: 512,
+            seed: 7,
+            untied_output: false,
+        }
+    }
+}
+
+/// Extra tokens after the 256 byte tokens: merged pieces, then specials.
+const MERGES: &[(&str, &str)] = &[
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+];
+pub const IM_START: &str = "<|im_start|>";
+pub const IM_END: &str = "<|im_end|>";
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        let u = (self.0 >> 40) as f32 / (1u64 << 24) as f32;
+        (u - 0.5) * 0.6 + 1e-3
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// The vocabulary of a synthetic model: tokens and their GGUF types.
+pub fn vocab() -> (Vec<String>, Vec<i32>) {
+    let table = byte_to_char();
+    let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
+    let mut types = vec![1i32; 256];
+    for (a, b) in MERGES {
+        tokens.push(format!("{a}{b}"));
+        types.push(1);
+    }
+    for s in [IM_START, IM_END] {
+        tokens.push(s.to_string());
+        types.push(3);
+    }
+    (tokens, types)
+}
+
+fn encode(ty: GgmlType, data: &[f32]) -> Vec<u8> {
+    match ty {
+        GgmlType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => data
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Bf16 => data
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Q4_0 => quantize_q4_0(data),
+        GgmlType::Q4_1 => quantize_q4_1(data),
+        GgmlType::Q8_0 => quantize_q8_0(data),
+        GgmlType::Other(_) => unreachable!(),
+    }
+}
+
+/// Builds the GGUF for `spec` in memory.
+pub fn build(spec: &TinySpec) -> GgufWriter {
+    let (tokens, types) = vocab();
+    let n_vocab = tokens.len() as u64;
+    let mut w = GgufWriter::new();
+    let s = |x: &str| Value::String(x.to_string());
+    let u = |x: usize| Value::U32(x as u32);
+    w.meta("general.architecture", s("llama"))
+        .meta("general.name", s("tandem-tiny"))
+        .meta("llama.context_length", u(spec.n_ctx))
+        .meta("llama.embedding_length", u(spec.d_model))
+        .meta("llama.block_count", u(spec.n_layers))
+        .meta("llama.feed_forward_length", u(spec.d_ff))
+        .meta("llama.attention.head_count", u(spec.n_heads))
+        .meta("llama.attention.head_count_kv", u(spec.n_kv_heads))
+        .meta("llama.rope.freq_base", Value::F32(10000.0))
+        .meta("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .meta("tokenizer.ggml.model", s("gpt2"))
+        .meta("tokenizer.ggml.pre", s("smollm"))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| s(t)).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.token_type",
+            Value::Array(types.iter().map(|t| Value::I32(*t)).collect()),
+        )
+        .meta(
+            "tokenizer.ggml.merges",
+            Value::Array(MERGES.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect()),
+        )
+        .meta("tokenizer.ggml.bos_token_id", u(n_vocab as usize - 2))
+        .meta("tokenizer.ggml.eos_token_id", u(n_vocab as usize - 1))
+        .meta("tokenizer.ggml.add_bos_token", Value::Bool(false))
+        .meta("tokenizer.chat_template", s(crate::chat::CHATML));
+    let mut rng = Rng(spec.seed.max(1));
+    let (d, ff) = (spec.d_model as u64, spec.d_ff as u64);
+    let kvd = (spec.d_model / spec.n_heads * spec.n_kv_heads) as u64;
+    let mut t = |w: &mut GgufWriter, name: &str, dims: &[u64], ty: GgmlType| {
+        let n: u64 = dims.iter().product();
+        let mut data = rng.vec(n as usize);
+        if name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        w.tensor(name, dims, ty, encode(ty, &data));
+    };
+    t(&mut w, "token_embd.weight", &[d, n_vocab], GgmlType::Q8_0);
+    t(&mut w, "output_norm.weight", &[d], GgmlType::F32);
+    if spec.untied_output {
+        t(&mut w, "output.weight", &[d, n_vocab], GgmlType::F16);
+    }
+    for i in 0..spec.n_layers {
+        let n = |x: &str| format!("blk.{i}.{x}.weight");
+        t(&mut w, &n("attn_norm"), &[d], GgmlType::F32);
+        t(&mut w, &n("attn_q"), &[d, d], GgmlType::Q4_1);
+        t(&mut w, &n("attn_k"), &[d, kvd], GgmlType::Q4_0);
+        t(&mut w, &n("attn_v"), &[d, kvd], GgmlType::F16);
+        t(&mut w, &n("attn_output"), &[d, d], GgmlType::Bf16);
+        t(&mut w, &n("ffn_norm"), &[d], GgmlType::F32);
+        t(&mut w, &n("ffn_gate"), &[d, ff], GgmlType::Q4_1);
+        t(&mut w, &n("ffn_up"), &[d, ff], GgmlType::Q8_0);
+        t(&mut w, &n("ffn_down"), &[ff, d], GgmlType::F32);
+    }
+    w
+}
+
+/// Writes a synthetic model to `path`.
+pub fn write(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
+    build(spec).write(path)
+}

@@ -1,0 +1,290 @@
+//! Byte-level BPE built from a GGUF's `tokenizer.ggml.*` metadata, matching llama.cpp.
+//!
+//! Encoding uses the `tokenizers` crate (BPE over GGUF's vocab and merges, with the
+//! pre-tokenizer that `tokenizer.ggml.pre` names); control and user-defined tokens are matched
+//! in the text first, as llama.cpp does when it parses special tokens. Decoding is done here,
+//! byte-exact, so that streaming can hold back an incomplete UTF-8 character
+//! ([`StreamDecoder`]).
+
+use crate::error::{EngineError, Result};
+use crate::gguf::{Metadata, Value};
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+/// Token ids as the model sees them.
+pub type TokenId = u32;
+
+/// GGUF token types (`tokenizer.ggml.token_type`).
+const TYPE_CONTROL: i64 = 3;
+const TYPE_USER_DEFINED: i64 = 4;
+
+/// GPT-2's pre-tokenizer split.
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// Llama 3's (`llama-bpe`).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A model's tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Each token's bytes (byte-level symbols mapped back; specials as their text).
+    token_bytes: Vec<Vec<u8>>,
+    /// Control tokens are not rendered into generated text.
+    is_control: Vec<bool>,
+    pub bos: Option<TokenId>,
+    pub eos: Option<TokenId>,
+    /// Extra end-of-generation tokens (`tokenizer.ggml.eot_token_id`, ...).
+    pub eog: Vec<TokenId>,
+    pub add_bos: bool,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Tokenizer(e.to_string())
+}
+
+/// GPT-2's byte ↔ printable-unicode table.
+pub(crate) fn byte_to_char() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).expect("latin-1")
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("in range")
+        };
+    }
+    table
+}
+
+impl Tokenizer {
+    pub fn from_metadata(md: &impl Metadata) -> Result<Tokenizer> {
+        let model = md.str_req("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(EngineError::Tokenizer(format!(
+                "tokenizer model '{model}' is not supported yet (Tandem reads byte-level BPE, 'gpt2')"
+            )));
+        }
+        let tokens = md
+            .array_opt("tokenizer.ggml.tokens")?
+            .ok_or_else(|| EngineError::MissingKey("tokenizer.ggml.tokens".into()))?;
+        let tokens: Vec<&str> = tokens
+            .iter()
+            .map(|v| v.as_str().ok_or_else(|| tok_err("a token is not a string")))
+            .collect::<Result<_>>()?;
+        let types: Vec<i64> = match md.array_opt("tokenizer.ggml.token_type")? {
+            Some(a) => a
+                .iter()
+                .map(|v| match v {
+                    Value::I32(x) => *x as i64,
+                    other => other.as_u64().map(|x| x as i64).unwrap_or(1),
+                })
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            return Err(tok_err("token_type and tokens differ in length"));
+        }
+        let merges = md
+            .array_opt("tokenizer.ggml.merges")?
+            .ok_or_else(|| EngineError::MissingKey("tokenizer.ggml.merges".into()))?;
+        let merges: Vec<(String, String)> = merges
+            .iter()
+            .map(|m| {
+                let s = m
+                    .as_str()
+                    .ok_or_else(|| tok_err("a merge is not a string"))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .ok_or_else(|| tok_err(format!("malformed merge '{s}'")))?;
+                Ok((a.to_string(), b.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
+        let pre = md.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
+        let split = |pat: &str| -> Result<PreTokenizerWrapper> {
+            Ok(Split::new(
+                SplitPattern::Regex(pat.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?
+            .into())
+        };
+        let bytes_only: PreTokenizerWrapper = ByteLevel::new(false, false, false).into();
+        let pre_tok: PreTokenizerWrapper = match pre {
+            // llama.cpp: "\p{N}" isolated, then GPT-2's split.
+            "smollm" => {
+                Sequence::new(vec![split(r"\p{N}")?, split(GPT2_PATTERN)?, bytes_only]).into()
+            }
+            "gpt2" | "default" | "gpt-2" => {
+                Sequence::new(vec![split(GPT2_PATTERN)?, bytes_only]).into()
+            }
+            "llama-bpe" | "llama3" => {
+                Sequence::new(vec![split(LLAMA3_PATTERN)?, bytes_only]).into()
+            }
+            other => {
+                return Err(EngineError::Tokenizer(format!(
+                    "pre-tokenizer '{other}' is not supported yet (supported: smollm, gpt2, llama-bpe)"
+                )));
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre_tok));
+
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
+            .map(|(s, _)| AddedToken::from(s.to_string(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+
+        let table = byte_to_char();
+        let mut inverse = std::collections::HashMap::new();
+        for (b, c) in table.iter().enumerate() {
+            inverse.insert(*c, b as u8);
+        }
+        let token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, ty)| {
+                if *ty == TYPE_CONTROL || *ty == TYPE_USER_DEFINED {
+                    t.as_bytes().to_vec()
+                } else {
+                    t.chars()
+                        .map(|c| inverse.get(&c).copied().unwrap_or(b'?'))
+                        .collect()
+                }
+            })
+            .collect();
+        let id = |k: &str| -> Result<Option<TokenId>> {
+            Ok(md
+                .u64_opt(k)?
+                .map(|v| v as TokenId)
+                .filter(|v| (*v as usize) < tokens.len()))
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?;
+        let mut eog: Vec<TokenId> = [
+            id("tokenizer.ggml.eot_token_id")?,
+            id("tokenizer.ggml.eom_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        eog.extend(eos);
+        eog.sort_unstable();
+        eog.dedup();
+        Ok(Tokenizer {
+            inner,
+            token_bytes,
+            is_control: types.iter().map(|t| *t == TYPE_CONTROL).collect(),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos,
+            eog,
+            add_bos: md
+                .get("tokenizer.ggml.add_bos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+
+    /// Tokenizes `text`, matching special tokens written in it; adds BOS if `add_special`
+    /// and the model asks for it.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<TokenId>> {
+        let enc = self.inner.encode_fast(text, false).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
+        if add_special && self.add_bos {
+            ids.extend(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    /// The raw bytes of one token (empty for control tokens when `skip_control`).
+    pub fn token_bytes(&self, id: TokenId, skip_control: bool) -> &[u8] {
+        match self.token_bytes.get(id as usize) {
+            Some(_) if skip_control && self.is_control[id as usize] => &[],
+            Some(b) => b,
+            None => &[],
+        }
+    }
+
+    /// The text of one token as the API shows it in `logprobs` (lossy for partial UTF-8).
+    pub fn token_text(&self, id: TokenId) -> String {
+        String::from_utf8_lossy(self.token_bytes(id, false)).into_owned()
+    }
+
+    /// Decodes ids to text, skipping control tokens (what `skip_special_tokens` does).
+    pub fn decode(&self, ids: &[TokenId]) -> String {
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i, true).iter().copied())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn is_eog(&self, id: TokenId) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// The text of a token id, if it exists (for `bos_token`/`eos_token` in templates).
+    pub fn raw_token(&self, id: Option<TokenId>) -> String {
+        id.map(|i| String::from_utf8_lossy(self.token_bytes(i, false)).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Turns a stream of token ids into text pieces, holding back bytes of a UTF-8 character
+/// that has not been completed yet.
+#[derive(Default)]
+pub struct StreamDecoder {
+    pending: Vec<u8>,
+}
+
+impl StreamDecoder {
+    /// Adds a token; returns the text that became complete.
+    pub fn push(&mut self, tok: &Tokenizer, id: TokenId) -> String {
+        self.pending.extend_from_slice(tok.token_bytes(id, true));
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) if e.error_len().is_some() => {
+                // Invalid bytes (not just incomplete): emit lossily, as a batch decode would.
+                let s = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                return s;
+            }
+            Err(e) => e.valid_up_to(),
+        };
+        let s = String::from_utf8(self.pending[..valid].to_vec()).expect("validated");
+        self.pending.drain(..valid);
+        s
+    }
+
+    /// Whatever is left at the end of generation.
+    pub fn finish(&mut self) -> String {
+        let s = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        s
+    }
+}

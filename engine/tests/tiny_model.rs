@@ -1,0 +1,233 @@
+//! The loader, tokenizer and forward pass on synthetic GGUF models.
+
+use engine::gguf::{GgufFile, Metadata};
+use engine::synthetic::{TinySpec, write};
+use engine::{Engine, EngineConfig, EngineError, LogitsWanted};
+
+fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write(spec, &path).unwrap();
+    let e = Engine::load(
+        &path,
+        &EngineConfig {
+            kv_budget_bytes: 4 << 20,
+            model_id: None,
+        },
+    )
+    .unwrap();
+    (dir, e)
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 31 + salt * 7 + 3) % 262)
+        .collect()
+}
+
+#[test]
+fn loads_metadata_and_every_tensor_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write(
+        &TinySpec {
+            untied_output: true,
+            ..Default::default()
+        },
+        &path,
+    )
+    .unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.version, 3);
+    assert_eq!(g.str_req("general.architecture").unwrap(), "llama");
+    let types: std::collections::BTreeSet<String> =
+        g.tensors().iter().map(|t| t.ty.name()).collect();
+    for t in ["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"] {
+        assert!(types.contains(t), "{t} missing from {types:?}");
+    }
+    let e = Engine::load(&path, &EngineConfig::default()).unwrap();
+    assert_eq!(e.model.cfg.n_layers, 2);
+    assert_eq!(e.model_id, "m");
+}
+
+#[test]
+fn chunked_prefill_and_decode_steps_agree_bit_for_bit() {
+    let (_d, e) = tiny(&TinySpec::default());
+    let toks = prompt(40, 1);
+    // Whole prompt at once, logits at every position.
+    let mut whole = e.new_sequence();
+    let all = e.prefill(&mut whole, &toks, LogitsWanted::All).unwrap();
+    let v = e.model.cfg.vocab_size;
+    // Chunks of 7, then single-token decode steps.
+    let mut seq = e.new_sequence();
+    let mut at = 0;
+    while at < 21 {
+        let end = (at + 7).min(21);
+        let l = e
+            .prefill(&mut seq, &toks[at..end], LogitsWanted::Last)
+            .unwrap();
+        assert_eq!(
+            bits(&l),
+            bits(&all[(end - 1) * v..end * v]),
+            "chunk ending at {end}"
+        );
+        at = end;
+    }
+    for (i, &t) in toks.iter().enumerate().skip(21) {
+        let l = e.decode_step(&mut [(&mut seq, t)]).unwrap().pop().unwrap();
+        assert_eq!(bits(&l), bits(&all[i * v..(i + 1) * v]), "decode at {i}");
+    }
+    assert_eq!(seq.len(), 40);
+}
+
+#[test]
+fn decode_batch_is_invariant_to_its_company() {
+    let (_d, e) = tiny(&TinySpec::default());
+    let mut alone = e.new_sequence();
+    e.prefill(&mut alone, &prompt(19, 2), LogitsWanted::None)
+        .unwrap();
+    let solo = e
+        .decode_step(&mut [(&mut alone, 5)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    let mut seqs: Vec<_> = (0..9).map(|_| e.new_sequence()).collect();
+    for (i, s) in seqs.iter_mut().enumerate() {
+        let p = if i == 4 {
+            prompt(19, 2)
+        } else {
+            prompt(3 + i * 5, 10 + i as u32)
+        };
+        e.prefill(s, &p, LogitsWanted::None).unwrap();
+    }
+    let mut batch: Vec<_> = seqs.iter_mut().map(|s| (s, 5u32)).collect();
+    let out = e.decode_step(&mut batch).unwrap();
+    assert_eq!(bits(&out[4]), bits(&solo));
+}
+
+#[test]
+fn untied_output_and_gqa_shapes_run() {
+    let (_d, e) = tiny(&TinySpec {
+        untied_output: true,
+        n_heads: 8,
+        n_kv_heads: 1,
+        d_model: 64,
+        ..Default::default()
+    });
+    let mut s = e.new_sequence();
+    let l = e
+        .prefill(&mut s, &prompt(33, 3), LogitsWanted::Last)
+        .unwrap();
+    assert_eq!(l.len(), e.model.cfg.vocab_size);
+    assert!(l.iter().all(|x| x.is_finite()));
+    assert!(l.iter().any(|x| *x != l[0]));
+}
+
+#[test]
+fn kv_budget_and_context_limits_are_errors() {
+    let (_d, e) = tiny(&TinySpec {
+        n_ctx: 64,
+        ..Default::default()
+    });
+    let mut s = e.new_sequence();
+    assert!(matches!(
+        e.prefill(&mut s, &prompt(65, 0), LogitsWanted::Last),
+        Err(EngineError::ContextOverflow { .. })
+    ));
+    assert!(matches!(
+        e.prefill(&mut s, &[9999], LogitsWanted::Last),
+        Err(EngineError::BadToken(9999))
+    ));
+    // A pool of 4 MiB holds a limited number of blocks; exhausting it is an error, not growth.
+    let per_block = e.model.kv_layout().block_bytes();
+    let n_blocks = e.kv.n_blocks();
+    assert_eq!(n_blocks, (4 << 20) / per_block);
+    let mut seqs = Vec::new();
+    let mut failed = false;
+    for _ in 0..n_blocks + 1 {
+        let mut s = e.new_sequence();
+        match e.prefill(&mut s, &prompt(60, 1), LogitsWanted::None) {
+            Ok(_) => seqs.push(s),
+            Err(EngineError::KvExhausted { .. }) => {
+                failed = true;
+                break;
+            }
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert!(failed);
+    drop(seqs);
+    assert_eq!(e.kv.free_blocks(), n_blocks);
+}
+
+#[test]
+fn tokenizer_round_trips_and_matches_specials() {
+    let (_d, e) = tiny(&TinySpec::default());
+    let t = &e.tokenizer;
+    for text in [
+        "the other",
+        " the then",
+        "héllo wörld 123 🎉",
+        "a\n\n  b\t\tc",
+        "",
+    ] {
+        let ids = t.encode(text, true).unwrap();
+        assert_eq!(t.decode(&ids), text);
+    }
+    let ids = t.encode("<|im_start|>user the<|im_end|>", false).unwrap();
+    assert_eq!(ids.first(), Some(&262));
+    assert_eq!(ids.last(), Some(&263));
+    assert!(ids.contains(&258), "'Ġthe' merge: {ids:?}");
+    // digits are split one by one
+    let ids = t.encode("2026", false).unwrap();
+    assert_eq!(ids.len(), 4);
+}
+
+#[test]
+fn corrupt_and_truncated_files_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = engine::synthetic::build(&TinySpec::default()).to_bytes();
+    let path = dir.path().join("bad.gguf");
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("magic", b"GGML\x03\x00\x00\x00".to_vec()),
+        ("version", [&b"GGUF"[..], &9u32.to_le_bytes()].concat()),
+    ];
+    for cut in [10, 100, 3000, good.len() / 2, good.len() - 1] {
+        cases.push(("truncated", good[..cut].to_vec()));
+    }
+    let mut huge = good.clone();
+    huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // tensor count
+    cases.push(("huge count", huge));
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let r = Engine::load(&path, &EngineConfig::default());
+        assert!(r.is_err(), "{what} loaded");
+    }
+    // Flip bytes all over the header: never a panic.
+    for i in (0..4000.min(good.len())).step_by(97) {
+        let mut b = good.clone();
+        b[i] ^= 0x5a;
+        std::fs::write(&path, &b).unwrap();
+        let _ = std::panic::catch_unwind(|| Engine::load(&path, &EngineConfig::default()))
+            .expect("no panic");
+    }
+    // Unsupported architecture and quant type.
+    let mut w = engine::synthetic::build(&TinySpec::default());
+    w.meta(
+        "general.architecture",
+        engine::gguf::Value::String("mamba".into()),
+    );
+    let bytes = w.to_bytes();
+    std::fs::write(&path, bytes).unwrap();
+    // The first key wins in our reader? No: duplicates replace. Either way 'mamba' is refused.
+    let err = Engine::load(&path, &EngineConfig::default())
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("mamba"), "{err}");
+}
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}

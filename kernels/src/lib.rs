@@ -1,0 +1,25 @@
+//! Tandem's compute kernels.
+//!
+//! Every kernel here has a plain scalar twin that tests compare it against, and every
+//! reduction runs in an order that depends only on the reduced length, never on how many
+//! rows share the call: a row's result is the same whether it is computed alone or in a
+//! batch of 64 (batch invariance, which Tandem's determinism guarantees rest on).
+//!
+//! # Layout
+//! - [`dispatch`]: the CPU feature level, detected once and cached (`TANDEM_SIMD` forces a lower one).
+//! - [`quant`]: GGML block formats (Q4_0, Q4_1, Q8_0) and F16/BF16, dequantized exactly to f32.
+//! - [`dot`]: the f32 dot product every matmul is built from, one implementation per level.
+//! - [`matmul`]: `y = x · Wᵀ` over a thread pool, batch-invariant.
+//! - [`ops`]: RMSNorm, RoPE, SiLU·mul, softmax.
+//! - [`attention`]: causal attention of new query rows over a paged KV cache.
+//!
+//! INT8 (W8A8) GEMM/GEMV and the `cuda` backend slot in beside these modules.
+
+pub mod attention;
+pub mod dispatch;
+pub mod dot;
+pub mod matmul;
+pub mod ops;
+pub mod quant;
+
+pub use dispatch::SimdLevel;
