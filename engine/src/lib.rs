@@ -8,7 +8,8 @@
 //! - [`kv`]: the paged KV block pool and per-sequence block tables.
 //! - [`model`]: weights and the batched forward pass.
 //! - [`sampler`], [`stop`]: choosing tokens; stop strings.
-//! - [`request`]: what workers are asked and what they stream back.
+//! - [`request`]: what workers are asked and what they stream back; [`generation`]: a
+//!   sequence's sampling state, shared by both phases.
 //! - [`fetch`]: downloading and caching the default model.
 //! - [`synthetic`]: tiny generated models for tests.
 //!
@@ -20,6 +21,7 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod generation;
 pub mod gguf;
 pub mod kv;
 pub mod model;

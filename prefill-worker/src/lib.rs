@@ -1,0 +1,134 @@
+//! The prefill worker: runs a prompt through the model, filling a sequence's KV blocks,
+//! samples the first token (time to first token ends here), reports prompt log-probabilities
+//! when asked, and hands the sequence to a decode worker.
+//!
+//! Jobs wait in a bounded queue; a full queue refuses new work at once ([`SubmitError::QueueFull`])
+//! so the scheduler can answer 503 instead of letting latency grow without bound.
+//! Chunked prefill, prefix reuse and the layer-by-layer KV push to a remote decode worker
+//! grow here (issues 5 and 6).
+
+use decode_worker::{DecodeHandle, DecodeJob};
+use engine::generation::GenerationState;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::sampler::logprobs;
+use engine::{Engine, EngineError, LogitsWanted, TokenId};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A prompt to prefill.
+pub struct PrefillJob {
+    pub id: RequestId,
+    pub prompt: Vec<TokenId>,
+    pub params: GenerationParams,
+    pub events: UnboundedSender<WorkerEvent>,
+    pub cancel: CancelFlag,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prefill queue is full")]
+    QueueFull,
+    #[error("the prefill worker has stopped")]
+    Stopped,
+}
+
+/// Submits prompts to a running prefill worker.
+#[derive(Clone)]
+pub struct PrefillHandle {
+    tx: SyncSender<PrefillJob>,
+}
+
+impl PrefillHandle {
+    pub fn submit(&self, job: PrefillJob) -> Result<(), SubmitError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => SubmitError::QueueFull,
+            TrySendError::Disconnected(_) => SubmitError::Stopped,
+        })
+    }
+}
+
+/// Starts a prefill worker on its own thread, feeding `decode`; at most `queue` jobs wait.
+pub fn spawn(
+    engine: Arc<Engine>,
+    decode: DecodeHandle,
+    queue: usize,
+) -> (PrefillHandle, JoinHandle<()>) {
+    let (tx, rx) = sync_channel(queue);
+    let th = std::thread::Builder::new()
+        .name("tandem-prefill".into())
+        .spawn(move || run(engine, decode, rx))
+        .expect("spawn prefill thread");
+    (PrefillHandle { tx }, th)
+}
+
+fn run(engine: Arc<Engine>, decode: DecodeHandle, rx: Receiver<PrefillJob>) {
+    while let Ok(job) = rx.recv() {
+        if job.cancel.is_cancelled() || job.events.is_closed() {
+            continue;
+        }
+        let events = job.events.clone();
+        if let Err(e) = prefill(&engine, &decode, job) {
+            let err = match e {
+                EngineError::KvExhausted { .. } => WorkerError::Overloaded(e.to_string()),
+                other => WorkerError::Internal(other.to_string()),
+            };
+            let _ = events.send(WorkerEvent::Error(err));
+        }
+    }
+}
+
+fn prefill(engine: &Engine, decode: &DecodeHandle, job: PrefillJob) -> Result<(), EngineError> {
+    let PrefillJob {
+        id,
+        prompt,
+        params,
+        events,
+        cancel,
+    } = job;
+    let mut seq = engine.new_sequence();
+    let want = if params.prompt_logprobs.is_some() {
+        LogitsWanted::All
+    } else {
+        LogitsWanted::Last
+    };
+    let logits = engine.prefill(&mut seq, &prompt, want)?;
+    let vocab = engine.model.cfg.vocab_size;
+    let last = match want {
+        LogitsWanted::All => {
+            let n = params.prompt_logprobs.unwrap_or(0);
+            let lps = (1..prompt.len())
+                .map(|i| logprobs(&logits[(i - 1) * vocab..i * vocab], prompt[i], n))
+                .collect();
+            let _ = events.send(WorkerEvent::PromptLogprobs(lps));
+            &logits[(prompt.len() - 1) * vocab..]
+        }
+        _ => &logits[..],
+    };
+    if params.max_tokens == 0 {
+        let _ = events.send(WorkerEvent::Done);
+        return Ok(());
+    }
+    let mut state = GenerationState::new(params, prompt.len());
+    let ev = state.next(&engine.tokenizer, last, engine.max_context());
+    let (token, done) = (ev.token, ev.finish.is_some());
+    if events.send(WorkerEvent::Token(ev)).is_err() || done {
+        return Ok(());
+    }
+    let job = DecodeJob {
+        id,
+        seq,
+        state,
+        last: token,
+        events,
+        cancel,
+    };
+    if let Err(job) = decode.submit(job) {
+        let _ = job.events.send(WorkerEvent::Error(WorkerError::Internal(
+            "the decode worker has stopped".into(),
+        )));
+    }
+    Ok(())
+}

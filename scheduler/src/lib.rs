@@ -1,0 +1,123 @@
+//! Tandem's scheduler: the OpenAI-compatible HTTP front door.
+//!
+//! # Layout
+//! - [`protocol`]: OpenAI wire types; [`error`]: the one mapping of errors to OpenAI's envelope.
+//! - [`validate`]: every request field checked once, turned into worker parameters.
+//! - [`cluster`]: the workers requests go to (in-process today).
+//! - [`pipeline`]: worker events → detokenized, stop-checked choice updates; cancellation.
+//! - [`routes`]: one module per endpoint family; [`metrics`]: Prometheus.
+//!
+//! [`serve`] runs the server until its shutdown future resolves, then drains.
+
+pub mod cluster;
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod protocol;
+pub mod routes;
+pub mod validate;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cluster::Cluster;
+use error::ApiError;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Largest request body accepted (bytes).
+pub const DEFAULT_MAX_BODY: usize = 8 << 20;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub cluster: Arc<Cluster>,
+    pub metrics: PrometheusHandle,
+    /// When the server started (the model card's `created`).
+    pub started_unix: u64,
+}
+
+impl AppState {
+    pub fn new(cluster: Arc<Cluster>) -> AppState {
+        AppState {
+            cluster,
+            metrics: metrics::handle(),
+            started_unix: routes::unix_now(),
+        }
+    }
+
+    pub fn model_id(&self) -> &str {
+        &self.cluster.engine().model_id
+    }
+
+    /// A request naming another model is a 404, as OpenAI answers.
+    pub fn check_model(&self, id: &str) -> Result<(), ApiError> {
+        if id == self.model_id() {
+            Ok(())
+        } else {
+            Err(ApiError::NotFound {
+                message: format!(
+                    "The model '{id}' does not exist. This server serves '{}'.",
+                    self.model_id()
+                ),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            })
+        }
+    }
+}
+
+async fn count_requests(req: Request, next: Next) -> Response {
+    let endpoint = match req.extensions().get::<MatchedPath>().map(|p| p.as_str()) {
+        Some("/v1/chat/completions") => "chat",
+        Some("/v1/completions") => "completions",
+        Some("/v1/models") | Some("/v1/models/{id}") => "models",
+        Some("/health") => "health",
+        Some("/metrics") => "metrics",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    metrics::record_request(endpoint, resp.status().as_u16());
+    resp
+}
+
+/// The full HTTP API.
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat::handler))
+        .route("/v1/completions", post(routes::completions::handler))
+        .route("/v1/models", get(routes::models::list))
+        .route("/v1/models/{id}", get(routes::models::get))
+        .route("/health", get(routes::models::health))
+        .route("/metrics", get(routes::models::metrics))
+        .fallback(|| async {
+            ApiError::NotFound {
+                message: "no such route".into(),
+                param: None,
+                code: Some("not_found"),
+            }
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
+        .layer(middleware::from_fn(count_requests))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    max_body: usize,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state, max_body).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

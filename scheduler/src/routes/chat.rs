@@ -1,0 +1,283 @@
+//! `POST /v1/chat/completions`.
+
+use super::{Collected, collect, new_id, unix_now};
+use crate::AppState;
+use crate::error::{ApiError, AppJson};
+use crate::pipeline::{Submission, submit};
+use crate::protocol::*;
+use crate::validate::{DefaultMax, plan};
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use engine::Engine;
+use engine::TokenId;
+use engine::chat::ChatMessage;
+use engine::sampler::TokenLogprobs;
+use std::convert::Infallible;
+use tokio_stream::wrappers::ReceiverStream;
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Flattens OpenAI messages to the template's `{role, content}` list.
+fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::invalid(
+            "messages must contain at least one message",
+            "messages",
+        ));
+    }
+    msgs.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::InvalidRequest {
+                    message: format!("messages[{i}].role '{}' is not one of {}", m.role, ROLES.join(", ")),
+                    param: Some(format!("messages[{i}].role")),
+                    code: None,
+                });
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(s)) => s,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::InvalidRequest {
+                                    message: format!("messages[{i}]: content part of type '{kind}' is not supported (text only)"),
+                                    param: Some(format!("messages[{i}].content")),
+                                    code: None,
+                                });
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            Ok(ChatMessage { role: m.role, content })
+        })
+        .collect()
+}
+
+pub(crate) fn chat_logprobs(
+    engine: &Engine,
+    tokens: &[(TokenId, Option<TokenLogprobs>)],
+) -> Option<ChatLogprobs> {
+    if tokens.iter().all(|(_, lp)| lp.is_none()) {
+        return None;
+    }
+    let entry = |id: TokenId, lp: f32| {
+        let bytes = engine.tokenizer.token_bytes(id, false).to_vec();
+        (engine.tokenizer.token_text(id), lp, bytes)
+    };
+    Some(ChatLogprobs {
+        content: tokens
+            .iter()
+            .filter_map(|(id, lp)| lp.as_ref().map(|lp| (*id, lp)))
+            .map(|(id, lp)| {
+                let (token, logprob, bytes) = entry(id, lp.logprob);
+                ChatTokenLogprob {
+                    token,
+                    logprob,
+                    bytes,
+                    top_logprobs: lp
+                        .top
+                        .iter()
+                        .map(|&(t, l)| {
+                            let (token, logprob, bytes) = entry(t, l);
+                            ChatTopLogprob {
+                                token,
+                                logprob,
+                                bytes,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    })
+}
+
+pub async fn handler(
+    State(st): State<AppState>,
+    AppJson(req): AppJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    st.check_model(&req.model)?;
+    let msgs = messages(req.messages)?;
+    if req.top_logprobs.is_some() && req.logprobs != Some(true) {
+        return Err(ApiError::invalid(
+            "top_logprobs requires logprobs to be true",
+            "top_logprobs",
+        ));
+    }
+    let engine = st.cluster.engine().clone();
+    let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<TokenId>, ApiError> {
+        let text = engine.template.render(&msgs, true).map_err(|e| {
+            ApiError::invalid(
+                format!("could not apply the chat template: {e}"),
+                "messages",
+            )
+        })?;
+        engine
+            .tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let engine = st.cluster.engine();
+    let logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
+    let p = plan(
+        &req.sampling,
+        req.max_completion_tokens.or(req.max_tokens),
+        DefaultMax::RemainingContext,
+        1,
+        logprobs,
+        None,
+        prompt.len(),
+        engine.max_context(),
+        "messages",
+    )?;
+    let prompt_tokens = prompt.len();
+    crate::metrics::record_prompt_tokens("chat", prompt_tokens);
+    let sub = submit(&st.cluster, vec![prompt], &p.params, p.n, &p.stops, "chat")?;
+    let (id, created, model) = (new_id("chatcmpl"), unix_now(), st.model_id().to_string());
+    if p.stream {
+        return Ok(stream(
+            st,
+            sub,
+            id,
+            created,
+            model,
+            prompt_tokens,
+            p.include_usage,
+        ));
+    }
+    let choices = collect(sub).await?;
+    let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum::<usize>();
+    let resp = ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model,
+        choices: choices
+            .into_iter()
+            .enumerate()
+            .map(|(index, c): (usize, Collected)| ChatChoice {
+                index,
+                logprobs: chat_logprobs(engine, &c.tokens),
+                message: ChatMessageOut {
+                    role: "assistant",
+                    content: c.text,
+                },
+                finish_reason: c.finish,
+            })
+            .collect(),
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
+    };
+    Ok(axum::Json(resp).into_response())
+}
+
+fn stream(
+    st: AppState,
+    mut sub: Submission,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
+    tokio::spawn(async move {
+        let usage_field = include_usage.then_some(None);
+        let chunk =
+            |choices: Vec<ChatChunkChoice>, usage: Option<Option<Usage>>| ChatCompletionChunk {
+                id: id.clone(),
+                object: "chat.completion.chunk",
+                created,
+                model: model.clone(),
+                choices,
+                usage,
+            };
+        let send = |c: &ChatCompletionChunk| {
+            Event::default().data(serde_json::to_string(c).expect("serializable"))
+        };
+        for index in 0..sub.n_choices {
+            let first = chunk(
+                vec![ChatChunkChoice {
+                    index,
+                    delta: ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                usage_field.clone(),
+            );
+            if tx.send(Ok(send(&first))).await.is_err() {
+                return;
+            }
+        }
+        let (mut open, mut completion_tokens) = (sub.n_choices, 0usize);
+        while open > 0 {
+            let ev = match sub.next().await {
+                Some(Ok(u)) => {
+                    completion_tokens += u.tokens.len();
+                    if u.finish.is_some() {
+                        open -= 1;
+                    }
+                    if u.text.is_empty()
+                        && u.finish.is_none()
+                        && u.tokens.iter().all(|(_, l)| l.is_none())
+                    {
+                        continue;
+                    }
+                    let c = chunk(
+                        vec![ChatChunkChoice {
+                            index: u.index,
+                            logprobs: chat_logprobs(st.cluster.engine(), &u.tokens),
+                            delta: ChatDelta {
+                                role: None,
+                                content: (!u.text.is_empty() || u.finish.is_none())
+                                    .then_some(u.text),
+                            },
+                            finish_reason: u.finish,
+                        }],
+                        usage_field.clone(),
+                    );
+                    send(&c)
+                }
+                Some(Err(e)) => {
+                    let _ =
+                        tx.send(Ok(Event::default()
+                            .data(serde_json::to_string(&e.body()).expect("serializable"))))
+                            .await;
+                    break;
+                }
+                None => break,
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let u = Usage {
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+            };
+            let _ = tx.send(Ok(send(&chunk(vec![], Some(Some(u)))))).await;
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,185 @@
+//! Request validation: every field is checked here, once, and turned into the worker's
+//! [`GenerationParams`]; anything out of range is a 400 naming the field.
+
+use crate::error::ApiError;
+use crate::protocol::SamplingFields;
+use engine::request::GenerationParams;
+use engine::sampler::SamplingParams;
+
+/// Most choices one request may ask for.
+pub const MAX_N: u32 = 16;
+/// Most stop strings one request may give.
+pub const MAX_STOPS: usize = 16;
+/// Most top log-probabilities per token.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// A validated request, ready to be split into choices.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub params: GenerationParams,
+    pub n: usize,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn range(
+    v: Option<f32>,
+    lo: f32,
+    hi: f32,
+    lo_open: bool,
+    name: &'static str,
+) -> Result<(), ApiError> {
+    if let Some(x) = v {
+        let ok = x.is_finite() && (if lo_open { x > lo } else { x >= lo }) && x <= hi;
+        if !ok {
+            let lb = if lo_open { "(" } else { "[" };
+            return Err(ApiError::invalid(
+                format!("{name} must be in {lb}{lo}, {hi}], got {x}"),
+                name,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How `max_tokens` is chosen when the client gives none.
+#[derive(Debug, Clone, Copy)]
+pub enum DefaultMax {
+    /// Whatever context remains (chat, as vLLM does).
+    RemainingContext,
+    /// A fixed number (OpenAI's legacy completions default is 16).
+    Fixed(usize),
+}
+
+/// Validates the sampling fields against a prompt of `prompt_len` tokens in a context of
+/// `max_context`; `prompt_param` names the field that holds the prompt, for error messages.
+pub fn plan(
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    default_max: DefaultMax,
+    min_max_tokens: u32,
+    logprobs: Option<u32>,
+    prompt_logprobs: Option<u32>,
+    prompt_len: usize,
+    max_context: usize,
+    prompt_param: &'static str,
+) -> Result<Plan, ApiError> {
+    range(f.temperature, 0.0, 2.0, false, "temperature")?;
+    range(f.top_p, 0.0, 1.0, true, "top_p")?;
+    range(f.min_p, 0.0, 1.0, false, "min_p")?;
+    range(f.frequency_penalty, -2.0, 2.0, false, "frequency_penalty")?;
+    range(f.presence_penalty, -2.0, 2.0, false, "presence_penalty")?;
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k >= 1 => k as usize,
+        Some(k) => {
+            return Err(ApiError::invalid(
+                format!("top_k must be -1 (disabled) or at least 1, got {k}"),
+                "top_k",
+            ));
+        }
+    };
+    let n = f.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::invalid(
+            format!("n must be between 1 and {MAX_N}, got {n}"),
+            "n",
+        ));
+    }
+    let stops = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            format!("at most {MAX_STOPS} stop sequences are allowed"),
+            "stop",
+        ));
+    }
+    for lp in [logprobs, prompt_logprobs].into_iter().flatten() {
+        if lp > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(
+                format!("logprobs must be at most {MAX_TOP_LOGPROBS}, got {lp}"),
+                "logprobs",
+            ));
+        }
+    }
+    if prompt_len == 0 {
+        return Err(ApiError::invalid("the prompt is empty", prompt_param));
+    }
+    if prompt_len >= max_context {
+        return Err(context_error(max_context, prompt_len, 0, prompt_param));
+    }
+    let room = max_context - prompt_len;
+    let max_tokens = match max_tokens {
+        Some(m) if m < min_max_tokens => {
+            return Err(ApiError::invalid(
+                format!("max_tokens must be at least {min_max_tokens}, got {m}"),
+                "max_tokens",
+            ));
+        }
+        Some(m) if m as usize > room => {
+            return Err(context_error(
+                max_context,
+                prompt_len,
+                m as usize,
+                prompt_param,
+            ));
+        }
+        Some(m) => m as usize,
+        None => match default_max {
+            DefaultMax::RemainingContext => room,
+            DefaultMax::Fixed(k) => k.min(room),
+        },
+    };
+    let min_tokens = f.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(ApiError::invalid(
+            format!("min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})"),
+            "min_tokens",
+        ));
+    }
+    let seed = match f.seed {
+        Some(s) => s as u64,
+        None => uuid::Uuid::new_v4().as_u64_pair().0,
+    };
+    let stream = f.stream.unwrap_or(false);
+    if f.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options is only allowed when stream is true",
+            "stream_options",
+        ));
+    }
+    Ok(Plan {
+        params: GenerationParams {
+            sampling: SamplingParams {
+                temperature: f.temperature.unwrap_or(1.0),
+                top_k,
+                top_p: f.top_p.unwrap_or(1.0),
+                min_p: f.min_p.unwrap_or(0.0),
+                frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+                presence_penalty: f.presence_penalty.unwrap_or(0.0),
+                seed,
+            },
+            max_tokens,
+            min_tokens,
+            ignore_eos: f.ignore_eos.unwrap_or(false),
+            stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+            logprobs: logprobs.map(|v| v as usize),
+            prompt_logprobs: prompt_logprobs.map(|v| v as usize),
+        },
+        n: n as usize,
+        stops,
+        stream,
+        include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+    })
+}
+
+fn context_error(max: usize, prompt: usize, completion: usize, param: &'static str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!(
+            "This model's maximum context length is {max} tokens. However, you requested {} tokens ({prompt} in the {param}, {completion} in the completion). Please reduce the length of the {param} or completion.",
+            prompt + completion
+        ),
+        param: Some(param.to_string()),
+        code: Some("context_length_exceeded"),
+    }
+}

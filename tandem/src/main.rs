@@ -1,0 +1,65 @@
+//! The `tandem` binary: parses arguments and calls into the service libraries.
+
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: disaggregated LLM serving, from a laptop CPU up"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the scheduler with a prefill and a decode worker and serve the OpenAI API.
+    Up(up::UpArgs),
+    /// Manage model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the cache and verify it.
+    Fetch {
+        /// Cache directory (default: $TANDEM_MODEL_DIR, else $XDG_CACHE_HOME/tandem/models).
+        #[arg(long, env = "TANDEM_MODEL_DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Write an exact F32 copy of a GGUF (every tensor dequantized), e.g. as a reference for llama.cpp.
+    ExportF32 { input: PathBuf, output: PathBuf },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Up(args) => up::run(args),
+        Command::Model(ModelCommand::Fetch { dir }) => {
+            let dir = dir.unwrap_or_else(engine::fetch::cache_dir);
+            let path = engine::fetch::ensure(&engine::fetch::DEFAULT_MODEL, &dir, &|m| {
+                eprintln!("tandem: {m}")
+            })?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Model(ModelCommand::ExportF32 { input, output }) => {
+            let g = engine::gguf::GgufFile::open(&input)?;
+            engine::gguf::export_f32(&g, &output)?;
+            eprintln!("tandem: wrote {}", output.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! `tandem up`: one process running the scheduler, a prefill worker and a decode worker.
+
+use anyhow::Context;
+use clap::Args;
+use engine::{Engine, EngineConfig};
+use scheduler::cluster::Cluster;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// A GGUF file of the `llama` architecture (default: SmolLM2-135M-Instruct, fetched on first run).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The id clients use in `model` (default: the file's name).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Compute threads (default: all cores).
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// KV cache budget in MiB; the pool never grows past it.
+    #[arg(long, env = "TANDEM_KV_CACHE_MIB", default_value_t = 512)]
+    pub kv_cache_mib: usize,
+    /// Prompts that may wait for prefill before new requests get 503.
+    #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BODY)]
+    pub max_body_bytes: usize,
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("starting the compute thread pool")?;
+    let (path, default_id) = match &args.model {
+        Some(p) => (p.clone(), None),
+        None => {
+            let m = &engine::fetch::DEFAULT_MODEL;
+            let p = engine::fetch::ensure(m, &engine::fetch::cache_dir(), &|msg| {
+                eprintln!("tandem: {msg}")
+            })
+            .context("fetching the default model")?;
+            (p, Some(m.id.to_string()))
+        }
+    };
+    let cfg = EngineConfig {
+        kv_budget_bytes: args.kv_cache_mib << 20,
+        model_id: args.served_model_name.clone().or(default_id),
+    };
+    eprintln!(
+        "tandem: loading {} ({threads} threads, SIMD level {})",
+        path.display(),
+        kernels::dispatch::level().name()
+    );
+    let engine =
+        Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
+    let model_id = engine.model_id.clone();
+    let cluster = Arc::new(Cluster::start(engine, args.max_queue));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1)");
+        eprintln!(
+            "tandem: try  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \
+             -d '{{\"model\":\"{model_id}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'"
+        );
+        let state = scheduler::AppState::new(cluster.clone());
+        scheduler::serve(listener, state, args.max_body_bytes, shutdown_signal()).await?;
+        eprintln!("tandem: shutting down");
+        anyhow::Ok(())
+    })?;
+    drop(rt);
+    if let Ok(cluster) = Arc::try_unwrap(cluster) {
+        cluster.shutdown();
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
