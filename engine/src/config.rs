@@ -39,12 +39,12 @@ impl LlamaConfig {
             )));
         }
         let head_dim = d_model / n_heads;
-        if let Some(rd) = md.u64_opt("llama.rope.dimension_count")? {
-            if rd as usize != head_dim {
-                return Err(EngineError::Gguf(format!(
-                    "partial RoPE ({rd} of {head_dim} dims) is not supported"
-                )));
-            }
+        if let Some(rd) = md.u64_opt("llama.rope.dimension_count")?
+            && rd as usize != head_dim
+        {
+            return Err(EngineError::Gguf(format!(
+                "partial RoPE ({rd} of {head_dim} dims) is not supported"
+            )));
         }
         let vocab_size = match md.u64_opt("llama.vocab_size")? {
             Some(v) => v as usize,

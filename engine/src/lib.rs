@@ -153,7 +153,7 @@ impl Engine {
             .iter_mut()
             .zip(&toks)
             .map(|((seq, _), t)| ForwardItem {
-                seq: &mut **seq,
+                seq,
                 tokens: t,
                 logits: LogitsWanted::Last,
             })

@@ -52,19 +52,37 @@ pub enum DefaultMax {
     Fixed(usize),
 }
 
-/// Validates the sampling fields against a prompt of `prompt_len` tokens in a context of
-/// `max_context`; `prompt_param` names the field that holds the prompt, for error messages.
-pub fn plan(
-    f: &SamplingFields,
-    max_tokens: Option<u32>,
-    default_max: DefaultMax,
-    min_max_tokens: u32,
-    logprobs: Option<u32>,
-    prompt_logprobs: Option<u32>,
-    prompt_len: usize,
-    max_context: usize,
-    prompt_param: &'static str,
-) -> Result<Plan, ApiError> {
+/// What [`plan`] checks a request against.
+pub struct PlanInput<'a> {
+    pub sampling: &'a SamplingFields,
+    pub max_tokens: Option<u32>,
+    pub default_max: DefaultMax,
+    /// Smallest `max_tokens` the endpoint accepts (chat: 1; completions: 0, for scoring).
+    pub min_max_tokens: u32,
+    /// Top log-probabilities per generated token, if asked for.
+    pub logprobs: Option<u32>,
+    /// Top log-probabilities per prompt token, if asked for.
+    pub prompt_logprobs: Option<u32>,
+    /// Tokens in the (longest) prompt.
+    pub prompt_len: usize,
+    pub max_context: usize,
+    /// The field that holds the prompt, for error messages.
+    pub prompt_param: &'static str,
+}
+
+/// Validates a request's sampling fields and lengths.
+pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
+    let PlanInput {
+        sampling: f,
+        max_tokens,
+        default_max,
+        min_max_tokens,
+        logprobs,
+        prompt_logprobs,
+        prompt_len,
+        max_context,
+        prompt_param,
+    } = input;
     range(f.temperature, 0.0, 2.0, false, "temperature")?;
     range(f.top_p, 0.0, 1.0, true, "top_p")?;
     range(f.min_p, 0.0, 1.0, false, "min_p")?;

@@ -78,7 +78,8 @@ impl GgmlType {
     /// Bytes that `n` elements take, if the type is readable and `n` is whole blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let (blk, bytes) = self.block_layout()?;
-        (n % blk as u64 == 0).then(|| n / blk as u64 * bytes as u64)
+        n.is_multiple_of(blk as u64)
+            .then(|| n / blk as u64 * bytes as u64)
     }
 }
 

@@ -5,7 +5,7 @@ use crate::AppState;
 use crate::error::{ApiError, AppJson};
 use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
-use crate::validate::{DefaultMax, plan};
+use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -129,17 +129,17 @@ pub async fn handler(
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     let engine = st.cluster.engine();
     let logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
-    let p = plan(
-        &req.sampling,
-        req.max_completion_tokens.or(req.max_tokens),
-        DefaultMax::RemainingContext,
-        1,
+    let p = plan(PlanInput {
+        sampling: &req.sampling,
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        default_max: DefaultMax::RemainingContext,
+        min_max_tokens: 1,
         logprobs,
-        None,
-        prompt.len(),
-        engine.max_context(),
-        "messages",
-    )?;
+        prompt_logprobs: None,
+        prompt_len: prompt.len(),
+        max_context: engine.max_context(),
+        prompt_param: "messages",
+    })?;
     let prompt_tokens = prompt.len();
     crate::metrics::record_prompt_tokens("chat", prompt_tokens);
     let sub = submit(&st.cluster, vec![prompt], &p.params, p.n, &p.stops, "chat")?;

@@ -6,7 +6,7 @@ use crate::AppState;
 use crate::error::{ApiError, AppJson};
 use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
-use crate::validate::{DefaultMax, plan};
+use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -64,13 +64,13 @@ pub async fn handler(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }
-    if let Some(b) = req.best_of {
-        if b != req.sampling.n.unwrap_or(1) {
-            return Err(ApiError::invalid(
-                "best_of other than n is not supported",
-                "best_of",
-            ));
-        }
+    if let Some(b) = req.best_of
+        && b != req.sampling.n.unwrap_or(1)
+    {
+        return Err(ApiError::invalid(
+            "best_of other than n is not supported",
+            "best_of",
+        ));
     }
     let engine = st.cluster.engine().clone();
     let vocab = engine.model.cfg.vocab_size as u32;
@@ -120,17 +120,17 @@ pub async fn handler(
         ));
     }
     let prompt_logprobs = if req.echo { req.logprobs } else { None };
-    let p = plan(
-        &req.sampling,
-        req.max_tokens,
-        DefaultMax::Fixed(DEFAULT_MAX_TOKENS),
-        0,
-        req.logprobs,
+    let p = plan(PlanInput {
+        sampling: &req.sampling,
+        max_tokens: req.max_tokens,
+        default_max: DefaultMax::Fixed(DEFAULT_MAX_TOKENS),
+        min_max_tokens: 0,
+        logprobs: req.logprobs,
         prompt_logprobs,
-        longest,
-        engine.max_context(),
-        "prompt",
-    )?;
+        prompt_len: longest,
+        max_context: engine.max_context(),
+        prompt_param: "prompt",
+    })?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     crate::metrics::record_prompt_tokens("completions", prompt_tokens);
     let sub = submit(
