@@ -1,6 +1,6 @@
 //! The paged KV cache: a pool of fixed-size blocks and the sequences that own them.
 //!
-//! Storage is one allocation of `n_blocks × n_layers × {K, V} × block_size × kv_dim` f32s;
+//! Storage is one anonymous memory mapping of `n_blocks × n_layers × {K, V} × block_size × kv_dim` f32s;
 //! the `(block, layer)` slab of K followed by V is contiguous, so a layer of a block can be
 //! shipped as one range (what the disaggregated KV push sends). Allocation and release are
 //! O(1) on a free list, under a short mutex; block contents are touched without locks,
@@ -11,7 +11,7 @@
 //! [`EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
 
 use crate::error::{EngineError, Result};
-use std::alloc::{Layout, alloc_zeroed, dealloc};
+use memmap2::MmapMut;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -51,7 +51,10 @@ pub struct KvPool {
     layout: KvLayout,
     n_blocks: usize,
     data: NonNull<f32>,
-    alloc_layout: Layout,
+    /// Anonymous mapping holding every block: zero pages cost nothing until written, so
+    /// the budget is a ceiling, not an up-front commitment. (A shared mapping here is what lets
+    /// another process write blocks in place.)
+    _map: MmapMut,
     allocator: Mutex<Allocator>,
 }
 
@@ -59,13 +62,6 @@ pub struct KvPool {
 // the allocator is behind a mutex.
 unsafe impl Send for KvPool {}
 unsafe impl Sync for KvPool {}
-
-impl Drop for KvPool {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.data.as_ptr().cast(), self.alloc_layout) }
-    }
-}
 
 impl KvPool {
     /// A pool of as many blocks as fit in `budget_bytes` (at least one).
@@ -77,20 +73,18 @@ impl KvPool {
     pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
         assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
         let floats = n_blocks * layout.n_layers * 2 * layout.plane();
-        let alloc_layout = Layout::array::<f32>(floats)
-            .expect("KV pool size overflows")
-            .align_to(64)
-            .expect("align");
-        // SAFETY: non-zero size.
-        let ptr = unsafe { alloc_zeroed(alloc_layout) } as *mut f32;
+        let bytes = floats
+            .checked_mul(std::mem::size_of::<f32>())
+            .expect("KV pool size overflows");
+        let mut map = MmapMut::map_anon(bytes).expect("mapping the KV pool");
         let data =
-            NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(alloc_layout));
+            NonNull::new(map.as_mut_ptr().cast::<f32>()).expect("mmap returns a non-null pointer");
         let free = (0..n_blocks as u32).rev().map(BlockId).collect();
         Arc::new(KvPool {
             layout,
             n_blocks,
             data,
-            alloc_layout,
+            _map: map,
             allocator: Mutex::new(Allocator {
                 free,
                 refs: vec![0; n_blocks],

@@ -1,5 +1,6 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
+mod engine_bench;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ enum ModelCommand {
     },
     /// Write an exact F32 copy of a GGUF (every tensor dequantized), e.g. as a reference for llama.cpp.
     ExportF32 { input: PathBuf, output: PathBuf },
+    /// Single-stream prefill (pp) and decode (tg) speed of the engine, like llama-bench.
+    Bench(engine_bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
+        Command::Model(ModelCommand::Bench(args)) => engine_bench::run(args),
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;
             engine::gguf::export_f32(&g, &output)?;
