@@ -231,3 +231,23 @@ fn corrupt_and_truncated_files_are_errors_not_panics() {
 fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
+
+#[test]
+fn reads_gguf_version_2_too() {
+    // v2 and v3 share the layout Tandem reads (64-bit counts, little-endian).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.gguf");
+    let mut bytes = engine::synthetic::build(&TinySpec::default()).to_bytes();
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.version, 2);
+    let e = Engine::load(&path, &EngineConfig::default()).unwrap();
+    let mut s = e.new_sequence();
+    assert_eq!(
+        e.prefill(&mut s, &prompt(5, 0), LogitsWanted::Last)
+            .unwrap()
+            .len(),
+        e.model.cfg.vocab_size
+    );
+}

