@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Run the scheduler with a prefill and a decode worker and serve the OpenAI API.
     Up(up::UpArgs),
+    /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
+    Bench(bench::args::BenchCommand),
     /// Manage model files.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -61,6 +63,10 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args),
+        Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench::main(cmd)),
         Command::Model(ModelCommand::Fetch { dir }) => {
             let dir = dir.unwrap_or_else(engine::fetch::cache_dir);
             let path = engine::fetch::ensure(&engine::fetch::DEFAULT_MODEL, &dir, &|m| {
