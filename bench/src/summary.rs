@@ -241,10 +241,9 @@ mod tests {
         assert!(slo.good(&a) && !slo.good(&b) && !slo.good(&c));
         let att = attainment(&slo, &[a.clone(), b.clone(), c.clone()]);
         assert!((att.all - 1.0 / 3.0).abs() < 1e-9);
-        assert!(
-            (att.tpot - 2.0 / 3.0).abs() < 1e-9,
-            "b's TPOT of 100 ms misses"
-        );
+        // b misses its TPOT (100 ms) and its TTFT (500 ms); c failed.
+        assert!((att.tpot - 1.0 / 3.0).abs() < 1e-9);
+        assert!((att.ttft - 1.0 / 3.0).abs() < 1e-9);
         let s = summarize(
             "t",
             &LoadInfo {
