@@ -89,6 +89,9 @@ impl Target {
     ) -> Target {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(usize::MAX)
+            // Below common servers' keep-alive timeouts (llama-server's is 5 s), so a pooled
+            // connection is never reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(2))
             .http1_only()
             .tcp_nodelay(true)
             .build()
@@ -189,7 +192,7 @@ impl Target {
         let mut buf: Vec<u8> = Vec::new();
         let mut done = false;
         while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| format!("stream broke: {e}"))?;
+            let piece = piece.map_err(|e| format!("stream broke: {}", chain(&e)))?;
             let now = t0.elapsed().as_secs_f64();
             buf.extend_from_slice(&piece);
             // Events end at a blank line.
@@ -240,6 +243,18 @@ impl Target {
         }
         Ok(())
     }
+}
+
+/// An error with its causes.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }
 
 /// (end of the event's content, end including the separator).

@@ -116,7 +116,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
     ));
     let mut rng = StdRng::seed_from_u64(args.seed);
     let src = dataset::TextSource::new(Arc::new(tok), &mut rng)?;
-    let specs = Arc::new(dataset::build(&args, &src, args.num_prompts, args.seed)?);
     let tok = src.tokenizer().clone();
     output::write_config(&dir, &args, &model, &tok_path)?;
 
@@ -143,7 +142,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
     }
 
     let mut runs: Vec<RateRun> = Vec::new();
+    // Each measured rate gets its own prompts (seed + run index): a server's prefix cache must
+    // not turn one rate's prompts into the next rate's cache hits.
+    let mut run_index = 0u64;
     let mut measure = async |rate: Option<f64>| -> anyhow::Result<Attainment> {
+        let specs = Arc::new(dataset::build(
+            &args,
+            &src,
+            args.num_prompts,
+            args.seed.wrapping_add(run_index),
+        )?);
+        run_index += 1;
         let load = load::Load {
             rate,
             burstiness: args.burstiness,

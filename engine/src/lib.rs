@@ -6,7 +6,7 @@
 //! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
 //! - [`chat`]: the GGUF's chat template.
 //! - [`kv`]: the paged KV block pool and per-sequence block tables.
-//! - [`model`]: weights and the batched forward pass.
+//! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at f32 or int8.
 //! - [`sampler`], [`stop`]: choosing tokens; stop strings.
 //! - [`request`]: what workers are asked and what they stream back; [`generation`]: a
 //!   sequence's sampling state, shared by both phases.
@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod generation;
 pub mod gguf;
 pub mod kv;
+pub mod linear;
 pub mod model;
 pub mod request;
 pub mod sampler;
@@ -33,6 +34,7 @@ pub mod tokenizer;
 
 pub use error::{EngineError, Result};
 pub use kv::{KvPool, KvSequence};
+pub use linear::Precision;
 pub use model::{LlamaModel, LogitsWanted};
 pub use tokenizer::{TokenId, Tokenizer};
 
@@ -47,8 +49,10 @@ use std::sync::Arc;
 pub struct EngineConfig {
     /// Bytes of KV cache to reserve (the pool never grows past it).
     pub kv_budget_bytes: usize,
-    /// The id the API serves the model under; default: `general.name` or the file stem.
+    /// The id the API serves the model under; default: the file stem.
     pub model_id: Option<String>,
+    /// f32 (exact reference) or int8 (fast).
+    pub precision: Precision,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +60,7 @@ impl Default for EngineConfig {
         EngineConfig {
             kv_budget_bytes: 512 << 20,
             model_id: None,
+            precision: Precision::default(),
         }
     }
 }
@@ -73,7 +78,7 @@ impl Engine {
     pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
         let path = path.as_ref();
         let g = GgufFile::open(path)?;
-        let model = LlamaModel::load(&g)?;
+        let model = LlamaModel::load(&g, cfg.precision)?;
         let tokenizer = Tokenizer::from_metadata(&g)?;
         if tokenizer.vocab_size() != model.cfg.vocab_size {
             return Err(EngineError::Tokenizer(format!(

@@ -9,30 +9,31 @@ use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvLayout, KvSequence};
+use crate::linear::{Acts, Linear, Precision};
 use kernels::attention::{AttnShape, attend};
-use kernels::matmul::matmul;
 use kernels::ops::{rms_norm, rope_normal, silu_mul};
 use rayon::prelude::*;
 
-/// One transformer block's weights, dequantized to f32, `[out × in]` row-major.
+/// One transformer block's weights (`[out × in]` row-major).
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Vec<f32>,
-    wk: Vec<f32>,
-    wv: Vec<f32>,
-    wo: Vec<f32>,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: Vec<f32>,
-    w_up: Vec<f32>,
-    w_down: Vec<f32>,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
-/// A loaded Llama-family model (f32 reference precision).
+/// A loaded Llama-family model.
 pub struct LlamaModel {
     pub cfg: LlamaConfig,
-    token_embd: Vec<f32>,
+    pub precision: Precision,
+    token_embd: Linear,
     /// `None` when the output projection is tied to the embeddings.
-    output: Option<Vec<f32>>,
+    output: Option<Linear>,
     output_norm: Vec<f32>,
     layers: Vec<Layer>,
 }
@@ -55,8 +56,8 @@ pub struct ForwardItem<'a> {
 }
 
 impl LlamaModel {
-    /// Reads and dequantizes every weight; checks shapes against the config.
-    pub fn load(g: &GgufFile) -> Result<LlamaModel> {
+    /// Reads every weight at `precision`; checks shapes against the config.
+    pub fn load(g: &GgufFile, precision: Precision) -> Result<LlamaModel> {
         let cfg = LlamaConfig::from_metadata(g)?;
         let (d, kvd, ff, v) = (
             cfg.d_model as u64,
@@ -64,25 +65,25 @@ impl LlamaModel {
             cfg.d_ff as u64,
             cfg.vocab_size as u64,
         );
-        let token_embd = g.tensor_f32_shaped("token_embd.weight", &[d, v])?;
+        let lin = |name: &str, shape: &[u64]| Linear::load(g, name, shape, precision);
+        let token_embd = lin("token_embd.weight", &[d, v])?;
         let output = match g.tensor_info("output.weight") {
-            Some(_) => Some(g.tensor_f32_shaped("output.weight", &[d, v])?),
+            Some(_) => Some(lin("output.weight", &[d, v])?),
             None => None,
         };
         let output_norm = g.tensor_f32_shaped("output_norm.weight", &[d])?;
         let layers = (0..cfg.n_layers)
             .into_par_iter()
             .map(|i| {
-                let t = |n: &str, shape: &[u64]| {
-                    g.tensor_f32_shaped(&format!("blk.{i}.{n}.weight"), shape)
-                };
+                let t = |n: &str, shape: &[u64]| lin(&format!("blk.{i}.{n}.weight"), shape);
+                let norm = |n: &str| g.tensor_f32_shaped(&format!("blk.{i}.{n}.weight"), &[d]);
                 Ok(Layer {
-                    attn_norm: t("attn_norm", &[d])?,
+                    attn_norm: norm("attn_norm")?,
                     wq: t("attn_q", &[d, d])?,
                     wk: t("attn_k", &[d, kvd])?,
                     wv: t("attn_v", &[d, kvd])?,
                     wo: t("attn_output", &[d, d])?,
-                    ffn_norm: t("ffn_norm", &[d])?,
+                    ffn_norm: norm("ffn_norm")?,
                     w_gate: t("ffn_gate", &[d, ff])?,
                     w_up: t("ffn_up", &[d, ff])?,
                     w_down: t("ffn_down", &[ff, d])?,
@@ -91,6 +92,7 @@ impl LlamaModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(LlamaModel {
             cfg,
+            precision,
             token_embd,
             output,
             output_norm,
@@ -113,21 +115,16 @@ impl LlamaModel {
             .layers
             .iter()
             .map(|l| {
-                l.attn_norm.len()
-                    + l.wq.len()
-                    + l.wk.len()
-                    + l.wv.len()
-                    + l.wo.len()
-                    + l.ffn_norm.len()
-                    + l.w_gate.len()
-                    + l.w_up.len()
-                    + l.w_down.len()
+                (l.attn_norm.len() + l.ffn_norm.len()) * 4
+                    + [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                        .iter()
+                        .map(|w| w.bytes())
+                        .sum::<usize>()
             })
             .sum();
-        (l + self.token_embd.len()
-            + self.output.as_ref().map_or(0, Vec::len)
-            + self.output_norm.len())
-            * 4
+        l + self.token_embd.bytes()
+            + self.output.as_ref().map_or(0, Linear::bytes)
+            + self.output_norm.len() * 4
     }
 
     /// Runs new tokens of every item through the model, appending their K/V to each item's
@@ -165,7 +162,7 @@ impl LlamaModel {
             .chunks_exact_mut(d)
             .zip(items.iter().flat_map(|it| it.tokens.iter()))
         {
-            row.copy_from_slice(&self.token_embd[tok as usize * d..(tok as usize + 1) * d]);
+            self.token_embd.row_into(tok as usize, row);
         }
         let mut h = vec![0f32; r * d];
         let mut q = vec![0f32; r * d];
@@ -184,9 +181,10 @@ impl LlamaModel {
 
         for (li, l) in self.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, c.rms_eps, &mut h, d);
-            matmul(&h, &l.wq, &mut q, r, d, d);
-            matmul(&h, &l.wk, &mut k, r, d, kvd);
-            matmul(&h, &l.wv, &mut v, r, d, kvd);
+            let mut hq = Acts::new(&h, r, d);
+            l.wq.forward(&mut hq, &mut q);
+            l.wk.forward(&mut hq, &mut k);
+            l.wv.forward(&mut hq, &mut v);
             for (row, &pos) in row_pos.iter().enumerate() {
                 rope_normal(&mut q[row * d..(row + 1) * d], hd, pos, c.rope_base);
                 rope_normal(&mut k[row * kvd..(row + 1) * kvd], hd, pos, c.rope_base);
@@ -217,22 +215,23 @@ impl LlamaModel {
                         );
                     });
             }
-            matmul(&att, &l.wo, &mut proj, r, d, d);
+            l.wo.forward(&mut Acts::new(&att, r, d), &mut proj);
             add_in_place(&mut x, &proj);
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut h, d);
-            matmul(&h, &l.w_gate, &mut gate, r, d, ff);
-            matmul(&h, &l.w_up, &mut up, r, d, ff);
+            let mut hq = Acts::new(&h, r, d);
+            l.w_gate.forward(&mut hq, &mut gate);
+            l.w_up.forward(&mut hq, &mut up);
             gate.par_chunks_mut(4096)
                 .zip(up.par_chunks(4096))
                 .for_each(|(g, u)| silu_mul(g, u));
-            matmul(&gate, &l.w_down, &mut proj, r, ff, d);
+            l.w_down.forward(&mut Acts::new(&gate, r, ff), &mut proj);
             add_in_place(&mut x, &proj);
         }
 
         // Logits for the rows each item asked for.
         let mut out = Vec::with_capacity(items.len());
         let mut row0 = 0;
-        let w_out = self.output.as_deref().unwrap_or(&self.token_embd);
+        let w_out = self.output.as_ref().unwrap_or(&self.token_embd);
         for it in items.iter_mut() {
             let n = it.tokens.len();
             let rows = match it.logits {
@@ -251,7 +250,7 @@ impl LlamaModel {
                     &mut normed,
                     d,
                 );
-                matmul(&normed, w_out, &mut logits, m, d, c.vocab_size);
+                w_out.forward(&mut Acts::new(&normed, m, d), &mut logits);
             }
             out.push(logits);
             it.seq.advance(n);

@@ -4,13 +4,22 @@
 
 use engine::chat::ChatMessage;
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
-use engine::{Engine, EngineConfig, LogitsWanted};
+use engine::{Engine, EngineConfig, LogitsWanted, Precision};
 use serde_json::Value;
 use std::sync::OnceLock;
 
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| {
+    E.get_or_init(|| load(Precision::F32))
+}
+
+fn engine_int8() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| load(Precision::Int8))
+}
+
+fn load(precision: Precision) -> Engine {
+    {
         let path = match std::env::var_os("TANDEM_MODEL") {
             Some(p) => p.into(),
             None => ensure(&DEFAULT_MODEL, &cache_dir(), &|m| eprintln!("{m}"))
@@ -21,10 +30,11 @@ fn engine() -> &'static Engine {
             &EngineConfig {
                 kv_budget_bytes: 256 << 20,
                 model_id: None,
+                precision,
             },
         )
         .unwrap()
-    })
+    }
 }
 
 fn fixture(name: &str) -> Value {
@@ -142,22 +152,11 @@ fn greedy_continuations_match_llama_cpp() {
     }
 }
 
-#[test]
-fn perplexity_within_0_1_percent_of_llama_cpp() {
-    let e = engine();
+/// Perplexity of `e` over the fixture's windows.
+fn perplexity(e: &Engine) -> (f64, usize) {
     let f = fixture("perplexity.json");
     let w = f["window"].as_u64().unwrap() as usize;
     let tokens = ids(&f["tokens"]);
-    // The text tokenizes the same way here (checked, so the windows are the same).
-    let text = std::fs::read_to_string(format!(
-        "{}/tests/fixtures/heldout.txt",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    assert_eq!(
-        &e.tokenizer.encode(&text, false).unwrap()[..tokens.len()],
-        &tokens[..]
-    );
     let v = e.model.cfg.vocab_size;
     let (mut nll, mut n) = (0f64, 0usize);
     for win in tokens.chunks_exact(w) {
@@ -169,7 +168,37 @@ fn perplexity_within_0_1_percent_of_llama_cpp() {
             n += 1;
         }
     }
-    let ppl = (nll / n as f64).exp();
+    ((nll / n as f64).exp(), n)
+}
+
+#[test]
+fn int8_perplexity_within_1_5_percent_of_f32_oracle() {
+    let (ppl, n) = perplexity(engine_int8());
+    let oracle = fixture("perplexity.json")["ppl"].as_f64().unwrap();
+    let rel = (ppl - oracle) / oracle;
+    eprintln!(
+        "int8 perplexity over {n} tokens: {ppl:.5} vs llama.cpp f32 {oracle:.5} ({:+.3}%)",
+        rel * 100.0
+    );
+    assert!(rel.abs() < 0.015);
+}
+
+#[test]
+fn perplexity_within_0_1_percent_of_llama_cpp() {
+    let e = engine();
+    let f = fixture("perplexity.json");
+    let tokens = ids(&f["tokens"]);
+    // The text tokenizes the same way here (checked, so the windows are the same).
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/heldout.txt",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert_eq!(
+        &e.tokenizer.encode(&text, false).unwrap()[..tokens.len()],
+        &tokens[..]
+    );
+    let (ppl, n) = perplexity(e);
     let oracle = f["ppl"].as_f64().unwrap();
     let rel = (ppl - oracle).abs() / oracle;
     eprintln!(

@@ -2,9 +2,13 @@
 
 use engine::gguf::{GgufFile, Metadata};
 use engine::synthetic::{TinySpec, write};
-use engine::{Engine, EngineConfig, EngineError, LogitsWanted};
+use engine::{Engine, EngineConfig, EngineError, LogitsWanted, Precision};
 
 fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Engine) {
+    tiny_at(spec, Precision::F32)
+}
+
+fn tiny_at(spec: &TinySpec, precision: Precision) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write(spec, &path).unwrap();
@@ -13,6 +17,7 @@ fn tiny(spec: &TinySpec) -> (tempfile::TempDir, Engine) {
         &EngineConfig {
             kv_budget_bytes: 4 << 20,
             model_id: None,
+            precision,
         },
     )
     .unwrap();
@@ -52,7 +57,13 @@ fn loads_metadata_and_every_tensor_type() {
 
 #[test]
 fn chunked_prefill_and_decode_steps_agree_bit_for_bit() {
-    let (_d, e) = tiny(&TinySpec::default());
+    for p in [Precision::F32, Precision::Int8] {
+        chunked_prefill_and_decode_steps_agree_at(p);
+    }
+}
+
+fn chunked_prefill_and_decode_steps_agree_at(precision: Precision) {
+    let (_d, e) = tiny_at(&TinySpec::default(), precision);
     let toks = prompt(40, 1);
     // Whole prompt at once, logits at every position.
     let mut whole = e.new_sequence();
@@ -82,7 +93,13 @@ fn chunked_prefill_and_decode_steps_agree_bit_for_bit() {
 
 #[test]
 fn decode_batch_is_invariant_to_its_company() {
-    let (_d, e) = tiny(&TinySpec::default());
+    for p in [Precision::F32, Precision::Int8] {
+        decode_batch_is_invariant_at(p);
+    }
+}
+
+fn decode_batch_is_invariant_at(precision: Precision) {
+    let (_d, e) = tiny_at(&TinySpec::default(), precision);
     let mut alone = e.new_sequence();
     e.prefill(&mut alone, &prompt(19, 2), LogitsWanted::None)
         .unwrap();

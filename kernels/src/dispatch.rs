@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 pub enum SimdLevel {
     /// Portable Rust; the reference every other level is tested against.
     Scalar,
-    /// AVX2 + FMA.
+    /// AVX2 + FMA + F16C.
     Avx2,
     /// AVX-512 F/BW/VL + VNNI.
     Avx512,
@@ -29,7 +29,10 @@ impl SimdLevel {
             {
                 return SimdLevel::Avx512;
             }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 return SimdLevel::Avx2;
             }
         }

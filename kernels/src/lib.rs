@@ -10,6 +10,7 @@
 //! - [`quant`]: GGML block formats (Q4_0, Q4_1, Q8_0) and F16/BF16, dequantized exactly to f32.
 //! - [`dot`]: the f32 dot product every matmul is built from, one implementation per level.
 //! - [`matmul`]: `y = x · Wᵀ` over a thread pool, batch-invariant.
+//! - [`qmatmul`]: the same with Q4_0/Q4_1/Q8_0 weights as stored and 8-bit activations.
 //! - [`ops`]: RMSNorm, RoPE, SiLU·mul, softmax.
 //! - [`attention`]: causal attention of new query rows over a paged KV cache.
 //!
@@ -20,6 +21,7 @@ pub mod dispatch;
 pub mod dot;
 pub mod matmul;
 pub mod ops;
+pub mod qmatmul;
 pub mod quant;
 
 pub use dispatch::SimdLevel;

@@ -19,6 +19,7 @@ async fn server() -> (String, Arc<Engine>) {
     let cfg = EngineConfig {
         kv_budget_bytes: 128 << 20,
         model_id: Some(DEFAULT_MODEL.id.into()),
+        precision: engine::Precision::F32,
     };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
     let state = AppState::new(Arc::new(Cluster::start(engine.clone(), 16)));

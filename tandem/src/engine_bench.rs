@@ -21,6 +21,9 @@ pub struct BenchArgs {
     /// Repetitions; the report gives mean and standard deviation.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Weight precision: int8 or f32.
+    #[arg(long, default_value = "f32")]
+    pub precision: engine::Precision,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -55,6 +58,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         &EngineConfig {
             kv_budget_bytes: 256 << 20,
             model_id: None,
+            precision: args.precision,
         },
     )?;
     let vocab = e.model.cfg.vocab_size as u32;
@@ -87,12 +91,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (tm, ts) = stats(&tg);
     println!("| engine | threads | test | t/s |");
     println!(
-        "| tandem f32 ({}) | {threads} | pp{} | {pm:.2} ± {ps:.2} |",
+        "| tandem {:?} ({}) | {threads} | pp{} | {pm:.2} ± {ps:.2} |",
+        args.precision,
         kernels::dispatch::level().name(),
         args.prompt
     );
     println!(
-        "| tandem f32 ({}) | {threads} | tg{} | {tm:.2} ± {ts:.2} |",
+        "| tandem {:?} ({}) | {threads} | tg{} | {tm:.2} ± {ts:.2} |",
+        args.precision,
         kernels::dispatch::level().name(),
         args.decode
     );

@@ -21,6 +21,9 @@ pub struct UpArgs {
     /// The id clients use in `model` (default: the file's name).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
+    /// Weight precision: f32 (every weight dequantized; exact) or int8 (block-quantized weights as stored, 8-bit activations).
+    #[arg(long, env = "TANDEM_PRECISION", default_value = "f32")]
+    pub precision: engine::Precision,
     /// Compute threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -59,6 +62,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let cfg = EngineConfig {
         kv_budget_bytes: args.kv_cache_mib << 20,
         model_id: args.served_model_name.clone().or(default_id),
+        precision: args.precision,
     };
     eprintln!(
         "tandem: loading {} ({threads} threads, SIMD level {})",

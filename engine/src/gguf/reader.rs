@@ -269,6 +269,12 @@ impl GgufFile {
 
     /// A tensor that must have exactly `want` dims (GGML order), dequantized.
     pub fn tensor_f32_shaped(&self, name: &str, want: &[u64]) -> Result<Vec<f32>> {
+        self.tensor_shaped(name, want)?;
+        self.tensor_f32(name)
+    }
+
+    /// The directory entry of a tensor that must have exactly `want` dims (GGML order).
+    pub fn tensor_shaped(&self, name: &str, want: &[u64]) -> Result<&TensorInfo> {
         let info = self
             .tensor_info(name)
             .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
@@ -287,6 +293,6 @@ impl GgufFile {
                 want: want.to_vec(),
             });
         }
-        self.tensor_f32(name)
+        Ok(info)
     }
 }

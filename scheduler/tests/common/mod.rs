@@ -29,6 +29,7 @@ pub struct Options {
     pub queue: usize,
     pub kv_bytes: usize,
     pub max_body: usize,
+    pub precision: engine::Precision,
 }
 
 impl Default for Options {
@@ -38,6 +39,7 @@ impl Default for Options {
             queue: 64,
             kv_bytes: 16 << 20,
             max_body: 1 << 20,
+            precision: engine::Precision::default(),
         }
     }
 }
@@ -52,6 +54,7 @@ pub async fn start(opts: Options) -> TestServer {
             &EngineConfig {
                 kv_budget_bytes: opts.kv_bytes,
                 model_id: None,
+                precision: opts.precision,
             },
         )
         .unwrap(),
