@@ -28,6 +28,8 @@ pub struct RequestRecord {
     pub completion_tokens: Option<usize>,
     pub cached_tokens: Option<usize>,
     pub status: Option<u16>,
+    /// The first send failed at the connection level and the request was sent again.
+    pub retried: bool,
     pub error: Option<String>,
 }
 
@@ -171,13 +173,22 @@ impl Target {
         t0: Instant,
         rec: &mut RequestRecord,
     ) -> Result<(), String> {
-        let resp = self
-            .http
-            .post(&self.url)
-            .json(&self.body(spec))
-            .send()
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
+        let body = self.body(spec);
+        let resp = match self.http.post(&self.url).json(&body).send().await {
+            Ok(r) => r,
+            // A pooled keep-alive connection the server closed just as we reused it fails
+            // before the request reaches the server: resend once, on a fresh connection.
+            Err(e) if e.is_request() && !e.is_timeout() => {
+                rec.retried = true;
+                self.http
+                    .post(&self.url)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("request failed: {}", chain(&e)))?
+            }
+            Err(e) => return Err(format!("request failed: {}", chain(&e))),
+        };
         let status = resp.status();
         rec.status = Some(status.as_u16());
         if !status.is_success() {

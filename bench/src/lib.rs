@@ -59,7 +59,7 @@ fn parse_rates(items: &[String]) -> anyhow::Result<Vec<Option<f64>>> {
                 let r: f64 = x
                     .parse()
                     .with_context(|| format!("--request-rate: '{x}' is not a number"))?;
-                if !(r > 0.0) {
+                if !r.is_finite() || r <= 0.0 {
                     bail!("--request-rate must be positive");
                 }
                 Ok(Some(r))

@@ -34,6 +34,11 @@ pub fn font_ready() -> bool {
     })
 }
 
+/// A named way to read one number out of an attainment point.
+type AttainmentPart = (&'static str, fn(&Attainment) -> f64);
+/// A named latency sample set of a CDF series.
+type CdfPart = (&'static str, fn(&CdfSeries) -> &Vec<f64>);
+
 const COLORS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -91,7 +96,7 @@ pub fn attainment_vs_rate(
         .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.5)));
     let mut color = 0;
     for s in series {
-        let parts: Vec<(&str, fn(&Attainment) -> f64)> = if overlay {
+        let parts: Vec<AttainmentPart> = if overlay {
             vec![("", |a| a.all)]
         } else {
             vec![
@@ -148,7 +153,7 @@ pub fn latency_cdfs(path: &Path, title: &str, series: &[CdfSeries]) -> anyhow::R
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 22))?;
     let panels = root.split_evenly((1, 3));
-    let getters: [(&str, fn(&CdfSeries) -> &Vec<f64>); 3] = [
+    let getters: [CdfPart; 3] = [
         ("TTFT (ms)", |s| &s.ttft),
         ("TPOT (ms)", |s| &s.tpot),
         ("E2EL (ms)", |s| &s.e2el),

@@ -26,7 +26,7 @@ impl Slo {
             let ms: f64 = v
                 .parse()
                 .with_context(|| format!("--goodput {k}: '{v}' is not a number"))?;
-            if !(ms > 0.0) {
+            if !ms.is_finite() || ms <= 0.0 {
                 bail!("--goodput {k} must be positive");
             }
             match k {
@@ -154,6 +154,10 @@ pub fn summarize(
     m.insert("duration".into(), json!(duration_s));
     m.insert("completed".into(), json!(ok.len()));
     m.insert("failed".into(), json!(records.len() - ok.len()));
+    m.insert(
+        "retried".into(),
+        json!(records.iter().filter(|r| r.retried).count()),
+    );
     m.insert("total_input_tokens".into(), json!(input));
     m.insert("total_output_tokens".into(), json!(output));
     m.insert("total_cached_tokens".into(), json!(cached));

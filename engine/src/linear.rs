@@ -78,7 +78,9 @@ impl Linear {
             _ => None,
         };
         match format {
-            Some(format) if precision == Precision::Int8 && k % kernels::qmatmul::QK == 0 => {
+            Some(format)
+                if precision == Precision::Int8 && k.is_multiple_of(kernels::qmatmul::QK) =>
+            {
                 Ok(Linear::Quant {
                     format,
                     bytes: g.tensor_bytes(info)?.to_vec(),

@@ -61,7 +61,7 @@ pub struct QActs {
 impl QActs {
     /// Quantizes `x: [m × k]` (k a multiple of 32), reusing this buffer.
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize) {
-        assert!(k % QK == 0 && x.len() == m * k);
+        assert!(k.is_multiple_of(QK) && x.len() == m * k);
         self.m = m;
         self.k = k;
         self.q.resize(m * k, 0);
@@ -172,7 +172,7 @@ pub fn qmatmul(x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
 pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
     assert_eq!(x.k, k);
-    assert!(k % QK == 0);
+    assert!(k.is_multiple_of(QK));
     assert_eq!(w.bytes.len(), n * k / QK * w.format.block_bytes());
     assert_eq!(y.len(), m * n);
     let out = SharedOut(y.as_mut_ptr());
@@ -268,10 +268,10 @@ mod x86 {
                 (QFormat::Q4_1, 1) => dot_n::<1>(QFormat::Q4_1, wr, x, i0, out),
                 (QFormat::Q8_0, 1) => dot_n::<1>(QFormat::Q8_0, wr, x, i0, out),
                 _ => {
-                    for t in 0..rows {
+                    for (t, o) in out.iter_mut().enumerate().take(rows) {
                         let mut one = [0f32; 4];
                         dot_rows_avx2(f, wr, x, i0 + t, 1, &mut one);
-                        out[t] = one[0];
+                        *o = one[0];
                     }
                 }
             }

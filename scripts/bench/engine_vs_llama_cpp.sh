@@ -13,17 +13,20 @@ cargo build --release -q
 MODEL=$(./target/release/tandem model fetch 2>/dev/null)
 echo "model: $MODEL, threads: $THREADS, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
-tandem_json=$(./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 | tail -n 1)
+f32_json=$(./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision f32 | tail -n 1)
+int8_json=$(./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision int8 | tail -n 1)
 llama_json=$("$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 3 -o json 2>/dev/null)
 
-python3 - "$tandem_json" "$llama_json" <<'PY'
+python3 - "$f32_json" "$int8_json" "$llama_json" <<'PY'
 import json, sys
-t = json.loads(sys.argv[1]); l = json.loads(sys.argv[2])
+f = json.loads(sys.argv[1]); i = json.loads(sys.argv[2]); l = json.loads(sys.argv[3])
 lpp = next(r["avg_ts"] for r in l if r["n_prompt"] > 0)
 ltg = next(r["avg_ts"] for r in l if r["n_gen"] > 0)
-print(f"| test  | tandem f32 t/s | llama.cpp Q4_1 t/s | ratio |")
-print(f"| pp512 | {t['pp_tokens_per_s']:.1f} | {lpp:.1f} | {t['pp_tokens_per_s']/lpp:.2f}x |")
-print(f"| tg128 | {t['tg_tokens_per_s']:.1f} | {ltg:.1f} | {t['tg_tokens_per_s']/ltg:.2f}x |")
+print("| test  | tandem f32 t/s | tandem int8 t/s | llama.cpp Q4_1 t/s | f32 / llama.cpp | int8 / llama.cpp |")
+print("|---|---|---|---|---|---|")
+for key, name, ref in [("pp", "pp512", lpp), ("tg", "tg128", ltg)]:
+    a, b = f[f"{key}_tokens_per_s"], i[f"{key}_tokens_per_s"]
+    print(f"| {name} | {a:.1f} | {b:.1f} | {ref:.1f} | {a/ref:.2f}x | {b/ref:.2f}x |")
 PY
 
 # Peak RSS of `tandem up` after a few chat requests.

@@ -22,7 +22,7 @@ enum Command {
     /// Run the scheduler with a prefill and a decode worker and serve the OpenAI API.
     Up(up::UpArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
-    Bench(bench::args::BenchCommand),
+    Bench(Box<bench::args::BenchCommand>),
     /// Manage model files.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -66,7 +66,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(bench::main(cmd)),
+            .block_on(bench::main(*cmd)),
         Command::Model(ModelCommand::Fetch { dir }) => {
             let dir = dir.unwrap_or_else(engine::fetch::cache_dir);
             let path = engine::fetch::ensure(&engine::fetch::DEFAULT_MODEL, &dir, &|m| {
