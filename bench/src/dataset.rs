@@ -110,21 +110,25 @@ fn jitter(rng: &mut StdRng, len: usize, ratio: f64) -> usize {
     rng.random_range(lo..=hi.max(lo))
 }
 
-/// Builds `count` requests of the chosen workload.
+/// Builds `count` requests of the chosen workload. `seed` fixes the shape of the workload
+/// (each request's kind and lengths); `text_seed` fixes the text, so runs of a sweep can share
+/// the same mix while sending different prompts (no cross-run prefix-cache hits).
 pub fn build(
     args: &RunArgs,
     src: &TextSource,
     count: usize,
     seed: u64,
+    text_seed: u64,
 ) -> anyhow::Result<Vec<RequestSpec>> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let mut text_rng = StdRng::seed_from_u64(text_seed ^ 0x7e57_5eed);
     let ratio = args.random_range_ratio;
     let mut out = Vec::with_capacity(count);
     match args.dataset_name {
         DatasetName::Random => {
             for _ in 0..count {
                 let n = jitter(&mut rng, args.random_input_len, ratio);
-                let (prompt, input_len) = src.text(&mut rng, n)?;
+                let (prompt, input_len) = src.text(&mut text_rng, n)?;
                 let output_len = jitter(&mut rng, args.random_output_len, ratio);
                 out.push(RequestSpec {
                     system: None,
@@ -138,12 +142,12 @@ pub fn build(
         DatasetName::SharedPrefix => {
             let groups = args.num_prefix_groups.max(1);
             let prefixes: Vec<(String, usize)> = (0..groups)
-                .map(|_| src.text(&mut rng, args.shared_prefix_len))
+                .map(|_| src.text(&mut text_rng, args.shared_prefix_len))
                 .collect::<Result<_, _>>()?;
             for i in 0..count {
                 let (system, plen) = prefixes[i % groups].clone();
                 let n = jitter(&mut rng, args.random_input_len, ratio);
-                let (prompt, slen) = src.text(&mut rng, n)?;
+                let (prompt, slen) = src.text(&mut text_rng, n)?;
                 let output_len = jitter(&mut rng, args.random_output_len, ratio);
                 out.push(RequestSpec {
                     system: Some(system),
@@ -157,7 +161,7 @@ pub fn build(
         DatasetName::LongPrompt => {
             for _ in 0..count {
                 let n = rng.random_range(2000..=8000);
-                let (prompt, input_len) = src.text(&mut rng, n)?;
+                let (prompt, input_len) = src.text(&mut text_rng, n)?;
                 out.push(RequestSpec {
                     system: None,
                     prompt,
@@ -169,7 +173,7 @@ pub fn build(
         }
         DatasetName::DecodeHeavy => {
             for _ in 0..count {
-                let (prompt, input_len) = src.text(&mut rng, 128)?;
+                let (prompt, input_len) = src.text(&mut text_rng, 128)?;
                 out.push(RequestSpec {
                     system: None,
                     prompt,
@@ -183,7 +187,7 @@ pub fn build(
             for _ in 0..count {
                 if rng.random_bool(args.mixed_long_fraction.clamp(0.0, 1.0)) {
                     let n = jitter(&mut rng, args.mixed_long_len, 0.1);
-                    let (prompt, input_len) = src.text(&mut rng, n)?;
+                    let (prompt, input_len) = src.text(&mut text_rng, n)?;
                     out.push(RequestSpec {
                         system: None,
                         prompt,
@@ -193,7 +197,7 @@ pub fn build(
                     });
                 } else {
                     let n = rng.random_range(32..=256);
-                    let (prompt, input_len) = src.text(&mut rng, n)?;
+                    let (prompt, input_len) = src.text(&mut text_rng, n)?;
                     let output_len = jitter(&mut rng, args.random_output_len, ratio);
                     out.push(RequestSpec {
                         system: None,

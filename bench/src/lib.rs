@@ -125,6 +125,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
             &src,
             args.num_warmups,
             args.seed ^ 0x5eed,
+            args.seed ^ 0x5eed,
         )?);
         let failed = load::warm_up(
             target.clone(),
@@ -142,14 +143,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
     }
 
     let mut runs: Vec<RateRun> = Vec::new();
-    // Each measured rate gets its own prompts (seed + run index): a server's prefix cache must
-    // not turn one rate's prompts into the next rate's cache hits.
+    // Each measured rate gets the same mix of lengths but its own prompt text (seed + run index):
+    // a server's prefix cache must not turn one rate's prompts into the next rate's cache hits.
     let mut run_index = 0u64;
     let mut measure = async |rate: Option<f64>| -> anyhow::Result<Attainment> {
         let specs = Arc::new(dataset::build(
             &args,
             &src,
             args.num_prompts,
+            args.seed,
             args.seed.wrapping_add(run_index),
         )?);
         run_index += 1;

@@ -179,6 +179,9 @@ async fn measures_injected_latencies_goodput_and_errors() {
     ] {
         assert!(dir.path().join("out").join(f).exists(), "{f}");
     }
+    if bench::plot::font_ready() {
+        assert!(dir.path().join("out/latency_cdf.png").exists());
+    }
     let lines = std::fs::read_to_string(dir.path().join("out/rate-inf/requests.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 35);
 }
@@ -209,5 +212,44 @@ async fn a_dead_endpoint_is_all_errors_not_a_crash() {
             .records
             .iter()
             .all(|r| r.error.as_deref().unwrap().contains("request failed"))
+    );
+}
+
+#[test]
+fn sweep_runs_share_the_mix_but_not_the_text_and_lengths_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok.gguf");
+    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
+    let g = engine::gguf::GgufFile::open(&tok).unwrap();
+    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
+    let mut a = args(String::new(), tok, dir.path().join("x"));
+    a.dataset_name = DatasetName::Mixed;
+    a.mixed_long_len = 120;
+    let r0 = bench::dataset::build(&a, &src, 40, 5, 5).unwrap();
+    let r1 = bench::dataset::build(&a, &src, 40, 5, 6).unwrap();
+    let kinds = |r: &[bench::dataset::RequestSpec]| {
+        r.iter().map(|x| (x.kind, x.output_len)).collect::<Vec<_>>()
+    };
+    assert_eq!(kinds(&r0), kinds(&r1));
+    assert!(r0.iter().zip(&r1).all(|(x, y)| x.prompt != y.prompt));
+    let exact = r0
+        .iter()
+        .filter(|x| t.encode(&x.prompt, false).unwrap().len() == x.input_len)
+        .count();
+    assert_eq!(
+        exact,
+        r0.len(),
+        "input_len is the prompt's real token count"
+    );
+    let wanted = r0
+        .iter()
+        .zip(&r1)
+        .filter(|(x, y)| x.input_len == y.input_len)
+        .count();
+    assert!(
+        wanted >= 36,
+        "lengths hit their targets: {wanted} of 40 equal across text seeds"
     );
 }
