@@ -177,8 +177,52 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     assert_eq!(y.len(), m * n);
     let out = SharedOut(y.as_mut_ptr());
     let out = &out;
-    (0..n.div_ceil(N_CHUNK)).into_par_iter().for_each(|c| {
-        for j in c * N_CHUNK..((c + 1) * N_CHUNK).min(n) {
+    // Few activation rows (decode): tiles of four weight rows share each activation load.
+    // Many rows (prefill): tiles of four activation rows share each weight unpack.
+    let wide = m < 4 && lvl >= SimdLevel::Avx2;
+    let chunk = if wide {
+        (n / (4 * rayon::current_num_threads().max(1)))
+            .next_multiple_of(4)
+            .clamp(N_CHUNK, 256)
+    } else {
+        N_CHUNK
+    };
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
+        if wide {
+            let mut j = j0;
+            while j + 4 <= j1 {
+                for i in 0..m {
+                    let mut r = [0f32; 4];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2/FMA/F16C present (lvl >= Avx2 is only chosen when detected).
+                    unsafe {
+                        x86::dot_w4(
+                            w.format,
+                            [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)],
+                            x,
+                            i,
+                            &mut r,
+                        )
+                    };
+                    for (d, v) in r.iter().enumerate() {
+                        // SAFETY: (i, j + d) is in bounds; these columns belong to this task only.
+                        unsafe { *out.0.add(i * n + j + d) = *v };
+                    }
+                }
+                j += 4;
+            }
+            for j in j..j1 {
+                for i in 0..m {
+                    let mut r = [0f32; 4];
+                    dot_rows(lvl, w.format, w.row(j), x, i, 1, &mut r);
+                    // SAFETY: as above.
+                    unsafe { *out.0.add(i * n + j) = r[0] };
+                }
+            }
+            return;
+        }
+        for j in j0..j1 {
             let wr = w.row(j);
             let mut i = 0;
             while i < m {
@@ -275,6 +319,58 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// Four weight rows against one activation row: each activation block is loaded once.
+    /// Per output, the same operations in the same order as `dot_n` (so the same bits).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_w4(f: QFormat, wr: [&[u8]; 4], x: &QActs, i: usize, out: &mut [f32; 4]) {
+        let bb = f.block_bytes();
+        let nb = x.k / QK;
+        assert!(wr.iter().all(|r| r.len() == nb * bb) && (i + 1) * x.k <= x.q.len());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut acc_m = [0f32; 4];
+        for b in 0..nb {
+            // SAFETY: b < nb; row i is in bounds (asserted above).
+            unsafe {
+                let ab = i * nb + b;
+                let a = _mm256_loadu_si256(x.q.as_ptr().add(ab * QK) as *const __m256i);
+                let (da, sa) = (*x.d.get_unchecked(ab), *x.s.get_unchecked(ab));
+                for r in 0..4 {
+                    let blk = wr[r].as_ptr().add(b * bb);
+                    let (w, signed) = load_weights(f, blk);
+                    let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
+                        *blk,
+                        *blk.add(1),
+                    ])
+                        as i32)));
+                    let (wu, av) = if signed {
+                        (_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+                    } else {
+                        (w, a)
+                    };
+                    let isum =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(wu, av), _mm256_set1_epi16(1));
+                    acc[r] =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * da), acc[r]);
+                    if f == QFormat::Q4_1 {
+                        let mw =
+                            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
+                                *blk.add(2),
+                                *blk.add(3),
+                            ])
+                                as i32)));
+                        acc_m[r] = mw.mul_add(sa, acc_m[r]);
+                    }
+                }
+            }
+        }
+        for r in 0..4 {
+            let mut v = [0f32; 8];
+            // SAFETY: v holds eight f32s.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), acc[r]) };
+            out[r] = reduce8(v) + acc_m[r];
         }
     }
 
