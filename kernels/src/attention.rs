@@ -96,17 +96,7 @@ pub fn attend_at(
 mod tests {
     use super::*;
 
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-4
-            })
-            .collect()
-    }
+    use crate::test_data as fill;
 
     /// Dense reference: contiguous K/V of `n_ctx` positions, f64 softmax.
     fn reference(shape: AttnShape, q: &[f32], k: &[f32], v: &[f32], n_ctx: usize) -> Vec<f64> {

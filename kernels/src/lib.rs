@@ -25,3 +25,17 @@ pub mod qmatmul;
 pub mod quant;
 
 pub use dispatch::SimdLevel;
+
+/// Seeded test data: uniform in (−1, 1), never exactly zero.
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-4
+        })
+        .collect()
+}

@@ -442,17 +442,7 @@ mod tests {
     use crate::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
     use proptest::prelude::*;
 
-    fn fill(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-4
-            })
-            .collect()
-    }
+    use crate::test_data as fill;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]

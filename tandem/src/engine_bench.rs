@@ -37,22 +37,8 @@ fn stats(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()?;
-    let path = match args.model {
-        Some(p) => p,
-        None => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
-            &|m| eprintln!("tandem: {m}"),
-        )?,
-    };
+    let threads = crate::init_compute_threads(args.threads)?;
+    let path = crate::model_path(args.model.as_deref())?;
     let e = Engine::load(
         &path,
         &EngineConfig {

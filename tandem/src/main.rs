@@ -84,3 +84,30 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Sizes the compute pool (default: every core); returns the thread count.
+fn init_compute_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    let n = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("starting the compute thread pool: {e}"))?;
+    Ok(n)
+}
+
+/// The GGUF to load: the given path, or the default model (fetched into the cache if needed).
+fn model_path(model: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(p) => Ok(p.to_path_buf()),
+        None => engine::fetch::ensure(
+            &engine::fetch::DEFAULT_MODEL,
+            &engine::fetch::cache_dir(),
+            &|m| eprintln!("tandem: {m}"),
+        )
+        .map_err(|e| anyhow::anyhow!("fetching the default model: {e}")),
+    }
+}

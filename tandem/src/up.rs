@@ -39,26 +39,13 @@ pub struct UpArgs {
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("starting the compute thread pool")?;
-    let (path, default_id) = match &args.model {
-        Some(p) => (p.clone(), None),
-        None => {
-            let m = &engine::fetch::DEFAULT_MODEL;
-            let p = engine::fetch::ensure(m, &engine::fetch::cache_dir(), &|msg| {
-                eprintln!("tandem: {msg}")
-            })
-            .context("fetching the default model")?;
-            (p, Some(m.id.to_string()))
-        }
-    };
+    let threads = crate::init_compute_threads(args.threads)?;
+    let path = crate::model_path(args.model.as_deref())?;
+    // The default model is served under its own name, not its file name.
+    let default_id = args
+        .model
+        .is_none()
+        .then(|| engine::fetch::DEFAULT_MODEL.id.to_string());
     let cfg = EngineConfig {
         kv_budget_bytes: args.kv_cache_mib << 20,
         model_id: args.served_model_name.clone().or(default_id),

@@ -7,14 +7,11 @@ use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
 use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use engine::Engine;
 use engine::TokenId;
 use engine::chat::ChatMessage;
 use engine::sampler::TokenLogprobs;
-use std::convert::Infallible;
-use tokio_stream::wrappers::ReceiverStream;
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -193,7 +190,7 @@ fn stream(
     prompt_tokens: usize,
     include_usage: bool,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
+    let (tx, resp) = super::sse_channel();
     tokio::spawn(async move {
         let usage_field = include_usage.then_some(None);
         let chunk =
@@ -205,9 +202,6 @@ fn stream(
                 choices,
                 usage,
             };
-        let send = |c: &ChatCompletionChunk| {
-            Event::default().data(serde_json::to_string(c).expect("serializable"))
-        };
         for index in 0..sub.n_choices {
             let first = chunk(
                 vec![ChatChunkChoice {
@@ -221,7 +215,7 @@ fn stream(
                 }],
                 usage_field.clone(),
             );
-            if tx.send(Ok(send(&first))).await.is_err() {
+            if !tx.json(&first).await {
                 return;
             }
         }
@@ -239,7 +233,7 @@ fn stream(
                     {
                         continue;
                     }
-                    let c = chunk(
+                    chunk(
                         vec![ChatChunkChoice {
                             index: u.index,
                             logprobs: chat_logprobs(st.cluster.engine(), &u.tokens),
@@ -251,19 +245,15 @@ fn stream(
                             finish_reason: u.finish,
                         }],
                         usage_field.clone(),
-                    );
-                    send(&c)
+                    )
                 }
                 Some(Err(e)) => {
-                    let _ =
-                        tx.send(Ok(Event::default()
-                            .data(serde_json::to_string(&e.body()).expect("serializable"))))
-                            .await;
+                    tx.error(&e).await;
                     break;
                 }
                 None => break,
             };
-            if tx.send(Ok(ev)).await.is_err() {
+            if !tx.json(&ev).await {
                 return;
             }
         }
@@ -273,11 +263,9 @@ fn stream(
                 completion_tokens,
                 total_tokens: prompt_tokens + completion_tokens,
             };
-            let _ = tx.send(Ok(send(&chunk(vec![], Some(Some(u)))))).await;
+            tx.json(&chunk(vec![], Some(Some(u)))).await;
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        tx.done().await;
     });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    resp
 }

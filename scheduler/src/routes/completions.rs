@@ -8,12 +8,9 @@ use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
 use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use engine::sampler::TokenLogprobs;
 use engine::{Engine, TokenId};
-use std::convert::Infallible;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// OpenAI's legacy default.
 const DEFAULT_MAX_TOKENS: usize = 16;
@@ -209,7 +206,7 @@ fn stream(
     prompt_tokens: usize,
     include_usage: bool,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(32);
+    let (tx, resp) = super::sse_channel();
     tokio::spawn(async move {
         let usage_field = include_usage.then_some(None);
         let chunk =
@@ -221,9 +218,6 @@ fn stream(
                 choices,
                 usage,
             };
-        let event = |c: &CompletionResponse| {
-            Event::default().data(serde_json::to_string(c).expect("serializable"))
-        };
         let engine = st.cluster.engine().clone();
         // Text offsets continue across chunks, per choice.
         let mut offsets = vec![0usize; sub.n_choices];
@@ -233,10 +227,7 @@ fn stream(
             let u = match sub.next().await {
                 Some(Ok(u)) => u,
                 Some(Err(e)) => {
-                    let _ =
-                        tx.send(Ok(Event::default()
-                            .data(serde_json::to_string(&e.body()).expect("serializable"))))
-                            .await;
+                    tx.error(&e).await;
                     break;
                 }
                 None => break,
@@ -275,7 +266,7 @@ fn stream(
                 }],
                 usage_field.clone(),
             );
-            if tx.send(Ok(event(&c))).await.is_err() {
+            if !tx.json(&c).await {
                 return;
             }
         }
@@ -285,11 +276,9 @@ fn stream(
                 completion_tokens,
                 total_tokens: prompt_tokens + completion_tokens,
             };
-            let _ = tx.send(Ok(event(&chunk(vec![], Some(Some(u)))))).await;
+            tx.json(&chunk(vec![], Some(Some(u)))).await;
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        tx.done().await;
     });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    resp
 }

@@ -6,9 +6,13 @@ pub mod models;
 
 use crate::error::ApiError;
 use crate::pipeline::{ChoiceUpdate, Submission};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use engine::TokenId;
 use engine::sampler::TokenLogprobs;
+use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
+use tokio_stream::wrappers::ReceiverStream;
 
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
@@ -66,4 +70,35 @@ pub(crate) async fn collect(mut sub: Submission) -> Result<Vec<Collected>, ApiEr
         }
     }
     Ok(out)
+}
+
+/// The sending side of a server-sent-events response.
+pub(crate) struct SseTx(tokio::sync::mpsc::Sender<Result<Event, Infallible>>);
+
+/// A streaming response and the handle that feeds it; dropping the response (the client
+/// went away) makes every send fail, which ends the feeding task.
+pub(crate) fn sse_channel() -> (SseTx, Response) {
+    let (tx, rx) = tokio::sync::mpsc::channel(32);
+    let resp = Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    (SseTx(tx), resp)
+}
+
+impl SseTx {
+    /// Sends one JSON event; false when the client is gone.
+    pub(crate) async fn json(&self, v: &impl serde::Serialize) -> bool {
+        let data = serde_json::to_string(v).expect("response types serialize");
+        self.0.send(Ok(Event::default().data(data))).await.is_ok()
+    }
+
+    /// An error in the middle of a stream: OpenAI's envelope as one event.
+    pub(crate) async fn error(&self, e: &ApiError) {
+        self.json(&e.body()).await;
+    }
+
+    /// The closing `data: [DONE]`.
+    pub(crate) async fn done(&self) {
+        let _ = self.0.send(Ok(Event::default().data("[DONE]"))).await;
+    }
 }
