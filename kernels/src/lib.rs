@@ -26,6 +26,21 @@ pub mod quant;
 
 pub use dispatch::SimdLevel;
 
+/// Multiply-accumulates below which a matmul runs on the calling thread: forking onto the
+/// pool costs more than it saves for decode-sized products (and idle workers' wake-ups show
+/// up as scheduler time in profiles).
+pub(crate) const SERIAL_MACS: usize = 1 << 19;
+
+/// Runs `f` over `0..n`, in parallel only when the call carries enough work.
+pub(crate) fn for_each_chunk(n: usize, macs: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    if macs < SERIAL_MACS || rayon::current_num_threads() == 1 {
+        (0..n).for_each(f)
+    } else {
+        (0..n).into_par_iter().for_each(f)
+    }
+}
+
 /// Seeded test data: uniform in (−1, 1), never exactly zero.
 #[cfg(test)]
 pub(crate) fn test_data(len: usize, seed: u64) -> Vec<f32> {

@@ -9,7 +9,6 @@
 
 use crate::dispatch::{SimdLevel, level};
 use crate::dot::{dot_at, dot4_at};
-use rayon::prelude::*;
 
 /// Output channels per parallel task.
 const N_CHUNK: usize = 32;
@@ -41,7 +40,7 @@ pub fn matmul_at(
     assert_eq!(y.len(), m * n, "y shape");
     let out = SharedOut(y.as_mut_ptr());
     let out = &out;
-    (0..n.div_ceil(N_CHUNK)).into_par_iter().for_each(|chunk| {
+    crate::for_each_chunk(n.div_ceil(N_CHUNK), m * n * k, |chunk| {
         let j0 = chunk * N_CHUNK;
         let j1 = (j0 + N_CHUNK).min(n);
         for i0 in (0..m).step_by(M_BLOCK) {

@@ -10,7 +10,6 @@
 
 use crate::dispatch::{SimdLevel, level};
 use half::f16;
-use rayon::prelude::*;
 
 pub const QK: usize = 32;
 
@@ -187,7 +186,7 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     } else {
         N_CHUNK
     };
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+    crate::for_each_chunk(n.div_ceil(chunk), m * n * k, |c| {
         let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
         if wide {
             let mut j = j0;
