@@ -268,3 +268,56 @@ fn reads_gguf_version_2_too() {
         e.model.cfg.vocab_size
     );
 }
+
+#[test]
+fn an_unsupported_quant_type_is_named_in_the_error() {
+    // A one-layer model whose blk.0.attn_q is stored as Q4_K (GGML type 12).
+    let spec = TinySpec {
+        n_layers: 1,
+        ..TinySpec::default()
+    };
+    let d = spec.d_model as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, path) = (dir.path().join("a.gguf"), dir.path().join("q4k.gguf"));
+    engine::synthetic::write(&spec, &src).unwrap();
+    let g = GgufFile::open(&src).unwrap();
+    let mut w = engine::gguf::GgufWriter::new();
+    for k in g.keys() {
+        w.meta(k.clone(), g.get(k).unwrap().clone());
+    }
+    for t in g.tensors() {
+        if t.name == "blk.0.attn_q.weight" {
+            // Q4_K: 144 bytes per 256 weights.
+            w.tensor(
+                t.name.clone(),
+                &[d, d],
+                engine::gguf::GgmlType::Other(12),
+                vec![7u8; (d * d / 256 * 144) as usize],
+            );
+        } else {
+            w.tensor(
+                t.name.clone(),
+                &t.dims,
+                t.ty,
+                g.tensor_bytes(t).unwrap().to_vec(),
+            );
+        }
+    }
+    w.write(&path).unwrap();
+    for precision in [Precision::F32, Precision::Int8] {
+        let err = Engine::load(
+            &path,
+            &EngineConfig {
+                precision,
+                ..EngineConfig::default()
+            },
+        )
+        .err()
+        .expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Q4_K") && msg.contains("blk.0.attn_q.weight"),
+            "{msg}"
+        );
+    }
+}
