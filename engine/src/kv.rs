@@ -11,7 +11,9 @@
 //! [`EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
 
 use crate::error::{EngineError, Result};
+use crate::tokenizer::TokenId;
 use memmap2::MmapMut;
+use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
@@ -41,9 +43,36 @@ impl KvLayout {
     }
 }
 
+/// A full block's identity: a hash chained over every token from the start of the sequence
+/// up to the block's end, so equal hashes mean equal KV contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockHash(pub u64);
+
+/// Hashes of the full blocks of `tokens`: `h_i = xxh3(tokens_i, seed = h_{i-1})`, starting from
+/// `salt` (which identifies the model and KV format once blocks leave this pool).
+pub fn block_hashes(salt: u64, tokens: &[TokenId], block_size: usize) -> Vec<BlockHash> {
+    let mut h = salt;
+    tokens
+        .chunks_exact(block_size)
+        .map(|blk| {
+            let bytes: Vec<u8> = blk.iter().flat_map(|t| t.to_le_bytes()).collect();
+            h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, h);
+            BlockHash(h)
+        })
+        .collect()
+}
+
 struct Allocator {
     free: Vec<BlockId>,
     refs: Vec<u16>,
+    /// The prefix cache: full blocks by hash.
+    by_hash: HashMap<BlockHash, BlockId>,
+    hash_of: Vec<Option<BlockHash>>,
+    /// Cached blocks that no sequence holds, by age: reused by a prefix hit, or evicted
+    /// (oldest first) when the free list runs dry.
+    evictable: BTreeMap<u64, BlockId>,
+    stamp: Vec<u64>,
+    clock: u64,
 }
 
 /// A fixed pool of KV blocks.
@@ -88,6 +117,11 @@ impl KvPool {
             allocator: Mutex::new(Allocator {
                 free,
                 refs: vec![0; n_blocks],
+                by_hash: HashMap::new(),
+                hash_of: vec![None; n_blocks],
+                evictable: BTreeMap::new(),
+                stamp: vec![0; n_blocks],
+                clock: 0,
             }),
         })
     }
@@ -98,22 +132,37 @@ impl KvPool {
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
     }
+    /// Blocks a new allocation can get: free ones plus cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
+        let a = self.allocator.lock().expect("kv allocator poisoned");
+        a.free.len() + a.evictable.len()
+    }
+
+    /// Cached blocks nobody holds (part of [`free_blocks`](Self::free_blocks)).
+    pub fn cached_blocks(&self) -> usize {
         self.allocator
             .lock()
             .expect("kv allocator poisoned")
-            .free
+            .evictable
             .len()
     }
 
-    /// Takes `n` blocks, all or none.
+    /// Takes `n` blocks, all or none, evicting the oldest unheld cached blocks if needed.
     fn allocate(&self, n: usize) -> Result<Vec<BlockId>> {
         let mut a = self.allocator.lock().expect("kv allocator poisoned");
-        if a.free.len() < n {
+        let available = a.free.len() + a.evictable.len();
+        if available < n {
             return Err(EngineError::KvExhausted {
                 needed: n,
-                free: a.free.len(),
+                free: available,
             });
+        }
+        while a.free.len() < n {
+            let (_, b) = a.evictable.pop_first().expect("counted above");
+            if let Some(h) = a.hash_of[b.0 as usize].take() {
+                a.by_hash.remove(&h);
+            }
+            a.free.push(b);
         }
         let at = a.free.len() - n;
         let got: Vec<BlockId> = a.free.drain(at..).collect();
@@ -126,12 +175,46 @@ impl KvPool {
     fn release(&self, blocks: &[BlockId]) {
         let mut a = self.allocator.lock().expect("kv allocator poisoned");
         for &b in blocks {
-            let r = &mut a.refs[b.0 as usize];
-            assert!(*r > 0, "double free of KV block {b:?}");
-            *r -= 1;
-            if *r == 0 {
-                a.free.push(b);
+            let i = b.0 as usize;
+            assert!(a.refs[i] > 0, "double free of KV block {b:?}");
+            a.refs[i] -= 1;
+            if a.refs[i] == 0 {
+                if a.hash_of[i].is_some() {
+                    a.clock += 1;
+                    let t = a.clock;
+                    a.stamp[i] = t;
+                    a.evictable.insert(t, b);
+                } else {
+                    a.free.push(b);
+                }
             }
+        }
+    }
+
+    /// Takes a reference on the cached blocks of the longest cached prefix of `hashes`.
+    fn lookup(&self, hashes: &[BlockHash]) -> Vec<BlockId> {
+        let mut a = self.allocator.lock().expect("kv allocator poisoned");
+        let mut got = Vec::new();
+        for h in hashes {
+            let Some(&b) = a.by_hash.get(h) else { break };
+            let i = b.0 as usize;
+            if a.refs[i] == 0 {
+                let t = a.stamp[i];
+                a.evictable.remove(&t);
+            }
+            a.refs[i] += 1;
+            got.push(b);
+        }
+        got
+    }
+
+    /// Makes a full, never-again-written block findable by its hash.
+    fn register(&self, b: BlockId, h: BlockHash) {
+        let mut a = self.allocator.lock().expect("kv allocator poisoned");
+        let i = b.0 as usize;
+        if a.hash_of[i].is_none() && !a.by_hash.contains_key(&h) {
+            a.hash_of[i] = Some(h);
+            a.by_hash.insert(h, b);
         }
     }
 
@@ -207,9 +290,34 @@ impl KvSequence {
         self.len += n;
     }
 
-    /// Drops cached positions from `len` on (keeps the blocks).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// On an empty sequence: attaches the cached blocks of the longest cached prefix of
+    /// `tokens`, always leaving at least one token to compute (its logits are needed); returns
+    /// how many tokens are now cached. Shared blocks are full and lie below `len`, so this
+    /// sequence never writes them.
+    pub fn attach_prefix(&mut self, tokens: &[TokenId]) -> usize {
+        assert!(
+            self.blocks.is_empty() && self.len == 0,
+            "attach_prefix needs an empty sequence"
+        );
+        let bs = self.pool.layout.block_size;
+        let usable = tokens.len().saturating_sub(1) / bs * bs;
+        let hashes = block_hashes(0, &tokens[..usable], bs);
+        self.blocks = self.pool.lookup(&hashes);
+        self.len = self.blocks.len() * bs;
+        self.len
+    }
+
+    /// Publishes the full blocks holding `tokens` (this sequence's first tokens, already
+    /// computed) to the pool's prefix cache.
+    pub fn publish_prefix(&self, tokens: &[TokenId]) {
+        let bs = self.pool.layout.block_size;
+        let n = tokens.len().min(self.len) / bs;
+        for (h, &b) in block_hashes(0, &tokens[..n * bs], bs)
+            .into_iter()
+            .zip(&self.blocks)
+        {
+            self.pool.register(b, h);
+        }
     }
 
     /// Writes K and V (`kv_dim` each) of position `pos` in `layer`.

@@ -49,6 +49,10 @@ pub struct TokenEvent {
 /// What a worker streams back for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
+    /// The prompt is in the KV cache; this many of its tokens came from the prefix cache.
+    Prefilled {
+        cached_tokens: usize,
+    },
     /// Log-probabilities of prompt tokens 1..n (token 0 has none), sent before any token.
     PromptLogprobs(Vec<TokenLogprobs>),
     Token(TokenEvent),

@@ -321,3 +321,70 @@ fn an_unsupported_quant_type_is_named_in_the_error() {
         );
     }
 }
+
+#[test]
+fn prefix_cache_hits_are_bit_identical_to_cold_prefill_and_blocks_are_accounted() {
+    for precision in [Precision::F32, Precision::Int8] {
+        let (_d, e) = tiny_at(&TinySpec::default(), precision);
+        let (_d2, cold_engine) = tiny_at(&TinySpec::default(), precision);
+        let total = e.kv.n_blocks();
+        let system = prompt(50, 9);
+        let mut a_prompt = system.clone();
+        a_prompt.extend(prompt(7, 1));
+        let mut b_prompt = system.clone();
+        b_prompt.extend(prompt(11, 2));
+        // A computes and publishes its prefix.
+        let mut a = e.new_sequence();
+        assert_eq!(a.attach_prefix(&a_prompt), 0);
+        e.prefill(&mut a, &a_prompt, LogitsWanted::Last).unwrap();
+        a.publish_prefix(&a_prompt);
+        // B shares the three full blocks of the 50-token system prompt (48 tokens).
+        let mut b = e.new_sequence();
+        let hit = b.attach_prefix(&b_prompt);
+        assert_eq!(hit, 48);
+        assert_eq!(&b.block_table()[..3], &a.block_table()[..3]);
+        let warm = e
+            .prefill(&mut b, &b_prompt[hit..], LogitsWanted::Last)
+            .unwrap();
+        let mut cold_seq = cold_engine.new_sequence();
+        let cold = cold_engine
+            .prefill(&mut cold_seq, &b_prompt, LogitsWanted::Last)
+            .unwrap();
+        assert_eq!(
+            bits(&warm),
+            bits(&cold),
+            "{precision:?}: a prefix hit changes nothing"
+        );
+        // Decoding on both sides stays identical.
+        let w = e.decode_step(&mut [(&mut b, 3)]).unwrap().pop().unwrap();
+        let c = cold_engine
+            .decode_step(&mut [(&mut cold_seq, 3)])
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(bits(&w), bits(&c));
+        // A prompt that is entirely cached still computes its last token.
+        let mut again = e.new_sequence();
+        assert_eq!(again.attach_prefix(&a_prompt[..48]), 32);
+        drop(again);
+        drop(a);
+        drop(b);
+        assert_eq!(
+            e.kv.free_blocks(),
+            total,
+            "every block is free or evictable again"
+        );
+        assert!(e.kv.cached_blocks() >= 3);
+        // Cached blocks are evicted when memory is needed, never leaked.
+        let mut big = e.new_sequence();
+        big.reserve(total * 16).unwrap();
+        assert_eq!(e.kv.cached_blocks(), 0);
+        drop(big);
+        let mut c2 = e.new_sequence();
+        assert_eq!(
+            c2.attach_prefix(&b_prompt),
+            0,
+            "evicted blocks are no longer found"
+        );
+    }
+}

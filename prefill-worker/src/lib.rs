@@ -4,7 +4,8 @@
 //!
 //! Jobs wait in a bounded queue; a full queue refuses new work at once ([`SubmitError::QueueFull`])
 //! so the scheduler can answer 503 instead of letting latency grow without bound.
-//! Chunked prefill, prefix reuse and the layer-by-layer KV push to a remote decode worker
+//! Full blocks of a prompt's prefix that an earlier prompt already computed are reused from
+//! the pool's prefix cache. Chunked prefill and the layer-by-layer KV push to a remote decode worker
 //! grow here (issues 5 and 6).
 
 use decode_worker::{DecodeHandle, DecodeJob};
@@ -94,7 +95,20 @@ fn prefill(engine: &Engine, decode: &DecodeHandle, job: PrefillJob) -> Result<()
     } else {
         LogitsWanted::Last
     };
-    let logits = engine.prefill(&mut seq, &prompt, want)?;
+    // Reuse cached full blocks of the prompt's prefix (not when every prompt position's
+    // logits are wanted); batch-invariant kernels make a hit bit-identical to a cold prefill.
+    let cached = if want == LogitsWanted::Last {
+        seq.attach_prefix(&prompt)
+    } else {
+        0
+    };
+    let logits = engine.prefill(&mut seq, &prompt[cached..], want)?;
+    seq.publish_prefix(&prompt);
+    if want == LogitsWanted::Last {
+        let _ = events.send(WorkerEvent::Prefilled {
+            cached_tokens: cached,
+        });
+    }
     let vocab = engine.model.cfg.vocab_size;
     let last = match want {
         LogitsWanted::All => {

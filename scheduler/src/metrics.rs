@@ -1,5 +1,5 @@
-//! Prometheus metrics: requests by endpoint and status, TTFT and TPOT histograms, prompt and
-//! generated token counters. One global recorder per process; `/metrics` renders it.
+//! Prometheus metrics: requests by endpoint and status, TTFT and TPOT histograms, prompt,
+//! prefix-cache-hit and generated token counters. One global recorder per process; `/metrics` renders it.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -46,4 +46,10 @@ pub fn record_generation(endpoint: &'static str, n_tokens: usize, since_first: O
         metrics::histogram!("tandem_time_per_output_token_seconds", "endpoint" => endpoint)
             .record(d.as_secs_f64() / (n_tokens - 1) as f64);
     }
+}
+
+/// Prompt tokens whose KV came from the prefix cache.
+pub fn record_prefix_hit(endpoint: &'static str, n: usize) {
+    metrics::counter!("tandem_prefix_cache_hit_tokens_total", "endpoint" => endpoint)
+        .increment(n as u64);
 }

@@ -28,6 +28,8 @@ pub struct ChoiceUpdate {
     pub text: String,
     /// Tokens generated in this update, with their log-probabilities if asked for.
     pub tokens: Vec<(TokenId, Option<TokenLogprobs>)>,
+    /// Prompt tokens served from the prefix cache (first update only).
+    pub cached_tokens: Option<usize>,
     /// Set on a choice's last update: "stop" or "length".
     pub finish: Option<&'static str>,
 }
@@ -151,6 +153,10 @@ impl ChoiceDriver {
                     return;
                 }
                 Some(WorkerEvent::PromptLogprobs(lp)) => up.prompt_logprobs = Some(lp),
+                Some(WorkerEvent::Prefilled { cached_tokens }) => {
+                    crate::metrics::record_prefix_hit(self.endpoint, cached_tokens);
+                    up.cached_tokens = Some(cached_tokens);
+                }
                 Some(WorkerEvent::Done) => {
                     up.finish = Some("length");
                 }

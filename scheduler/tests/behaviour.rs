@@ -273,3 +273,33 @@ async fn metrics_count_requests_latencies_and_tokens() {
         assert!(m.contains(needle), "{needle} missing from:\n{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_system_prompt_is_served_from_the_prefix_cache() {
+    let srv = common::tiny().await;
+    let url = format!("{}/v1/chat/completions", srv.url);
+    let system = "the other theory ".repeat(20);
+    let body = |q: &str| json!({"model": "tiny", "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}], "max_tokens": 8, "seed": 4});
+    let (_, first) = common::post(&url, body("in the")).await;
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (_, second) = common::post(&url, body("in the")).await;
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        cached >= prompt - 16 && cached < prompt,
+        "cached {cached} of {prompt}"
+    );
+    assert_eq!(
+        second["choices"][0]["message"], first["choices"][0]["message"],
+        "same tokens with or without a hit"
+    );
+    let m = reqwest::get(format!("{}/metrics", srv.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("tandem_prefix_cache_hit_tokens_total"));
+}

@@ -154,6 +154,12 @@ pub async fn handler(
     }
     let choices = collect(sub).await?;
     let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum::<usize>();
+    // Each prompt counted once: its first choice's prefix-cache hit.
+    let cached_tokens = choices
+        .iter()
+        .step_by(p.n)
+        .map(|c| c.cached_tokens)
+        .sum::<usize>();
     let resp = ChatCompletionResponse {
         id,
         object: "chat.completion",
@@ -172,11 +178,7 @@ pub async fn handler(
                 finish_reason: c.finish,
             })
             .collect(),
-        usage: Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        },
+        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
     };
     Ok(axum::Json(resp).into_response())
 }
@@ -219,11 +221,14 @@ fn stream(
                 return;
             }
         }
-        let (mut open, mut completion_tokens) = (sub.n_choices, 0usize);
+        let (mut open, mut completion_tokens, mut cached_tokens) = (sub.n_choices, 0usize, 0usize);
         while open > 0 {
             let ev = match sub.next().await {
                 Some(Ok(u)) => {
                     completion_tokens += u.tokens.len();
+                    if u.index == 0 {
+                        cached_tokens += u.cached_tokens.unwrap_or(0);
+                    }
                     if u.finish.is_some() {
                         open -= 1;
                     }
@@ -258,11 +263,7 @@ fn stream(
             }
         }
         if include_usage {
-            let u = Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            };
+            let u = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
             tx.json(&chunk(vec![], Some(Some(u)))).await;
         }
         tx.done().await;

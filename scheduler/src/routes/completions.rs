@@ -156,6 +156,12 @@ pub async fn handler(
     }
     let choices = collect(sub).await?;
     let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum::<usize>();
+    // Each prompt counted once: its first choice's prefix-cache hit.
+    let cached_tokens = choices
+        .iter()
+        .step_by(p.n)
+        .map(|c| c.cached_tokens)
+        .sum::<usize>();
     let resp = CompletionResponse {
         id,
         object: "text_completion",
@@ -183,11 +189,11 @@ pub async fn handler(
                 }
             })
             .collect(),
-        usage: Some(Some(Usage {
+        usage: Some(Some(Usage::new(
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        })),
+            cached_tokens,
+        ))),
     };
     Ok(axum::Json(resp).into_response())
 }
@@ -222,7 +228,7 @@ fn stream(
         // Text offsets continue across chunks, per choice.
         let mut offsets = vec![0usize; sub.n_choices];
         let mut echoed = vec![false; sub.n_choices];
-        let (mut open, mut completion_tokens) = (sub.n_choices, 0usize);
+        let (mut open, mut completion_tokens, mut cached_tokens) = (sub.n_choices, 0usize, 0usize);
         while open > 0 {
             let u = match sub.next().await {
                 Some(Ok(u)) => u,
@@ -233,6 +239,9 @@ fn stream(
                 None => break,
             };
             completion_tokens += u.tokens.len();
+            if u.index % n == 0 {
+                cached_tokens += u.cached_tokens.unwrap_or(0);
+            }
             if u.finish.is_some() {
                 open -= 1;
             }
@@ -246,7 +255,11 @@ fn stream(
                 prompt_part = Some(prompt.ids.as_slice());
             }
             text.push_str(&u.text);
-            if text.is_empty() && u.finish.is_none() && !want_logprobs {
+            if text.is_empty()
+                && u.finish.is_none()
+                && u.tokens.is_empty()
+                && u.prompt_logprobs.is_none()
+            {
                 continue;
             }
             let logprobs = want_logprobs.then(|| {
@@ -271,11 +284,7 @@ fn stream(
             }
         }
         if include_usage {
-            let u = Usage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            };
+            let u = Usage::new(prompt_tokens, completion_tokens, cached_tokens);
             tx.json(&chunk(vec![], Some(Some(u)))).await;
         }
         tx.done().await;

@@ -31,6 +31,7 @@ pub(crate) struct Collected {
     pub text: String,
     pub tokens: Vec<(TokenId, Option<TokenLogprobs>)>,
     pub prompt_logprobs: Option<Vec<TokenLogprobs>>,
+    pub cached_tokens: usize,
     pub finish: Option<&'static str>,
 }
 
@@ -41,6 +42,7 @@ impl Collected {
         if u.prompt_logprobs.is_some() {
             self.prompt_logprobs = u.prompt_logprobs;
         }
+        self.cached_tokens += u.cached_tokens.unwrap_or(0);
         if u.finish.is_some() {
             self.finish = u.finish;
         }
