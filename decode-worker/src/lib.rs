@@ -80,6 +80,9 @@ fn run(engine: Arc<Engine>, rx: Receiver<DecodeJob>) {
             }
         }
         running.retain(|j| !j.gone());
+        if running.is_empty() {
+            metrics::gauge!("tandem_decode_running_sequences").set(0.0);
+        }
         // Every sequence needs room for one more position before the step.
         running.retain_mut(|j| match j.seq.reserve(j.seq.len() + 1) {
             Ok(()) => true,
@@ -99,6 +102,10 @@ fn run(engine: Arc<Engine>, rx: Receiver<DecodeJob>) {
 
 /// One forward call over the whole batch, then one sampled token per sequence.
 fn step(engine: &Engine, running: &mut Vec<DecodeJob>) {
+    metrics::gauge!("tandem_decode_running_sequences").set(running.len() as f64);
+    metrics::gauge!("tandem_kv_blocks_total").set(engine.kv.n_blocks() as f64);
+    metrics::gauge!("tandem_kv_blocks_free").set(engine.kv.free_blocks() as f64);
+    metrics::gauge!("tandem_kv_blocks_cached_unused").set(engine.kv.cached_blocks() as f64);
     let mut batch: Vec<(&mut KvSequence, TokenId)> =
         running.iter_mut().map(|j| (&mut j.seq, j.last)).collect();
     let result = engine.decode_step(&mut batch);

@@ -14,6 +14,7 @@ use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, Work
 use engine::sampler::logprobs;
 use engine::{Engine, EngineError, LogitsWanted, TokenId};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
@@ -40,14 +41,24 @@ pub enum SubmitError {
 #[derive(Clone)]
 pub struct PrefillHandle {
     tx: SyncSender<PrefillJob>,
+    /// Jobs submitted and not yet picked up (the `tandem_prefill_queue_depth` gauge).
+    queued: Arc<AtomicUsize>,
 }
 
 impl PrefillHandle {
     pub fn submit(&self, job: PrefillJob) -> Result<(), SubmitError> {
-        self.tx.try_send(job).map_err(|e| match e {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let r = self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Stopped,
-        })
+        });
+        let depth = if r.is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed) - 1
+        } else {
+            self.queued.load(Ordering::Relaxed)
+        };
+        metrics::gauge!("tandem_prefill_queue_depth").set(depth as f64);
+        r
     }
 }
 
@@ -58,15 +69,24 @@ pub fn spawn(
     queue: usize,
 ) -> (PrefillHandle, JoinHandle<()>) {
     let (tx, rx) = sync_channel(queue);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let q = queued.clone();
     let th = std::thread::Builder::new()
         .name("tandem-prefill".into())
-        .spawn(move || run(engine, decode, rx))
+        .spawn(move || run(engine, decode, rx, q))
         .expect("spawn prefill thread");
-    (PrefillHandle { tx }, th)
+    (PrefillHandle { tx, queued }, th)
 }
 
-fn run(engine: Arc<Engine>, decode: DecodeHandle, rx: Receiver<PrefillJob>) {
+fn run(
+    engine: Arc<Engine>,
+    decode: DecodeHandle,
+    rx: Receiver<PrefillJob>,
+    queued: Arc<AtomicUsize>,
+) {
     while let Ok(job) = rx.recv() {
+        let depth = queued.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("tandem_prefill_queue_depth").set(depth as f64);
         if job.cancel.is_cancelled() || job.events.is_closed() {
             continue;
         }

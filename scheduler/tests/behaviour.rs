@@ -269,6 +269,9 @@ async fn metrics_count_requests_latencies_and_tokens() {
         "tandem_time_per_output_token_seconds_bucket",
         "tandem_prompt_tokens_total",
         "tandem_generation_tokens_total",
+        "tandem_prefill_queue_depth",
+        "tandem_decode_running_sequences",
+        "tandem_kv_blocks_free",
     ] {
         assert!(m.contains(needle), "{needle} missing from:\n{m}");
     }
