@@ -1,0 +1,201 @@
+//! A request's tokens and log-probabilities are bit-identical whether it runs alone or among up
+//! to 64 others, whatever the prefill chunking, and with or without a prefix-cache hit — for
+//! greedy and sampled decoding, at both precisions.
+
+use engine::generation::GenerationState;
+use engine::model::ForwardItem;
+use engine::request::GenerationParams;
+use engine::sampler::SamplingParams;
+use engine::synthetic::{TinySpec, write};
+use engine::{Engine, EngineConfig, KvSequence, LogitsWanted, Precision};
+
+const N_SEQ: usize = 64;
+const N_GEN: usize = 10;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn load(precision: Precision) -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write(&TinySpec::default(), &path).unwrap();
+    let cfg = EngineConfig {
+        kv_budget_bytes: 64 << 20,
+        model_id: None,
+        precision,
+    };
+    let e = Engine::load(&path, &cfg).unwrap();
+    (dir, e)
+}
+
+fn params(i: usize) -> GenerationParams {
+    let sampling = if i % 3 == 0 {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: if i % 2 == 0 { 20 } else { 0 },
+            seed: 1000 + i as u64,
+            ..Default::default()
+        }
+    };
+    GenerationParams {
+        sampling,
+        max_tokens: N_GEN,
+        min_tokens: N_GEN,
+        ignore_eos: true,
+        stop_token_ids: vec![],
+        logprobs: Some(3),
+        prompt_logprobs: None,
+    }
+}
+
+/// (tokens, bits of each chosen token's logprob)
+type Trace = (Vec<u32>, Vec<u32>);
+
+fn run_alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
+    let mut seq = e.new_sequence();
+    let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
+    let mut st = GenerationState::new(p, prompt.len());
+    let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
+    let mut trace: Trace = (
+        vec![ev.token],
+        vec![ev.logprobs.as_ref().unwrap().logprob.to_bits()],
+    );
+    while ev.finish.is_none() {
+        let l = e
+            .decode_step(&mut [(&mut seq, ev.token)])
+            .unwrap()
+            .pop()
+            .unwrap();
+        ev = st.next(&e.tokenizer, &l, e.max_context());
+        trace.0.push(ev.token);
+        trace
+            .1
+            .push(ev.logprobs.as_ref().unwrap().logprob.to_bits());
+    }
+    trace
+}
+
+#[test]
+fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
+    for precision in [Precision::F32, Precision::Int8] {
+        let (_d, e) = load(precision);
+        let vocab = e.model.cfg.vocab_size as u64 - 2;
+        let mut rng = Rng(0x9e37_79b9 ^ precision as u64);
+        let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
+        let prompts: Vec<Vec<u32>> = (0..N_SEQ)
+            .map(|i| {
+                let own: Vec<u32> = (0..1 + rng.next(60))
+                    .map(|_| rng.next(vocab) as u32)
+                    .collect();
+                if i % 2 == 0 {
+                    [shared.clone(), own].concat()
+                } else {
+                    own
+                }
+            })
+            .collect();
+        let alone: Vec<Trace> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| run_alone(&e, p, params(i)))
+            .collect();
+        drop(e);
+
+        // All 64 together in a fresh engine: prefix hits for the shared prompt, prefill in random
+        // chunks with several sequences per forward call, then batched decode steps.
+        let (_d, e) = load(precision);
+        let mut seqs: Vec<KvSequence> = (0..N_SEQ).map(|_| e.new_sequence()).collect();
+        let mut done = vec![0usize; N_SEQ];
+        let mut hits = 0;
+        let mut last_logits: Vec<Option<Vec<f32>>> = vec![None; N_SEQ];
+        // Sequence 0 (which holds the shared prompt) goes first and publishes its blocks.
+        last_logits[0] = Some(
+            e.prefill(&mut seqs[0], &prompts[0], LogitsWanted::Last)
+                .unwrap(),
+        );
+        seqs[0].publish_prefix(&prompts[0]);
+        done[0] = prompts[0].len();
+        for (i, s) in seqs.iter_mut().enumerate().skip(1) {
+            done[i] = s.attach_prefix(&prompts[i]);
+            hits += done[i];
+        }
+        while done.iter().zip(&prompts).any(|(d, p)| d < &p.len()) {
+            // A random group of unfinished sequences, each with a random chunk.
+            let mut group: Vec<(usize, usize)> = Vec::new();
+            for i in 0..N_SEQ {
+                if done[i] < prompts[i].len() && rng.next(3) != 0 {
+                    let n = (1 + rng.next(24) as usize).min(prompts[i].len() - done[i]);
+                    group.push((i, n));
+                }
+            }
+            let mut refs: Vec<(usize, &mut KvSequence)> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| group.iter().any(|g| g.0 == *i))
+                .collect();
+            let mut items: Vec<ForwardItem> = refs
+                .iter_mut()
+                .map(|(i, s)| {
+                    let n = group.iter().find(|g| g.0 == *i).unwrap().1;
+                    ForwardItem {
+                        seq: &mut **s,
+                        tokens: &prompts[*i][done[*i]..done[*i] + n],
+                        logits: LogitsWanted::Last,
+                    }
+                })
+                .collect();
+            let out = e.model.forward(&mut items).unwrap();
+            drop(items);
+            for ((i, n), l) in group.iter().zip(out) {
+                done[*i] += n;
+                if done[*i] == prompts[*i].len() {
+                    last_logits[*i] = Some(l);
+                    seqs[*i].publish_prefix(&prompts[*i]);
+                }
+            }
+        }
+        assert!(hits > 0, "some sequences hit the prefix cache");
+        let mut states: Vec<GenerationState> = (0..N_SEQ)
+            .map(|i| GenerationState::new(params(i), prompts[i].len()))
+            .collect();
+        let mut traces: Vec<Trace> = vec![(vec![], vec![]); N_SEQ];
+        let mut last = vec![0u32; N_SEQ];
+        for i in 0..N_SEQ {
+            let ev = states[i].next(
+                &e.tokenizer,
+                last_logits[i].as_ref().unwrap(),
+                e.max_context(),
+            );
+            last[i] = ev.token;
+            traces[i].0.push(ev.token);
+            traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
+        }
+        for _ in 1..N_GEN {
+            let mut batch: Vec<(&mut KvSequence, u32)> =
+                seqs.iter_mut().zip(&last).map(|(s, t)| (s, *t)).collect();
+            let out = e.decode_step(&mut batch).unwrap();
+            for i in 0..N_SEQ {
+                let ev = states[i].next(&e.tokenizer, &out[i], e.max_context());
+                last[i] = ev.token;
+                traces[i].0.push(ev.token);
+                traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
+            }
+        }
+        for i in 0..N_SEQ {
+            assert_eq!(
+                traces[i], alone[i],
+                "{precision:?}: sequence {i} differs from its solo run"
+            );
+        }
+    }
+}
