@@ -36,13 +36,13 @@ fn load(precision: Precision) -> (tempfile::TempDir, Engine) {
 }
 
 fn params(i: usize) -> GenerationParams {
-    let sampling = if i % 3 == 0 {
+    let sampling = if i.is_multiple_of(3) {
         SamplingParams::greedy()
     } else {
         SamplingParams {
             temperature: 0.9,
             top_p: 0.95,
-            top_k: if i % 2 == 0 { 20 } else { 0 },
+            top_k: if i.is_multiple_of(2) { 20 } else { 0 },
             seed: 1000 + i as u64,
             ..Default::default()
         }
@@ -148,7 +148,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
                 .map(|(i, s)| {
                     let n = group.iter().find(|g| g.0 == *i).unwrap().1;
                     ForwardItem {
-                        seq: &mut **s,
+                        seq: s,
                         tokens: &prompts[*i][done[*i]..done[*i] + n],
                         logits: LogitsWanted::Last,
                     }
