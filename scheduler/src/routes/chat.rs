@@ -153,13 +153,7 @@ pub async fn handler(
         ));
     }
     let choices = collect(sub).await?;
-    let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum::<usize>();
-    // Each prompt counted once: its first choice's prefix-cache hit.
-    let cached_tokens = choices
-        .iter()
-        .step_by(p.n)
-        .map(|c| c.cached_tokens)
-        .sum::<usize>();
+    let usage = super::usage(prompt_tokens, &choices, p.n);
     let resp = ChatCompletionResponse {
         id,
         object: "chat.completion",
@@ -178,7 +172,7 @@ pub async fn handler(
                 finish_reason: c.finish,
             })
             .collect(),
-        usage: Usage::new(prompt_tokens, completion_tokens, cached_tokens),
+        usage,
     };
     Ok(axum::Json(resp).into_response())
 }

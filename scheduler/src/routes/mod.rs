@@ -49,6 +49,22 @@ impl Collected {
     }
 }
 
+/// Usage of a finished non-streaming request: `n` choices per prompt, each prompt's
+/// prefix-cache hit counted once (its first choice's).
+pub(crate) fn usage(
+    prompt_tokens: usize,
+    choices: &[Collected],
+    n: usize,
+) -> crate::protocol::Usage {
+    let completion_tokens = choices.iter().map(|c| c.tokens.len()).sum::<usize>();
+    let cached_tokens = choices
+        .iter()
+        .step_by(n)
+        .map(|c| c.cached_tokens)
+        .sum::<usize>();
+    crate::protocol::Usage::new(prompt_tokens, completion_tokens, cached_tokens)
+}
+
 /// Waits for every choice to finish (non-streaming responses).
 pub(crate) async fn collect(mut sub: Submission) -> Result<Vec<Collected>, ApiError> {
     let mut out: Vec<Collected> = (0..sub.n_choices).map(|_| Collected::default()).collect();
