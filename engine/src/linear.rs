@@ -1,22 +1,27 @@
 //! A weight matrix at the precision the engine runs: f32 (the reference path: every weight
-//! dequantized exactly) or int8 (Q4_0/Q4_1/Q8_0 weights kept as stored, activations quantized
-//! per token to 8 bits: `kernels::qmatmul`). Other tensor types always run in f32.
+//! dequantized exactly), int8 (W8A8: every weight requantized at load to 8 bits per output
+//! channel, activations to 8 bits per token, exact integer sums: `kernels::int8`), or w4a8
+//! (Q4_0/Q4_1/Q8_0 weights kept as stored, activations quantized per block of 32:
+//! `kernels::qmatmul`; other tensor types run in f32).
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
+use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::matmul::matmul;
 use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 
 /// How the weight matrices compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// Every weight dequantized to f32: exact arithmetic, the golden-test reference, and
-    /// today still the faster path for prefill and batched decode on AVX2 (see kernels/README.md).
-    #[default]
+    /// Every weight dequantized to f32: exact arithmetic, the golden-test reference.
     F32,
-    /// Block-quantized weights as stored (5× less memory), 8-bit activations: faster
-    /// single-stream decode.
+    /// W8A8 with per-output-channel weight scales and per-token activation scales: the
+    /// default, and the fastest path for prefill and batched decode.
+    #[default]
     Int8,
+    /// GGUF block weights as stored (Q4_1 is 5 bits a weight), activations 8-bit per block of
+    /// 32: the least memory.
+    W4A8,
 }
 
 impl std::str::FromStr for Precision {
@@ -25,7 +30,8 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Precision::F32),
             "int8" => Ok(Precision::Int8),
-            other => Err(format!("unknown precision '{other}' (f32 or int8)")),
+            "w4a8" => Ok(Precision::W4A8),
+            other => Err(format!("unknown precision '{other}' (int8, w4a8 or f32)")),
         }
     }
 }
@@ -36,17 +42,29 @@ pub struct Acts<'a> {
     m: usize,
     k: usize,
     q: Option<QActs>,
+    q8: Option<I8Acts>,
 }
 
 impl<'a> Acts<'a> {
     pub fn new(x: &'a [f32], m: usize, k: usize) -> Acts<'a> {
         assert_eq!(x.len(), m * k);
-        Acts { x, m, k, q: None }
+        Acts {
+            x,
+            m,
+            k,
+            q: None,
+            q8: None,
+        }
     }
 
     fn quantized(&mut self) -> &QActs {
         let (x, m, k) = (self.x, self.m, self.k);
         self.q.get_or_insert_with(|| QActs::quantize(x, m, k))
+    }
+
+    fn per_token(&mut self) -> &I8Acts {
+        let (x, m, k) = (self.x, self.m, self.k);
+        self.q8.get_or_insert_with(|| I8Acts::quantize(x, m, k))
     }
 }
 
@@ -63,6 +81,7 @@ pub enum Linear {
         n: usize,
         k: usize,
     },
+    Int8(I8Weights),
 }
 
 impl Linear {
@@ -77,9 +96,16 @@ impl Linear {
             GgmlType::Q8_0 => Some(QFormat::Q8_0),
             _ => None,
         };
+        if precision == Precision::Int8 {
+            return Ok(Linear::Int8(I8Weights::quantize(
+                &g.tensor_f32(name)?,
+                n,
+                k,
+            )));
+        }
         match format {
             Some(format)
-                if precision == Precision::Int8 && k.is_multiple_of(kernels::qmatmul::QK) =>
+                if precision == Precision::W4A8 && k.is_multiple_of(kernels::qmatmul::QK) =>
             {
                 Ok(Linear::Quant {
                     format,
@@ -99,6 +125,7 @@ impl Linear {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Linear::F32 { n, k, .. } | Linear::Quant { n, k, .. } => (*n, *k),
+            Linear::Int8(w) => (w.n, w.k),
         }
     }
 
@@ -120,6 +147,7 @@ impl Linear {
                 };
                 qmatmul(x.quantized(), w, y)
             }
+            Linear::Int8(w) => gemm(x.per_token(), w, y),
         }
     }
 
@@ -138,6 +166,7 @@ impl Linear {
                     QFormat::Q8_0 => kernels::quant::dequantize_q8_0(src, out),
                 }
             }
+            Linear::Int8(w) => w.row_into(j, out),
         }
     }
 
@@ -146,6 +175,7 @@ impl Linear {
         match self {
             Linear::F32 { w, .. } => w.len() * 4,
             Linear::Quant { bytes, .. } => bytes.len(),
+            Linear::Int8(w) => w.bytes(),
         }
     }
 }

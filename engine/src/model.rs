@@ -12,6 +12,7 @@ use crate::kv::{KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
 use kernels::attention::{AttnShape, attend};
 use kernels::ops::{rms_norm, rope_normal, silu_mul};
+use kernels::pool::for_rows;
 use rayon::prelude::*;
 
 /// One transformer block's weights (`[out × in]` row-major).
@@ -200,20 +201,19 @@ impl LlamaModel {
             }
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
-                att.par_chunks_exact_mut(d)
-                    .enumerate()
-                    .for_each(|(row, out)| {
-                        let n_ctx = row_pos[row] + 1;
-                        let mut scores = vec![0f32; n_ctx];
-                        attend(
-                            shape,
-                            &q[row * d..(row + 1) * d],
-                            &blocks[row_item[row]],
-                            n_ctx,
-                            &mut scores,
-                            out,
-                        );
-                    });
+                // One row a task: rows differ in context length, the pool balances them.
+                for_rows(&mut att, d, 1, |row, out| {
+                    let n_ctx = row_pos[row] + 1;
+                    let mut scores = vec![0f32; n_ctx];
+                    attend(
+                        shape,
+                        &q[row * d..(row + 1) * d],
+                        &blocks[row_item[row]],
+                        n_ctx,
+                        &mut scores,
+                        out,
+                    );
+                });
             }
             l.wo.forward(&mut Acts::new(&att, r, d), &mut proj);
             add_in_place(&mut x, &proj);
@@ -221,49 +221,53 @@ impl LlamaModel {
             let mut hq = Acts::new(&h, r, d);
             l.w_gate.forward(&mut hq, &mut gate);
             l.w_up.forward(&mut hq, &mut up);
-            gate.par_chunks_mut(4096)
-                .zip(up.par_chunks(4096))
-                .for_each(|(g, u)| silu_mul(g, u));
+            for_rows(&mut gate, ff, 16, |row, g| {
+                silu_mul(g, &up[row * ff..(row + 1) * ff])
+            });
             l.w_down.forward(&mut Acts::new(&gate, r, ff), &mut proj);
             add_in_place(&mut x, &proj);
         }
 
-        // Logits for the rows each item asked for.
-        let mut out = Vec::with_capacity(items.len());
+        // Logits for the rows each item asked for, through the output projection in one call.
+        let mut wanted = Vec::new();
         let mut row0 = 0;
-        let w_out = self.output.as_ref().unwrap_or(&self.token_embd);
         for it in items.iter_mut() {
             let n = it.tokens.len();
-            let rows = match it.logits {
+            wanted.push(match it.logits {
                 LogitsWanted::None => 0..0,
                 LogitsWanted::Last => row0 + n - 1..row0 + n,
                 LogitsWanted::All => row0..row0 + n,
-            };
-            let m = rows.len();
-            let mut logits = vec![0f32; m * c.vocab_size];
-            if m > 0 {
-                let mut normed = vec![0f32; m * d];
-                norm_rows(
-                    &x[rows.start * d..rows.end * d],
-                    &self.output_norm,
-                    c.rms_eps,
-                    &mut normed,
-                    d,
-                );
-                w_out.forward(&mut Acts::new(&normed, m, d), &mut logits);
-            }
-            out.push(logits);
+            });
             it.seq.advance(n);
             row0 += n;
+        }
+        let m: usize = wanted.iter().map(|r| r.len()).sum();
+        let mut picked = Vec::with_capacity(m * d);
+        for rows in &wanted {
+            picked.extend_from_slice(&x[rows.start * d..rows.end * d]);
+        }
+        let mut normed = vec![0f32; m * d];
+        norm_rows(&picked, &self.output_norm, c.rms_eps, &mut normed, d);
+        let mut logits = vec![0f32; m * c.vocab_size];
+        if m > 0 {
+            let w_out = self.output.as_ref().unwrap_or(&self.token_embd);
+            w_out.forward(&mut Acts::new(&normed, m, d), &mut logits);
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut at = 0;
+        for rows in &wanted {
+            let len = rows.len() * c.vocab_size;
+            out.push(logits[at..at + len].to_vec());
+            at += len;
         }
         Ok(out)
     }
 }
 
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {
-    out.par_chunks_exact_mut(d)
-        .zip(x.par_chunks_exact(d))
-        .for_each(|(o, xr)| rms_norm(xr, w, eps, o));
+    for_rows(out, d, 32, |row, o| {
+        rms_norm(&x[row * d..(row + 1) * d], w, eps, o)
+    });
 }
 
 fn add_in_place(x: &mut [f32], y: &[f32]) {

@@ -87,7 +87,7 @@ fn run_alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
 
 #[test]
 fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
-    for precision in [Precision::F32, Precision::Int8] {
+    for precision in [Precision::F32, Precision::Int8, Precision::W4A8] {
         let (_d, e) = load(precision);
         let vocab = e.model.cfg.vocab_size as u64 - 2;
         let mut rng = Rng(0x9e37_79b9 ^ precision as u64);

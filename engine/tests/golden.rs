@@ -171,16 +171,25 @@ fn perplexity(e: &Engine) -> (f64, usize) {
     ((nll / n as f64).exp(), n)
 }
 
-#[test]
-fn int8_perplexity_within_1_5_percent_of_f32_oracle() {
-    let (ppl, n) = perplexity(engine_int8());
+fn check_quantized_perplexity(e: &Engine, name: &str) {
+    let (ppl, n) = perplexity(e);
     let oracle = fixture("perplexity.json")["ppl"].as_f64().unwrap();
     let rel = (ppl - oracle) / oracle;
     eprintln!(
-        "int8 perplexity over {n} tokens: {ppl:.5} vs llama.cpp f32 {oracle:.5} ({:+.3}%)",
+        "{name} perplexity over {n} tokens: {ppl:.5} vs llama.cpp f32 {oracle:.5} ({:+.3}%)",
         rel * 100.0
     );
-    assert!(rel.abs() < 0.015);
+    assert!(rel.abs() < 0.015, "{name}: {:+.3}%", rel * 100.0);
+}
+
+#[test]
+fn int8_perplexity_within_1_5_percent_of_f32_oracle() {
+    check_quantized_perplexity(engine_int8(), "int8 (W8A8)");
+}
+
+#[test]
+fn w4a8_perplexity_within_1_5_percent_of_f32_oracle() {
+    check_quantized_perplexity(&load(Precision::W4A8), "w4a8");
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn loads_metadata_and_every_tensor_type() {
 
 #[test]
 fn chunked_prefill_and_decode_steps_agree_bit_for_bit() {
-    for p in [Precision::F32, Precision::Int8] {
+    for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
         chunked_prefill_and_decode_steps_agree_at(p);
     }
 }
@@ -93,7 +93,7 @@ fn chunked_prefill_and_decode_steps_agree_at(precision: Precision) {
 
 #[test]
 fn decode_batch_is_invariant_to_its_company() {
-    for p in [Precision::F32, Precision::Int8] {
+    for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
         decode_batch_is_invariant_at(p);
     }
 }
@@ -304,7 +304,7 @@ fn an_unsupported_quant_type_is_named_in_the_error() {
         }
     }
     w.write(&path).unwrap();
-    for precision in [Precision::F32, Precision::Int8] {
+    for precision in [Precision::F32, Precision::Int8, Precision::W4A8] {
         let err = Engine::load(
             &path,
             &EngineConfig {
@@ -324,7 +324,7 @@ fn an_unsupported_quant_type_is_named_in_the_error() {
 
 #[test]
 fn prefix_cache_hits_are_bit_identical_to_cold_prefill_and_blocks_are_accounted() {
-    for precision in [Precision::F32, Precision::Int8] {
+    for precision in [Precision::F32, Precision::Int8, Precision::W4A8] {
         let (_d, e) = tiny_at(&TinySpec::default(), precision);
         let (_d2, cold_engine) = tiny_at(&TinySpec::default(), precision);
         let total = e.kv.n_blocks();

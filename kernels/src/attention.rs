@@ -39,7 +39,8 @@ pub fn attend(
     attend_at(level(), shape, q, blocks, n_ctx, scores, out)
 }
 
-/// [`attend`] at an explicit level.
+/// [`attend`] at an explicit level. Every level runs the same arithmetic per output except the
+/// score dot products, which are [`dot_at`] at that level.
 pub fn attend_at(
     lvl: SimdLevel,
     shape: AttnShape,
@@ -48,6 +49,46 @@ pub fn attend_at(
     n_ctx: usize,
     scores: &mut [f32],
     out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if lvl >= SimdLevel::Avx2 {
+        assert!(SimdLevel::detect() >= SimdLevel::Avx2);
+        // SAFETY: AVX2 and FMA are present (checked above).
+        unsafe { attend_avx2(shape, q, blocks, n_ctx, scores, out) };
+        return;
+    }
+    attend_body(shape, q, blocks, n_ctx, scores, out, |a, b| {
+        dot_at(lvl, a, b)
+    });
+}
+
+/// The same body compiled with AVX2 enabled: the dot products inline and the weighted V sum
+/// vectorizes (element by element, so its bits equal the scalar loop's).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    shape: AttnShape,
+    q: &[f32],
+    blocks: &[KvBlockRef<'_>],
+    n_ctx: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_body(shape, q, blocks, n_ctx, scores, out, |a, b| {
+        // SAFETY: this function only runs with AVX2 and FMA enabled.
+        unsafe { crate::dot::x86::dot_avx2(a, b) }
+    });
+}
+
+#[inline(always)]
+fn attend_body(
+    shape: AttnShape,
+    q: &[f32],
+    blocks: &[KvBlockRef<'_>],
+    n_ctx: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let AttnShape {
         n_heads,
@@ -60,6 +101,11 @@ pub fn attend_at(
     assert_eq!(out.len(), n_heads * head_dim);
     assert!(n_ctx >= 1 && n_ctx <= blocks.len() * block_size);
     assert!(n_heads % n_kv_heads == 0);
+    assert!(
+        blocks
+            .iter()
+            .all(|(k, v)| k.len() >= block_size * kv_dim && v.len() >= block_size * kv_dim)
+    );
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let scores = &mut scores[..n_ctx];
@@ -67,11 +113,13 @@ pub fn attend_at(
         let kvh = h / group;
         let qh = &q[h * head_dim..(h + 1) * head_dim];
         let mut max = f32::NEG_INFINITY;
-        for (pos, s) in scores.iter_mut().enumerate() {
-            let (k, _) = blocks[pos / block_size];
-            let off = (pos % block_size) * kv_dim + kvh * head_dim;
-            *s = dot_at(lvl, qh, &k[off..off + head_dim]) * scale;
-            max = max.max(*s);
+        for (b, sc) in scores.chunks_mut(block_size).enumerate() {
+            let (k, _) = blocks[b];
+            for (p, s) in sc.iter_mut().enumerate() {
+                let off = p * kv_dim + kvh * head_dim;
+                *s = dot(qh, &k[off..off + head_dim]) * scale;
+                max = max.max(*s);
+            }
         }
         let mut sum = 0f32;
         for s in scores.iter_mut() {
@@ -81,12 +129,14 @@ pub fn attend_at(
         let inv = 1.0 / sum;
         let oh = &mut out[h * head_dim..(h + 1) * head_dim];
         oh.fill(0.0);
-        for (pos, s) in scores.iter().enumerate() {
-            let (_, v) = blocks[pos / block_size];
-            let off = (pos % block_size) * kv_dim + kvh * head_dim;
-            let p = s * inv;
-            for (o, vv) in oh.iter_mut().zip(&v[off..off + head_dim]) {
-                *o += p * vv;
+        for (b, sc) in scores.chunks(block_size).enumerate() {
+            let (_, v) = blocks[b];
+            for (p, s) in sc.iter().enumerate() {
+                let off = p * kv_dim + kvh * head_dim;
+                let pr = s * inv;
+                for (o, vv) in oh.iter_mut().zip(&v[off..off + head_dim]) {
+                    *o += pr * vv;
+                }
             }
         }
     }

@@ -84,7 +84,7 @@ pub(crate) fn reduce16(acc: &[f32; LANES]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use super::{LANES, reduce16};
     use std::arch::x86_64::*;
 
@@ -101,6 +101,7 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
         let full = n / LANES * LANES;

@@ -10,7 +10,9 @@
 //! - [`quant`]: GGML block formats (Q4_0, Q4_1, Q8_0) and F16/BF16, dequantized exactly to f32.
 //! - [`dot`]: the f32 dot product every matmul is built from, one implementation per level.
 //! - [`matmul`]: `y = x · Wᵀ` over a thread pool, batch-invariant.
+//! - [`int8`]: W8A8 — 8-bit weights per output channel × 8-bit activations per token, exact integer sums.
 //! - [`qmatmul`]: the same with Q4_0/Q4_1/Q8_0 weights as stored and 8-bit activations.
+//! - [`pool`]: the persistent compute threads every parallel kernel runs on.
 //! - [`ops`]: RMSNorm, RoPE, SiLU·mul, softmax.
 //! - [`attention`]: causal attention of new query rows over a paged KV cache.
 //!
@@ -19,30 +21,31 @@
 pub mod attention;
 pub mod dispatch;
 pub mod dot;
+pub mod int8;
 pub mod matmul;
 pub mod ops;
+pub mod pool;
 pub mod qmatmul;
 pub mod quant;
+pub mod roofline;
 
 pub use dispatch::SimdLevel;
 
 /// Multiply-accumulates below which a matmul runs on the calling thread: forking onto the
 /// pool costs more than it saves for decode-sized products (and idle workers' wake-ups show
 /// up as scheduler time in profiles).
-pub(crate) const SERIAL_MACS: usize = 1 << 19;
+pub(crate) const SERIAL_MACS: usize = 1 << 15;
 
-/// Runs `f` over `0..n`, in parallel only when the call carries enough work.
+/// Runs `f` over `0..n`, on the compute pool only when the call carries enough work.
 pub(crate) fn for_each_chunk(n: usize, macs: usize, f: impl Fn(usize) + Sync + Send) {
-    use rayon::prelude::*;
-    if macs < SERIAL_MACS || rayon::current_num_threads() == 1 {
+    if macs < SERIAL_MACS {
         (0..n).for_each(f)
     } else {
-        (0..n).into_par_iter().for_each(f)
+        pool::global().run(n, &f)
     }
 }
 
 /// Seeded test data: uniform in (−1, 1), never exactly zero.
-#[cfg(test)]
 pub(crate) fn test_data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..len)

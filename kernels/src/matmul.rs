@@ -1,7 +1,7 @@
 //! `y = x · Wᵀ` for row-major `x: [m × k]`, `W: [n × k]` (GGUF's layout: each output channel's
 //! weights are contiguous), `y: [m × n]`.
 //!
-//! Work is split over output channels on the rayon pool; each `y[i][j]` is one [`dot`] call
+//! Work is split over output channels on the compute pool; each `y[i][j]` is one [`dot`] call
 //! (or its bit-identical four-row tile), so results never depend on `m`, on the tiling, or on
 //! the number of threads.
 //!

@@ -180,7 +180,7 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     // Many rows (prefill): tiles of four activation rows share each weight unpack.
     let wide = m < 4 && lvl >= SimdLevel::Avx2;
     let chunk = if wide {
-        (n / (4 * rayon::current_num_threads().max(1)))
+        (n / (4 * crate::pool::global().threads()))
             .next_multiple_of(4)
             .clamp(N_CHUNK, 256)
     } else {

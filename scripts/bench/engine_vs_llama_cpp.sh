@@ -13,20 +13,23 @@ cargo build --release -q
 MODEL=$(./target/release/tandem model fetch 2>/dev/null)
 echo "model: $MODEL, threads: $THREADS, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
-f32_json=$(./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision f32 | tail -n 1)
-int8_json=$(./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision int8 | tail -n 1)
+bench() { ./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision "$1" | tail -n 1; }
+int8_json=$(bench int8)
+w4a8_json=$(bench w4a8)
+f32_json=$(bench f32)
 llama_json=$("$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 3 -o json 2>/dev/null)
 
-python3 - "$f32_json" "$int8_json" "$llama_json" <<'PY'
+python3 - "$int8_json" "$w4a8_json" "$f32_json" "$llama_json" <<'PY'
 import json, sys
-f = json.loads(sys.argv[1]); i = json.loads(sys.argv[2]); l = json.loads(sys.argv[3])
+runs = [("int8", json.loads(sys.argv[1])), ("w4a8", json.loads(sys.argv[2])), ("f32", json.loads(sys.argv[3]))]
+l = json.loads(sys.argv[4])
 lpp = next(r["avg_ts"] for r in l if r["n_prompt"] > 0)
 ltg = next(r["avg_ts"] for r in l if r["n_gen"] > 0)
-print("| test  | tandem f32 t/s | tandem int8 t/s | llama.cpp Q4_1 t/s | f32 / llama.cpp | int8 / llama.cpp |")
-print("|---|---|---|---|---|---|")
+print("| test | llama.cpp Q4_1 t/s | " + " | ".join(f"tandem {n} t/s (ratio)" for n, _ in runs) + " |")
+print("|---|---|" + "---|" * len(runs))
 for key, name, ref in [("pp", "pp512", lpp), ("tg", "tg128", ltg)]:
-    a, b = f[f"{key}_tokens_per_s"], i[f"{key}_tokens_per_s"]
-    print(f"| {name} | {a:.1f} | {b:.1f} | {ref:.1f} | {a/ref:.2f}x | {b/ref:.2f}x |")
+    cells = [f"{r[key + '_tokens_per_s']:.1f} ({r[key + '_tokens_per_s'] / ref:.2f}x)" for _, r in runs]
+    print(f"| {name} | {ref:.1f} | " + " | ".join(cells) + " |")
 PY
 
 # Peak RSS of `tandem up` after a few chat requests.

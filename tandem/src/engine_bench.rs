@@ -21,8 +21,8 @@ pub struct BenchArgs {
     /// Repetitions; the report gives mean and standard deviation.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Weight precision: int8 or f32.
-    #[arg(long, default_value = "f32")]
+    /// Weight precision: int8 (W8A8), w4a8 (GGUF blocks as stored) or f32 (reference).
+    #[arg(long, default_value = "int8")]
     pub precision: engine::Precision,
     /// Compute threads (default: all cores).
     #[arg(long)]

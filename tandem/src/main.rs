@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod engine_bench;
+mod roofline;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,15 @@ enum Command {
     /// Manage model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Kernel-level measurements.
+    #[command(subcommand)]
+    Kernels(KernelsCommand),
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// The machine's int8 peak and read bandwidth, and the W8A8 kernels against them.
+    Roofline(roofline::RooflineArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +86,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Model(ModelCommand::Bench(args)) => engine_bench::run(args),
+        Command::Kernels(KernelsCommand::Roofline(args)) => roofline::run(args),
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;
             engine::gguf::export_f32(&g, &output)?;
@@ -96,7 +107,7 @@ fn init_compute_threads(threads: Option<usize>) -> anyhow::Result<usize> {
         .num_threads(n)
         .build_global()
         .map_err(|e| anyhow::anyhow!("starting the compute thread pool: {e}"))?;
-    Ok(n)
+    Ok(kernels::pool::init(n))
 }
 
 /// The GGUF to load: the given path, or the default model (fetched into the cache if needed).

@@ -22,7 +22,7 @@ pub struct UpArgs {
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Weight precision: f32 (every weight dequantized; exact) or int8 (block-quantized weights as stored, 8-bit activations).
-    #[arg(long, env = "TANDEM_PRECISION", default_value = "f32")]
+    #[arg(long, env = "TANDEM_PRECISION", default_value = "int8")]
     pub precision: engine::Precision,
     /// Compute threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]

@@ -1,0 +1,180 @@
+//! Measures the machine's ceilings and how close the kernels get to them: the integer
+//! multiply-accumulate peak, the memory read bandwidth, the W8A8 GEMM at prefill shapes and
+//! the decode GEMV over a model-sized set of weights. `tandem kernels roofline` prints them.
+
+use crate::dispatch::{SimdLevel, level};
+use crate::int8::{I8Acts, I8Weights, gemm};
+use crate::pool;
+use std::time::{Duration, Instant};
+
+/// Runs `f` until at least `min` has passed (and at least twice); returns the best seconds per call.
+pub fn best_time(min: Duration, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut runs = 0;
+    while runs < 2 || start.elapsed() < min {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+        runs += 1;
+    }
+    best
+}
+
+/// Integer multiply-accumulates per second on every pool thread, running the instruction
+/// sequence the int8 kernels are built from (AVX2: `maddubs` + `madd` + `add`, 32 MACs) with
+/// eight independent chains per thread (no memory traffic). `None` below AVX2.
+pub fn int8_peak() -> Option<f64> {
+    if level() < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let threads = pool::global().threads();
+    const ITERS: usize = 4_000_000;
+    let secs = best_time(Duration::from_millis(300), || {
+        pool::global().run(threads, &|t| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is present (checked above).
+            unsafe {
+                std::hint::black_box(x86::mac_loop(ITERS, t as i8 + 1));
+            }
+        })
+    });
+    Some((threads * ITERS * 8 * 32) as f64 / secs)
+}
+
+/// Bytes per second read from memory by every pool thread together (a buffer far larger than
+/// any cache, summed once).
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    let words = bytes / 8;
+    let buf: Vec<u64> = (0..words as u64).map(|i| i.wrapping_mul(0x9e37)).collect();
+    let threads = pool::global().threads();
+    let per = words.div_ceil(threads * 64) * 64;
+    let secs = best_time(Duration::from_millis(500), || {
+        pool::global().run(threads, &|t| {
+            let s = &buf[(t * per).min(words)..((t + 1) * per).min(words)];
+            std::hint::black_box(sum_words(s));
+        })
+    });
+    (words * 8) as f64 / secs
+}
+
+fn sum_words(s: &[u64]) -> u64 {
+    // Eight independent lanes so the adds keep up with the loads (vectorized by the compiler).
+    let mut acc = [0u64; 8];
+    for c in s.chunks_exact(8) {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a = a.wrapping_add(*v);
+        }
+    }
+    acc.iter().fold(0, |a, b| a.wrapping_add(*b))
+}
+
+/// W8A8 GEMM rate (MAC/s) for `[m × k] · [n × k]ᵀ`.
+pub fn gemm_rate(m: usize, k: usize, n: usize) -> f64 {
+    let x = crate::test_data(m * k, 1);
+    let w = I8Weights::quantize(&crate::test_data(n * k, 2), n, k);
+    let a = I8Acts::quantize(&x, m, k);
+    let mut y = vec![0f32; m * n];
+    let secs = best_time(Duration::from_millis(400), || gemm(&a, &w, &mut y));
+    (m * n * k) as f64 / secs
+}
+
+/// Decode GEMV over `layers` copies of the given matrices (one activation row, every weight
+/// byte read once per pass, as in one decode step): weight bytes read per second.
+pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> f64 {
+    let ws: Vec<Vec<I8Weights>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(s, &(n, k))| {
+                    I8Weights::quantize(&crate::test_data(n * k, (l * 16 + s) as u64 + 3), n, k)
+                })
+                .collect()
+        })
+        .collect();
+    let nmax = shapes.iter().map(|s| s.0).max().unwrap_or(0);
+    let acts: Vec<I8Acts> = shapes
+        .iter()
+        .map(|&(_, k)| I8Acts::quantize(&crate::test_data(k, 9), 1, k))
+        .collect();
+    let mut y = vec![0f32; nmax];
+    let bytes: usize = ws.iter().flatten().map(|w| w.q.len()).sum();
+    let secs = best_time(Duration::from_millis(500), || {
+        for layer in &ws {
+            for (w, a) in layer.iter().zip(&acts) {
+                gemm(a, w, &mut y[..w.n]);
+            }
+        }
+    });
+    bytes as f64 / secs
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Eight independent `maddubs` → `madd` → `add` chains per iteration (256 MACs), written
+    /// in assembly so the compiler cannot hoist the loop-invariant multiplies.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn mac_loop(iters: usize, seed: i8) -> i32 {
+        let a = _mm256_set1_epi8(seed);
+        let b = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        let mut c = [_mm256_setzero_si256(); 8];
+        // SAFETY: register-only AVX2 arithmetic; AVX2 is enabled for this function.
+        unsafe {
+            std::arch::asm!(
+                "2:",
+                "vpmaddubsw {t0}, {a}, {b}",
+                "vpmaddubsw {t1}, {a}, {b}",
+                "vpmaddubsw {t2}, {a}, {b}",
+                "vpmaddubsw {t3}, {a}, {b}",
+                "vpmaddwd {t0}, {t0}, {o}",
+                "vpmaddwd {t1}, {t1}, {o}",
+                "vpmaddwd {t2}, {t2}, {o}",
+                "vpmaddwd {t3}, {t3}, {o}",
+                "vpaddd {c0}, {c0}, {t0}",
+                "vpaddd {c1}, {c1}, {t1}",
+                "vpaddd {c2}, {c2}, {t2}",
+                "vpaddd {c3}, {c3}, {t3}",
+                "vpmaddubsw {t0}, {a}, {b}",
+                "vpmaddubsw {t1}, {a}, {b}",
+                "vpmaddubsw {t2}, {a}, {b}",
+                "vpmaddubsw {t3}, {a}, {b}",
+                "vpmaddwd {t0}, {t0}, {o}",
+                "vpmaddwd {t1}, {t1}, {o}",
+                "vpmaddwd {t2}, {t2}, {o}",
+                "vpmaddwd {t3}, {t3}, {o}",
+                "vpaddd {c4}, {c4}, {t0}",
+                "vpaddd {c5}, {c5}, {t1}",
+                "vpaddd {c6}, {c6}, {t2}",
+                "vpaddd {c7}, {c7}, {t3}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters.max(1) => _,
+                a = in(ymm_reg) a,
+                b = in(ymm_reg) b,
+                o = in(ymm_reg) ones,
+                t0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                t2 = out(ymm_reg) _,
+                t3 = out(ymm_reg) _,
+                c0 = inout(ymm_reg) c[0],
+                c1 = inout(ymm_reg) c[1],
+                c2 = inout(ymm_reg) c[2],
+                c3 = inout(ymm_reg) c[3],
+                c4 = inout(ymm_reg) c[4],
+                c5 = inout(ymm_reg) c[5],
+                c6 = inout(ymm_reg) c[6],
+                c7 = inout(ymm_reg) c[7],
+                options(pure, nomem, nostack),
+            );
+        }
+        let mut s = _mm256_setzero_si256();
+        for v in c {
+            s = _mm256_add_epi32(s, v);
+        }
+        _mm256_extract_epi32(s, 0)
+    }
+}

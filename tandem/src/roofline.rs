@@ -1,0 +1,68 @@
+//! `tandem kernels roofline`: the machine's int8 multiply-accumulate peak and memory read
+//! bandwidth, and where the W8A8 kernels sit against them at this model's shapes.
+
+use clap::Args;
+use kernels::roofline::{gemm_rate, gemv_bandwidth, int8_peak, read_bandwidth};
+
+#[derive(Args, Debug)]
+pub struct RooflineArgs {
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Rows of the prefill GEMM (prompt tokens in one forward).
+    #[arg(long, default_value_t = 512)]
+    pub m: usize,
+    /// Model width (SmolLM2-135M: 576).
+    #[arg(long, default_value_t = 576)]
+    pub d_model: usize,
+    /// Feed-forward width (SmolLM2-135M: 1536).
+    #[arg(long, default_value_t = 1536)]
+    pub d_ff: usize,
+    /// K/V projection width (SmolLM2-135M: 3 KV heads × 64).
+    #[arg(long, default_value_t = 192)]
+    pub kv_dim: usize,
+    /// Transformer layers (SmolLM2-135M: 30).
+    #[arg(long, default_value_t = 30)]
+    pub layers: usize,
+}
+
+pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
+    let threads = crate::init_compute_threads(a.threads)?;
+    let lvl = kernels::dispatch::level();
+    println!("threads {threads}, level {lvl:?}");
+    let peak = int8_peak();
+    match peak {
+        Some(p) => println!(
+            "int8 peak (maddubs+madd+add chains, registers only): {:.1} GMAC/s",
+            p / 1e9
+        ),
+        None => println!("int8 peak: no SIMD level, not measured"),
+    }
+    let bw = read_bandwidth(1 << 30);
+    println!("memory read bandwidth (1 GiB summed): {:.1} GB/s", bw / 1e9);
+    let (d, ff, kv) = (a.d_model, a.d_ff, a.kv_dim);
+    let shapes = [
+        ("attn_q / attn_output", d, d),
+        ("attn_k / attn_v", kv, d),
+        ("ffn_gate / ffn_up", ff, d),
+        ("ffn_down", d, ff),
+    ];
+    println!("\nW8A8 GEMM, m = {}:", a.m);
+    for (name, n, k) in shapes {
+        let r = gemm_rate(a.m, k, n);
+        let pct = peak.map_or(String::new(), |p| {
+            format!(" ({:.0}% of peak)", 100.0 * r / p)
+        });
+        println!("  {name:<22} n={n:<5} k={k:<5} {:.1} GMAC/s{pct}", r / 1e9);
+    }
+    let layer = [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff)];
+    let g = gemv_bandwidth(&layer, a.layers);
+    let mib = layer.iter().map(|(n, k)| n * k).sum::<usize>() * a.layers / (1 << 20);
+    println!(
+        "\nW8A8 decode GEMV (m = 1) over {} layers ({mib} MiB of int8 weights): {:.1} GB/s ({:.0}% of read bandwidth)",
+        a.layers,
+        g / 1e9,
+        100.0 * g / bw
+    );
+    Ok(())
+}
