@@ -19,10 +19,19 @@ use crate::dispatch::{SimdLevel, level};
 /// Activation inputs per quantization group (a multiple of 32; a row's last group may be shorter).
 pub const GROUP: usize = 128;
 
+/// Output channels interleaved in one packed panel.
+pub const PANEL: usize = 4;
+
 /// Weights `[n × k]` as 8-bit integers with a scale per output channel.
+///
+/// Stored packed: channels in panels of [`PANEL`] (the last padded with zero rows), each panel
+/// laid out as 32-byte slices of its channels in turn (`c0[0..32] c1[0..32] c2 c3 c0[32..64]
+/// …`), so a decode tile of four channels reads one sequential stream instead of four short
+/// ones that the hardware prefetcher never locks onto. When `k` is not a multiple of 32 the
+/// rows stay plain row-major (and the scalar kernel runs).
 #[derive(Debug, Clone)]
 pub struct I8Weights {
-    pub q: Vec<i8>,
+    q: Vec<i8>,
     pub scale: Vec<f32>,
     pub n: usize,
     pub k: usize,
@@ -45,22 +54,59 @@ impl I8Weights {
     /// Per-output-channel symmetric quantization of `w: [n × k]`.
     pub fn quantize(w: &[f32], n: usize, k: usize) -> I8Weights {
         assert_eq!(w.len(), n * k);
-        let mut q = vec![0i8; n * k];
+        let mut rows = vec![0i8; n * k];
         let scale = if k == 0 {
             vec![0.0; n]
         } else {
             w.chunks_exact(k)
-                .zip(q.chunks_exact_mut(k))
+                .zip(rows.chunks_exact_mut(k))
                 .map(|(r, qr)| quantize_slice(r, qr))
                 .collect()
         };
+        let q = if Self::packed_k(k) {
+            let mut q = vec![0i8; n.div_ceil(PANEL) * PANEL * k];
+            for (j, r) in rows.chunks_exact(k).enumerate() {
+                for t in (0..k).step_by(32) {
+                    let at = Self::offset(k, j, t);
+                    q[at..at + 32].copy_from_slice(&r[t..t + 32]);
+                }
+            }
+            q
+        } else {
+            rows
+        };
         I8Weights { q, scale, n, k }
+    }
+
+    fn packed_k(k: usize) -> bool {
+        k > 0 && k.is_multiple_of(32)
+    }
+
+    /// Where channel `j`'s bytes `t..t+32` start (`t` a multiple of 32) in the packed layout.
+    #[inline(always)]
+    fn offset(k: usize, j: usize, t: usize) -> usize {
+        (j / PANEL) * PANEL * k + (t / 32) * (PANEL * 32) + (j % PANEL) * 32
+    }
+
+    /// Channel `j`'s quantized weights in order.
+    pub fn row_q(&self, j: usize, out: &mut [i8]) {
+        let k = self.k;
+        if Self::packed_k(k) {
+            for t in (0..k).step_by(32) {
+                let at = Self::offset(k, j, t);
+                out[t..t + 32].copy_from_slice(&self.q[at..at + 32]);
+            }
+        } else {
+            out.copy_from_slice(&self.q[j * k..(j + 1) * k]);
+        }
     }
 
     /// Row `j`, dequantized.
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
         let s = self.scale[j];
-        for (o, &v) in out.iter_mut().zip(&self.q[j * self.k..(j + 1) * self.k]) {
+        let mut q = vec![0i8; self.k];
+        self.row_q(j, &mut q);
+        for (o, &v) in out.iter_mut().zip(&q) {
             *o = v as f32 * s;
         }
     }
@@ -141,12 +187,14 @@ pub fn dot_scalar(a: &[i8], sa: &[f32], w: &[i8], sw: f32) -> f32 {
 pub fn gemm_scalar(x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
     let g = groups(k);
-    for i in 0..m {
-        for j in 0..n {
+    let mut wr = vec![0i8; k];
+    for j in 0..n {
+        w.row_q(j, &mut wr);
+        for i in 0..m {
             y[i * n + j] = dot_scalar(
                 &x.q[i * k..(i + 1) * k],
                 &x.scale[i * g..(i + 1) * g],
-                &w.q[j * k..(j + 1) * k],
+                &wr,
                 w.scale[j],
             );
         }
@@ -176,12 +224,14 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
     if lvl < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") || !k.is_multiple_of(32) {
         let g = groups(k);
         crate::for_each_chunk(n.div_ceil(16), m * n * k, |c| {
+            let mut wr = vec![0i8; k];
             for j in c * 16..((c + 1) * 16).min(n) {
+                w.row_q(j, &mut wr);
                 for i in 0..m {
                     let v = dot_scalar(
                         &x.q[i * k..(i + 1) * k],
                         &x.scale[i * g..(i + 1) * g],
-                        &w.q[j * k..(j + 1) * k],
+                        &wr,
                         w.scale[j],
                     );
                     // SAFETY: (i, j) in bounds; column j belongs to this task only.
@@ -295,7 +345,9 @@ mod x86 {
                     let mut wv = [_mm256_setzero_si256(); NR];
                     let mut wa = [_mm256_setzero_si256(); NR];
                     for c in 0..NR {
-                        wv[c] = _mm256_loadu_si256(wp.add((j + c) * k + t) as *const __m256i);
+                        wv[c] = _mm256_loadu_si256(
+                            wp.add(I8Weights::offset(k, j + c, t)) as *const __m256i
+                        );
                         wa[c] = _mm256_sign_epi8(wv[c], wv[c]);
                     }
                     for r in 0..MR {

@@ -59,9 +59,26 @@ pub fn read_bandwidth(bytes: usize) -> f64 {
 }
 
 fn sum_words(s: &[u64]) -> u64 {
-    // Eight independent lanes so the adds keep up with the loads (vectorized by the compiler).
-    let mut acc = [0u64; 8];
-    for c in s.chunks_exact(8) {
+    #[cfg(target_arch = "x86_64")]
+    if level() >= SimdLevel::Avx2 {
+        // SAFETY: AVX2 is present.
+        return unsafe { sum_words_avx2(s) };
+    }
+    sum_words_plain(s)
+}
+
+/// The same loop with 256-bit loads available to the compiler.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_words_avx2(s: &[u64]) -> u64 {
+    sum_words_plain(s)
+}
+
+#[inline(always)]
+fn sum_words_plain(s: &[u64]) -> u64 {
+    // Sixteen independent lanes so the adds keep up with the loads (vectorized by the compiler).
+    let mut acc = [0u64; 16];
+    for c in s.chunks_exact(16) {
         for (a, v) in acc.iter_mut().zip(c) {
             *a = a.wrapping_add(*v);
         }
@@ -99,7 +116,7 @@ pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> f64 {
         .map(|&(_, k)| I8Acts::quantize(&crate::test_data(k, 9), 1, k))
         .collect();
     let mut y = vec![0f32; nmax];
-    let bytes: usize = ws.iter().flatten().map(|w| w.q.len()).sum();
+    let bytes: usize = ws.iter().flatten().map(|w| w.n * w.k).sum();
     let secs = best_time(Duration::from_millis(500), || {
         for layer in &ws {
             for (w, a) in layer.iter().zip(&acts) {
