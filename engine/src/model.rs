@@ -10,7 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
-use kernels::attention::{AttnShape, attend};
+use kernels::attention::{AttnShape, attend_heads};
 use kernels::ops::{rms_norm, rope_normal, silu_mul};
 use kernels::pool::for_rows;
 use rayon::prelude::*;
@@ -201,12 +201,17 @@ impl LlamaModel {
             }
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
-                // One row a task: rows differ in context length, the pool balances them.
-                for_rows(&mut att, d, 1, |row, out| {
+                // A task per (row, KV-head group): rows differ in context length, the pool
+                // balances them, and a lone decode row still spreads over the threads.
+                let per_group = c.n_heads / c.n_kv_heads * hd;
+                for_rows(&mut att, per_group, 1, |task, out| {
+                    let (row, g) = (task / c.n_kv_heads, task % c.n_kv_heads);
                     let n_ctx = row_pos[row] + 1;
-                    let mut scores = vec![0f32; n_ctx];
-                    attend(
+                    let heads = c.n_heads / c.n_kv_heads;
+                    let mut scores = vec![0f32; n_ctx * heads.min(4)];
+                    attend_heads(
                         shape,
+                        g * heads..(g + 1) * heads,
                         &q[row * d..(row + 1) * d],
                         &blocks[row_item[row]],
                         n_ctx,
@@ -252,6 +257,9 @@ impl LlamaModel {
         if m > 0 {
             let w_out = self.output.as_ref().unwrap_or(&self.token_embd);
             w_out.forward(&mut Acts::new(&normed, m, d), &mut logits);
+        }
+        if wanted.len() == 1 {
+            return Ok(vec![logits]);
         }
         let mut out = Vec::with_capacity(items.len());
         let mut at = 0;

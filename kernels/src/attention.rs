@@ -27,7 +27,8 @@ impl AttnShape {
 pub type KvBlockRef<'a> = (&'a [f32], &'a [f32]);
 
 /// Attends `q: [n_heads × head_dim]` over the first `n_ctx` cached positions; writes
-/// `out: [n_heads × head_dim]`. `scores` is scratch of at least `n_ctx` floats.
+/// `out: [n_heads × head_dim]`. `scores` is scratch of at least `4 · n_ctx` floats (or
+/// `heads · n_ctx` when fewer than four heads are asked for).
 pub fn attend(
     shape: AttnShape,
     q: &[f32],
@@ -36,14 +37,30 @@ pub fn attend(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_at(level(), shape, q, blocks, n_ctx, scores, out)
+    attend_heads(shape, 0..shape.n_heads, q, blocks, n_ctx, scores, out)
+}
+
+/// [`attend`] for the query heads in `heads` only (`out` holds just those heads), so one
+/// row's heads can run on several threads; each head's result is the same either way.
+pub fn attend_heads(
+    shape: AttnShape,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    blocks: &[KvBlockRef<'_>],
+    n_ctx: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    attend_at(level(), shape, heads, q, blocks, n_ctx, scores, out)
 }
 
 /// [`attend`] at an explicit level. Every level runs the same arithmetic per output except the
 /// score dot products, which are [`dot_at`] at that level.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_at(
     lvl: SimdLevel,
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     q: &[f32],
     blocks: &[KvBlockRef<'_>],
     n_ctx: usize,
@@ -54,41 +71,133 @@ pub fn attend_at(
     if lvl >= SimdLevel::Avx2 {
         assert!(SimdLevel::detect() >= SimdLevel::Avx2);
         // SAFETY: AVX2 and FMA are present (checked above).
-        unsafe { attend_avx2(shape, q, blocks, n_ctx, scores, out) };
+        unsafe { attend_avx2(shape, heads, q, blocks, n_ctx, scores, out) };
         return;
     }
-    attend_body(shape, q, blocks, n_ctx, scores, out, |a, b| {
-        dot_at(lvl, a, b)
-    });
+    attend_body(
+        shape,
+        heads,
+        q,
+        blocks,
+        n_ctx,
+        scores,
+        out,
+        |k, qs| qs.map(|qh| dot_at(lvl, qh, k)),
+        |oh, sc, inv, blocks, off| weighted_v_scalar(oh, sc, inv, blocks, off, shape),
+    );
 }
 
-/// The same body compiled with AVX2 enabled: the dot products inline and the weighted V sum
-/// vectorizes (element by element, so its bits equal the scalar loop's).
+/// The same body compiled with AVX2 enabled: the score dot products of up to four query heads
+/// that share a KV head run together (`dot4`, bit-identical to four `dot` calls), and the
+/// weighted V sum keeps each output slice in registers across positions (element by element
+/// the same operations as the scalar loop, so the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_avx2(
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     q: &[f32],
     blocks: &[KvBlockRef<'_>],
     n_ctx: usize,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_body(shape, q, blocks, n_ctx, scores, out, |a, b| {
+    attend_body(
+        shape,
+        heads,
+        q,
+        blocks,
+        n_ctx,
+        scores,
+        out,
         // SAFETY: this function only runs with AVX2 and FMA enabled.
-        unsafe { crate::dot::x86::dot_avx2(a, b) }
-    });
+        |k, qs| unsafe { crate::dot::x86::dot4_avx2(k, qs) },
+        |oh, sc, inv, blocks, off| unsafe { x86::weighted_v(oh, sc, inv, blocks, off, shape) },
+    );
+}
+
+/// `oh = Σ_pos (sc[pos]·inv)·v[pos][off..off+len]`, accumulated in position order.
+#[inline(always)]
+fn weighted_v_scalar(
+    oh: &mut [f32],
+    sc: &[f32],
+    inv: f32,
+    blocks: &[KvBlockRef<'_>],
+    off: usize,
+    shape: AttnShape,
+) {
+    let kv_dim = shape.kv_dim();
+    let hd = oh.len();
+    oh.fill(0.0);
+    for (b, sc) in sc.chunks(shape.block_size).enumerate() {
+        let (_, v) = blocks[b];
+        for (p, s) in sc.iter().enumerate() {
+            let at = p * kv_dim + off;
+            let pr = s * inv;
+            for (o, vv) in oh.iter_mut().zip(&v[at..at + hd]) {
+                *o += pr * vv;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{AttnShape, KvBlockRef, weighted_v_scalar};
+    use std::arch::x86_64::*;
+
+    /// [`weighted_v_scalar`] with 32-float slices of the output held in four registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_v(
+        oh: &mut [f32],
+        sc: &[f32],
+        inv: f32,
+        blocks: &[KvBlockRef<'_>],
+        off: usize,
+        shape: AttnShape,
+    ) {
+        let hd = oh.len();
+        if !hd.is_multiple_of(32) {
+            weighted_v_scalar(oh, sc, inv, blocks, off, shape);
+            return;
+        }
+        let kv_dim = shape.kv_dim();
+        for c in (0..hd).step_by(32) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (b, scb) in sc.chunks(shape.block_size).enumerate() {
+                let (_, v) = blocks[b];
+                assert!(v.len() >= scb.len() * kv_dim && off + hd <= kv_dim);
+                for (p, s) in scb.iter().enumerate() {
+                    let pr = _mm256_set1_ps(s * inv);
+                    // SAFETY: position p < block_size rows of kv_dim floats; off + c + 32 ≤ kv_dim.
+                    let vp = unsafe { v.as_ptr().add(p * kv_dim + off + c) };
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        // Separate multiply and add, as in the scalar loop (no fusion).
+                        let vv = unsafe { _mm256_loadu_ps(vp.add(8 * u)) };
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
+                    }
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                // SAFETY: c + 8u + 8 ≤ hd.
+                unsafe { _mm256_storeu_ps(oh.as_mut_ptr().add(c + 8 * u), *a) };
+            }
+        }
+    }
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn attend_body(
     shape: AttnShape,
+    heads: std::ops::Range<usize>,
     q: &[f32],
     blocks: &[KvBlockRef<'_>],
     n_ctx: usize,
     scores: &mut [f32],
     out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
+    dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4],
+    weighted_v: impl Fn(&mut [f32], &[f32], f32, &[KvBlockRef<'_>], usize),
 ) {
     let AttnShape {
         n_heads,
@@ -98,7 +207,8 @@ fn attend_body(
     } = shape;
     let kv_dim = shape.kv_dim();
     assert_eq!(q.len(), n_heads * head_dim);
-    assert_eq!(out.len(), n_heads * head_dim);
+    assert!(heads.end <= n_heads);
+    assert_eq!(out.len(), heads.len() * head_dim);
     assert!(n_ctx >= 1 && n_ctx <= blocks.len() * block_size);
     assert!(n_heads % n_kv_heads == 0);
     assert!(
@@ -106,39 +216,51 @@ fn attend_body(
             .iter()
             .all(|(k, v)| k.len() >= block_size * kv_dim && v.len() >= block_size * kv_dim)
     );
+    assert!(scores.len() >= n_ctx * heads.len().min(4));
     let group = n_heads / n_kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let scores = &mut scores[..n_ctx];
-    for h in 0..n_heads {
-        let kvh = h / group;
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (b, sc) in scores.chunks_mut(block_size).enumerate() {
-            let (k, _) = blocks[b];
-            for (p, s) in sc.iter_mut().enumerate() {
+    // Up to four heads at a time, all on the same KV head.
+    let mut h0 = heads.start;
+    while h0 < heads.end {
+        let kvh = h0 / group;
+        let h1 = heads.end.min((kvh + 1) * group).min(h0 + 4);
+        let nh = h1 - h0;
+        let qh = |i: usize| {
+            let h = h0 + i.min(nh - 1);
+            &q[h * head_dim..(h + 1) * head_dim]
+        };
+        let qs = [qh(0), qh(1), qh(2), qh(3)];
+        let sc = &mut scores[..nh * n_ctx];
+        let mut max = [f32::NEG_INFINITY; 4];
+        for (b, &(k, _)) in blocks.iter().enumerate().take(n_ctx.div_ceil(block_size)) {
+            for p in 0..block_size.min(n_ctx - b * block_size) {
                 let off = p * kv_dim + kvh * head_dim;
-                *s = dot(qh, &k[off..off + head_dim]) * scale;
-                max = max.max(*s);
-            }
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
-        oh.fill(0.0);
-        for (b, sc) in scores.chunks(block_size).enumerate() {
-            let (_, v) = blocks[b];
-            for (p, s) in sc.iter().enumerate() {
-                let off = p * kv_dim + kvh * head_dim;
-                let pr = s * inv;
-                for (o, vv) in oh.iter_mut().zip(&v[off..off + head_dim]) {
-                    *o += pr * vv;
+                let r = dot4(&k[off..off + head_dim], qs);
+                let pos = b * block_size + p;
+                for i in 0..nh {
+                    let s = r[i] * scale;
+                    sc[i * n_ctx + pos] = s;
+                    max[i] = max[i].max(s);
                 }
             }
         }
+        for i in 0..nh {
+            let sh = &mut sc[i * n_ctx..(i + 1) * n_ctx];
+            let mut sum = 0f32;
+            for s in sh.iter_mut() {
+                *s = (*s - max[i]).exp();
+                sum += *s;
+            }
+            let o0 = (h0 + i - heads.start) * head_dim;
+            weighted_v(
+                &mut out[o0..o0 + head_dim],
+                sh,
+                1.0 / sum,
+                blocks,
+                kvh * head_dim,
+            );
+        }
+        h0 = h1;
     }
 }
 
@@ -206,10 +328,39 @@ mod tests {
                 let want = reference(shape, &q, &k, &v, n_ctx);
                 for lvl in SimdLevel::available() {
                     let mut out = vec![0f32; n_heads * hd];
-                    let mut scratch = vec![0f32; n_ctx];
-                    attend_at(lvl, shape, &q, &blocks, n_ctx, &mut scratch, &mut out);
+                    let mut scratch = vec![0f32; 4 * n_ctx];
+                    attend_at(
+                        lvl,
+                        shape,
+                        0..n_heads,
+                        &q,
+                        &blocks,
+                        n_ctx,
+                        &mut scratch,
+                        &mut out,
+                    );
                     for (a, b) in out.iter().zip(&want) {
                         assert!((*a as f64 - b).abs() < 1e-5, "{lvl:?} {n_ctx}: {a} vs {b}");
+                    }
+                    // Any split of the heads gives the same bits per head.
+                    for split in 1..n_heads {
+                        let mut parts = vec![0f32; n_heads * hd];
+                        let (lo, hi) = parts.split_at_mut(split * hd);
+                        attend_at(lvl, shape, 0..split, &q, &blocks, n_ctx, &mut scratch, lo);
+                        attend_at(
+                            lvl,
+                            shape,
+                            split..n_heads,
+                            &q,
+                            &blocks,
+                            n_ctx,
+                            &mut scratch,
+                            hi,
+                        );
+                        assert_eq!(
+                            parts.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                        );
                     }
                 }
             }

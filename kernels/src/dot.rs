@@ -130,6 +130,7 @@ pub(crate) mod x86 {
     }
 
     #[target_feature(enable = "avx2,fma")]
+    #[inline]
     pub unsafe fn dot4_avx2(w: &[f32], xs: [&[f32]; 4]) -> [f32; 4] {
         let n = w.len();
         let full = n / LANES * LANES;

@@ -122,8 +122,10 @@ impl Pool {
         }
         let mine = catch_unwind(AssertUnwindSafe(|| drain(s, f)));
         let start = Instant::now();
+        let mut spins = 0u32;
         while s.active.load(Ordering::Acquire) != 0 {
-            if start.elapsed() < SPIN {
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
@@ -177,7 +179,7 @@ fn worker(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(64) || start.elapsed() < SPIN {
+            if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }
