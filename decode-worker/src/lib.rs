@@ -1,137 +1,584 @@
-//! The decode worker: owns the running batch of sequences whose prompts are already in the KV
-//! cache, and steps them one token at a time, all of them in one forward call per step.
+//! The decode worker: a continuous-batching loop over a paged KV pool.
 //!
-//! Sequences arrive as [`DecodeJob`]s (from the prefill worker, today over an in-process
-//! channel; across processes the same job arrives with its KV blocks pushed into this
-//! worker's pool). A sequence leaves the batch when it finishes, when its client goes away
-//! (its event channel closes or its [`CancelFlag`] is set), or when the KV pool cannot give it
-//! another block (it then ends with an explicit `Overloaded` error, never silence).
+//! Sequences arrive two ways: as new requests whose prompts this worker prefills itself
+//! (colocated serving, and the short prompts of conditional disaggregation), or as
+//! [`DecodeJob`]s whose prompts a prefill worker already put in the KV cache. Every step is one
+//! forward call over the running batch: one token for each decoding sequence plus prefill
+//! chunks of the waiting prompts, up to a per-step token budget
+//! ([`WorkerConfig::max_batch_tokens`]), so a long prompt never stalls running streams for its
+//! whole prefill. Sequences join and leave at any step.
 //!
-//! Continuous batching with a token budget, preemption and prefix caching grow here (issue 5).
+//! Memory: when the pool cannot give a sequence its next block, the newest running sequence is
+//! preempted — its blocks are freed and it goes back to the front of the queue, to be
+//! recomputed (prompt plus the tokens it already produced, which seeded sampling makes
+//! identical) when memory frees up. A sequence that cannot fit even alone ends with an
+//! explicit `Overloaded` error; new requests beyond the bounded queue are refused at once
+//! ([`SubmitError::QueueFull`]). Nothing grows without bound and nothing waits forever.
+//!
+//! A sequence leaves when it finishes, or when its client goes away (its event channel closes
+//! or its [`CancelFlag`] is set); its blocks return to the pool at once.
 
 use engine::generation::GenerationState;
-use engine::request::{CancelFlag, RequestId, WorkerError, WorkerEvent};
-use engine::{Engine, KvSequence, TokenId};
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::sampler::{TokenLogprobs, logprobs};
+use engine::{Engine, ForwardItem, KvSequence, LogitsWanted, TokenId};
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvError, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
+
+/// A prompt to generate from.
+pub struct NewRequest {
+    pub id: RequestId,
+    pub prompt: Vec<TokenId>,
+    pub params: GenerationParams,
+    pub events: UnboundedSender<WorkerEvent>,
+    pub cancel: CancelFlag,
+}
 
 /// A sequence handed to the decode phase: its filled KV cache and where generation stands.
 pub struct DecodeJob {
     pub id: RequestId,
     pub seq: KvSequence,
     pub state: GenerationState,
-    /// The last sampled token, not yet in the KV cache.
-    pub last: TokenId,
+    /// The prompt (kept so that a preempted sequence can be recomputed).
+    pub prompt: Vec<TokenId>,
+    /// Tokens generated so far; the last one is not yet in the KV cache.
+    pub generated: Vec<TokenId>,
     pub events: UnboundedSender<WorkerEvent>,
     pub cancel: CancelFlag,
 }
 
-impl DecodeJob {
-    fn gone(&self) -> bool {
-        self.cancel.is_cancelled() || self.events.is_closed()
+/// Why a request was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the worker has stopped")]
+    Stopped,
+}
+
+/// How a worker batches.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    /// Tokens per forward call: decode tokens first, prefill chunks fill the rest.
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// New requests waiting to start at most; beyond it, [`SubmitError::QueueFull`].
+    pub max_waiting: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            max_batch_tokens: 256,
+            max_running: 64,
+            max_waiting: 64,
+        }
     }
 }
 
-/// Submits sequences to a running decode worker. Cloneable; the worker stops when every
-/// handle is dropped and its batch has drained.
+enum Incoming {
+    Request(NewRequest),
+    Prefilled(DecodeJob),
+}
+
+/// What a worker reports about its load (the scheduler routes on it; `/metrics` shows it).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Requests submitted and not yet admitted to the batch.
+    pub waiting: AtomicUsize,
+    /// Sequences in the running batch.
+    pub running: AtomicUsize,
+    /// Sequences preempted for recompute so far.
+    pub preemptions: AtomicUsize,
+    /// Forward steps run so far.
+    pub steps: AtomicUsize,
+}
+
+/// Submits work to a running worker. Cloneable; the worker stops when every handle is dropped
+/// and its batch has drained.
 #[derive(Clone)]
 pub struct DecodeHandle {
-    tx: Sender<DecodeJob>,
+    tx: Sender<Incoming>,
+    stats: Arc<WorkerStats>,
+    max_waiting: usize,
 }
 
 impl DecodeHandle {
-    /// Hands a sequence over; if the worker has stopped the job comes back.
+    /// Queues a new request (this worker prefills it), or refuses it when the queue is full.
+    pub fn submit_request(&self, r: NewRequest) -> Result<(), SubmitError> {
+        let waiting = &self.stats.waiting;
+        let before = waiting.fetch_add(1, Ordering::AcqRel);
+        if before >= self.max_waiting {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull);
+        }
+        metrics::gauge!("tandem_prefill_queue_depth").set((before + 1) as f64);
+        self.tx.send(Incoming::Request(r)).map_err(|_| {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            SubmitError::Stopped
+        })
+    }
+
+    /// The worker's load right now.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// Hands over a prefilled sequence; if the worker has stopped the job comes back.
     pub fn submit(&self, job: DecodeJob) -> Result<(), Box<DecodeJob>> {
-        self.tx.send(job).map_err(|e| Box::new(e.0))
+        self.tx
+            .send(Incoming::Prefilled(job))
+            .map_err(|e| match e.0 {
+                Incoming::Prefilled(j) => Box::new(j),
+                Incoming::Request(_) => unreachable!("sent a prefilled job"),
+            })
     }
 }
 
-/// Starts a decode worker on its own thread.
-pub fn spawn(engine: Arc<Engine>) -> (DecodeHandle, JoinHandle<()>) {
+/// Starts a worker on its own thread.
+pub fn spawn(engine: Arc<Engine>, cfg: WorkerConfig) -> (DecodeHandle, JoinHandle<()>) {
     let (tx, rx) = channel();
+    let stats = Arc::new(WorkerStats::default());
+    let st = stats.clone();
     let th = std::thread::Builder::new()
         .name("tandem-decode".into())
-        .spawn(move || run(engine, rx))
+        .spawn(move || Worker::new(engine, cfg, st).run(rx))
         .expect("spawn decode thread");
-    (DecodeHandle { tx }, th)
+    (
+        DecodeHandle {
+            tx,
+            stats,
+            max_waiting: cfg.max_waiting,
+        },
+        th,
+    )
 }
 
-fn run(engine: Arc<Engine>, rx: Receiver<DecodeJob>) {
-    let mut running: Vec<DecodeJob> = Vec::new();
-    let mut open = true;
-    loop {
-        // Admit new sequences: block only when there is nothing to do.
-        if running.is_empty() {
-            if !open {
+/// One sequence in the worker.
+struct Seq {
+    prompt: Vec<TokenId>,
+    generated: Vec<TokenId>,
+    state: GenerationState,
+    kv: KvSequence,
+    events: UnboundedSender<WorkerEvent>,
+    cancel: CancelFlag,
+    /// Admission order: lower is older (and keeps its memory longer).
+    arrival: u64,
+    /// The first token has been produced (prefill reported); later prefills are recomputes.
+    started: bool,
+    /// Prompt tokens found in the prefix cache at the first prefill.
+    cached: usize,
+    prompt_lps: Vec<TokenLogprobs>,
+    /// Counted in the waiting gauge until admitted.
+    counted: bool,
+}
+
+impl Seq {
+    fn gone(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
+    /// Tokens whose K/V must be in the cache before the next decode step.
+    fn target_len(&self) -> usize {
+        self.prompt.len() + self.generated.len().saturating_sub(1)
+    }
+
+    fn target_token(&self, i: usize) -> TokenId {
+        if i < self.prompt.len() {
+            self.prompt[i]
+        } else {
+            self.generated[i - self.prompt.len()]
+        }
+    }
+
+    fn decoding(&self) -> bool {
+        self.started && self.kv.len() == self.target_len()
+    }
+
+    fn fail(&self, e: WorkerError) {
+        let _ = self.events.send(WorkerEvent::Error(e));
+    }
+}
+
+/// What one sequence contributes to a step.
+enum Work {
+    Decode,
+    /// Prefill of target tokens `from..to`.
+    Chunk {
+        from: usize,
+        to: usize,
+    },
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    cfg: WorkerConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    stats: Arc<WorkerStats>,
+    next_arrival: u64,
+}
+
+impl Worker {
+    fn new(engine: Arc<Engine>, cfg: WorkerConfig, stats: Arc<WorkerStats>) -> Worker {
+        Worker {
+            engine,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            next_arrival: 0,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Incoming>) {
+        let mut open = true;
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    return;
+                }
+                match rx.recv() {
+                    Ok(m) => self.accept(m),
+                    Err(RecvError) => return,
+                }
+            }
+            while open {
+                match rx.try_recv() {
+                    Ok(m) => self.accept(m),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            self.step();
+        }
+    }
+
+    fn accept(&mut self, m: Incoming) {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let seq = match m {
+            Incoming::Request(r) => {
+                let state = GenerationState::new(r.params, r.prompt.len());
+                Seq {
+                    prompt: r.prompt,
+                    generated: Vec::new(),
+                    state,
+                    kv: self.engine.new_sequence(),
+                    events: r.events,
+                    cancel: r.cancel,
+                    arrival,
+                    started: false,
+                    cached: 0,
+                    prompt_lps: Vec::new(),
+                    counted: true,
+                }
+            }
+            Incoming::Prefilled(j) => Seq {
+                prompt: j.prompt,
+                generated: j.generated,
+                state: j.state,
+                kv: j.seq,
+                events: j.events,
+                cancel: j.cancel,
+                arrival,
+                started: true,
+                cached: 0,
+                prompt_lps: Vec::new(),
+                counted: false,
+            },
+        };
+        if seq.started {
+            // Already prefilled: straight into the batch (its blocks are already held).
+            self.running.push(seq);
+        } else {
+            self.waiting.push_back(seq);
+        }
+    }
+
+    fn uncount(&self, s: &mut Seq) {
+        if s.counted {
+            s.counted = false;
+            let left = self.stats.waiting.fetch_sub(1, Ordering::AcqRel) - 1;
+            metrics::gauge!("tandem_prefill_queue_depth").set(left as f64);
+        }
+    }
+
+    /// Admits waiting sequences while there is room in the batch and in memory.
+    fn admit(&mut self) {
+        let bs = self.engine.kv.layout().block_size;
+        while self.running.len() < self.cfg.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            // Room for the first chunk plus one block of headroom per running sequence.
+            let first = s.target_len().min(self.cfg.max_batch_tokens).div_ceil(bs);
+            if !self.running.is_empty() && self.engine.kv.free_blocks() < first + self.running.len()
+            {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
+            self.uncount(&mut s);
+            if s.kv.is_empty() && (s.started || s.state.params.prompt_logprobs.is_none()) {
+                let target: Vec<TokenId> = (0..s.target_len()).map(|i| s.target_token(i)).collect();
+                let hit = s.kv.attach_prefix(&target);
+                if !s.started {
+                    s.cached = hit;
+                }
+            }
+            self.running.push(s);
+        }
+    }
+
+    /// Frees the newest running sequence other than `keep` that is newer than it; returns
+    /// whether one was preempted.
+    fn preempt_newer_than(&mut self, keep: usize) -> bool {
+        let arrival = self.running[keep].arrival;
+        let victim = self
+            .running
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != keep && s.arrival > arrival)
+            .max_by_key(|(_, s)| s.arrival)
+            .map(|(i, _)| i);
+        match victim {
+            Some(v) => {
+                self.preempt(v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.swap_remove(i);
+        s.kv = self.engine.new_sequence(); // frees every block it held
+        metrics::counter!("tandem_preemptions_total").increment(1);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(arrival = s.arrival, "preempted a sequence for recompute");
+        // Re-admission keeps arrival order among the preempted.
+        let at = self
+            .waiting
+            .iter()
+            .position(|w| w.counted || w.arrival > s.arrival)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, s);
+    }
+
+    fn step(&mut self) {
+        // Clients that went away free their blocks (and queue places) first.
+        self.running.retain(|s| !s.gone());
+        let gone: Vec<usize> = (0..self.waiting.len())
+            .filter(|&i| self.waiting[i].gone())
+            .collect();
+        for i in gone.into_iter().rev() {
+            let mut s = self.waiting.remove(i).expect("index in range");
+            self.uncount(&mut s);
+        }
+        self.admit();
+        let plan = self.plan();
+        metrics::gauge!("tandem_decode_running_sequences").set(self.running.len() as f64);
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        let kv = &self.engine.kv;
+        metrics::gauge!("tandem_kv_blocks_total").set(kv.n_blocks() as f64);
+        metrics::gauge!("tandem_kv_blocks_free").set(kv.free_blocks() as f64);
+        metrics::gauge!("tandem_kv_blocks_cached_unused").set(kv.cached_blocks() as f64);
+        if !plan.is_empty() {
+            self.stats.steps.fetch_add(1, Ordering::Relaxed);
+            self.execute(plan);
+        }
+    }
+
+    /// Chooses this step's work and reserves its memory, preempting when needed: one token for
+    /// every decoding sequence, then prefill chunks, oldest first, until the budget is spent.
+    fn plan(&mut self) -> Vec<(usize, Work)> {
+        // Sorted oldest first: the oldest keep their memory, the newest give theirs up.
+        self.running.sort_by_key(|s| s.arrival);
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if !s.decoding() {
+                i += 1;
+                continue;
+            }
+            let need = s.kv.len() + 1;
+            if self.reserve_or_preempt(i, need) {
+                i += 1;
+            }
+        }
+        let decoding = self.running.iter().filter(|s| s.decoding()).count();
+        let mut budget = self.cfg.max_batch_tokens.saturating_sub(decoding);
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            if s.decoding() {
+                i += 1;
+                continue;
+            }
+            let (have, target) = (s.kv.len(), s.target_len());
+            let to = target.min(have + budget);
+            if self.reserve_or_preempt(i, to) {
+                budget -= to - have;
+                i += 1;
+            }
+        }
+        // The final plan, by state (preemption may have removed planned sequences).
+        let mut plan = Vec::new();
+        let mut budget = self.cfg.max_batch_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.decoding() {
+                plan.push((i, Work::Decode));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if s.decoding() {
+                continue;
+            }
+            let (have, target) = (s.kv.len(), s.target_len());
+            let to = target.min(have + budget).min(s.kv.capacity());
+            if to > have {
+                plan.push((i, Work::Chunk { from: have, to }));
+                budget -= to - have;
+            }
+        }
+        plan
+    }
+
+    /// Makes room for sequence `i` (in the arrival-sorted batch) to hold `total` positions.
+    /// Newer sequences are preempted first; with none newer, `i` itself goes back to the queue,
+    /// or fails when it is alone (it cannot fit at all). Returns whether `i` still runs.
+    fn reserve_or_preempt(&mut self, i: usize, total: usize) -> bool {
+        loop {
+            let err = match self.running[i].kv.reserve(total) {
+                Ok(()) => return true,
+                Err(e) => e,
+            };
+            if self.preempt_newer_than(i) {
+                // The victim sat after `i`; restore the order for the indices that follow.
+                self.running.sort_by_key(|s| s.arrival);
+                continue;
+            }
+            if self.running.len() == 1 {
+                let s = self.running.remove(i);
+                s.fail(WorkerError::Overloaded(format!(
+                    "the sequence needs {total} KV positions, more than the pool can hold: {err}"
+                )));
+            } else {
+                self.preempt(i);
+                self.running.sort_by_key(|s| s.arrival);
+            }
+            return false;
+        }
+    }
+
+    fn execute(&mut self, plan: Vec<(usize, Work)>) {
+        let engine = self.engine.clone();
+        let vocab = engine.model.cfg.vocab_size;
+        // Inputs and logits wanted per item.
+        let mut inputs: Vec<(Vec<TokenId>, LogitsWanted)> = Vec::with_capacity(plan.len());
+        for (i, w) in &plan {
+            let s = &self.running[*i];
+            inputs.push(match *w {
+                Work::Decode => (
+                    vec![*s.generated.last().expect("a decoding sequence has a token")],
+                    LogitsWanted::Last,
+                ),
+                Work::Chunk { from, to } => {
+                    let toks = (from..to).map(|t| s.target_token(t)).collect();
+                    let want = if s.started {
+                        LogitsWanted::None
+                    } else if s.state.params.prompt_logprobs.is_some() {
+                        LogitsWanted::All
+                    } else if to == s.target_len() {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    };
+                    (toks, want)
+                }
+            });
+        }
+        // Disjoint mutable borrows of the planned sequences, in plan order.
+        let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
+        let mut items: Vec<ForwardItem<'_>> = Vec::with_capacity(plan.len());
+        for ((i, _), (toks, want)) in plan.iter().zip(&inputs) {
+            let s = slots[*i].take().expect("each sequence planned once");
+            items.push(ForwardItem {
+                seq: &mut s.kv,
+                tokens: toks,
+                logits: *want,
+            });
+        }
+        let result = engine.model.forward(&mut items);
+        drop(items);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed");
+                let mut failed: Vec<usize> = plan.iter().map(|(i, _)| *i).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let s = self.running.remove(i);
+                    s.fail(WorkerError::Internal(e.to_string()));
+                }
                 return;
             }
-            match rx.recv() {
-                Ok(j) => running.push(j),
-                Err(RecvError) => return,
+        };
+        let max_ctx = engine.max_context();
+        let mut finished = vec![false; self.running.len()];
+        for (((i, w), (_, want)), l) in plan.iter().zip(&inputs).zip(&logits) {
+            let s = &mut self.running[*i];
+            let row = match (w, want) {
+                (Work::Decode, _) => &l[..],
+                (Work::Chunk { from, to }, LogitsWanted::All) => {
+                    // Prompt log-probabilities: row r predicts target token from + r + 1.
+                    let n = s.state.params.prompt_logprobs.unwrap_or(0);
+                    for t in (*from + 1)..(*to + 1).min(s.prompt.len()) {
+                        let r = t - 1 - from;
+                        s.prompt_lps
+                            .push(logprobs(&l[r * vocab..(r + 1) * vocab], s.prompt[t], n));
+                    }
+                    if *to < s.target_len() {
+                        continue;
+                    }
+                    &l[(to - from - 1) * vocab..]
+                }
+                (Work::Chunk { .. }, LogitsWanted::Last) => &l[..],
+                (Work::Chunk { .. }, _) => continue,
+            };
+            if !s.started {
+                // The prompt is complete: report it, then sample the first token.
+                s.started = true;
+                if s.state.params.prompt_logprobs.is_none() {
+                    s.kv.publish_prefix(&s.prompt);
+                    let _ = s.events.send(WorkerEvent::Prefilled {
+                        cached_tokens: s.cached,
+                    });
+                } else {
+                    let lps = std::mem::take(&mut s.prompt_lps);
+                    let _ = s.events.send(WorkerEvent::PromptLogprobs(lps));
+                }
+                if s.state.params.max_tokens == 0 {
+                    let _ = s.events.send(WorkerEvent::Done);
+                    finished[*i] = true;
+                    continue;
+                }
+            }
+            let ev = s.state.next(&engine.tokenizer, row, max_ctx);
+            s.generated.push(ev.token);
+            let done = ev.finish.is_some();
+            if s.events.send(WorkerEvent::Token(ev)).is_err() || done {
+                finished[*i] = true;
             }
         }
-        while open {
-            match rx.try_recv() {
-                Ok(j) => running.push(j),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => open = false,
-            }
-        }
-        running.retain(|j| !j.gone());
-        if running.is_empty() {
-            metrics::gauge!("tandem_decode_running_sequences").set(0.0);
-        }
-        // Every sequence needs room for one more position before the step.
-        running.retain_mut(|j| match j.seq.reserve(j.seq.len() + 1) {
-            Ok(()) => true,
-            Err(e) => {
-                let _ = j
-                    .events
-                    .send(WorkerEvent::Error(WorkerError::Overloaded(e.to_string())));
-                false
-            }
-        });
-        if running.is_empty() {
-            continue;
-        }
-        step(&engine, &mut running);
+        let mut it = finished.into_iter();
+        self.running
+            .retain(|_| !it.next().expect("one flag per sequence"));
     }
-}
-
-/// One forward call over the whole batch, then one sampled token per sequence.
-fn step(engine: &Engine, running: &mut Vec<DecodeJob>) {
-    metrics::gauge!("tandem_decode_running_sequences").set(running.len() as f64);
-    metrics::gauge!("tandem_kv_blocks_total").set(engine.kv.n_blocks() as f64);
-    metrics::gauge!("tandem_kv_blocks_free").set(engine.kv.free_blocks() as f64);
-    metrics::gauge!("tandem_kv_blocks_cached_unused").set(engine.kv.cached_blocks() as f64);
-    let mut batch: Vec<(&mut KvSequence, TokenId)> =
-        running.iter_mut().map(|j| (&mut j.seq, j.last)).collect();
-    let result = engine.decode_step(&mut batch);
-    drop(batch);
-    let logits = match result {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "decode step failed");
-            for j in running.drain(..) {
-                let _ = j
-                    .events
-                    .send(WorkerEvent::Error(WorkerError::Internal(e.to_string())));
-            }
-            return;
-        }
-    };
-    let max_ctx = engine.max_context();
-    let mut finished = vec![false; running.len()];
-    for ((j, l), done) in running.iter_mut().zip(&logits).zip(finished.iter_mut()) {
-        let ev = j.state.next(&engine.tokenizer, l, max_ctx);
-        j.last = ev.token;
-        *done = ev.finish.is_some();
-        if j.events.send(WorkerEvent::Token(ev)).is_err() {
-            *done = true;
-        }
-    }
-    let mut it = finished.into_iter();
-    running.retain(|_| !it.next().expect("one flag per job"));
 }

@@ -260,6 +260,11 @@ impl KvSequence {
     }
 
     /// Positions already cached.
+    /// Positions the blocks held now can store.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * self.pool.layout.block_size
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -35,12 +35,11 @@ pub mod tokenizer;
 pub use error::{EngineError, Result};
 pub use kv::{KvPool, KvSequence};
 pub use linear::Precision;
-pub use model::{LlamaModel, LogitsWanted};
+pub use model::{ForwardItem, LlamaModel, LogitsWanted};
 pub use tokenizer::{TokenId, Tokenizer};
 
 use chat::ChatTemplate;
 use gguf::{GgufFile, Metadata};
-use model::ForwardItem;
 use std::path::Path;
 use std::sync::Arc;
 

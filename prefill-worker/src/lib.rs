@@ -10,32 +10,17 @@
 
 use decode_worker::{DecodeHandle, DecodeJob};
 use engine::generation::GenerationState;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::request::{WorkerError, WorkerEvent};
 use engine::sampler::logprobs;
-use engine::{Engine, EngineError, LogitsWanted, TokenId};
+use engine::{Engine, EngineError, LogitsWanted};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
-use tokio::sync::mpsc::UnboundedSender;
 
-/// A prompt to prefill.
-pub struct PrefillJob {
-    pub id: RequestId,
-    pub prompt: Vec<TokenId>,
-    pub params: GenerationParams,
-    pub events: UnboundedSender<WorkerEvent>,
-    pub cancel: CancelFlag,
-}
-
-/// Why a job was not accepted.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    #[error("the prefill queue is full")]
-    QueueFull,
-    #[error("the prefill worker has stopped")]
-    Stopped,
-}
+/// A prompt to prefill: the same request a worker that prefills for itself takes.
+pub use decode_worker::NewRequest as PrefillJob;
+pub use decode_worker::SubmitError;
 
 /// Submits prompts to a running prefill worker.
 #[derive(Clone)]
@@ -155,7 +140,8 @@ fn prefill(engine: &Engine, decode: &DecodeHandle, job: PrefillJob) -> Result<()
         id,
         seq,
         state,
-        last: token,
+        prompt,
+        generated: vec![token],
         events,
         cancel,
     };

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Tandem vs llama.cpp's llama-server on this machine, with `tandem bench`, for bench/RESULTS.md:
-#   1. 16 concurrent chat streams;  2. the mixed workload's goodput curve;  3. the shared-prefix workload.
+#   1. 16 concurrent chat streams;  2. the mixed workload's goodput curve;  3. the shared-prefix workload;
+#   4. streams32: 32 concurrent streams, ~250-token prompts, 128 output tokens (throughput);
+#   5. stream1: one stream at a time, same shape (TPOT).
 # Each server runs alone on all cores with the same GGUF; results land in bench-results/<scenario>-<server>/.
 #
-# usage: scripts/bench/results.sh [SCENARIO...]   (chat16 mixed shared-prefix; default: all)
+# usage: scripts/bench/results.sh [SCENARIO...]   (chat16 mixed shared-prefix streams32 stream1; default: all)
 # needs: llama.cpp built by ../shared/tools/build-llama-cpp.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +16,12 @@ MODEL=$($T model fetch 2>/dev/null)
 THREADS=$(nproc)
 PORT=18123
 OUT=bench-results
-SCENARIOS=${*:-chat16 mixed shared-prefix}
+SCENARIOS=${*:-chat16 mixed shared-prefix streams32 stream1}
+TANDEM_ARGS=${TANDEM_ARGS:-}
 
 wait_up() { for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && return 0; sleep 0.5; done; echo "server did not come up" >&2; return 1; }
-start_tandem() { $T up --model "$MODEL" --port $PORT --threads "$THREADS" >/dev/null 2>&1 & SERVER=$!; wait_up; }
+# shellcheck disable=SC2086
+start_tandem() { $T up --model "$MODEL" --port $PORT --threads "$THREADS" $TANDEM_ARGS >/dev/null 2>&1 & SERVER=$!; wait_up; }
 # llama-server: N parallel slots, each with CTX tokens of context.
 start_llama() { "$LLAMA_BIN/llama-server" -m "$MODEL" --port $PORT -t "$THREADS" -np "$1" -c $(( $1 * $2 )) --log-disable >/dev/null 2>&1 & SERVER=$!; wait_up; }
 stop() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
@@ -43,6 +47,16 @@ for s in $SCENARIOS; do
             --goodput ttft:2000 tpot:200)
       start_tandem; bench "${args[@]}" --label tandem --result-dir $OUT/shared-prefix-tandem; stop
       start_llama 4 2048; bench "${args[@]}" --label llama-server --result-dir $OUT/shared-prefix-llama-server; stop ;;
+    streams32)
+      args=(--endpoint /v1/completions --dataset-name random --random-input-len 250 --random-output-len 128
+            --num-prompts 64 --max-concurrency 32 --request-rate inf --num-warmups 2)
+      start_tandem; bench "${args[@]}" --label tandem --result-dir $OUT/streams32-tandem; stop
+      start_llama 32 512; bench "${args[@]}" --label llama-server --result-dir $OUT/streams32-llama-server; stop ;;
+    stream1)
+      args=(--endpoint /v1/completions --dataset-name random --random-input-len 250 --random-output-len 128
+            --num-prompts 8 --max-concurrency 1 --request-rate inf --num-warmups 1)
+      start_tandem; bench "${args[@]}" --label tandem --result-dir $OUT/stream1-tandem; stop
+      start_llama 1 1024; bench "${args[@]}" --label llama-server --result-dir $OUT/stream1-llama-server; stop ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac
 done

@@ -1,9 +1,11 @@
-//! `tandem up`: one process running the scheduler, a prefill worker and a decode worker.
+//! `tandem up`: one process running the scheduler and its workers (colocated by default: one
+//! continuous-batching worker that prefills and decodes).
 
 use anyhow::Context;
 use clap::Args;
 use engine::{Engine, EngineConfig};
-use scheduler::cluster::Cluster;
+use decode_worker::WorkerConfig;
+use scheduler::cluster::{Cluster, ClusterConfig, Topology};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ pub struct UpArgs {
     /// The id clients use in `model` (default: the file's name).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Weight precision: f32 (every weight dequantized; exact) or int8 (block-quantized weights as stored, 8-bit activations).
+    /// Weight precision: int8 (W8A8, per-channel 8-bit weights; the default), w4a8 (GGUF blocks as stored, least memory) or f32 (every weight dequantized; the exact reference).
     #[arg(long, env = "TANDEM_PRECISION", default_value = "int8")]
     pub precision: engine::Precision,
     /// Compute threads (default: all cores).
@@ -30,9 +32,18 @@ pub struct UpArgs {
     /// KV cache budget in MiB; the pool never grows past it.
     #[arg(long, env = "TANDEM_KV_CACHE_MIB", default_value_t = 512)]
     pub kv_cache_mib: usize,
-    /// Prompts that may wait for prefill before new requests get 503.
+    /// Requests that may wait to start before new ones get 503.
     #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Tokens per forward step (decode tokens first, prefill chunks fill the rest), as vLLM's flag.
+    #[arg(long, env = "TANDEM_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences in the running batch at most, as vLLM's flag.
+    #[arg(long, env = "TANDEM_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Run a prefill thread feeding a decode thread instead of one colocated worker.
+    #[arg(long)]
+    pub split: bool,
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
@@ -59,7 +70,21 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let engine =
         Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
     let model_id = engine.model_id.clone();
-    let cluster = Arc::new(Cluster::start(engine, args.max_queue));
+    let cluster = Arc::new(Cluster::start_with(
+        engine,
+        ClusterConfig {
+            topology: if args.split {
+                Topology::Split
+            } else {
+                Topology::Colocated
+            },
+            worker: WorkerConfig {
+                max_batch_tokens: args.max_num_batched_tokens.max(1),
+                max_running: args.max_num_seqs.max(1),
+                max_waiting: args.max_queue,
+            },
+        },
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,0 +1,265 @@
+//! The continuous-batching worker against each request run alone: 64 random requests (half
+//! sharing a prefix) submitted at once, under random per-step token budgets (so prompts are
+//! prefilled in chunks of every size, mixed with decode tokens) and a KV pool far too small for
+//! all of them (so sequences are preempted and recomputed), give every request the tokens and
+//! log-probabilities it gets alone, bit for bit — greedy and sampled, f32 and int8.
+
+use decode_worker::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
+use engine::generation::GenerationState;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::sampler::SamplingParams;
+use engine::synthetic::{TinySpec, write};
+use engine::{Engine, EngineConfig, LogitsWanted, Precision};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+const N_SEQ: usize = 64;
+const N_GEN: usize = 12;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc<Engine>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write(&TinySpec::default(), &path).unwrap();
+    let cfg = EngineConfig {
+        kv_budget_bytes,
+        model_id: None,
+        precision,
+    };
+    (dir, Arc::new(Engine::load(&path, &cfg).unwrap()))
+}
+
+fn params(i: usize) -> GenerationParams {
+    let sampling = if i.is_multiple_of(3) {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: if i.is_multiple_of(2) { 20 } else { 0 },
+            seed: 7000 + i as u64,
+            ..Default::default()
+        }
+    };
+    GenerationParams {
+        sampling,
+        max_tokens: N_GEN,
+        min_tokens: N_GEN,
+        ignore_eos: true,
+        stop_token_ids: vec![],
+        logprobs: Some(2),
+        prompt_logprobs: None,
+    }
+}
+
+/// (tokens, bits of each chosen token's logprob)
+type Trace = (Vec<u32>, Vec<u32>);
+
+/// The request alone, straight on the engine: whole-prompt prefill, then one token per step.
+fn alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
+    let mut seq = e.new_sequence();
+    let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
+    let mut st = GenerationState::new(p, prompt.len());
+    let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
+    let mut t: Trace = (vec![ev.token], vec![ev.logprobs.unwrap().logprob.to_bits()]);
+    while ev.finish.is_none() {
+        let l = e
+            .decode_step(&mut [(&mut seq, ev.token)])
+            .unwrap()
+            .pop()
+            .unwrap();
+        ev = st.next(&e.tokenizer, &l, e.max_context());
+        t.0.push(ev.token);
+        t.1.push(ev.logprobs.unwrap().logprob.to_bits());
+    }
+    t
+}
+
+fn collect(mut rx: UnboundedReceiver<WorkerEvent>) -> Result<Trace, WorkerError> {
+    let mut t: Trace = (vec![], vec![]);
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            WorkerEvent::Token(ev) => {
+                t.0.push(ev.token);
+                t.1.push(ev.logprobs.unwrap().logprob.to_bits());
+                if ev.finish.is_some() {
+                    break;
+                }
+            }
+            WorkerEvent::Error(e) => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(t)
+}
+
+fn submit(
+    h: &DecodeHandle,
+    i: usize,
+    prompt: Vec<u32>,
+    p: GenerationParams,
+) -> UnboundedReceiver<WorkerEvent> {
+    let (tx, rx) = unbounded_channel();
+    h.submit_request(NewRequest {
+        id: RequestId(i as u64),
+        prompt,
+        params: p,
+        events: tx,
+        cancel: CancelFlag::default(),
+    })
+    .unwrap();
+    rx
+}
+
+fn prompts(rng: &mut Rng) -> Vec<Vec<u32>> {
+    let shared: Vec<u32> = (0..40).map(|_| rng.next(250) as u32 + 3).collect();
+    (0..N_SEQ)
+        .map(|i| {
+            let own = rng.next(50) as usize + 1;
+            let mut p = if i.is_multiple_of(2) {
+                shared.clone()
+            } else {
+                vec![]
+            };
+            p.extend((0..own).map(|_| rng.next(250) as u32 + 3));
+            p
+        })
+        .collect()
+}
+
+#[test]
+fn continuous_batching_with_chunks_and_preemption_equals_each_request_alone() {
+    for precision in [Precision::F32, Precision::Int8] {
+        let (_d, solo_engine) = load(precision, 64 << 20);
+        let mut rng = Rng(0x5eed_1234 ^ precision as u64);
+        let prompts = prompts(&mut rng);
+        let want: Vec<Trace> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| alone(&solo_engine, p, params(i)))
+            .collect();
+        let block_bytes = solo_engine.kv.layout().block_bytes();
+        let mut preemptions = 0;
+        for budget in [1usize, 7, 16, 64, 256] {
+            // Room for about a tenth of the requests at once: preemption is certain.
+            let (_d2, e) = load(precision, 40 * block_bytes);
+            let (h, th) = decode_worker::spawn(
+                e.clone(),
+                WorkerConfig {
+                    max_batch_tokens: budget,
+                    max_running: 64,
+                    max_waiting: 64,
+                },
+            );
+            let rxs: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| submit(&h, i, p.clone(), params(i)))
+                .collect();
+            for (i, rx) in rxs.into_iter().enumerate() {
+                let got = collect(rx).unwrap_or_else(|e| panic!("request {i}: {e}"));
+                assert_eq!(
+                    got, want[i],
+                    "{precision:?} budget {budget}: request {i} differs"
+                );
+            }
+            let n = h.stats().preemptions.load(Ordering::Relaxed);
+            eprintln!("{precision:?} budget {budget}: {n} preemptions");
+            preemptions += n;
+            assert_eq!(h.stats().waiting.load(Ordering::Relaxed), 0);
+            drop(h);
+            th.join().unwrap();
+            // Every block is back (only prefix-cached ones stay, unreferenced).
+            assert_eq!(e.kv.free_blocks(), e.kv.n_blocks());
+        }
+        assert!(preemptions > 0, "the pool was meant to be too small");
+    }
+}
+
+#[test]
+fn a_request_that_cannot_fit_alone_fails_and_the_rest_are_served() {
+    let (_d, e) = load(Precision::F32, 64 << 20);
+    let block_bytes = e.kv.layout().block_bytes();
+    let (_d2, small) = load(Precision::F32, 4 * block_bytes); // 64 positions
+    let (h, th) = decode_worker::spawn(small.clone(), WorkerConfig::default());
+    let big = submit(&h, 0, (0..100).map(|t| t % 200 + 3).collect(), params(0));
+    let ok = submit(&h, 1, vec![5, 6, 7, 8], params(1));
+    assert!(matches!(collect(big), Err(WorkerError::Overloaded(_))));
+    assert_eq!(collect(ok).unwrap(), alone(&e, &[5, 6, 7, 8], params(1)));
+    drop(h);
+    th.join().unwrap();
+}
+
+#[test]
+fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
+    let (_d, e) = load(Precision::F32, 64 << 20);
+    let (h, th) = decode_worker::spawn(
+        e.clone(),
+        WorkerConfig {
+            max_batch_tokens: 4,
+            max_running: 1,
+            max_waiting: 3,
+        },
+    );
+    let mut long = params(0);
+    long.max_tokens = 200;
+    long.min_tokens = 200;
+    let cancels: Vec<CancelFlag> = (0..3).map(|_| CancelFlag::default()).collect();
+    let mut rxs = Vec::new();
+    for (i, c) in cancels.iter().enumerate() {
+        let (tx, rx) = unbounded_channel();
+        h.submit_request(NewRequest {
+            id: RequestId(i as u64),
+            prompt: (0..30).map(|t| t + 3).collect(),
+            params: long.clone(),
+            events: tx,
+            cancel: c.clone(),
+        })
+        .unwrap();
+        rxs.push(rx);
+    }
+    // The queue holds three not yet admitted or just admitted; a burst beyond it is refused.
+    let mut refused = 0;
+    for i in 0..8 {
+        let (tx, _rx) = unbounded_channel();
+        if let Err(SubmitError::QueueFull) = h.submit_request(NewRequest {
+            id: RequestId(100 + i),
+            prompt: vec![3, 4, 5],
+            params: params(1),
+            events: tx,
+            cancel: CancelFlag::default(),
+        }) {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 5, "only {refused} of 8 refused");
+    for c in &cancels {
+        c.cancel();
+    }
+    drop(rxs);
+    // Cancelled and dropped requests leave; the queue drains and new work is accepted again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while h.stats().waiting.load(Ordering::Relaxed) > 0
+        || h.stats().running.load(Ordering::Relaxed) > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not drain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let rx = submit(&h, 200, vec![9, 10, 11], params(2));
+    assert_eq!(collect(rx).unwrap(), alone(&e, &[9, 10, 11], params(2)));
+    drop(h);
+    th.join().unwrap();
+}
