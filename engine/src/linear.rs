@@ -82,6 +82,9 @@ pub enum Linear {
         k: usize,
     },
     Int8(I8Weights),
+    /// Matrices that cannot be stacked exactly (GGUF blocks of different formats), run one
+    /// after another into their columns.
+    Parts(Vec<Linear>),
 }
 
 impl Linear {
@@ -122,10 +125,74 @@ impl Linear {
         }
     }
 
+    /// Several matrices with the same input width stacked into one (their output channels in
+    /// order), so one call computes them all: Q, K and V; gate and up. Each channel's weights
+    /// and scale are exactly what it would have alone, so the outputs are too.
+    pub fn load_stacked(
+        g: &GgufFile,
+        parts: &[(&str, &[u64])],
+        precision: Precision,
+    ) -> Result<Linear> {
+        if precision == Precision::Int8 && parts.len() > 1 {
+            // Quantization is per output channel, so stacking the source rows first gives each
+            // channel the integers and scale it would have alone.
+            let mut rows = Vec::new();
+            let mut n = 0;
+            for (name, shape) in parts {
+                rows.extend(g.tensor_f32_shaped(name, shape)?);
+                n += shape.get(1).copied().unwrap_or(1) as usize;
+            }
+            let k = parts[0].1[0] as usize;
+            return Ok(Linear::Int8(I8Weights::quantize(&rows, n, k)));
+        }
+        let mut loaded = parts
+            .iter()
+            .map(|(name, shape)| Linear::load(g, name, shape, precision))
+            .collect::<Result<Vec<_>>>()?;
+        if loaded.len() == 1 {
+            return Ok(loaded.pop().expect("one part"));
+        }
+        let k = loaded[0].dims().1;
+        let n: usize = loaded.iter().map(|l| l.dims().0).sum();
+        let same_format = |f: QFormat| {
+            loaded
+                .iter()
+                .all(|l| matches!(l, Linear::Quant { format, .. } if *format == f))
+        };
+        Ok(match &loaded[0] {
+            Linear::Quant { format, .. } if same_format(*format) => {
+                let format = *format;
+                let mut bytes = Vec::new();
+                for l in &loaded {
+                    if let Linear::Quant { bytes: b, .. } = l {
+                        bytes.extend_from_slice(b);
+                    }
+                }
+                Linear::Quant {
+                    format,
+                    bytes,
+                    n,
+                    k,
+                }
+            }
+            Linear::F32 { .. } if loaded.iter().all(|l| matches!(l, Linear::F32 { .. })) => {
+                let mut w = Vec::with_capacity(n * k);
+                for l in &loaded {
+                    if let Linear::F32 { w: part, .. } = l {
+                        w.extend_from_slice(part);
+                    }
+                }
+                Linear::F32 { w, n, k }
+            }
+            _ => Linear::Parts(loaded),
+        })
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Linear::F32 { n, k, .. } | Linear::Quant { n, k, .. } => (*n, *k),
             Linear::Int8(w) => (w.n, w.k),
+            Linear::Parts(ps) => (ps.iter().map(|p| p.dims().0).sum(), ps[0].dims().1),
         }
     }
 
@@ -148,6 +215,20 @@ impl Linear {
                 qmatmul(x.quantized(), w, y)
             }
             Linear::Int8(w) => gemm(x.per_token(), w, y),
+            Linear::Parts(_) if x.m == 0 => {}
+            Linear::Parts(ps) => {
+                let n = y.len() / x.m;
+                let mut col = 0;
+                for p in ps {
+                    let n1 = p.dims().0;
+                    let mut y1 = vec![0f32; x.m * n1];
+                    p.forward(x, &mut y1);
+                    for (dst, src) in y.chunks_exact_mut(n).zip(y1.chunks_exact(n1)) {
+                        dst[col..col + n1].copy_from_slice(src);
+                    }
+                    col += n1;
+                }
+            }
         }
     }
 
@@ -167,6 +248,17 @@ impl Linear {
                 }
             }
             Linear::Int8(w) => w.row_into(j, out),
+            Linear::Parts(ps) => {
+                let mut j = j;
+                for p in ps {
+                    let n1 = p.dims().0;
+                    if j < n1 {
+                        return p.row_into(j, out);
+                    }
+                    j -= n1;
+                }
+                panic!("row out of range");
+            }
         }
     }
 
@@ -176,6 +268,7 @@ impl Linear {
             Linear::F32 { w, .. } => w.len() * 4,
             Linear::Quant { bytes, .. } => bytes.len(),
             Linear::Int8(w) => w.bytes(),
+            Linear::Parts(ps) => ps.iter().map(Linear::bytes).sum(),
         }
     }
 }

@@ -18,13 +18,12 @@ use rayon::prelude::*;
 /// One transformer block's weights (`[out × in]` row-major).
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Q, K and V stacked: `[d + 2·kv_dim × d]`.
+    wqkv: Linear,
     wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up stacked: `[2·d_ff × d]`.
+    w_gate_up: Linear,
     w_down: Linear,
 }
 
@@ -77,16 +76,23 @@ impl LlamaModel {
             .into_par_iter()
             .map(|i| {
                 let t = |n: &str, shape: &[u64]| lin(&format!("blk.{i}.{n}.weight"), shape);
-                let norm = |n: &str| g.tensor_f32_shaped(&format!("blk.{i}.{n}.weight"), &[d]);
+                let name = |n: &str| format!("blk.{i}.{n}.weight");
+                let stacked = |parts: &[(String, [u64; 2])]| {
+                    let parts: Vec<(&str, &[u64])> =
+                        parts.iter().map(|(n, s)| (n.as_str(), &s[..])).collect();
+                    Linear::load_stacked(g, &parts, precision)
+                };
+                let norm = |n: &str| g.tensor_f32_shaped(&name(n), &[d]);
                 Ok(Layer {
                     attn_norm: norm("attn_norm")?,
-                    wq: t("attn_q", &[d, d])?,
-                    wk: t("attn_k", &[d, kvd])?,
-                    wv: t("attn_v", &[d, kvd])?,
+                    wqkv: stacked(&[
+                        (name("attn_q"), [d, d]),
+                        (name("attn_k"), [d, kvd]),
+                        (name("attn_v"), [d, kvd]),
+                    ])?,
                     wo: t("attn_output", &[d, d])?,
                     ffn_norm: norm("ffn_norm")?,
-                    w_gate: t("ffn_gate", &[d, ff])?,
-                    w_up: t("ffn_up", &[d, ff])?,
+                    w_gate_up: stacked(&[(name("ffn_gate"), [d, ff]), (name("ffn_up"), [d, ff])])?,
                     w_down: t("ffn_down", &[ff, d])?,
                 })
             })
@@ -117,7 +123,7 @@ impl LlamaModel {
             .iter()
             .map(|l| {
                 (l.attn_norm.len() + l.ffn_norm.len()) * 4
-                    + [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                    + [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down]
                         .iter()
                         .map(|w| w.bytes())
                         .sum::<usize>()
@@ -171,8 +177,10 @@ impl LlamaModel {
         let mut v = vec![0f32; r * kvd];
         let mut att = vec![0f32; r * d];
         let mut proj = vec![0f32; r * d];
+        let qkv_w = d + 2 * kvd;
+        let mut qkv = vec![0f32; r * qkv_w];
+        let mut gate_up = vec![0f32; r * 2 * ff];
         let mut gate = vec![0f32; r * ff];
-        let mut up = vec![0f32; r * ff];
         let shape = AttnShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -182,10 +190,12 @@ impl LlamaModel {
 
         for (li, l) in self.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, c.rms_eps, &mut h, d);
-            let mut hq = Acts::new(&h, r, d);
-            l.wq.forward(&mut hq, &mut q);
-            l.wk.forward(&mut hq, &mut k);
-            l.wv.forward(&mut hq, &mut v);
+            l.wqkv.forward(&mut Acts::new(&h, r, d), &mut qkv);
+            for (row, src) in qkv.chunks_exact(qkv_w).enumerate() {
+                q[row * d..(row + 1) * d].copy_from_slice(&src[..d]);
+                k[row * kvd..(row + 1) * kvd].copy_from_slice(&src[d..d + kvd]);
+                v[row * kvd..(row + 1) * kvd].copy_from_slice(&src[d + kvd..]);
+            }
             for (row, &pos) in row_pos.iter().enumerate() {
                 rope_normal(&mut q[row * d..(row + 1) * d], hd, pos, c.rope_base);
                 rope_normal(&mut k[row * kvd..(row + 1) * kvd], hd, pos, c.rope_base);
@@ -223,11 +233,11 @@ impl LlamaModel {
             l.wo.forward(&mut Acts::new(&att, r, d), &mut proj);
             add_in_place(&mut x, &proj);
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut h, d);
-            let mut hq = Acts::new(&h, r, d);
-            l.w_gate.forward(&mut hq, &mut gate);
-            l.w_up.forward(&mut hq, &mut up);
+            l.w_gate_up.forward(&mut Acts::new(&h, r, d), &mut gate_up);
             for_rows(&mut gate, ff, 16, |row, g| {
-                silu_mul(g, &up[row * ff..(row + 1) * ff])
+                let gu = &gate_up[row * 2 * ff..(row + 1) * 2 * ff];
+                g.copy_from_slice(&gu[..ff]);
+                silu_mul(g, &gu[ff..]);
             });
             l.w_down.forward(&mut Acts::new(&gate, r, ff), &mut proj);
             add_in_place(&mut x, &proj);

@@ -388,3 +388,50 @@ fn prefix_cache_hits_are_bit_identical_to_cold_prefill_and_blocks_are_accounted(
         );
     }
 }
+
+#[test]
+fn stacked_projections_equal_the_separate_ones_bit_for_bit() {
+    use engine::linear::{Acts, Linear};
+    let spec = TinySpec::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write(&spec, &path).unwrap();
+    let g = GgufFile::open(&path).unwrap();
+    let (d, kvd) = (
+        spec.d_model as u64,
+        (spec.d_model / spec.n_heads * spec.n_kv_heads) as u64,
+    );
+    let parts: [(&str, &[u64]); 3] = [
+        ("blk.1.attn_q.weight", &[d, d]),
+        ("blk.1.attn_k.weight", &[d, kvd]),
+        ("blk.1.attn_v.weight", &[d, kvd]),
+    ];
+    let m = 5;
+    let x: Vec<f32> = (0..m * d as usize)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 37.0 + 0.01)
+        .collect();
+    for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
+        let stacked = Linear::load_stacked(&g, &parts, p).unwrap();
+        let (n, _) = stacked.dims();
+        let mut ys = vec![0f32; m * n];
+        stacked.forward(&mut Acts::new(&x, m, d as usize), &mut ys);
+        let mut col = 0;
+        for (name, shape) in parts {
+            let one = Linear::load(&g, name, shape, p).unwrap();
+            let (n1, _) = one.dims();
+            let mut y1 = vec![0f32; m * n1];
+            one.forward(&mut Acts::new(&x, m, d as usize), &mut y1);
+            for i in 0..m {
+                for j in 0..n1 {
+                    assert_eq!(
+                        y1[i * n1 + j].to_bits(),
+                        ys[i * n + col + j].to_bits(),
+                        "{p:?} {name} ({i},{j})"
+                    );
+                }
+            }
+            col += n1;
+        }
+        assert_eq!(col, n);
+    }
+}

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use clap::Args;
-use engine::{Engine, EngineConfig};
 use decode_worker::WorkerConfig;
+use engine::{Engine, EngineConfig};
 use scheduler::cluster::{Cluster, ClusterConfig, Topology};
 use std::path::PathBuf;
 use std::sync::Arc;
