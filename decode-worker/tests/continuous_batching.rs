@@ -35,6 +35,7 @@ fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc
         kv_budget_bytes,
         model_id: None,
         precision,
+        kv_dtype: Default::default(),
     };
     (dir, Arc::new(Engine::load(&path, &cfg).unwrap()))
 }

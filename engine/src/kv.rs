@@ -1,6 +1,7 @@
 //! The paged KV cache: a pool of fixed-size blocks and the sequences that own them.
 //!
-//! Storage is one anonymous memory mapping of `n_blocks × n_layers × {K, V} × block_size × kv_dim` f32s;
+//! Storage is one anonymous memory mapping of `n_blocks × n_layers × {K, V} × block_size × kv_dim`
+//! values of the pool's [`KvDtype`] (f16 by default, f32 for exact comparisons);
 //! the `(block, layer)` slab of K followed by V is contiguous, so a layer of a block can be
 //! shipped as one range (what the disaggregated KV push sends). Allocation and release are
 //! O(1) on a free list, under a short mutex; block contents are touched without locks,
@@ -12,6 +13,9 @@
 
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TokenId;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use kernels::attention::{KvBlockRef, KvSlice};
 use memmap2::MmapMut;
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
@@ -24,22 +28,54 @@ pub const BLOCK_SIZE: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockId(pub u32);
 
+/// How K and V values are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// IEEE half precision: half the memory and attention bandwidth of f32 (llama.cpp's default
+    /// too); values are rounded once, when written.
+    #[default]
+    F16,
+    /// Exact: the golden tests compare against llama.cpp run with an f32 cache.
+    F32,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F16 => 2,
+            KvDtype::F32 => 4,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "f16" | "auto" => Ok(KvDtype::F16),
+            "f32" => Ok(KvDtype::F32),
+            other => Err(format!("unknown KV cache type '{other}' (f16 or f32)")),
+        }
+    }
+}
+
 /// The geometry of every block in a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     pub n_layers: usize,
     pub kv_dim: usize,
     pub block_size: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
-    /// f32s in one layer's K (or V) of one block.
+    /// Values in one layer's K (or V) of one block.
     pub fn plane(&self) -> usize {
         self.block_size * self.kv_dim
     }
     /// Bytes one block takes over all layers.
     pub fn block_bytes(&self) -> usize {
-        self.n_layers * 2 * self.plane() * std::mem::size_of::<f32>()
+        self.n_layers * 2 * self.plane() * self.dtype.bytes()
     }
 }
 
@@ -79,7 +115,7 @@ struct Allocator {
 pub struct KvPool {
     layout: KvLayout,
     n_blocks: usize,
-    data: NonNull<f32>,
+    data: NonNull<u8>,
     /// Anonymous mapping holding every block: zero pages cost nothing until written, so
     /// the budget is a ceiling, not an up-front commitment. (A shared mapping here is what lets
     /// another process write blocks in place.)
@@ -101,13 +137,11 @@ impl KvPool {
 
     pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
         assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
-        let floats = n_blocks * layout.n_layers * 2 * layout.plane();
-        let bytes = floats
-            .checked_mul(std::mem::size_of::<f32>())
+        let bytes = n_blocks
+            .checked_mul(layout.block_bytes())
             .expect("KV pool size overflows");
         let mut map = MmapMut::map_anon(bytes).expect("mapping the KV pool");
-        let data =
-            NonNull::new(map.as_mut_ptr().cast::<f32>()).expect("mmap returns a non-null pointer");
+        let data = NonNull::new(map.as_mut_ptr()).expect("mmap returns a non-null pointer");
         let free = (0..n_blocks as u32).rev().map(BlockId).collect();
         Arc::new(KvPool {
             layout,
@@ -226,19 +260,40 @@ impl KvPool {
     /// # Safety
     /// The caller must hold the block (through its owning sequence) for the borrow's lifetime,
     /// with no writer alive.
-    unsafe fn plane(&self, block: BlockId, layer: usize, v: bool) -> &[f32] {
-        let off = self.plane_offset(block, layer, v);
-        // SAFETY: in bounds by construction; exclusivity per the caller's contract.
-        unsafe { std::slice::from_raw_parts(self.data.as_ptr().add(off), self.layout.plane()) }
+    unsafe fn plane(&self, block: BlockId, layer: usize, v: bool) -> KvSlice<'_> {
+        let (off, n) = (self.plane_offset(block, layer, v), self.layout.plane());
+        // SAFETY: in bounds by construction (the mapping holds n_blocks whole blocks of this
+        // dtype, page-aligned so every plane is aligned for it); exclusivity per the caller.
+        unsafe {
+            let p = self.data.as_ptr().add(off * self.layout.dtype.bytes());
+            match self.layout.dtype {
+                KvDtype::F32 => KvSlice::F32(std::slice::from_raw_parts(p.cast::<f32>(), n)),
+                KvDtype::F16 => KvSlice::F16(std::slice::from_raw_parts(p.cast::<f16>(), n)),
+            }
+        }
     }
 
+    /// Writes `x` at value offset `at` of a plane, converting to the pool's dtype.
+    ///
     /// # Safety
-    /// The caller must hold the block exclusively for the borrow's lifetime.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn plane_mut(&self, block: BlockId, layer: usize, v: bool) -> &mut [f32] {
+    /// The caller must hold the block exclusively for the duration of the call.
+    unsafe fn write_plane(&self, block: BlockId, layer: usize, v: bool, at: usize, x: &[f32]) {
         let off = self.plane_offset(block, layer, v);
+        assert!(at + x.len() <= self.layout.plane());
         // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts_mut(self.data.as_ptr().add(off), self.layout.plane()) }
+        unsafe {
+            let p = self
+                .data
+                .as_ptr()
+                .add((off + at) * self.layout.dtype.bytes());
+            match self.layout.dtype {
+                KvDtype::F32 => {
+                    std::slice::from_raw_parts_mut(p.cast::<f32>(), x.len()).copy_from_slice(x)
+                }
+                KvDtype::F16 => std::slice::from_raw_parts_mut(p.cast::<f16>(), x.len())
+                    .convert_from_f32_slice(x),
+            }
+        }
     }
 }
 
@@ -330,15 +385,16 @@ impl KvSequence {
         let l = self.pool.layout;
         let b = self.blocks[pos / l.block_size];
         let off = (pos % l.block_size) * l.kv_dim;
+        assert!(k.len() == l.kv_dim && v.len() == l.kv_dim);
         // SAFETY: this sequence owns `b` and is borrowed mutably.
         unsafe {
-            self.pool.plane_mut(b, layer, false)[off..off + l.kv_dim].copy_from_slice(k);
-            self.pool.plane_mut(b, layer, true)[off..off + l.kv_dim].copy_from_slice(v);
+            self.pool.write_plane(b, layer, false, off, k);
+            self.pool.write_plane(b, layer, true, off, v);
         }
     }
 
     /// `(K, V)` planes of every block of `layer`, in table order.
-    pub(crate) fn layer_blocks(&self, layer: usize) -> Vec<(&[f32], &[f32])> {
+    pub(crate) fn layer_blocks(&self, layer: usize) -> Vec<KvBlockRef<'_>> {
         self.blocks
             .iter()
             // SAFETY: this sequence owns its blocks and is borrowed shared, so no write is alive.
@@ -368,6 +424,7 @@ mod tests {
             n_layers: 2,
             kv_dim: 4,
             block_size: 4,
+            dtype: KvDtype::F32,
         }
     }
 
@@ -380,8 +437,14 @@ mod tests {
         s.write(1, 4, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
         s.advance(5);
         let planes = s.layer_blocks(1);
-        assert_eq!(&planes[1].0[..4], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(&planes[1].1[..4], &[5.0, 6.0, 7.0, 8.0]);
+        let KvSlice::F32(k) = planes[1].0 else {
+            panic!("f32 pool")
+        };
+        let KvSlice::F32(v) = planes[1].1 else {
+            panic!("f32 pool")
+        };
+        assert_eq!(&k[..4], &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(&v[..4], &[5.0, 6.0, 7.0, 8.0]);
         let mut t = KvSequence::new(pool.clone());
         assert!(matches!(
             t.reserve(9),

@@ -33,7 +33,7 @@ pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};
-pub use kv::{KvPool, KvSequence};
+pub use kv::{KvDtype, KvPool, KvSequence};
 pub use linear::Precision;
 pub use model::{ForwardItem, LlamaModel, LogitsWanted};
 pub use tokenizer::{TokenId, Tokenizer};
@@ -50,8 +50,10 @@ pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     /// The id the API serves the model under; default: the file stem.
     pub model_id: Option<String>,
-    /// f32 (exact reference) or int8 (fast).
+    /// Weight precision: int8 (fast, the default), w4a8, or f32 (exact reference).
     pub precision: Precision,
+    /// KV cache storage: f16 (the default) or f32 (exact).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +62,7 @@ impl Default for EngineConfig {
             kv_budget_bytes: 512 << 20,
             model_id: None,
             precision: Precision::default(),
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -106,7 +109,7 @@ impl Engine {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "model".into())
         });
-        let kv = KvPool::with_budget(model.kv_layout(), cfg.kv_budget_bytes);
+        let kv = KvPool::with_budget(model.kv_layout(cfg.kv_dtype), cfg.kv_budget_bytes);
         tracing::info!(
             model = %model_id,
             layers = model.cfg.n_layers,

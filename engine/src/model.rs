@@ -8,7 +8,7 @@
 use crate::config::LlamaConfig;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
-use crate::kv::{KvLayout, KvSequence};
+use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
 use kernels::attention::{AttnShape, attend_heads};
 use kernels::ops::{rms_norm, rope_normal, silu_mul};
@@ -32,6 +32,9 @@ pub struct LlamaModel {
     pub cfg: LlamaConfig,
     pub precision: Precision,
     token_embd: Linear,
+    /// The embedding rows exactly as stored, for lookups, when `token_embd` computes at a
+    /// lossy precision (int8 requantization would perturb every input token).
+    embd_lookup: Option<Linear>,
     /// `None` when the output projection is tied to the embeddings.
     output: Option<Linear>,
     output_norm: Vec<f32>,
@@ -67,6 +70,15 @@ impl LlamaModel {
         );
         let lin = |name: &str, shape: &[u64]| Linear::load(g, name, shape, precision);
         let token_embd = lin("token_embd.weight", &[d, v])?;
+        let embd_lookup = match precision {
+            Precision::Int8 => Some(Linear::load(
+                g,
+                "token_embd.weight",
+                &[d, v],
+                Precision::W4A8,
+            )?),
+            _ => None,
+        };
         let output = match g.tensor_info("output.weight") {
             Some(_) => Some(lin("output.weight", &[d, v])?),
             None => None,
@@ -101,6 +113,7 @@ impl LlamaModel {
             cfg,
             precision,
             token_embd,
+            embd_lookup,
             output,
             output_norm,
             layers,
@@ -108,8 +121,9 @@ impl LlamaModel {
     }
 
     /// The KV block geometry this model needs.
-    pub fn kv_layout(&self) -> KvLayout {
+    pub fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
         KvLayout {
+            dtype,
             n_layers: self.cfg.n_layers,
             kv_dim: self.cfg.kv_dim(),
             block_size: crate::kv::BLOCK_SIZE,
@@ -130,6 +144,7 @@ impl LlamaModel {
             })
             .sum();
         l + self.token_embd.bytes()
+            + self.embd_lookup.as_ref().map_or(0, Linear::bytes)
             + self.output.as_ref().map_or(0, Linear::bytes)
             + self.output_norm.len() * 4
     }
@@ -169,7 +184,10 @@ impl LlamaModel {
             .chunks_exact_mut(d)
             .zip(items.iter().flat_map(|it| it.tokens.iter()))
         {
-            self.token_embd.row_into(tok as usize, row);
+            self.embd_lookup
+                .as_ref()
+                .unwrap_or(&self.token_embd)
+                .row_into(tok as usize, row);
         }
         let mut h = vec![0f32; r * d];
         let mut q = vec![0f32; r * d];

@@ -30,6 +30,7 @@ fn load(precision: Precision) -> (tempfile::TempDir, Engine) {
         kv_budget_bytes: 64 << 20,
         model_id: None,
         precision,
+        kv_dtype: Default::default(),
     };
     let e = Engine::load(&path, &cfg).unwrap();
     (dir, e)

@@ -10,15 +10,15 @@ use std::sync::OnceLock;
 
 fn engine() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| load(Precision::F32))
+    E.get_or_init(|| load(Precision::F32, engine::KvDtype::F32))
 }
 
 fn engine_int8() -> &'static Engine {
     static E: OnceLock<Engine> = OnceLock::new();
-    E.get_or_init(|| load(Precision::Int8))
+    E.get_or_init(|| load(Precision::Int8, engine::KvDtype::F16))
 }
 
-fn load(precision: Precision) -> Engine {
+fn load(precision: Precision, kv_dtype: engine::KvDtype) -> Engine {
     {
         let path = match std::env::var_os("TANDEM_MODEL") {
             Some(p) => p.into(),
@@ -31,6 +31,7 @@ fn load(precision: Precision) -> Engine {
                 kv_budget_bytes: 256 << 20,
                 model_id: None,
                 precision,
+                kv_dtype,
             },
         )
         .unwrap()
@@ -184,12 +185,20 @@ fn check_quantized_perplexity(e: &Engine, name: &str) {
 
 #[test]
 fn int8_perplexity_within_1_5_percent_of_f32_oracle() {
-    check_quantized_perplexity(engine_int8(), "int8 (W8A8)");
+    check_quantized_perplexity(engine_int8(), "int8 (W8A8) with f16 KV, the default");
+}
+
+#[test]
+fn f32_weights_with_f16_kv_perplexity_within_1_5_percent() {
+    check_quantized_perplexity(
+        &load(Precision::F32, engine::KvDtype::F16),
+        "f32 with f16 KV",
+    );
 }
 
 #[test]
 fn w4a8_perplexity_within_1_5_percent_of_f32_oracle() {
-    check_quantized_perplexity(&load(Precision::W4A8), "w4a8");
+    check_quantized_perplexity(&load(Precision::W4A8, engine::KvDtype::F32), "w4a8");
 }
 
 #[test]

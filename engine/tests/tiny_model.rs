@@ -18,6 +18,7 @@ fn tiny_at(spec: &TinySpec, precision: Precision) -> (tempfile::TempDir, Engine)
             kv_budget_bytes: 4 << 20,
             model_id: None,
             precision,
+            kv_dtype: Default::default(),
         },
     )
     .unwrap();
@@ -156,7 +157,7 @@ fn kv_budget_and_context_limits_are_errors() {
         Err(EngineError::BadToken(9999))
     ));
     // A pool of 4 MiB holds a limited number of blocks; exhausting it is an error, not growth.
-    let per_block = e.model.kv_layout().block_bytes();
+    let per_block = e.kv.layout().block_bytes();
     let n_blocks = e.kv.n_blocks();
     assert_eq!(n_blocks, (4 << 20) / per_block);
     let mut seqs = Vec::new();
@@ -309,6 +310,7 @@ fn an_unsupported_quant_type_is_named_in_the_error() {
             &path,
             &EngineConfig {
                 precision,
+                kv_dtype: Default::default(),
                 ..EngineConfig::default()
             },
         )

@@ -7,6 +7,7 @@
 
 use crate::dispatch::{SimdLevel, level};
 use crate::dot::dot_at;
+use half::f16;
 
 /// Shape of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -23,8 +24,39 @@ impl AttnShape {
     }
 }
 
-/// One block's K and V, each `[block_size × kv_dim]`.
-pub type KvBlockRef<'a> = (&'a [f32], &'a [f32]);
+/// One block's K or V plane, `[block_size × kv_dim]`, in the pool's storage type.
+#[derive(Debug, Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    /// Half precision (the default KV format): half the memory and half the bytes to read;
+    /// converted exactly to f32 a block at a time as attention reads it.
+    F16(&'a [f16]),
+}
+
+impl KvSlice<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvSlice::F32(s) => s.len(),
+            KvSlice::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Value `i` as f32 (exact).
+    #[inline]
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            KvSlice::F32(s) => s[i],
+            KvSlice::F16(s) => s[i].to_f32(),
+        }
+    }
+}
+
+/// One block's K and V.
+pub type KvBlockRef<'a> = (KvSlice<'a>, KvSlice<'a>);
 
 /// Attends `q: [n_heads × head_dim]` over the first `n_ctx` cached positions; writes
 /// `out: [n_heads × head_dim]`. `scores` is scratch of at least `4 · n_ctx` floats (or
@@ -82,8 +114,14 @@ pub fn attend_at(
         n_ctx,
         scores,
         out,
-        |k, qs| qs.map(|qh| dot_at(lvl, qh, k)),
-        |oh, sc, inv, blocks, off| weighted_v_scalar(oh, sc, inv, blocks, off, shape),
+        |k, off, hd, qs| match k {
+            KvSlice::F32(s) => qs.map(|qh| dot_at(lvl, qh, &s[off..off + hd])),
+            KvSlice::F16(s) => {
+                let key: Vec<f32> = s[off..off + hd].iter().map(|h| h.to_f32()).collect();
+                qs.map(|qh| dot_at(lvl, qh, &key))
+            }
+        },
+        weighted_v_scalar,
     );
 }
 
@@ -92,7 +130,7 @@ pub fn attend_at(
 /// weighted V sum keeps each output slice in registers across positions (element by element
 /// the same operations as the scalar loop, so the same bits).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2(
     shape: AttnShape,
     heads: std::ops::Range<usize>,
@@ -110,41 +148,124 @@ unsafe fn attend_avx2(
         n_ctx,
         scores,
         out,
-        // SAFETY: this function only runs with AVX2 and FMA enabled.
-        |k, qs| unsafe { crate::dot::x86::dot4_avx2(k, qs) },
-        |oh, sc, inv, blocks, off| unsafe { x86::weighted_v(oh, sc, inv, blocks, off, shape) },
+        // SAFETY (both closures): this function only runs with AVX2, FMA and F16C enabled.
+        |k, off, hd, qs| match k {
+            KvSlice::F32(s) => unsafe { crate::dot::x86::dot4_avx2(&s[off..off + hd], qs) },
+            KvSlice::F16(s) => unsafe { x86::dot4_f16(&s[off..off + hd], qs) },
+        },
+        |oh, sc, inv, v, stride, col| match v {
+            KvSlice::F32(s) => unsafe { x86::weighted_v(oh, sc, inv, s, stride, col) },
+            KvSlice::F16(s) => unsafe { x86::weighted_v_f16(oh, sc, inv, s, stride, col) },
+        },
     );
 }
 
-/// `oh = Σ_pos (sc[pos]·inv)·v[pos][off..off+len]`, accumulated in position order.
+/// `oh += Σ_p (sc[p]·inv)·rows[p·stride + col ..][..len]`, in position order (one block).
 #[inline(always)]
 fn weighted_v_scalar(
     oh: &mut [f32],
     sc: &[f32],
     inv: f32,
-    blocks: &[KvBlockRef<'_>],
-    off: usize,
-    shape: AttnShape,
+    rows: &KvSlice<'_>,
+    stride: usize,
+    col: usize,
 ) {
-    let kv_dim = shape.kv_dim();
-    let hd = oh.len();
-    oh.fill(0.0);
-    for (b, sc) in sc.chunks(shape.block_size).enumerate() {
-        let (_, v) = blocks[b];
-        for (p, s) in sc.iter().enumerate() {
-            let at = p * kv_dim + off;
-            let pr = s * inv;
-            for (o, vv) in oh.iter_mut().zip(&v[at..at + hd]) {
-                *o += pr * vv;
-            }
+    for (p, s) in sc.iter().enumerate() {
+        let at = p * stride + col;
+        let pr = s * inv;
+        for (e, o) in oh.iter_mut().enumerate() {
+            *o += pr * rows.get(at + e);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{AttnShape, KvBlockRef, weighted_v_scalar};
+    use super::{KvSlice, weighted_v_scalar};
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// Four dot products of an f16 key with f32 queries: the arithmetic of `dot4_avx2` on the
+    /// key converted exactly to f32 (so the same bits), reading half the bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub unsafe fn dot4_f16(k: &[f16], qs: [&[f32]; 4]) -> [f32; 4] {
+        const LANES: usize = 16;
+        let n = k.len();
+        assert!(qs.iter().all(|q| q.len() == n));
+        let full = n / LANES * LANES;
+        let pk = k.as_ptr() as *const u16;
+        let px = qs.map(|x| x.as_ptr());
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= len of every slice.
+            unsafe {
+                let kl = _mm256_cvtph_ps(_mm_loadu_si128(pk.add(i) as *const __m128i));
+                let kh = _mm256_cvtph_ps(_mm_loadu_si128(pk.add(i + 8) as *const __m128i));
+                for r in 0..4 {
+                    lo[r] = _mm256_fmadd_ps(kl, _mm256_loadu_ps(px[r].add(i)), lo[r]);
+                    hi[r] = _mm256_fmadd_ps(kh, _mm256_loadu_ps(px[r].add(i + 8)), hi[r]);
+                }
+            }
+            i += LANES;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let mut v = [0f32; LANES];
+            // SAFETY: v holds 16 f32s.
+            unsafe {
+                _mm256_storeu_ps(v.as_mut_ptr(), lo[r]);
+                _mm256_storeu_ps(v.as_mut_ptr().add(8), hi[r]);
+            }
+            let mut s = crate::dot::reduce16(&v);
+            for j in full..n {
+                s = k[j].to_f32().mul_add(qs[r][j], s);
+            }
+            out[r] = s;
+        }
+        out
+    }
+
+    /// [`weighted_v`] reading f16 values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_v_f16(
+        oh: &mut [f32],
+        sc: &[f32],
+        inv: f32,
+        rows: &[f16],
+        stride: usize,
+        col: usize,
+    ) {
+        let hd = oh.len();
+        if !hd.is_multiple_of(32) || sc.is_empty() {
+            weighted_v_scalar(oh, sc, inv, &KvSlice::F16(rows), stride, col);
+            return;
+        }
+        assert!((sc.len() - 1) * stride + col + hd <= rows.len());
+        let base = rows.as_ptr() as *const u16;
+        for c in (0..hd).step_by(32) {
+            // SAFETY: c + 32 ≤ hd = oh.len().
+            let mut acc: [__m256; 4] =
+                std::array::from_fn(|u| unsafe { _mm256_loadu_ps(oh.as_ptr().add(c + 8 * u)) });
+            for (p, s) in sc.iter().enumerate() {
+                let pr = _mm256_set1_ps(s * inv);
+                // SAFETY: row p's columns col + c .. col + c + 32 are in bounds (asserted).
+                let vp = unsafe { base.add(p * stride + col + c) };
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let vv = unsafe {
+                        _mm256_cvtph_ps(_mm_loadu_si128(vp.add(8 * u) as *const __m128i))
+                    };
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
+                }
+            }
+            for (u, a) in acc.iter().enumerate() {
+                // SAFETY: c + 8u + 8 ≤ hd.
+                unsafe { _mm256_storeu_ps(oh.as_mut_ptr().add(c + 8 * u), *a) };
+            }
+        }
+    }
 
     /// [`weighted_v_scalar`] with 32-float slices of the output held in four registers.
     #[target_feature(enable = "avx2,fma")]
@@ -152,30 +273,28 @@ mod x86 {
         oh: &mut [f32],
         sc: &[f32],
         inv: f32,
-        blocks: &[KvBlockRef<'_>],
-        off: usize,
-        shape: AttnShape,
+        rows: &[f32],
+        stride: usize,
+        col: usize,
     ) {
         let hd = oh.len();
-        if !hd.is_multiple_of(32) {
-            weighted_v_scalar(oh, sc, inv, blocks, off, shape);
+        if !hd.is_multiple_of(32) || sc.is_empty() {
+            weighted_v_scalar(oh, sc, inv, &KvSlice::F32(rows), stride, col);
             return;
         }
-        let kv_dim = shape.kv_dim();
+        assert!((sc.len() - 1) * stride + col + hd <= rows.len());
         for c in (0..hd).step_by(32) {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (b, scb) in sc.chunks(shape.block_size).enumerate() {
-                let (_, v) = blocks[b];
-                assert!(v.len() >= scb.len() * kv_dim && off + hd <= kv_dim);
-                for (p, s) in scb.iter().enumerate() {
-                    let pr = _mm256_set1_ps(s * inv);
-                    // SAFETY: position p < block_size rows of kv_dim floats; off + c + 32 ≤ kv_dim.
-                    let vp = unsafe { v.as_ptr().add(p * kv_dim + off + c) };
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        // Separate multiply and add, as in the scalar loop (no fusion).
-                        let vv = unsafe { _mm256_loadu_ps(vp.add(8 * u)) };
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
-                    }
+            // SAFETY: c + 32 ≤ hd = oh.len().
+            let mut acc: [__m256; 4] =
+                std::array::from_fn(|u| unsafe { _mm256_loadu_ps(oh.as_ptr().add(c + 8 * u)) });
+            for (p, s) in sc.iter().enumerate() {
+                let pr = _mm256_set1_ps(s * inv);
+                // SAFETY: row p's columns col + c .. col + c + 32 are in bounds (asserted).
+                let vp = unsafe { rows.as_ptr().add(p * stride + col + c) };
+                for (u, a) in acc.iter_mut().enumerate() {
+                    // Separate multiply and add, as in the scalar loop (no fusion).
+                    let vv = unsafe { _mm256_loadu_ps(vp.add(8 * u)) };
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
                 }
             }
             for (u, a) in acc.iter().enumerate() {
@@ -196,8 +315,8 @@ fn attend_body(
     n_ctx: usize,
     scores: &mut [f32],
     out: &mut [f32],
-    dot4: impl Fn(&[f32], [&[f32]; 4]) -> [f32; 4],
-    weighted_v: impl Fn(&mut [f32], &[f32], f32, &[KvBlockRef<'_>], usize),
+    dot4: impl Fn(&KvSlice<'_>, usize, usize, [&[f32]; 4]) -> [f32; 4],
+    weighted_v: impl Fn(&mut [f32], &[f32], f32, &KvSlice<'_>, usize, usize),
 ) {
     let AttnShape {
         n_heads,
@@ -232,10 +351,10 @@ fn attend_body(
         let qs = [qh(0), qh(1), qh(2), qh(3)];
         let sc = &mut scores[..nh * n_ctx];
         let mut max = [f32::NEG_INFINITY; 4];
-        for (b, &(k, _)) in blocks.iter().enumerate().take(n_ctx.div_ceil(block_size)) {
-            for p in 0..block_size.min(n_ctx - b * block_size) {
-                let off = p * kv_dim + kvh * head_dim;
-                let r = dot4(&k[off..off + head_dim], qs);
+        for (b, (k, _)) in blocks.iter().enumerate().take(n_ctx.div_ceil(block_size)) {
+            let np = block_size.min(n_ctx - b * block_size);
+            for p in 0..np {
+                let r = dot4(k, p * kv_dim + kvh * head_dim, head_dim, qs);
                 let pos = b * block_size + p;
                 for i in 0..nh {
                     let s = r[i] * scale;
@@ -252,13 +371,13 @@ fn attend_body(
                 sum += *s;
             }
             let o0 = (h0 + i - heads.start) * head_dim;
-            weighted_v(
-                &mut out[o0..o0 + head_dim],
-                sh,
-                1.0 / sum,
-                blocks,
-                kvh * head_dim,
-            );
+            let oh = &mut out[o0..o0 + head_dim];
+            oh.fill(0.0);
+            let inv = 1.0 / sum;
+            for (b, scb) in sh.chunks(block_size).enumerate() {
+                let (_, v) = &blocks[b];
+                weighted_v(oh, scb, inv, v, kv_dim, kvh * head_dim);
+            }
         }
         h0 = h1;
     }
@@ -314,16 +433,23 @@ mod tests {
                 let n_ctx = n_ctx.max(1);
                 let kvd = shape.kv_dim();
                 let n_blocks = n_ctx.div_ceil(bs);
-                let k = fill(n_blocks * bs * kvd, 1 + n_ctx as u64);
-                let v = fill(n_blocks * bs * kvd, 7 + n_ctx as u64);
+                // Values exactly representable in f16, so both storage types hold the same numbers.
+                let round = |x: Vec<f32>| -> Vec<f32> {
+                    x.into_iter().map(|v| f16::from_f32(v).to_f32()).collect()
+                };
+                let k = round(fill(n_blocks * bs * kvd, 1 + n_ctx as u64));
+                let v = round(fill(n_blocks * bs * kvd, 7 + n_ctx as u64));
+                let (k16, v16): (Vec<f16>, Vec<f16>) = (
+                    k.iter().map(|&x| f16::from_f32(x)).collect(),
+                    v.iter().map(|&x| f16::from_f32(x)).collect(),
+                );
                 let q = fill(n_heads * hd, 3);
+                let plane = |b: usize| b * bs * kvd..(b + 1) * bs * kvd;
                 let blocks: Vec<KvBlockRef> = (0..n_blocks)
-                    .map(|b| {
-                        (
-                            &k[b * bs * kvd..(b + 1) * bs * kvd],
-                            &v[b * bs * kvd..(b + 1) * bs * kvd],
-                        )
-                    })
+                    .map(|b| (KvSlice::F32(&k[plane(b)]), KvSlice::F32(&v[plane(b)])))
+                    .collect();
+                let blocks16: Vec<KvBlockRef> = (0..n_blocks)
+                    .map(|b| (KvSlice::F16(&k16[plane(b)]), KvSlice::F16(&v16[plane(b)])))
                     .collect();
                 let want = reference(shape, &q, &k, &v, n_ctx);
                 for lvl in SimdLevel::available() {
@@ -342,6 +468,22 @@ mod tests {
                     for (a, b) in out.iter().zip(&want) {
                         assert!((*a as f64 - b).abs() < 1e-5, "{lvl:?} {n_ctx}: {a} vs {b}");
                     }
+                    // f16 storage of the same values gives the same bits.
+                    let mut out16 = vec![0f32; n_heads * hd];
+                    attend_at(
+                        lvl,
+                        shape,
+                        0..n_heads,
+                        &q,
+                        &blocks16,
+                        n_ctx,
+                        &mut scratch,
+                        &mut out16,
+                    );
+                    assert_eq!(
+                        out16.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
                     // Any split of the heads gives the same bits per head.
                     for split in 1..n_heads {
                         let mut parts = vec![0f32; n_heads * hd];

@@ -17,7 +17,7 @@
 use crate::dispatch::{SimdLevel, level};
 
 /// Activation inputs per quantization group (a multiple of 32; a row's last group may be shorter).
-pub const GROUP: usize = 128;
+pub const GROUP: usize = 64;
 
 /// Output channels interleaved in one packed panel.
 pub const PANEL: usize = 4;

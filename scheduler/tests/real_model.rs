@@ -20,6 +20,7 @@ async fn server() -> (String, Arc<Engine>) {
         kv_budget_bytes: 128 << 20,
         model_id: Some(DEFAULT_MODEL.id.into()),
         precision: engine::Precision::F32,
+        kv_dtype: engine::KvDtype::F32,
     };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
     let state = AppState::new(Arc::new(Cluster::start(engine.clone(), 16)));

@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Weight precision: int8 (W8A8), w4a8 (GGUF blocks as stored) or f32 (reference).
     #[arg(long, default_value = "int8")]
     pub precision: engine::Precision,
+    /// KV cache storage: f16 (half the memory; the default) or f32 (exact), as vLLM's flag.
+    #[arg(long, default_value = "f16")]
+    pub kv_cache_dtype: engine::KvDtype,
     /// Compute threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -45,6 +48,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             kv_budget_bytes: 256 << 20,
             model_id: None,
             precision: args.precision,
+            kv_dtype: args.kv_cache_dtype,
         },
     )?;
     let vocab = e.model.cfg.vocab_size as u32;

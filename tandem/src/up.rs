@@ -26,6 +26,9 @@ pub struct UpArgs {
     /// Weight precision: int8 (W8A8, per-channel 8-bit weights; the default), w4a8 (GGUF blocks as stored, least memory) or f32 (every weight dequantized; the exact reference).
     #[arg(long, env = "TANDEM_PRECISION", default_value = "int8")]
     pub precision: engine::Precision,
+    /// KV cache storage: f16 (half the memory; the default) or f32 (exact), as vLLM's flag.
+    #[arg(long, env = "TANDEM_KV_CACHE_DTYPE", default_value = "f16")]
+    pub kv_cache_dtype: engine::KvDtype,
     /// Compute threads (default: all cores).
     #[arg(long, env = "TANDEM_THREADS")]
     pub threads: Option<usize>,
@@ -61,6 +64,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         kv_budget_bytes: args.kv_cache_mib << 20,
         model_id: args.served_model_name.clone().or(default_id),
         precision: args.precision,
+        kv_dtype: args.kv_cache_dtype,
     };
     eprintln!(
         "tandem: loading {} ({threads} threads, SIMD level {})",

@@ -55,6 +55,7 @@ pub async fn start(opts: Options) -> TestServer {
                 kv_budget_bytes: opts.kv_bytes,
                 model_id: None,
                 precision: opts.precision,
+                kv_dtype: Default::default(),
             },
         )
         .unwrap(),
