@@ -116,27 +116,37 @@ impl I8Weights {
     }
 }
 
-/// Activations `[m × k]` quantized per token, one scale per [`GROUP`] inputs.
+/// Activations `[m × k]` quantized per token, one scale per `group` inputs ([`GROUP`] unless
+/// a benchmark asks otherwise).
 #[derive(Debug, Clone, Default)]
 pub struct I8Acts {
     pub q: Vec<i8>,
-    /// `[m × groups(k)]`.
+    /// `[m × groups()]`.
     pub scale: Vec<f32>,
     pub m: usize,
     pub k: usize,
-}
-
-/// Groups in a row of `k`.
-pub fn groups(k: usize) -> usize {
-    k.div_ceil(GROUP)
+    /// Inputs per scale: a multiple of 32.
+    pub group: usize,
 }
 
 impl I8Acts {
+    /// Scales per row.
+    pub fn groups(&self) -> usize {
+        self.k.div_ceil(self.group)
+    }
+
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize) {
+        self.quantize_grouped_into(x, m, k, GROUP)
+    }
+
+    /// Per token, one scale per `group` inputs (a multiple of 32).
+    pub fn quantize_grouped_into(&mut self, x: &[f32], m: usize, k: usize, group: usize) {
         assert_eq!(x.len(), m * k);
-        let g = groups(k);
+        assert!(group > 0 && group.is_multiple_of(32));
+        self.group = group;
         self.m = m;
         self.k = k;
+        let g = self.groups();
         self.q.resize(m * k, 0);
         self.scale.resize(m * g, 0.0);
         if k == 0 {
@@ -149,10 +159,35 @@ impl I8Acts {
             // SAFETY: scale row i (g entries) belongs to the task that owns q row i.
             let sr = unsafe { std::slice::from_raw_parts_mut(scales.get().add(i * g), g) };
             let r = &x[i * k..(i + 1) * k];
-            for ((xg, qg), s) in r.chunks(GROUP).zip(qr.chunks_mut(GROUP)).zip(sr) {
+            for ((xg, qg), s) in r.chunks(group).zip(qr.chunks_mut(group)).zip(sr) {
                 *s = quantize_slice(xg, qg);
             }
         });
+    }
+
+    /// One scale for the whole matrix (whole rows as one group): the fastest arithmetic, but a
+    /// row's values then depend on every other row of the call — not batch-invariant. Exists
+    /// only to measure what invariance costs (`tandem kernels roofline`).
+    pub fn quantize_per_tensor(x: &[f32], m: usize, k: usize) -> I8Acts {
+        let group = k.max(1).next_multiple_of(32);
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        I8Acts {
+            q: x.iter()
+                .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8)
+                .collect(),
+            scale: vec![s; m],
+            m,
+            k,
+            group,
+        }
+    }
+
+    pub fn quantize_grouped(x: &[f32], m: usize, k: usize, group: usize) -> I8Acts {
+        let mut a = I8Acts::default();
+        a.quantize_grouped_into(x, m, k, group);
+        a
     }
 
     pub fn quantize(x: &[f32], m: usize, k: usize) -> I8Acts {
@@ -169,9 +204,9 @@ fn reduce8(v: [f32; 8]) -> f32 {
 }
 
 /// One output, the scalar definition every level must equal bit for bit.
-pub fn dot_scalar(a: &[i8], sa: &[f32], w: &[i8], sw: f32) -> f32 {
+pub fn dot_scalar(a: &[i8], sa: &[f32], group: usize, w: &[i8], sw: f32) -> f32 {
     let mut acc = [0f32; 8];
-    for ((ag, wg), s) in a.chunks(GROUP).zip(w.chunks(GROUP)).zip(sa) {
+    for ((ag, wg), s) in a.chunks(group).zip(w.chunks(group)).zip(sa) {
         let mut isum = [0i32; 8];
         for (t, (&x, &y)) in ag.iter().zip(wg).enumerate() {
             isum[(t % 32) / 4] += x as i32 * y as i32;
@@ -186,7 +221,7 @@ pub fn dot_scalar(a: &[i8], sa: &[f32], w: &[i8], sw: f32) -> f32 {
 /// The scalar reference of the whole product.
 pub fn gemm_scalar(x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
-    let g = groups(k);
+    let g = x.groups();
     let mut wr = vec![0i8; k];
     for j in 0..n {
         w.row_q(j, &mut wr);
@@ -194,6 +229,7 @@ pub fn gemm_scalar(x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
             y[i * n + j] = dot_scalar(
                 &x.q[i * k..(i + 1) * k],
                 &x.scale[i * g..(i + 1) * g],
+                x.group,
                 &wr,
                 w.scale[j],
             );
@@ -218,11 +254,11 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
     assert_eq!(x.k, k, "inner dimensions differ");
     assert_eq!(y.len(), m * n, "y shape");
-    assert_eq!(x.scale.len(), m * groups(k), "activation scales");
+    assert_eq!(x.scale.len(), m * x.groups(), "activation scales");
     let out = SharedOut(y.as_mut_ptr());
     let out = &out;
     if lvl < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") || !k.is_multiple_of(32) {
-        let g = groups(k);
+        let g = x.groups();
         crate::for_each_chunk(n.div_ceil(16), m * n * k, |c| {
             let mut wr = vec![0i8; k];
             for j in c * 16..((c + 1) * 16).min(n) {
@@ -231,6 +267,7 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
                     let v = dot_scalar(
                         &x.q[i * k..(i + 1) * k],
                         &x.scale[i * g..(i + 1) * g],
+                        x.group,
                         &wr,
                         w.scale[j],
                     );
@@ -264,7 +301,7 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)] // register tiles read clearest with explicit indices
 mod x86 {
-    use super::{GROUP, I8Acts, I8Weights, M_BLOCK, groups, reduce8};
+    use super::{I8Acts, I8Weights, M_BLOCK, reduce8};
     use std::arch::x86_64::*;
 
     /// Output columns `j0..j1`, all rows.
@@ -328,7 +365,7 @@ mod x86 {
         n: usize,
     ) {
         let k = x.k;
-        let ng = groups(k);
+        let (ng, group) = (x.groups(), x.group);
         let ones = _mm256_set1_epi16(1);
         let mut accf = [[_mm256_setzero_ps(); NR]; MR];
         let ap = x.q.as_ptr();
@@ -338,7 +375,7 @@ mod x86 {
         // multiple of 32, and every load reads 32 bytes at an offset t < k inside its row.
         unsafe {
             for g in 0..ng {
-                let (t0, t1) = (g * GROUP, ((g + 1) * GROUP).min(k));
+                let (t0, t1) = (g * group, ((g + 1) * group).min(k));
                 let mut acc = [[_mm256_setzero_si256(); NR]; MR];
                 let mut t = t0;
                 while t < t1 {
@@ -393,11 +430,12 @@ mod tests {
             m in prop::sample::select(vec![1usize, 2, 3, 4, 5, 15, 16, 17, 63, 64, 65]),
             k in prop::sample::select(vec![1usize, 15, 16, 17, 31, 32, 33, 63, 64, 65, 96, 128, 160, 576, 577, 1536]),
             n in prop::sample::select(vec![1usize, 2, 3, 15, 16, 17, 33, 65]),
+            group in prop::sample::select(vec![32usize, GROUP, 128, 4096]),
             seed in any::<u64>(),
         ) {
             let x = fill(m * k, seed);
             let wf = fill(n * k, seed ^ 0x5eed);
-            let a = I8Acts::quantize(&x, m, k);
+            let a = I8Acts::quantize_grouped(&x, m, k, group);
             let w = I8Weights::quantize(&wf, n, k);
             let mut want = vec![f32::NAN; m * n];
             gemm_scalar(&a, &w, &mut want);
@@ -407,13 +445,13 @@ mod tests {
                 prop_assert_eq!(bits(&y), bits(&want), "{:?}", lvl);
             }
             // Quantization error stays within the two half-steps per product.
-            let g = groups(k);
+            let g = a.groups();
             for i in 0..m {
                 for j in 0..n {
                     let exact: f64 = (0..k).map(|t| x[i * k + t] as f64 * wf[j * k + t] as f64).sum();
                     let sw = w.scale[j] as f64;
                     let bound: f64 = (0..k).map(|t| {
-                        let sa = a.scale[i * g + t / GROUP] as f64;
+                        let sa = a.scale[i * g + t / group] as f64;
                         let (xa, xw) = (x[i * k + t].abs() as f64, wf[j * k + t].abs() as f64);
                         xw * sa * 0.5 + xa * sw * 0.5 + sa * sw * 0.25
                     }).sum::<f64>() * 1.0001 + want[i * n + j].abs() as f64 * 1e-6 + 1e-5;
@@ -422,7 +460,7 @@ mod tests {
             }
             // Batch invariance: a row alone gives the same bits.
             for i in [0, m / 2, m - 1] {
-                let one = I8Acts::quantize(&x[i * k..(i + 1) * k], 1, k);
+                let one = I8Acts::quantize_grouped(&x[i * k..(i + 1) * k], 1, k, group);
                 let mut y1 = vec![0f32; n];
                 gemm(&one, &w, &mut y1);
                 prop_assert_eq!(bits(&y1), bits(&want[i * n..(i + 1) * n]));

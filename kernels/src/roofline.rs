@@ -86,11 +86,21 @@ fn sum_words_plain(s: &[u64]) -> u64 {
     acc.iter().fold(0, |a, b| a.wrapping_add(*b))
 }
 
-/// W8A8 GEMM rate (MAC/s) for `[m × k] · [n × k]ᵀ`.
+/// W8A8 GEMM rate (MAC/s) for `[m × k] · [n × k]ᵀ`, activations quantized as shipped.
 pub fn gemm_rate(m: usize, k: usize, n: usize) -> f64 {
+    gemm_rate_with(m, k, n, I8Acts::quantize)
+}
+
+/// [`gemm_rate`] with activations quantized by `quantize` (to compare quantization schemes).
+pub fn gemm_rate_with(
+    m: usize,
+    k: usize,
+    n: usize,
+    quantize: impl Fn(&[f32], usize, usize) -> I8Acts,
+) -> f64 {
     let x = crate::test_data(m * k, 1);
     let w = I8Weights::quantize(&crate::test_data(n * k, 2), n, k);
-    let a = I8Acts::quantize(&x, m, k);
+    let a = quantize(&x, m, k);
     let mut y = vec![0f32; m * n];
     let secs = best_time(Duration::from_millis(400), || gemm(&a, &w, &mut y));
     (m * n * k) as f64 / secs

@@ -2,7 +2,8 @@
 //! bandwidth, and where the W8A8 kernels sit against them at this model's shapes.
 
 use clap::Args;
-use kernels::roofline::{gemm_rate, gemv_bandwidth, int8_peak, read_bandwidth};
+use kernels::int8::I8Acts;
+use kernels::roofline::{gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, read_bandwidth};
 
 #[derive(Args, Debug)]
 pub struct RooflineArgs {
@@ -54,6 +55,25 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
             format!(" ({:.0}% of peak)", 100.0 * r / p)
         });
         println!("  {name:<22} n={n:<5} k={k:<5} {:.1} GMAC/s{pct}", r / 1e9);
+    }
+    // What batch invariance costs: the shipped scheme (per token, a scale per 64 inputs) and a
+    // per-token scale over the whole row are both invariant; one scale for the whole batch
+    // (per tensor) is not, and is the cheapest arithmetic there is for this kernel.
+    println!("\nCost of batch invariance, ffn_gate/up shape (GMAC/s; higher is faster):");
+    for m in [32, a.m] {
+        let shipped = gemm_rate(m, d, ff);
+        let row = gemm_rate_with(m, d, ff, |x, m, k| {
+            I8Acts::quantize_grouped(x, m, k, k.next_multiple_of(32))
+        });
+        let tensor = gemm_rate_with(m, d, ff, I8Acts::quantize_per_tensor);
+        println!(
+            "  m={m:<4} per-token groups of {} (invariant, shipped) {:.1} | per-token whole row (invariant) {:.1} | per-tensor (not invariant) {:.1}  -> invariant/non-invariant {:.2}",
+            kernels::int8::GROUP,
+            shipped / 1e9,
+            row / 1e9,
+            tensor / 1e9,
+            row / tensor
+        );
     }
     let layer = [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff)];
     let g = gemv_bandwidth(&layer, a.layers);
