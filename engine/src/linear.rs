@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
 use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::matmul::matmul;
-use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
+use kernels::qmatmul::{QActs, QFormat, QWeights, pack_panels, qmatmul};
 
 /// How the weight matrices compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -112,7 +112,7 @@ impl Linear {
             {
                 Ok(Linear::Quant {
                     format,
-                    bytes: g.tensor_bytes(info)?.to_vec(),
+                    bytes: pack_panels(format, g.tensor_bytes(info)?, n, k),
                     n,
                     k,
                 })
@@ -161,16 +161,27 @@ impl Linear {
         };
         Ok(match &loaded[0] {
             Linear::Quant { format, .. } if same_format(*format) => {
+                // Back to row-major, stacked, then packed as one matrix.
                 let format = *format;
-                let mut bytes = Vec::new();
+                let mut rows = Vec::new();
+                let mut buf = Vec::new();
                 for l in &loaded {
-                    if let Linear::Quant { bytes: b, .. } = l {
-                        bytes.extend_from_slice(b);
+                    if let Linear::Quant { bytes, n, k, .. } = l {
+                        let w = QWeights {
+                            format,
+                            bytes,
+                            n: *n,
+                            k: *k,
+                            packed: true,
+                        };
+                        for j in 0..*n {
+                            rows.extend_from_slice(w.row(j, &mut buf));
+                        }
                     }
                 }
                 Linear::Quant {
                     format,
-                    bytes,
+                    bytes: pack_panels(format, &rows, n, k),
                     n,
                     k,
                 }
@@ -211,6 +222,7 @@ impl Linear {
                     bytes,
                     n: *n,
                     k: *k,
+                    packed: true,
                 };
                 qmatmul(x.quantized(), w, y)
             }
@@ -237,10 +249,20 @@ impl Linear {
         match self {
             Linear::F32 { w, k, .. } => out.copy_from_slice(&w[j * k..(j + 1) * k]),
             Linear::Quant {
-                format, bytes, k, ..
+                format,
+                bytes,
+                n,
+                k,
             } => {
-                let rb = k / kernels::qmatmul::QK * format.block_bytes();
-                let src = &bytes[j * rb..(j + 1) * rb];
+                let w = QWeights {
+                    format: *format,
+                    bytes,
+                    n: *n,
+                    k: *k,
+                    packed: true,
+                };
+                let mut buf = Vec::new();
+                let src = w.row(j, &mut buf);
                 match format {
                     QFormat::Q4_0 => kernels::quant::dequantize_q4_0(src, out),
                     QFormat::Q4_1 => kernels::quant::dequantize_q4_1(src, out),

@@ -33,17 +33,65 @@ impl QFormat {
 
 /// `n` rows of `k` weights each, in one block format.
 #[derive(Debug, Clone, Copy)]
+///
+/// `packed`: rows grouped in panels of four, each panel stored block by block (row 0's block
+/// b, row 1's, row 2's, row 3's, then block b + 1 …; the last panel padded with zero blocks),
+/// so a decode tile of four rows reads one sequential stream ([`pack_panels`]). Otherwise
+/// rows are stored one after another, as in the GGUF.
 pub struct QWeights<'a> {
     pub format: QFormat,
     pub bytes: &'a [u8],
     pub n: usize,
     pub k: usize,
+    pub packed: bool,
+}
+
+/// Rows per packed panel.
+pub const PANEL: usize = 4;
+
+/// Reorders row-major blocks (`n` rows of `k` weights) into panels of [`PANEL`] rows.
+pub fn pack_panels(format: QFormat, rows: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let (bb, nb) = (format.block_bytes(), k / QK);
+    assert_eq!(rows.len(), n * nb * bb);
+    let mut out = vec![0u8; n.div_ceil(PANEL) * PANEL * nb * bb];
+    for j in 0..n {
+        for b in 0..nb {
+            let src = (j * nb + b) * bb;
+            let dst = panel_block(j, b, nb, bb);
+            out[dst..dst + bb].copy_from_slice(&rows[src..src + bb]);
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn panel_block(j: usize, b: usize, nb: usize, bb: usize) -> usize {
+    ((j / PANEL * nb + b) * PANEL + j % PANEL) * bb
 }
 
 impl QWeights<'_> {
-    fn row(&self, j: usize) -> &[u8] {
-        let rb = self.k / QK * self.format.block_bytes();
-        &self.bytes[j * rb..(j + 1) * rb]
+    /// Row `j`'s blocks in order: borrowed when stored row-major, gathered into `buf` when packed.
+    pub fn row<'s>(&'s self, j: usize, buf: &'s mut Vec<u8>) -> &'s [u8] {
+        let (bb, nb) = (self.format.block_bytes(), self.k / QK);
+        if !self.packed {
+            return &self.bytes[j * nb * bb..(j + 1) * nb * bb];
+        }
+        buf.resize(nb * bb, 0);
+        for b in 0..nb {
+            let at = panel_block(j, b, nb, bb);
+            buf[b * bb..(b + 1) * bb].copy_from_slice(&self.bytes[at..at + bb]);
+        }
+        buf
+    }
+
+    /// Where row `j`'s first block is, and how far apart its blocks are.
+    fn row_stream(&self, j: usize) -> (usize, usize) {
+        let (bb, nb) = (self.format.block_bytes(), self.k / QK);
+        if self.packed {
+            (panel_block(j, 0, nb, bb), PANEL * bb)
+        } else {
+            (j * nb * bb, bb)
+        }
     }
 }
 
@@ -172,7 +220,12 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
     assert_eq!(x.k, k);
     assert!(k.is_multiple_of(QK));
-    assert_eq!(w.bytes.len(), n * k / QK * w.format.block_bytes());
+    let rows = if w.packed {
+        n.div_ceil(PANEL) * PANEL
+    } else {
+        n
+    };
+    assert_eq!(w.bytes.len(), rows * k / QK * w.format.block_bytes());
     assert_eq!(y.len(), m * n);
     let out = SharedOut(y.as_mut_ptr());
     let out = &out;
@@ -188,21 +241,18 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
     };
     crate::for_each_chunk(n.div_ceil(chunk), m * n * k, |c| {
         let (j0, j1) = (c * chunk, ((c + 1) * chunk).min(n));
+        let mut buf = Vec::new();
         if wide {
             let mut j = j0;
             while j + 4 <= j1 {
+                let streams = [j, j + 1, j + 2, j + 3].map(|r| w.row_stream(r));
                 for i in 0..m {
                     let mut r = [0f32; 4];
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: AVX2/FMA/F16C present (lvl >= Avx2 is only chosen when detected).
+                    // SAFETY: AVX2/FMA/F16C present (lvl >= Avx2 is only chosen when detected);
+                    // each stream addresses k / 32 whole blocks inside `w.bytes`.
                     unsafe {
-                        x86::dot_w4(
-                            w.format,
-                            [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)],
-                            x,
-                            i,
-                            &mut r,
-                        )
+                        x86::dot_w4(w.format, w.bytes, streams, x, i, &mut r)
                     };
                     for (d, v) in r.iter().enumerate() {
                         // SAFETY: (i, j + d) is in bounds; these columns belong to this task only.
@@ -214,7 +264,7 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
             for j in j..j1 {
                 for i in 0..m {
                     let mut r = [0f32; 4];
-                    dot_rows(lvl, w.format, w.row(j), x, i, 1, &mut r);
+                    dot_rows(lvl, w.format, w.row(j, &mut buf), x, i, 1, &mut r);
                     // SAFETY: as above.
                     unsafe { *out.0.add(i * n + j) = r[0] };
                 }
@@ -222,7 +272,7 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: QWeights<'_>, y: &mut [f32]) {
             return;
         }
         for j in j0..j1 {
-            let wr = w.row(j);
+            let wr = w.row(j, &mut buf);
             let mut i = 0;
             while i < m {
                 let rows = (m - i).min(4);
@@ -324,10 +374,22 @@ mod x86 {
     /// Four weight rows against one activation row: each activation block is loaded once.
     /// Per output, the same operations in the same order as `dot_n` (so the same bits).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_w4(f: QFormat, wr: [&[u8]; 4], x: &QActs, i: usize, out: &mut [f32; 4]) {
+    pub unsafe fn dot_w4(
+        f: QFormat,
+        bytes: &[u8],
+        streams: [(usize, usize); 4],
+        x: &QActs,
+        i: usize,
+        out: &mut [f32; 4],
+    ) {
         let bb = f.block_bytes();
         let nb = x.k / QK;
-        assert!(wr.iter().all(|r| r.len() == nb * bb) && (i + 1) * x.k <= x.q.len());
+        assert!(
+            streams
+                .iter()
+                .all(|&(at, stride)| nb == 0 || at + (nb - 1) * stride + bb <= bytes.len())
+                && (i + 1) * x.k <= x.q.len()
+        );
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut acc_m = [0f32; 4];
         for b in 0..nb {
@@ -337,7 +399,7 @@ mod x86 {
                 let a = _mm256_loadu_si256(x.q.as_ptr().add(ab * QK) as *const __m256i);
                 let (da, sa) = (*x.d.get_unchecked(ab), *x.s.get_unchecked(ab));
                 for r in 0..4 {
-                    let blk = wr[r].as_ptr().add(b * bb);
+                    let blk = bytes.as_ptr().add(streams[r].0 + b * streams[r].1);
                     let (w, signed) = load_weights(f, blk);
                     let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
                         *blk,
@@ -461,13 +523,19 @@ mod tests {
                 (QFormat::Q4_1, quantize_q4_1(&wf), crate::quant::dequantize_q4_1),
                 (QFormat::Q8_0, quantize_q8_0(&wf), crate::quant::dequantize_q8_0),
             ] {
-                let w = QWeights { format, bytes: &bytes, n, k };
+                let packed_bytes = pack_panels(format, &bytes, n, k);
+                let w = QWeights { format, bytes: &bytes, n, k, packed: false };
+                let wp = QWeights { format, bytes: &packed_bytes, n, k, packed: true };
                 let mut wd = vec![0f32; n * k];
                 deq(&bytes, &mut wd);
                 let mut ys: Vec<Vec<f32>> = Vec::new();
                 for lvl in SimdLevel::available() {
                     let mut y = vec![f32::NAN; m * n];
                     qmatmul_at(lvl, &acts, w, &mut y);
+                    // The packed panel layout computes the same bits.
+                    let mut yp = vec![f32::NAN; m * n];
+                    qmatmul_at(lvl, &acts, wp, &mut yp);
+                    prop_assert_eq!(bits(&yp), bits(&y), "{:?} {:?}: packed differs", format, lvl);
                     ys.push(y);
                 }
                 for y in &ys[1..] {
