@@ -37,13 +37,18 @@ pub enum KvDtype {
     F16,
     /// Exact: the golden tests compare against llama.cpp run with an f32 cache.
     F32,
+    /// 8 bits with an f32 scale per position and KV head: about a quarter of f32's memory
+    /// (more sequences per byte of budget); slower to read on this CPU path than f16.
+    Int8,
 }
 
 impl KvDtype {
+    /// Bytes per stored value (scales of `Int8` come on top).
     pub fn bytes(self) -> usize {
         match self {
             KvDtype::F16 => 2,
             KvDtype::F32 => 4,
+            KvDtype::Int8 => 1,
         }
     }
 }
@@ -54,7 +59,10 @@ impl std::str::FromStr for KvDtype {
         match s {
             "f16" | "auto" => Ok(KvDtype::F16),
             "f32" => Ok(KvDtype::F32),
-            other => Err(format!("unknown KV cache type '{other}' (f16 or f32)")),
+            "int8" => Ok(KvDtype::Int8),
+            other => Err(format!(
+                "unknown KV cache type '{other}' (f16, f32 or int8)"
+            )),
         }
     }
 }
@@ -64,6 +72,8 @@ impl std::str::FromStr for KvDtype {
 pub struct KvLayout {
     pub n_layers: usize,
     pub kv_dim: usize,
+    /// Values per KV head (`kv_dim` is a whole number of heads); `Int8` scales are per head.
+    pub head_dim: usize,
     pub block_size: usize,
     pub dtype: KvDtype,
 }
@@ -73,9 +83,17 @@ impl KvLayout {
     pub fn plane(&self) -> usize {
         self.block_size * self.kv_dim
     }
+    /// Bytes of one plane: its values, then (`Int8`) one f32 scale per position and head.
+    pub fn plane_bytes(&self) -> usize {
+        let scales = match self.dtype {
+            KvDtype::Int8 => self.block_size * (self.kv_dim / self.head_dim) * 4,
+            _ => 0,
+        };
+        (self.plane() * self.dtype.bytes()).next_multiple_of(4) + scales
+    }
     /// Bytes one block takes over all layers.
     pub fn block_bytes(&self) -> usize {
-        self.n_layers * 2 * self.plane() * self.dtype.bytes()
+        self.n_layers * 2 * self.plane_bytes()
     }
 }
 
@@ -252,23 +270,39 @@ impl KvPool {
         }
     }
 
+    /// Byte offset of a plane in the mapping.
     fn plane_offset(&self, block: BlockId, layer: usize, v: bool) -> usize {
         assert!((block.0 as usize) < self.n_blocks && layer < self.layout.n_layers);
-        ((block.0 as usize * self.layout.n_layers + layer) * 2 + v as usize) * self.layout.plane()
+        ((block.0 as usize * self.layout.n_layers + layer) * 2 + v as usize)
+            * self.layout.plane_bytes()
     }
 
     /// # Safety
     /// The caller must hold the block (through its owning sequence) for the borrow's lifetime,
     /// with no writer alive.
     unsafe fn plane(&self, block: BlockId, layer: usize, v: bool) -> KvSlice<'_> {
-        let (off, n) = (self.plane_offset(block, layer, v), self.layout.plane());
-        // SAFETY: in bounds by construction (the mapping holds n_blocks whole blocks of this
-        // dtype, page-aligned so every plane is aligned for it); exclusivity per the caller.
+        let (off, n, l) = (
+            self.plane_offset(block, layer, v),
+            self.layout.plane(),
+            self.layout,
+        );
+        // SAFETY: in bounds by construction (the mapping holds n_blocks whole blocks; plane
+        // sizes are multiples of 4 bytes and the mapping is page-aligned, so every plane and
+        // its scales are aligned for their types); exclusivity per the caller.
         unsafe {
-            let p = self.data.as_ptr().add(off * self.layout.dtype.bytes());
-            match self.layout.dtype {
+            let p = self.data.as_ptr().add(off);
+            match l.dtype {
                 KvDtype::F32 => KvSlice::F32(std::slice::from_raw_parts(p.cast::<f32>(), n)),
                 KvDtype::F16 => KvSlice::F16(std::slice::from_raw_parts(p.cast::<f16>(), n)),
+                KvDtype::Int8 => KvSlice::I8 {
+                    q: std::slice::from_raw_parts(p.cast::<i8>(), n),
+                    scale: std::slice::from_raw_parts(
+                        p.add(n.next_multiple_of(4)).cast::<f32>(),
+                        l.block_size * (l.kv_dim / l.head_dim),
+                    ),
+                    kv_dim: l.kv_dim,
+                    head_dim: l.head_dim,
+                },
             }
         }
     }
@@ -278,20 +312,38 @@ impl KvPool {
     /// # Safety
     /// The caller must hold the block exclusively for the duration of the call.
     unsafe fn write_plane(&self, block: BlockId, layer: usize, v: bool, at: usize, x: &[f32]) {
-        let off = self.plane_offset(block, layer, v);
-        assert!(at + x.len() <= self.layout.plane());
+        let (off, l) = (self.plane_offset(block, layer, v), self.layout);
+        assert!(at + x.len() <= l.plane());
         // SAFETY: as above.
         unsafe {
-            let p = self
-                .data
-                .as_ptr()
-                .add((off + at) * self.layout.dtype.bytes());
-            match self.layout.dtype {
+            let base = self.data.as_ptr().add(off);
+            let p = base.add(at * l.dtype.bytes());
+            match l.dtype {
                 KvDtype::F32 => {
                     std::slice::from_raw_parts_mut(p.cast::<f32>(), x.len()).copy_from_slice(x)
                 }
                 KvDtype::F16 => std::slice::from_raw_parts_mut(p.cast::<f16>(), x.len())
                     .convert_from_f32_slice(x),
+                KvDtype::Int8 => {
+                    // Whole positions only: one scale per head of each.
+                    assert!(at.is_multiple_of(l.kv_dim) && x.len().is_multiple_of(l.head_dim));
+                    let q = std::slice::from_raw_parts_mut(p.cast::<i8>(), x.len());
+                    let scales = base.add(l.plane().next_multiple_of(4)).cast::<f32>();
+                    let first = at / l.head_dim;
+                    for (h, (xh, qh)) in x
+                        .chunks(l.head_dim)
+                        .zip(q.chunks_mut(l.head_dim))
+                        .enumerate()
+                    {
+                        let amax = xh.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let s = amax / 127.0;
+                        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                        for (o, v) in qh.iter_mut().zip(xh) {
+                            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                        }
+                        *scales.add(first + h) = s;
+                    }
+                }
             }
         }
     }
@@ -423,6 +475,7 @@ mod tests {
         KvLayout {
             n_layers: 2,
             kv_dim: 4,
+            head_dim: 2,
             block_size: 4,
             dtype: KvDtype::F32,
         }

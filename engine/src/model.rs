@@ -126,6 +126,7 @@ impl LlamaModel {
             dtype,
             n_layers: self.cfg.n_layers,
             kv_dim: self.cfg.kv_dim(),
+            head_dim: self.cfg.head_dim,
             block_size: crate::kv::BLOCK_SIZE,
         }
     }

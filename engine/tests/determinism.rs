@@ -1,13 +1,13 @@
 //! A request's tokens and log-probabilities are bit-identical whether it runs alone or among up
 //! to 64 others, whatever the prefill chunking, and with or without a prefix-cache hit — for
-//! greedy and sampled decoding, at both precisions.
+//! greedy and sampled decoding, at every weight precision and KV storage type.
 
 use engine::generation::GenerationState;
 use engine::model::ForwardItem;
 use engine::request::GenerationParams;
 use engine::sampler::SamplingParams;
 use engine::synthetic::{TinySpec, write};
-use engine::{Engine, EngineConfig, KvSequence, LogitsWanted, Precision};
+use engine::{Engine, EngineConfig, KvDtype, KvSequence, LogitsWanted, Precision};
 
 const N_SEQ: usize = 64;
 const N_GEN: usize = 10;
@@ -22,7 +22,7 @@ impl Rng {
     }
 }
 
-fn load(precision: Precision) -> (tempfile::TempDir, Engine) {
+fn load(precision: Precision, kv_dtype: KvDtype) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write(&TinySpec::default(), &path).unwrap();
@@ -30,7 +30,7 @@ fn load(precision: Precision) -> (tempfile::TempDir, Engine) {
         kv_budget_bytes: 64 << 20,
         model_id: None,
         precision,
-        kv_dtype: Default::default(),
+        kv_dtype,
     };
     let e = Engine::load(&path, &cfg).unwrap();
     (dir, e)
@@ -88,8 +88,13 @@ fn run_alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
 
 #[test]
 fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
-    for precision in [Precision::F32, Precision::Int8, Precision::W4A8] {
-        let (_d, e) = load(precision);
+    for (precision, kv) in [
+        (Precision::F32, KvDtype::F32),
+        (Precision::Int8, KvDtype::F16),
+        (Precision::W4A8, KvDtype::F16),
+        (Precision::Int8, KvDtype::Int8),
+    ] {
+        let (_d, e) = load(precision, kv);
         let vocab = e.model.cfg.vocab_size as u64 - 2;
         let mut rng = Rng(0x9e37_79b9 ^ precision as u64);
         let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
@@ -114,7 +119,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
 
         // All 64 together in a fresh engine: prefix hits for the shared prompt, prefill in random
         // chunks with several sequences per forward call, then batched decode steps.
-        let (_d, e) = load(precision);
+        let (_d, e) = load(precision, kv);
         let mut seqs: Vec<KvSequence> = (0..N_SEQ).map(|_| e.new_sequence()).collect();
         let mut done = vec![0usize; N_SEQ];
         let mut hits = 0;

@@ -197,6 +197,14 @@ fn f32_weights_with_f16_kv_perplexity_within_1_5_percent() {
 }
 
 #[test]
+fn f32_weights_with_int8_kv_perplexity_within_1_5_percent() {
+    check_quantized_perplexity(
+        &load(Precision::F32, engine::KvDtype::Int8),
+        "f32 with int8 KV",
+    );
+}
+
+#[test]
 fn w4a8_perplexity_within_1_5_percent_of_f32_oracle() {
     check_quantized_perplexity(&load(Precision::W4A8, engine::KvDtype::F32), "w4a8");
 }

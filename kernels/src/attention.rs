@@ -31,6 +31,14 @@ pub enum KvSlice<'a> {
     /// Half precision (the default KV format): half the memory and half the bytes to read;
     /// converted exactly to f32 a block at a time as attention reads it.
     F16(&'a [f16]),
+    /// 8-bit values with one f32 scale per position and KV head (`scale[p·kv_heads + h]`): a
+    /// quarter of f32's memory; dequantized as attention reads it.
+    I8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+        kv_dim: usize,
+        head_dim: usize,
+    },
 }
 
 impl KvSlice<'_> {
@@ -38,6 +46,7 @@ impl KvSlice<'_> {
         match self {
             KvSlice::F32(s) => s.len(),
             KvSlice::F16(s) => s.len(),
+            KvSlice::I8 { q, .. } => q.len(),
         }
     }
 
@@ -51,6 +60,12 @@ impl KvSlice<'_> {
         match self {
             KvSlice::F32(s) => s[i],
             KvSlice::F16(s) => s[i].to_f32(),
+            KvSlice::I8 {
+                q,
+                scale,
+                kv_dim,
+                head_dim,
+            } => q[i] as f32 * scale[i / kv_dim * (kv_dim / head_dim) + i % kv_dim / head_dim],
         }
     }
 }
@@ -116,8 +131,8 @@ pub fn attend_at(
         out,
         |k, off, hd, qs| match k {
             KvSlice::F32(s) => qs.map(|qh| dot_at(lvl, qh, &s[off..off + hd])),
-            KvSlice::F16(s) => {
-                let key: Vec<f32> = s[off..off + hd].iter().map(|h| h.to_f32()).collect();
+            KvSlice::F16(_) | KvSlice::I8 { .. } => {
+                let key: Vec<f32> = (off..off + hd).map(|i| k.get(i)).collect();
                 qs.map(|qh| dot_at(lvl, qh, &key))
             }
         },
@@ -152,10 +167,15 @@ unsafe fn attend_avx2(
         |k, off, hd, qs| match k {
             KvSlice::F32(s) => unsafe { crate::dot::x86::dot4_avx2(&s[off..off + hd], qs) },
             KvSlice::F16(s) => unsafe { x86::dot4_f16(&s[off..off + hd], qs) },
+            KvSlice::I8 { .. } => {
+                let key: Vec<f32> = (off..off + hd).map(|i| k.get(i)).collect();
+                unsafe { crate::dot::x86::dot4_avx2(&key, qs) }
+            }
         },
         |oh, sc, inv, v, stride, col| match v {
             KvSlice::F32(s) => unsafe { x86::weighted_v(oh, sc, inv, s, stride, col) },
             KvSlice::F16(s) => unsafe { x86::weighted_v_f16(oh, sc, inv, s, stride, col) },
+            KvSlice::I8 { .. } => weighted_v_scalar(oh, sc, inv, v, stride, col),
         },
     );
 }
@@ -451,6 +471,54 @@ mod tests {
                 let blocks16: Vec<KvBlockRef> = (0..n_blocks)
                     .map(|b| (KvSlice::F16(&k16[plane(b)]), KvSlice::F16(&v16[plane(b)])))
                     .collect();
+                // 8-bit storage: quantized per (position, head); compared against f32 storage
+                // of its exact dequantized values.
+                let quant = |x: &[f32]| -> (Vec<i8>, Vec<f32>) {
+                    let mut q = vec![0i8; x.len()];
+                    let mut sc = Vec::new();
+                    for (c, qc) in x.chunks(hd).zip(q.chunks_mut(hd)) {
+                        let s = c.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                        for (o, v) in qc.iter_mut().zip(c) {
+                            *o = (v / s).round() as i8;
+                        }
+                        sc.push(s);
+                    }
+                    (q, sc)
+                };
+                let ((kq, ks), (vq, vs)) = (quant(&k), quant(&v));
+                let heads_kv = kvd / hd;
+                let sp = |b: usize| b * bs * heads_kv..(b + 1) * bs * heads_kv;
+                let i8s = |q: &'_ [i8], s: &'_ [f32]| -> Vec<f32> {
+                    let sl = KvSlice::I8 {
+                        q,
+                        scale: s,
+                        kv_dim: kvd,
+                        head_dim: hd,
+                    };
+                    (0..q.len()).map(|i| sl.get(i)).collect()
+                };
+                let (kd, vd) = (i8s(&kq, &ks), i8s(&vq, &vs));
+                let blocks8: Vec<KvBlockRef> = (0..n_blocks)
+                    .map(|b| {
+                        (
+                            KvSlice::I8 {
+                                q: &kq[plane(b)],
+                                scale: &ks[sp(b)],
+                                kv_dim: kvd,
+                                head_dim: hd,
+                            },
+                            KvSlice::I8 {
+                                q: &vq[plane(b)],
+                                scale: &vs[sp(b)],
+                                kv_dim: kvd,
+                                head_dim: hd,
+                            },
+                        )
+                    })
+                    .collect();
+                let blocks8f: Vec<KvBlockRef> = (0..n_blocks)
+                    .map(|b| (KvSlice::F32(&kd[plane(b)]), KvSlice::F32(&vd[plane(b)])))
+                    .collect();
                 let want = reference(shape, &q, &k, &v, n_ctx);
                 for lvl in SimdLevel::available() {
                     let mut out = vec![0f32; n_heads * hd];
@@ -468,6 +536,32 @@ mod tests {
                     for (a, b) in out.iter().zip(&want) {
                         assert!((*a as f64 - b).abs() < 1e-5, "{lvl:?} {n_ctx}: {a} vs {b}");
                     }
+                    let mut o8 = vec![0f32; n_heads * hd];
+                    let mut o8f = vec![0f32; n_heads * hd];
+                    attend_at(
+                        lvl,
+                        shape,
+                        0..n_heads,
+                        &q,
+                        &blocks8,
+                        n_ctx,
+                        &mut scratch,
+                        &mut o8,
+                    );
+                    attend_at(
+                        lvl,
+                        shape,
+                        0..n_heads,
+                        &q,
+                        &blocks8f,
+                        n_ctx,
+                        &mut scratch,
+                        &mut o8f,
+                    );
+                    assert_eq!(
+                        o8.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        o8f.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
                     // f16 storage of the same values gives the same bits.
                     let mut out16 = vec![0f32; n_heads * hd];
                     attend_at(

@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// Weight precision: int8 (W8A8), w4a8 (GGUF blocks as stored) or f32 (reference).
     #[arg(long, default_value = "int8")]
     pub precision: engine::Precision,
-    /// KV cache storage: f16 (half the memory; the default) or f32 (exact), as vLLM's flag.
+    /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
     #[arg(long, default_value = "f16")]
     pub kv_cache_dtype: engine::KvDtype,
     /// Compute threads (default: all cores).

@@ -26,7 +26,7 @@ pub struct UpArgs {
     /// Weight precision: int8 (W8A8, per-channel 8-bit weights; the default), w4a8 (GGUF blocks as stored, least memory) or f32 (every weight dequantized; the exact reference).
     #[arg(long, env = "TANDEM_PRECISION", default_value = "int8")]
     pub precision: engine::Precision,
-    /// KV cache storage: f16 (half the memory; the default) or f32 (exact), as vLLM's flag.
+    /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
     #[arg(long, env = "TANDEM_KV_CACHE_DTYPE", default_value = "f16")]
     pub kv_cache_dtype: engine::KvDtype,
     /// Compute threads (default: all cores).
