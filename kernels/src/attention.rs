@@ -70,6 +70,51 @@ impl KvSlice<'_> {
     }
 }
 
+/// Dequantizes the `hd` values of one position and head of an 8-bit plane starting at `off`
+/// (they share one scale) into `out`.
+#[inline(always)]
+fn i8_head(q: &[i8], scale: &[f32], kv_dim: usize, head_dim: usize, off: usize, out: &mut [f32]) {
+    debug_assert!(off.is_multiple_of(head_dim) && out.len() == head_dim);
+    let s = scale[off / kv_dim * (kv_dim / head_dim) + off % kv_dim / head_dim];
+    let n = out.len();
+    for (o, &v) in out.iter_mut().zip(&q[off..off + n]) {
+        *o = v as f32 * s;
+    }
+}
+
+/// `oh += Σ_p (sc[p]·inv)·v[p]` over an 8-bit plane: each value dequantized exactly as
+/// [`KvSlice::get`] does, then the same multiply and add as the f32 loop.
+#[inline(always)]
+fn weighted_v_i8(oh: &mut [f32], sc: &[f32], inv: f32, v: &KvSlice<'_>, stride: usize, col: usize) {
+    let KvSlice::I8 {
+        q,
+        scale,
+        kv_dim,
+        head_dim,
+    } = *v
+    else {
+        unreachable!("an 8-bit plane")
+    };
+    if oh.len() != head_dim || !col.is_multiple_of(head_dim) {
+        return weighted_v_scalar(oh, sc, inv, v, stride, col);
+    }
+    let mut row = [0f32; 256];
+    let mut big = Vec::new();
+    let row: &mut [f32] = if head_dim <= 256 {
+        &mut row[..head_dim]
+    } else {
+        big.resize(head_dim, 0.0);
+        &mut big
+    };
+    for (p, s) in sc.iter().enumerate() {
+        i8_head(q, scale, kv_dim, head_dim, p * stride + col, row);
+        let pr = s * inv;
+        for (o, vv) in oh.iter_mut().zip(row.iter()) {
+            *o += pr * vv;
+        }
+    }
+}
+
 /// One block's K and V.
 pub type KvBlockRef<'a> = (KvSlice<'a>, KvSlice<'a>);
 
@@ -167,6 +212,16 @@ unsafe fn attend_avx2(
         |k, off, hd, qs| match k {
             KvSlice::F32(s) => unsafe { crate::dot::x86::dot4_avx2(&s[off..off + hd], qs) },
             KvSlice::F16(s) => unsafe { x86::dot4_f16(&s[off..off + hd], qs) },
+            KvSlice::I8 {
+                q,
+                scale,
+                kv_dim,
+                head_dim,
+            } if hd == *head_dim && hd <= 256 => {
+                let mut key = [0f32; 256];
+                i8_head(q, scale, *kv_dim, *head_dim, off, &mut key[..hd]);
+                unsafe { crate::dot::x86::dot4_avx2(&key[..hd], qs) }
+            }
             KvSlice::I8 { .. } => {
                 let key: Vec<f32> = (off..off + hd).map(|i| k.get(i)).collect();
                 unsafe { crate::dot::x86::dot4_avx2(&key, qs) }
@@ -175,7 +230,7 @@ unsafe fn attend_avx2(
         |oh, sc, inv, v, stride, col| match v {
             KvSlice::F32(s) => unsafe { x86::weighted_v(oh, sc, inv, s, stride, col) },
             KvSlice::F16(s) => unsafe { x86::weighted_v_f16(oh, sc, inv, s, stride, col) },
-            KvSlice::I8 { .. } => weighted_v_scalar(oh, sc, inv, v, stride, col),
+            KvSlice::I8 { .. } => weighted_v_i8(oh, sc, inv, v, stride, col),
         },
     );
 }
