@@ -45,7 +45,7 @@ fn quantize_slice(x: &[f32], q: &mut [i8]) -> f32 {
     let s = amax / 127.0;
     let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
     for (o, v) in q.iter_mut().zip(x) {
-        *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        *o = crate::round_half_away((v * inv).clamp(-127.0, 127.0)) as i8;
     }
     s
 }

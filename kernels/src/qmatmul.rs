@@ -124,7 +124,7 @@ impl QActs {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
+                *q = crate::round_half_away(v * id) as i8;
                 sum += *q as i32;
             }
             self.d[b] = d;
