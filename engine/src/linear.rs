@@ -68,6 +68,17 @@ impl<'a> Acts<'a> {
     }
 }
 
+/// A view of `Linear::Quant`'s weights, which are always stored in packed panels.
+fn packed(format: QFormat, bytes: &[u8], n: usize, k: usize) -> QWeights<'_> {
+    QWeights {
+        format,
+        bytes,
+        n,
+        k,
+        packed: true,
+    }
+}
+
 /// A weight matrix of `n` output channels by `k` inputs.
 pub enum Linear {
     F32 {
@@ -167,13 +178,7 @@ impl Linear {
                 let mut buf = Vec::new();
                 for l in &loaded {
                     if let Linear::Quant { bytes, n, k, .. } = l {
-                        let w = QWeights {
-                            format,
-                            bytes,
-                            n: *n,
-                            k: *k,
-                            packed: true,
-                        };
+                        let w = packed(format, bytes, *n, *k);
                         for j in 0..*n {
                             rows.extend_from_slice(w.row(j, &mut buf));
                         }
@@ -216,16 +221,7 @@ impl Linear {
                 bytes,
                 n,
                 k,
-            } => {
-                let w = QWeights {
-                    format: *format,
-                    bytes,
-                    n: *n,
-                    k: *k,
-                    packed: true,
-                };
-                qmatmul(x.quantized(), w, y)
-            }
+            } => qmatmul(x.quantized(), packed(*format, bytes, *n, *k), y),
             Linear::Int8(w) => gemm(x.per_token(), w, y),
             Linear::Parts(_) if x.m == 0 => {}
             Linear::Parts(ps) => {
@@ -254,14 +250,8 @@ impl Linear {
                 n,
                 k,
             } => {
-                let w = QWeights {
-                    format: *format,
-                    bytes,
-                    n: *n,
-                    k: *k,
-                    packed: true,
-                };
                 let mut buf = Vec::new();
+                let w = packed(*format, bytes, *n, *k);
                 let src = w.row(j, &mut buf);
                 match format {
                     QFormat::Q4_0 => kernels::quant::dequantize_q4_0(src, out),
