@@ -230,17 +230,23 @@ impl LlamaModel {
             }
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
-                // A task per (row, KV-head group): rows differ in context length, the pool
-                // balances them, and a lone decode row still spreads over the threads.
-                let per_group = c.n_heads / c.n_kv_heads * hd;
-                for_rows(&mut att, per_group, 1, |task, out| {
-                    let (row, g) = (task / c.n_kv_heads, task % c.n_kv_heads);
+                // A task per (row, KV-head group): rows differ in context length and the pool
+                // balances them. A batch too small to keep every thread busy that way (a lone
+                // decode row) takes a task per head instead; any split gives the same bits.
+                let group = c.n_heads / c.n_kv_heads;
+                let per_task = if r * c.n_kv_heads >= 4 * kernels::pool::global().threads() {
+                    group
+                } else {
+                    1
+                };
+                let tasks_per_row = c.n_heads / per_task;
+                for_rows(&mut att, per_task * hd, 1, |task, out| {
+                    let (row, t) = (task / tasks_per_row, task % tasks_per_row);
                     let n_ctx = row_pos[row] + 1;
-                    let heads = c.n_heads / c.n_kv_heads;
-                    let mut scores = vec![0f32; n_ctx * heads.min(4)];
+                    let mut scores = vec![0f32; n_ctx * per_task.min(4)];
                     attend_heads(
                         shape,
-                        g * heads..(g + 1) * heads,
+                        t * per_task..(t + 1) * per_task,
                         &q[row * d..(row + 1) * d],
                         &blocks[row_item[row]],
                         n_ctx,
