@@ -96,7 +96,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Sizes the compute pool (default: every core); returns the thread count.
+/// Sizes the kernels' compute pool and rayon's pool (used only to load weights in parallel);
+/// default: every core. Returns the thread count.
 fn init_compute_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     let n = threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
