@@ -303,7 +303,41 @@ mod x86 {
         out
     }
 
-    /// [`weighted_v`] reading f16 values.
+    /// `oh += Σ_p (sc[p]·inv)·v[p]` with 32-float slices of the output held in four registers;
+    /// `$load` turns a pointer to 8 stored values into 8 f32s. Element by element the same
+    /// multiply and add as [`weighted_v_scalar`] (no fusion), so the same bits.
+    macro_rules! weighted_v_body {
+        ($oh:ident, $sc:ident, $inv:ident, $rows:ident, $stride:ident, $col:ident, $slice:expr, $load:expr) => {{
+            let hd = $oh.len();
+            if !hd.is_multiple_of(32) || $sc.is_empty() {
+                weighted_v_scalar($oh, $sc, $inv, &$slice, $stride, $col);
+                return;
+            }
+            assert!(($sc.len() - 1) * $stride + $col + hd <= $rows.len());
+            let base = $rows.as_ptr();
+            for c in (0..hd).step_by(32) {
+                // SAFETY: c + 32 ≤ hd = oh.len().
+                let mut acc: [__m256; 4] = std::array::from_fn(|u| unsafe {
+                    _mm256_loadu_ps($oh.as_ptr().add(c + 8 * u))
+                });
+                for (p, s) in $sc.iter().enumerate() {
+                    let pr = _mm256_set1_ps(s * $inv);
+                    // SAFETY: row p's columns col + c .. col + c + 32 are in bounds (asserted).
+                    let vp = unsafe { base.add(p * $stride + $col + c) };
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        let vv = unsafe { $load(vp.add(8 * u)) };
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
+                    }
+                }
+                for (u, a) in acc.iter().enumerate() {
+                    // SAFETY: c + 8u + 8 ≤ hd.
+                    unsafe { _mm256_storeu_ps($oh.as_mut_ptr().add(c + 8 * u), *a) };
+                }
+            }
+        }};
+    }
+
+    /// The weighted V sum over f16 values (converted exactly with F16C).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_v_f16(
         oh: &mut [f32],
@@ -313,36 +347,19 @@ mod x86 {
         stride: usize,
         col: usize,
     ) {
-        let hd = oh.len();
-        if !hd.is_multiple_of(32) || sc.is_empty() {
-            weighted_v_scalar(oh, sc, inv, &KvSlice::F16(rows), stride, col);
-            return;
-        }
-        assert!((sc.len() - 1) * stride + col + hd <= rows.len());
-        let base = rows.as_ptr() as *const u16;
-        for c in (0..hd).step_by(32) {
-            // SAFETY: c + 32 ≤ hd = oh.len().
-            let mut acc: [__m256; 4] =
-                std::array::from_fn(|u| unsafe { _mm256_loadu_ps(oh.as_ptr().add(c + 8 * u)) });
-            for (p, s) in sc.iter().enumerate() {
-                let pr = _mm256_set1_ps(s * inv);
-                // SAFETY: row p's columns col + c .. col + c + 32 are in bounds (asserted).
-                let vp = unsafe { base.add(p * stride + col + c) };
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let vv = unsafe {
-                        _mm256_cvtph_ps(_mm_loadu_si128(vp.add(8 * u) as *const __m128i))
-                    };
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
-                }
-            }
-            for (u, a) in acc.iter().enumerate() {
-                // SAFETY: c + 8u + 8 ≤ hd.
-                unsafe { _mm256_storeu_ps(oh.as_mut_ptr().add(c + 8 * u), *a) };
-            }
-        }
+        weighted_v_body!(
+            oh,
+            sc,
+            inv,
+            rows,
+            stride,
+            col,
+            KvSlice::F16(rows),
+            |p: *const f16| { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        )
     }
 
-    /// [`weighted_v_scalar`] with 32-float slices of the output held in four registers.
+    /// The weighted V sum over f32 values.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_v(
         oh: &mut [f32],
@@ -352,31 +369,16 @@ mod x86 {
         stride: usize,
         col: usize,
     ) {
-        let hd = oh.len();
-        if !hd.is_multiple_of(32) || sc.is_empty() {
-            weighted_v_scalar(oh, sc, inv, &KvSlice::F32(rows), stride, col);
-            return;
-        }
-        assert!((sc.len() - 1) * stride + col + hd <= rows.len());
-        for c in (0..hd).step_by(32) {
-            // SAFETY: c + 32 ≤ hd = oh.len().
-            let mut acc: [__m256; 4] =
-                std::array::from_fn(|u| unsafe { _mm256_loadu_ps(oh.as_ptr().add(c + 8 * u)) });
-            for (p, s) in sc.iter().enumerate() {
-                let pr = _mm256_set1_ps(s * inv);
-                // SAFETY: row p's columns col + c .. col + c + 32 are in bounds (asserted).
-                let vp = unsafe { rows.as_ptr().add(p * stride + col + c) };
-                for (u, a) in acc.iter_mut().enumerate() {
-                    // Separate multiply and add, as in the scalar loop (no fusion).
-                    let vv = unsafe { _mm256_loadu_ps(vp.add(8 * u)) };
-                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pr, vv));
-                }
-            }
-            for (u, a) in acc.iter().enumerate() {
-                // SAFETY: c + 8u + 8 ≤ hd.
-                unsafe { _mm256_storeu_ps(oh.as_mut_ptr().add(c + 8 * u), *a) };
-            }
-        }
+        weighted_v_body!(
+            oh,
+            sc,
+            inv,
+            rows,
+            stride,
+            col,
+            KvSlice::F32(rows),
+            |p: *const f32| { _mm256_loadu_ps(p) }
+        )
     }
 }
 
