@@ -5,27 +5,16 @@
 //! log-probabilities it gets alone, bit for bit — greedy and sampled, f32 and int8.
 
 use decode_worker::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
-use engine::generation::GenerationState;
 use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
-use engine::sampler::SamplingParams;
+use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
 use engine::synthetic::{TinySpec, write};
-use engine::{Engine, EngineConfig, LogitsWanted, Precision};
+use engine::{Engine, EngineConfig, Precision};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 const N_SEQ: usize = 64;
 const N_GEN: usize = 12;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc<Engine>) {
     let dir = tempfile::tempdir().unwrap();
@@ -41,49 +30,7 @@ fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc
 }
 
 fn params(i: usize) -> GenerationParams {
-    let sampling = if i.is_multiple_of(3) {
-        SamplingParams::greedy()
-    } else {
-        SamplingParams {
-            temperature: 0.9,
-            top_p: 0.95,
-            top_k: if i.is_multiple_of(2) { 20 } else { 0 },
-            seed: 7000 + i as u64,
-            ..Default::default()
-        }
-    };
-    GenerationParams {
-        sampling,
-        max_tokens: N_GEN,
-        min_tokens: N_GEN,
-        ignore_eos: true,
-        stop_token_ids: vec![],
-        logprobs: Some(2),
-        prompt_logprobs: None,
-    }
-}
-
-/// (tokens, bits of each chosen token's logprob)
-type Trace = (Vec<u32>, Vec<u32>);
-
-/// The request alone, straight on the engine: whole-prompt prefill, then one token per step.
-fn alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
-    let mut seq = e.new_sequence();
-    let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
-    let mut st = GenerationState::new(p, prompt.len());
-    let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
-    let mut t: Trace = (vec![ev.token], vec![ev.logprobs.unwrap().logprob.to_bits()]);
-    while ev.finish.is_none() {
-        let l = e
-            .decode_step(&mut [(&mut seq, ev.token)])
-            .unwrap()
-            .pop()
-            .unwrap();
-        ev = st.next(&e.tokenizer, &l, e.max_context());
-        t.0.push(ev.token);
-        t.1.push(ev.logprobs.unwrap().logprob.to_bits());
-    }
-    t
+    mixed_params(i, N_GEN, 7000)
 }
 
 fn collect(mut rx: UnboundedReceiver<WorkerEvent>) -> Result<Trace, WorkerError> {
@@ -147,7 +94,7 @@ fn continuous_batching_with_chunks_and_preemption_equals_each_request_alone() {
         let want: Vec<Trace> = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| alone(&solo_engine, p, params(i)))
+            .map(|(i, p)| generate_alone(&solo_engine, p, params(i)))
             .collect();
         let block_bytes = solo_engine.kv.layout().block_bytes();
         let mut preemptions = 0;
@@ -196,7 +143,10 @@ fn a_request_that_cannot_fit_alone_fails_and_the_rest_are_served() {
     let big = submit(&h, 0, (0..100).map(|t| t % 200 + 3).collect(), params(0));
     let ok = submit(&h, 1, vec![5, 6, 7, 8], params(1));
     assert!(matches!(collect(big), Err(WorkerError::Overloaded(_))));
-    assert_eq!(collect(ok).unwrap(), alone(&e, &[5, 6, 7, 8], params(1)));
+    assert_eq!(
+        collect(ok).unwrap(),
+        generate_alone(&e, &[5, 6, 7, 8], params(1))
+    );
     drop(h);
     th.join().unwrap();
 }
@@ -260,7 +210,10 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let rx = submit(&h, 200, vec![9, 10, 11], params(2));
-    assert_eq!(collect(rx).unwrap(), alone(&e, &[9, 10, 11], params(2)));
+    assert_eq!(
+        collect(rx).unwrap(),
+        generate_alone(&e, &[9, 10, 11], params(2))
+    );
     drop(h);
     th.join().unwrap();
 }

@@ -168,3 +168,73 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
 pub fn write(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
     build(spec).write(path)
 }
+
+/// Test support shared by the determinism tests of the engine and the workers.
+pub mod testing {
+    use crate::generation::GenerationState;
+    use crate::request::GenerationParams;
+    use crate::sampler::SamplingParams;
+    use crate::{Engine, LogitsWanted};
+
+    /// A seeded xorshift generator (test data only).
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        /// Uniform in `0..n`.
+        pub fn next(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Request `i` of a mixed batch: every third greedy, the rest seeded temperature + top-p
+    /// (+ top-k on even `i`), exactly `n_gen` tokens, logprobs on.
+    pub fn mixed_params(i: usize, n_gen: usize, seed_base: u64) -> GenerationParams {
+        let sampling = if i.is_multiple_of(3) {
+            SamplingParams::greedy()
+        } else {
+            SamplingParams {
+                temperature: 0.9,
+                top_p: 0.95,
+                top_k: if i.is_multiple_of(2) { 20 } else { 0 },
+                seed: seed_base + i as u64,
+                ..Default::default()
+            }
+        };
+        GenerationParams {
+            sampling,
+            max_tokens: n_gen,
+            min_tokens: n_gen,
+            ignore_eos: true,
+            stop_token_ids: vec![],
+            logprobs: Some(2),
+            prompt_logprobs: None,
+        }
+    }
+
+    /// Tokens and the bits of each chosen token's log-probability.
+    pub type Trace = (Vec<u32>, Vec<u32>);
+
+    /// The request alone, straight on the engine: whole-prompt prefill, then one token a step.
+    pub fn generate_alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
+        let mut seq = e.new_sequence();
+        let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
+        let mut st = GenerationState::new(p, prompt.len());
+        let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
+        let lp = |ev: &crate::request::TokenEvent| ev.logprobs.as_ref().unwrap().logprob.to_bits();
+        let mut t: Trace = (vec![ev.token], vec![lp(&ev)]);
+        while ev.finish.is_none() {
+            let l = e
+                .decode_step(&mut [(&mut seq, ev.token)])
+                .unwrap()
+                .pop()
+                .unwrap();
+            ev = st.next(&e.tokenizer, &l, e.max_context());
+            t.0.push(ev.token);
+            t.1.push(lp(&ev));
+        }
+        t
+    }
+}

@@ -5,22 +5,12 @@
 use engine::generation::GenerationState;
 use engine::model::ForwardItem;
 use engine::request::GenerationParams;
-use engine::sampler::SamplingParams;
+use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig, KvDtype, KvSequence, LogitsWanted, Precision};
 
 const N_SEQ: usize = 64;
 const N_GEN: usize = 10;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 fn load(precision: Precision, kv_dtype: KvDtype) -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
@@ -37,53 +27,7 @@ fn load(precision: Precision, kv_dtype: KvDtype) -> (tempfile::TempDir, Engine) 
 }
 
 fn params(i: usize) -> GenerationParams {
-    let sampling = if i.is_multiple_of(3) {
-        SamplingParams::greedy()
-    } else {
-        SamplingParams {
-            temperature: 0.9,
-            top_p: 0.95,
-            top_k: if i.is_multiple_of(2) { 20 } else { 0 },
-            seed: 1000 + i as u64,
-            ..Default::default()
-        }
-    };
-    GenerationParams {
-        sampling,
-        max_tokens: N_GEN,
-        min_tokens: N_GEN,
-        ignore_eos: true,
-        stop_token_ids: vec![],
-        logprobs: Some(3),
-        prompt_logprobs: None,
-    }
-}
-
-/// (tokens, bits of each chosen token's logprob)
-type Trace = (Vec<u32>, Vec<u32>);
-
-fn run_alone(e: &Engine, prompt: &[u32], p: GenerationParams) -> Trace {
-    let mut seq = e.new_sequence();
-    let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
-    let mut st = GenerationState::new(p, prompt.len());
-    let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
-    let mut trace: Trace = (
-        vec![ev.token],
-        vec![ev.logprobs.as_ref().unwrap().logprob.to_bits()],
-    );
-    while ev.finish.is_none() {
-        let l = e
-            .decode_step(&mut [(&mut seq, ev.token)])
-            .unwrap()
-            .pop()
-            .unwrap();
-        ev = st.next(&e.tokenizer, &l, e.max_context());
-        trace.0.push(ev.token);
-        trace
-            .1
-            .push(ev.logprobs.as_ref().unwrap().logprob.to_bits());
-    }
-    trace
+    mixed_params(i, N_GEN, 1000)
 }
 
 #[test]
@@ -113,7 +57,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
         let alone: Vec<Trace> = prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| run_alone(&e, p, params(i)))
+            .map(|(i, p)| generate_alone(&e, p, params(i)))
             .collect();
         drop(e);
 
