@@ -14,7 +14,6 @@
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TokenId;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use kernels::attention::{KvBlockRef, KvSlice};
 use memmap2::MmapMut;
 use std::collections::{BTreeMap, HashMap};
@@ -90,6 +89,17 @@ impl KvLayout {
             _ => 0,
         };
         (self.plane() * self.dtype.bytes()).next_multiple_of(4) + scales
+    }
+    /// The geometry attention reads blocks with (for any head count: only `n_kv_heads`,
+    /// `head_dim` and `block_size` matter to the layout).
+    pub fn attn_shape(&self) -> kernels::attention::AttnShape {
+        let n_kv_heads = self.kv_dim / self.head_dim;
+        kernels::attention::AttnShape {
+            n_heads: n_kv_heads,
+            n_kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+        }
     }
     /// Bytes one block takes over all layers.
     pub fn block_bytes(&self) -> usize {
@@ -300,48 +310,65 @@ impl KvPool {
                         p.add(n.next_multiple_of(4)).cast::<f32>(),
                         l.block_size * (l.kv_dim / l.head_dim),
                     ),
-                    kv_dim: l.kv_dim,
-                    head_dim: l.head_dim,
                 },
             }
         }
     }
 
-    /// Writes `x` at value offset `at` of a plane, converting to the pool's dtype.
+    /// Writes position `pos`'s K (`v == false`) or V values (`x`, `kv_dim` of them) into a
+    /// block's plane in the attention layout (K transposed; see `kernels::attention`),
+    /// converting to the pool's dtype.
     ///
     /// # Safety
     /// The caller must hold the block exclusively for the duration of the call.
-    unsafe fn write_plane(&self, block: BlockId, layer: usize, v: bool, at: usize, x: &[f32]) {
+    unsafe fn write_position(&self, block: BlockId, layer: usize, v: bool, pos: usize, x: &[f32]) {
         let (off, l) = (self.plane_offset(block, layer, v), self.layout);
-        assert!(at + x.len() <= l.plane());
-        // SAFETY: as above.
+        let shape = l.attn_shape();
+        let (hd, heads) = (l.head_dim, l.kv_dim / l.head_dim);
+        assert!(pos < l.block_size && x.len() == l.kv_dim);
+        let index = |h: usize, d: usize| {
+            if v {
+                shape.v_index(pos, h, d)
+            } else {
+                shape.k_index(pos, h, d)
+            }
+        };
+        // SAFETY: as above; every index lies inside the plane (or its scales).
         unsafe {
             let base = self.data.as_ptr().add(off);
-            let p = base.add(at * l.dtype.bytes());
             match l.dtype {
                 KvDtype::F32 => {
-                    std::slice::from_raw_parts_mut(p.cast::<f32>(), x.len()).copy_from_slice(x)
+                    let p = base.cast::<f32>();
+                    for h in 0..heads {
+                        for d in 0..hd {
+                            *p.add(index(h, d)) = x[h * hd + d];
+                        }
+                    }
                 }
-                KvDtype::F16 => std::slice::from_raw_parts_mut(p.cast::<f16>(), x.len())
-                    .convert_from_f32_slice(x),
+                KvDtype::F16 => {
+                    let p = base.cast::<f16>();
+                    for h in 0..heads {
+                        for d in 0..hd {
+                            *p.add(index(h, d)) = f16::from_f32(x[h * hd + d]);
+                        }
+                    }
+                }
                 KvDtype::Int8 => {
-                    // Whole positions only: one scale per head of each.
-                    assert!(at.is_multiple_of(l.kv_dim) && x.len().is_multiple_of(l.head_dim));
-                    let q = std::slice::from_raw_parts_mut(p.cast::<i8>(), x.len());
+                    let q = base.cast::<i8>();
                     let scales = base.add(l.plane().next_multiple_of(4)).cast::<f32>();
-                    let first = at / l.head_dim;
-                    for (h, (xh, qh)) in x
-                        .chunks(l.head_dim)
-                        .zip(q.chunks_mut(l.head_dim))
-                        .enumerate()
-                    {
+                    for (h, xh) in x.chunks(hd).enumerate() {
                         let amax = xh.iter().fold(0f32, |a, v| a.max(v.abs()));
                         let s = amax / 127.0;
                         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                        for (o, v) in qh.iter_mut().zip(xh) {
-                            *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                        for (d, v) in xh.iter().enumerate() {
+                            *q.add(index(h, d)) = (v * inv).round().clamp(-127.0, 127.0) as i8;
                         }
-                        *scales.add(first + h) = s;
+                        let si = if v {
+                            shape.v_scale_index(pos, h)
+                        } else {
+                            shape.k_scale_index(pos, h)
+                        };
+                        *scales.add(si) = s;
                     }
                 }
             }
@@ -436,12 +463,11 @@ impl KvSequence {
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let l = self.pool.layout;
         let b = self.blocks[pos / l.block_size];
-        let off = (pos % l.block_size) * l.kv_dim;
-        assert!(k.len() == l.kv_dim && v.len() == l.kv_dim);
+        let p = pos % l.block_size;
         // SAFETY: this sequence owns `b` and is borrowed mutably.
         unsafe {
-            self.pool.write_plane(b, layer, false, off, k);
-            self.pool.write_plane(b, layer, true, off, v);
+            self.pool.write_position(b, layer, false, p, k);
+            self.pool.write_position(b, layer, true, p, v);
         }
     }
 
@@ -496,7 +522,13 @@ mod tests {
         let KvSlice::F32(v) = planes[1].1 else {
             panic!("f32 pool")
         };
-        assert_eq!(&k[..4], &[1.0, 2.0, 3.0, 4.0]);
+        // Position 0 of block 1; K is stored transposed ([head][dim][position]).
+        let sh = layout().attn_shape();
+        let at = |h, d| k[sh.k_index(0, h, d)];
+        assert_eq!(
+            [at(0, 0), at(0, 1), at(1, 0), at(1, 1)],
+            [1.0, 2.0, 3.0, 4.0]
+        );
         assert_eq!(&v[..4], &[5.0, 6.0, 7.0, 8.0]);
         let mut t = KvSequence::new(pool.clone());
         assert!(matches!(

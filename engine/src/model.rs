@@ -10,7 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
-use kernels::attention::{AttnShape, attend_heads};
+use kernels::attention::{AttnRows, AttnShape, KvBlockRef, attend_rows};
 use kernels::ops::{rms_norm, rope_normal, silu_mul};
 use kernels::pool::for_rows;
 use rayon::prelude::*;
@@ -230,30 +230,7 @@ impl LlamaModel {
             }
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
-                // A task per (row, KV-head group): rows differ in context length and the pool
-                // balances them. A batch too small to keep every thread busy that way (a lone
-                // decode row) takes a task per head instead; any split gives the same bits.
-                let group = c.n_heads / c.n_kv_heads;
-                let per_task = if r * c.n_kv_heads >= 4 * kernels::pool::global().threads() {
-                    group
-                } else {
-                    1
-                };
-                let tasks_per_row = c.n_heads / per_task;
-                for_rows(&mut att, per_task * hd, 1, |task, out| {
-                    let (row, t) = (task / tasks_per_row, task % tasks_per_row);
-                    let n_ctx = row_pos[row] + 1;
-                    let mut scores = vec![0f32; n_ctx * per_task.min(4)];
-                    attend_heads(
-                        shape,
-                        t * per_task..(t + 1) * per_task,
-                        &q[row * d..(row + 1) * d],
-                        &blocks[row_item[row]],
-                        n_ctx,
-                        &mut scores,
-                        out,
-                    );
-                });
+                attention(shape, &q, &row_item, &row_pos, &blocks, &mut att);
             }
             l.wo.forward(&mut Acts::new(&att, r, d), &mut proj);
             add_in_place(&mut x, &proj);
@@ -305,6 +282,76 @@ impl LlamaModel {
         }
         Ok(out)
     }
+}
+
+/// Query rows per attention task: with three query heads per KV head, 24 (row, head) scores
+/// share each key vector the kernel loads.
+const ATTN_TILE: usize = 8;
+
+/// Attention of every row of the call over its own sequence (`blocks[item]`), into `att`.
+///
+/// A task is up to [`ATTN_TILE`] consecutive rows of one sequence × the query heads of one KV
+/// head, longest contexts first so the pool's threads finish together. A batch with too few
+/// tasks to keep every thread busy that way (a lone decode row) takes a task per head instead;
+/// any split gives the same bits.
+fn attention(
+    shape: AttnShape,
+    q: &[f32],
+    row_item: &[usize],
+    row_pos: &[usize],
+    blocks: &[Vec<KvBlockRef<'_>>],
+    att: &mut [f32],
+) {
+    let (hd, d) = (shape.head_dim, shape.n_heads * shape.head_dim);
+    // (first row, rows) of each tile: rows of one item at consecutive positions.
+    let mut tiles = Vec::new();
+    let mut r = 0;
+    while r < row_item.len() {
+        let mut n = 1;
+        while n < ATTN_TILE
+            && r + n < row_item.len()
+            && row_item[r + n] == row_item[r]
+            && row_pos[r + n] == row_pos[r] + n
+        {
+            n += 1;
+        }
+        tiles.push((r, n));
+        r += n;
+    }
+    tiles.sort_by_key(|&(r, n)| std::cmp::Reverse(row_pos[r] + n));
+    let group = shape.group();
+    let heads_per_task = if tiles.len() * shape.n_kv_heads >= 4 * kernels::pool::global().threads()
+    {
+        group
+    } else {
+        1
+    };
+    let tasks_per_tile = shape.n_heads / heads_per_task;
+    let out = kernels::pool::SendPtr(att.as_mut_ptr());
+    kernels::pool::global().run(tiles.len() * tasks_per_tile, &|task| {
+        let (r0, rows) = tiles[task / tasks_per_tile];
+        let h0 = task % tasks_per_tile * heads_per_task;
+        let heads = h0..h0 + heads_per_task;
+        let mut o = vec![0f32; rows * heads_per_task * hd];
+        attend_rows(
+            shape,
+            heads,
+            AttnRows {
+                q: &q[r0 * d..(r0 + rows) * d],
+                rows,
+                first_ctx: row_pos[r0] + 1,
+                blocks: &blocks[row_item[r0]],
+            },
+            &mut o,
+        );
+        for (r, src) in o.chunks_exact(heads_per_task * hd).enumerate() {
+            // SAFETY: row r0 + r, heads h0.. of `att` belong to this task alone.
+            unsafe {
+                let dst = out.get().add((r0 + r) * d + h0 * hd);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+            }
+        }
+    });
 }
 
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], d: usize) {

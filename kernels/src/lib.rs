@@ -18,16 +18,19 @@
 //!
 //! INT8 (W8A8) GEMM/GEMV and the `cuda` backend slot in beside these modules.
 
+pub mod actq;
 pub mod attention;
 pub mod dispatch;
 pub mod dot;
 pub mod int8;
 pub mod matmul;
 pub mod ops;
+pub mod panel;
 pub mod pool;
 pub mod qmatmul;
 pub mod quant;
 pub mod roofline;
+pub(crate) mod simd;
 
 pub use dispatch::SimdLevel;
 

@@ -34,7 +34,12 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
     let peak = int8_peak();
     match peak {
         Some(p) => println!(
-            "int8 peak (maddubs+madd+add chains, registers only): {:.1} GMAC/s",
+            "int8 peak ({} chains, registers only): {:.1} GMAC/s",
+            if lvl >= kernels::SimdLevel::Avx512 {
+                "vpdpbusd"
+            } else {
+                "maddubs+madd+add"
+            },
             p / 1e9
         ),
         None => println!("int8 peak: no SIMD level, not measured"),
@@ -63,7 +68,7 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
     for m in [32, a.m] {
         let shipped = gemm_rate(m, d, ff);
         let row = gemm_rate_with(m, d, ff, |x, m, k| {
-            I8Acts::quantize_grouped(x, m, k, k.next_multiple_of(32))
+            I8Acts::quantize_grouped(x, m, k, k.next_multiple_of(4))
         });
         let tensor = gemm_rate_with(m, d, ff, I8Acts::quantize_per_tensor);
         println!(
