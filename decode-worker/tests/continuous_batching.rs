@@ -87,7 +87,7 @@ fn prompts(rng: &mut Rng) -> Vec<Vec<u32>> {
 
 #[test]
 fn continuous_batching_with_chunks_and_preemption_equals_each_request_alone() {
-    for precision in [Precision::F32, Precision::Int8] {
+    for precision in [Precision::F32, Precision::Int8, Precision::W4A8] {
         let (_d, solo_engine) = load(precision, 64 << 20);
         let mut rng = Rng(0x5eed_1234 ^ precision as u64);
         let prompts = prompts(&mut rng);

@@ -1,26 +1,29 @@
-//! A weight matrix at the precision the engine runs: f32 (the reference path: every weight
-//! dequantized exactly), int8 (W8A8: every weight requantized at load to 8 bits per output
-//! channel, activations to 8 bits per token, exact integer sums: `kernels::int8`), or w4a8
-//! (Q4_0/Q4_1/Q8_0 weights kept as stored, activations quantized per block of 32:
-//! `kernels::qmatmul`; other tensor types run in f32).
+//! A weight matrix at the precision the engine runs: w4a8, the default (Q4_0/Q4_1/Q8_0
+//! weights kept exactly as stored, activations quantized per block of 32, exact integer sums:
+//! `kernels::qmatmul`; tensors of other types are requantized to int8), int8 (W8A8: every
+//! weight requantized at load to 8 bits per output channel, activations to 8 bits per token
+//! per group of 64: `kernels::int8`), or f32 (the reference path: every weight dequantized
+//! exactly).
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
 use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::matmul::matmul;
-use kernels::qmatmul::{QActs, QFormat, QWeights, pack_panels, qmatmul};
+use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 
 /// How the weight matrices compute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// Every weight dequantized to f32: exact arithmetic, the golden-test reference.
     F32,
-    /// W8A8 with per-output-channel weight scales and per-token activation scales: the
-    /// default, and the fastest path for prefill and batched decode.
-    #[default]
+    /// W8A8 with per-output-channel weight scales and per-token activation scales: any GGUF
+    /// type becomes 8-bit; for the default model a little faster to prefill than w4a8, but it
+    /// reads 40% more bytes per decoded token and is less accurate.
     Int8,
-    /// GGUF block weights as stored (Q4_1 is 5 bits a weight), activations 8-bit per block of
-    /// 32: the least memory.
+    /// The default: GGUF block weights as stored (Q4_1 is 5 bits a weight), activations
+    /// 8-bit per block of 32 — the GGUF's own accuracy, the least memory, the fastest decode.
+    /// Tensors in a format without a block kernel run as int8.
+    #[default]
     W4A8,
 }
 
@@ -68,17 +71,6 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// A view of `Linear::Quant`'s weights, which are always stored in packed panels.
-fn packed(format: QFormat, bytes: &[u8], n: usize, k: usize) -> QWeights<'_> {
-    QWeights {
-        format,
-        bytes,
-        n,
-        k,
-        packed: true,
-    }
-}
-
 /// A weight matrix of `n` output channels by `k` inputs.
 pub enum Linear {
     F32 {
@@ -86,12 +78,7 @@ pub enum Linear {
         n: usize,
         k: usize,
     },
-    Quant {
-        format: QFormat,
-        bytes: Vec<u8>,
-        n: usize,
-        k: usize,
-    },
+    Quant(QWeights),
     Int8(I8Weights),
     /// Matrices that cannot be stacked exactly (GGUF blocks of different formats), run one
     /// after another into their columns.
@@ -121,13 +108,18 @@ impl Linear {
             Some(format)
                 if precision == Precision::W4A8 && k.is_multiple_of(kernels::qmatmul::QK) =>
             {
-                Ok(Linear::Quant {
+                Ok(Linear::Quant(QWeights::pack(
                     format,
-                    bytes: pack_panels(format, g.tensor_bytes(info)?, n, k),
+                    g.tensor_bytes(info)?,
                     n,
                     k,
-                })
+                )))
             }
+            _ if precision == Precision::W4A8 => Ok(Linear::Int8(I8Weights::quantize(
+                &g.tensor_f32(name)?,
+                n,
+                k,
+            ))),
             _ => Ok(Linear::F32 {
                 w: g.tensor_f32(name)?,
                 n,
@@ -168,28 +160,20 @@ impl Linear {
         let same_format = |f: QFormat| {
             loaded
                 .iter()
-                .all(|l| matches!(l, Linear::Quant { format, .. } if *format == f))
+                .all(|l| matches!(l, Linear::Quant(w) if w.format == f))
         };
         Ok(match &loaded[0] {
-            Linear::Quant { format, .. } if same_format(*format) => {
-                // Back to row-major, stacked, then packed as one matrix.
-                let format = *format;
+            Linear::Quant(w0) if same_format(w0.format) => {
+                // The GGUF rows of every part, stacked, then packed as one matrix.
                 let mut rows = Vec::new();
-                let mut buf = Vec::new();
                 for l in &loaded {
-                    if let Linear::Quant { bytes, n, k, .. } = l {
-                        let w = packed(format, bytes, *n, *k);
-                        for j in 0..*n {
-                            rows.extend_from_slice(w.row(j, &mut buf));
+                    if let Linear::Quant(w) = l {
+                        for j in 0..w.n {
+                            rows.extend(w.gguf_row(j));
                         }
                     }
                 }
-                Linear::Quant {
-                    format,
-                    bytes: pack_panels(format, &rows, n, k),
-                    n,
-                    k,
-                }
+                Linear::Quant(QWeights::pack(w0.format, &rows, n, k))
             }
             Linear::F32 { .. } if loaded.iter().all(|l| matches!(l, Linear::F32 { .. })) => {
                 let mut w = Vec::with_capacity(n * k);
@@ -206,7 +190,8 @@ impl Linear {
 
     pub fn dims(&self) -> (usize, usize) {
         match self {
-            Linear::F32 { n, k, .. } | Linear::Quant { n, k, .. } => (*n, *k),
+            Linear::F32 { n, k, .. } => (*n, *k),
+            Linear::Quant(w) => (w.n, w.k),
             Linear::Int8(w) => (w.n, w.k),
             Linear::Parts(ps) => (ps.iter().map(|p| p.dims().0).sum(), ps[0].dims().1),
         }
@@ -216,12 +201,7 @@ impl Linear {
     pub fn forward(&self, x: &mut Acts<'_>, y: &mut [f32]) {
         match self {
             Linear::F32 { w, n, k } => matmul(x.x, w, y, x.m, *k, *n),
-            Linear::Quant {
-                format,
-                bytes,
-                n,
-                k,
-            } => qmatmul(x.quantized(), packed(*format, bytes, *n, *k), y),
+            Linear::Quant(w) => qmatmul(x.quantized(), w, y),
             Linear::Int8(w) => gemm(x.per_token(), w, y),
             Linear::Parts(_) if x.m == 0 => {}
             Linear::Parts(ps) => {
@@ -244,21 +224,7 @@ impl Linear {
     pub fn row_into(&self, j: usize, out: &mut [f32]) {
         match self {
             Linear::F32 { w, k, .. } => out.copy_from_slice(&w[j * k..(j + 1) * k]),
-            Linear::Quant {
-                format,
-                bytes,
-                n,
-                k,
-            } => {
-                let mut buf = Vec::new();
-                let w = packed(*format, bytes, *n, *k);
-                let src = w.row(j, &mut buf);
-                match format {
-                    QFormat::Q4_0 => kernels::quant::dequantize_q4_0(src, out),
-                    QFormat::Q4_1 => kernels::quant::dequantize_q4_1(src, out),
-                    QFormat::Q8_0 => kernels::quant::dequantize_q8_0(src, out),
-                }
-            }
+            Linear::Quant(w) => w.row_into(j, out),
             Linear::Int8(w) => w.row_into(j, out),
             Linear::Parts(ps) => {
                 let mut j = j;
@@ -278,7 +244,7 @@ impl Linear {
     pub fn bytes(&self) -> usize {
         match self {
             Linear::F32 { w, .. } => w.len() * 4,
-            Linear::Quant { bytes, .. } => bytes.len(),
+            Linear::Quant(w) => w.bytes(),
             Linear::Int8(w) => w.bytes(),
             Linear::Parts(ps) => ps.iter().map(Linear::bytes).sum(),
         }

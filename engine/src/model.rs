@@ -11,7 +11,7 @@ use crate::gguf::GgufFile;
 use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
 use kernels::attention::{AttnRows, AttnShape, KvBlockRef, attend_rows};
-use kernels::ops::{rms_norm, rope_normal, silu_mul};
+use kernels::ops::{rms_norm, rope_angles, rope_apply, silu_mul};
 use kernels::pool::for_rows;
 use rayon::prelude::*;
 
@@ -31,10 +31,11 @@ struct Layer {
 pub struct LlamaModel {
     pub cfg: LlamaConfig,
     pub precision: Precision,
+    /// The embedding table; also the output projection when that is tied to it. At `int8` it
+    /// keeps the GGUF's blocks as stored (computed by the w4a8 kernel): requantizing it would
+    /// perturb every input token and was the largest part of int8's perplexity cost, and the
+    /// stored Q8_0 blocks read as fast as int8 rows.
     token_embd: Linear,
-    /// The embedding rows exactly as stored, for lookups, when `token_embd` computes at a
-    /// lossy precision (int8 requantization would perturb every input token).
-    embd_lookup: Option<Linear>,
     /// `None` when the output projection is tied to the embeddings.
     output: Option<Linear>,
     output_norm: Vec<f32>,
@@ -69,16 +70,11 @@ impl LlamaModel {
             cfg.vocab_size as u64,
         );
         let lin = |name: &str, shape: &[u64]| Linear::load(g, name, shape, precision);
-        let token_embd = lin("token_embd.weight", &[d, v])?;
-        let embd_lookup = match precision {
-            Precision::Int8 => Some(Linear::load(
-                g,
-                "token_embd.weight",
-                &[d, v],
-                Precision::W4A8,
-            )?),
-            _ => None,
+        let embd_precision = match precision {
+            Precision::Int8 => Precision::W4A8,
+            p => p,
         };
+        let token_embd = Linear::load(g, "token_embd.weight", &[d, v], embd_precision)?;
         let output = match g.tensor_info("output.weight") {
             Some(_) => Some(lin("output.weight", &[d, v])?),
             None => None,
@@ -113,7 +109,6 @@ impl LlamaModel {
             cfg,
             precision,
             token_embd,
-            embd_lookup,
             output,
             output_norm,
             layers,
@@ -145,7 +140,6 @@ impl LlamaModel {
             })
             .sum();
         l + self.token_embd.bytes()
-            + self.embd_lookup.as_ref().map_or(0, Linear::bytes)
             + self.output.as_ref().map_or(0, Linear::bytes)
             + self.output_norm.len() * 4
     }
@@ -185,10 +179,7 @@ impl LlamaModel {
             .chunks_exact_mut(d)
             .zip(items.iter().flat_map(|it| it.tokens.iter()))
         {
-            self.embd_lookup
-                .as_ref()
-                .unwrap_or(&self.token_embd)
-                .row_into(tok as usize, row);
+            self.token_embd.row_into(tok as usize, row);
         }
         let mut h = vec![0f32; r * d];
         let mut q = vec![0f32; r * d];
@@ -207,6 +198,15 @@ impl LlamaModel {
             block_size: crate::kv::BLOCK_SIZE,
         };
 
+        // Each row's rotation angles, shared by every layer and by Q and K.
+        let angles: Vec<Vec<(f32, f32)>> = row_pos
+            .iter()
+            .map(|&pos| {
+                let mut cs = Vec::new();
+                rope_angles(hd, pos, c.rope_base, &mut cs);
+                cs
+            })
+            .collect();
         for (li, l) in self.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, c.rms_eps, &mut h, d);
             l.wqkv.forward(&mut Acts::new(&h, r, d), &mut qkv);
@@ -215,9 +215,9 @@ impl LlamaModel {
                 k[row * kvd..(row + 1) * kvd].copy_from_slice(&src[d..d + kvd]);
                 v[row * kvd..(row + 1) * kvd].copy_from_slice(&src[d + kvd..]);
             }
-            for (row, &pos) in row_pos.iter().enumerate() {
-                rope_normal(&mut q[row * d..(row + 1) * d], hd, pos, c.rope_base);
-                rope_normal(&mut k[row * kvd..(row + 1) * kvd], hd, pos, c.rope_base);
+            for (row, cs) in angles.iter().enumerate() {
+                rope_apply(&mut q[row * d..(row + 1) * d], hd, cs);
+                rope_apply(&mut k[row * kvd..(row + 1) * kvd], hd, cs);
             }
             for row in 0..r {
                 let it = &mut items[row_item[row]];

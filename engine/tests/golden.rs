@@ -185,7 +185,7 @@ fn check_quantized_perplexity(e: &Engine, name: &str) {
 
 #[test]
 fn int8_perplexity_within_1_5_percent_of_f32_oracle() {
-    check_quantized_perplexity(engine_int8(), "int8 (W8A8) with f16 KV, the default");
+    check_quantized_perplexity(engine_int8(), "int8 (W8A8) with f16 KV");
 }
 
 #[test]
@@ -206,7 +206,14 @@ fn f32_weights_with_int8_kv_perplexity_within_1_5_percent() {
 
 #[test]
 fn w4a8_perplexity_within_1_5_percent_of_f32_oracle() {
-    check_quantized_perplexity(&load(Precision::W4A8, engine::KvDtype::F32), "w4a8");
+    check_quantized_perplexity(
+        &load(Precision::W4A8, engine::KvDtype::F32),
+        "w4a8 with f32 KV",
+    );
+    check_quantized_perplexity(
+        &load(Precision::W4A8, engine::KvDtype::F16),
+        "w4a8 with f16 KV, the default",
+    );
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! Element-wise and row-wise ops of a Llama-family block, in f32.
 
+use crate::dispatch::{SimdLevel, level};
+use crate::simd::{Scalar16, V16};
+
 /// `out = x / sqrt(mean(x²) + eps) · weight`, one row (llama.cpp's order: scale, then weight).
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     assert_eq!(x.len(), weight.len());
@@ -11,24 +14,27 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rotary position embedding in GGML's "normal" layout (adjacent pairs `(x[2i], x[2i+1])`),
-/// which is how llama.cpp applies RoPE to GGUF `llama` weights (the converter permuted Q and K
-/// so that this matches the reference model). `x` holds `n_heads` heads of `head_dim`.
-pub fn rope_normal(x: &mut [f32], head_dim: usize, pos: usize, freq_base: f32) {
-    assert_eq!(x.len() % head_dim, 0);
-    let half = head_dim / 2;
-    // theta_i = pos · base^(-2i/d), computed as llama.cpp does: repeated multiplication by
-    // theta_scale = base^(-2/d), starting from theta = pos.
+/// The rotation angles of one position: `(cos θᵢ, sin θᵢ)` for each of the `head_dim / 2`
+/// pairs, computed as llama.cpp does: `θ₀ = pos`, then repeated multiplication by
+/// `base^(−2/d)`. One table serves every head and every layer at that position.
+pub fn rope_angles(head_dim: usize, pos: usize, freq_base: f32, out: &mut Vec<(f32, f32)>) {
     let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
-    let mut cs = [(0f32, 0f32); 256];
-    assert!(half <= cs.len());
+    out.clear();
     let mut theta = pos as f32;
-    for c in cs.iter_mut().take(half) {
-        *c = (theta.cos(), theta.sin());
+    for _ in 0..head_dim / 2 {
+        out.push((theta.cos(), theta.sin()));
         theta *= theta_scale;
     }
+}
+
+/// Rotary position embedding in GGML's "normal" layout (adjacent pairs `(x[2i], x[2i+1])`),
+/// which is how llama.cpp applies RoPE to GGUF `llama` weights (the converter permuted Q and K
+/// so that this matches the reference model). `x` holds whole heads; `cs` is [`rope_angles`].
+pub fn rope_apply(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
+    assert_eq!(x.len() % head_dim, 0);
+    assert_eq!(cs.len(), head_dim / 2);
     for head in x.chunks_exact_mut(head_dim) {
-        for (i, &(cos, sin)) in cs.iter().take(half).enumerate() {
+        for (i, &(cos, sin)) in cs.iter().enumerate() {
             let (a, b) = (head[2 * i], head[2 * i + 1]);
             head[2 * i] = a * cos - b * sin;
             head[2 * i + 1] = a * sin + b * cos;
@@ -36,11 +42,68 @@ pub fn rope_normal(x: &mut [f32], head_dim: usize, pos: usize, freq_base: f32) {
     }
 }
 
-/// `gate[i] = silu(gate[i]) · up[i]`, in place.
+/// [`rope_apply`] at position `pos`.
+pub fn rope_normal(x: &mut [f32], head_dim: usize, pos: usize, freq_base: f32) {
+    let mut cs = Vec::new();
+    rope_angles(head_dim, pos, freq_base, &mut cs);
+    rope_apply(x, head_dim, &cs);
+}
+
+/// `gate[i] = silu(gate[i]) · up[i]`, in place, at the process's level (every level gives the
+/// same bits): `silu(g) = g·σ(g)` with `σ` from `e = exp(−|g|)` ([`crate::simd::exp`]):
+/// `1/(1+e)` for `g ≥ 0`, `e/(1+e)` below.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    silu_mul_at(level(), gate, up)
+}
+
+pub fn silu_mul_at(lvl: SimdLevel, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    let full = gate.len() / 16 * 16;
+    // SAFETY: each level runs only where the CPU has it; chunks are whole 16-lane vectors.
+    unsafe {
+        match lvl {
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => silu_avx512(&mut gate[..full], &up[..full]),
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => silu_avx2(&mut gate[..full], &up[..full]),
+            _ => silu_v::<Scalar16>(&mut gate[..full], &up[..full]),
+        }
+        // The tail, padded to one vector.
+        if full < gate.len() {
+            let n = gate.len() - full;
+            let (mut g, mut u) = ([0f32; 16], [0f32; 16]);
+            g[..n].copy_from_slice(&gate[full..]);
+            u[..n].copy_from_slice(&up[full..]);
+            silu_v::<Scalar16>(&mut g, &u);
+            gate[full..].copy_from_slice(&g[..n]);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn silu_avx512(gate: &mut [f32], up: &[f32]) {
+    unsafe { silu_v::<crate::simd::Avx512>(gate, up) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn silu_avx2(gate: &mut [f32], up: &[f32]) {
+    unsafe { silu_v::<crate::simd::Avx2x2>(gate, up) }
+}
+
+#[inline(always)]
+unsafe fn silu_v<V: V16>(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: both slices hold whole 16-lane chunks (the caller's contract).
+    unsafe {
+        let one = V::splat(1.0);
+        for (g, u) in gate.chunks_exact_mut(16).zip(up.chunks_exact(16)) {
+            let x = V::load(g.as_ptr());
+            let e = crate::simd::exp(V::min(x, V::sub(V::zero(), x)));
+            let s = V::div(one, V::add(one, e));
+            let sig = V::select_neg(x, V::mul(e, s), s);
+            V::mul(V::mul(x, sig), V::load(u.as_ptr())).store(g.as_mut_ptr());
+        }
     }
 }
 
@@ -124,6 +187,36 @@ mod tests {
         silu_mul(&mut g, &u);
         for (a, b) in g.iter().zip(want) {
             assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn silu_levels_agree_bitwise_and_track_f64() {
+        for len in [1usize, 15, 16, 17, 1536, 1537] {
+            let g0: Vec<f32> = crate::test_data(len, len as u64)
+                .iter()
+                .map(|v| v * 12.0)
+                .collect();
+            let u = crate::test_data(len, 99);
+            let mut want = g0.clone();
+            silu_mul_at(SimdLevel::Scalar, &mut want, &u);
+            for (i, w) in want.iter().enumerate() {
+                let g = g0[i] as f64;
+                let e = g / (1.0 + (-g).exp()) * u[i] as f64;
+                assert!(
+                    (*w as f64 - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                    "{g}: {w} vs {e}"
+                );
+            }
+            for lvl in SimdLevel::available() {
+                let mut got = g0.clone();
+                silu_mul_at(lvl, &mut got, &u);
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{lvl:?} {len}"
+                );
+            }
         }
     }
 }

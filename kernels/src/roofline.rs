@@ -5,6 +5,7 @@
 use crate::dispatch::{SimdLevel, level};
 use crate::int8::{I8Acts, I8Weights, gemm};
 use crate::pool;
+use crate::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 use std::time::{Duration, Instant};
 
 /// Runs `f` until at least `min` has passed (and at least twice); returns the best seconds per call.
@@ -142,6 +143,59 @@ pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> f64 {
         }
     });
     bytes as f64 / secs
+}
+
+/// [`gemv_bandwidth`] for GGUF block weights run by the w4a8 kernel (`format` blocks as
+/// stored, e.g. Q4_1): weight bytes (values and scales) read per second.
+pub fn qgemv_bandwidth(format: QFormat, shapes: &[(usize, usize)], layers: usize) -> f64 {
+    let quantize = |x: &[f32]| match format {
+        QFormat::Q4_0 => crate::quant::quantize_q4_0(x),
+        QFormat::Q4_1 => crate::quant::quantize_q4_1(x),
+        QFormat::Q8_0 => crate::quant::quantize_q8_0(x),
+    };
+    let ws: Vec<Vec<QWeights>> = (0..layers)
+        .map(|l| {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(s, &(n, k))| {
+                    let x = crate::test_data(n * k, (l * 16 + s) as u64 + 3);
+                    QWeights::pack(format, &quantize(&x), n, k)
+                })
+                .collect()
+        })
+        .collect();
+    let nmax = shapes.iter().map(|s| s.0).max().unwrap_or(0);
+    let acts: Vec<QActs> = shapes
+        .iter()
+        .map(|&(_, k)| QActs::quantize(&crate::test_data(k, 9), 1, k))
+        .collect();
+    let mut y = vec![0f32; nmax];
+    let bytes: usize = ws.iter().flatten().map(|w| w.bytes()).sum();
+    let secs = best_time(Duration::from_millis(500), || {
+        for layer in &ws {
+            for (w, a) in layer.iter().zip(&acts) {
+                qmatmul(a, w, &mut y[..w.n]);
+            }
+        }
+    });
+    bytes as f64 / secs
+}
+
+/// w4a8 GEMM rate (MAC/s) for `[m × k] · [n × k]ᵀ` with `format` weights.
+pub fn qgemm_rate(format: QFormat, m: usize, k: usize, n: usize) -> f64 {
+    let x = crate::test_data(m * k, 1);
+    let wf = crate::test_data(n * k, 2);
+    let bytes = match format {
+        QFormat::Q4_0 => crate::quant::quantize_q4_0(&wf),
+        QFormat::Q4_1 => crate::quant::quantize_q4_1(&wf),
+        QFormat::Q8_0 => crate::quant::quantize_q8_0(&wf),
+    };
+    let w = QWeights::pack(format, &bytes, n, k);
+    let a = QActs::quantize(&x, m, k);
+    let mut y = vec![0f32; m * n];
+    let secs = best_time(Duration::from_millis(400), || qmatmul(&a, &w, &mut y));
+    (m * n * k) as f64 / secs
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -27,6 +27,11 @@ pub(crate) trait V16: Copy {
     unsafe fn add(a: Self, b: Self) -> Self;
     unsafe fn sub(a: Self, b: Self) -> Self;
     unsafe fn max(a: Self, b: Self) -> Self;
+    /// x86's `minps`: `a` where `a < b`, else `b`.
+    unsafe fn min(a: Self, b: Self) -> Self;
+    unsafe fn div(a: Self, b: Self) -> Self;
+    /// Lanes of `a` where `c` is negative (sign bit clear is not enough: `c < 0`), else `b`.
+    unsafe fn select_neg(c: Self, a: Self, b: Self) -> Self;
     /// Lanes `0..n` of `self`, the rest `fill`.
     unsafe fn first(self, n: usize, fill: f32) -> Self;
     /// `self · 2ⁿ` for integral `n` in `[−126, 127]` held in the lanes of `n` (exact).
@@ -135,6 +140,20 @@ impl V16 for Scalar16 {
         Self::map2(a, b, |x, y| if x > y { x } else { y })
     }
     #[inline(always)]
+    unsafe fn min(a: Self, b: Self) -> Self {
+        Self::map2(a, b, |x, y| if x < y { x } else { y })
+    }
+    #[inline(always)]
+    unsafe fn div(a: Self, b: Self) -> Self {
+        Self::map2(a, b, |x, y| x / y)
+    }
+    #[inline(always)]
+    unsafe fn select_neg(c: Self, a: Self, b: Self) -> Self {
+        Scalar16(std::array::from_fn(|l| {
+            if c.0[l] < 0.0 { a.0[l] } else { b.0[l] }
+        }))
+    }
+    #[inline(always)]
     unsafe fn first(self, n: usize, fill: f32) -> Self {
         Scalar16(std::array::from_fn(
             |l| if l < n { self.0[l] } else { fill },
@@ -236,6 +255,24 @@ mod x86 {
             unsafe { Avx2x2(_mm256_max_ps(a.0, b.0), _mm256_max_ps(a.1, b.1)) }
         }
         #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            unsafe { Avx2x2(_mm256_min_ps(a.0, b.0), _mm256_min_ps(a.1, b.1)) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { Avx2x2(_mm256_div_ps(a.0, b.0), _mm256_div_ps(a.1, b.1)) }
+        }
+        #[inline(always)]
+        unsafe fn select_neg(c: Self, a: Self, b: Self) -> Self {
+            unsafe {
+                let z = _mm256_setzero_ps();
+                Avx2x2(
+                    _mm256_blendv_ps(b.0, a.0, _mm256_cmp_ps::<_CMP_LT_OQ>(c.0, z)),
+                    _mm256_blendv_ps(b.1, a.1, _mm256_cmp_ps::<_CMP_LT_OQ>(c.1, z)),
+                )
+            }
+        }
+        #[inline(always)]
         unsafe fn first(self, n: usize, fill: f32) -> Self {
             unsafe {
                 let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -318,6 +355,21 @@ mod x86 {
         #[inline(always)]
         unsafe fn max(a: Self, b: Self) -> Self {
             unsafe { Avx512(_mm512_max_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_min_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_div_ps(a.0, b.0)) }
+        }
+        #[inline(always)]
+        unsafe fn select_neg(c: Self, a: Self, b: Self) -> Self {
+            unsafe {
+                let k = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(c.0, _mm512_setzero_ps());
+                Avx512(_mm512_mask_mov_ps(b.0, k, a.0))
+            }
         }
         #[inline(always)]
         unsafe fn first(self, n: usize, fill: f32) -> Self {

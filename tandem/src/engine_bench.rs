@@ -21,8 +21,8 @@ pub struct BenchArgs {
     /// Repetitions; the report gives mean and standard deviation.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Weight precision: int8 (W8A8), w4a8 (GGUF blocks as stored) or f32 (reference).
-    #[arg(long, default_value = "int8")]
+    /// Weight precision: w4a8 (the default: GGUF blocks as stored), int8 (W8A8) or f32 (reference).
+    #[arg(long, default_value = "w4a8")]
     pub precision: engine::Precision,
     /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
     #[arg(long, default_value = "f16")]

@@ -3,7 +3,11 @@
 
 use clap::Args;
 use kernels::int8::I8Acts;
-use kernels::roofline::{gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, read_bandwidth};
+use kernels::qmatmul::QFormat;
+use kernels::roofline::{
+    gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, qgemm_rate, qgemv_bandwidth,
+    read_bandwidth,
+};
 
 #[derive(Args, Debug)]
 pub struct RooflineArgs {
@@ -61,6 +65,14 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
         });
         println!("  {name:<22} n={n:<5} k={k:<5} {:.1} GMAC/s{pct}", r / 1e9);
     }
+    println!("\nw4a8 GEMM (Q4_1 blocks as stored), m = {}:", a.m);
+    for (name, n, k) in shapes {
+        let r = qgemm_rate(QFormat::Q4_1, a.m, k, n);
+        let pct = peak.map_or(String::new(), |p| {
+            format!(" ({:.0}% of peak)", 100.0 * r / p)
+        });
+        println!("  {name:<22} n={n:<5} k={k:<5} {:.1} GMAC/s{pct}", r / 1e9);
+    }
     // What batch invariance costs: the shipped scheme (per token, a scale per 64 inputs) and a
     // per-token scale over the whole row are both invariant; one scale for the whole batch
     // (per tensor) is not, and is the cheapest arithmetic there is for this kernel.
@@ -88,6 +100,15 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
         a.layers,
         g / 1e9,
         100.0 * g / bw
+    );
+    let q = qgemv_bandwidth(QFormat::Q4_1, &layer, a.layers);
+    println!(
+        "w4a8 decode GEMV (m = 1), Q4_1 blocks, same matrices ({:.0} MiB): {:.1} GB/s ({:.0}% of read bandwidth)",
+        (layer.iter().map(|(n, k)| n * k).sum::<usize>() * a.layers) as f64 * 20.0
+            / 32.0
+            / (1u64 << 20) as f64,
+        q / 1e9,
+        100.0 * q / bw
     );
     Ok(())
 }

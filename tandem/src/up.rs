@@ -23,8 +23,8 @@ pub struct UpArgs {
     /// The id clients use in `model` (default: the file's name).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Weight precision: int8 (W8A8, per-channel 8-bit weights; the default), w4a8 (GGUF blocks as stored, least memory) or f32 (every weight dequantized; the exact reference).
-    #[arg(long, env = "TANDEM_PRECISION", default_value = "int8")]
+    /// Weight precision: w4a8 (the default: GGUF blocks as stored × 8-bit activations; other tensor types as int8), int8 (W8A8, every weight requantized to 8 bits per channel) or f32 (every weight dequantized; the exact reference).
+    #[arg(long, env = "TANDEM_PRECISION", default_value = "w4a8")]
     pub precision: engine::Precision,
     /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
     #[arg(long, env = "TANDEM_KV_CACHE_DTYPE", default_value = "f16")]
