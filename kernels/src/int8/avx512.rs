@@ -22,14 +22,9 @@ pub unsafe fn panels(x: &I8Acts, w: &I8Weights, p0: usize, p1: usize, out: Out) 
     // SAFETY (every tile call): rows i..i+R < m and panels p..p+C ≤ p1 exist.
     unsafe {
         if m < 4 {
-            let mut p = p0;
-            while p + 4 <= p1 {
-                rows_small::<4>(x, w, p, out);
-                p += 4;
-            }
-            while p < p1 {
+            // One panel at a time: a single sequential stream per thread (as in w4a8's decode).
+            for p in p0..p1 {
                 rows_small::<1>(x, w, p, out);
-                p += 1;
             }
             return;
         }

@@ -10,6 +10,9 @@ use std::arch::x86_64::*;
 /// Rows per register tile for prefill-sized calls (× 2 panels).
 const MR: usize = 4;
 
+/// Blocks ahead that decode-sized tiles prefetch.
+const PREFETCH: usize = 8;
+
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
@@ -37,17 +40,9 @@ unsafe fn panels_f<const F: u8>(x: &QActs, w: &QWeights, p0: usize, p1: usize, o
     // SAFETY (every tile call): rows i..i+R < m and panels p..p+C ≤ p1 exist.
     unsafe {
         if m < 4 {
-            // Two panels at a time: four or more concurrent streams measured slower.
-            let mut p = p0;
-            while p + 2 <= p1 {
-                match m {
-                    1 => tile::<1, 2, F>(x, w, 0, p, out),
-                    2 => tile::<2, 2, F>(x, w, 0, p, out),
-                    _ => tile::<3, 2, F>(x, w, 0, p, out),
-                }
-                p += 2;
-            }
-            if p < p1 {
+            // One panel at a time: a single sequential stream per thread measured fastest
+            // (35.7 vs 27 GB/s on one core with two panels interleaved).
+            for p in p0..p1 {
                 match m {
                     1 => tile::<1, 1, F>(x, w, 0, p, out),
                     2 => tile::<2, 1, F>(x, w, 0, p, out),
@@ -102,6 +97,9 @@ unsafe fn tile<const R: usize, const C: usize, const F: u8>(
     unsafe {
         for b in 0..nb {
             let mut acc = [[_mm512_setzero_si512(); C]; R];
+            // Decode tiles are few: a second set of integer sums halves the dependency chain
+            // (integer sums are exact in any grouping).
+            let mut acc2 = [[_mm512_setzero_si512(); C]; R];
             if F != Q4_1 {
                 for r in 0..R {
                     let c0 = _mm512_set1_epi32(-bias * *x.sum.get_unchecked((i + r) * nb + b));
@@ -114,6 +112,17 @@ unsafe fn tile<const R: usize, const C: usize, const F: u8>(
                 )
             };
             let lp: [*const u8; C] = std::array::from_fn(|c| w.lines_at(p + c, b));
+            if R < 4 {
+                // Decode streams each panel once: fetch a few blocks ahead of use.
+                let lines = (w.format.lines() + 1) * 64;
+                for c in 0..C {
+                    for l in (0..lines).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            lp[c].wrapping_add(PREFETCH * lines + l) as *const i8
+                        );
+                    }
+                }
+            }
             if F == Q8_0 {
                 for t in 0..8 {
                     let wv: [__m512i; C] =
@@ -137,7 +146,18 @@ unsafe fn tile<const R: usize, const C: usize, const F: u8>(
                         let (alo, ahi) = (act(r, h), act(r, h + 4));
                         for c in 0..C {
                             acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], lo[c], alo);
-                            acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[c], ahi);
+                            if R < 4 {
+                                acc2[r][c] = _mm512_dpbusd_epi32(acc2[r][c], hi[c], ahi);
+                            } else {
+                                acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], hi[c], ahi);
+                            }
+                        }
+                    }
+                }
+                if R < 4 {
+                    for r in 0..R {
+                        for c in 0..C {
+                            acc[r][c] = _mm512_add_epi32(acc[r][c], acc2[r][c]);
                         }
                     }
                 }

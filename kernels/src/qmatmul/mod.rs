@@ -14,8 +14,8 @@
 //! four 64-byte lines: line `h` holds, for channel `c` at bytes `4c..4c+4`, inputs `4h..4h+4`
 //! in the low nibbles and `16+4h..16+4h+4` in the high ones — one mask or shift gives the
 //! `vpdpbusd` operand of 16 channels × 4 inputs. A Q8_0 panel-block is eight lines of
-//! offset-binary bytes. The 16 channels' f16 scales (and Q4_1 minimums) are kept apart, 32
-//! bytes each per block. `vpdpbusd` multiplies unsigned by signed bytes: weights are stored
+//! offset-binary bytes. One more line holds the 16 channels' f16 scales (and Q4_1
+//! minimums), so each panel is a single sequential stream. `vpdpbusd` multiplies unsigned by signed bytes: weights are stored
 //! unsigned (Q4 nibbles as they are, Q8_0 offset by 128), activations stay signed, and
 //! `bias·Σa` (8 for Q4_0, 128 for Q8_0) is taken off up front, exactly.
 //!
@@ -60,10 +60,6 @@ impl QFormat {
             _ => 4,
         }
     }
-    /// f16 values per channel and block kept apart: `d`, and `m` for Q4_1.
-    pub(crate) fn scales(self) -> usize {
-        if self == QFormat::Q4_1 { 2 } else { 1 }
-    }
     /// What the stored unsigned weight exceeds the real one by.
     pub(crate) fn bias(self) -> i32 {
         match self {
@@ -78,9 +74,9 @@ impl QFormat {
 #[derive(Clone)]
 pub struct QWeights {
     pub format: QFormat,
+    /// Per panel and block: the weight lines, then one line of scales — 16 `d` values, then
+    /// (Q4_1) 16 `m` values, as f16 bits — so a panel is one sequential stream.
     lines: Vec<Line>,
-    /// Per panel and block: 16 `d` values, then (Q4_1) 16 `m` values, as f16 bits.
-    scales: Vec<u16>,
     pub n: usize,
     pub k: usize,
 }
@@ -102,25 +98,26 @@ impl QWeights {
         let (bb, nb) = (format.block_bytes(), k / QK);
         assert_eq!(rows.len(), n * nb * bb, "row bytes");
         let panels = n.div_ceil(PANEL);
-        let (nl, ns) = (format.lines(), format.scales() * PANEL);
+        let nl = format.lines();
         // Padding channels: zero weights (the stored value that means 0) and zero scales.
         let pad = match format {
             QFormat::Q4_0 => 0x88,
             QFormat::Q4_1 => 0,
             QFormat::Q8_0 => 0x80,
         };
-        let mut lines = vec![Line([pad; 64]); panels * nb * nl];
-        let mut scales = vec![0u16; panels * nb * ns];
+        let mut lines = vec![Line([pad; 64]); panels * nb * (nl + 1)];
+        for sl in lines.iter_mut().skip(nl).step_by(nl + 1) {
+            sl.0 = [0; 64];
+        }
         for j in 0..n {
             let (p, c) = (j / PANEL, j % PANEL);
             for b in 0..nb {
                 let blk = &rows[(j * nb + b) * bb..][..bb];
-                let at = (p * nb + b) * ns;
-                scales[at + c] = u16::from_le_bytes([blk[0], blk[1]]);
+                let lb = &mut lines[(p * nb + b) * (nl + 1)..][..nl + 1];
+                lb[nl].0[2 * c..2 * c + 2].copy_from_slice(&blk[..2]);
                 if format == QFormat::Q4_1 {
-                    scales[at + PANEL + c] = u16::from_le_bytes([blk[2], blk[3]]);
+                    lb[nl].0[32 + 2 * c..32 + 2 * c + 2].copy_from_slice(&blk[2..4]);
                 }
-                let lb = &mut lines[(p * nb + b) * nl..][..nl];
                 match format {
                     QFormat::Q8_0 => {
                         for t in 0..QK {
@@ -142,7 +139,6 @@ impl QWeights {
         QWeights {
             format,
             lines,
-            scales,
             n,
             k,
         }
@@ -157,21 +153,20 @@ impl QWeights {
     }
 
     pub fn bytes(&self) -> usize {
-        self.lines.len() * 64 + self.scales.len() * 2
+        self.lines.len() * 64
     }
 
     /// Row `j`'s block `b` as the GGUF stored it.
     pub fn gguf_block(&self, j: usize, b: usize) -> Vec<u8> {
         let (p, c, nb) = (j / PANEL, j % PANEL, self.blocks());
-        let (nl, ns) = (self.format.lines(), self.format.scales() * PANEL);
-        let at = (p * nb + b) * ns;
-        let lb = &self.lines[(p * nb + b) * nl..][..nl];
-        let mut out = self.scales[at + c].to_le_bytes().to_vec();
+        let nl = self.format.lines();
+        let lb = &self.lines[(p * nb + b) * (nl + 1)..][..nl + 1];
+        let mut out = lb[nl].0[2 * c..2 * c + 2].to_vec();
         match self.format {
             QFormat::Q8_0 => out.extend((0..QK).map(|t| lb[t / 4].0[4 * c + t % 4] ^ 0x80)),
             f => {
                 if f == QFormat::Q4_1 {
-                    out.extend(self.scales[at + PANEL + c].to_le_bytes());
+                    out.extend(&lb[nl].0[32 + 2 * c..32 + 2 * c + 2]);
                 }
                 out.extend((0..16).map(|i| lb[i / 4].0[4 * c + i % 4]));
             }
@@ -232,19 +227,15 @@ impl QWeights {
         unsafe {
             self.lines
                 .as_ptr()
-                .add((p * self.blocks() + b) * self.format.lines()) as *const u8
+                .add((p * self.blocks() + b) * (self.format.lines() + 1)) as *const u8
         }
     }
 
     /// The 16 `d` values of panel `p`, block `b` (then, for Q4_1, the 16 `m` values).
     #[inline(always)]
     pub(crate) fn scales_at(&self, p: usize, b: usize) -> *const u16 {
-        // SAFETY: as above.
-        unsafe {
-            self.scales
-                .as_ptr()
-                .add((p * self.blocks() + b) * self.format.scales() * PANEL)
-        }
+        // SAFETY: the scale line follows the block's weight lines.
+        unsafe { self.lines_at(p, b).add(self.format.lines() * 64) as *const u16 }
     }
 }
 
