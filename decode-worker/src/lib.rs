@@ -479,7 +479,7 @@ impl Worker {
 
     fn execute(&mut self, plan: Vec<(usize, Work)>) {
         let engine = self.engine.clone();
-        let vocab = engine.model.cfg.vocab_size;
+        let vocab = engine.model.config().vocab_size;
         // Inputs and logits wanted per item.
         let mut inputs: Vec<(Vec<TokenId>, LogitsWanted)> = Vec::with_capacity(plan.len());
         for (i, w) in &plan {

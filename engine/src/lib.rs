@@ -6,7 +6,8 @@
 //! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
 //! - [`chat`]: the GGUF's chat template.
 //! - [`kv`]: the paged KV block pool and per-sequence block tables.
-//! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at f32 or int8.
+//! - [`backend`]: the seam to the device that runs a model (the CPU one is [`LlamaModel`]).
+//! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at its precision.
 //! - [`sampler`], [`stop`]: choosing tokens; stop strings.
 //! - [`request`]: what workers are asked and what they stream back; [`generation`]: a
 //!   sequence's sampling state, shared by both phases.
@@ -17,6 +18,7 @@
 //! logits + filled KV blocks) and [`Engine::decode_step`] (a batch of sequences, one token each →
 //! logits).
 
+pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -32,6 +34,7 @@ pub mod stop;
 pub mod synthetic;
 pub mod tokenizer;
 
+pub use backend::Backend;
 pub use error::{EngineError, Result};
 pub use kv::{KvDtype, KvPool, KvSequence};
 pub use linear::Precision;
@@ -50,9 +53,9 @@ pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     /// The id the API serves the model under; default: the file stem.
     pub model_id: Option<String>,
-    /// Weight precision: int8 (fast, the default), w4a8, or f32 (exact reference).
+    /// Weight precision: w4a8 (the GGUF's blocks as stored; the default), int8, or f32 (exact reference).
     pub precision: Precision,
-    /// KV cache storage: f16 (the default) or f32 (exact).
+    /// KV cache storage: f16 (the default), int8 or f32 (exact).
     pub kv_dtype: KvDtype,
 }
 
@@ -69,7 +72,8 @@ impl Default for EngineConfig {
 
 /// A loaded model with its tokenizer, chat template and KV pool.
 pub struct Engine {
-    pub model: LlamaModel,
+    /// What runs the forward steps (today the CPU: [`LlamaModel`]).
+    pub model: Box<dyn Backend>,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub model_id: String,
@@ -80,13 +84,13 @@ impl Engine {
     pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
         let path = path.as_ref();
         let g = GgufFile::open(path)?;
-        let model = LlamaModel::load(&g, cfg.precision)?;
+        let model: Box<dyn Backend> = Box::new(LlamaModel::load(&g, cfg.precision)?);
         let tokenizer = Tokenizer::from_metadata(&g)?;
-        if tokenizer.vocab_size() != model.cfg.vocab_size {
+        if tokenizer.vocab_size() != model.config().vocab_size {
             return Err(EngineError::Tokenizer(format!(
                 "tokenizer has {} tokens, model {}",
                 tokenizer.vocab_size(),
-                model.cfg.vocab_size
+                model.config().vocab_size
             )));
         }
         let source = g
@@ -112,9 +116,10 @@ impl Engine {
         let kv = KvPool::with_budget(model.kv_layout(cfg.kv_dtype), cfg.kv_budget_bytes);
         tracing::info!(
             model = %model_id,
-            layers = model.cfg.n_layers,
-            d_model = model.cfg.d_model,
-            vocab = model.cfg.vocab_size,
+            backend = %model.name(),
+            layers = model.config().n_layers,
+            d_model = model.config().d_model,
+            vocab = model.config().vocab_size,
             weights_mib = model.weight_bytes() >> 20,
             kv_blocks = kv.n_blocks(),
             "model loaded"
@@ -135,7 +140,7 @@ impl Engine {
 
     /// Largest number of tokens a sequence may hold.
     pub fn max_context(&self) -> usize {
-        self.model.cfg.n_ctx
+        self.model.config().n_ctx
     }
 
     /// Runs `tokens` into `seq` (which may already hold a prefix); returns the logits asked for.

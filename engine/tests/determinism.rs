@@ -39,7 +39,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
         (Precision::Int8, KvDtype::Int8),
     ] {
         let (_d, e) = load(precision, kv);
-        let vocab = e.model.cfg.vocab_size as u64 - 2;
+        let vocab = e.model.config().vocab_size as u64 - 2;
         let mut rng = Rng(0x9e37_79b9 ^ precision as u64);
         let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
         let prompts: Vec<Vec<u32>> = (0..N_SEQ)

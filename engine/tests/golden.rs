@@ -81,7 +81,7 @@ fn logits_match_llama_cpp_f32_over_500_tokens() {
     let f = fixture("golden_logits.json");
     let tokens = ids(&f["tokens"]);
     let probe = ids(&f["probe_ids"]);
-    let v = e.model.cfg.vocab_size;
+    let v = e.model.config().vocab_size;
     let mut seq = e.new_sequence();
     let logits = e.prefill(&mut seq, &tokens, LogitsWanted::All).unwrap();
     let (mut max_diff, mut compared, mut argmax_flips) = (0f32, 0usize, 0usize);
@@ -158,7 +158,7 @@ fn perplexity(e: &Engine) -> (f64, usize) {
     let f = fixture("perplexity.json");
     let w = f["window"].as_u64().unwrap() as usize;
     let tokens = ids(&f["tokens"]);
-    let v = e.model.cfg.vocab_size;
+    let v = e.model.config().vocab_size;
     let (mut nll, mut n) = (0f64, 0usize);
     for win in tokens.chunks_exact(w) {
         let mut seq = e.new_sequence();

@@ -52,7 +52,7 @@ fn loads_metadata_and_every_tensor_type() {
         assert!(types.contains(t), "{t} missing from {types:?}");
     }
     let e = Engine::load(&path, &EngineConfig::default()).unwrap();
-    assert_eq!(e.model.cfg.n_layers, 2);
+    assert_eq!(e.model.config().n_layers, 2);
     assert_eq!(e.model_id, "m");
 }
 
@@ -69,7 +69,7 @@ fn chunked_prefill_and_decode_steps_agree_at(precision: Precision) {
     // Whole prompt at once, logits at every position.
     let mut whole = e.new_sequence();
     let all = e.prefill(&mut whole, &toks, LogitsWanted::All).unwrap();
-    let v = e.model.cfg.vocab_size;
+    let v = e.model.config().vocab_size;
     // Chunks of 7, then single-token decode steps.
     let mut seq = e.new_sequence();
     let mut at = 0;
@@ -136,7 +136,7 @@ fn untied_output_and_gqa_shapes_run() {
     let l = e
         .prefill(&mut s, &prompt(33, 3), LogitsWanted::Last)
         .unwrap();
-    assert_eq!(l.len(), e.model.cfg.vocab_size);
+    assert_eq!(l.len(), e.model.config().vocab_size);
     assert!(l.iter().all(|x| x.is_finite()));
     assert!(l.iter().any(|x| *x != l[0]));
 }
@@ -266,7 +266,7 @@ fn reads_gguf_version_2_too() {
         e.prefill(&mut s, &prompt(5, 0), LogitsWanted::Last)
             .unwrap()
             .len(),
-        e.model.cfg.vocab_size
+        e.model.config().vocab_size
     );
 }
 

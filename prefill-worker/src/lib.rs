@@ -114,7 +114,7 @@ fn prefill(engine: &Engine, decode: &DecodeHandle, job: PrefillJob) -> Result<()
             cached_tokens: cached,
         });
     }
-    let vocab = engine.model.cfg.vocab_size;
+    let vocab = engine.model.config().vocab_size;
     let last = match want {
         LogitsWanted::All => {
             let n = params.prompt_logprobs.unwrap_or(0);

@@ -13,18 +13,24 @@ cargo build --release -q
 MODEL=$(./target/release/tandem model fetch 2>/dev/null)
 echo "model: $MODEL, threads: $THREADS, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
+llama() { "$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 3 -o json 2>/dev/null; }
+# llama-bench runs before and after Tandem; the better of its two runs is the reference (the
+# conservative choice on a shared machine whose speed drifts).
+llama_before=$(llama)
 bench() { ./target/release/tandem model bench --model "$MODEL" --threads "$THREADS" --reps 3 --precision "$1" | tail -n 1; }
-int8_json=$(bench int8)
 w4a8_json=$(bench w4a8)
+int8_json=$(bench int8)
 f32_json=$(bench f32)
-llama_json=$("$LLAMA_BIN/llama-bench" -m "$MODEL" -t "$THREADS" -p 512 -n 128 -r 3 -o json 2>/dev/null)
+llama_after=$(llama)
 
-python3 - "$int8_json" "$w4a8_json" "$f32_json" "$llama_json" <<'PY'
+python3 - "$w4a8_json" "$int8_json" "$f32_json" "$llama_before" "$llama_after" <<'PY'
 import json, sys
-runs = [("int8", json.loads(sys.argv[1])), ("w4a8", json.loads(sys.argv[2])), ("f32", json.loads(sys.argv[3]))]
-l = json.loads(sys.argv[4])
-lpp = next(r["avg_ts"] for r in l if r["n_prompt"] > 0)
-ltg = next(r["avg_ts"] for r in l if r["n_gen"] > 0)
+runs = [("w4a8 (default)", json.loads(sys.argv[1])), ("int8", json.loads(sys.argv[2])), ("f32", json.loads(sys.argv[3]))]
+ls = [json.loads(a) for a in sys.argv[4:6]]
+pick = lambda key: [next(r["avg_ts"] for r in l if r[key] > 0) for l in ls]
+pps, tgs = pick("n_prompt"), pick("n_gen")
+print(f"llama-bench before/after: pp512 {pps[0]:.1f} / {pps[1]:.1f}, tg128 {tgs[0]:.1f} / {tgs[1]:.1f} (the better is the reference)")
+lpp, ltg = max(pps), max(tgs)
 print("| test | llama.cpp Q4_1 t/s | " + " | ".join(f"tandem {n} t/s (ratio)" for n, _ in runs) + " |")
 print("|---|---|" + "---|" * len(runs))
 for key, name, ref in [("pp", "pp512", lpp), ("tg", "tg128", ltg)]:

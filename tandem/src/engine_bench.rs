@@ -51,7 +51,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             kv_dtype: args.kv_cache_dtype,
         },
     )?;
-    let vocab = e.model.cfg.vocab_size as u32;
+    let vocab = e.model.config().vocab_size as u32;
     // Deterministic pseudo-random prompt tokens (like llama-bench's random batch).
     let prompt: Vec<u32> = (0..args.prompt as u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab)

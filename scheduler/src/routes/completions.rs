@@ -70,7 +70,7 @@ pub async fn handler(
         ));
     }
     let engine = st.cluster.engine().clone();
-    let vocab = engine.model.cfg.vocab_size as u32;
+    let vocab = engine.model.config().vocab_size as u32;
     let spec = req.prompt.clone();
     let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Prompt>, ApiError> {
         let from_text = |t: String| -> Result<Prompt, ApiError> {

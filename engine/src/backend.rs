@@ -1,0 +1,52 @@
+//! The seam between the engine and the device that runs a model.
+//!
+//! Everything above a forward step — block tables and the KV allocator, batching, sampling,
+//! the workers and the scheduler — talks to a [`Backend`]; only the backend knows where the
+//! weights live, how the step computes and in which kernels. The CPU backend is
+//! [`LlamaModel`] (weights in host memory, the SIMD kernels of the `kernels` crate, KV blocks
+//! in the host [`crate::KvPool`]).
+//!
+//! A CUDA backend (cudarc, behind a cargo feature) slots in as another implementation: it
+//! uploads the packed weights once, keeps the KV pool's block storage in device memory — the
+//! allocator, block ids, reference counts and prefix hashes stay the host [`crate::KvPool`]'s,
+//! so block tables, the prefix cache and the KV transfer protocol do not change — and runs the
+//! same batch-invariant arithmetic per row, so a request's tokens do not depend on which
+//! device or batch it ran in. Nothing of it is built yet.
+
+use crate::config::LlamaConfig;
+use crate::error::Result;
+use crate::kv::{KvDtype, KvLayout};
+use crate::model::{ForwardItem, LlamaModel};
+
+/// What a model runs on.
+pub trait Backend: Send + Sync {
+    /// For logs and metrics: `cpu-avx512`, `cpu-avx2`, `cpu-scalar`.
+    fn name(&self) -> String;
+    /// The model's hyper-parameters.
+    fn config(&self) -> &LlamaConfig;
+    /// The KV block geometry this backend's attention reads.
+    fn kv_layout(&self, dtype: KvDtype) -> KvLayout;
+    /// Bytes of weights held on the device.
+    fn weight_bytes(&self) -> usize;
+    /// One forward step over any mix of sequences (prefill chunks, decode tokens): appends
+    /// each item's new K/V to its sequence and returns the logits each asked for.
+    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>>;
+}
+
+impl Backend for LlamaModel {
+    fn name(&self) -> String {
+        format!("cpu-{}", kernels::dispatch::level().name())
+    }
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
+        LlamaModel::kv_layout(self, dtype)
+    }
+    fn weight_bytes(&self) -> usize {
+        LlamaModel::weight_bytes(self)
+    }
+    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        LlamaModel::forward(self, items)
+    }
+}
