@@ -25,6 +25,7 @@ fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc
         model_id: None,
         precision,
         kv_dtype: Default::default(),
+        kv_shared_path: None,
     };
     (dir, Arc::new(Engine::load(&path, &cfg).unwrap()))
 }

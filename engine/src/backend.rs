@@ -30,7 +30,16 @@ pub trait Backend: Send + Sync {
     fn weight_bytes(&self) -> usize;
     /// One forward step over any mix of sequences (prefill chunks, decode tokens): appends
     /// each item's new K/V to its sequence and returns the logits each asked for.
-    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>>;
+    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_with(items, &mut |_| {})
+    }
+    /// [`forward`](Self::forward), calling `layer_done(l)` once every item's new K/V of layer
+    /// `l` is in its blocks: where a KV transfer pushes each layer while later ones compute.
+    fn forward_with(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>>;
 }
 
 impl Backend for LlamaModel {
@@ -46,7 +55,11 @@ impl Backend for LlamaModel {
     fn weight_bytes(&self) -> usize {
         LlamaModel::weight_bytes(self)
     }
-    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        LlamaModel::forward(self, items)
+    fn forward_with(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        LlamaModel::forward_with(self, items, layer_done)
     }
 }

@@ -37,6 +37,8 @@ pub enum EngineError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("bad KV block table: {0}")]
+    BadBlocks(String),
     #[error("KV cache is full: {needed} blocks needed, {free} free")]
     KvExhausted { needed: usize, free: usize },
     #[error("sequence of {len} tokens exceeds the model's context of {max}")]

@@ -10,6 +10,13 @@
 //!
 //! Budgeting: the pool is sized in bytes up front and never grows; running out is
 //! [`EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
+//!
+//! Sharing: a pool can live in a file-backed shared mapping ([`KvPool::new_shared`], a file
+//! under `/dev/shm`) that another process on the host maps too ([`KvPool::attach`]). The
+//! attached view has no allocator of its own: its sequences are built over blocks the owner
+//! reserved ([`KvSequence::adopt`]), and a forward pass on them writes K/V straight into the
+//! owner's memory — the disaggregated prefill worker's zero-copy path, the CPU analogue of an
+//! RDMA one-sided write.
 
 use crate::error::{EngineError, Result};
 use crate::tokenizer::TokenId;
@@ -137,6 +144,8 @@ struct Allocator {
     evictable: BTreeMap<u64, BlockId>,
     stamp: Vec<u64>,
     clock: u64,
+    /// An attached view of another process's pool: blocks are lent, never freed here.
+    foreign: bool,
 }
 
 /// A fixed pool of KV blocks.
@@ -144,11 +153,29 @@ pub struct KvPool {
     layout: KvLayout,
     n_blocks: usize,
     data: NonNull<u8>,
-    /// Anonymous mapping holding every block: zero pages cost nothing until written, so
-    /// the budget is a ceiling, not an up-front commitment. (A shared mapping here is what lets
-    /// another process write blocks in place.)
+    /// The mapping holding every block: anonymous, or a shared file for another process to
+    /// map. Zero pages cost nothing until written, so the budget is a ceiling, not an up-front
+    /// commitment.
     _map: MmapMut,
+    /// The shared file, when there is one; removed when its owner drops the pool.
+    shared: Option<SharedFile>,
     allocator: Mutex<Allocator>,
+}
+
+/// The file behind a shared pool.
+#[derive(Debug)]
+struct SharedFile {
+    path: std::path::PathBuf,
+    /// Whether this process created it (and removes it), or attached to another's.
+    owner: bool,
+}
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        if self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 // SAFETY: block contents are reached only through the owning KvSequence (see module docs);
@@ -160,22 +187,101 @@ impl KvPool {
     /// A pool of as many blocks as fit in `budget_bytes` (at least one).
     /// Pages are committed lazily by the OS as blocks are first written.
     pub fn with_budget(layout: KvLayout, budget_bytes: usize) -> Arc<KvPool> {
-        Self::new(layout, (budget_bytes / layout.block_bytes()).max(1))
+        Self::new(layout, Self::blocks_for(layout, budget_bytes))
+    }
+
+    /// Blocks that fit in `budget_bytes` (at least one).
+    pub fn blocks_for(layout: KvLayout, budget_bytes: usize) -> usize {
+        (budget_bytes / layout.block_bytes()).max(1)
     }
 
     pub fn new(layout: KvLayout, n_blocks: usize) -> Arc<KvPool> {
+        let bytes = Self::size(layout, n_blocks);
+        let map = MmapMut::map_anon(bytes).expect("mapping the KV pool");
+        Self::from_map(layout, n_blocks, map, None, true)
+    }
+
+    /// A pool of `n_blocks` in a new shared file at `path` (created; removed when the pool
+    /// drops), which other processes of this host can [`attach`](Self::attach) to.
+    pub fn new_shared(
+        layout: KvLayout,
+        n_blocks: usize,
+        path: &std::path::Path,
+    ) -> std::io::Result<Arc<KvPool>> {
+        let bytes = Self::size(layout, n_blocks);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let shared = SharedFile {
+            path: path.to_owned(),
+            owner: true,
+        };
+        f.set_len(bytes as u64)?;
+        // SAFETY: the file is ours (just created); other processes only write blocks the
+        // owner reserved for them, which this process does not touch until they are handed back.
+        let map = unsafe { MmapMut::map_mut(&f)? };
+        Ok(Self::from_map(layout, n_blocks, map, Some(shared), true))
+    }
+
+    /// Maps another process's shared pool. The view allocates nothing: its sequences are
+    /// [`KvSequence::adopt`]ed over blocks the owner reserved. Fails when the file's size does
+    /// not match `layout × n_blocks` (a different model or KV format).
+    pub fn attach(
+        layout: KvLayout,
+        n_blocks: usize,
+        path: &std::path::Path,
+    ) -> std::io::Result<Arc<KvPool>> {
+        let bytes = Self::size(layout, n_blocks);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let len = f.metadata()?.len();
+        if len != bytes as u64 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("shared KV pool {} holds {len} bytes, this layout needs {bytes}", path.display()),
+            ));
+        }
+        // SAFETY: see `new_shared`: this process writes only blocks lent to it.
+        let map = unsafe { MmapMut::map_mut(&f)? };
+        let shared = SharedFile {
+            path: path.to_owned(),
+            owner: false,
+        };
+        Ok(Self::from_map(layout, n_blocks, map, Some(shared), false))
+    }
+
+    /// The shared file's path, if this pool lives in one.
+    pub fn shared_path(&self) -> Option<&std::path::Path> {
+        self.shared.as_ref().map(|s| s.path.as_path())
+    }
+
+    fn size(layout: KvLayout, n_blocks: usize) -> usize {
         assert!(n_blocks > 0 && n_blocks < u32::MAX as usize);
-        let bytes = n_blocks
+        n_blocks
             .checked_mul(layout.block_bytes())
-            .expect("KV pool size overflows");
-        let mut map = MmapMut::map_anon(bytes).expect("mapping the KV pool");
+            .expect("KV pool size overflows")
+    }
+
+    fn from_map(
+        layout: KvLayout,
+        n_blocks: usize,
+        mut map: MmapMut,
+        shared: Option<SharedFile>,
+        allocates: bool,
+    ) -> Arc<KvPool> {
         let data = NonNull::new(map.as_mut_ptr()).expect("mmap returns a non-null pointer");
-        let free = (0..n_blocks as u32).rev().map(BlockId).collect();
+        let free = if allocates {
+            (0..n_blocks as u32).rev().map(BlockId).collect()
+        } else {
+            Vec::new()
+        };
         Arc::new(KvPool {
             layout,
             n_blocks,
             data,
             _map: map,
+            shared,
             allocator: Mutex::new(Allocator {
                 free,
                 refs: vec![0; n_blocks],
@@ -184,6 +290,7 @@ impl KvPool {
                 evictable: BTreeMap::new(),
                 stamp: vec![0; n_blocks],
                 clock: 0,
+                foreign: !allocates,
             }),
         })
     }
@@ -236,6 +343,9 @@ impl KvPool {
 
     fn release(&self, blocks: &[BlockId]) {
         let mut a = self.allocator.lock().expect("kv allocator poisoned");
+        if a.foreign {
+            return;
+        }
         for &b in blocks {
             let i = b.0 as usize;
             assert!(a.refs[i] > 0, "double free of KV block {b:?}");
@@ -278,6 +388,12 @@ impl KvPool {
             a.hash_of[i] = Some(h);
             a.by_hash.insert(h, b);
         }
+    }
+
+    /// Byte range of the `(block, layer)` slab — its K plane then its V plane — in the mapping.
+    fn slab_range(&self, block: BlockId, layer: usize) -> std::ops::Range<usize> {
+        let off = self.plane_offset(block, layer, false);
+        off..off + 2 * self.layout.plane_bytes()
     }
 
     /// Byte offset of a plane in the mapping.
@@ -393,7 +509,55 @@ impl KvSequence {
         }
     }
 
-    /// Positions already cached.
+    /// A sequence over `blocks` that another party reserved in `pool` (an
+    /// [`attached`](KvPool::attach) view, or the owner's pool for blocks being handed over),
+    /// holding `len` filled positions. Dropping it releases a reference on each block (nothing,
+    /// in an attached view).
+    pub fn adopt(pool: Arc<KvPool>, blocks: Vec<BlockId>, len: usize) -> Result<KvSequence> {
+        let bs = pool.layout.block_size;
+        if blocks.iter().any(|b| b.0 as usize >= pool.n_blocks) || len > blocks.len() * bs {
+            return Err(EngineError::BadBlocks(format!(
+                "{} blocks for {len} positions in a pool of {}",
+                blocks.len(),
+                pool.n_blocks
+            )));
+        }
+        Ok(KvSequence { pool, blocks, len })
+    }
+
+    /// Marks the first `len` positions filled, when another process wrote them (a KV
+    /// transfer into this sequence's blocks).
+    pub fn set_filled(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "filled past the blocks held");
+        self.len = len;
+    }
+
+    /// Block `i`'s K and V of `layer`, as bytes (what a KV transfer moves).
+    pub fn slab(&self, i: usize, layer: usize) -> &[u8] {
+        let r = self.pool.slab_range(self.blocks[i], layer);
+        // SAFETY: this sequence holds the block and is borrowed shared, so no write is alive.
+        unsafe { std::slice::from_raw_parts(self.pool.data.as_ptr().add(r.start), r.len()) }
+    }
+
+    /// Overwrites block `i`'s slab of `layer` (bytes from another pool of the same layout).
+    pub fn write_slab(&mut self, i: usize, layer: usize, bytes: &[u8]) {
+        let r = self.pool.slab_range(self.blocks[i], layer);
+        assert_eq!(bytes.len(), r.len(), "slab size");
+        // SAFETY: this sequence holds the block and is borrowed mutably.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.pool.data.as_ptr().add(r.start),
+                r.len(),
+            )
+        }
+    }
+
+    /// Bytes of one slab.
+    pub fn slab_bytes(&self) -> usize {
+        2 * self.pool.layout.plane_bytes()
+    }
+
     /// Positions the blocks held now can store.
     pub fn capacity(&self) -> usize {
         self.blocks.len() * self.pool.layout.block_size

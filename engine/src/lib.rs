@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// KV cache storage: f16 (the default), int8 or f32 (exact).
     pub kv_dtype: KvDtype,
+    /// Put the KV pool in a shared file here (under `/dev/shm`) so that prefill workers on
+    /// this host can write prompts' KV straight into it; `None`: private memory.
+    pub kv_shared_path: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             model_id: None,
             precision: Precision::default(),
             kv_dtype: KvDtype::default(),
+            kv_shared_path: None,
         }
     }
 }
@@ -78,6 +82,11 @@ pub struct Engine {
     pub template: ChatTemplate,
     pub model_id: String,
     pub kv: Arc<KvPool>,
+    /// Identifies the weights, their precision and the KV format: KV blocks move only between
+    /// engines with equal fingerprints (xxh3 of the GGUF file's bytes, salted with both).
+    pub fingerprint: u64,
+    /// How this engine was loaded.
+    pub config: EngineConfig,
 }
 
 impl Engine {
@@ -113,7 +122,19 @@ impl Engine {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "model".into())
         });
-        let kv = KvPool::with_budget(model.kv_layout(cfg.kv_dtype), cfg.kv_budget_bytes);
+        let layout = model.kv_layout(cfg.kv_dtype);
+        let kv = match &cfg.kv_shared_path {
+            None => KvPool::with_budget(layout, cfg.kv_budget_bytes),
+            Some(p) => KvPool::new_shared(layout, KvPool::blocks_for(layout, cfg.kv_budget_bytes), p)
+                .map_err(|source| EngineError::Io {
+                    path: p.clone(),
+                    source,
+                })?,
+        };
+        let fingerprint = xxhash_rust::xxh3::xxh3_64_with_seed(
+            g.bytes(),
+            ((cfg.precision as u64) << 8) | cfg.kv_dtype as u64,
+        );
         tracing::info!(
             model = %model_id,
             backend = %model.name(),
@@ -130,6 +151,8 @@ impl Engine {
             template,
             model_id,
             kv,
+            fingerprint,
+            config: cfg.clone(),
         })
     }
 

@@ -147,6 +147,17 @@ impl LlamaModel {
     /// Runs new tokens of every item through the model, appending their K/V to each item's
     /// sequence; returns, per item, the logits it asked for (`n × vocab` for `All`).
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_with(items, &mut |_| {})
+    }
+
+    /// [`forward`](Self::forward), calling `layer_done(l)` as soon as every item's new K/V of
+    /// layer `l` is in its blocks (while the later layers still compute): the hook a KV
+    /// transfer pushes each layer from, so transfer overlaps compute.
+    pub fn forward_with(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        layer_done: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
         // Validate and reserve before computing anything.
@@ -228,6 +239,7 @@ impl LlamaModel {
                     &v[row * kvd..(row + 1) * kvd],
                 );
             }
+            layer_done(li);
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
                 attention(shape, &q, &row_item, &row_pos, &blocks, &mut att);

@@ -21,6 +21,7 @@ fn load(precision: Precision, kv_dtype: KvDtype) -> (tempfile::TempDir, Engine) 
         model_id: None,
         precision,
         kv_dtype,
+        kv_shared_path: None,
     };
     let e = Engine::load(&path, &cfg).unwrap();
     (dir, e)

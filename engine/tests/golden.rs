@@ -32,6 +32,7 @@ fn load(precision: Precision, kv_dtype: engine::KvDtype) -> Engine {
                 model_id: None,
                 precision,
                 kv_dtype,
+                kv_shared_path: None,
             },
         )
         .unwrap()

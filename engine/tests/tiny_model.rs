@@ -19,6 +19,7 @@ fn tiny_at(spec: &TinySpec, precision: Precision) -> (tempfile::TempDir, Engine)
             model_id: None,
             precision,
             kv_dtype: Default::default(),
+            kv_shared_path: None,
         },
     )
     .unwrap();

@@ -21,6 +21,7 @@ async fn server() -> (String, Arc<Engine>) {
         model_id: Some(DEFAULT_MODEL.id.into()),
         precision: engine::Precision::F32,
         kv_dtype: engine::KvDtype::F32,
+        kv_shared_path: None,
     };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
     let state = AppState::new(Arc::new(Cluster::start(engine.clone(), 16)));

@@ -49,6 +49,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             model_id: None,
             precision: args.precision,
             kv_dtype: args.kv_cache_dtype,
+            kv_shared_path: None,
         },
     )?;
     let vocab = e.model.config().vocab_size as u32;

@@ -65,6 +65,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         model_id: args.served_model_name.clone().or(default_id),
         precision: args.precision,
         kv_dtype: args.kv_cache_dtype,
+        kv_shared_path: None,
     };
     eprintln!(
         "tandem: loading {} ({threads} threads, SIMD level {})",

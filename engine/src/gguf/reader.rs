@@ -132,6 +132,11 @@ impl GgufFile {
         Self::parse(path, mmap)
     }
 
+    /// The whole file's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.mmap
+    }
+
     fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile> {
         let mut c = Cursor { buf: &mmap, pos: 0 };
         if c.take(4)

@@ -56,6 +56,7 @@ pub async fn start(opts: Options) -> TestServer {
                 model_id: None,
                 precision: opts.precision,
                 kv_dtype: Default::default(),
+                kv_shared_path: None,
             },
         )
         .unwrap(),

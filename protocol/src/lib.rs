@@ -1,0 +1,213 @@
+//! Tandem's wire protocol: the gRPC control plane `tandem.v1` (`proto/tandem/v1/worker.proto`,
+//! compiled by protox at build time) and its one mapping to and from the engine's types.
+//!
+//! # Layout
+//! - [`pb`]: the generated messages, clients and servers.
+//! - this file: conversions between `pb` and `engine::request` / `engine::sampler`.
+
+/// The generated `tandem.v1` code.
+pub mod pb {
+    tonic::include_proto!("tandem.v1");
+}
+
+use engine::TokenId;
+use engine::request::{FinishReason, GenerationParams, TokenEvent, WorkerError, WorkerEvent};
+use engine::sampler::{SamplingParams, TokenLogprobs};
+
+/// The protocol version this build speaks (the `.proto` package's).
+pub const VERSION: &str = "tandem.v1";
+
+/// A message that does not map onto the engine's types.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {0}")]
+pub struct Malformed(pub &'static str);
+
+impl From<&GenerationParams> for pb::GenerationParams {
+    fn from(p: &GenerationParams) -> Self {
+        let s = &p.sampling;
+        pb::GenerationParams {
+            sampling: Some(pb::SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k as u32,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                frequency_penalty: s.frequency_penalty,
+                presence_penalty: s.presence_penalty,
+                seed: s.seed,
+            }),
+            max_tokens: p.max_tokens as u32,
+            min_tokens: p.min_tokens as u32,
+            ignore_eos: p.ignore_eos,
+            stop_token_ids: p.stop_token_ids.clone(),
+            logprobs: p.logprobs.map(|n| n as u32),
+            prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+        }
+    }
+}
+
+impl TryFrom<&pb::GenerationParams> for GenerationParams {
+    type Error = Malformed;
+    fn try_from(p: &pb::GenerationParams) -> Result<Self, Malformed> {
+        let s = p.sampling.as_ref().ok_or(Malformed("sampling parameters"))?;
+        Ok(GenerationParams {
+            sampling: SamplingParams {
+                temperature: s.temperature,
+                top_k: s.top_k as usize,
+                top_p: s.top_p,
+                min_p: s.min_p,
+                frequency_penalty: s.frequency_penalty,
+                presence_penalty: s.presence_penalty,
+                seed: s.seed,
+            },
+            max_tokens: p.max_tokens as usize,
+            min_tokens: p.min_tokens as usize,
+            ignore_eos: p.ignore_eos,
+            stop_token_ids: p.stop_token_ids.clone(),
+            logprobs: p.logprobs.map(|n| n as usize),
+            prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
+        })
+    }
+}
+
+fn lp_to_pb(l: &TokenLogprobs) -> pb::TokenLogprobs {
+    pb::TokenLogprobs {
+        logprob: l.logprob,
+        top: l
+            .top
+            .iter()
+            .map(|&(token, logprob)| pb::TopLogprob { token, logprob })
+            .collect(),
+    }
+}
+
+fn lp_from_pb(l: &pb::TokenLogprobs) -> TokenLogprobs {
+    TokenLogprobs {
+        logprob: l.logprob,
+        top: l.top.iter().map(|t| (t.token as TokenId, t.logprob)).collect(),
+    }
+}
+
+impl From<&WorkerEvent> for pb::WorkerEvent {
+    fn from(e: &WorkerEvent) -> Self {
+        use pb::worker_event::Event;
+        let event = match e {
+            WorkerEvent::Prefilled { cached_tokens } => {
+                Event::PrefilledCachedTokens(*cached_tokens as u32)
+            }
+            WorkerEvent::PromptLogprobs(l) => Event::PromptLogprobs(pb::PromptLogprobs {
+                tokens: l.iter().map(lp_to_pb).collect(),
+            }),
+            WorkerEvent::Token(t) => Event::Token(pb::TokenEvent {
+                token: t.token,
+                logprobs: t.logprobs.as_ref().map(lp_to_pb),
+                finish: match t.finish {
+                    None => pb::FinishReason::Unspecified,
+                    Some(FinishReason::Stop) => pb::FinishReason::Stop,
+                    Some(FinishReason::Length) => pb::FinishReason::Length,
+                } as i32,
+            }),
+            WorkerEvent::Done => Event::Done(pb::Empty {}),
+            WorkerEvent::Error(err) => Event::Error(error_to_pb(err)),
+        };
+        pb::WorkerEvent { event: Some(event) }
+    }
+}
+
+/// A worker error as the wire carries it.
+pub fn error_to_pb(err: &WorkerError) -> pb::WorkerError {
+    let (kind, message) = match err {
+        WorkerError::Overloaded(m) => (pb::worker_error::Kind::Overloaded, m.clone()),
+        WorkerError::Internal(m) => (pb::worker_error::Kind::Internal, m.clone()),
+    };
+    pb::WorkerError {
+        kind: kind as i32,
+        message,
+    }
+}
+
+/// A wire error as the engine's type.
+pub fn error_from_pb(e: &pb::WorkerError) -> WorkerError {
+    match pb::worker_error::Kind::try_from(e.kind) {
+        Ok(pb::worker_error::Kind::Overloaded) => WorkerError::Overloaded(e.message.clone()),
+        _ => WorkerError::Internal(e.message.clone()),
+    }
+}
+
+impl TryFrom<&pb::WorkerEvent> for WorkerEvent {
+    type Error = Malformed;
+    fn try_from(e: &pb::WorkerEvent) -> Result<Self, Malformed> {
+        use pb::worker_event::Event;
+        Ok(match e.event.as_ref().ok_or(Malformed("worker event"))? {
+            Event::PrefilledCachedTokens(n) => WorkerEvent::Prefilled {
+                cached_tokens: *n as usize,
+            },
+            Event::PromptLogprobs(l) => {
+                WorkerEvent::PromptLogprobs(l.tokens.iter().map(lp_from_pb).collect())
+            }
+            Event::Token(t) => WorkerEvent::Token(TokenEvent {
+                token: t.token,
+                logprobs: t.logprobs.as_ref().map(lp_from_pb),
+                finish: match pb::FinishReason::try_from(t.finish) {
+                    Ok(pb::FinishReason::Stop) => Some(FinishReason::Stop),
+                    Ok(pb::FinishReason::Length) => Some(FinishReason::Length),
+                    Ok(pb::FinishReason::Unspecified) => None,
+                    Err(_) => return Err(Malformed("finish reason")),
+                },
+            }),
+            Event::Done(_) => WorkerEvent::Done,
+            Event::Error(err) => WorkerEvent::Error(error_from_pb(err)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_and_events_round_trip() {
+        let p = GenerationParams {
+            sampling: SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                top_p: 0.9,
+                min_p: 0.05,
+                frequency_penalty: 0.5,
+                presence_penalty: -0.25,
+                seed: u64::MAX - 3,
+            },
+            max_tokens: 17,
+            min_tokens: 2,
+            ignore_eos: true,
+            stop_token_ids: vec![5, 9],
+            logprobs: Some(3),
+            prompt_logprobs: None,
+        };
+        let back = GenerationParams::try_from(&pb::GenerationParams::from(&p)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{p:?}"));
+        let lp = TokenLogprobs {
+            logprob: -0.5,
+            top: vec![(3, -0.5), (8, -1.25)],
+        };
+        for e in [
+            WorkerEvent::Prefilled { cached_tokens: 32 },
+            WorkerEvent::PromptLogprobs(vec![lp.clone(), lp.clone()]),
+            WorkerEvent::Token(TokenEvent {
+                token: 42,
+                logprobs: Some(lp.clone()),
+                finish: Some(FinishReason::Length),
+            }),
+            WorkerEvent::Token(TokenEvent {
+                token: 7,
+                logprobs: None,
+                finish: None,
+            }),
+            WorkerEvent::Done,
+            WorkerEvent::Error(WorkerError::Overloaded("full".into())),
+            WorkerEvent::Error(WorkerError::Internal("boom".into())),
+        ] {
+            assert_eq!(WorkerEvent::try_from(&pb::WorkerEvent::from(&e)).unwrap(), e);
+        }
+        assert!(WorkerEvent::try_from(&pb::WorkerEvent { event: None }).is_err());
+    }
+}
