@@ -17,6 +17,13 @@
 //!
 //! A sequence leaves when it finishes, or when its client goes away (its event channel closes
 //! or its [`CancelFlag`] is set); its blocks return to the pool at once.
+//!
+//! # Layout
+//! - this file: the batch loop;
+//! - [`service`]: the `tandem.v1.DecodeWorker` gRPC service (leases of blocks for prefill
+//!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
+
+pub mod service;
 
 use engine::generation::GenerationState;
 use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
@@ -33,6 +40,10 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct NewRequest {
     pub id: RequestId,
     pub prompt: Vec<TokenId>,
+    /// Tokens already produced for this request elsewhere (a resumed stream after a worker
+    /// failed; usually empty): they are recomputed into the cache like a preempted sequence's,
+    /// and generation continues after them without reporting the prompt again.
+    pub generated: Vec<TokenId>,
     pub params: GenerationParams,
     pub events: UnboundedSender<WorkerEvent>,
     pub cancel: CancelFlag,
@@ -264,16 +275,16 @@ impl Worker {
         self.next_arrival += 1;
         let seq = match m {
             Incoming::Request(r) => {
-                let state = GenerationState::new(r.params, r.prompt.len());
+                let state = GenerationState::resume(r.params, r.prompt.len(), &r.generated);
                 Seq {
+                    started: !r.generated.is_empty(),
                     prompt: r.prompt,
-                    generated: Vec::new(),
+                    generated: r.generated,
                     state,
                     kv: self.engine.new_sequence(),
                     events: r.events,
                     cancel: r.cancel,
                     arrival,
-                    started: false,
                     cached: 0,
                     prompt_lps: Vec::new(),
                     counted: true,

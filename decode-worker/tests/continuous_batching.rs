@@ -61,6 +61,7 @@ fn submit(
     let (tx, rx) = unbounded_channel();
     h.submit_request(NewRequest {
         id: RequestId(i as u64),
+        generated: Vec::new(),
         prompt,
         params: p,
         events: tx,
@@ -172,6 +173,7 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
         let (tx, rx) = unbounded_channel();
         h.submit_request(NewRequest {
             id: RequestId(i as u64),
+            generated: Vec::new(),
             prompt: (0..30).map(|t| t + 3).collect(),
             params: long.clone(),
             events: tx,
@@ -186,6 +188,7 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
         let (tx, _rx) = unbounded_channel();
         if let Err(SubmitError::QueueFull) = h.submit_request(NewRequest {
             id: RequestId(100 + i),
+            generated: Vec::new(),
             prompt: vec![3, 4, 5],
             params: params(1),
             events: tx,

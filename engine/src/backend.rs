@@ -63,3 +63,38 @@ impl Backend for LlamaModel {
         LlamaModel::forward_with(self, items, layer_done)
     }
 }
+
+/// A model's description without its weights: what a scheduler needs (hyper-parameters for
+/// the context length, the KV geometry for routing) when the forward passes run in worker
+/// processes. Its forward refuses.
+pub struct Weightless {
+    pub cfg: LlamaConfig,
+}
+
+impl Backend for Weightless {
+    fn name(&self) -> String {
+        "weightless".into()
+    }
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
+        KvLayout {
+            dtype,
+            n_layers: self.cfg.n_layers,
+            kv_dim: self.cfg.kv_dim(),
+            head_dim: self.cfg.head_dim,
+            block_size: crate::kv::BLOCK_SIZE,
+        }
+    }
+    fn weight_bytes(&self) -> usize {
+        0
+    }
+    fn forward_with(
+        &self,
+        _: &mut [ForwardItem<'_>],
+        _: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>> {
+        Err(crate::EngineError::NoWeights)
+    }
+}

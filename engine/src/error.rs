@@ -45,6 +45,10 @@ pub enum EngineError {
     ContextOverflow { len: usize, max: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
+    #[error(
+        "this engine holds no weights (a scheduler's view of the model); forward passes run on workers"
+    )]
+    NoWeights,
     #[error("model fetch failed: {0}")]
     Fetch(String),
 }

@@ -73,6 +73,16 @@ impl std::str::FromStr for KvDtype {
     }
 }
 
+impl std::fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDtype::F16 => "f16",
+            KvDtype::F32 => "f32",
+            KvDtype::Int8 => "int8",
+        })
+    }
+}
+
 /// The geometry of every block in a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -234,12 +244,18 @@ impl KvPool {
         path: &std::path::Path,
     ) -> std::io::Result<Arc<KvPool>> {
         let bytes = Self::size(layout, n_blocks);
-        let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
         let len = f.metadata()?.len();
         if len != bytes as u64 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("shared KV pool {} holds {len} bytes, this layout needs {bytes}", path.display()),
+                format!(
+                    "shared KV pool {} holds {len} bytes, this layout needs {bytes}",
+                    path.display()
+                ),
             ));
         }
         // SAFETY: see `new_shared`: this process writes only blocks lent to it.
@@ -551,6 +567,15 @@ impl KvSequence {
                 r.len(),
             )
         }
+    }
+
+    /// Where block `i`'s slab of `layer` lives, for a writer outside this process's forward
+    /// passes (the TCP data plane reading straight into the block). Writing through it is
+    /// sound only while this sequence holds the block and nothing else reads or writes it.
+    pub fn slab_mut_ptr(&mut self, i: usize, layer: usize) -> *mut u8 {
+        let r = self.pool.slab_range(self.blocks[i], layer);
+        // SAFETY: in bounds of the mapping (slab_range checks the block and layer).
+        unsafe { self.pool.data.as_ptr().add(r.start) }
     }
 
     /// Bytes of one slab.

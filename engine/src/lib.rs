@@ -91,9 +91,30 @@ pub struct Engine {
 
 impl Engine {
     pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
-        let path = path.as_ref();
+        Self::load_with(path.as_ref(), cfg, true)
+    }
+
+    /// The model's tokenizer, chat template and hyper-parameters without its weights (a
+    /// one-block KV pool, a backend whose forward refuses): what the scheduler process holds,
+    /// with the same fingerprint the workers compute.
+    pub fn load_frontend(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
+        let cfg = EngineConfig {
+            kv_budget_bytes: 0,
+            kv_shared_path: None,
+            ..cfg.clone()
+        };
+        Self::load_with(path.as_ref(), &cfg, false)
+    }
+
+    fn load_with(path: &Path, cfg: &EngineConfig, weights: bool) -> Result<Engine> {
         let g = GgufFile::open(path)?;
-        let model: Box<dyn Backend> = Box::new(LlamaModel::load(&g, cfg.precision)?);
+        let model: Box<dyn Backend> = if weights {
+            Box::new(LlamaModel::load(&g, cfg.precision)?)
+        } else {
+            Box::new(backend::Weightless {
+                cfg: config::LlamaConfig::from_metadata(&g)?,
+            })
+        };
         let tokenizer = Tokenizer::from_metadata(&g)?;
         if tokenizer.vocab_size() != model.config().vocab_size {
             return Err(EngineError::Tokenizer(format!(
@@ -125,11 +146,13 @@ impl Engine {
         let layout = model.kv_layout(cfg.kv_dtype);
         let kv = match &cfg.kv_shared_path {
             None => KvPool::with_budget(layout, cfg.kv_budget_bytes),
-            Some(p) => KvPool::new_shared(layout, KvPool::blocks_for(layout, cfg.kv_budget_bytes), p)
-                .map_err(|source| EngineError::Io {
-                    path: p.clone(),
-                    source,
-                })?,
+            Some(p) => {
+                KvPool::new_shared(layout, KvPool::blocks_for(layout, cfg.kv_budget_bytes), p)
+                    .map_err(|source| EngineError::Io {
+                        path: p.clone(),
+                        source,
+                    })?
+            }
         };
         let fingerprint = xxhash_rust::xxh3::xxh3_64_with_seed(
             g.bytes(),

@@ -39,6 +39,16 @@ impl std::str::FromStr for Precision {
     }
 }
 
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+            Precision::W4A8 => "w4a8",
+        })
+    }
+}
+
 /// An activation matrix `[m × k]`, quantized on first use by a quantized weight.
 pub struct Acts<'a> {
     x: &'a [f32],

@@ -11,11 +11,15 @@
 //! # Layout
 //! - [`frame`]: the data plane's frame format (versioned).
 //! - [`tcp`]: the sender (prefill side) and the receiving server (decode side).
+//! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes.
 //!
 //! The pooled RAM → disk store of the architecture lands here too (not built yet).
 
 pub mod frame;
+pub mod shm;
 pub mod tcp;
+
+use engine::KvSequence;
 
 /// xxh3 over slabs fed in `(layer, block)` order.
 #[derive(Default)]
@@ -31,4 +35,22 @@ impl Checksum {
     pub fn digest(&self) -> u64 {
         self.0.digest()
     }
+}
+
+/// The [`Checksum`] of `seq`'s blocks `blocks` (every layer): what a transfer of those blocks
+/// must reproduce on the other side.
+pub fn sequence_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u64 {
+    let mut c = Checksum::new();
+    for layer in 0..seq.pool().layout().n_layers {
+        for b in blocks.clone() {
+            c.update(seq.slab(b, layer));
+        }
+    }
+    c.digest()
+}
+
+/// Blocks a prefill with `cached` positions already in place and `filled` in all writes:
+/// from the first block past the cached ones to the last one written.
+pub fn written_blocks(cached: usize, filled: usize, block_size: usize) -> std::ops::Range<usize> {
+    cached / block_size..filled.div_ceil(block_size)
 }

@@ -27,10 +27,12 @@ pub trait SlabSink: Send + Sync + 'static {
     ///
     /// # Safety contract
     /// The returned memory must stay valid, and be written by nobody else, until
-    /// [`end`](Self::end) is called for the lease or the connection drops.
+    /// [`end`](Self::end) or [`abort`](Self::abort) is called for the lease.
     fn slot(&self, lease: u64, block: u32, layer: u32, len: usize) -> Option<Slot>;
     /// Every slab of `lease` arrived (`slabs` of them); the sender's checksum.
     fn end(&self, lease: u64, slabs: u32, checksum: u64);
+    /// The connection carrying `lease`'s transfer broke before its end: no more bytes come.
+    fn abort(&self, lease: u64);
 }
 
 /// Sends slabs to one decode worker's data plane.
@@ -58,7 +60,8 @@ impl KvSender {
     }
 
     pub fn end(&mut self, lease: u64, slabs: u32, checksum: u64) -> io::Result<()> {
-        self.stream.write_all(&Frame::End { lease, slabs }.encode())?;
+        self.stream
+            .write_all(&Frame::End { lease, slabs }.encode())?;
         self.stream.write_all(&checksum.to_le_bytes())?;
         self.stream.flush()
     }
@@ -90,8 +93,12 @@ impl KvReceiver {
                     let _ = std::thread::Builder::new()
                         .name("tandem-kv-recv".into())
                         .spawn(move || {
-                            if let Err(e) = serve(conn, &*sink) {
+                            let mut open = Vec::new();
+                            if let Err(e) = serve(conn, &*sink, &mut open) {
                                 tracing::debug!(error = %e, "KV data connection closed");
+                            }
+                            for lease in open {
+                                sink.abort(lease);
                             }
                         });
                 }
@@ -119,7 +126,8 @@ impl Drop for KvReceiver {
     }
 }
 
-fn serve(mut conn: TcpStream, sink: &dyn SlabSink) -> io::Result<()> {
+/// Receives frames until the peer closes; `open` holds the leases begun and not ended.
+fn serve(mut conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Result<()> {
     conn.set_nodelay(true)?;
     let mut scratch = Vec::new();
     loop {
@@ -136,20 +144,27 @@ fn serve(mut conn: TcpStream, sink: &dyn SlabSink) -> io::Result<()> {
                 block,
                 layer,
                 len,
-            } => match sink.slot(lease, block, layer, len as usize) {
-                Some(s) if s.len == len as usize => {
-                    // SAFETY: the sink guarantees `len` writable bytes owned by this transfer.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) };
-                    conn.read_exact(dst)?;
+            } => {
+                if !open.contains(&lease) {
+                    open.push(lease);
                 }
-                _ => {
-                    scratch.resize(len as usize, 0);
-                    conn.read_exact(&mut scratch)?;
+                match sink.slot(lease, block, layer, len as usize) {
+                    Some(s) if s.len == len as usize => {
+                        // SAFETY: the sink guarantees `len` writable bytes owned by this
+                        // transfer.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) };
+                        conn.read_exact(dst)?;
+                    }
+                    _ => {
+                        scratch.resize(len as usize, 0);
+                        conn.read_exact(&mut scratch)?;
+                    }
                 }
-            },
+            }
             Frame::End { lease, slabs } => {
                 let mut c = [0u8; 8];
                 conn.read_exact(&mut c)?;
+                open.retain(|&l| l != lease);
                 sink.end(lease, slabs, u64::from_le_bytes(c));
             }
         }
@@ -184,6 +199,9 @@ mod tests {
         fn end(&self, lease: u64, slabs: u32, checksum: u64) {
             let _ = self.done.lock().unwrap().send((lease, slabs, checksum));
         }
+        fn abort(&self, lease: u64) {
+            let _ = self.done.lock().unwrap().send((lease, u32::MAX, 0));
+        }
     }
 
     #[test]
@@ -200,7 +218,9 @@ mod tests {
         let mut sum = crate::Checksum::new();
         for layer in 0..3u32 {
             for block in 0..4u32 {
-                let bytes: Vec<u8> = (0..slab).map(|i| (i as u32 * 7 + block * 31 + layer) as u8).collect();
+                let bytes: Vec<u8> = (0..slab)
+                    .map(|i| (i as u32 * 7 + block * 31 + layer) as u8)
+                    .collect();
                 sum.update(&bytes);
                 s.slab(7, block, layer, &bytes).unwrap();
                 s.slab(8, block, layer, &bytes).unwrap(); // unknown lease: read and dropped

@@ -1,154 +1,319 @@
-//! The prefill worker: runs a prompt through the model, filling a sequence's KV blocks,
-//! samples the first token (time to first token ends here), reports prompt log-probabilities
-//! when asked, and hands the sequence to a decode worker.
+//! The prefill worker: computes prompts' KV caches straight into blocks a decode worker
+//! reserved, and samples each prompt's first token (time to first token ends here).
 //!
-//! Jobs wait in a bounded queue; a full queue refuses new work at once ([`SubmitError::QueueFull`])
-//! so the scheduler can answer 503 instead of letting latency grow without bound.
-//! Full blocks of a prompt's prefix that an earlier prompt already computed are reused from
-//! the pool's prefix cache. Chunked prefill and the layer-by-layer KV push to a remote decode worker
-//! grow here (issues 5 and 6).
+//! Jobs wait in a bounded queue (a full one refuses at once, [`SubmitError::QueueFull`], so the
+//! scheduler can go elsewhere or answer 503). The loop takes every queued job that fits a
+//! token budget and runs them as one batched forward pass. Where the KV goes depends on the
+//! target ([`target`]): on the decode worker's host the pass writes into the decode worker's
+//! shared pool in place (zero copies); from another host each layer's slabs stream over TCP
+//! as soon as that layer is computed, while the later layers still run.
+//!
+//! A job whose client went away ([`CancelFlag`]) is dropped before it computes.
+//!
+//! # Layout
+//! - this file: jobs, the queue and the batching loop;
+//! - [`target`]: choosing the transport and writing or pushing the KV;
+//! - [`service`]: the `tandem.v1.PrefillWorker` gRPC service and [`service::run`].
 
-use decode_worker::{DecodeHandle, DecodeJob};
+pub mod service;
+pub mod target;
+
 use engine::generation::GenerationState;
-use engine::request::{WorkerError, WorkerEvent};
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
 use engine::sampler::logprobs;
-use engine::{Engine, EngineError, LogitsWanted};
+use engine::{Engine, EngineError, ForwardItem, LogitsWanted, TokenId};
+use protocol::pb;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::thread::JoinHandle;
+use target::{Prepared, Targets, Transport};
+use tokio::sync::oneshot;
 
-/// A prompt to prefill: the same request a worker that prefills for itself takes.
-pub use decode_worker::NewRequest as PrefillJob;
-pub use decode_worker::SubmitError;
+/// A prompt to prefill into a decode worker's blocks.
+pub struct PrefillJob {
+    pub id: RequestId,
+    pub prompt: Vec<TokenId>,
+    /// Tokens already streamed (a re-prefill after a decode worker failed): their KV is
+    /// computed too, except the last one's, and nothing new is sampled.
+    pub generated: Vec<TokenId>,
+    pub params: GenerationParams,
+    pub target: pb::KvTarget,
+    /// A forced transport, or `None` to pick one.
+    pub transport: Option<Transport>,
+    pub cancel: CancelFlag,
+    pub reply: oneshot::Sender<Result<PrefillOutcome, WorkerError>>,
+}
 
-/// Submits prompts to a running prefill worker.
+impl PrefillJob {
+    /// Every token whose KV this job produces.
+    pub fn tokens(&self) -> Vec<TokenId> {
+        let mut t = self.prompt.clone();
+        if let Some((_, head)) = self.generated.split_last() {
+            t.extend_from_slice(head);
+        }
+        t
+    }
+}
+
+/// What a finished prefill reports.
+#[derive(Debug)]
+pub struct PrefillOutcome {
+    /// For the client, in order: prefilled, prompt log-probabilities, the first token, done.
+    pub events: Vec<WorkerEvent>,
+    /// Over the written slabs, `(layer, block)` order (see `kv_store::Checksum`).
+    pub checksum: u64,
+    /// Positions the target blocks now hold.
+    pub filled: usize,
+    pub transport: Transport,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prefill queue is full")]
+    QueueFull,
+    #[error("the prefill worker has stopped")]
+    Stopped,
+}
+
+/// How the loop batches.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillConfig {
+    /// Prompt tokens per forward pass at most (a longer prompt runs alone).
+    pub max_batch_tokens: usize,
+    /// Jobs waiting at most; beyond it, [`SubmitError::QueueFull`].
+    pub max_waiting: usize,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        PrefillConfig {
+            max_batch_tokens: 2048,
+            max_waiting: 64,
+        }
+    }
+}
+
+/// Submits jobs to a running prefill loop. The loop stops when every handle is dropped.
 #[derive(Clone)]
 pub struct PrefillHandle {
     tx: SyncSender<PrefillJob>,
-    /// Jobs submitted and not yet picked up (the `tandem_prefill_queue_depth` gauge).
+    /// Jobs submitted and not yet picked up.
     queued: Arc<AtomicUsize>,
 }
 
 impl PrefillHandle {
     pub fn submit(&self, job: PrefillJob) -> Result<(), SubmitError> {
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queued.fetch_add(1, Ordering::AcqRel);
         let r = self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         });
-        let depth = if r.is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed) - 1
-        } else {
-            self.queued.load(Ordering::Relaxed)
-        };
-        metrics::gauge!("tandem_prefill_queue_depth").set(depth as f64);
+        if r.is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        metrics::gauge!("tandem_prefill_queue_depth").set(self.queued() as f64);
         r
+    }
+
+    /// Jobs waiting to start.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 }
 
-/// Starts a prefill worker on its own thread, feeding `decode`; at most `queue` jobs wait.
-pub fn spawn(
-    engine: Arc<Engine>,
-    decode: DecodeHandle,
-    queue: usize,
-) -> (PrefillHandle, JoinHandle<()>) {
-    let (tx, rx) = sync_channel(queue);
+/// Starts the prefill loop on its own thread.
+pub fn spawn(engine: Arc<Engine>, cfg: PrefillConfig) -> (PrefillHandle, JoinHandle<()>) {
+    let (tx, rx) = sync_channel(cfg.max_waiting);
     let queued = Arc::new(AtomicUsize::new(0));
     let q = queued.clone();
     let th = std::thread::Builder::new()
         .name("tandem-prefill".into())
-        .spawn(move || run(engine, decode, rx, q))
+        .spawn(move || Loop::new(engine, cfg, q).run(rx))
         .expect("spawn prefill thread");
     (PrefillHandle { tx, queued }, th)
 }
 
-fn run(
+struct Loop {
     engine: Arc<Engine>,
-    decode: DecodeHandle,
-    rx: Receiver<PrefillJob>,
+    cfg: PrefillConfig,
     queued: Arc<AtomicUsize>,
-) {
-    while let Ok(job) = rx.recv() {
-        let depth = queued.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("tandem_prefill_queue_depth").set(depth as f64);
-        if job.cancel.is_cancelled() || job.events.is_closed() {
-            continue;
+    targets: Targets,
+}
+
+impl Loop {
+    fn new(engine: Arc<Engine>, cfg: PrefillConfig, queued: Arc<AtomicUsize>) -> Loop {
+        let targets = Targets::new(engine.clone());
+        Loop {
+            engine,
+            cfg,
+            queued,
+            targets,
         }
-        let events = job.events.clone();
-        if let Err(e) = prefill(&engine, &decode, job) {
-            let err = match e {
-                EngineError::KvExhausted { .. } => WorkerError::Overloaded(e.to_string()),
-                other => WorkerError::Internal(other.to_string()),
+    }
+
+    fn run(mut self, rx: Receiver<PrefillJob>) {
+        let mut held: Option<PrefillJob> = None;
+        loop {
+            let first = match held.take() {
+                Some(j) => j,
+                None => match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                },
             };
-            let _ = events.send(WorkerEvent::Error(err));
+            let mut tokens = first.tokens().len();
+            let mut batch = vec![first];
+            while tokens < self.cfg.max_batch_tokens {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        let n = j.tokens().len();
+                        if tokens + n > self.cfg.max_batch_tokens {
+                            held = Some(j);
+                            break;
+                        }
+                        tokens += n;
+                        batch.push(j);
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            // The held job was counted out of the queue too: it is the next batch's head.
+            let taken = batch.len() + usize::from(held.is_some());
+            let left = self.queued.fetch_sub(taken, Ordering::AcqRel) - taken;
+            metrics::gauge!("tandem_prefill_queue_depth").set(left as f64);
+            self.run_batch(batch);
+            if held.is_some() {
+                self.queued.fetch_add(1, Ordering::AcqRel);
+            }
         }
+    }
+
+    /// One forward pass over every live job of the batch.
+    fn run_batch(&mut self, batch: Vec<PrefillJob>) {
+        let mut live = Vec::new();
+        for job in batch {
+            if job.cancel.is_cancelled() || job.reply.is_closed() {
+                continue;
+            }
+            match self.targets.prepare(&job) {
+                Ok(p) => live.push((job.tokens(), job, p)),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let want: Vec<LogitsWanted> = live.iter().map(|(_, j, _)| logits_wanted(j)).collect();
+        let inputs: Vec<Vec<TokenId>> = live.iter().map(|(t, _, p)| p.inputs(t).to_vec()).collect();
+        let notifiers: Vec<_> = live
+            .iter()
+            .filter_map(|(_, _, p)| p.layer_notifier())
+            .collect();
+        let mut items: Vec<ForwardItem<'_>> = live
+            .iter_mut()
+            .zip(&inputs)
+            .zip(&want)
+            .map(|(((_, _, p), toks), w)| ForwardItem {
+                seq: &mut p.seq,
+                tokens: toks,
+                logits: *w,
+            })
+            .collect();
+        let result = self.engine.model.forward_with(&mut items, &mut |layer| {
+            for n in &notifiers {
+                let _ = n.send(layer);
+            }
+        });
+        drop(items);
+        drop(notifiers);
+        let tokens: usize = inputs.iter().map(Vec::len).sum();
+        metrics::histogram!("tandem_prefill_batch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("tandem_prefill_tokens_total").increment(tokens as u64);
+        match result {
+            Ok(logits) => {
+                for ((tokens, job, prep), l) in live.into_iter().zip(logits) {
+                    let out = self.finish(&tokens, &job, prep, &l);
+                    let _ = job.reply.send(out);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "prefill forward pass failed");
+                for (_, job, prep) in live {
+                    drop(prep);
+                    let _ = job.reply.send(Err(engine_error(&e)));
+                }
+            }
+        }
+    }
+
+    /// The job's KV is complete: seal the transfer, sample the first token.
+    fn finish(
+        &self,
+        tokens: &[TokenId],
+        job: &PrefillJob,
+        prep: Prepared,
+        logits: &[f32],
+    ) -> Result<PrefillOutcome, WorkerError> {
+        if job.params.prompt_logprobs.is_none() && prep.local() {
+            // This worker's own prefix cache (TCP transfers compute into the local pool).
+            prep.seq.publish_prefix(&job.prompt);
+        }
+        let sealed = prep.finish()?;
+        let mut events = Vec::new();
+        if job.generated.is_empty() {
+            let p = &job.params;
+            let vocab = self.engine.model.config().vocab_size;
+            let last = if let Some(n) = p.prompt_logprobs {
+                // Every prompt position was computed (no prefix cache): row i predicts i + 1.
+                let lps = (1..tokens.len())
+                    .map(|i| logprobs(&logits[(i - 1) * vocab..i * vocab], tokens[i], n))
+                    .collect();
+                events.push(WorkerEvent::PromptLogprobs(lps));
+                &logits[(tokens.len() - 1) * vocab..]
+            } else {
+                events.push(WorkerEvent::Prefilled {
+                    cached_tokens: sealed.cached,
+                });
+                logits
+            };
+            if p.max_tokens == 0 {
+                events.push(WorkerEvent::Done);
+            } else {
+                let mut state = GenerationState::new(p.clone(), job.prompt.len());
+                let ev = state.next(&self.engine.tokenizer, last, self.engine.max_context());
+                events.push(WorkerEvent::Token(ev));
+            }
+        }
+        Ok(PrefillOutcome {
+            events,
+            checksum: sealed.checksum,
+            filled: tokens.len(),
+            transport: sealed.transport,
+        })
     }
 }
 
-fn prefill(engine: &Engine, decode: &DecodeHandle, job: PrefillJob) -> Result<(), EngineError> {
-    let PrefillJob {
-        id,
-        prompt,
-        params,
-        events,
-        cancel,
-    } = job;
-    let mut seq = engine.new_sequence();
-    let want = if params.prompt_logprobs.is_some() {
+/// Logits a job needs: every prompt position's for prompt log-probabilities, the last one's
+/// to sample a first token, none for a re-prefill.
+fn logits_wanted(job: &PrefillJob) -> LogitsWanted {
+    if !job.generated.is_empty() {
+        LogitsWanted::None
+    } else if job.params.prompt_logprobs.is_some() {
         LogitsWanted::All
     } else {
         LogitsWanted::Last
-    };
-    // Reuse cached full blocks of the prompt's prefix (not when every prompt position's
-    // logits are wanted); batch-invariant kernels make a hit bit-identical to a cold prefill.
-    let cached = if want == LogitsWanted::Last {
-        seq.attach_prefix(&prompt)
-    } else {
-        0
-    };
-    let logits = engine.prefill(&mut seq, &prompt[cached..], want)?;
-    seq.publish_prefix(&prompt);
-    if want == LogitsWanted::Last {
-        let _ = events.send(WorkerEvent::Prefilled {
-            cached_tokens: cached,
-        });
     }
-    let vocab = engine.model.config().vocab_size;
-    let last = match want {
-        LogitsWanted::All => {
-            let n = params.prompt_logprobs.unwrap_or(0);
-            let lps = (1..prompt.len())
-                .map(|i| logprobs(&logits[(i - 1) * vocab..i * vocab], prompt[i], n))
-                .collect();
-            let _ = events.send(WorkerEvent::PromptLogprobs(lps));
-            &logits[(prompt.len() - 1) * vocab..]
-        }
-        _ => &logits[..],
-    };
-    if params.max_tokens == 0 {
-        let _ = events.send(WorkerEvent::Done);
-        return Ok(());
+}
+
+/// An engine error as a worker error: running out of KV memory is overload, the rest internal.
+pub(crate) fn engine_error(e: &EngineError) -> WorkerError {
+    match e {
+        EngineError::KvExhausted { .. } => WorkerError::Overloaded(e.to_string()),
+        other => WorkerError::Internal(other.to_string()),
     }
-    let mut state = GenerationState::new(params, prompt.len());
-    let ev = state.next(&engine.tokenizer, last, engine.max_context());
-    let (token, done) = (ev.token, ev.finish.is_some());
-    if events.send(WorkerEvent::Token(ev)).is_err() || done {
-        return Ok(());
-    }
-    let job = DecodeJob {
-        id,
-        seq,
-        state,
-        prompt,
-        generated: vec![token],
-        events,
-        cancel,
-    };
-    if let Err(job) = decode.submit(job) {
-        let _ = job.events.send(WorkerEvent::Error(WorkerError::Internal(
-            "the decode worker has stopped".into(),
-        )));
-    }
-    Ok(())
 }

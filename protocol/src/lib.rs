@@ -48,7 +48,10 @@ impl From<&GenerationParams> for pb::GenerationParams {
 impl TryFrom<&pb::GenerationParams> for GenerationParams {
     type Error = Malformed;
     fn try_from(p: &pb::GenerationParams) -> Result<Self, Malformed> {
-        let s = p.sampling.as_ref().ok_or(Malformed("sampling parameters"))?;
+        let s = p
+            .sampling
+            .as_ref()
+            .ok_or(Malformed("sampling parameters"))?;
         Ok(GenerationParams {
             sampling: SamplingParams {
                 temperature: s.temperature,
@@ -83,7 +86,11 @@ fn lp_to_pb(l: &TokenLogprobs) -> pb::TokenLogprobs {
 fn lp_from_pb(l: &pb::TokenLogprobs) -> TokenLogprobs {
     TokenLogprobs {
         logprob: l.logprob,
-        top: l.top.iter().map(|t| (t.token as TokenId, t.logprob)).collect(),
+        top: l
+            .top
+            .iter()
+            .map(|t| (t.token as TokenId, t.logprob))
+            .collect(),
     }
 }
 
@@ -206,7 +213,10 @@ mod tests {
             WorkerEvent::Error(WorkerError::Overloaded("full".into())),
             WorkerEvent::Error(WorkerError::Internal("boom".into())),
         ] {
-            assert_eq!(WorkerEvent::try_from(&pb::WorkerEvent::from(&e)).unwrap(), e);
+            assert_eq!(
+                WorkerEvent::try_from(&pb::WorkerEvent::from(&e)).unwrap(),
+                e
+            );
         }
         assert!(WorkerEvent::try_from(&pb::WorkerEvent { event: None }).is_err());
     }

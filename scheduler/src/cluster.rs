@@ -1,40 +1,22 @@
-//! The workers a scheduler routes to. Today `tandem up` runs its workers in this process,
-//! connected by channels; the disaggregated cluster (issue 6) puts the same jobs on gRPC and
-//! picks workers by load and prefix overlap.
+//! The workers a scheduler routes to: one colocated worker in this process (how vLLM runs;
+//! `tandem up --colocated`), or the disaggregated cluster of prefill and decode worker
+//! processes reached over gRPC ([`crate::remote`]).
 
 use crate::error::ApiError;
+use crate::remote::{Remote, RemoteConfig};
 use decode_worker::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
 use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
 use engine::{Engine, TokenId};
-use prefill_worker::PrefillHandle;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::mpsc;
 
-/// How the in-process workers split the work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Topology {
-    /// One worker prefills and decodes, in continuous batches under a token budget (how vLLM
-    /// runs): the default in one process.
-    #[default]
-    Colocated,
-    /// A prefill worker thread hands each prefilled sequence to a decode worker thread.
-    Split,
-}
-
-/// How to start a cluster.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ClusterConfig {
-    pub topology: Topology,
-    pub worker: WorkerConfig,
-}
-
 enum Entry {
     Colocated(DecodeHandle),
-    Split(PrefillHandle),
+    Remote(Arc<Remote>),
 }
 
-/// An in-process cluster.
+/// Where requests go.
 pub struct Cluster {
     engine: Arc<Engine>,
     entry: Entry,
@@ -44,35 +26,40 @@ pub struct Cluster {
 impl Cluster {
     /// A colocated worker; at most `queue` requests wait to start before new ones get 503.
     pub fn start(engine: Arc<Engine>, queue: usize) -> Cluster {
-        Cluster::start_with(
+        Cluster::colocated(
             engine,
-            ClusterConfig {
-                topology: Topology::Colocated,
-                worker: WorkerConfig {
-                    max_waiting: queue,
-                    ..WorkerConfig::default()
-                },
+            WorkerConfig {
+                max_waiting: queue,
+                ..WorkerConfig::default()
             },
         )
     }
 
-    pub fn start_with(engine: Arc<Engine>, cfg: ClusterConfig) -> Cluster {
-        let (decode, d_thread) = decode_worker::spawn(engine.clone(), cfg.worker);
-        match cfg.topology {
-            Topology::Colocated => Cluster {
-                engine,
-                entry: Entry::Colocated(decode),
-                threads: vec![d_thread],
-            },
-            Topology::Split => {
-                let (prefill, p_thread) =
-                    prefill_worker::spawn(engine.clone(), decode, cfg.worker.max_waiting);
-                Cluster {
-                    engine,
-                    entry: Entry::Split(prefill),
-                    threads: vec![p_thread, d_thread],
-                }
-            }
+    /// One worker in this process prefills and decodes, in continuous batches.
+    pub fn colocated(engine: Arc<Engine>, worker: WorkerConfig) -> Cluster {
+        let (decode, thread) = decode_worker::spawn(engine.clone(), worker);
+        Cluster {
+            engine,
+            entry: Entry::Colocated(decode),
+            threads: vec![thread],
+        }
+    }
+
+    /// Worker processes over gRPC; `engine` is the model's frontend (tokenizer, template,
+    /// limits: [`Engine::load_frontend`]). Call inside a tokio runtime.
+    pub fn remote(engine: Arc<Engine>, cfg: RemoteConfig) -> Result<Cluster, ApiError> {
+        Ok(Cluster {
+            engine,
+            entry: Entry::Remote(Remote::start(cfg)?),
+            threads: Vec::new(),
+        })
+    }
+
+    /// The disaggregated workers, when this cluster has them.
+    pub fn remote_workers(&self) -> Option<&Arc<Remote>> {
+        match &self.entry {
+            Entry::Remote(r) => Some(r),
+            Entry::Colocated(_) => None,
         }
     }
 
@@ -88,25 +75,27 @@ impl Cluster {
         params: GenerationParams,
         cancel: CancelFlag,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let req = NewRequest {
-            id,
-            prompt,
-            params,
-            events: tx,
-            cancel,
-        };
-        let r = match &self.entry {
-            Entry::Colocated(d) => d.submit_request(req),
-            Entry::Split(p) => p.submit(req),
-        };
-        r.map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::Overloaded(
-                "the server is at capacity (request queue full); retry shortly".into(),
-            ),
-            SubmitError::Stopped => ApiError::Internal("the worker has stopped".into()),
-        })?;
-        Ok(rx)
+        match &self.entry {
+            Entry::Remote(r) => r.submit(&self.engine, id, prompt, params, cancel),
+            Entry::Colocated(d) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let req = NewRequest {
+                    id,
+                    generated: Vec::new(),
+                    prompt,
+                    params,
+                    events: tx,
+                    cancel,
+                };
+                d.submit_request(req).map_err(|e| match e {
+                    SubmitError::QueueFull => ApiError::Overloaded(
+                        "the server is at capacity (request queue full); retry shortly".into(),
+                    ),
+                    SubmitError::Stopped => ApiError::Internal("the worker has stopped".into()),
+                })?;
+                Ok(rx)
+            }
+        }
     }
 
     /// Stops the workers after in-flight work drains (call once the HTTP server has stopped).

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`protocol`]: OpenAI wire types; [`error`]: the one mapping of errors to OpenAI's envelope.
 //! - [`validate`]: every request field checked once, turned into worker parameters.
-//! - [`cluster`]: the workers requests go to (in-process today).
+//! - [`cluster`]: the workers requests go to: colocated in this process, or [`remote`]
+//!   prefill and decode worker processes over gRPC (routing, KV handoff, failover).
 //! - [`pipeline`]: worker events → detokenized, stop-checked choice updates; cancellation.
 //! - [`routes`]: one module per endpoint family; [`metrics`]: Prometheus.
 //!
@@ -14,6 +15,7 @@ pub mod error;
 pub mod metrics;
 pub mod pipeline;
 pub mod protocol;
+pub mod remote;
 pub mod routes;
 pub mod validate;
 

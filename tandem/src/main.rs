@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod engine_bench;
+mod roles;
 mod roofline;
 mod up;
 
@@ -20,8 +21,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the scheduler with a prefill and a decode worker and serve the OpenAI API.
+    /// Run a whole cluster on this machine (a scheduler, prefill and decode worker processes, supervised) and serve the OpenAI API; `--colocated`: one process, one worker.
     Up(up::UpArgs),
+    /// Run the scheduler alone: the OpenAI API in front of prefill and decode workers.
+    Scheduler(roles::SchedulerArgs),
+    /// Run a prefill worker: computes prompts' KV caches into decode workers' blocks.
+    Prefill(roles::PrefillArgs),
+    /// Run a decode worker: continuous batching over its KV pool, streaming tokens.
+    Decode(roles::DecodeArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
     Bench(Box<bench::args::BenchCommand>),
     /// Manage model files.
@@ -73,6 +80,9 @@ fn main() -> std::process::ExitCode {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args),
+        Command::Scheduler(args) => roles::scheduler(args),
+        Command::Prefill(args) => roles::prefill(args),
+        Command::Decode(args) => roles::decode(args),
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

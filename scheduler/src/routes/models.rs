@@ -32,8 +32,48 @@ pub async fn get(
     Ok(Json(card(&st)))
 }
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "time": unix_now() }))
+/// 200 when requests can be served; with worker processes, 503 until a decode worker answers.
+/// The body lists the workers and their health.
+pub async fn health(
+    State(st): State<AppState>,
+) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+    use axum::http::StatusCode;
+    let Some(r) = st.cluster.remote_workers() else {
+        return (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ok", "time": unix_now() })),
+        );
+    };
+    let list = |role: &str, ws: Vec<(String, bool)>| -> Vec<serde_json::Value> {
+        ws.into_iter()
+            .map(|(addr, healthy)| serde_json::json!({ "role": role, "addr": addr, "healthy": healthy }))
+            .collect()
+    };
+    let decode: Vec<(String, bool)> = r
+        .decode
+        .iter()
+        .map(|w| (w.addr.clone(), w.healthy()))
+        .collect();
+    let prefill: Vec<(String, bool)> = r
+        .prefill
+        .iter()
+        .map(|w| (w.addr.clone(), w.healthy()))
+        .collect();
+    let up = decode.iter().any(|(_, h)| *h);
+    let mut workers = list("decode", decode);
+    workers.extend(list("prefill", prefill));
+    (
+        if up {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(serde_json::json!({
+            "status": if up { "ok" } else { "unavailable" },
+            "time": unix_now(),
+            "workers": workers,
+        })),
+    )
 }
 
 pub async fn metrics(State(st): State<AppState>) -> String {

@@ -1,0 +1,524 @@
+//! The `tandem.v1.DecodeWorker` gRPC service: leases of KV blocks for prefill workers to
+//! fill, the commit that hands a filled lease to the batch, and the token stream.
+//!
+//! A lease is a [`KvSequence`] of this worker's pool, reserved for one prompt and held here
+//! until a `Generate` commits it, a `Release` or `Cancel` drops it, or it expires. Prefill
+//! workers on this host write its blocks through the shared pool file; others stream them to
+//! the TCP data plane ([`kv_store::tcp::KvReceiver`]), which reads each slab straight into its
+//! block ([`SlabSink`]). A lease being written over TCP is never freed under the writer: its
+//! release waits for the transfer's end or abort. The commit's checksum is recomputed over
+//! the blocks themselves before anything decodes from them.
+
+use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};
+use engine::generation::GenerationState;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use engine::{Engine, EngineError, KvSequence, TokenId};
+use kv_store::tcp::{SlabSink, Slot};
+use protocol::pb;
+use protocol::pb::decode_worker_server::{DecodeWorker, DecodeWorkerServer};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// How long a lease lives without a commit.
+    pub lease: Duration,
+    /// How long a commit waits for a TCP transfer still arriving.
+    pub transfer_wait: Duration,
+    /// The TCP data plane as prefill workers reach it (`host:port`); empty: none.
+    pub kv_data_addr: String,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            lease: Duration::from_secs(30),
+            transfer_wait: Duration::from_secs(10),
+            kv_data_addr: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    /// No TCP bytes yet (shared memory, or not started).
+    Idle,
+    /// Slabs are arriving over TCP: the blocks must not be freed.
+    Receiving,
+    /// The sender's end frame came, with its checksum.
+    Ended(u64),
+    /// The connection broke mid-transfer.
+    Aborted,
+}
+
+struct Lease {
+    request: u64,
+    seq: KvSequence,
+    /// Positions that came from this worker's prefix cache.
+    cached: usize,
+    expires: Instant,
+    transfer: Transfer,
+    /// Dropped as soon as no transfer writes it.
+    released: bool,
+}
+
+/// The state shared by the gRPC handlers and the data plane.
+pub struct Leases {
+    map: Mutex<HashMap<u64, Lease>>,
+    next: AtomicU64,
+    changed: Notify,
+}
+
+impl Leases {
+    pub fn new() -> Arc<Leases> {
+        Arc::new(Leases {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Lease>> {
+        self.map.lock().expect("lease table poisoned")
+    }
+
+    /// Drops a lease now, or once its transfer stops writing.
+    fn release(&self, id: u64) {
+        let mut m = self.lock();
+        if let Some(l) = m.get_mut(&id) {
+            if l.transfer == Transfer::Receiving {
+                l.released = true;
+            } else {
+                m.remove(&id);
+            }
+        }
+    }
+
+    /// Frees expired leases; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut m = self.lock();
+        let before = m.len();
+        m.retain(|_, l| l.transfer == Transfer::Receiving || l.expires > now);
+        before - m.len()
+    }
+
+    /// Leases alive.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes a lease for decoding, waiting (bounded) for a TCP transfer still arriving.
+    async fn take(&self, id: u64, wait: Duration) -> Result<Lease, Status> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut m = self.lock();
+                match m.get(&id).map(|l| l.transfer) {
+                    None => {
+                        return Err(Status::not_found(format!(
+                            "lease {id} is unknown or expired"
+                        )));
+                    }
+                    Some(Transfer::Receiving) => {}
+                    Some(Transfer::Aborted) => {
+                        m.remove(&id);
+                        return Err(Status::data_loss(format!(
+                            "the KV transfer of lease {id} broke off"
+                        )));
+                    }
+                    Some(_) => return Ok(m.remove(&id).expect("present")),
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.release(id);
+                return Err(Status::deadline_exceeded(format!(
+                    "the KV transfer of lease {id} did not finish in {wait:?}"
+                )));
+            }
+        }
+    }
+}
+
+impl SlabSink for Leases {
+    fn slot(&self, lease: u64, block: u32, layer: u32, len: usize) -> Option<Slot> {
+        let mut m = self.lock();
+        let l = m.get_mut(&lease)?;
+        let bs = l.seq.pool().layout().block_size;
+        let b = block as usize;
+        // Never over the cached prefix (shared with other sequences) nor past the lease.
+        if l.released
+            || b < l.cached / bs
+            || b >= l.seq.block_table().len()
+            || layer as usize >= l.seq.pool().layout().n_layers
+            || len != l.seq.slab_bytes()
+        {
+            return None;
+        }
+        l.transfer = Transfer::Receiving;
+        Some(Slot {
+            ptr: l.seq.slab_mut_ptr(b, layer as usize),
+            len,
+        })
+    }
+
+    fn end(&self, lease: u64, _slabs: u32, checksum: u64) {
+        self.finish_transfer(lease, Transfer::Ended(checksum));
+    }
+
+    fn abort(&self, lease: u64) {
+        self.finish_transfer(lease, Transfer::Aborted);
+    }
+}
+
+impl Leases {
+    fn finish_transfer(&self, lease: u64, t: Transfer) {
+        {
+            let mut m = self.lock();
+            if let Some(l) = m.get_mut(&lease) {
+                if l.released {
+                    m.remove(&lease);
+                } else {
+                    l.transfer = t;
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct DecodeService {
+    engine: Arc<Engine>,
+    handle: DecodeHandle,
+    leases: Arc<Leases>,
+    cancels: Arc<Mutex<HashMap<u64, CancelFlag>>>,
+    cfg: Arc<ServiceConfig>,
+    host_id: Arc<str>,
+}
+
+impl DecodeService {
+    pub fn new(
+        engine: Arc<Engine>,
+        handle: DecodeHandle,
+        leases: Arc<Leases>,
+        cfg: ServiceConfig,
+    ) -> DecodeService {
+        DecodeService {
+            engine,
+            handle,
+            leases,
+            cancels: Arc::default(),
+            cfg: Arc::new(cfg),
+            host_id: kv_store::shm::host_id().into(),
+        }
+    }
+
+    pub fn into_server(self) -> DecodeWorkerServer<DecodeService> {
+        DecodeWorkerServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Expires stale leases every second until the service is dropped.
+    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+        let leases = Arc::downgrade(&self.leases);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(l) = leases.upgrade() else { return };
+                let n = l.expire(Instant::now());
+                if n > 0 {
+                    tracing::warn!(leases = n, "KV leases expired without a commit");
+                }
+            }
+        })
+    }
+}
+
+fn params(p: Option<&pb::GenerationParams>) -> Result<GenerationParams, Status> {
+    let p = p.ok_or_else(|| Status::invalid_argument("missing generation parameters"))?;
+    GenerationParams::try_from(p).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn engine_status(e: &EngineError) -> Status {
+    match e {
+        EngineError::KvExhausted { .. } => Status::resource_exhausted(e.to_string()),
+        EngineError::ContextOverflow { .. } | EngineError::BadToken(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+type EventStream = ReceiverStream<Result<pb::WorkerEvent, Status>>;
+
+#[tonic::async_trait]
+impl DecodeWorker for DecodeService {
+    async fn reserve(
+        &self,
+        req: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveReply>, Status> {
+        let r = req.into_inner();
+        if r.fingerprint != self.engine.fingerprint {
+            return Err(Status::failed_precondition(
+                "engine fingerprints differ (another model file, precision or KV format)",
+            ));
+        }
+        let max = self.engine.max_context();
+        if r.tokens.is_empty() || r.tokens.len() > max {
+            return Err(engine_status(&EngineError::ContextOverflow {
+                len: r.tokens.len(),
+                max,
+            }));
+        }
+        let mut seq = self.engine.new_sequence();
+        let cached = if r.use_prefix_cache {
+            seq.attach_prefix(&r.tokens)
+        } else {
+            0
+        };
+        seq.reserve(r.tokens.len()).map_err(|e| engine_status(&e))?;
+        let id = self.leases.next.fetch_add(1, Ordering::Relaxed);
+        let kv = &self.engine.kv;
+        let target = pb::KvTarget {
+            lease_id: id,
+            block_ids: seq.block_table().iter().map(|b| b.0).collect(),
+            cached_tokens: cached as u32,
+            shm_path: kv
+                .shared_path()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            host_id: self.host_id.to_string(),
+            pool_blocks: kv.n_blocks() as u64,
+            kv_data_addr: self.cfg.kv_data_addr.clone(),
+            fingerprint: self.engine.fingerprint,
+        };
+        self.leases.lock().insert(
+            id,
+            Lease {
+                request: r.request_id,
+                seq,
+                cached,
+                expires: Instant::now() + self.cfg.lease,
+                transfer: Transfer::Idle,
+                released: false,
+            },
+        );
+        Ok(Response::new(pb::ReserveReply {
+            target: Some(target),
+            lease_ms: self.cfg.lease.as_millis() as u32,
+        }))
+    }
+
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = req.into_inner();
+        let params = params(r.params.as_ref())?;
+        let prompt: Vec<TokenId> = r.prompt;
+        let generated: Vec<TokenId> = r.generated;
+        if prompt.is_empty() {
+            return Err(Status::invalid_argument("empty prompt"));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<WorkerEvent>();
+        let cancel = CancelFlag::default();
+        let id = RequestId(r.request_id);
+        match r.commit {
+            Some(c) => {
+                if generated.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a commit continues after the first token: `generated` is empty",
+                    ));
+                }
+                let mut lease = self.leases.take(c.lease_id, self.cfg.transfer_wait).await?;
+                let filled = c.filled as usize;
+                let want = prompt.len() + generated.len() - 1;
+                if filled != want || filled > lease.seq.capacity() {
+                    return Err(Status::invalid_argument(format!(
+                        "the commit fills {filled} positions; prompt and generated tokens need {want}"
+                    )));
+                }
+                if let Transfer::Ended(sent) = lease.transfer
+                    && sent != c.checksum
+                {
+                    return Err(Status::data_loss(
+                        "the KV sender's checksum differs from the commit's",
+                    ));
+                }
+                let bs = self.engine.kv.layout().block_size;
+                let blocks = kv_store::written_blocks(lease.cached, filled, bs);
+                let seq = lease.seq;
+                let got = tokio::task::spawn_blocking(move || {
+                    let sum = kv_store::sequence_checksum(&seq, blocks);
+                    (seq, sum)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+                lease.seq = got.0;
+                if got.1 != c.checksum {
+                    metrics::counter!("tandem_kv_checksum_failures_total").increment(1);
+                    return Err(Status::data_loss(format!(
+                        "KV checksum mismatch on lease {} (blocks garbled in transfer)",
+                        c.lease_id
+                    )));
+                }
+                let mut seq = lease.seq;
+                seq.set_filled(filled);
+                seq.publish_prefix(&prompt);
+                let job = DecodeJob {
+                    id,
+                    seq,
+                    state: GenerationState::resume(params, prompt.len(), &generated),
+                    prompt,
+                    generated,
+                    events: tx,
+                    cancel: cancel.clone(),
+                };
+                self.handle
+                    .submit(job)
+                    .map_err(|_| Status::unavailable("the decode worker has stopped"))?;
+            }
+            None => {
+                self.handle
+                    .submit_request(NewRequest {
+                        id,
+                        prompt,
+                        generated,
+                        params,
+                        events: tx,
+                        cancel: cancel.clone(),
+                    })
+                    .map_err(|e| match e {
+                        SubmitError::QueueFull => Status::resource_exhausted(e.to_string()),
+                        SubmitError::Stopped => Status::unavailable(e.to_string()),
+                    })?;
+            }
+        }
+        self.cancels
+            .lock()
+            .expect("cancel map poisoned")
+            .insert(r.request_id, cancel.clone());
+        let (out, out_rx) = mpsc::channel(64);
+        let cancels = self.cancels.clone();
+        tokio::spawn(async move {
+            // Forward until the sequence ends; a client gone drops `rx`, which the batch
+            // sees as a cancelled sequence and frees its blocks.
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(ev) => {
+                            if out.send(Ok(pb::WorkerEvent::from(&ev))).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = out.closed() => break,
+                }
+            }
+            cancel.cancel();
+            cancels
+                .lock()
+                .expect("cancel map poisoned")
+                .remove(&r.request_id);
+        });
+        Ok(Response::new(ReceiverStream::new(out_rx)))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        self.leases.release(req.into_inner().lease_id);
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Empty>, Status> {
+        let id = req.into_inner().request_id;
+        if let Some(c) = self.cancels.lock().expect("cancel map poisoned").get(&id) {
+            c.cancel();
+        }
+        let leases: Vec<u64> = self
+            .leases
+            .lock()
+            .iter()
+            .filter(|(_, l)| l.request == id)
+            .map(|(&k, _)| k)
+            .collect();
+        for l in leases {
+            self.leases.release(l);
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::WorkerStats>, Status> {
+        let kv = &self.engine.kv;
+        let st = self.handle.stats();
+        Ok(Response::new(pb::WorkerStats {
+            role: "decode".into(),
+            model_id: self.engine.model_id.clone(),
+            fingerprint: self.engine.fingerprint,
+            kv_blocks_total: kv.n_blocks() as u64,
+            kv_blocks_free: kv.free_blocks() as u64,
+            waiting: st.waiting.load(Ordering::Relaxed) as u32,
+            running: st.running.load(Ordering::Relaxed) as u32,
+            max_context: self.engine.max_context() as u32,
+            block_size: kv.layout().block_size as u32,
+        }))
+    }
+}
+
+/// Runs a decode worker: the batch loop, the gRPC service on `listener` and the TCP data plane
+/// on `kv_bind`, advertised to prefill workers as `advertise_host:port`. Returns once
+/// `shutdown` resolves and in-flight streams have ended.
+pub async fn serve(
+    engine: Arc<Engine>,
+    worker: crate::WorkerConfig,
+    listener: tokio::net::TcpListener,
+    kv_bind: &str,
+    advertise_host: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (handle, thread) = crate::spawn(engine.clone(), worker);
+    let leases = Leases::new();
+    let receiver = kv_store::tcp::KvReceiver::bind(kv_bind, leases.clone())?;
+    let cfg = ServiceConfig {
+        kv_data_addr: format!("{advertise_host}:{}", receiver.local_addr().port()),
+        ..ServiceConfig::default()
+    };
+    tracing::info!(
+        grpc = %listener.local_addr()?,
+        kv_data = %cfg.kv_data_addr,
+        shm = ?engine.kv.shared_path(),
+        "decode worker serving"
+    );
+    let svc = DecodeService::new(engine, handle, leases, cfg);
+    let reaper = svc.spawn_reaper();
+    let result = tonic::transport::Server::builder()
+        .add_service(svc.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    reaper.abort();
+    drop(receiver);
+    // The service (and its handle) is gone with the server: the batch drains and stops.
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    result.map_err(std::io::Error::other)
+}

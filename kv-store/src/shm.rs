@@ -1,0 +1,75 @@
+//! Shared-memory pools: a decode worker keeps its KV pool in a file under `/dev/shm` that
+//! prefill workers on the same host map and write into.
+
+use std::path::{Path, PathBuf};
+
+/// Identifies this host (its boot): two workers with equal ids can share memory, unless
+/// they sit in containers with separate `/dev/shm`s, which attaching detects.
+pub fn host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown-host".into()))
+}
+
+/// Where shared pools go: `/dev/shm` when it exists, else the temp directory.
+pub fn dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+const PREFIX: &str = "tandem-kv-";
+
+/// A fresh pool file name for this process in `dir`.
+pub fn pool_path(dir: &Path) -> PathBuf {
+    let nonce: u32 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    dir.join(format!("{PREFIX}{}-{nonce:08x}.pool", std::process::id()))
+}
+
+/// Removes pool files in `dir` left by processes that no longer run (a worker killed with
+/// SIGKILL cannot remove its own); returns how many.
+pub fn sweep_stale(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_pools_are_swept_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let live = pool_path(d.path());
+        std::fs::write(&live, b"x").unwrap();
+        // No process has pid 2^22 + 1 (above Linux's pid_max default of 2^22).
+        let dead = d.path().join(format!("{PREFIX}4194305-0000abcd.pool"));
+        std::fs::write(&dead, b"x").unwrap();
+        let other = d.path().join("unrelated-4194305.pool");
+        std::fs::write(&other, b"x").unwrap();
+        assert_eq!(sweep_stale(d.path()), 1);
+        assert!(live.exists() && !dead.exists() && other.exists());
+        assert!(!host_id().is_empty());
+    }
+}

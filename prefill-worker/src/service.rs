@@ -1,0 +1,161 @@
+//! The `tandem.v1.PrefillWorker` gRPC service, and [`serve`]: a whole prefill worker process.
+
+use crate::target::Transport;
+use crate::{PrefillConfig, PrefillHandle, PrefillJob, SubmitError};
+use engine::Engine;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError};
+use protocol::pb;
+use protocol::pb::prefill_worker_server::{PrefillWorker, PrefillWorkerServer};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+/// The gRPC service over a running prefill loop.
+#[derive(Clone)]
+pub struct PrefillService {
+    engine: Arc<Engine>,
+    handle: PrefillHandle,
+    cancels: Arc<Mutex<HashMap<u64, CancelFlag>>>,
+}
+
+impl PrefillService {
+    pub fn new(engine: Arc<Engine>, handle: PrefillHandle) -> PrefillService {
+        PrefillService {
+            engine,
+            handle,
+            cancels: Arc::default(),
+        }
+    }
+
+    pub fn into_server(self) -> PrefillWorkerServer<PrefillService> {
+        PrefillWorkerServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+}
+
+/// Forgets a request's cancel flag when its call ends (answered or dropped by the client).
+struct Registered<'a> {
+    map: &'a Mutex<HashMap<u64, CancelFlag>>,
+    id: u64,
+    flag: CancelFlag,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // The call ended: if it was dropped mid-flight, the loop skips the job.
+        self.flag.cancel();
+        self.map
+            .lock()
+            .expect("cancel map poisoned")
+            .remove(&self.id);
+    }
+}
+
+#[tonic::async_trait]
+impl PrefillWorker for PrefillService {
+    async fn prefill(
+        &self,
+        req: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillReply>, Status> {
+        let r = req.into_inner();
+        let params = r
+            .params
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("missing generation parameters"))
+            .and_then(|p| {
+                GenerationParams::try_from(p).map_err(|e| Status::invalid_argument(e.to_string()))
+            })?;
+        let target = r
+            .target
+            .ok_or_else(|| Status::invalid_argument("missing KV target"))?;
+        let transport = Transport::parse(&r.transport).map_err(Status::invalid_argument)?;
+        if r.prompt.is_empty() {
+            return Err(Status::invalid_argument("empty prompt"));
+        }
+        let flag = CancelFlag::default();
+        self.cancels
+            .lock()
+            .expect("cancel map poisoned")
+            .insert(r.request_id, flag.clone());
+        let _registered = Registered {
+            map: &self.cancels,
+            id: r.request_id,
+            flag: flag.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.handle
+            .submit(PrefillJob {
+                id: RequestId(r.request_id),
+                prompt: r.prompt,
+                generated: r.generated,
+                params,
+                target,
+                transport,
+                cancel: flag,
+                reply: tx,
+            })
+            .map_err(|e| match e {
+                SubmitError::QueueFull => Status::resource_exhausted(e.to_string()),
+                SubmitError::Stopped => Status::unavailable(e.to_string()),
+            })?;
+        let out = rx
+            .await
+            .map_err(|_| Status::cancelled("the prefill was cancelled"))?;
+        match out {
+            Ok(o) => Ok(Response::new(pb::PrefillReply {
+                events: o.events.iter().map(pb::WorkerEvent::from).collect(),
+                checksum: o.checksum,
+                filled: o.filled as u32,
+                transport: o.transport.name().into(),
+            })),
+            Err(WorkerError::Overloaded(m)) => Err(Status::resource_exhausted(m)),
+            Err(WorkerError::Internal(m)) => Err(Status::internal(m)),
+        }
+    }
+
+    async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Empty>, Status> {
+        let id = req.into_inner().request_id;
+        if let Some(f) = self.cancels.lock().expect("cancel map poisoned").get(&id) {
+            f.cancel();
+        }
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::WorkerStats>, Status> {
+        let kv = &self.engine.kv;
+        Ok(Response::new(pb::WorkerStats {
+            role: "prefill".into(),
+            model_id: self.engine.model_id.clone(),
+            fingerprint: self.engine.fingerprint,
+            kv_blocks_total: kv.n_blocks() as u64,
+            kv_blocks_free: kv.free_blocks() as u64,
+            waiting: self.handle.queued() as u32,
+            running: 0,
+            max_context: self.engine.max_context() as u32,
+            block_size: kv.layout().block_size as u32,
+        }))
+    }
+}
+
+/// Runs a prefill worker: the batching loop and the gRPC service on `listener`, until
+/// `shutdown` resolves.
+pub async fn serve(
+    engine: Arc<Engine>,
+    cfg: PrefillConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (handle, thread) = crate::spawn(engine.clone(), cfg);
+    tracing::info!(grpc = %listener.local_addr()?, "prefill worker serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(PrefillService::new(engine, handle).into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await;
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    result.map_err(std::io::Error::other)
+}

@@ -1,0 +1,336 @@
+//! Where a prefill's KV goes, and how it gets there.
+//!
+//! - [`Transport::Shm`]: the decode worker is on this host. Its pool file is mapped here
+//!   ([`KvPool::attach`], cached per file) and the forward pass writes the reserved blocks in
+//!   place: no byte is copied, the CPU analogue of an RDMA one-sided write. The prompt's cached
+//!   prefix is read where it lies.
+//! - [`Transport::Tcp`]: the decode worker is elsewhere. The pass runs into a sequence of this
+//!   worker's own pool (its own prefix cache saves recomputing shared prefixes), and after
+//!   each layer a sender thread streams that layer's slabs to the decode worker's data plane
+//!   while the next layers compute.
+//!
+//! Either way the checksum covers the written blocks in `(layer, block)` order
+//! ([`kv_store::sequence_checksum`]), and the decode worker recomputes it before it decodes.
+
+use crate::PrefillJob;
+use engine::kv::BlockId;
+use engine::request::WorkerError;
+use engine::{Engine, KvPool, KvSequence, TokenId};
+use kv_store::tcp::KvSender;
+use protocol::pb;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// How KV reaches the decode worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Shm,
+    Tcp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Shm => "shm",
+            Transport::Tcp => "tcp",
+        }
+    }
+
+    /// `"shm"`, `"tcp"`, or `""` (pick).
+    pub fn parse(s: &str) -> Result<Option<Transport>, String> {
+        match s {
+            "" | "auto" => Ok(None),
+            "shm" => Ok(Some(Transport::Shm)),
+            "tcp" => Ok(Some(Transport::Tcp)),
+            other => Err(format!("unknown KV transport '{other}' (shm, tcp or auto)")),
+        }
+    }
+}
+
+/// The open ends of transports: mapped pools and idle data-plane connections.
+pub struct Targets {
+    engine: Arc<Engine>,
+    host_id: String,
+    pools: HashMap<PathBuf, Arc<KvPool>>,
+    senders: Arc<Mutex<HashMap<String, Vec<KvSender>>>>,
+}
+
+/// A job ready to compute: the sequence the pass writes, and how its KV leaves.
+pub struct Prepared {
+    pub seq: KvSequence,
+    /// Positions of `seq` that the decode worker already has (not sent, not hashed).
+    target_cached: usize,
+    /// Positions `seq` held before the pass (read in place, not computed).
+    pub computed_from: usize,
+    push: Option<TcpPush>,
+    transport: Transport,
+}
+
+/// A prefill's transfer, done.
+pub struct Sealed {
+    pub checksum: u64,
+    pub transport: Transport,
+    /// Prompt positions that came from a prefix cache (the decode worker's).
+    pub cached: usize,
+}
+
+impl Targets {
+    pub fn new(engine: Arc<Engine>) -> Targets {
+        Targets {
+            engine,
+            host_id: kv_store::shm::host_id(),
+            pools: HashMap::new(),
+            senders: Arc::default(),
+        }
+    }
+
+    /// Checks the job's target and opens its transport.
+    pub fn prepare(&mut self, job: &PrefillJob) -> Result<Prepared, WorkerError> {
+        let t = &job.target;
+        let tokens = job.tokens();
+        let layout = self.engine.kv.layout();
+        let bs = layout.block_size;
+        let cached = t.cached_tokens as usize;
+        if t.fingerprint != self.engine.fingerprint {
+            return Err(WorkerError::Internal(
+                "the decode worker runs another model, precision or KV format".into(),
+            ));
+        }
+        if tokens.is_empty()
+            || !cached.is_multiple_of(bs)
+            || cached >= tokens.len()
+            || t.block_ids.len() < tokens.len().div_ceil(bs)
+        {
+            return Err(WorkerError::Internal(format!(
+                "bad KV target: {} blocks, {cached} cached, for {} tokens",
+                t.block_ids.len(),
+                tokens.len()
+            )));
+        }
+        let transport = match job.transport {
+            Some(tr) => tr,
+            None if t.host_id == self.host_id && !t.shm_path.is_empty() => match self.pool(t) {
+                Ok(_) => Transport::Shm,
+                Err(e) => {
+                    tracing::debug!(error = %e, "shared pool not reachable; KV goes over TCP");
+                    Transport::Tcp
+                }
+            },
+            None => Transport::Tcp,
+        };
+        match transport {
+            Transport::Shm => {
+                let pool = self.pool(t).map_err(|e| {
+                    WorkerError::Internal(format!("mapping the decode worker's KV pool: {e}"))
+                })?;
+                let blocks = t.block_ids.iter().map(|&b| BlockId(b)).collect();
+                let seq = KvSequence::adopt(pool, blocks, cached)
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?;
+                Ok(Prepared {
+                    seq,
+                    target_cached: cached,
+                    computed_from: cached,
+                    push: None,
+                    transport,
+                })
+            }
+            Transport::Tcp => {
+                if t.kv_data_addr.is_empty() {
+                    return Err(WorkerError::Internal(
+                        "the decode worker has no TCP data plane".into(),
+                    ));
+                }
+                let mut seq = self.engine.new_sequence();
+                let local = if job.params.prompt_logprobs.is_none() {
+                    seq.attach_prefix(&tokens)
+                } else {
+                    0
+                };
+                seq.reserve(tokens.len())
+                    .map_err(|e| crate::engine_error(&e))?;
+                let blocks = kv_store::written_blocks(cached, tokens.len(), bs);
+                let push = TcpPush::start(
+                    &seq,
+                    blocks,
+                    t.lease_id,
+                    t.kv_data_addr.clone(),
+                    self.senders.clone(),
+                );
+                Ok(Prepared {
+                    seq,
+                    target_cached: cached,
+                    computed_from: local,
+                    push: Some(push),
+                    transport,
+                })
+            }
+        }
+    }
+
+    /// The decode worker's pool, mapped once per file.
+    fn pool(&mut self, t: &pb::KvTarget) -> std::io::Result<Arc<KvPool>> {
+        let path = PathBuf::from(&t.shm_path);
+        if let Some(p) = self.pools.get(&path)
+            && p.n_blocks() as u64 == t.pool_blocks
+        {
+            return Ok(p.clone());
+        }
+        // A decode worker that restarted has a new file; forget pools whose file is gone.
+        self.pools.retain(|p, _| p.exists());
+        let pool = KvPool::attach(self.engine.kv.layout(), t.pool_blocks as usize, &path)?;
+        self.pools.insert(path, pool.clone());
+        Ok(pool)
+    }
+}
+
+impl Prepared {
+    /// Tokens the pass computes.
+    pub fn inputs<'a>(&self, tokens: &'a [TokenId]) -> &'a [TokenId] {
+        &tokens[self.computed_from..]
+    }
+
+    /// Whether `seq` lives in this worker's own pool (so its prefix cache may keep it).
+    pub fn local(&self) -> bool {
+        self.transport == Transport::Tcp
+    }
+
+    /// What the forward pass calls after each layer (`None`: nothing to push).
+    pub fn layer_notifier(&self) -> Option<Sender<usize>> {
+        self.push.as_ref().and_then(|p| p.layers.clone())
+    }
+
+    /// The pass is complete: finish the transfer and checksum what was written.
+    pub fn finish(self) -> Result<Sealed, WorkerError> {
+        let bs = self.seq.pool().layout().block_size;
+        let checksum = match self.push {
+            Some(p) => p.finish()?,
+            None => kv_store::sequence_checksum(
+                &self.seq,
+                kv_store::written_blocks(self.target_cached, self.seq.len(), bs),
+            ),
+        };
+        Ok(Sealed {
+            checksum,
+            transport: self.transport,
+            cached: self.target_cached,
+        })
+    }
+}
+
+/// Slab addresses per layer, for the sender thread.
+struct Slabs(Vec<Vec<(*const u8, usize)>>);
+// SAFETY: the slabs belong to a sequence that outlives the sender thread: `TcpPush` is a
+// field of the `Prepared` holding the sequence, and joins the thread in `finish` or on drop.
+unsafe impl Send for Slabs {}
+
+/// A TCP transfer running beside the forward pass.
+struct TcpPush {
+    layers: Option<Sender<usize>>,
+    thread: Option<JoinHandle<Result<u64, String>>>,
+}
+
+impl TcpPush {
+    fn start(
+        seq: &KvSequence,
+        blocks: std::ops::Range<usize>,
+        lease: u64,
+        addr: String,
+        senders: Arc<Mutex<HashMap<String, Vec<KvSender>>>>,
+    ) -> TcpPush {
+        let n_layers = seq.pool().layout().n_layers;
+        let slabs = Slabs(
+            (0..n_layers)
+                .map(|l| {
+                    blocks
+                        .clone()
+                        .map(|b| {
+                            let s = seq.slab(b, l);
+                            (s.as_ptr(), s.len())
+                        })
+                        .collect()
+                })
+                .collect(),
+        );
+        let (tx, rx) = channel();
+        let first = blocks.start as u32;
+        let thread = std::thread::Builder::new()
+            .name("tandem-kv-push".into())
+            .spawn(move || push(rx, slabs, first, lease, &addr, &senders))
+            .expect("spawn KV push thread");
+        TcpPush {
+            layers: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Result<u64, WorkerError> {
+        self.layers = None;
+        let t = self.thread.take().expect("joined once");
+        match t.join() {
+            Ok(Ok(sum)) => Ok(sum),
+            Ok(Err(e)) => Err(WorkerError::Internal(format!("KV transfer over TCP: {e}"))),
+            Err(_) => Err(WorkerError::Internal("the KV push thread panicked".into())),
+        }
+    }
+}
+
+impl Drop for TcpPush {
+    fn drop(&mut self) {
+        // Abandoned (the pass failed): the thread sees the channel close, drops its
+        // connection mid-transfer (the receiver aborts the lease) and ends.
+        self.layers = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The sender thread: each layer's slabs as they are announced, then the end frame.
+fn push(
+    rx: Receiver<usize>,
+    slabs: Slabs,
+    first_block: u32,
+    lease: u64,
+    addr: &str,
+    senders: &Mutex<HashMap<String, Vec<KvSender>>>,
+) -> Result<u64, String> {
+    let pooled = senders
+        .lock()
+        .expect("sender pool poisoned")
+        .get_mut(addr)
+        .and_then(|v| v.pop());
+    let mut conn = match pooled {
+        Some(c) => c,
+        None => KvSender::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?,
+    };
+    let mut sum = kv_store::Checksum::new();
+    let mut sent = 0u32;
+    for (want, layer_slabs) in slabs.0.iter().enumerate() {
+        // Layers are announced in order; a closed channel means the pass was abandoned.
+        let Ok(layer) = rx.recv() else {
+            return Err("the prefill pass was abandoned".into());
+        };
+        debug_assert_eq!(layer, want);
+        for (i, &(ptr, len)) in layer_slabs.iter().enumerate() {
+            // SAFETY: see `Slabs`; the layer is complete and no longer written.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+            sum.update(bytes);
+            conn.slab(lease, first_block + i as u32, layer as u32, bytes)
+                .map_err(|e| format!("sending to {addr}: {e}"))?;
+            sent += 1;
+        }
+    }
+    let digest = sum.digest();
+    conn.end(lease, sent, digest)
+        .map_err(|e| format!("sending to {addr}: {e}"))?;
+    senders
+        .lock()
+        .expect("sender pool poisoned")
+        .entry(addr.to_string())
+        .or_default()
+        .push(conn);
+    Ok(digest)
+}

@@ -1,0 +1,642 @@
+//! The disaggregated cluster: prefill and decode workers in other processes, reached over
+//! gRPC (`tandem.v1`), and the life of each request across them.
+//!
+//! A request (see `ARCHITECTURE.md`):
+//! 1. a decode worker is picked by load; a prompt shorter than
+//!    [`RemoteConfig::disagg_min_tokens`] is prefilled there (conditional disaggregation) and
+//!    the rest is skipped;
+//! 2. `Reserve` on it gives blocks (and the prefix it already caches);
+//! 3. a prefill worker, picked by queue depth, computes the KV into them (`Prefill`) and
+//!    samples the first token, which streams to the client at once;
+//! 4. `Generate` commits the blocks (checksum) and streams the rest.
+//!
+//! Failures: a prefill worker that fails or dies is replaced by the next one (the lease is
+//! rewritten whole); with none left the decode worker prefills. A decode worker that dies
+//! mid-stream is replaced by a healthy one, waiting up to [`RemoteConfig::hold`] for one (a
+//! survivor or the restarted worker), and the request is re-prefilled with the tokens already
+//! streamed: seeded sampling makes the continuation the same tokens it would have been, so
+//! the client sees one unbroken stream. A client that goes away cancels everywhere.
+
+use crate::error::ApiError;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::{Engine, TokenId};
+use protocol::pb;
+use protocol::pb::decode_worker_client::DecodeWorkerClient;
+use protocol::pb::prefill_worker_client::PrefillWorkerClient;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// How the scheduler reaches and uses its workers.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// Prefill workers' gRPC addresses (`host:port`).
+    pub prefill: Vec<String>,
+    /// Decode workers' gRPC addresses.
+    pub decode: Vec<String>,
+    /// Prompts shorter than this many tokens are prefilled on the decode worker.
+    pub disagg_min_tokens: usize,
+    /// KV transport to ask for: `""` (the prefill worker picks), `"shm"` or `"tcp"`.
+    pub transport: String,
+    /// How long a request waits for a decode worker when none is healthy.
+    pub hold: Duration,
+    /// Requests in flight at most; beyond it, 503.
+    pub max_inflight: usize,
+    /// How often worker health and load are polled.
+    pub poll: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            prefill: Vec::new(),
+            decode: Vec::new(),
+            disagg_min_tokens: 64,
+            transport: String::new(),
+            hold: Duration::from_secs(60),
+            max_inflight: 256,
+            poll: Duration::from_millis(200),
+        }
+    }
+}
+
+/// One worker as the scheduler sees it.
+pub struct Worker<C> {
+    pub addr: String,
+    client: C,
+    healthy: AtomicBool,
+    /// Requests this scheduler has on it now.
+    inflight: AtomicUsize,
+    stats: Mutex<pb::WorkerStats>,
+}
+
+impl<C: Clone> Worker<C> {
+    fn new(addr: &str, make: impl Fn(Channel) -> C) -> Result<Arc<Worker<C>>, ApiError> {
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| ApiError::Internal(format!("bad worker address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(Arc::new(Worker {
+            addr: addr.to_string(),
+            client: make(ep.connect_lazy()),
+            healthy: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            stats: Mutex::new(pb::WorkerStats::default()),
+        }))
+    }
+}
+
+impl<C> Worker<C> {
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> pb::WorkerStats {
+        self.stats.lock().expect("stats poisoned").clone()
+    }
+
+    fn down(&self, why: &Status) {
+        if self.healthy.swap(false, Ordering::AcqRel) {
+            tracing::warn!(worker = %self.addr, error = %why.message(), "worker unreachable");
+        }
+    }
+}
+
+/// Counts a request on a worker while alive.
+struct Busy<'a>(&'a AtomicUsize);
+impl<'a> Busy<'a> {
+    fn on(c: &'a AtomicUsize) -> Busy<'a> {
+        c.fetch_add(1, Ordering::AcqRel);
+        Busy(c)
+    }
+}
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+type Decode = Worker<DecodeWorkerClient<Channel>>;
+type Prefill = Worker<PrefillWorkerClient<Channel>>;
+
+/// The workers and the routing state.
+pub struct Remote {
+    cfg: RemoteConfig,
+    pub prefill: Vec<Arc<Prefill>>,
+    pub decode: Vec<Arc<Decode>>,
+    /// A worker came up.
+    changed: Notify,
+    inflight: AtomicUsize,
+}
+
+impl Remote {
+    /// Connects (lazily) to the workers and starts polling them; call inside a tokio runtime.
+    pub fn start(cfg: RemoteConfig) -> Result<Arc<Remote>, ApiError> {
+        let prefill = cfg
+            .prefill
+            .iter()
+            .map(|a| {
+                Worker::new(a, |c| {
+                    PrefillWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let decode = cfg
+            .decode
+            .iter()
+            .map(|a| {
+                Worker::new(a, |c| {
+                    DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let r = Arc::new(Remote {
+            cfg,
+            prefill,
+            decode,
+            changed: Notify::new(),
+            inflight: AtomicUsize::new(0),
+        });
+        tokio::spawn(poll(Arc::downgrade(&r)));
+        Ok(r)
+    }
+
+    /// Waits until every worker has answered once (or `timeout` passes); returns whether all did.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let all =
+                self.prefill.iter().all(|w| w.healthy()) && self.decode.iter().all(|w| w.healthy());
+            if all {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts a request's driver; its events arrive on the returned channel.
+    pub fn submit(
+        self: &Arc<Self>,
+        engine: &Arc<Engine>,
+        id: RequestId,
+        prompt: Vec<TokenId>,
+        params: GenerationParams,
+        cancel: CancelFlag,
+    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
+        if self.inflight.load(Ordering::Acquire) >= self.cfg.max_inflight {
+            return Err(ApiError::Overloaded(
+                "the server is at capacity (requests in flight); retry shortly".into(),
+            ));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let me = self.clone();
+        let max_context = engine.max_context();
+        tokio::spawn(async move {
+            let _busy = Busy::on(&me.inflight);
+            let d = Driver {
+                remote: &me,
+                id: id.0,
+                prompt,
+                params,
+                cancel,
+                tx,
+                sent: Vec::new(),
+                reported: false,
+                max_context,
+            };
+            d.run().await;
+        });
+        Ok(rx)
+    }
+
+    /// The least loaded healthy decode worker, waiting up to the hold time for one.
+    async fn decode_worker(&self, cancel: &CancelFlag) -> Option<Arc<Decode>> {
+        let deadline = tokio::time::Instant::now() + self.cfg.hold;
+        loop {
+            let best = self.decode.iter().filter(|w| w.healthy()).min_by_key(|w| {
+                let s = w.stats();
+                (
+                    w.inflight.load(Ordering::Acquire) + s.waiting as usize,
+                    u64::MAX - s.kv_blocks_free,
+                )
+            });
+            if let Some(w) = best {
+                return Some(w.clone());
+            }
+            if cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
+        }
+    }
+
+    /// The healthy prefill worker with the shortest queue, among those not yet `tried`.
+    fn prefill_worker(&self, fingerprint: u64, tried: &[usize]) -> Option<(usize, Arc<Prefill>)> {
+        self.prefill
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| {
+                w.healthy() && !tried.contains(i) && w.stats().fingerprint == fingerprint
+            })
+            .min_by_key(|(_, w)| w.inflight.load(Ordering::Acquire) + w.stats().waiting as usize)
+            .map(|(i, w)| (i, w.clone()))
+    }
+}
+
+/// Polls every worker's `Stats`: health and load for routing.
+async fn poll(remote: std::sync::Weak<Remote>) {
+    loop {
+        let Some(r) = remote.upgrade() else { return };
+        let period = r.cfg.poll;
+        let mut calls = Vec::new();
+        for w in &r.decode {
+            let w = w.clone();
+            let r2 = r.clone();
+            calls.push(tokio::spawn(async move {
+                let mut c = w.client.clone();
+                let res = tokio::time::timeout(period * 5, c.stats(pb::Empty {})).await;
+                update(&r2, &*w, res);
+            }));
+        }
+        for w in &r.prefill {
+            let w = w.clone();
+            let r2 = r.clone();
+            calls.push(tokio::spawn(async move {
+                let mut c = w.client.clone();
+                let res = tokio::time::timeout(period * 5, c.stats(pb::Empty {})).await;
+                update(&r2, &*w, res);
+            }));
+        }
+        drop(r);
+        for c in calls {
+            let _ = c.await;
+        }
+        tokio::time::sleep(period).await;
+    }
+}
+
+fn update<C>(
+    r: &Remote,
+    w: &Worker<C>,
+    res: Result<Result<tonic::Response<pb::WorkerStats>, Status>, tokio::time::error::Elapsed>,
+) {
+    match res {
+        Ok(Ok(s)) => {
+            *w.stats.lock().expect("stats poisoned") = s.into_inner();
+            if !w.healthy.swap(true, Ordering::AcqRel) {
+                tracing::info!(worker = %w.addr, "worker up");
+                r.changed.notify_waiters();
+            }
+        }
+        Ok(Err(e)) => w.down(&e),
+        Err(_) => w.down(&Status::deadline_exceeded("stats timed out")),
+    }
+}
+
+/// Why a phase of a request stopped.
+enum Fault {
+    /// The decode worker is gone (or lost the lease): start over on another one.
+    DecodeLost,
+    /// The request ends with this error.
+    Fatal(WorkerError),
+    /// The client went away.
+    Cancelled,
+}
+
+fn is_lost(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::NotFound
+            | Code::DataLoss
+            | Code::DeadlineExceeded
+    )
+}
+
+fn fatal(s: &Status) -> WorkerError {
+    match s.code() {
+        Code::ResourceExhausted => WorkerError::Overloaded(s.message().to_string()),
+        _ => WorkerError::Internal(s.message().to_string()),
+    }
+}
+
+/// One request's life across the workers.
+struct Driver<'a> {
+    remote: &'a Remote,
+    id: u64,
+    prompt: Vec<TokenId>,
+    params: GenerationParams,
+    cancel: CancelFlag,
+    tx: mpsc::UnboundedSender<WorkerEvent>,
+    /// Tokens already forwarded to the client.
+    sent: Vec<TokenId>,
+    /// The prompt's report (prefilled / prompt log-probabilities) was forwarded.
+    reported: bool,
+    max_context: usize,
+}
+
+/// What forwarding an event did.
+enum Forwarded {
+    More,
+    Finished,
+}
+
+impl Driver<'_> {
+    fn gone(&self) -> bool {
+        self.cancel.is_cancelled() || self.tx.is_closed()
+    }
+
+    fn forward(&mut self, ev: WorkerEvent) -> Forwarded {
+        match ev {
+            WorkerEvent::Prefilled { .. } | WorkerEvent::PromptLogprobs(_) => {
+                // A re-prefill reports the prompt again; the client heard it once.
+                if !self.reported {
+                    self.reported = true;
+                    let _ = self.tx.send(ev);
+                }
+                Forwarded::More
+            }
+            WorkerEvent::Token(t) => {
+                let done = t.finish.is_some();
+                self.sent.push(t.token);
+                let _ = self.tx.send(WorkerEvent::Token(t));
+                if done {
+                    Forwarded::Finished
+                } else {
+                    Forwarded::More
+                }
+            }
+            ev @ (WorkerEvent::Done | WorkerEvent::Error(_)) => {
+                let _ = self.tx.send(ev);
+                Forwarded::Finished
+            }
+        }
+    }
+
+    fn fail(&self, e: WorkerError) {
+        let _ = self.tx.send(WorkerEvent::Error(e));
+    }
+
+    /// Every token whose KV a prefill of this request produces now.
+    fn prefill_tokens(&self) -> Vec<TokenId> {
+        let mut t = self.prompt.clone();
+        if let Some((_, head)) = self.sent.split_last() {
+            t.extend_from_slice(head);
+        }
+        t
+    }
+
+    async fn run(mut self) {
+        let mut attempts = 0usize;
+        loop {
+            if self.gone() {
+                return;
+            }
+            attempts += 1;
+            if attempts > 16 {
+                self.fail(WorkerError::Internal(
+                    "the request failed on every attempt (workers keep failing)".into(),
+                ));
+                return;
+            }
+            let Some(d) = self.remote.decode_worker(&self.cancel).await else {
+                if !self.gone() {
+                    self.fail(WorkerError::Overloaded(format!(
+                        "no decode worker became available within {:?}",
+                        self.remote.cfg.hold
+                    )));
+                }
+                return;
+            };
+            let _busy = Busy::on(&d.inflight);
+            let commit = if self.prompt.len() < self.remote.cfg.disagg_min_tokens {
+                None
+            } else {
+                match self.prefill_phase(&d).await {
+                    Ok(Some((commit, events))) => {
+                        let mut finished = false;
+                        for ev in events {
+                            if let Forwarded::Finished = self.forward(ev) {
+                                finished = true;
+                            }
+                        }
+                        if finished {
+                            release(&d, commit.lease_id);
+                            return;
+                        }
+                        Some(commit)
+                    }
+                    // No prefill worker could: the decode worker prefills.
+                    Ok(None) => None,
+                    Err(Fault::DecodeLost) => continue,
+                    Err(Fault::Cancelled) => return,
+                    Err(Fault::Fatal(e)) => {
+                        self.fail(e);
+                        return;
+                    }
+                }
+            };
+            if self.sent.len() + self.prompt.len() >= self.max_context && !self.sent.is_empty() {
+                // Cannot happen with a consistent worker (it ends the stream at the context).
+                self.fail(WorkerError::Internal(
+                    "the stream ran past the context".into(),
+                ));
+                return;
+            }
+            match self.generate_phase(&d, commit).await {
+                Ok(()) => return,
+                Err(Fault::DecodeLost) => continue,
+                Err(Fault::Cancelled) => return,
+                Err(Fault::Fatal(e)) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reserve on `d`, then prefill on a prefill worker: the commit and the events for the
+    /// client, or `None` when no prefill worker is left.
+    async fn prefill_phase(
+        &mut self,
+        d: &Arc<Decode>,
+    ) -> Result<Option<(pb::Commit, Vec<WorkerEvent>)>, Fault> {
+        let fingerprint = d.stats().fingerprint;
+        if self.remote.prefill_worker(fingerprint, &[]).is_none() {
+            return Ok(None);
+        }
+        let mut dc = d.client.clone();
+        let reserve = dc.reserve(pb::ReserveRequest {
+            request_id: self.id,
+            tokens: self.prefill_tokens(),
+            fingerprint,
+            use_prefix_cache: self.params.prompt_logprobs.is_none(),
+        });
+        let target = match self.until_gone(reserve).await? {
+            Ok(r) => r
+                .into_inner()
+                .target
+                .ok_or(Fault::Fatal(WorkerError::Internal(
+                    "the decode worker reserved no target".into(),
+                )))?,
+            Err(s) if is_lost(&s) => {
+                d.down(&s);
+                return Err(Fault::DecodeLost);
+            }
+            Err(s) => return Err(Fault::Fatal(fatal(&s))),
+        };
+        let lease = target.lease_id;
+        let mut tried = Vec::new();
+        loop {
+            let Some((i, p)) = self.remote.prefill_worker(fingerprint, &tried) else {
+                release(d, lease);
+                return Ok(None);
+            };
+            tried.push(i);
+            let _busy = Busy::on(&p.inflight);
+            let mut pc = p.client.clone();
+            let call = pc.prefill(pb::PrefillRequest {
+                request_id: self.id,
+                prompt: self.prompt.clone(),
+                generated: self.sent.clone(),
+                params: Some(pb::GenerationParams::from(&self.params)),
+                target: Some(target.clone()),
+                transport: self.remote.cfg.transport.clone(),
+            });
+            match self.until_gone(call).await {
+                Err(Fault::Cancelled) => {
+                    cancel_prefill(&p, self.id);
+                    release(d, lease);
+                    return Err(Fault::Cancelled);
+                }
+                Err(f) => return Err(f),
+                Ok(Ok(reply)) => {
+                    let r = reply.into_inner();
+                    let mut events = Vec::with_capacity(r.events.len());
+                    for e in &r.events {
+                        events.push(
+                            WorkerEvent::try_from(e)
+                                .map_err(|e| Fault::Fatal(WorkerError::Internal(e.to_string())))?,
+                        );
+                    }
+                    metrics::counter!("tandem_kv_transfers_total", "transport" => r.transport)
+                        .increment(1);
+                    let commit = pb::Commit {
+                        lease_id: lease,
+                        checksum: r.checksum,
+                        filled: r.filled,
+                    };
+                    return Ok(Some((commit, events)));
+                }
+                Ok(Err(s)) => {
+                    if s.code() == Code::Unavailable {
+                        p.down(&s);
+                    }
+                    tracing::warn!(worker = %p.addr, error = %s.message(), "prefill failed; trying another worker");
+                }
+            }
+        }
+    }
+
+    /// Streams the rest of the request from `d`.
+    async fn generate_phase(
+        &mut self,
+        d: &Arc<Decode>,
+        commit: Option<pb::Commit>,
+    ) -> Result<(), Fault> {
+        let mut dc = d.client.clone();
+        let call = dc.generate(pb::GenerateRequest {
+            request_id: self.id,
+            prompt: self.prompt.clone(),
+            generated: self.sent.clone(),
+            params: Some(pb::GenerationParams::from(&self.params)),
+            commit,
+        });
+        let mut stream = match self.until_gone(call).await? {
+            Ok(s) => s.into_inner(),
+            Err(s) if is_lost(&s) => {
+                if s.code() == Code::Unavailable {
+                    d.down(&s);
+                }
+                return Err(Fault::DecodeLost);
+            }
+            Err(s) => return Err(Fault::Fatal(fatal(&s))),
+        };
+        loop {
+            let msg = match self.until_gone(stream.message()).await {
+                Ok(m) => m,
+                Err(f) => {
+                    cancel_decode(d, self.id);
+                    return Err(f);
+                }
+            };
+            match msg {
+                Ok(Some(e)) => {
+                    let ev = WorkerEvent::try_from(&e)
+                        .map_err(|e| Fault::Fatal(WorkerError::Internal(e.to_string())))?;
+                    if let Forwarded::Finished = self.forward(ev) {
+                        return Ok(());
+                    }
+                }
+                // The stream broke (or ended early): the worker died or is shutting down.
+                Ok(None) => return Err(Fault::DecodeLost),
+                Err(s) => {
+                    d.down(&s);
+                    tracing::warn!(worker = %d.addr, error = %s.message(), tokens = self.sent.len(), "decode stream broke; resuming elsewhere");
+                    return Err(Fault::DecodeLost);
+                }
+            }
+        }
+    }
+
+    /// Awaits `f` unless the client goes away first.
+    async fn until_gone<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T, Fault> {
+        let cancelled = async {
+            loop {
+                if self.cancel.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.tx.closed() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+            }
+        };
+        tokio::select! {
+            v = f => Ok(v),
+            _ = cancelled => Err(Fault::Cancelled),
+        }
+    }
+}
+
+fn release(d: &Arc<Decode>, lease: u64) {
+    let mut c = d.client.clone();
+    tokio::spawn(async move {
+        let _ = c.release(pb::ReleaseRequest { lease_id: lease }).await;
+    });
+}
+
+fn cancel_decode(d: &Arc<Decode>, id: u64) {
+    let mut c = d.client.clone();
+    tokio::spawn(async move {
+        let _ = c.cancel(pb::CancelRequest { request_id: id }).await;
+    });
+}
+
+fn cancel_prefill(p: &Arc<Prefill>, id: u64) {
+    let mut c = p.client.clone();
+    tokio::spawn(async move {
+        let _ = c.cancel(pb::CancelRequest { request_id: id }).await;
+    });
+}
