@@ -132,6 +132,10 @@ pub struct Remote {
     /// A worker came up.
     changed: Notify,
     inflight: AtomicUsize,
+    /// Streams resumed on another (or a restarted) decode worker after theirs failed.
+    pub resumed: AtomicUsize,
+    /// Prefills retried on another prefill worker (or handed to the decode worker).
+    pub prefill_retries: AtomicUsize,
 }
 
 impl Remote {
@@ -161,6 +165,8 @@ impl Remote {
             decode,
             changed: Notify::new(),
             inflight: AtomicUsize::new(0),
+            resumed: AtomicUsize::new(0),
+            prefill_retries: AtomicUsize::new(0),
         });
         tokio::spawn(poll(Arc::downgrade(&r)));
         Ok(r)
@@ -456,7 +462,13 @@ impl Driver<'_> {
             }
             match self.generate_phase(&d, commit).await {
                 Ok(()) => return,
-                Err(Fault::DecodeLost) => continue,
+                Err(Fault::DecodeLost) => {
+                    if !self.sent.is_empty() {
+                        self.remote.resumed.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("tandem_stream_resumes_total").increment(1);
+                    }
+                    continue;
+                }
                 Err(Fault::Cancelled) => return,
                 Err(Fault::Fatal(e)) => {
                     self.fail(e);
@@ -476,25 +488,48 @@ impl Driver<'_> {
         if self.remote.prefill_worker(fingerprint, &[]).is_none() {
             return Ok(None);
         }
-        let mut dc = d.client.clone();
-        let reserve = dc.reserve(pb::ReserveRequest {
-            request_id: self.id,
-            tokens: self.prefill_tokens(),
-            fingerprint,
-            use_prefix_cache: self.params.prompt_logprobs.is_none(),
-        });
-        let target = match self.until_gone(reserve).await? {
-            Ok(r) => r
-                .into_inner()
-                .target
-                .ok_or(Fault::Fatal(WorkerError::Internal(
-                    "the decode worker reserved no target".into(),
-                )))?,
-            Err(s) if is_lost(&s) => {
-                d.down(&s);
-                return Err(Fault::DecodeLost);
+        let tokens = self.prefill_tokens();
+        let st = d.stats();
+        let need = tokens.len().div_ceil(st.block_size.max(1) as usize) as u64;
+        if need > st.kv_blocks_total {
+            return Err(Fault::Fatal(WorkerError::Overloaded(format!(
+                "the prompt needs {need} KV blocks, more than the decode worker's {}",
+                st.kv_blocks_total
+            ))));
+        }
+        // Blocks free up as other sequences finish: wait for them (bounded), as a colocated
+        // worker's queue would.
+        let deadline = tokio::time::Instant::now() + self.remote.cfg.hold;
+        let target = loop {
+            let mut dc = d.client.clone();
+            let reserve = dc.reserve(pb::ReserveRequest {
+                request_id: self.id,
+                tokens: tokens.clone(),
+                fingerprint,
+                use_prefix_cache: self.params.prompt_logprobs.is_none(),
+            });
+            match self.until_gone(reserve).await? {
+                Ok(r) => {
+                    break r
+                        .into_inner()
+                        .target
+                        .ok_or(Fault::Fatal(WorkerError::Internal(
+                            "the decode worker reserved no target".into(),
+                        )))?;
+                }
+                Err(s) if is_lost(&s) => {
+                    d.down(&s);
+                    return Err(Fault::DecodeLost);
+                }
+                Err(s)
+                    if s.code() == Code::ResourceExhausted
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    self.until_gone(tokio::time::sleep(Duration::from_millis(20)))
+                        .await?;
+                }
+                Err(s) => return Err(Fault::Fatal(fatal(&s))),
             }
-            Err(s) => return Err(Fault::Fatal(fatal(&s))),
         };
         let lease = target.lease_id;
         let mut tried = Vec::new();
@@ -543,6 +578,8 @@ impl Driver<'_> {
                     if s.code() == Code::Unavailable {
                         p.down(&s);
                     }
+                    self.remote.prefill_retries.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("tandem_prefill_retries_total").increment(1);
                     tracing::warn!(worker = %p.addr, error = %s.message(), "prefill failed; trying another worker");
                 }
             }
