@@ -32,7 +32,7 @@ use engine::{Engine, ForwardItem, KvSequence, LogitsWanted, TokenId};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvError, Sender, TryRecvError, channel};
+use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError, channel};
 use std::thread::JoinHandle;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -266,7 +266,15 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.step();
+            if !self.step() && open {
+                // Nothing could run (waiting for memory lent outside the batch): wait for news
+                // instead of spinning.
+                match rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                    Ok(m) => self.accept(m),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+            }
         }
     }
 
@@ -379,7 +387,8 @@ impl Worker {
         self.waiting.insert(at, s);
     }
 
-    fn step(&mut self) {
+    /// One step; returns whether anything ran.
+    fn step(&mut self) -> bool {
         // Clients that went away free their blocks (and queue places) first.
         self.running.retain(|s| !s.gone());
         let gone: Vec<usize> = (0..self.waiting.len())
@@ -399,10 +408,12 @@ impl Worker {
         metrics::gauge!("tandem_kv_blocks_total").set(kv.n_blocks() as f64);
         metrics::gauge!("tandem_kv_blocks_free").set(kv.free_blocks() as f64);
         metrics::gauge!("tandem_kv_blocks_cached_unused").set(kv.cached_blocks() as f64);
-        if !plan.is_empty() {
-            self.stats.steps.fetch_add(1, Ordering::Relaxed);
-            self.execute(plan);
+        if plan.is_empty() {
+            return false;
         }
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.execute(plan);
+        true
     }
 
     /// Chooses this step's work and reserves its memory, preempting when needed: one token for
@@ -475,12 +486,15 @@ impl Worker {
                 self.running.sort_by_key(|s| s.arrival);
                 continue;
             }
-            if self.running.len() == 1 {
+            let bs = self.engine.kv.layout().block_size;
+            if self.running.len() == 1 && total.div_ceil(bs) > self.engine.kv.n_blocks() {
                 let s = self.running.remove(i);
                 s.fail(WorkerError::Overloaded(format!(
                     "the sequence needs {total} KV positions, more than the pool can hold: {err}"
                 )));
             } else {
+                // Alone, it would fit the pool: the blocks are lent outside the batch (leases
+                // for prefill workers) and come back when those commit or expire.
                 self.preempt(i);
                 self.running.sort_by_key(|s| s.arrival);
             }
