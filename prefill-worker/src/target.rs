@@ -314,14 +314,19 @@ fn push(
             return Err("the prefill pass was abandoned".into());
         };
         debug_assert_eq!(layer, want);
-        for (i, &(ptr, len)) in layer_slabs.iter().enumerate() {
-            // SAFETY: see `Slabs`; the layer is complete and no longer written.
-            let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-            sum.update(bytes);
-            conn.slab(lease, first_block + i as u32, layer as u32, bytes)
-                .map_err(|e| format!("sending to {addr}: {e}"))?;
-            sent += 1;
-        }
+        let frames: Vec<(u32, &[u8])> = layer_slabs
+            .iter()
+            .enumerate()
+            .map(|(i, &(ptr, len))| {
+                // SAFETY: see `Slabs`; the layer is complete and no longer written.
+                let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+                sum.update(bytes);
+                (first_block + i as u32, bytes)
+            })
+            .collect();
+        conn.slabs(lease, layer as u32, &frames)
+            .map_err(|e| format!("sending to {addr}: {e}"))?;
+        sent += frames.len() as u32;
     }
     let digest = sum.digest();
     conn.end(lease, sent, digest)

@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod engine_bench;
+mod kv_bench;
 mod roles;
 mod roofline;
 mod up;
@@ -37,12 +38,21 @@ enum Command {
     /// Kernel-level measurements.
     #[command(subcommand)]
     Kernels(KernelsCommand),
+    /// KV cache transport measurements.
+    #[command(subcommand)]
+    Kv(KvCommand),
 }
 
 #[derive(Subcommand)]
 enum KernelsCommand {
     /// The machine's int8 peak and read bandwidth, and the W8A8 kernels against them.
     Roofline(roofline::RooflineArgs),
+}
+
+#[derive(Subcommand)]
+enum KvCommand {
+    /// KV transfer throughput per transport (shared memory, TCP) against memcpy and a raw loopback socket.
+    Bench(kv_bench::KvBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +107,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Model(ModelCommand::Bench(args)) => engine_bench::run(args),
         Command::Kernels(KernelsCommand::Roofline(args)) => roofline::run(args),
+        Command::Kv(KvCommand::Bench(args)) => kv_bench::run(args),
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;
             engine::gguf::export_f32(&g, &output)?;
