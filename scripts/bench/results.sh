@@ -21,7 +21,7 @@ TANDEM_ARGS=${TANDEM_ARGS:-}
 
 wait_up() { for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" >/dev/null && return 0; sleep 0.5; done; echo "server did not come up" >&2; return 1; }
 # shellcheck disable=SC2086
-start_tandem() { $T up --model "$MODEL" --port $PORT --threads "$THREADS" $TANDEM_ARGS >/dev/null 2>&1 & SERVER=$!; wait_up; }
+start_tandem() { $T up --colocated --model "$MODEL" --port $PORT --threads "$THREADS" $TANDEM_ARGS >/dev/null 2>&1 & SERVER=$!; wait_up; }
 # llama-server: N parallel slots, each with CTX tokens of context.
 start_llama() { "$LLAMA_BIN/llama-server" -m "$MODEL" --port $PORT -t "$THREADS" -np "$1" -c $(( $1 * $2 )) --log-disable >/dev/null 2>&1 & SERVER=$!; wait_up; }
 stop() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }

@@ -26,7 +26,9 @@ model = client.models.list().data[0].id
 
 
 def chat():
-    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+    # "What is the capital of France?" alone is a near tie for a 135M model at 4 bits: its first
+    # greedy token is "L" (-1.94) over "The" (-2.04), and the answer wanders off.
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                                        temperature=0, max_tokens=24)
     assert "Paris" in r.choices[0].message.content, r.choices[0].message.content
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
