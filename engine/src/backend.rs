@@ -79,13 +79,7 @@ impl Backend for Weightless {
         &self.cfg
     }
     fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
-        KvLayout {
-            dtype,
-            n_layers: self.cfg.n_layers,
-            kv_dim: self.cfg.kv_dim(),
-            head_dim: self.cfg.head_dim,
-            block_size: crate::kv::BLOCK_SIZE,
-        }
+        KvLayout::for_model(&self.cfg, dtype)
     }
     fn weight_bytes(&self) -> usize {
         0

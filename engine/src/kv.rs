@@ -95,6 +95,17 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// The geometry of a Llama-family model's KV cache.
+    pub fn for_model(cfg: &crate::config::LlamaConfig, dtype: KvDtype) -> KvLayout {
+        KvLayout {
+            dtype,
+            n_layers: cfg.n_layers,
+            kv_dim: cfg.kv_dim(),
+            head_dim: cfg.head_dim,
+            block_size: BLOCK_SIZE,
+        }
+    }
+
     /// Values in one layer's K (or V) of one block.
     pub fn plane(&self) -> usize {
         self.block_size * self.kv_dim

@@ -117,13 +117,7 @@ impl LlamaModel {
 
     /// The KV block geometry this model needs.
     pub fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
-        KvLayout {
-            dtype,
-            n_layers: self.cfg.n_layers,
-            kv_dim: self.cfg.kv_dim(),
-            head_dim: self.cfg.head_dim,
-            block_size: crate::kv::BLOCK_SIZE,
-        }
+        KvLayout::for_model(&self.cfg, dtype)
     }
 
     /// Bytes of weights held in memory.

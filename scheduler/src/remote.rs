@@ -264,21 +264,13 @@ async fn poll(remote: std::sync::Weak<Remote>) {
         let period = r.cfg.poll;
         let mut calls = Vec::new();
         for w in &r.decode {
-            let w = w.clone();
-            let r2 = r.clone();
-            calls.push(tokio::spawn(async move {
-                let mut c = w.client.clone();
-                let res = tokio::time::timeout(period * 5, c.stats(pb::Empty {})).await;
-                update(&r2, &*w, res);
+            calls.push(poll_one(&r, w, |mut c| async move {
+                c.stats(pb::Empty {}).await
             }));
         }
         for w in &r.prefill {
-            let w = w.clone();
-            let r2 = r.clone();
-            calls.push(tokio::spawn(async move {
-                let mut c = w.client.clone();
-                let res = tokio::time::timeout(period * 5, c.stats(pb::Empty {})).await;
-                update(&r2, &*w, res);
+            calls.push(poll_one(&r, w, |mut c| async move {
+                c.stats(pb::Empty {}).await
             }));
         }
         drop(r);
@@ -287,6 +279,20 @@ async fn poll(remote: std::sync::Weak<Remote>) {
         }
         tokio::time::sleep(period).await;
     }
+}
+
+/// One `Stats` call to `w` (bounded by five poll periods), recorded.
+fn poll_one<C, F, Fut>(r: &Arc<Remote>, w: &Arc<Worker<C>>, call: F) -> tokio::task::JoinHandle<()>
+where
+    C: Clone + Send + Sync + 'static,
+    F: FnOnce(C) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<tonic::Response<pb::WorkerStats>, Status>> + Send,
+{
+    let (r, w) = (r.clone(), w.clone());
+    tokio::spawn(async move {
+        let res = tokio::time::timeout(r.cfg.poll * 5, call(w.client.clone())).await;
+        update(&r, &w, res);
+    })
 }
 
 fn update<C>(
