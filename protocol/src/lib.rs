@@ -4,6 +4,10 @@
 //! # Layout
 //! - [`pb`]: the generated messages, clients and servers.
 //! - this file: conversions between `pb` and `engine::request` / `engine::sampler`.
+//! - `discovery` (feature `etcd`): workers registering in etcd, the scheduler watching.
+
+#[cfg(feature = "etcd")]
+pub mod discovery;
 
 /// The generated `tandem.v1` code.
 pub mod pb {

@@ -24,7 +24,7 @@ use protocol::pb;
 use protocol::pb::decode_worker_client::DecodeWorkerClient;
 use protocol::pb::prefill_worker_client::PrefillWorkerClient;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tonic::transport::{Channel, Endpoint};
@@ -47,6 +47,8 @@ pub struct RemoteConfig {
     pub max_inflight: usize,
     /// How often worker health and load are polled.
     pub poll: Duration,
+    /// etcd endpoints to discover workers from (cargo feature `etcd`), beside the static ones.
+    pub etcd: Vec<String>,
 }
 
 impl Default for RemoteConfig {
@@ -59,6 +61,7 @@ impl Default for RemoteConfig {
             hold: Duration::from_secs(60),
             max_inflight: 256,
             poll: Duration::from_millis(200),
+            etcd: Vec::new(),
         }
     }
 }
@@ -127,8 +130,7 @@ type Prefill = Worker<PrefillWorkerClient<Channel>>;
 /// The workers and the routing state.
 pub struct Remote {
     cfg: RemoteConfig,
-    pub prefill: Vec<Arc<Prefill>>,
-    pub decode: Vec<Arc<Decode>>,
+    members: RwLock<Members>,
     /// A worker came up.
     changed: Notify,
     inflight: AtomicUsize,
@@ -138,46 +140,150 @@ pub struct Remote {
     pub prefill_retries: AtomicUsize,
 }
 
+/// The routing table.
+#[derive(Default)]
+struct Members {
+    prefill: Vec<Arc<Prefill>>,
+    decode: Vec<Arc<Decode>>,
+}
+
+/// What a worker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Prefill,
+    Decode,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            other => Err(format!("unknown worker role '{other}'")),
+        }
+    }
+}
+
 impl Remote {
-    /// Connects (lazily) to the workers and starts polling them; call inside a tokio runtime.
+    /// Connects (lazily) to the workers and starts polling them (and watching etcd, when
+    /// configured); call inside a tokio runtime.
     pub fn start(cfg: RemoteConfig) -> Result<Arc<Remote>, ApiError> {
-        let prefill = cfg
-            .prefill
-            .iter()
-            .map(|a| {
-                Worker::new(a, |c| {
-                    PrefillWorkerClient::new(c).max_decoding_message_size(64 << 20)
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let decode = cfg
-            .decode
-            .iter()
-            .map(|a| {
-                Worker::new(a, |c| {
-                    DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
-                })
-            })
-            .collect::<Result<_, _>>()?;
         let r = Arc::new(Remote {
             cfg,
-            prefill,
-            decode,
+            members: RwLock::default(),
             changed: Notify::new(),
             inflight: AtomicUsize::new(0),
             resumed: AtomicUsize::new(0),
             prefill_retries: AtomicUsize::new(0),
         });
+        for a in &r.cfg.prefill {
+            r.add_worker(Role::Prefill, a)?;
+        }
+        for a in &r.cfg.decode {
+            r.add_worker(Role::Decode, a)?;
+        }
+        if !r.cfg.etcd.is_empty() {
+            r.discover()?;
+        }
         tokio::spawn(poll(Arc::downgrade(&r)));
         Ok(r)
+    }
+
+    #[cfg(feature = "etcd")]
+    fn discover(self: &Arc<Self>) -> Result<(), ApiError> {
+        use protocol::discovery::{Change, watch};
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(watch(self.cfg.etcd.clone(), tx));
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(c) = rx.recv().await {
+                let Some(r) = me.upgrade() else { return };
+                let (up, role, addr) = match c {
+                    Change::Up { role, addr } => (true, role, addr),
+                    Change::Down { role, addr } => (false, role, addr),
+                };
+                let Ok(role) = role.parse::<Role>() else {
+                    continue;
+                };
+                if up {
+                    if let Err(e) = r.add_worker(role, &addr) {
+                        tracing::warn!(error = %e, "ignoring a discovered worker");
+                    }
+                } else {
+                    r.remove_worker(role, &addr);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn discover(self: &Arc<Self>) -> Result<(), ApiError> {
+        Err(ApiError::Internal(
+            "this build has no etcd discovery (build with `--features etcd`)".into(),
+        ))
+    }
+
+    /// Adds a worker to the routing table (no-op when it is there already).
+    pub fn add_worker(&self, role: Role, addr: &str) -> Result<(), ApiError> {
+        let mut m = self.members.write().expect("members poisoned");
+        match role {
+            Role::Prefill if !m.prefill.iter().any(|w| w.addr == addr) => {
+                m.prefill.push(Worker::new(addr, |c| {
+                    PrefillWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                })?);
+            }
+            Role::Decode if !m.decode.iter().any(|w| w.addr == addr) => {
+                m.decode.push(Worker::new(addr, |c| {
+                    DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                })?);
+            }
+            _ => return Ok(()),
+        }
+        tracing::info!(?role, worker = %addr, "worker joined the routing table");
+        Ok(())
+    }
+
+    /// Drops a worker from the routing table (requests on it fail over as if it died).
+    pub fn remove_worker(&self, role: Role, addr: &str) {
+        let mut m = self.members.write().expect("members poisoned");
+        let before = m.prefill.len() + m.decode.len();
+        match role {
+            Role::Prefill => m.prefill.retain(|w| w.addr != addr),
+            Role::Decode => m.decode.retain(|w| w.addr != addr),
+        }
+        if m.prefill.len() + m.decode.len() < before {
+            tracing::info!(?role, worker = %addr, "worker left the routing table");
+        }
+    }
+
+    /// The prefill workers in the routing table now.
+    pub fn prefill_workers(&self) -> Vec<Arc<Prefill>> {
+        self.members
+            .read()
+            .expect("members poisoned")
+            .prefill
+            .clone()
+    }
+
+    /// The decode workers in the routing table now.
+    pub fn decode_workers(&self) -> Vec<Arc<Decode>> {
+        self.members
+            .read()
+            .expect("members poisoned")
+            .decode
+            .clone()
     }
 
     /// Waits until every worker has answered once (or `timeout` passes); returns whether all did.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let all =
-                self.prefill.iter().all(|w| w.healthy()) && self.decode.iter().all(|w| w.healthy());
+            let decode = self.decode_workers();
+            let all = !decode.is_empty()
+                && self.prefill_workers().iter().all(|w| w.healthy())
+                && decode.iter().all(|w| w.healthy());
             if all {
                 return true;
             }
@@ -227,7 +333,8 @@ impl Remote {
     async fn decode_worker(&self, cancel: &CancelFlag) -> Option<Arc<Decode>> {
         let deadline = tokio::time::Instant::now() + self.cfg.hold;
         loop {
-            let best = self.decode.iter().filter(|w| w.healthy()).min_by_key(|w| {
+            let decode = self.decode_workers();
+            let best = decode.into_iter().filter(|w| w.healthy()).min_by_key(|w| {
                 let s = w.stats();
                 (
                     w.inflight.load(Ordering::Acquire) + s.waiting as usize,
@@ -235,7 +342,7 @@ impl Remote {
                 )
             });
             if let Some(w) = best {
-                return Some(w.clone());
+                return Some(w);
             }
             if cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
                 return None;
@@ -245,15 +352,13 @@ impl Remote {
     }
 
     /// The healthy prefill worker with the shortest queue, among those not yet `tried`.
-    fn prefill_worker(&self, fingerprint: u64, tried: &[usize]) -> Option<(usize, Arc<Prefill>)> {
-        self.prefill
-            .iter()
-            .enumerate()
-            .filter(|(i, w)| {
-                w.healthy() && !tried.contains(i) && w.stats().fingerprint == fingerprint
+    fn prefill_worker(&self, fingerprint: u64, tried: &[String]) -> Option<Arc<Prefill>> {
+        self.prefill_workers()
+            .into_iter()
+            .filter(|w| {
+                w.healthy() && !tried.contains(&w.addr) && w.stats().fingerprint == fingerprint
             })
-            .min_by_key(|(_, w)| w.inflight.load(Ordering::Acquire) + w.stats().waiting as usize)
-            .map(|(i, w)| (i, w.clone()))
+            .min_by_key(|w| w.inflight.load(Ordering::Acquire) + w.stats().waiting as usize)
     }
 }
 
@@ -263,12 +368,12 @@ async fn poll(remote: std::sync::Weak<Remote>) {
         let Some(r) = remote.upgrade() else { return };
         let period = r.cfg.poll;
         let mut calls = Vec::new();
-        for w in &r.decode {
+        for w in &r.decode_workers() {
             calls.push(poll_one(&r, w, |mut c| async move {
                 c.stats(pb::Empty {}).await
             }));
         }
-        for w in &r.prefill {
+        for w in &r.prefill_workers() {
             calls.push(poll_one(&r, w, |mut c| async move {
                 c.stats(pb::Empty {}).await
             }));
@@ -540,11 +645,11 @@ impl Driver<'_> {
         let lease = target.lease_id;
         let mut tried = Vec::new();
         loop {
-            let Some((i, p)) = self.remote.prefill_worker(fingerprint, &tried) else {
+            let Some(p) = self.remote.prefill_worker(fingerprint, &tried) else {
                 release(d, lease);
                 return Ok(None);
             };
-            tried.push(i);
+            tried.push(p.addr.clone());
             let _busy = Busy::on(&p.inflight);
             let mut pc = p.client.clone();
             let call = pc.prefill(pb::PrefillRequest {

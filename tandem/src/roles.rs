@@ -80,6 +80,76 @@ pub fn pin(cpus: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a worker announces itself.
+#[derive(Args, Debug, Clone)]
+pub struct DiscoveryArgs {
+    /// etcd endpoints to register in (comma-separated; needs a build with `--features etcd`).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Seconds the etcd lease lives without a keep-alive: how soon a dead worker leaves the routing table.
+    #[arg(long, default_value_t = 5)]
+    pub etcd_ttl_secs: u64,
+    /// Host the scheduler (and prefill workers) reach this worker at (default: the --listen host).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+}
+
+impl DiscoveryArgs {
+    /// `host:port` to announce for a worker listening on `listen` (bound to `port`).
+    fn advertised(&self, listen: &str, port: u16) -> String {
+        format!("{}:{port}", self.host(listen))
+    }
+
+    fn host(&self, listen: &str) -> String {
+        self.advertise_host.clone().unwrap_or_else(|| {
+            let h = listen
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or("127.0.0.1");
+            if h == "0.0.0.0" || h == "[::]" {
+                "127.0.0.1"
+            } else {
+                h
+            }
+            .to_string()
+        })
+    }
+
+    /// Runs `serve`, registered in etcd under `role` for as long as it runs.
+    async fn registered(
+        &self,
+        role: &str,
+        addr: String,
+        serve: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<()> {
+        if self.etcd.is_empty() {
+            return serve.await;
+        }
+        #[cfg(feature = "etcd")]
+        {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let reg = tokio::spawn(protocol::discovery::register(
+                self.etcd.clone(),
+                role.to_string(),
+                addr,
+                Duration::from_secs(self.etcd_ttl_secs.max(1)),
+                async {
+                    let _ = stopped.await;
+                },
+            ));
+            let r = serve.await;
+            let _ = stop.send(());
+            let _ = reg.await;
+            r
+        }
+        #[cfg(not(feature = "etcd"))]
+        {
+            let _ = (role, addr, serve);
+            anyhow::bail!("this build has no etcd support (build with `--features etcd`)")
+        }
+    }
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -95,9 +165,8 @@ pub struct DecodeArgs {
     /// The TCP KV data plane's address (port 0: any free port).
     #[arg(long, default_value = "0.0.0.0:0")]
     pub kv_listen: String,
-    /// Host prefill workers reach this worker's data plane at (default: the --listen host).
-    #[arg(long)]
-    pub advertise_host: Option<String>,
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
     /// Keep the KV pool in private memory (prefill workers on this host then use TCP too).
     #[arg(long)]
     pub no_shm: bool,
@@ -132,33 +201,27 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         max_running: args.max_num_seqs.max(1),
         max_waiting: args.max_queue,
     };
-    let advertise = args.advertise_host.clone().unwrap_or_else(|| {
-        let h = args
-            .listen
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or("127.0.0.1");
-        if h == "0.0.0.0" || h == "[::]" {
-            "127.0.0.1"
-        } else {
-            h
-        }
-        .to_string()
-    });
+    let advertise = args.discovery.host(&args.listen);
     runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        decode_worker::service::serve(
-            engine,
-            worker,
-            listener,
-            &args.kv_listen,
-            &advertise,
-            crate::up::shutdown_signal(),
-        )
-        .await
-        .context("decode worker")
+        let addr = args
+            .discovery
+            .advertised(&args.listen, listener.local_addr()?.port());
+        let serve = async {
+            decode_worker::service::serve(
+                engine,
+                worker,
+                listener,
+                &args.kv_listen,
+                &advertise,
+                crate::up::shutdown_signal(),
+            )
+            .await
+            .context("decode worker")
+        };
+        args.discovery.registered("decode", addr, serve).await
     })
 }
 
@@ -173,6 +236,8 @@ pub struct PrefillArgs {
     /// Prefills that may wait before new ones are refused.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub model: ModelArgs,
 }
@@ -192,9 +257,15 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        prefill_worker::service::serve(engine, cfg, listener, crate::up::shutdown_signal())
-            .await
-            .context("prefill worker")
+        let addr = args
+            .discovery
+            .advertised(&args.listen, listener.local_addr()?.port());
+        let serve = async {
+            prefill_worker::service::serve(engine, cfg, listener, crate::up::shutdown_signal())
+                .await
+                .context("prefill worker")
+        };
+        args.discovery.registered("prefill", addr, serve).await
     })
 }
 
@@ -210,8 +281,11 @@ pub struct SchedulerArgs {
     #[arg(long, value_delimiter = ',')]
     pub prefill: Vec<String>,
     /// Decode workers' gRPC addresses (comma-separated).
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
     pub decode: Vec<String>,
+    /// Discover workers in etcd (comma-separated endpoints; needs a build with `--features etcd`): they join the routing table when they register and leave it when their lease expires.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
     /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
     #[arg(long, default_value_t = 64)]
     pub disagg_min_tokens: usize,
@@ -262,6 +336,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         },
         hold: Duration::from_secs(args.hold_secs),
         max_inflight: args.max_queue.max(1),
+        etcd: args.etcd.clone(),
         ..Default::default()
     };
     runtime()?.block_on(async {

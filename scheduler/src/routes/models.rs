@@ -50,12 +50,12 @@ pub async fn health(
             .collect()
     };
     let decode: Vec<(String, bool)> = r
-        .decode
+        .decode_workers()
         .iter()
         .map(|w| (w.addr.clone(), w.healthy()))
         .collect();
     let prefill: Vec<(String, bool)> = r
-        .prefill
+        .prefill_workers()
         .iter()
         .map(|w| (w.addr.clone(), w.healthy()))
         .collect();

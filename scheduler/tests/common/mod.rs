@@ -2,6 +2,8 @@
 //! port, over a tiny synthetic model written as a real GGUF.
 #![allow(dead_code)]
 
+pub mod nodes;
+
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig};
 use scheduler::AppState;

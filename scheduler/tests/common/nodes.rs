@@ -1,0 +1,229 @@
+//! Cluster pieces for in-process tests: each worker on its own tokio runtime and gRPC port (as
+//! a separate process would be), seeded request sets and their answers run alone.
+
+use decode_worker::WorkerConfig;
+use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
+use engine::synthetic::{TinySpec, write};
+use engine::{Engine, EngineConfig};
+use scheduler::cluster::Cluster;
+use scheduler::remote::RemoteConfig;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub fn config(shm: Option<PathBuf>) -> EngineConfig {
+    EngineConfig {
+        kv_budget_bytes: 8 << 20,
+        model_id: None,
+        precision: Default::default(),
+        kv_dtype: Default::default(),
+        kv_shared_path: shm,
+    }
+}
+
+/// A worker on its own runtime; dropping (or [`kill`](Node::kill)ing) it breaks everything
+/// it serves at once.
+pub struct Node {
+    pub addr: String,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Things that live and die with the node (dropped senders stop them).
+    companions: Vec<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Ties `stop` to the node: dropped when the node dies.
+    pub fn with_companion(mut self, stop: std::sync::mpsc::Sender<()>) -> Node {
+        self.companions.push(stop);
+        self
+    }
+
+    pub fn kill(mut self) {
+        self.stop.take();
+        self.companions.clear();
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.take();
+        self.companions.clear();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn node<F, Fut>(bind: String, serve: F) -> Node
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(&bind).await.unwrap();
+            addr_tx
+                .send(listener.local_addr().unwrap().to_string())
+                .unwrap();
+            let stopped = tokio::task::spawn_blocking(move || {
+                let _ = stop_rx.recv();
+            });
+            tokio::select! {
+                r = serve(listener) => r.unwrap(),
+                _ = stopped => {}
+            }
+        });
+        // Abrupt: no draining, every task and connection dropped now.
+        rt.shutdown_background();
+    });
+    Node {
+        addr: addr_rx.recv().unwrap(),
+        stop: Some(stop_tx),
+        companions: Vec::new(),
+        thread: Some(thread),
+    }
+}
+
+pub fn never() -> impl std::future::Future<Output = ()> + Send + 'static {
+    std::future::pending()
+}
+
+pub fn decode_node(model: &Path, dir: &Path, bind: &str, max_running: usize) -> Node {
+    let shm = kv_store::shm::pool_path(dir);
+    let engine = Arc::new(Engine::load(model, &config(Some(shm))).unwrap());
+    let worker = WorkerConfig {
+        max_batch_tokens: 64,
+        max_running,
+        max_waiting: 256,
+    };
+    node(bind.to_string(), move |l| async move {
+        decode_worker::service::serve(engine, worker, l, "127.0.0.1:0", "127.0.0.1", never()).await
+    })
+}
+
+pub fn prefill_node(model: &Path) -> Node {
+    let engine = Arc::new(Engine::load(model, &config(None)).unwrap());
+    node("127.0.0.1:0".into(), move |l| async move {
+        prefill_worker::service::serve(engine, Default::default(), l, never()).await
+    })
+}
+
+pub fn remote(
+    model: &Path,
+    prefill: &[&Node],
+    decode: &[&Node],
+    transport: &str,
+) -> (Arc<Engine>, RemoteConfig) {
+    let frontend = Arc::new(Engine::load_frontend(model, &config(None)).unwrap());
+    let cfg = RemoteConfig {
+        prefill: prefill.iter().map(|n| n.addr.clone()).collect(),
+        decode: decode.iter().map(|n| n.addr.clone()).collect(),
+        // Short prompts prefill on the decode worker; the rest move their KV.
+        disagg_min_tokens: 12,
+        transport: transport.into(),
+        hold: Duration::from_secs(30),
+        poll: Duration::from_millis(50),
+        ..Default::default()
+    };
+    (frontend, cfg)
+}
+
+pub async fn collect(mut rx: UnboundedReceiver<WorkerEvent>) -> Trace {
+    let mut t: Trace = (vec![], vec![]);
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            WorkerEvent::Token(ev) => {
+                t.0.push(ev.token);
+                t.1.push(ev.logprobs.unwrap().logprob.to_bits());
+                if ev.finish.is_some() {
+                    break;
+                }
+            }
+            WorkerEvent::Error(e) => panic!("request failed: {e}"),
+            _ => {}
+        }
+    }
+    t
+}
+
+pub struct Case {
+    pub prompts: Vec<Vec<u32>>,
+    pub params: Vec<GenerationParams>,
+    pub want: Vec<Trace>,
+}
+
+pub fn case(model: &Path, n: usize, n_gen: usize, seed: u64) -> Case {
+    let e = Engine::load(model, &config(None)).unwrap();
+    let mut rng = Rng(seed);
+    let shared: Vec<u32> = (0..40).map(|_| rng.next(250) as u32 + 3).collect();
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|i| {
+            // Short (decode-local) and long prompts, half sharing a prefix (prefix caches).
+            let mut p = if i % 2 == 0 { shared.clone() } else { vec![] };
+            let own = rng.next(60) as usize + 1;
+            p.extend((0..own).map(|_| rng.next(250) as u32 + 3));
+            p
+        })
+        .collect();
+    let params: Vec<GenerationParams> = (0..n).map(|i| mixed_params(i, n_gen, 4242)).collect();
+    let want = prompts
+        .iter()
+        .zip(&params)
+        .map(|(p, g)| generate_alone(&e, p, g.clone()))
+        .collect();
+    Case {
+        prompts,
+        params,
+        want,
+    }
+}
+
+pub fn submit_all(cluster: &Cluster, c: &Case) -> Vec<UnboundedReceiver<WorkerEvent>> {
+    c.prompts
+        .iter()
+        .zip(&c.params)
+        .enumerate()
+        .map(|(i, (p, g))| {
+            cluster
+                .submit(
+                    RequestId(1000 + i as u64),
+                    p.clone(),
+                    g.clone(),
+                    CancelFlag::default(),
+                )
+                .unwrap()
+        })
+        .collect()
+}
+
+pub async fn check(cluster: &Cluster, c: &Case, what: &str) {
+    let rxs = submit_all(cluster, c);
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(60), collect(rx))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: request {i} hung"));
+        assert_eq!(
+            got, c.want[i],
+            "{what}: request {i} differs from running alone"
+        );
+    }
+}
+
+pub fn tiny() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write(&TinySpec::default(), &path).unwrap();
+    (dir, path)
+}
