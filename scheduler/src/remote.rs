@@ -99,7 +99,8 @@ impl<C> Worker<C> {
         self.healthy.load(Ordering::Acquire)
     }
 
-    fn stats(&self) -> pb::WorkerStats {
+    /// The load it reported last.
+    pub fn stats(&self) -> pb::WorkerStats {
         self.stats.lock().expect("stats poisoned").clone()
     }
 

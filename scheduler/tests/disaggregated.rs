@@ -9,7 +9,7 @@ mod common;
 
 use common::nodes::*;
 use engine::Engine;
-use engine::request::WorkerEvent;
+use engine::request::{CancelFlag, RequestId, WorkerEvent};
 use engine::synthetic::testing::Trace;
 use scheduler::cluster::Cluster;
 use std::sync::Arc;
@@ -132,5 +132,77 @@ async fn a_prefill_worker_dying_under_load_loses_nothing() {
     assert!(
         retries >= 1,
         "no prefill was retried: the kill tested nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_go_away_free_their_blocks_on_every_worker() {
+    // A long context, so that the streams are far from done when their clients leave.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    let spec = engine::synthetic::TinySpec {
+        n_ctx: 8192,
+        ..Default::default()
+    };
+    engine::synthetic::write(&spec, &model).unwrap();
+    let n_gen = 8000;
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| (0..20 + 7 * i).map(|t| t % 200 + 3).collect())
+        .collect();
+    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 64);
+    let p = prefill_node(&model);
+    let (fe, cfg) = remote(&model, &[&p], &[&d], "");
+    let cluster = Cluster::remote(fe, cfg).unwrap();
+    let r = cluster.remote_workers().unwrap().clone();
+    assert!(r.wait_ready(Duration::from_secs(10)).await);
+    let total = r.decode_workers()[0].stats().kv_blocks_total;
+    let cancels: Vec<CancelFlag> = prompts.iter().map(|_| CancelFlag::default()).collect();
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .zip(&cancels)
+        .enumerate()
+        .map(|(i, (p, f))| {
+            let g = engine::synthetic::testing::mixed_params(i, n_gen, 77);
+            cluster
+                .submit(RequestId(5000 + i as u64), p.clone(), g, f.clone())
+                .unwrap()
+        })
+        .collect();
+    // Every stream under way (a few tokens each), then every client gone.
+    for rx in &mut rxs {
+        let mut n = 0;
+        while n < 3 {
+            if let WorkerEvent::Token(_) = rx.recv().await.unwrap() {
+                n += 1;
+            }
+        }
+    }
+    // A fresh report, while every stream still runs.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let busy = r.decode_workers()[0].stats();
+    assert_eq!(
+        busy.running as usize,
+        prompts.len(),
+        "a stream ended early: {busy:?}"
+    );
+    drop(rxs);
+    for f in &cancels {
+        f.cancel();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = r.decode_workers()[0].stats();
+        if s.running == 0 && s.waiting == 0 && s.kv_blocks_free == total {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "blocks not freed after the clients left: {s:?} (while busy: {busy:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        busy.kv_blocks_free < total,
+        "the streams held no blocks: nothing was tested"
     );
 }
