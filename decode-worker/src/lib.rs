@@ -413,6 +413,12 @@ impl Worker {
         }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.execute(plan);
+        // Sequences that finished (or lost their client) in this step are gone now: an idle
+        // worker must not keep reporting them.
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        metrics::gauge!("tandem_decode_running_sequences").set(self.running.len() as f64);
         true
     }
 

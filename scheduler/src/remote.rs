@@ -39,6 +39,10 @@ pub struct RemoteConfig {
     pub decode: Vec<String>,
     /// Prompts shorter than this many tokens are prefilled on the decode worker.
     pub disagg_min_tokens: usize,
+    /// Prefills queued (or running) on the least busy prefill worker at which a prompt is
+    /// prefilled on its decode worker instead (Dynamo's rule: disaggregate only while the
+    /// prefill queue is short); 0: no limit.
+    pub max_prefill_queue: usize,
     /// KV transport to ask for: `""` (the prefill worker picks), `"shm"` or `"tcp"`.
     pub transport: String,
     /// How long a request waits for a decode worker when none is healthy.
@@ -57,6 +61,7 @@ impl Default for RemoteConfig {
             prefill: Vec::new(),
             decode: Vec::new(),
             disagg_min_tokens: 64,
+            max_prefill_queue: 0,
             transport: String::new(),
             hold: Duration::from_secs(60),
             max_inflight: 256,
@@ -359,8 +364,15 @@ impl Remote {
             .filter(|w| {
                 w.healthy() && !tried.contains(&w.addr) && w.stats().fingerprint == fingerprint
             })
-            .min_by_key(|w| w.inflight.load(Ordering::Acquire) + w.stats().waiting as usize)
+            .min_by_key(|w| queue_depth(w))
     }
+}
+
+/// Prefills on `w` now: this scheduler's in flight there, or what it last reported queued.
+fn queue_depth(w: &Prefill) -> usize {
+    w.inflight
+        .load(Ordering::Acquire)
+        .max(w.stats().waiting as usize)
 }
 
 /// Polls every worker's `Stats`: health and load for routing.
@@ -597,7 +609,12 @@ impl Driver<'_> {
         d: &Arc<Decode>,
     ) -> Result<Option<(pb::Commit, Vec<WorkerEvent>)>, Fault> {
         let fingerprint = d.stats().fingerprint;
-        if self.remote.prefill_worker(fingerprint, &[]).is_none() {
+        let Some(best) = self.remote.prefill_worker(fingerprint, &[]) else {
+            return Ok(None);
+        };
+        let max_queue = self.remote.cfg.max_prefill_queue;
+        if max_queue > 0 && queue_depth(&best) >= max_queue {
+            metrics::counter!("tandem_prefill_spills_total").increment(1);
             return Ok(None);
         }
         let tokens = self.prefill_tokens();

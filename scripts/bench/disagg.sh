@@ -3,8 +3,8 @@
 #   ttft:    one request at a time, 512-token prompts: the TTFT that disaggregation adds at low load
 #            (colocated on every core vs `tandem up` 1 prefill + 1 decode, unpinned);
 #   goodput: the mixed workload (a fifth ~2000-token prompts, the rest chat turns), SLO TTFT <= 1 s and
-#            TPOT <= 100 ms, swept over request rate: `tandem up --pin` (1P+1D, one core each) vs
-#            colocated on both cores;
+#            TPOT <= 100 ms, swept over request rate: `tandem up --pin` (1P+1D, one core each; and with
+#            --max-prefill-queue 1) vs colocated on both cores;
 #   kv:      `tandem kv bench` (shm and TCP transfer throughput against memcpy and a raw socket).
 # Results land in bench-results/disagg-<scenario>-<server>/; a table is printed at the end.
 #
@@ -42,6 +42,8 @@ for s in $SCENARIOS; do
             --random-output-len 64 --num-prompts 20 --request-rate "$RATES" --goodput ttft:1000 tpot:100)
       start --colocated; bench "${args[@]}" --label colocated --result-dir $OUT/disagg-goodput-colocated; stop
       start --pin; bench "${args[@]}" --label 1p1d-pinned --result-dir $OUT/disagg-goodput-1p1d-pinned; stop
+      # Dynamo's rule on top: prefill on the decode worker while the prefill worker is busy.
+      start --pin --max-prefill-queue 1; bench "${args[@]}" --label 1p1d-pinned-spill --result-dir $OUT/disagg-goodput-1p1d-pinned-spill; stop
       $T bench compare $OUT/disagg-goodput-1p1d-pinned $OUT/disagg-goodput-colocated --out $OUT/disagg-goodput-compare ;;
     *) echo "unknown scenario $s" >&2; exit 2 ;;
   esac

@@ -289,6 +289,9 @@ pub struct SchedulerArgs {
     /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
     #[arg(long, default_value_t = 64)]
     pub disagg_min_tokens: usize,
+    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_prefill_queue: usize,
     /// KV transport between prefill and decode workers: auto (shared memory on one host, else TCP), shm or tcp.
     #[arg(long, default_value = "auto")]
     pub kv_transport: String,
@@ -329,6 +332,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         prefill: args.prefill.clone(),
         decode: args.decode.clone(),
         disagg_min_tokens: args.disagg_min_tokens,
+        max_prefill_queue: args.max_prefill_queue,
         transport: if args.kv_transport == "auto" {
             String::new()
         } else {

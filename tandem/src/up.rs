@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
     #[arg(long, default_value_t = 64)]
     pub disagg_min_tokens: usize,
+    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_prefill_queue: usize,
     /// KV transport between prefill and decode workers: auto (shared memory on one host, else TCP), shm or tcp.
     #[arg(long, default_value = "auto")]
     pub kv_transport: String,
@@ -253,6 +256,8 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         decode_addrs.join(","),
         "--disagg-min-tokens".into(),
         args.disagg_min_tokens.to_string(),
+        "--max-prefill-queue".into(),
+        args.max_prefill_queue.to_string(),
         "--kv-transport".into(),
         args.kv_transport.clone(),
         "--max-queue".into(),
