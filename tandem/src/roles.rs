@@ -269,6 +269,52 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     })
 }
 
+/// How the scheduler routes between prefill and decode workers.
+#[derive(Args, Debug, Clone)]
+pub struct RoutingArgs {
+    /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
+    #[arg(long, default_value_t = 64)]
+    pub disagg_min_tokens: usize,
+    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_prefill_queue: usize,
+    /// KV transport between prefill and decode workers: auto (shared memory on one host, else TCP), shm or tcp.
+    #[arg(long, default_value = "auto")]
+    pub kv_transport: String,
+    /// Seconds a stream waits for a decode worker when none is available (after a failure).
+    #[arg(long, default_value_t = 60)]
+    pub hold_secs: u64,
+}
+
+impl RoutingArgs {
+    /// Checks the flags; the scheduler's view of them.
+    pub fn config(&self) -> anyhow::Result<scheduler::remote::RemoteConfig> {
+        let transport = prefill_worker::target::Transport::parse(&self.kv_transport)
+            .map_err(anyhow::Error::msg)?;
+        Ok(scheduler::remote::RemoteConfig {
+            disagg_min_tokens: self.disagg_min_tokens,
+            max_prefill_queue: self.max_prefill_queue,
+            transport: transport.map(|t| t.name().to_string()).unwrap_or_default(),
+            hold: Duration::from_secs(self.hold_secs),
+            ..Default::default()
+        })
+    }
+
+    /// The same flags for a `tandem scheduler` command line.
+    pub fn to_args(&self) -> Vec<String> {
+        vec![
+            "--disagg-min-tokens".into(),
+            self.disagg_min_tokens.to_string(),
+            "--max-prefill-queue".into(),
+            self.max_prefill_queue.to_string(),
+            "--kv-transport".into(),
+            self.kv_transport.clone(),
+            "--hold-secs".into(),
+            self.hold_secs.to_string(),
+        ]
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SchedulerArgs {
     /// Address to listen on.
@@ -286,18 +332,8 @@ pub struct SchedulerArgs {
     /// Discover workers in etcd (comma-separated endpoints; needs a build with `--features etcd`): they join the routing table when they register and leave it when their lease expires.
     #[arg(long, value_delimiter = ',')]
     pub etcd: Vec<String>,
-    /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
-    #[arg(long, default_value_t = 64)]
-    pub disagg_min_tokens: usize,
-    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub max_prefill_queue: usize,
-    /// KV transport between prefill and decode workers: auto (shared memory on one host, else TCP), shm or tcp.
-    #[arg(long, default_value = "auto")]
-    pub kv_transport: String,
-    /// Seconds a stream waits for a decode worker when none is available (after a failure).
-    #[arg(long, default_value_t = 60)]
-    pub hold_secs: u64,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
     /// Requests in flight at most before new ones get 503.
     #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
@@ -314,7 +350,7 @@ pub struct SchedulerArgs {
 
 pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let path = crate::model_path(args.model.as_deref())?;
-    prefill_worker::target::Transport::parse(&args.kv_transport).map_err(anyhow::Error::msg)?;
+    let routing = args.routing.config()?;
     let default_id = args
         .model
         .is_none()
@@ -331,17 +367,9 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let remote = scheduler::remote::RemoteConfig {
         prefill: args.prefill.clone(),
         decode: args.decode.clone(),
-        disagg_min_tokens: args.disagg_min_tokens,
-        max_prefill_queue: args.max_prefill_queue,
-        transport: if args.kv_transport == "auto" {
-            String::new()
-        } else {
-            args.kv_transport.clone()
-        },
-        hold: Duration::from_secs(args.hold_secs),
         max_inflight: args.max_queue.max(1),
         etcd: args.etcd.clone(),
-        ..Default::default()
+        ..routing
     };
     runtime()?.block_on(async {
         let cluster = Arc::new(scheduler::cluster::Cluster::remote(engine, remote).map_err(|e| anyhow::anyhow!("{e}"))?);

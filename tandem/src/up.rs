@@ -34,15 +34,8 @@ pub struct UpArgs {
     /// Pin each worker process to its own core (round robin over this machine's cores; one compute thread each).
     #[arg(long)]
     pub pin: bool,
-    /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
-    #[arg(long, default_value_t = 64)]
-    pub disagg_min_tokens: usize,
-    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub max_prefill_queue: usize,
-    /// KV transport between prefill and decode workers: auto (shared memory on one host, else TCP), shm or tcp.
-    #[arg(long, default_value = "auto")]
-    pub kv_transport: String,
+    #[command(flatten)]
+    pub routing: crate::roles::RoutingArgs,
     /// Requests that may wait to start (or be in flight, disaggregated) before new ones get 503.
     #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
@@ -180,7 +173,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         args.decode >= 1,
         "a cluster needs at least one decode worker"
     );
-    prefill_worker::target::Transport::parse(&args.kv_transport).map_err(anyhow::Error::msg)?;
+    args.routing.config()?;
     // Fetch once here, so that the children do not race to download the model.
     let path = crate::model_path(args.model.model.as_deref())?;
     let cores = std::thread::available_parallelism()
@@ -254,12 +247,6 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         args.port.to_string(),
         "--decode".into(),
         decode_addrs.join(","),
-        "--disagg-min-tokens".into(),
-        args.disagg_min_tokens.to_string(),
-        "--max-prefill-queue".into(),
-        args.max_prefill_queue.to_string(),
-        "--kv-transport".into(),
-        args.kv_transport.clone(),
         "--max-queue".into(),
         args.max_queue.to_string(),
         "--max-body-bytes".into(),
@@ -267,6 +254,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         "--model".into(),
         path.display().to_string(),
     ];
+    s.extend(args.routing.to_args());
     if !prefill_addrs.is_empty() {
         s.extend(["--prefill".into(), prefill_addrs.join(",")]);
     }
