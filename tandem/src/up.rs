@@ -143,11 +143,36 @@ struct Member {
 impl Member {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let exe = std::env::current_exe().context("finding the tandem executable")?;
-        let child = Command::new(exe)
+        let mut child = Command::new(exe)
             .args(&self.args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", self.name))?;
+        // One merged log, each line marked with the member it came from.
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    eprintln!("{name:>9} | {l}");
+                }
+            });
+        }
         eprintln!(
             "tandem: started {} (pid {}): tandem {}",
             self.name,
