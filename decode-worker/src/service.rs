@@ -108,15 +108,6 @@ impl Leases {
         before - m.len()
     }
 
-    /// Leases alive.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Takes a lease for decoding, waiting (bounded) for a TCP transfer still arriving.
     async fn take(&self, id: u64, wait: Duration) -> Result<Lease, Status> {
         let deadline = tokio::time::Instant::now() + wait;

@@ -46,6 +46,11 @@ pub struct PrefillJob {
 }
 
 impl PrefillJob {
+    /// How many tokens [`tokens`](Self::tokens) holds.
+    pub fn n_tokens(&self) -> usize {
+        self.prompt.len() + self.generated.len().saturating_sub(1)
+    }
+
     /// Every token whose KV this job produces.
     pub fn tokens(&self) -> Vec<TokenId> {
         let mut t = self.prompt.clone();
@@ -163,12 +168,12 @@ impl Loop {
                     Err(_) => return,
                 },
             };
-            let mut tokens = first.tokens().len();
+            let mut tokens = first.n_tokens();
             let mut batch = vec![first];
             while tokens < self.cfg.max_batch_tokens {
                 match rx.try_recv() {
                     Ok(j) => {
-                        let n = j.tokens().len();
+                        let n = j.n_tokens();
                         if tokens + n > self.cfg.max_batch_tokens {
                             held = Some(j);
                             break;

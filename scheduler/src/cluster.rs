@@ -76,7 +76,7 @@ impl Cluster {
         cancel: CancelFlag,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
         match &self.entry {
-            Entry::Remote(r) => r.submit(&self.engine, id, prompt, params, cancel),
+            Entry::Remote(r) => r.submit(id, prompt, params, cancel),
             Entry::Colocated(d) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let req = NewRequest {

@@ -95,9 +95,13 @@ pub struct DiscoveryArgs {
 }
 
 impl DiscoveryArgs {
-    /// `host:port` to announce for a worker listening on `listen` (bound to `port`).
-    fn advertised(&self, listen: &str, port: u16) -> String {
-        format!("{}:{port}", self.host(listen))
+    /// Binds the gRPC listener; returns it with the `host:port` to announce.
+    async fn bind(&self, listen: &str) -> anyhow::Result<(tokio::net::TcpListener, String)> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let addr = format!("{}:{}", self.host(listen), listener.local_addr()?.port());
+        Ok((listener, addr))
     }
 
     fn host(&self, listen: &str) -> String {
@@ -203,12 +207,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     };
     let advertise = args.discovery.host(&args.listen);
     runtime()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let addr = args
-            .discovery
-            .advertised(&args.listen, listener.local_addr()?.port());
+        let (listener, addr) = args.discovery.bind(&args.listen).await?;
         let serve = async {
             decode_worker::service::serve(
                 engine,
@@ -254,12 +253,7 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         max_waiting: args.max_queue.max(1),
     };
     runtime()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        let addr = args
-            .discovery
-            .advertised(&args.listen, listener.local_addr()?.port());
+        let (listener, addr) = args.discovery.bind(&args.listen).await?;
         let serve = async {
             prefill_worker::service::serve(engine, cfg, listener, crate::up::shutdown_signal())
                 .await
