@@ -142,25 +142,33 @@ impl Leases {
 }
 
 impl SlabSink for Leases {
-    fn slot(&self, lease: u64, block: u32, layer: u32, len: usize) -> Option<Slot> {
+    fn slots(
+        &self,
+        lease: u64,
+        layer: u32,
+        blocks: &[u32],
+        len: usize,
+        out: &mut Vec<Option<Slot>>,
+    ) {
         let mut m = self.lock();
-        let l = m.get_mut(&lease)?;
-        let bs = l.seq.pool().layout().block_size;
-        let b = block as usize;
-        // Never over the cached prefix (shared with other sequences) nor past the lease.
-        if l.released
-            || b < l.cached / bs
-            || b >= l.seq.block_table().len()
-            || layer as usize >= l.seq.pool().layout().n_layers
-            || len != l.seq.slab_bytes()
-        {
-            return None;
+        let Some(l) = m.get_mut(&lease) else { return };
+        let layout = l.seq.pool().layout();
+        if l.released || layer as usize >= layout.n_layers || len != l.seq.slab_bytes() {
+            return;
         }
         l.transfer = Transfer::Receiving;
-        Some(Slot {
-            ptr: l.seq.slab_mut_ptr(b, layer as usize),
-            len,
-        })
+        for &block in blocks {
+            let b = block as usize;
+            // Never over the cached prefix (shared with other sequences) nor past the lease.
+            out.push(
+                (b >= l.cached / layout.block_size && b < l.seq.block_table().len()).then(|| {
+                    Slot {
+                        ptr: l.seq.slab_mut_ptr(b, layer as usize),
+                        len,
+                    }
+                }),
+            );
+        }
     }
 
     fn end(&self, lease: u64, _slabs: u32, checksum: u64) {

@@ -16,7 +16,7 @@
 use crate::config::LlamaConfig;
 use crate::error::Result;
 use crate::kv::{KvDtype, KvLayout};
-use crate::model::{ForwardItem, LlamaModel};
+use crate::model::{ForwardItem, LayerHook, LlamaModel};
 
 /// What a model runs on.
 pub trait Backend: Send + Sync {
@@ -31,14 +31,15 @@ pub trait Backend: Send + Sync {
     /// One forward step over any mix of sequences (prefill chunks, decode tokens): appends
     /// each item's new K/V to its sequence and returns the logits each asked for.
     fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.forward_with(items, &mut |_| {})
+        self.forward_with(items, &mut |_, _| {})
     }
-    /// [`forward`](Self::forward), calling `layer_done(l)` once every item's new K/V of layer
-    /// `l` is in its blocks: where a KV transfer pushes each layer while later ones compute.
+    /// [`forward`](Self::forward), calling `layer_done(l, items)` once every item's new K/V of
+    /// layer `l` is in its blocks: where a KV transfer checksums and pushes each layer while
+    /// later ones compute.
     fn forward_with(
         &self,
         items: &mut [ForwardItem<'_>],
-        layer_done: &mut dyn FnMut(usize),
+        layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>>;
 }
 
@@ -58,7 +59,7 @@ impl Backend for LlamaModel {
     fn forward_with(
         &self,
         items: &mut [ForwardItem<'_>],
-        layer_done: &mut dyn FnMut(usize),
+        layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         LlamaModel::forward_with(self, items, layer_done)
     }
@@ -87,7 +88,7 @@ impl Backend for Weightless {
     fn forward_with(
         &self,
         _: &mut [ForwardItem<'_>],
-        _: &mut dyn FnMut(usize),
+        _: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         Err(crate::EngineError::NoWeights)
     }

@@ -38,7 +38,7 @@ pub use backend::Backend;
 pub use error::{EngineError, Result};
 pub use kv::{KvDtype, KvPool, KvSequence};
 pub use linear::Precision;
-pub use model::{ForwardItem, LlamaModel, LogitsWanted};
+pub use model::{ForwardItem, LayerHook, LlamaModel, LogitsWanted};
 pub use tokenizer::{TokenId, Tokenizer};
 
 use chat::ChatTemplate;

@@ -42,6 +42,10 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
 }
 
+/// What a forward pass calls after each layer: the layer, and the items (whose K/V of that
+/// layer is complete and may be read).
+pub type LayerHook<'h> = dyn FnMut(usize, &[ForwardItem<'_>]) + 'h;
+
 /// Which logits a forward item wants back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsWanted {
@@ -141,16 +145,16 @@ impl LlamaModel {
     /// Runs new tokens of every item through the model, appending their K/V to each item's
     /// sequence; returns, per item, the logits it asked for (`n × vocab` for `All`).
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
-        self.forward_with(items, &mut |_| {})
+        self.forward_with(items, &mut |_, _| {})
     }
 
-    /// [`forward`](Self::forward), calling `layer_done(l)` as soon as every item's new K/V of
-    /// layer `l` is in its blocks (while the later layers still compute): the hook a KV
-    /// transfer pushes each layer from, so transfer overlaps compute.
+    /// [`forward`](Self::forward), calling `layer_done(l, items)` as soon as every item's new
+    /// K/V of layer `l` is in its blocks (while the later layers still compute): the hook a KV
+    /// transfer checksums and pushes each layer from, so transfer overlaps compute.
     pub fn forward_with(
         &self,
         items: &mut [ForwardItem<'_>],
-        layer_done: &mut dyn FnMut(usize),
+        layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
@@ -233,7 +237,7 @@ impl LlamaModel {
                     &v[row * kvd..(row + 1) * kvd],
                 );
             }
-            layer_done(li);
+            layer_done(li, items);
             {
                 let blocks: Vec<_> = items.iter().map(|it| it.seq.layer_blocks(li)).collect();
                 attention(shape, &q, &row_item, &row_pos, &blocks, &mut att);

@@ -2,29 +2,37 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic "TKV1" (the format version is in the magic)
-//!      4     1  kind: 1 = slab, 2 = end of a lease's transfer
+//!      0     4  magic "TKV2" (the format version is in the magic)
+//!      4     1  kind: 1 = slabs of one layer, 2 = end of a lease's transfer
 //!      5     3  zero
 //!      8     8  lease id (little-endian, as every field)
-//!     16     4  slab: index of the block in the lease's block list; end: slabs sent
-//!     20     4  slab: layer; end: zero
-//!     24     4  payload bytes (slab: the slab; end: 8, the checksum)
+//!     16     4  slabs: how many (n); end: slabs sent in all
+//!     20     4  slabs: the layer; end: zero
+//!     24     4  slabs: bytes of each slab; end: 8 (the checksum)
 //!     28     4  zero
 //! ```
+//!
+//! A slabs frame's payload is `n` block indices (`u32`, indices into the lease's block list),
+//! then the `n` slabs in that order. The receiver learns every destination before the first
+//! payload byte arrives, so it reads the slabs straight from the socket into their blocks
+//! with one scattered read (no copy through a staging buffer). An end frame's payload is the
+//! sender's checksum (`u64`).
 
 /// Bytes of a frame header.
 pub const HEADER: usize = 32;
-const MAGIC: &[u8; 4] = b"TKV1";
-/// Largest payload accepted (a slab of a big model is well under this).
-pub const MAX_PAYLOAD: usize = 64 << 20;
+const MAGIC: &[u8; 4] = b"TKV2";
+/// Largest slab accepted (a slab of a big model is well under this).
+pub const MAX_SLAB: usize = 64 << 20;
+/// Most slabs in one frame (a layer of a 1M-token prompt in 16-token blocks).
+pub const MAX_SLABS: usize = 1 << 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
-    /// One `(block, layer)` slab follows (`len` bytes).
-    Slab {
+    /// `n` slabs of `layer`, `len` bytes each, follow (after their block indices).
+    Slabs {
         lease: u64,
-        block: u32,
         layer: u32,
+        n: u32,
         len: u32,
     },
     /// Every slab of the lease was sent; 8 bytes of checksum follow.
@@ -33,12 +41,12 @@ pub enum Frame {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("not a Tandem KV frame (bad magic)")]
+    #[error("not a Tandem KV frame of this version (bad magic)")]
     Magic,
     #[error("unknown frame kind {0}")]
     Kind(u8),
-    #[error("frame payload of {0} bytes is too large")]
-    TooLarge(u32),
+    #[error("frame of {n} slabs of {len} bytes is too large")]
+    TooLarge { n: u32, len: u32 },
 }
 
 impl Frame {
@@ -46,12 +54,12 @@ impl Frame {
         let mut h = [0u8; HEADER];
         h[..4].copy_from_slice(MAGIC);
         let (kind, lease, a, b, len) = match *self {
-            Frame::Slab {
+            Frame::Slabs {
                 lease,
-                block,
                 layer,
+                n,
                 len,
-            } => (1u8, lease, block, layer, len),
+            } => (1u8, lease, n, layer, len),
             Frame::End { lease, slabs } => (2, lease, slabs, 0, 8),
         };
         h[4] = kind;
@@ -68,17 +76,19 @@ impl Frame {
         }
         let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
         let lease = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        let len = u32_at(24);
-        if len as usize > MAX_PAYLOAD {
-            return Err(FrameError::TooLarge(len));
-        }
         match h[4] {
-            1 => Ok(Frame::Slab {
-                lease,
-                block: u32_at(16),
-                layer: u32_at(20),
-                len,
-            }),
+            1 => {
+                let (n, len) = (u32_at(16), u32_at(24));
+                if n as usize > MAX_SLABS || len as usize > MAX_SLAB {
+                    return Err(FrameError::TooLarge { n, len });
+                }
+                Ok(Frame::Slabs {
+                    lease,
+                    layer: u32_at(20),
+                    n,
+                    len,
+                })
+            }
             2 => Ok(Frame::End {
                 lease,
                 slabs: u32_at(16),
@@ -86,14 +96,19 @@ impl Frame {
             k => Err(FrameError::Kind(k)),
         }
     }
+}
 
-    /// Payload bytes after the header.
-    pub fn payload(&self) -> usize {
-        match *self {
-            Frame::Slab { len, .. } => len as usize,
-            Frame::End { .. } => 8,
-        }
-    }
+/// The block indices of a slabs frame, as sent.
+pub fn encode_blocks(blocks: impl IntoIterator<Item = u32>) -> Vec<u8> {
+    blocks.into_iter().flat_map(u32::to_le_bytes).collect()
+}
+
+/// The block indices of a slabs frame from their bytes.
+pub fn decode_blocks(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect()
 }
 
 #[cfg(test)]
@@ -103,10 +118,10 @@ mod tests {
     #[test]
     fn frames_round_trip_and_garbage_is_refused() {
         for f in [
-            Frame::Slab {
+            Frame::Slabs {
                 lease: u64::MAX - 1,
-                block: 7,
                 layer: 29,
+                n: 125,
                 len: 12_288,
             },
             Frame::End {
@@ -121,14 +136,26 @@ mod tests {
         assert_eq!(Frame::decode(&h), Err(FrameError::Kind(9)));
         h[0] = b'X';
         assert_eq!(Frame::decode(&h), Err(FrameError::Magic));
-        let mut h = Frame::Slab {
-            lease: 1,
-            block: 0,
-            layer: 0,
-            len: 0,
-        }
-        .encode();
+        let slabs = |n: u32, len: u32| {
+            Frame::Slabs {
+                lease: 1,
+                layer: 0,
+                n,
+                len,
+            }
+            .encode()
+        };
+        let mut h = slabs(1, 0);
         h[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Frame::decode(&h), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            Frame::decode(&h),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Frame::decode(&slabs(MAX_SLABS as u32 + 1, 16)),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let blocks = [0, 7, u32::MAX];
+        assert_eq!(decode_blocks(&encode_blocks(blocks)), blocks);
     }
 }

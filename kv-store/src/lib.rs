@@ -22,9 +22,9 @@ pub mod tcp;
 use engine::KvSequence;
 
 /// CRC-32 over slabs fed in `(layer, block)` order: corruption detection on the data path, as
-/// iSCSI and RDMA NICs do (PCLMULQDQ-accelerated, chosen at run time by `crc32fast`, so it
-/// keeps up with the transports it guards).
-#[derive(Default)]
+/// iSCSI and RDMA NICs do (carry-less-multiply folding chosen at run time by `crc32fast`:
+/// over 40 GB/s on data in cache, so a pass costs what reading the bytes costs).
+#[derive(Default, Clone)]
 pub struct Checksum(crc32fast::Hasher);
 
 impl Checksum {
@@ -55,4 +55,27 @@ pub fn sequence_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u6
 /// from the first block past the cached ones to the last one written.
 pub fn written_blocks(cached: usize, filled: usize, block_size: usize) -> std::ops::Range<usize> {
     cached / block_size..filled.div_ceil(block_size)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The standard CRC-32 check value, and the same digest however the bytes are split.
+    #[test]
+    fn checksum_is_crc32_and_independent_of_the_split() {
+        let mut c = super::Checksum::new();
+        c.update(b"1234");
+        c.update(b"56789");
+        assert_eq!(c.digest(), 0xcbf4_3926);
+        let data: Vec<u8> = (0..100_003u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let mut whole = super::Checksum::new();
+        whole.update(&data);
+        for cut in [0, 1, 255, 256, 4097, 100_002] {
+            let mut parts = super::Checksum::new();
+            parts.update(&data[..cut]);
+            parts.update(&data[cut..]);
+            assert_eq!(parts.digest(), whole.digest(), "cut at {cut}");
+        }
+    }
 }

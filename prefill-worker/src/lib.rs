@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::thread::JoinHandle;
-use target::{Prepared, Targets, Transport};
+use target::{LayerSum, Prepared, Targets, Transport};
 use tokio::sync::oneshot;
 
 /// A prompt to prefill into a decode worker's blocks.
@@ -215,10 +215,7 @@ impl Loop {
         let started = std::time::Instant::now();
         let want: Vec<LogitsWanted> = live.iter().map(|(_, j, _)| logits_wanted(j)).collect();
         let inputs: Vec<Vec<TokenId>> = live.iter().map(|(t, _, p)| p.inputs(t).to_vec()).collect();
-        let notifiers: Vec<_> = live
-            .iter()
-            .filter_map(|(_, _, p)| p.layer_notifier())
-            .collect();
+        let mut sums: Vec<LayerSum> = live.iter().map(|(_, _, p)| p.layer_sum()).collect();
         let mut items: Vec<ForwardItem<'_>> = live
             .iter_mut()
             .zip(&inputs)
@@ -229,25 +226,29 @@ impl Loop {
                 logits: *w,
             })
             .collect();
-        let result = self.engine.model.forward_with(&mut items, &mut |layer| {
-            for n in &notifiers {
-                let _ = n.send(layer);
-            }
-        });
+        let result = self
+            .engine
+            .model
+            .forward_with(&mut items, &mut |layer, items| {
+                for (sum, it) in sums.iter_mut().zip(items) {
+                    sum.layer_done(layer, it.seq);
+                }
+            });
         drop(items);
-        drop(notifiers);
         let tokens: usize = inputs.iter().map(Vec::len).sum();
         metrics::histogram!("tandem_prefill_batch_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("tandem_prefill_tokens_total").increment(tokens as u64);
         match result {
             Ok(logits) => {
-                for ((tokens, job, prep), l) in live.into_iter().zip(logits) {
-                    let out = self.finish(&tokens, &job, prep, &l);
+                for (((tokens, job, prep), l), sum) in live.into_iter().zip(logits).zip(sums) {
+                    let out = self.finish(&tokens, &job, prep, sum, &l);
                     let _ = job.reply.send(out);
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, "prefill forward pass failed");
+                // The hooks' senders first: a sender thread ends when its channel closes.
+                drop(sums);
                 for (_, job, prep) in live {
                     drop(prep);
                     let _ = job.reply.send(Err(engine_error(&e)));
@@ -262,13 +263,14 @@ impl Loop {
         tokens: &[TokenId],
         job: &PrefillJob,
         prep: Prepared,
+        sum: LayerSum,
         logits: &[f32],
     ) -> Result<PrefillOutcome, WorkerError> {
         if job.params.prompt_logprobs.is_none() && prep.local() {
             // This worker's own prefix cache (TCP transfers compute into the local pool).
             prep.seq.publish_prefix(&job.prompt);
         }
-        let sealed = prep.finish()?;
+        let sealed = prep.finish(sum)?;
         let mut events = Vec::new();
         if job.generated.is_empty() {
             let p = &job.params;

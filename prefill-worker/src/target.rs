@@ -10,7 +10,10 @@
 //!   while the next layers compute.
 //!
 //! Either way the checksum covers the written blocks in `(layer, block)` order
-//! ([`kv_store::sequence_checksum`]), and the decode worker recomputes it before it decodes.
+//! ([`kv_store::sequence_checksum`]'s definition). It is summed by the forward pass's layer
+//! hook ([`LayerSum`]) while each layer's KV is still in cache, so neither the sender thread nor
+//! the end of the pass reads the KV again for it; the decode worker recomputes it before it
+//! decodes.
 
 use crate::PrefillJob;
 use engine::kv::BlockId;
@@ -19,6 +22,7 @@ use engine::{Engine, KvPool, KvSequence, TokenId};
 use kv_store::tcp::KvSender;
 use protocol::pb;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -63,6 +67,8 @@ pub struct Prepared {
     pub seq: KvSequence,
     /// Positions of `seq` that the decode worker already has (not sent, not hashed).
     target_cached: usize,
+    /// The blocks the pass writes for the decode worker (sent, hashed).
+    written: Range<usize>,
     /// Positions `seq` held before the pass (read in place, not computed).
     pub computed_from: usize,
     push: Option<TcpPush>,
@@ -132,6 +138,7 @@ impl Targets {
                 Ok(Prepared {
                     seq,
                     target_cached: cached,
+                    written: kv_store::written_blocks(cached, tokens.len(), bs),
                     computed_from: cached,
                     push: None,
                     transport,
@@ -151,10 +158,10 @@ impl Targets {
                 };
                 seq.reserve(tokens.len())
                     .map_err(|e| crate::engine_error(&e))?;
-                let blocks = kv_store::written_blocks(cached, tokens.len(), bs);
+                let written = kv_store::written_blocks(cached, tokens.len(), bs);
                 let push = TcpPush::start(
                     &seq,
-                    blocks,
+                    written.clone(),
                     t.lease_id,
                     t.kv_data_addr.clone(),
                     self.senders.clone(),
@@ -162,6 +169,7 @@ impl Targets {
                 Ok(Prepared {
                     seq,
                     target_cached: cached,
+                    written,
                     computed_from: local,
                     push: Some(push),
                     transport,
@@ -197,27 +205,58 @@ impl Prepared {
         self.transport == Transport::Tcp
     }
 
-    /// What the forward pass calls after each layer (`None`: nothing to push).
-    pub fn layer_notifier(&self) -> Option<Sender<usize>> {
-        self.push.as_ref().and_then(|p| p.layers.clone())
+    /// What the forward pass's layer hook does for this job: sum each layer's written slabs
+    /// and announce the layer to the sender thread, if any.
+    pub fn layer_sum(&self) -> LayerSum {
+        LayerSum {
+            blocks: self.written.clone(),
+            sum: kv_store::Checksum::new(),
+            push: self.push.as_ref().and_then(|p| p.layers.clone()),
+        }
     }
 
-    /// The pass is complete: finish the transfer and checksum what was written.
-    pub fn finish(self) -> Result<Sealed, WorkerError> {
-        let bs = self.seq.pool().layout().block_size;
-        let checksum = match self.push {
-            Some(p) => p.finish()?,
-            None => kv_store::sequence_checksum(
-                &self.seq,
-                kv_store::written_blocks(self.target_cached, self.seq.len(), bs),
-            ),
-        };
+    /// The pass is complete, `sum` fed every layer: finish the transfer.
+    pub fn finish(self, sum: LayerSum) -> Result<Sealed, WorkerError> {
+        let LayerSum { sum, push, .. } = sum;
+        drop(push);
+        let checksum = sum.digest();
+        if let Some(p) = self.push {
+            p.finish(checksum)?;
+        }
         Ok(Sealed {
             checksum,
             transport: self.transport,
             cached: self.target_cached,
         })
     }
+}
+
+/// A job's share of the forward pass's layer hook.
+pub struct LayerSum {
+    blocks: Range<usize>,
+    sum: kv_store::Checksum,
+    push: Option<Sender<Push>>,
+}
+
+impl LayerSum {
+    /// Layer `layer` of `seq` is complete: sum its written slabs (in cache now) and hand it to
+    /// the sender thread.
+    pub fn layer_done(&mut self, layer: usize, seq: &KvSequence) {
+        for b in self.blocks.clone() {
+            self.sum.update(seq.slab(b, layer));
+        }
+        if let Some(p) = &self.push {
+            let _ = p.send(Push::Layer(layer));
+        }
+    }
+}
+
+/// What the sender thread hears.
+enum Push {
+    /// This layer is complete: send its slabs.
+    Layer(usize),
+    /// Every layer was announced; the end frame carries this checksum.
+    Seal(u64),
 }
 
 /// Slab addresses per layer, for the sender thread.
@@ -228,8 +267,8 @@ unsafe impl Send for Slabs {}
 
 /// A TCP transfer running beside the forward pass.
 struct TcpPush {
-    layers: Option<Sender<usize>>,
-    thread: Option<JoinHandle<Result<u64, String>>>,
+    layers: Option<Sender<Push>>,
+    thread: Option<JoinHandle<Result<(), String>>>,
 }
 
 impl TcpPush {
@@ -266,11 +305,13 @@ impl TcpPush {
         }
     }
 
-    fn finish(mut self) -> Result<u64, WorkerError> {
-        self.layers = None;
+    fn finish(mut self, checksum: u64) -> Result<(), WorkerError> {
+        if let Some(tx) = self.layers.take() {
+            let _ = tx.send(Push::Seal(checksum));
+        }
         let t = self.thread.take().expect("joined once");
         match t.join() {
-            Ok(Ok(sum)) => Ok(sum),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(WorkerError::Internal(format!("KV transfer over TCP: {e}"))),
             Err(_) => Err(WorkerError::Internal("the KV push thread panicked".into())),
         }
@@ -290,13 +331,13 @@ impl Drop for TcpPush {
 
 /// The sender thread: each layer's slabs as they are announced, then the end frame.
 fn push(
-    rx: Receiver<usize>,
+    rx: Receiver<Push>,
     slabs: Slabs,
     first_block: u32,
     lease: u64,
     addr: &str,
     senders: &Mutex<HashMap<String, Vec<KvSender>>>,
-) -> Result<u64, String> {
+) -> Result<(), String> {
     let pooled = senders
         .lock()
         .expect("sender pool poisoned")
@@ -306,12 +347,12 @@ fn push(
         Some(c) => c,
         None => KvSender::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?,
     };
-    let mut sum = kv_store::Checksum::new();
+    let abandoned = || "the prefill pass was abandoned".to_string();
     let mut sent = 0u32;
     for (want, layer_slabs) in slabs.0.iter().enumerate() {
         // Layers are announced in order; a closed channel means the pass was abandoned.
-        let Ok(layer) = rx.recv() else {
-            return Err("the prefill pass was abandoned".into());
+        let Ok(Push::Layer(layer)) = rx.recv() else {
+            return Err(abandoned());
         };
         debug_assert_eq!(layer, want);
         let frames: Vec<(u32, &[u8])> = layer_slabs
@@ -320,7 +361,6 @@ fn push(
             .map(|(i, &(ptr, len))| {
                 // SAFETY: see `Slabs`; the layer is complete and no longer written.
                 let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
-                sum.update(bytes);
                 (first_block + i as u32, bytes)
             })
             .collect();
@@ -328,7 +368,9 @@ fn push(
             .map_err(|e| format!("sending to {addr}: {e}"))?;
         sent += frames.len() as u32;
     }
-    let digest = sum.digest();
+    let Ok(Push::Seal(digest)) = rx.recv() else {
+        return Err(abandoned());
+    };
     conn.end(lease, sent, digest)
         .map_err(|e| format!("sending to {addr}: {e}"))?;
     senders
@@ -337,5 +379,5 @@ fn push(
         .entry(addr.to_string())
         .or_default()
         .push(conn);
-    Ok(digest)
+    Ok(())
 }

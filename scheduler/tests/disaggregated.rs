@@ -206,3 +206,57 @@ async fn clients_that_go_away_free_their_blocks_on_every_worker() {
         "the streams held no blocks: nothing was tested"
     );
 }
+
+/// A commit whose checksum does not match what the blocks hold (a transfer that garbled or
+/// lost bytes) is refused with DATA_LOSS — which the scheduler answers with a re-prefill —
+/// and the lease's blocks go back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_with_a_wrong_checksum_is_refused_and_its_blocks_freed() {
+    use protocol::pb;
+    use protocol::pb::decode_worker_client::DecodeWorkerClient;
+    let (dir, model) = tiny();
+    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 4);
+    let fingerprint = Engine::load_frontend(&model, &config(None))
+        .unwrap()
+        .fingerprint;
+    let mut c = DecodeWorkerClient::connect(format!("http://{}", d.addr))
+        .await
+        .unwrap();
+    let free = |s: pb::WorkerStats| s.kv_blocks_free;
+    let before = free(c.stats(pb::Empty {}).await.unwrap().into_inner());
+    let prompt: Vec<u32> = (3..43).collect();
+    let target = c
+        .reserve(pb::ReserveRequest {
+            request_id: 1,
+            tokens: prompt.clone(),
+            fingerprint,
+            use_prefix_cache: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .target
+        .unwrap();
+    assert!(free(c.stats(pb::Empty {}).await.unwrap().into_inner()) < before);
+    let params = engine::synthetic::testing::mixed_params(0, 4, 1);
+    let refused = c
+        .generate(pb::GenerateRequest {
+            request_id: 1,
+            prompt: prompt.clone(),
+            generated: vec![7],
+            params: Some((&params).into()),
+            // Nothing was written: whatever the blocks hold, this is not its checksum.
+            commit: Some(pb::Commit {
+                lease_id: target.lease_id,
+                checksum: 0x5eed,
+                filled: prompt.len() as u32,
+            }),
+        })
+        .await
+        .expect_err("a commit with a wrong checksum");
+    assert_eq!(refused.code(), tonic::Code::DataLoss, "{refused}");
+    assert_eq!(
+        free(c.stats(pb::Empty {}).await.unwrap().into_inner()),
+        before
+    );
+}

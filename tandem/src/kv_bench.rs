@@ -1,15 +1,19 @@
 //! `tandem kv bench`: how fast each KV transport moves a prompt's KV, against what the machine
 //! can do at all — memcpy for shared memory, a raw loopback socket for TCP — measured in one
-//! run, alternating, median of the rounds.
+//! run, alternating; each ratio is the median over rounds of the ratio within a round, and
+//! the ratio of the two sides' best rounds.
 //!
 //! - shm: a prefill worker writes slabs into the blocks of a decode worker's shared pool file
 //!   through its own mapping (`KvPool::attach`). In a real prefill the forward pass writes
 //!   there directly, so the transfer costs nothing beyond this write; measured here as slab
-//!   copies into the shared mapping vs the same copies between private buffers.
-//! - tcp: the data plane (`kv_store::tcp`): framed slabs from a `KvSender` to a `KvReceiver`
-//!   that copies each into its block, vs one socket streaming the same bytes in
-//!   1 MiB writes into one buffer; and the same frames without the sender's checksum pass,
-//!   which separates the transport's cost from the integrity check's.
+//!   copies into the shared mapping vs the same copies between private buffers, and vs the
+//!   same copies into a private pool.
+//! - tcp: the data plane (`kv_store::tcp`) as the prefill worker's sender thread runs it: a
+//!   frame of slabs per layer from a `KvSender` to a `KvReceiver` that copies each into its
+//!   block, then the end frame with the checksum, vs one socket streaming the same bytes in
+//!   1 MiB writes into one buffer. The checksum itself is summed by the forward pass's layer
+//!   hook while each layer is in cache: its rate is reported beside, as is the rate of the
+//!   decode worker's check over the blocks.
 
 use clap::Args;
 use engine::kv::{KvDtype, KvLayout};
@@ -22,12 +26,20 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct KvBenchArgs {
-    /// MiB of KV per round (SmolLM2-135M's f16 geometry: 30 layers, 192 K/V values per position).
-    #[arg(long, default_value_t = 256)]
+    /// MiB of KV per round (SmolLM2-135M's f16 geometry: 30 layers, 192 K/V values per
+    /// position; 32 MiB is a ~1,400-token prompt's KV). Short rounds, many of them: a pair of
+    /// measurements taken close together sees the same machine.
+    #[arg(long, default_value_t = 32)]
     pub mib: usize,
-    /// Rounds per transport; the report gives the median.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds; the report gives the median of the per-round ratios, and the ratio of the bests.
+    #[arg(long, default_value_t = 31)]
     pub rounds: usize,
+    /// Leave threads where the OS puts them. By default (on 2+ cores) the receiving threads
+    /// run on core 1 and the sending one on core 0, for the data plane and the raw socket
+    /// alike, as `tandem up --pin` places a decode and a prefill worker: left to the OS, the
+    /// two ends sometimes share a core and a round's figure halves.
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 fn layout() -> KvLayout {
@@ -56,12 +68,21 @@ struct Sink {
 }
 
 impl SlabSink for Sink {
-    fn slot(&self, _lease: u64, block: u32, layer: u32, len: usize) -> Option<Slot> {
+    fn slots(
+        &self,
+        _lease: u64,
+        layer: u32,
+        blocks: &[u32],
+        len: usize,
+        out: &mut Vec<Option<Slot>>,
+    ) {
         let mut s = self.seq.lock().unwrap();
-        Some(Slot {
-            ptr: s.slab_mut_ptr(block as usize, layer as usize),
-            len,
-        })
+        out.extend(blocks.iter().map(|&b| {
+            Some(Slot {
+                ptr: s.slab_mut_ptr(b as usize, layer as usize),
+                len,
+            })
+        }));
     }
     fn end(&self, _lease: u64, _slabs: u32, checksum: u64) {
         let _ = self.done.lock().unwrap().send(checksum);
@@ -111,7 +132,12 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     }
 
     // TCP: the data plane into the same blocks (through another view: the lease's), and a
-    // raw socket.
+    // raw socket. Their receiving threads are started on core 1 (threads inherit the
+    // affinity of the thread that starts them), the sender then moves to core 0.
+    let pin = !args.no_pin && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    if pin {
+        crate::roles::pin(&[1])?;
+    }
     let (done_tx, done_rx) = mpsc::channel();
     let sink = Arc::new(Sink {
         seq: Mutex::new(KvSequence::adopt(
@@ -144,84 +170,94 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
             c.write_all(&[1])?;
         }
     });
+    if pin {
+        crate::roles::pin(&[0])?;
+    }
     let mut raw = std::net::TcpStream::connect(raw_addr)?;
     raw.set_nodelay(true)?;
     let chunk = vec![7u8; 1 << 20];
 
-    let (mut memcpy, mut shm, mut shm_layers, mut anon_pool, mut tcp, mut tcp_bare, mut sock) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Every series is measured once per round, in the same order; ratios are taken within a
+    // round (both sides under the same load from the rest of the machine), then the median
+    // over rounds.
+    let mut m = Series::default();
     for _ in 0..args.rounds {
-        let t = Instant::now();
-        for (i, dst) in private.chunks_exact_mut(slab).enumerate() {
-            dst.copy_from_slice(&src[(i % l.n_layers) * slab..][..slab]);
-        }
-        std::hint::black_box(&private);
-        memcpy.push(gbs(bytes, t.elapsed().as_secs_f64()));
-
+        m.time("memcpy", bytes, || {
+            for (i, dst) in private.chunks_exact_mut(slab).enumerate() {
+                dst.copy_from_slice(&src[(i % l.n_layers) * slab..][..slab]);
+            }
+            std::hint::black_box(&private);
+        });
         // In the pool's storage order (a bulk copy's order), then layer by layer (the order
-        // a forward pass produces).
-        let t = Instant::now();
-        for b in 0..blocks {
-            for layer in 0..l.n_layers {
-                lent.write_slab(b, layer, &src[layer * slab..][..slab]);
-            }
-        }
-        shm.push(gbs(bytes, t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        for b in 0..blocks {
-            for layer in 0..l.n_layers {
-                anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
-            }
-        }
-        anon_pool.push(gbs(bytes, t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        for layer in 0..l.n_layers {
+        // a forward pass produces), into the shared pool and into a private one.
+        m.time("shm", bytes, || {
             for b in 0..blocks {
-                lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+                for layer in 0..l.n_layers {
+                    lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+                }
             }
-        }
-        shm_layers.push(gbs(bytes, t.elapsed().as_secs_f64()));
+        });
+        m.time("private", bytes, || {
+            for b in 0..blocks {
+                for layer in 0..l.n_layers {
+                    anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
+                }
+            }
+        });
+        m.time("shm_layers", bytes, || {
+            for layer in 0..l.n_layers {
+                for b in 0..blocks {
+                    lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+                }
+            }
+        });
+        m.time("private_layers", bytes, || {
+            for layer in 0..l.n_layers {
+                for b in 0..blocks {
+                    anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
+                }
+            }
+        });
 
-        let t = Instant::now();
+        // The forward pass's layer hook: the checksum of each layer's slabs while they are in
+        // cache (the slabs here are always in cache).
         let mut sum = kv_store::Checksum::new();
-        for layer in 0..l.n_layers {
-            // As the prefill worker's push thread: a layer's slabs, hashed, in one batch.
-            let s = &src[layer * slab..][..slab];
-            let frames: Vec<(u32, &[u8])> = (0..blocks)
-                .map(|b| {
-                    sum.update(s);
-                    (b as u32, s)
-                })
-                .collect();
-            sender.slabs(1, layer as u32, &frames)?;
-        }
-        sender.end(1, (blocks * l.n_layers) as u32, sum.digest())?;
-        let got = done_rx.recv()?;
-        tcp.push(gbs(bytes, t.elapsed().as_secs_f64()));
-        anyhow::ensure!(got == sum.digest(), "the TCP transfer's checksum differs");
-
-        // The same frames without the sender's hashing pass: the transport alone.
-        let t = Instant::now();
-        for layer in 0..l.n_layers {
-            let s = &src[layer * slab..][..slab];
-            let frames: Vec<(u32, &[u8])> = (0..blocks).map(|b| (b as u32, s)).collect();
-            sender.slabs(1, layer as u32, &frames)?;
-        }
-        sender.end(1, (blocks * l.n_layers) as u32, sum.digest())?;
-        done_rx.recv()?;
-        tcp_bare.push(gbs(bytes, t.elapsed().as_secs_f64()));
-
-        let t = Instant::now();
-        raw.write_all(&(bytes as u64).to_le_bytes())?;
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            raw.write_all(&chunk[..n])?;
-            left -= n;
-        }
-        let mut ack = [0u8; 1];
-        raw.read_exact(&mut ack)?;
-        sock.push(gbs(bytes, t.elapsed().as_secs_f64()));
+        m.time("checksum_hook", bytes, || {
+            for layer in 0..l.n_layers {
+                for _ in 0..blocks {
+                    sum.update(&src[layer * slab..][..slab]);
+                }
+            }
+        });
+        // The prefill worker's sender thread: each layer's slabs in one frame, then the end
+        // frame with the hook's checksum; done when the receiver has every byte in its blocks.
+        m.try_time("tcp", bytes, || {
+            for layer in 0..l.n_layers {
+                let s = &src[layer * slab..][..slab];
+                let frames: Vec<(u32, &[u8])> = (0..blocks).map(|b| (b as u32, s)).collect();
+                sender.slabs(1, layer as u32, &frames)?;
+            }
+            sender.end(1, (blocks * l.n_layers) as u32, sum.digest())?;
+            let got = done_rx.recv()?;
+            anyhow::ensure!(got == sum.digest(), "the TCP transfer's checksum differs");
+            Ok(())
+        })?;
+        m.try_time("socket", bytes, || {
+            raw.write_all(&(bytes as u64).to_le_bytes())?;
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                raw.write_all(&chunk[..n])?;
+                left -= n;
+            }
+            let mut ack = [0u8; 1];
+            raw.read_exact(&mut ack)?;
+            Ok(())
+        })?;
+        // The decode worker's check of a commit: the checksum over its blocks, from memory.
+        m.time("checksum", bytes, || {
+            std::hint::black_box(kv_store::sequence_checksum(&held, 0..blocks));
+        });
     }
     // What arrived over TCP is what was sent.
     let check = kv_store::sequence_checksum(&held, 0..blocks);
@@ -235,51 +271,133 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
         check == want.digest(),
         "the blocks do not hold what was sent"
     );
-    let t = Instant::now();
-    std::hint::black_box(kv_store::sequence_checksum(&held, 0..blocks));
-    let hash = gbs(bytes, t.elapsed().as_secs_f64());
     drop(raw);
     let _ = raw_reader.join();
 
-    let (memcpy, shm, shm_layers, anon_pool, tcp, tcp_bare, sock) = (
-        median(memcpy),
-        median(shm),
-        median(shm_layers),
-        median(anon_pool),
-        median(tcp),
-        median(tcp_bare),
-        median(sock),
-    );
-    println!("| transport | GB/s | baseline | baseline GB/s | ratio |");
-    println!("|---|---|---|---|---|");
     println!(
-        "| shm (slab writes into the shared pool) | {shm:.2} | memcpy (same slabs, private memory) | {memcpy:.2} | {:.0}% |",
-        100.0 * shm / memcpy
+        "| transport | GB/s | baseline | baseline GB/s | ratio: median of {} rounds' ratios | best / best |",
+        args.rounds
+    );
+    println!("|---|---|---|---|---|---|");
+    let rows = [
+        (
+            "shm",
+            "shm: slab writes into the shared pool, storage order",
+            "memcpy",
+            "memcpy (same slabs, private memory)",
+        ),
+        (
+            "private",
+            "the same writes into a private pool (anonymous mapping)",
+            "memcpy",
+            "memcpy",
+        ),
+        (
+            "shm_layers",
+            "shm, layer by layer (a forward pass's order)",
+            "memcpy",
+            "memcpy",
+        ),
+        (
+            "shm_layers",
+            "shm, layer by layer",
+            "private_layers",
+            "the same order into a private pool",
+        ),
+        (
+            "tcp",
+            "tcp: a layer's slabs per frame into the blocks",
+            "socket",
+            "raw loopback socket (1 MiB writes, 256 KiB reads)",
+        ),
+    ];
+    let mut json = serde_json::Map::new();
+    for (what, label, base, base_label) in rows {
+        let (r, best) = (m.ratio(what, base), m.best(what) / m.best(base));
+        println!(
+            "| {label} | {:.2} | {base_label} | {:.2} | {:.0}% | {:.0}% |",
+            m.median(what),
+            m.median(base),
+            100.0 * r,
+            100.0 * best
+        );
+        json.insert(format!("{what}_vs_{base}"), r.into());
+        json.insert(format!("{what}_vs_{base}_best"), best.into());
+    }
+    println!(
+        "| CRC-32 of slabs in cache (the prefill's layer hook) | {:.2} | | | | |",
+        m.median("checksum_hook")
     );
     println!(
-        "| shm, layer by layer (a forward pass's order) | {shm_layers:.2} | memcpy | {memcpy:.2} | {:.0}% |",
-        100.0 * shm_layers / memcpy
+        "| CRC-32 over the blocks in memory (the decode worker's commit check) | {:.2} | | | | |",
+        m.median("checksum")
     );
-    println!(
-        "| the same slab writes into a private pool (anonymous mapping) | {anon_pool:.2} | memcpy | {memcpy:.2} | {:.0}% |",
-        100.0 * anon_pool / memcpy
-    );
-    println!(
-        "| tcp (framed slabs into the blocks, checksummed) | {tcp:.2} | raw loopback socket (1 MiB writes, 256 KiB reads) | {sock:.2} | {:.0}% |",
-        100.0 * tcp / sock
-    );
-    println!(
-        "| tcp, the same frames without the sender's hashing pass | {tcp_bare:.2} | raw loopback socket | {sock:.2} | {:.0}% |",
-        100.0 * tcp_bare / sock
-    );
-    println!("| CRC-32 checksum over the blocks | {hash:.2} | | | |");
-    println!(
-        "{}",
-        serde_json::json!({
-            "bytes": bytes, "rounds": args.rounds,
-            "shm_gbs": shm, "shm_layer_order_gbs": shm_layers, "memcpy_gbs": memcpy, "private_pool_gbs": anon_pool, "shm_ratio": shm / memcpy,
-            "tcp_gbs": tcp, "tcp_unhashed_gbs": tcp_bare, "socket_gbs": sock, "tcp_ratio": tcp / sock, "checksum_gbs": hash,
-        })
-    );
+    for (k, _) in &m.0 {
+        json.insert(format!("{k}_gbs"), m.median(k).into());
+    }
+    if std::env::var_os("TANDEM_KV_BENCH_ROUNDS").is_some() {
+        for (k, v) in &m.0 {
+            eprintln!(
+                "{k:>16}: {}",
+                v.iter()
+                    .map(|x| format!("{x:5.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    json.insert("bytes".into(), bytes.into());
+    json.insert("rounds".into(), args.rounds.into());
+    println!("{}", serde_json::Value::Object(json));
     Ok(())
+}
+
+/// GB/s per named measurement, one entry per round.
+#[derive(Default)]
+struct Series(Vec<(&'static str, Vec<f64>)>);
+
+impl Series {
+    fn push(&mut self, name: &'static str, gbs: f64) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => v.push(gbs),
+            None => self.0.push((name, vec![gbs])),
+        }
+    }
+    fn time(&mut self, name: &'static str, bytes: usize, f: impl FnOnce()) {
+        let t = Instant::now();
+        f();
+        self.push(name, gbs(bytes, t.elapsed().as_secs_f64()));
+    }
+    fn try_time(
+        &mut self,
+        name: &'static str,
+        bytes: usize,
+        f: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let t = Instant::now();
+        f()?;
+        self.push(name, gbs(bytes, t.elapsed().as_secs_f64()));
+        Ok(())
+    }
+    fn get(&self, name: &str) -> &[f64] {
+        &self.0.iter().find(|(n, _)| *n == name).expect("measured").1
+    }
+    fn median(&self, name: &str) -> f64 {
+        median(self.get(name).to_vec())
+    }
+    /// The fastest round: what the path does when nothing else on the machine gets in the way
+    /// (interference only ever slows a round down).
+    fn best(&self, name: &str) -> f64 {
+        self.get(name).iter().copied().fold(0.0, f64::max)
+    }
+    /// Median over rounds of `a / b` within each round.
+    fn ratio(&self, a: &str, b: &str) -> f64 {
+        median(
+            self.get(a)
+                .iter()
+                .zip(self.get(b))
+                .map(|(x, y)| x / y)
+                .collect(),
+        )
+    }
 }
