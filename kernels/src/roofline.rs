@@ -50,6 +50,33 @@ pub fn int8_peak() -> Option<f64> {
     Some((threads * ITERS * per_iter) as f64 / secs)
 }
 
+/// f32 fused multiply-adds per second on every pool thread (the arithmetic of attention and
+/// the f32 path), twelve independent chains per thread on registers: 512-bit at AVX-512,
+/// 256-bit at AVX2. `None` below AVX2.
+pub fn f32_peak() -> Option<f64> {
+    if level() < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let threads = pool::global().threads();
+    const ITERS: usize = 4_000_000;
+    let wide = level() >= SimdLevel::Avx512;
+    let secs = best_time(Duration::from_millis(300), || {
+        pool::global().run(threads, &|t| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level's instructions are present (checked above).
+            unsafe {
+                if wide {
+                    std::hint::black_box(x86::fma512_loop(ITERS, t as f32 + 1.0));
+                } else {
+                    std::hint::black_box(x86::fma256_loop(ITERS, t as f32 + 1.0));
+                }
+            }
+        })
+    });
+    let per_iter = if wide { 12 * 16 } else { 12 * 8 };
+    Some((threads * ITERS * per_iter) as f64 / secs)
+}
+
 /// Bytes per second read from memory by every pool thread together (a buffer far larger than
 /// any cache, summed once with the widest loads the level has; the best of several passes).
 pub fn read_bandwidth(bytes: usize) -> f64 {
@@ -332,6 +359,107 @@ mod x86 {
         _mm512_reduce_add_epi32(s)
     }
 
+    /// Twelve independent 512-bit FMA chains per iteration (192 MACs).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma512_loop(iters: usize, seed: f32) -> f32 {
+        let a = _mm512_set1_ps(seed);
+        let b = _mm512_set1_ps(0.999);
+        let mut c = [_mm512_setzero_ps(); 12];
+        // SAFETY: register-only AVX-512 arithmetic; the features are enabled for this function.
+        unsafe {
+            std::arch::asm!(
+                "2:",
+                "vfmadd231ps {c0}, {a}, {b}",
+                "vfmadd231ps {c1}, {a}, {b}",
+                "vfmadd231ps {c2}, {a}, {b}",
+                "vfmadd231ps {c3}, {a}, {b}",
+                "vfmadd231ps {c4}, {a}, {b}",
+                "vfmadd231ps {c5}, {a}, {b}",
+                "vfmadd231ps {c6}, {a}, {b}",
+                "vfmadd231ps {c7}, {a}, {b}",
+                "vfmadd231ps {c8}, {a}, {b}",
+                "vfmadd231ps {c9}, {a}, {b}",
+                "vfmadd231ps {c10}, {a}, {b}",
+                "vfmadd231ps {c11}, {a}, {b}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters.max(1) => _,
+                a = in(zmm_reg) a,
+                b = in(zmm_reg) b,
+                c0 = inout(zmm_reg) c[0],
+                c1 = inout(zmm_reg) c[1],
+                c2 = inout(zmm_reg) c[2],
+                c3 = inout(zmm_reg) c[3],
+                c4 = inout(zmm_reg) c[4],
+                c5 = inout(zmm_reg) c[5],
+                c6 = inout(zmm_reg) c[6],
+                c7 = inout(zmm_reg) c[7],
+                c8 = inout(zmm_reg) c[8],
+                c9 = inout(zmm_reg) c[9],
+                c10 = inout(zmm_reg) c[10],
+                c11 = inout(zmm_reg) c[11],
+                options(pure, nomem, nostack),
+            );
+        }
+        let mut s = _mm512_setzero_ps();
+        for v in c {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    /// Twelve independent 256-bit FMA chains per iteration (96 MACs).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn fma256_loop(iters: usize, seed: f32) -> f32 {
+        let a = _mm256_set1_ps(seed);
+        let b = _mm256_set1_ps(0.999);
+        let mut c = [_mm256_setzero_ps(); 12];
+        // SAFETY: register-only AVX2/FMA arithmetic; the features are enabled for this function.
+        unsafe {
+            std::arch::asm!(
+                "2:",
+                "vfmadd231ps {c0}, {a}, {b}",
+                "vfmadd231ps {c1}, {a}, {b}",
+                "vfmadd231ps {c2}, {a}, {b}",
+                "vfmadd231ps {c3}, {a}, {b}",
+                "vfmadd231ps {c4}, {a}, {b}",
+                "vfmadd231ps {c5}, {a}, {b}",
+                "vfmadd231ps {c6}, {a}, {b}",
+                "vfmadd231ps {c7}, {a}, {b}",
+                "vfmadd231ps {c8}, {a}, {b}",
+                "vfmadd231ps {c9}, {a}, {b}",
+                "vfmadd231ps {c10}, {a}, {b}",
+                "vfmadd231ps {c11}, {a}, {b}",
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) iters.max(1) => _,
+                a = in(ymm_reg) a,
+                b = in(ymm_reg) b,
+                c0 = inout(ymm_reg) c[0],
+                c1 = inout(ymm_reg) c[1],
+                c2 = inout(ymm_reg) c[2],
+                c3 = inout(ymm_reg) c[3],
+                c4 = inout(ymm_reg) c[4],
+                c5 = inout(ymm_reg) c[5],
+                c6 = inout(ymm_reg) c[6],
+                c7 = inout(ymm_reg) c[7],
+                c8 = inout(ymm_reg) c[8],
+                c9 = inout(ymm_reg) c[9],
+                c10 = inout(ymm_reg) c[10],
+                c11 = inout(ymm_reg) c[11],
+                options(pure, nomem, nostack),
+            );
+        }
+        let mut s = [0f32; 8];
+        let mut v = _mm256_setzero_ps();
+        for x in c {
+            v = _mm256_add_ps(v, x);
+        }
+        // SAFETY: 8 floats fit.
+        unsafe { _mm256_storeu_ps(s.as_mut_ptr(), v) };
+        s.iter().sum()
+    }
+
     /// Eight independent `maddubs` → `madd` → `add` chains per iteration (256 MACs), written
     /// in assembly so the compiler cannot hoist the loop-invariant multiplies.
     #[target_feature(enable = "avx2")]
@@ -394,5 +522,33 @@ mod x86 {
             s = _mm256_add_epi32(s, v);
         }
         _mm256_extract_epi32(s, 0)
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The peak loops run the chains they claim: every lane of every chain holds `iters`
+    /// fused multiply-adds of the seed (the same value a scalar chain reaches).
+    #[test]
+    fn fma_loops_compute_their_chains() {
+        let (iters, seed) = (1000, 1.5f32);
+        let mut chain = 0f32;
+        for _ in 0..iters {
+            chain = seed.mul_add(0.999, chain);
+        }
+        let close = |got: f32, lanes: f32| (got - lanes * chain).abs() <= 1e-4 * lanes * chain;
+        if SimdLevel::detect() >= SimdLevel::Avx2 {
+            // SAFETY: AVX2 and FMA are present.
+            let got = unsafe { x86::fma256_loop(iters, seed) };
+            assert!(close(got, 96.0), "{got} vs 96 × {chain}");
+        }
+        if SimdLevel::detect() >= SimdLevel::Avx512 {
+            // SAFETY: AVX-512 F is present.
+            let got = unsafe { x86::fma512_loop(iters, seed) };
+            assert!(close(got, 192.0), "{got} vs 192 × {chain}");
+            assert!(f32_peak().is_some_and(|p| p > 0.0));
+        }
     }
 }

@@ -1,11 +1,12 @@
-//! `tandem kernels roofline`: the machine's int8 multiply-accumulate peak and memory read
-//! bandwidth, and where the W8A8 kernels sit against them at this model's shapes.
+//! `tandem kernels roofline`: the machine's int8 and f32 multiply-accumulate peaks and memory
+//! read bandwidth, where the W8A8 kernels sit against them at this model's shapes, and the
+//! least time a long prompt's prefill can take at those peaks.
 
 use clap::Args;
 use kernels::int8::I8Acts;
 use kernels::qmatmul::QFormat;
 use kernels::roofline::{
-    gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, qgemm_rate, qgemv_bandwidth,
+    f32_peak, gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, qgemm_rate, qgemv_bandwidth,
     read_bandwidth,
 };
 
@@ -29,6 +30,14 @@ pub struct RooflineArgs {
     /// Transformer layers (SmolLM2-135M: 30).
     #[arg(long, default_value_t = 30)]
     pub layers: usize,
+    /// Query heads × head dimension (SmolLM2-135M: 9 × 64), for attention's arithmetic.
+    #[arg(long, default_value_t = 9)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// Prompt tokens of the prefill floor (the mixed workload's long prompts: 2,000).
+    #[arg(long, default_value_t = 2000)]
+    pub prompt: usize,
 }
 
 pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
@@ -47,6 +56,19 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
             p / 1e9
         ),
         None => println!("int8 peak: no SIMD level, not measured"),
+    }
+    let fpeak = f32_peak();
+    match fpeak {
+        Some(p) => println!(
+            "f32 FMA peak ({}-bit chains, registers only): {:.1} GMAC/s",
+            if lvl >= kernels::SimdLevel::Avx512 {
+                512
+            } else {
+                256
+            },
+            p / 1e9
+        ),
+        None => println!("f32 FMA peak: no SIMD level, not measured"),
     }
     let bw = read_bandwidth(1 << 30);
     println!("memory read bandwidth (1 GiB summed): {:.1} GB/s", bw / 1e9);
@@ -120,5 +142,40 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
         qgemv_bandwidth(QFormat::Q4_1, &layer, 2 * a.layers),
         2 * macs * 20 / 32,
     );
+    if let (Some(ip), Some(fp)) = (peak, fpeak) {
+        prefill_floor(&a, threads, ip, fp);
+    }
     Ok(())
+}
+
+/// The least time a prompt's prefill can take on these threads: every weight
+/// multiply-accumulate at the int8 peak plus every attention one (scores and weighted sums,
+/// causal) at the f32 peak — perfect kernels, nothing else (no norms, no activation
+/// quantization, no memory stalls). What a TTFT goal has to fit under.
+fn prefill_floor(a: &RooflineArgs, threads: usize, int8_peak: f64, f32_peak: f64) {
+    let (d, ff, kv, p) = (a.d_model, a.d_ff, a.kv_dim, a.prompt);
+    let per_token = (d * (d + 2 * kv) + d * d + d * 2 * ff + ff * d) * a.layers;
+    let weights = (per_token * p) as f64;
+    let attention = (2 * a.heads * a.head_dim * a.layers) as f64 * (p * (p + 1) / 2) as f64;
+    let (tw, ta) = (weights / int8_peak, attention / f32_peak);
+    println!(
+        "\nPrefill of a {p}-token prompt on {threads} thread(s), the arithmetic floor at the peaks above:"
+    );
+    println!(
+        "  weights   {:>6.1} GMAC at the int8 peak  {:.2} s",
+        weights / 1e9,
+        tw
+    );
+    println!(
+        "  attention {:>6.1} GMAC at the f32 peak   {:.2} s",
+        attention / 1e9,
+        ta
+    );
+    println!(
+        "  floor     {:.2} s ({:.0} tokens/s); `tandem model bench --prompt {p}` measures the engine",
+        tw + ta,
+        p as f64 / (tw + ta)
+    );
+    let all8 = (weights + attention) / int8_peak;
+    println!("  (with an 8-bit attention at the int8 peak too: {all8:.2} s)");
 }
