@@ -1,7 +1,7 @@
 //! The TCP data plane: a prefill worker on another host streams slabs to the decode worker
 //! that reserved the blocks. Each layer's slabs travel as one frame (a header, the block
-//! indices, the slabs), sent with vectored writes; the receiver reads the stream in large
-//! chunks and copies each slab into its block.
+//! indices, the slabs), sent with vectored writes; the receiver reads the header and the
+//! indices, then has the kernel scatter the slabs straight into their blocks.
 //!
 //! Plain blocking sockets on threads: one connection carries one transfer at a time, and the
 //! receiver runs a thread per connection (a handful of prefill workers), so there is nothing
@@ -178,16 +178,17 @@ impl Drop for KvReceiver {
     }
 }
 
-/// Bytes the receiver reads from the socket at a time.
-const RECV_BUFFER: usize = 1 << 20;
+/// The receiver's read buffer: big enough for a frame's header and a typical frame's block
+/// indices in one system call; the slabs themselves bypass it.
+const HEADER_BUFFER: usize = 4096;
+
+/// Iovecs per `recvmsg` (Linux's `UIO_MAXIOV`).
+const MAX_IOV: usize = 1024;
 
 /// Receives frames until the peer closes; `open` holds the leases begun and not ended.
 fn serve(conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Result<()> {
     conn.set_nodelay(true)?;
-    // Large reads into a buffer that stays in cache, each slab then copied into its block:
-    // measured faster here than scattering the socket's bytes straight into the blocks with
-    // `readv` (the kernel's copy into cold memory costs more than this copy does).
-    let mut conn = io::BufReader::with_capacity(RECV_BUFFER, conn);
+    let mut conn = io::BufReader::with_capacity(HEADER_BUFFER, conn);
     let (mut index, mut slots, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         // A clean close comes between frames.
@@ -213,19 +214,18 @@ fn serve(conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Resul
                 slots.clear();
                 sink.slots(lease, layer, &frame::decode_blocks(&index), len, &mut slots);
                 slots.resize(n as usize, None);
-                for s in &slots {
-                    match s {
-                        Some(s) if s.len == len => {
-                            // SAFETY: the sink guarantees `len` writable bytes owned by this
-                            // transfer (the trait's contract).
-                            conn.read_exact(unsafe { std::slice::from_raw_parts_mut(s.ptr, len) })?
-                        }
-                        _ => {
-                            scratch.resize(len, 0);
-                            conn.read_exact(&mut scratch)?
-                        }
-                    }
-                }
+                // A slab with no place lands in one scratch slab, over and over.
+                scratch.resize(len, 0);
+                let dst: Vec<*mut u8> = slots
+                    .iter()
+                    .map(|s| match s {
+                        Some(s) if s.len == len => s.ptr,
+                        _ => scratch.as_mut_ptr(),
+                    })
+                    .collect();
+                // SAFETY: every pointer has `len` writable bytes that only this transfer
+                // writes: the sink's contract, or `scratch`.
+                unsafe { recv_slabs(&mut conn, &dst, len)? };
             }
             Frame::End { lease, slabs } => {
                 let mut c = [0u8; 8];
@@ -235,6 +235,76 @@ fn serve(conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Resul
             }
         }
     }
+}
+
+/// Fills `len` bytes at each of `dst`, in order, from the stream: what the read buffer already
+/// holds is copied, the rest the kernel writes straight into place (`recvmsg` with
+/// `MSG_WAITALL` over up to [`MAX_IOV`] slabs per call). One copy, into the blocks; measured
+/// 4–24% faster here than reading 1 MiB at a time into a buffer in cache and copying each slab
+/// out of it (`tandem kv bench`; plain `readv`, which returns whatever has arrived, was slower
+/// than both).
+///
+/// # Safety
+/// Each pointer must address `len` writable bytes (several may be the same scratch bytes).
+unsafe fn recv_slabs(
+    conn: &mut io::BufReader<TcpStream>,
+    dst: &[*mut u8],
+    len: usize,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // Position: slab `i`, `off` bytes into it.
+    let (mut i, mut off) = (0, 0);
+    let advance = |i: &mut usize, off: &mut usize, mut n: usize| {
+        while n > 0 {
+            let step = n.min(len - *off);
+            n -= step;
+            *off += step;
+            if *off == len {
+                *i += 1;
+                *off = 0;
+            }
+        }
+    };
+    let buffered = conn.buffer();
+    let mut taken = 0;
+    while i < dst.len() && taken < buffered.len() {
+        let n = (len - off).min(buffered.len() - taken);
+        // SAFETY: `dst[i] + off .. + n` lies within slab i (the caller's contract).
+        unsafe { std::ptr::copy_nonoverlapping(buffered[taken..].as_ptr(), dst[i].add(off), n) };
+        taken += n;
+        advance(&mut i, &mut off, n);
+    }
+    conn.consume(taken);
+    let fd = conn.get_ref().as_raw_fd();
+    let mut iov = Vec::with_capacity(dst.len().min(MAX_IOV));
+    while i < dst.len() {
+        iov.clear();
+        iov.extend(dst[i..].iter().take(MAX_IOV).map(|&p| libc::iovec {
+            iov_base: p.cast(),
+            iov_len: len,
+        }));
+        // SAFETY: still within slab i.
+        iov[0].iov_base = unsafe { dst[i].add(off) }.cast();
+        iov[0].iov_len = len - off;
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: the iovecs address writable memory (the caller's contract); MSG_WAITALL
+        // returns early only on a signal, an error or the peer's close.
+        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL) };
+        match r {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            r => advance(&mut i, &mut off, r as usize),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -287,13 +357,19 @@ mod tests {
             .collect()
     }
 
-    /// Slabs of every size class (smaller and larger than the receive buffer, odd sizes),
-    /// sent in frames of one to many slabs, land in their slots; slabs of an unknown lease
-    /// or past the blocks are read and dropped without desynchronising the stream.
+    /// Slabs of every size class (smaller and larger than the header buffer, odd sizes that
+    /// leave it holding part of a slab), sent in frames of one to more than [`MAX_IOV`] slabs
+    /// (block indices larger than the buffer too), land in their slots; slabs of an unknown
+    /// lease or past the blocks are read and dropped without desynchronising the stream.
     #[test]
     fn slabs_land_in_their_slots_and_the_rest_is_dropped() {
-        for slab in [1, 1000, 12_288, RECV_BUFFER + 3] {
-            let blocks = 5u32;
+        for (slab, blocks) in [
+            (1, 2500u32),
+            (1000, 5),
+            (1000, 1500),
+            (12_288, 5),
+            ((1 << 20) + 3, 5),
+        ] {
             let (tx, rx) = mpsc::channel();
             let sink = Arc::new(Buffers {
                 mem: Mutex::new(vec![0; 3 * blocks as usize * slab]),

@@ -9,9 +9,10 @@
 //!   copies into the shared mapping vs the same copies between private buffers, and vs the
 //!   same copies into a private pool.
 //! - tcp: the data plane (`kv_store::tcp`) as the prefill worker's sender thread runs it: a
-//!   frame of slabs per layer from a `KvSender` to a `KvReceiver` that copies each into its
-//!   block, then the end frame with the checksum, vs one socket streaming the same bytes in
-//!   1 MiB writes into one buffer. The checksum itself is summed by the forward pass's layer
+//!   frame of slabs per layer from a `KvSender` to a `KvReceiver` that has the kernel write
+//!   each into its block, then the end frame with the checksum, vs one socket streaming the
+//!   same bytes in 1 MiB writes read into one 256 KiB buffer that stays in cache (what the
+//!   socket can do at all). The checksum itself is summed by the forward pass's layer
 //!   hook while each layer is in cache: its rate is reported beside, as is the rate of the
 //!   decode worker's check over the blocks.
 
@@ -149,27 +150,7 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     });
     let receiver = KvReceiver::bind("127.0.0.1:0", sink.clone())?;
     let mut sender = KvSender::connect(&receiver.local_addr().to_string())?;
-    let raw_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let raw_addr = raw_listener.local_addr()?;
-    let raw_reader = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut c, _) = raw_listener.accept()?;
-        c.set_nodelay(true)?;
-        // Reads of the data plane receiver's size (256 KiB), which was the faster here.
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let mut len = [0u8; 8];
-            if c.read_exact(&mut len).is_err() {
-                return Ok(());
-            }
-            let mut left = u64::from_le_bytes(len) as usize;
-            while left > 0 {
-                let n = left.min(buf.len());
-                c.read_exact(&mut buf[..n])?;
-                left -= n;
-            }
-            c.write_all(&[1])?;
-        }
-    });
+    let (raw_addr, raw_reader) = spawn_raw_reader()?;
     if pin {
         crate::roles::pin(&[0])?;
     }
@@ -242,18 +223,7 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
             anyhow::ensure!(got == sum.digest(), "the TCP transfer's checksum differs");
             Ok(())
         })?;
-        m.try_time("socket", bytes, || {
-            raw.write_all(&(bytes as u64).to_le_bytes())?;
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                raw.write_all(&chunk[..n])?;
-                left -= n;
-            }
-            let mut ack = [0u8; 1];
-            raw.read_exact(&mut ack)?;
-            Ok(())
-        })?;
+        m.try_time("socket", bytes, || raw_round(&mut raw, &chunk, bytes))?;
         // The decode worker's check of a commit: the checksum over its blocks, from memory.
         m.time("checksum", bytes, || {
             std::hint::black_box(kv_store::sequence_checksum(&held, 0..blocks));
@@ -349,6 +319,51 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     json.insert("bytes".into(), bytes.into());
     json.insert("rounds".into(), args.rounds.into());
     println!("{}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+/// A raw loopback socket's reading end, on a thread: each round is a length then that many
+/// bytes, read 256 KiB at a time into one buffer (which stays in cache: what the socket can
+/// do at all; reads that wait for all 256 KiB with `MSG_WAITALL` measured slower here),
+/// acknowledged with one byte.
+fn spawn_raw_reader() -> std::io::Result<(
+    std::net::SocketAddr,
+    std::thread::JoinHandle<std::io::Result<()>>,
+)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut c, _) = listener.accept()?;
+        c.set_nodelay(true)?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let mut len = [0u8; 8];
+            if c.read_exact(&mut len).is_err() {
+                return Ok(());
+            }
+            let mut left = u64::from_le_bytes(len) as usize;
+            while left > 0 {
+                let n = left.min(buf.len());
+                c.read_exact(&mut buf[..n])?;
+                left -= n;
+            }
+            c.write_all(&[1])?;
+        }
+    });
+    Ok((addr, reader))
+}
+
+/// One raw-socket round: `bytes` sent from `chunk` (1 MiB writes), then the reader's ack.
+fn raw_round(raw: &mut std::net::TcpStream, chunk: &[u8], bytes: usize) -> anyhow::Result<()> {
+    raw.write_all(&(bytes as u64).to_le_bytes())?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        raw.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    let mut ack = [0u8; 1];
+    raw.read_exact(&mut ack)?;
     Ok(())
 }
 
