@@ -310,6 +310,46 @@ pub fn qgemm_rate(format: QFormat, m: usize, k: usize, n: usize) -> f64 {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Twelve independent accumulator chains `c[i] = insn(c[i], a, b)`, `iters` times, in
+    /// assembly (so nothing is hoisted out of the loop): the peak loops below.
+    macro_rules! twelve_chains {
+        ($insn:literal, $class:ident, $iters:expr, $a:expr, $b:expr, $c:ident) => {
+            std::arch::asm!(
+                "2:",
+                concat!($insn, " {c0}, {a}, {b}"),
+                concat!($insn, " {c1}, {a}, {b}"),
+                concat!($insn, " {c2}, {a}, {b}"),
+                concat!($insn, " {c3}, {a}, {b}"),
+                concat!($insn, " {c4}, {a}, {b}"),
+                concat!($insn, " {c5}, {a}, {b}"),
+                concat!($insn, " {c6}, {a}, {b}"),
+                concat!($insn, " {c7}, {a}, {b}"),
+                concat!($insn, " {c8}, {a}, {b}"),
+                concat!($insn, " {c9}, {a}, {b}"),
+                concat!($insn, " {c10}, {a}, {b}"),
+                concat!($insn, " {c11}, {a}, {b}"),
+                "dec {n}",
+                "jnz 2b",
+                n = inout(reg) $iters.max(1) => _,
+                a = in($class) $a,
+                b = in($class) $b,
+                c0 = inout($class) $c[0],
+                c1 = inout($class) $c[1],
+                c2 = inout($class) $c[2],
+                c3 = inout($class) $c[3],
+                c4 = inout($class) $c[4],
+                c5 = inout($class) $c[5],
+                c6 = inout($class) $c[6],
+                c7 = inout($class) $c[7],
+                c8 = inout($class) $c[8],
+                c9 = inout($class) $c[9],
+                c10 = inout($class) $c[10],
+                c11 = inout($class) $c[11],
+                options(pure, nomem, nostack),
+            )
+        };
+    }
+
     /// Twelve independent `vpdpbusd` chains per iteration (768 MACs) in assembly.
     #[target_feature(enable = "avx512f,avx512vnni")]
     pub unsafe fn vnni_loop(iters: usize, seed: i8) -> i32 {
@@ -318,39 +358,7 @@ mod x86 {
         let mut c = [_mm512_setzero_si512(); 12];
         // SAFETY: register-only AVX-512 arithmetic; the features are enabled for this function.
         unsafe {
-            std::arch::asm!(
-                "2:",
-                "vpdpbusd {c0}, {a}, {b}",
-                "vpdpbusd {c1}, {a}, {b}",
-                "vpdpbusd {c2}, {a}, {b}",
-                "vpdpbusd {c3}, {a}, {b}",
-                "vpdpbusd {c4}, {a}, {b}",
-                "vpdpbusd {c5}, {a}, {b}",
-                "vpdpbusd {c6}, {a}, {b}",
-                "vpdpbusd {c7}, {a}, {b}",
-                "vpdpbusd {c8}, {a}, {b}",
-                "vpdpbusd {c9}, {a}, {b}",
-                "vpdpbusd {c10}, {a}, {b}",
-                "vpdpbusd {c11}, {a}, {b}",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iters.max(1) => _,
-                a = in(zmm_reg) a,
-                b = in(zmm_reg) b,
-                c0 = inout(zmm_reg) c[0],
-                c1 = inout(zmm_reg) c[1],
-                c2 = inout(zmm_reg) c[2],
-                c3 = inout(zmm_reg) c[3],
-                c4 = inout(zmm_reg) c[4],
-                c5 = inout(zmm_reg) c[5],
-                c6 = inout(zmm_reg) c[6],
-                c7 = inout(zmm_reg) c[7],
-                c8 = inout(zmm_reg) c[8],
-                c9 = inout(zmm_reg) c[9],
-                c10 = inout(zmm_reg) c[10],
-                c11 = inout(zmm_reg) c[11],
-                options(pure, nomem, nostack),
-            );
+            twelve_chains!("vpdpbusd", zmm_reg, iters, a, b, c);
         }
         let mut s = _mm512_setzero_si512();
         for v in c {
@@ -367,39 +375,7 @@ mod x86 {
         let mut c = [_mm512_setzero_ps(); 12];
         // SAFETY: register-only AVX-512 arithmetic; the features are enabled for this function.
         unsafe {
-            std::arch::asm!(
-                "2:",
-                "vfmadd231ps {c0}, {a}, {b}",
-                "vfmadd231ps {c1}, {a}, {b}",
-                "vfmadd231ps {c2}, {a}, {b}",
-                "vfmadd231ps {c3}, {a}, {b}",
-                "vfmadd231ps {c4}, {a}, {b}",
-                "vfmadd231ps {c5}, {a}, {b}",
-                "vfmadd231ps {c6}, {a}, {b}",
-                "vfmadd231ps {c7}, {a}, {b}",
-                "vfmadd231ps {c8}, {a}, {b}",
-                "vfmadd231ps {c9}, {a}, {b}",
-                "vfmadd231ps {c10}, {a}, {b}",
-                "vfmadd231ps {c11}, {a}, {b}",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iters.max(1) => _,
-                a = in(zmm_reg) a,
-                b = in(zmm_reg) b,
-                c0 = inout(zmm_reg) c[0],
-                c1 = inout(zmm_reg) c[1],
-                c2 = inout(zmm_reg) c[2],
-                c3 = inout(zmm_reg) c[3],
-                c4 = inout(zmm_reg) c[4],
-                c5 = inout(zmm_reg) c[5],
-                c6 = inout(zmm_reg) c[6],
-                c7 = inout(zmm_reg) c[7],
-                c8 = inout(zmm_reg) c[8],
-                c9 = inout(zmm_reg) c[9],
-                c10 = inout(zmm_reg) c[10],
-                c11 = inout(zmm_reg) c[11],
-                options(pure, nomem, nostack),
-            );
+            twelve_chains!("vfmadd231ps", zmm_reg, iters, a, b, c);
         }
         let mut s = _mm512_setzero_ps();
         for v in c {
@@ -416,39 +392,7 @@ mod x86 {
         let mut c = [_mm256_setzero_ps(); 12];
         // SAFETY: register-only AVX2/FMA arithmetic; the features are enabled for this function.
         unsafe {
-            std::arch::asm!(
-                "2:",
-                "vfmadd231ps {c0}, {a}, {b}",
-                "vfmadd231ps {c1}, {a}, {b}",
-                "vfmadd231ps {c2}, {a}, {b}",
-                "vfmadd231ps {c3}, {a}, {b}",
-                "vfmadd231ps {c4}, {a}, {b}",
-                "vfmadd231ps {c5}, {a}, {b}",
-                "vfmadd231ps {c6}, {a}, {b}",
-                "vfmadd231ps {c7}, {a}, {b}",
-                "vfmadd231ps {c8}, {a}, {b}",
-                "vfmadd231ps {c9}, {a}, {b}",
-                "vfmadd231ps {c10}, {a}, {b}",
-                "vfmadd231ps {c11}, {a}, {b}",
-                "dec {n}",
-                "jnz 2b",
-                n = inout(reg) iters.max(1) => _,
-                a = in(ymm_reg) a,
-                b = in(ymm_reg) b,
-                c0 = inout(ymm_reg) c[0],
-                c1 = inout(ymm_reg) c[1],
-                c2 = inout(ymm_reg) c[2],
-                c3 = inout(ymm_reg) c[3],
-                c4 = inout(ymm_reg) c[4],
-                c5 = inout(ymm_reg) c[5],
-                c6 = inout(ymm_reg) c[6],
-                c7 = inout(ymm_reg) c[7],
-                c8 = inout(ymm_reg) c[8],
-                c9 = inout(ymm_reg) c[9],
-                c10 = inout(ymm_reg) c[10],
-                c11 = inout(ymm_reg) c[11],
-                options(pure, nomem, nostack),
-            );
+            twelve_chains!("vfmadd231ps", ymm_reg, iters, a, b, c);
         }
         let mut s = [0f32; 8];
         let mut v = _mm256_setzero_ps();
@@ -549,6 +493,24 @@ mod tests {
             let got = unsafe { x86::fma512_loop(iters, seed) };
             assert!(close(got, 192.0), "{got} vs 192 × {chain}");
             assert!(f32_peak().is_some_and(|p| p > 0.0));
+        }
+    }
+
+    /// The int8 peak loops too: each 32-bit lane gains four `u8 × i8` products (`seed × 3`)
+    /// per chain and iteration.
+    #[test]
+    fn int8_loops_compute_their_chains() {
+        let (iters, seed) = (1000usize, 5i8);
+        let per_lane = iters as i32 * 4 * 5 * 3;
+        if SimdLevel::detect() >= SimdLevel::Avx2 {
+            // SAFETY: AVX2 is present. Lane 0 of the eight chains' sum.
+            let got = unsafe { x86::mac_loop(iters, seed) };
+            assert_eq!(got, 8 * per_lane);
+        }
+        if SimdLevel::detect() >= SimdLevel::Avx512 {
+            // SAFETY: AVX-512 VNNI is present. Every lane of twelve chains.
+            let got = unsafe { x86::vnni_loop(iters, seed) };
+            assert_eq!(got, 12 * 16 * per_lane);
         }
     }
 }
