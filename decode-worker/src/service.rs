@@ -4,9 +4,9 @@
 //! A lease is a [`KvSequence`] of this worker's pool, reserved for one prompt and held here
 //! until a `Generate` commits it, a `Release` or `Cancel` drops it, or it expires. Prefill
 //! workers on this host write its blocks through the shared pool file; others stream them to
-//! the TCP data plane ([`kv_store::tcp::KvReceiver`]), which copies each slab into its block
-//! as it arrives ([`SlabSink`]). A lease being written over TCP is never freed under the writer: its
-//! release waits for the transfer's end or abort. The commit's checksum is recomputed over
+//! the TCP data plane ([`kv_store::tcp::KvReceiver`]), which has each slab land in its block
+//! as it arrives ([`SlabSink`]). A lease being written over TCP is never freed under the
+//! writer: its release waits for the transfer's end or abort. The commit's checksum is recomputed over
 //! the blocks themselves before anything decodes from them.
 
 use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};

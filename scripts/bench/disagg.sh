@@ -5,7 +5,8 @@
 #   goodput: the mixed workload (a fifth ~2000-token prompts, the rest chat turns), SLO TTFT <= 1 s and
 #            TPOT <= 100 ms, swept over request rate: `tandem up --pin` (1P+1D, one core each; and with
 #            --max-prefill-queue 1) vs colocated on both cores;
-#   kv:      `tandem kv bench` (shm and TCP transfer throughput against memcpy and a raw socket).
+#   kv:      `tandem kv bench`, KV_RUNS times (default 5): shm and TCP transfer throughput against memcpy
+#            and a raw socket, with a per-run summary of the ratios.
 # Results land in bench-results/disagg-<scenario>-<server>/; a table is printed at the end.
 #
 # usage: scripts/bench/disagg.sh [SCENARIO...]   (ttft goodput kv; default: all)
