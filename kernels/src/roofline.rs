@@ -27,54 +27,50 @@ pub fn best_time(min: Duration, mut f: impl FnMut()) -> f64 {
 /// per thread (no memory traffic): AVX-512 VNNI `vpdpbusd` (64 MACs), or AVX2 `maddubs` +
 /// `madd` + `add` (32 MACs). `None` below AVX2.
 pub fn int8_peak() -> Option<f64> {
-    if level() < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") {
-        return None;
-    }
-    let threads = pool::global().threads();
-    const ITERS: usize = 4_000_000;
-    let vnni = level() >= SimdLevel::Avx512;
-    let secs = best_time(Duration::from_millis(300), || {
-        pool::global().run(threads, &|t| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level's instructions are present (checked above).
-            unsafe {
-                if vnni {
-                    std::hint::black_box(x86::vnni_loop(ITERS, t as i8 + 1));
-                } else {
-                    std::hint::black_box(x86::mac_loop(ITERS, t as i8 + 1));
-                }
-            }
-        })
-    });
-    let per_iter = if vnni { 12 * 64 } else { 8 * 32 };
-    Some((threads * ITERS * per_iter) as f64 / secs)
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY (both closures): the level's instructions are present (checked first).
+    return match level() {
+        l if l >= SimdLevel::Avx512 => Some(chain_rate(12 * 64, &|t, n| unsafe {
+            std::hint::black_box(x86::vnni_loop(n, t as i8 + 1));
+        })),
+        l if l >= SimdLevel::Avx2 => Some(chain_rate(8 * 32, &|t, n| unsafe {
+            std::hint::black_box(x86::mac_loop(n, t as i8 + 1));
+        })),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// f32 fused multiply-adds per second on every pool thread (the arithmetic of attention and
 /// the f32 path), twelve independent chains per thread on registers: 512-bit at AVX-512,
 /// 256-bit at AVX2. `None` below AVX2.
 pub fn f32_peak() -> Option<f64> {
-    if level() < SimdLevel::Avx2 || !cfg!(target_arch = "x86_64") {
-        return None;
-    }
-    let threads = pool::global().threads();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY (both closures): the level's instructions are present (checked first).
+    return match level() {
+        l if l >= SimdLevel::Avx512 => Some(chain_rate(12 * 16, &|t, n| unsafe {
+            std::hint::black_box(x86::fma512_loop(n, t as f32 + 1.0));
+        })),
+        l if l >= SimdLevel::Avx2 => Some(chain_rate(12 * 8, &|t, n| unsafe {
+            std::hint::black_box(x86::fma256_loop(n, t as f32 + 1.0));
+        })),
+        _ => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Multiply-accumulates per second of a register-only loop run on every pool thread at once:
+/// `run(thread, iters)` does `macs_per_iter` per iteration; the best of repeated runs.
+#[cfg(target_arch = "x86_64")]
+fn chain_rate(macs_per_iter: usize, run: &(dyn Fn(usize, usize) + Sync)) -> f64 {
     const ITERS: usize = 4_000_000;
-    let wide = level() >= SimdLevel::Avx512;
+    let threads = pool::global().threads();
     let secs = best_time(Duration::from_millis(300), || {
-        pool::global().run(threads, &|t| {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the level's instructions are present (checked above).
-            unsafe {
-                if wide {
-                    std::hint::black_box(x86::fma512_loop(ITERS, t as f32 + 1.0));
-                } else {
-                    std::hint::black_box(x86::fma256_loop(ITERS, t as f32 + 1.0));
-                }
-            }
-        })
+        pool::global().run(threads, &|t| run(t, ITERS))
     });
-    let per_iter = if wide { 12 * 16 } else { 12 * 8 };
-    Some((threads * ITERS * per_iter) as f64 / secs)
+    (threads * ITERS * macs_per_iter) as f64 / secs
 }
 
 /// Bytes per second read from memory by every pool thread together (a buffer far larger than
