@@ -251,33 +251,22 @@ unsafe fn recv_slabs(
     dst: &[*mut u8],
     len: usize,
 ) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // Position: slab `i`, `off` bytes into it.
-    let (mut i, mut off) = (0, 0);
-    let advance = |i: &mut usize, off: &mut usize, mut n: usize| {
-        while n > 0 {
-            let step = n.min(len - *off);
-            n -= step;
-            *off += step;
-            if *off == len {
-                *i += 1;
-                *off = 0;
-            }
-        }
-    };
+    // Bytes of the slabs received so far: slab `done / len`, `done % len` bytes into it.
+    let (total, mut done) = (dst.len() * len, 0);
     let buffered = conn.buffer();
     let mut taken = 0;
-    while i < dst.len() && taken < buffered.len() {
+    while done < total && taken < buffered.len() {
+        let (i, off) = (done / len, done % len);
         let n = (len - off).min(buffered.len() - taken);
         // SAFETY: `dst[i] + off .. + n` lies within slab i (the caller's contract).
         unsafe { std::ptr::copy_nonoverlapping(buffered[taken..].as_ptr(), dst[i].add(off), n) };
         taken += n;
-        advance(&mut i, &mut off, n);
+        done += n;
     }
     conn.consume(taken);
-    let fd = conn.get_ref().as_raw_fd();
     let mut iov = Vec::with_capacity(dst.len().min(MAX_IOV));
-    while i < dst.len() {
+    while done < total {
+        let (i, off) = (done / len, done % len);
         iov.clear();
         iov.extend(dst[i..].iter().take(MAX_IOV).map(|&p| libc::iovec {
             iov_base: p.cast(),
@@ -286,25 +275,50 @@ unsafe fn recv_slabs(
         // SAFETY: still within slab i.
         iov[0].iov_base = unsafe { dst[i].add(off) }.cast();
         iov[0].iov_len = len - off;
-        // SAFETY: a zeroed msghdr is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: the iovecs address writable memory (the caller's contract); MSG_WAITALL
-        // returns early only on a signal, an error or the peer's close.
-        let r = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_WAITALL) };
-        match r {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            r if r < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            r => advance(&mut i, &mut off, r as usize),
-        }
+        // SAFETY: the iovecs address writable memory (the caller's contract).
+        done += unsafe { recv_waitall(conn.get_ref(), &mut iov)? };
     }
     Ok(())
+}
+
+/// Fills `buf` from the stream the way the receiver reads slabs: `recv` with `MSG_WAITALL`,
+/// woken once the whole buffer has arrived rather than at each arrival.
+pub fn recv_exact_waitall(conn: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let mut iov = [libc::iovec {
+            iov_base: buf[at..].as_mut_ptr().cast(),
+            iov_len: buf.len() - at,
+        }];
+        // SAFETY: the iovec addresses `buf[at..]`.
+        at += unsafe { recv_waitall(conn, &mut iov)? };
+    }
+    Ok(())
+}
+
+/// One `recvmsg(MSG_WAITALL)` into `iov`: the bytes received (short only after a signal,
+/// which gives 0 and is for the caller to retry); the peer's close is `UnexpectedEof`.
+///
+/// # Safety
+/// Every iovec must address writable memory of its length.
+unsafe fn recv_waitall(conn: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: the iovecs address writable memory (the caller's contract).
+    match unsafe { libc::recvmsg(conn.as_raw_fd(), &mut msg, libc::MSG_WAITALL) } {
+        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+        r if r < 0 => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            }
+        }
+        r => Ok(r as usize),
+    }
 }
 
 #[cfg(test)]

@@ -13,9 +13,9 @@
 //!   each into its block, then the end frame with the checksum, vs a socket streaming the
 //!   same bytes in 1 MiB writes read into one 256 KiB buffer that stays in cache (what the
 //!   socket can do at all) — with plain reads and with reads that wait for all 256 KiB, the
-//!   faster of the two over the run; the three transfers in rotating order. The checksum itself is summed by the forward pass's layer
-//!   hook while each layer is in cache: its rate is reported beside, as is the rate of the
-//!   decode worker's check over the blocks.
+//!   faster of the two over the run; the three transfers in rotating order. The checksum
+//!   itself is summed by the forward pass's layer hook while each layer is in cache: its rate
+//!   is reported beside, as is the rate of the decode worker's check over the blocks.
 
 use clap::Args;
 use engine::kv::{KvDtype, KvLayout};
@@ -261,16 +261,16 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     let _ = (raw_reader.join(), wait_reader.join());
     // The raw socket's baseline: its faster read strategy in this run (by median; taking the
     // faster of the two in each round would favour it by the noise alone).
-    let (plain, wait) = (m.median("socket_plain"), m.median("socket_wait"));
-    let raw_best = if plain >= wait {
-        "socket_plain"
+    let (raw_best, raw_label) = if m.median("socket_plain") >= m.median("socket_wait") {
+        (
+            "socket_plain",
+            "raw loopback socket (1 MiB writes, plain 256 KiB reads: the faster of two ways this run)",
+        )
     } else {
-        "socket_wait"
-    };
-    let raw_label = if plain >= wait {
-        "raw loopback socket (1 MiB writes, plain 256 KiB reads: the faster of two ways this run)"
-    } else {
-        "raw loopback socket (1 MiB writes, 256 KiB reads waiting for all: the faster of two ways this run)"
+        (
+            "socket_wait",
+            "raw loopback socket (1 MiB writes, 256 KiB reads waiting for all: the faster of two ways this run)",
+        )
     };
     m.0.push(("socket", m.get(raw_best).to_vec()));
 
@@ -378,7 +378,7 @@ fn spawn_raw_reader(
             while left > 0 {
                 let n = left.min(buf.len());
                 if wait {
-                    recv_all(&c, &mut buf[..n])?;
+                    kv_store::tcp::recv_exact_waitall(&c, &mut buf[..n])?;
                 } else {
                     c.read_exact(&mut buf[..n])?;
                 }
@@ -388,34 +388,6 @@ fn spawn_raw_reader(
         }
     });
     Ok((addr, reader))
-}
-
-/// Fills `buf` with `recv(MSG_WAITALL)` calls: woken once the whole buffer has arrived.
-fn recv_all(c: &std::net::TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut at = 0;
-    while at < buf.len() {
-        // SAFETY: `buf[at..]` is writable memory of the length given.
-        let r = unsafe {
-            libc::recv(
-                c.as_raw_fd(),
-                buf[at..].as_mut_ptr().cast(),
-                buf.len() - at,
-                libc::MSG_WAITALL,
-            )
-        };
-        match r {
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            r if r < 0 => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            r => at += r as usize,
-        }
-    }
-    Ok(())
 }
 
 /// One raw-socket round: `bytes` sent from `chunk` (1 MiB writes), then the reader's ack.
