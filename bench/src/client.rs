@@ -3,7 +3,7 @@
 //! record as an error, never as a crash.
 
 use crate::dataset::RequestSpec;
-use engine::Tokenizer;
+use frontend::Tokenizer;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};

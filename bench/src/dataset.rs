@@ -4,7 +4,7 @@
 
 use crate::args::{DatasetName, RunArgs};
 use anyhow::{Context, bail};
-use engine::Tokenizer;
+use frontend::Tokenizer;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

@@ -8,12 +8,14 @@
 //! - [`load`]: arrival schedules, concurrency caps, warm-up.
 //! - [`summary`]: TTFT, TPOT, ITL, E2EL, throughput, goodput, attainment.
 //! - [`output`]: the result directory; [`plot`]: PNGs; [`compare`]: overlays of several runs.
+//! - [`measure`]: Tandem's own parts measured (engine, kernels' roofline, KV transports).
 
 pub mod args;
 pub mod client;
 pub mod compare;
 pub mod dataset;
 pub mod load;
+pub mod measure;
 pub mod output;
 pub mod plot;
 pub mod summary;
@@ -68,18 +70,18 @@ fn parse_rates(items: &[String]) -> anyhow::Result<Vec<Option<f64>>> {
         .collect()
 }
 
-fn load_tokenizer(args: &RunArgs) -> anyhow::Result<(engine::Tokenizer, std::path::PathBuf)> {
+fn load_tokenizer(args: &RunArgs) -> anyhow::Result<(frontend::Tokenizer, std::path::PathBuf)> {
     let path = match &args.tokenizer {
         Some(p) => p.clone(),
-        None => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
+        None => frontend::fetch::ensure(
+            &frontend::fetch::DEFAULT_MODEL,
+            &frontend::fetch::cache_dir(),
             &|m| eprintln!("tandem bench: {m}"),
         )
         .context("fetching the default model for its tokenizer (or pass --tokenizer GGUF)")?,
     };
-    let g = engine::gguf::GgufFile::open(&path)?;
-    Ok((engine::Tokenizer::from_metadata(&g)?, path))
+    let g = frontend::gguf::GgufFile::open(&path)?;
+    Ok((frontend::Tokenizer::from_metadata(&g)?, path))
 }
 
 /// Runs the benchmark the flags describe; writes the result directory; returns every rate run.

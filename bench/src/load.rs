@@ -4,7 +4,7 @@
 use crate::args::Arrival;
 use crate::client::{RequestRecord, Target};
 use crate::dataset::RequestSpec;
-use engine::Tokenizer;
+use frontend::Tokenizer;
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use rand::rngs::StdRng;

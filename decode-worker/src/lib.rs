@@ -20,9 +20,11 @@
 //!
 //! # Layout
 //! - this file: the batch loop;
+//! - [`colocated`]: this worker behind the scheduler's seam, in the scheduler's process;
 //! - [`service`]: the `tandem.v1.DecodeWorker` gRPC service (leases of blocks for prefill
 //!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
 
+pub mod colocated;
 pub mod service;
 
 use engine::generation::GenerationState;
@@ -71,6 +73,13 @@ pub enum SubmitError {
     Stopped,
 }
 
+/// Default of [`WorkerConfig::max_batch_tokens`] (vLLM's `--max-num-batched-tokens`).
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 256;
+/// Default of [`WorkerConfig::max_running`] (vLLM's `--max-num-seqs`).
+pub const DEFAULT_MAX_RUNNING: usize = 64;
+/// Default of [`WorkerConfig::max_waiting`].
+pub const DEFAULT_MAX_WAITING: usize = 256;
+
 /// How a worker batches.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerConfig {
@@ -85,9 +94,9 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            max_batch_tokens: 256,
-            max_running: 64,
-            max_waiting: 64,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_running: DEFAULT_MAX_RUNNING,
+            max_waiting: DEFAULT_MAX_WAITING,
         }
     }
 }
@@ -601,7 +610,7 @@ impl Worker {
                     continue;
                 }
             }
-            let ev = s.state.next(&engine.tokenizer, row, max_ctx);
+            let ev = s.state.next(&engine.frontend.tokenizer, row, max_ctx);
             s.generated.push(ev.token);
             let done = ev.finish.is_some();
             if s.events.send(WorkerEvent::Token(ev)).is_err() || done {

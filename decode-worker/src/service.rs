@@ -141,7 +141,7 @@ impl Leases {
     }
 }
 
-impl SlabSink for Leases {
+unsafe impl SlabSink for Leases {
     fn slots(
         &self,
         lease: u64,
@@ -159,15 +159,13 @@ impl SlabSink for Leases {
         l.transfer = Transfer::Receiving;
         for &block in blocks {
             let b = block as usize;
-            // Never over the cached prefix (shared with other sequences) nor past the lease.
-            out.push(
-                (b >= l.cached / layout.block_size && b < l.seq.block_table().len()).then(|| {
-                    Slot {
-                        ptr: l.seq.slab_mut_ptr(b, layer as usize),
-                        len,
-                    }
-                }),
-            );
+            // Never over the cached prefix (shared with other sequences; the pool refuses
+            // those too) nor past the lease.
+            let slot = (b >= l.cached / layout.block_size)
+                .then(|| l.seq.slab_mut_ptr(b, layer as usize).ok())
+                .flatten()
+                .map(|ptr| Slot { ptr, len });
+            out.push(slot);
         }
     }
 
@@ -270,7 +268,7 @@ impl DecodeWorker for DecodeService {
         req: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveReply>, Status> {
         let r = req.into_inner();
-        if r.fingerprint != self.engine.fingerprint {
+        if r.fingerprint != self.engine.frontend.fingerprint {
             return Err(Status::failed_precondition(
                 "engine fingerprints differ (another model file, precision or KV format)",
             ));
@@ -302,7 +300,7 @@ impl DecodeWorker for DecodeService {
             host_id: self.host_id.to_string(),
             pool_blocks: kv.n_blocks() as u64,
             kv_data_addr: self.cfg.kv_data_addr.clone(),
-            fingerprint: self.engine.fingerprint,
+            fingerprint: self.engine.frontend.fingerprint,
         };
         self.leases.lock().insert(
             id,
@@ -470,8 +468,8 @@ impl DecodeWorker for DecodeService {
         let st = self.handle.stats();
         Ok(Response::new(pb::WorkerStats {
             role: "decode".into(),
-            model_id: self.engine.model_id.clone(),
-            fingerprint: self.engine.fingerprint,
+            model_id: self.engine.frontend.model_id.clone(),
+            fingerprint: self.engine.frontend.fingerprint,
             kv_blocks_total: kv.n_blocks() as u64,
             kv_blocks_free: kv.free_blocks() as u64,
             waiting: st.waiting.load(Ordering::Relaxed) as u32,

@@ -6,12 +6,11 @@
 //! [`LlamaModel`] (weights in host memory, the SIMD kernels of the `kernels` crate, KV blocks
 //! in the host [`crate::KvPool`]).
 //!
-//! A CUDA backend (cudarc, behind a cargo feature) slots in as another implementation: it
-//! uploads the packed weights once, keeps the KV pool's block storage in device memory — the
-//! allocator, block ids, reference counts and prefix hashes stay the host [`crate::KvPool`]'s,
-//! so block tables, the prefix cache and the KV transfer protocol do not change — and runs the
-//! same batch-invariant arithmetic per row, so a request's tokens do not depend on which
-//! device or batch it ran in. Nothing of it is built yet.
+//! A CUDA backend (cudarc, behind a cargo feature; not built yet) would slot in as another
+//! implementation: upload the packed weights once, keep the KV pool's block storage in device
+//! memory — the allocator, block ids, reference counts and prefix hashes staying the host
+//! [`crate::KvPool`]'s, so block tables, the prefix cache and the KV transfer protocol do not
+//! change — and run the same batch-invariant arithmetic per row.
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
@@ -62,34 +61,5 @@ impl Backend for LlamaModel {
         layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         LlamaModel::forward_with(self, items, layer_done)
-    }
-}
-
-/// A model's description without its weights: what a scheduler needs (hyper-parameters for
-/// the context length, the KV geometry for routing) when the forward passes run in worker
-/// processes. Its forward refuses.
-pub struct Weightless {
-    pub cfg: LlamaConfig,
-}
-
-impl Backend for Weightless {
-    fn name(&self) -> String {
-        "weightless".into()
-    }
-    fn config(&self) -> &LlamaConfig {
-        &self.cfg
-    }
-    fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
-        KvLayout::for_model(&self.cfg, dtype)
-    }
-    fn weight_bytes(&self) -> usize {
-        0
-    }
-    fn forward_with(
-        &self,
-        _: &mut [ForwardItem<'_>],
-        _: &mut LayerHook<'_>,
-    ) -> Result<Vec<Vec<f32>>> {
-        Err(crate::EngineError::NoWeights)
     }
 }

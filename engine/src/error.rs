@@ -1,42 +1,13 @@
 //! The engine's error type.
 
-use std::path::PathBuf;
+pub use frontend::ModelError;
 
 /// Everything that can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot read {path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("not a valid GGUF file: {0}")]
-    Gguf(String),
-    #[error("GGUF version {0} is not supported (Tandem reads versions 2 and 3)")]
-    GgufVersion(u32),
-    #[error("model architecture '{0}' is not supported (Tandem serves the 'llama' family)")]
-    UnsupportedArchitecture(String),
-    #[error(
-        "tensor '{tensor}' has quantization type {ty}, which Tandem cannot read yet (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
-    )]
-    UnsupportedTensorType { tensor: String, ty: String },
-    #[error("missing metadata key '{0}'")]
-    MissingKey(String),
-    #[error("metadata key '{key}' has the wrong type (expected {expected})")]
-    WrongType { key: String, expected: &'static str },
-    #[error("missing tensor '{0}'")]
-    MissingTensor(String),
-    #[error("tensor '{name}' has shape {got:?}, expected {want:?}")]
-    TensorShape {
-        name: String,
-        got: Vec<u64>,
-        want: Vec<u64>,
-    },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    Template(String),
+    /// The model file, its tokenizer or template.
+    #[error(transparent)]
+    Model(#[from] ModelError),
     #[error("bad KV block table: {0}")]
     BadBlocks(String),
     #[error("KV cache is full: {needed} blocks needed, {free} free")]
@@ -45,12 +16,6 @@ pub enum EngineError {
     ContextOverflow { len: usize, max: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
-    #[error(
-        "this engine holds no weights (a scheduler's view of the model); forward passes run on workers"
-    )]
-    NoWeights,
-    #[error("model fetch failed: {0}")]
-    Fetch(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

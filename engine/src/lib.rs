@@ -1,38 +1,33 @@
-//! Tandem's model runtime, shared by the prefill and decode workers.
+//! Tandem's model runtime, shared by the prefill and decode workers: the model's weights, the
+//! forward pass and the paged KV pool. What describes a model without running it (GGUF,
+//! tokenizer, chat template, request types) is the `frontend` crate, re-exported here.
 //!
 //! # Layout
-//! - [`gguf`]: reading (and writing) GGUF files.
-//! - [`config`]: a Llama-family model's hyper-parameters.
-//! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
-//! - [`chat`]: the GGUF's chat template.
 //! - [`kv`]: the paged KV block pool and per-sequence block tables.
 //! - [`backend`]: the seam to the device that runs a model (the CPU one is [`LlamaModel`]).
-//! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at its precision.
-//! - [`sampler`], [`stop`]: choosing tokens; stop strings.
-//! - [`request`]: what workers are asked and what they stream back; [`generation`]: a
-//!   sequence's sampling state, shared by both phases.
-//! - [`fetch`]: downloading and caching the default model.
+//! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at its
+//!   precision; [`weights`]: a GGUF's tensors dequantized.
+//! - [`sampler`]: choosing tokens; [`generation`]: a sequence's sampling state, shared by both
+//!   phases.
 //! - [`synthetic`]: tiny generated models for tests.
+//! - re-exported from `frontend`: [`gguf`], [`config`], [`tokenizer`], [`chat`], [`request`],
+//!   [`stop`], [`fetch`].
 //!
 //! The two entry points the cluster splits on are [`Engine::prefill`] (prompt → first-token
 //! logits + filled KV blocks) and [`Engine::decode_step`] (a batch of sequences, one token each →
 //! logits).
 
 pub mod backend;
-pub mod chat;
-pub mod config;
 pub mod error;
-pub mod fetch;
 pub mod generation;
-pub mod gguf;
 pub mod kv;
 pub mod linear;
 pub mod model;
-pub mod request;
 pub mod sampler;
-pub mod stop;
 pub mod synthetic;
-pub mod tokenizer;
+pub mod weights;
+
+pub use frontend::{Frontend, Numerics, chat, config, fetch, gguf, request, stop, tokenizer};
 
 pub use backend::Backend;
 pub use error::{EngineError, Result};
@@ -41,8 +36,8 @@ pub use linear::Precision;
 pub use model::{ForwardItem, LayerHook, LlamaModel, LogitsWanted};
 pub use tokenizer::{TokenId, Tokenizer};
 
-use chat::ChatTemplate;
-use gguf::{GgufFile, Metadata};
+use error::ModelError;
+use gguf::GgufFile;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -74,92 +69,46 @@ impl Default for EngineConfig {
     }
 }
 
-/// A loaded model with its tokenizer, chat template and KV pool.
+impl EngineConfig {
+    /// The formats the fingerprint covers.
+    pub fn numerics(&self) -> Numerics {
+        Numerics {
+            precision: self.precision,
+            kv_dtype: self.kv_dtype,
+        }
+    }
+}
+
+/// A loaded model: its frontend (tokenizer, template, fingerprint), weights and KV pool.
 pub struct Engine {
     /// What runs the forward steps (today the CPU: [`LlamaModel`]).
     pub model: Box<dyn Backend>,
-    pub tokenizer: Tokenizer,
-    pub template: ChatTemplate,
-    pub model_id: String,
+    /// Tokenizer, chat template, API name, fingerprint.
+    pub frontend: Arc<Frontend>,
     pub kv: Arc<KvPool>,
-    /// Identifies the weights, their precision and the KV format: KV blocks move only between
-    /// engines with equal fingerprints (xxh3 of the GGUF file's bytes, salted with both).
-    pub fingerprint: u64,
     /// How this engine was loaded.
     pub config: EngineConfig,
 }
 
 impl Engine {
     pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
-        Self::load_with(path.as_ref(), cfg, true)
-    }
-
-    /// The model's tokenizer, chat template and hyper-parameters without its weights (a
-    /// one-block KV pool, a backend whose forward refuses): what the scheduler process holds,
-    /// with the same fingerprint the workers compute.
-    pub fn load_frontend(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
-        let cfg = EngineConfig {
-            kv_budget_bytes: 0,
-            kv_shared_path: None,
-            ..cfg.clone()
-        };
-        Self::load_with(path.as_ref(), &cfg, false)
-    }
-
-    fn load_with(path: &Path, cfg: &EngineConfig, weights: bool) -> Result<Engine> {
+        let path = path.as_ref();
         let g = GgufFile::open(path)?;
-        let model: Box<dyn Backend> = if weights {
-            Box::new(LlamaModel::load(&g, cfg.precision)?)
-        } else {
-            Box::new(backend::Weightless {
-                cfg: config::LlamaConfig::from_metadata(&g)?,
-            })
-        };
-        let tokenizer = Tokenizer::from_metadata(&g)?;
-        if tokenizer.vocab_size() != model.config().vocab_size {
-            return Err(EngineError::Tokenizer(format!(
-                "tokenizer has {} tokens, model {}",
-                tokenizer.vocab_size(),
-                model.config().vocab_size
-            )));
-        }
-        let source = g
-            .str_opt("tokenizer.chat_template")?
-            .unwrap_or(chat::CHATML);
-        let template = ChatTemplate::new(
-            source,
-            tokenizer.raw_token(tokenizer.bos),
-            tokenizer.raw_token(tokenizer.eos),
-        )?;
-        let model_id = cfg.model_id.clone().unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| {
-                    s.to_string_lossy()
-                        .split('.')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string()
-                })
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "model".into())
-        });
+        let frontend = Frontend::from_gguf(&g, path, cfg.model_id.as_deref(), cfg.numerics())?;
+        let model: Box<dyn Backend> = Box::new(LlamaModel::load(&g, cfg.precision)?);
         let layout = model.kv_layout(cfg.kv_dtype);
         let kv = match &cfg.kv_shared_path {
             None => KvPool::with_budget(layout, cfg.kv_budget_bytes),
             Some(p) => {
                 KvPool::new_shared(layout, KvPool::blocks_for(layout, cfg.kv_budget_bytes), p)
-                    .map_err(|source| EngineError::Io {
+                    .map_err(|source| ModelError::Io {
                         path: p.clone(),
                         source,
                     })?
             }
         };
-        let fingerprint = xxhash_rust::xxh3::xxh3_64_with_seed(
-            g.bytes(),
-            ((cfg.precision as u64) << 8) | cfg.kv_dtype as u64,
-        );
         tracing::info!(
-            model = %model_id,
+            model = %frontend.model_id,
             backend = %model.name(),
             layers = model.config().n_layers,
             d_model = model.config().d_model,
@@ -170,11 +119,8 @@ impl Engine {
         );
         Ok(Engine {
             model,
-            tokenizer,
-            template,
-            model_id,
+            frontend: Arc::new(frontend),
             kv,
-            fingerprint,
             config: cfg.clone(),
         })
     }

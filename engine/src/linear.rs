@@ -7,47 +7,12 @@
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
+use crate::weights::TensorsF32;
 use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::matmul::matmul;
 use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 
-/// How the weight matrices compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// Every weight dequantized to f32: exact arithmetic, the golden-test reference.
-    F32,
-    /// W8A8 with per-output-channel weight scales and per-token activation scales: any GGUF
-    /// type becomes 8-bit; for the default model a little faster to prefill than w4a8, but it
-    /// reads 40% more bytes per decoded token and is less accurate.
-    Int8,
-    /// The default: GGUF block weights as stored (Q4_1 is 5 bits a weight), activations
-    /// 8-bit per block of 32 — the GGUF's own accuracy, the least memory, the fastest decode.
-    /// Tensors in a format without a block kernel run as int8.
-    #[default]
-    W4A8,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "int8" => Ok(Precision::Int8),
-            "w4a8" => Ok(Precision::W4A8),
-            other => Err(format!("unknown precision '{other}' (int8, w4a8 or f32)")),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::Int8 => "int8",
-            Precision::W4A8 => "w4a8",
-        })
-    }
-}
+pub use frontend::precision::Precision;
 
 /// An activation matrix `[m × k]`, quantized on first use by a quantized weight.
 pub struct Acts<'a> {
@@ -170,20 +135,20 @@ impl Linear {
         let same_format = |f: QFormat| {
             loaded
                 .iter()
-                .all(|l| matches!(l, Linear::Quant(w) if w.format == f))
+                .all(|l| matches!(l, Linear::Quant(w) if w.format() == f))
         };
         Ok(match &loaded[0] {
-            Linear::Quant(w0) if same_format(w0.format) => {
+            Linear::Quant(w0) if same_format(w0.format()) => {
                 // The GGUF rows of every part, stacked, then packed as one matrix.
                 let mut rows = Vec::new();
                 for l in &loaded {
                     if let Linear::Quant(w) = l {
-                        for j in 0..w.n {
+                        for j in 0..w.n() {
                             rows.extend(w.gguf_row(j));
                         }
                     }
                 }
-                Linear::Quant(QWeights::pack(w0.format, &rows, n, k))
+                Linear::Quant(QWeights::pack(w0.format(), &rows, n, k))
             }
             Linear::F32 { .. } if loaded.iter().all(|l| matches!(l, Linear::F32 { .. })) => {
                 let mut w = Vec::with_capacity(n * k);
@@ -201,8 +166,8 @@ impl Linear {
     pub fn dims(&self) -> (usize, usize) {
         match self {
             Linear::F32 { n, k, .. } => (*n, *k),
-            Linear::Quant(w) => (w.n, w.k),
-            Linear::Int8(w) => (w.n, w.k),
+            Linear::Quant(w) => (w.n(), w.k()),
+            Linear::Int8(w) => (w.n(), w.k()),
             Linear::Parts(ps) => (ps.iter().map(|p| p.dims().0).sum(), ps[0].dims().1),
         }
     }

@@ -10,6 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
+use crate::weights::TensorsF32;
 use kernels::attention::{AttnRows, AttnShape, KvBlockRef, attend_rows};
 use kernels::ops::{rms_norm, rope_angles, rope_apply, silu_mul};
 use kernels::pool::for_rows;

@@ -2,46 +2,8 @@
 //! `(seed, position)`, so a request's tokens never depend on what else runs beside it.
 
 use crate::tokenizer::TokenId;
+pub use frontend::sampling::{SamplingParams, TokenLogprobs};
 use std::collections::HashMap;
-
-/// Per-request sampling settings (already validated by the API layer).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// 0 means greedy.
-    pub temperature: f32,
-    /// 0 means no top-k cut.
-    pub top_k: usize,
-    /// 1.0 means no nucleus cut.
-    pub top_p: f32,
-    /// 0.0 means no min-p cut.
-    pub min_p: f32,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    pub fn greedy() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        }
-    }
-}
 
 /// A uniform draw in `[0, 1)` from `(seed, position)` alone (SplitMix64 finalizer).
 pub fn uniform(seed: u64, position: u64) -> f64 {
@@ -136,14 +98,6 @@ pub fn sample(
         }
     }
     cand[keep - 1].1
-}
-
-/// Log-probabilities a response reports: the chosen token's and the `top_n` best, from the
-/// model's raw distribution (before penalties and temperature, as vLLM reports them).
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub logprob: f32,
-    pub top: Vec<(TokenId, f32)>,
 }
 
 pub fn logprobs(logits: &[f32], chosen: TokenId, top_n: usize) -> TokenLogprobs {

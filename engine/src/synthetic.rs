@@ -166,7 +166,7 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
 
 /// Writes a synthetic model to `path`.
 pub fn write(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
-    build(spec).write(path)
+    Ok(build(spec).write(path)?)
 }
 
 /// Test support shared by the determinism tests of the engine and the workers.
@@ -222,7 +222,7 @@ pub mod testing {
         let mut seq = e.new_sequence();
         let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
         let mut st = GenerationState::new(p, prompt.len());
-        let mut ev = st.next(&e.tokenizer, &logits, e.max_context());
+        let mut ev = st.next(&e.frontend.tokenizer, &logits, e.max_context());
         let lp = |ev: &crate::request::TokenEvent| ev.logprobs.as_ref().unwrap().logprob.to_bits();
         let mut t: Trace = (vec![ev.token], vec![lp(&ev)]);
         while ev.finish.is_none() {
@@ -231,7 +231,7 @@ pub mod testing {
                 .unwrap()
                 .pop()
                 .unwrap();
-            ev = st.next(&e.tokenizer, &l, e.max_context());
+            ev = st.next(&e.frontend.tokenizer, &l, e.max_context());
             t.0.push(ev.token);
             t.1.push(lp(&ev));
         }

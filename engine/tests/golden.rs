@@ -62,7 +62,7 @@ fn tokenizer_matches_llama_cpp_on_corpus() {
     for case in corpus {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids"]);
-        let got = e.tokenizer.encode(text, false).unwrap();
+        let got = e.frontend.tokenizer.encode(text, false).unwrap();
         if got != want {
             bad.push(format!("{text:?}: got {got:?} want {want:?}"));
         }
@@ -126,12 +126,12 @@ fn greedy_continuations_match_llama_cpp() {
                 content: case["message"].as_str().unwrap().into(),
             };
             assert_eq!(
-                e.template.render(&[msg], true).unwrap(),
+                e.frontend.template.render(&[msg], true).unwrap(),
                 rendered,
                 "chat template rendering"
             );
         }
-        let prompt = e.tokenizer.encode(rendered, false).unwrap();
+        let prompt = e.frontend.tokenizer.encode(rendered, false).unwrap();
         assert_eq!(
             prompt,
             ids(&case["prompt_ids"]),
@@ -149,7 +149,7 @@ fn greedy_continuations_match_llama_cpp() {
             out,
             ids(&case["continuation"]),
             "greedy continuation of {rendered:?}:\n{:?}",
-            e.tokenizer.decode(&out)
+            e.frontend.tokenizer.decode(&out)
         );
     }
 }
@@ -229,7 +229,7 @@ fn perplexity_within_0_1_percent_of_llama_cpp() {
     ))
     .unwrap();
     assert_eq!(
-        &e.tokenizer.encode(&text, false).unwrap()[..tokens.len()],
+        &e.frontend.tokenizer.encode(&text, false).unwrap()[..tokens.len()],
         &tokens[..]
     );
     let (ppl, n) = perplexity(e);

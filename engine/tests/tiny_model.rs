@@ -54,7 +54,7 @@ fn loads_metadata_and_every_tensor_type() {
     }
     let e = Engine::load(&path, &EngineConfig::default()).unwrap();
     assert_eq!(e.model.config().n_layers, 2);
-    assert_eq!(e.model_id, "m");
+    assert_eq!(e.frontend.model_id, "m");
 }
 
 #[test]
@@ -182,7 +182,7 @@ fn kv_budget_and_context_limits_are_errors() {
 #[test]
 fn tokenizer_round_trips_and_matches_specials() {
     let (_d, e) = tiny(&TinySpec::default());
-    let t = &e.tokenizer;
+    let t = &e.frontend.tokenizer;
     for text in [
         "the other",
         " the then",

@@ -29,7 +29,6 @@ pub mod panel;
 pub mod pool;
 pub mod qmatmul;
 pub mod quant;
-pub mod roofline;
 pub(crate) mod simd;
 
 pub use dispatch::SimdLevel;
@@ -60,6 +59,7 @@ pub fn round_half_away(x: f32) -> f32 {
 }
 
 /// Seeded test data: uniform in (−1, 1), never exactly zero.
+#[cfg(test)]
 pub(crate) fn test_data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..len)

@@ -23,15 +23,27 @@ pub struct Slot {
 
 /// The decode side of transfers: finds the memory for each slab and hears when a lease's
 /// transfer is complete.
-pub trait SlabSink: Send + Sync + 'static {
+///
+/// # Safety
+/// The receiver writes through the slots [`slots`](Self::slots) returns: each must be `len`
+/// bytes of valid memory that nothing else reads or writes until [`end`](Self::end) or
+/// [`abort`](Self::abort) is called for the lease. The implementor vouches for that, so a
+/// safe impl does not compile:
+///
+/// ```compile_fail
+/// struct Anywhere;
+/// impl kv_store::tcp::SlabSink for Anywhere {
+///     fn slots(&self, _: u64, _: u32, _: &[u32], _: usize, _: &mut Vec<Option<kv_store::tcp::Slot>>) {}
+///     fn end(&self, _: u64, _: u32, _: u64) {}
+///     fn abort(&self, _: u64) {}
+/// }
+/// ```
+pub unsafe trait SlabSink: Send + Sync + 'static {
     /// The destinations of the slabs of `blocks` (indices into the lease's block list) for
     /// `layer` of `lease`, each of exactly `len` bytes, pushed to `out` in order; `None` for
     /// a slab with no place (unknown or expired lease, a block out of range: its bytes are
     /// read and dropped).
-    ///
-    /// # Safety contract
-    /// The returned memory must stay valid, and be written by nobody else, until
-    /// [`end`](Self::end) or [`abort`](Self::abort) is called for the lease.
+    /// (The memory's validity is the trait's safety contract.)
     fn slots(
         &self,
         lease: u64,
@@ -335,7 +347,7 @@ mod tests {
         done: Mutex<mpsc::Sender<(u64, u32, u64)>>,
     }
 
-    impl SlabSink for Buffers {
+    unsafe impl SlabSink for Buffers {
         fn slots(
             &self,
             lease: u64,

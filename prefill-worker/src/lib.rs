@@ -91,11 +91,16 @@ pub struct PrefillConfig {
     pub max_waiting: usize,
 }
 
+/// Default of [`PrefillConfig::max_batch_tokens`].
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// Default of [`PrefillConfig::max_waiting`].
+pub const DEFAULT_MAX_WAITING: usize = 64;
+
 impl Default for PrefillConfig {
     fn default() -> Self {
         PrefillConfig {
-            max_batch_tokens: 2048,
-            max_waiting: 64,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_waiting: DEFAULT_MAX_WAITING,
         }
     }
 }
@@ -292,7 +297,11 @@ impl Loop {
                 events.push(WorkerEvent::Done);
             } else {
                 let mut state = GenerationState::new(p.clone(), job.prompt.len());
-                let ev = state.next(&self.engine.tokenizer, last, self.engine.max_context());
+                let ev = state.next(
+                    &self.engine.frontend.tokenizer,
+                    last,
+                    self.engine.max_context(),
+                );
                 events.push(WorkerEvent::Token(ev));
             }
         }

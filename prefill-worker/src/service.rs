@@ -127,8 +127,8 @@ impl PrefillWorker for PrefillService {
         let kv = &self.engine.kv;
         Ok(Response::new(pb::WorkerStats {
             role: "prefill".into(),
-            model_id: self.engine.model_id.clone(),
-            fingerprint: self.engine.fingerprint,
+            model_id: self.engine.frontend.model_id.clone(),
+            fingerprint: self.engine.frontend.fingerprint,
             kv_blocks_total: kv.n_blocks() as u64,
             kv_blocks_free: kv.free_blocks() as u64,
             waiting: self.handle.queued() as u32,

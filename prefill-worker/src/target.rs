@@ -28,31 +28,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// How KV reaches the decode worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Shm,
-    Tcp,
-}
-
-impl Transport {
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Shm => "shm",
-            Transport::Tcp => "tcp",
-        }
-    }
-
-    /// `"shm"`, `"tcp"`, or `""` (pick).
-    pub fn parse(s: &str) -> Result<Option<Transport>, String> {
-        match s {
-            "" | "auto" => Ok(None),
-            "shm" => Ok(Some(Transport::Shm)),
-            "tcp" => Ok(Some(Transport::Tcp)),
-            other => Err(format!("unknown KV transport '{other}' (shm, tcp or auto)")),
-        }
-    }
-}
+pub use protocol::KvTransport as Transport;
 
 /// The open ends of transports: mapped pools and idle data-plane connections.
 pub struct Targets {
@@ -63,15 +39,26 @@ pub struct Targets {
 }
 
 /// A job ready to compute: the sequence the pass writes, and how its KV leaves.
+///
+/// Field order is drop order: `push` (which joins the sender thread reading `seq`'s slabs)
+/// drops before `seq` (which returns the blocks to the pool). `seq` is private to this crate,
+/// so nothing outside can move the sequence out from under the sender:
+///
+/// ```compile_fail
+/// fn take(p: prefill_worker::target::Prepared) -> engine::KvSequence {
+///     p.seq
+/// }
+/// ```
 pub struct Prepared {
-    pub seq: KvSequence,
+    /// The TCP transfer reading `seq`'s slabs; `None` when the pass writes in place (shm).
+    push: Option<TcpPush>,
+    pub(crate) seq: KvSequence,
     /// Positions of `seq` that the decode worker already has (not sent, not hashed).
     target_cached: usize,
     /// The blocks the pass writes for the decode worker (sent, hashed).
     written: Range<usize>,
     /// Positions `seq` held before the pass (read in place, not computed).
     pub computed_from: usize,
-    push: Option<TcpPush>,
     transport: Transport,
 }
 
@@ -100,7 +87,7 @@ impl Targets {
         let layout = self.engine.kv.layout();
         let bs = layout.block_size;
         let cached = t.cached_tokens as usize;
-        if t.fingerprint != self.engine.fingerprint {
+        if t.fingerprint != self.engine.frontend.fingerprint {
             return Err(WorkerError::Internal(
                 "the decode worker runs another model, precision or KV format".into(),
             ));
@@ -262,7 +249,8 @@ enum Push {
 /// Slab addresses per layer, for the sender thread.
 struct Slabs(Vec<Vec<(*const u8, usize)>>);
 // SAFETY: the slabs belong to a sequence that outlives the sender thread: `TcpPush` is a
-// field of the `Prepared` holding the sequence, and joins the thread in `finish` or on drop.
+// field of the `Prepared` holding the sequence, declared before it (so dropped, and the thread
+// joined, first), and joins the thread in `finish`, which runs before the `Prepared` drops.
 unsafe impl Send for Slabs {}
 
 /// A TCP transfer running beside the forward pass.

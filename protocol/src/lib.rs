@@ -1,9 +1,9 @@
 //! Tandem's wire protocol: the gRPC control plane `tandem.v1` (`proto/tandem/v1/worker.proto`,
-//! compiled by protox at build time) and its one mapping to and from the engine's types.
+//! compiled by protox at build time) and its one mapping to and from the request types.
 //!
 //! # Layout
 //! - [`pb`]: the generated messages, clients and servers.
-//! - this file: conversions between `pb` and `engine::request` / `engine::sampler`.
+//! - this file: conversions between `pb` and `frontend::request` / `frontend::sampling`.
 //! - `discovery` (feature `etcd`): workers registering in etcd, the scheduler watching.
 
 #[cfg(feature = "etcd")]
@@ -14,14 +14,48 @@ pub mod pb {
     tonic::include_proto!("tandem.v1");
 }
 
-use engine::TokenId;
-use engine::request::{FinishReason, GenerationParams, TokenEvent, WorkerError, WorkerEvent};
-use engine::sampler::{SamplingParams, TokenLogprobs};
+use frontend::TokenId;
+use frontend::request::{FinishReason, GenerationParams, TokenEvent, WorkerError, WorkerEvent};
+use frontend::sampling::{SamplingParams, TokenLogprobs};
 
 /// The protocol version this build speaks (the `.proto` package's).
 pub const VERSION: &str = "tandem.v1";
 
-/// A message that does not map onto the engine's types.
+/// How a prompt's KV moves from a prefill worker to a decode worker (the `transport` field of
+/// `Prefill` and its reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvTransport {
+    /// The prefill worker maps the decode worker's pool file and writes in place (one host).
+    Shm,
+    /// The prefill worker streams slabs to the decode worker's data plane.
+    Tcp,
+}
+
+impl KvTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvTransport::Shm => "shm",
+            KvTransport::Tcp => "tcp",
+        }
+    }
+
+    /// The wire field: `"shm"`, `"tcp"`, or `""` / `"auto"` (the prefill worker picks).
+    pub fn parse(s: &str) -> Result<Option<KvTransport>, String> {
+        match s {
+            "" | "auto" => Ok(None),
+            "shm" => Ok(Some(KvTransport::Shm)),
+            "tcp" => Ok(Some(KvTransport::Tcp)),
+            other => Err(format!("unknown KV transport '{other}' (shm, tcp or auto)")),
+        }
+    }
+
+    /// The wire field of an optional choice.
+    pub fn wire(t: Option<KvTransport>) -> String {
+        t.map(|t| t.name().to_string()).unwrap_or_default()
+    }
+}
+
+/// A message that does not map onto the request types.
 #[derive(Debug, thiserror::Error)]
 #[error("malformed {0}")]
 pub struct Malformed(pub &'static str);
@@ -136,7 +170,7 @@ pub fn error_to_pb(err: &WorkerError) -> pb::WorkerError {
     }
 }
 
-/// A wire error as the engine's type.
+/// A wire error as the request types' one.
 pub fn error_from_pb(e: &pb::WorkerError) -> WorkerError {
     match pb::worker_error::Kind::try_from(e.kind) {
         Ok(pb::worker_error::Kind::Overloaded) => WorkerError::Overloaded(e.message.clone()),

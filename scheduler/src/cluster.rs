@@ -1,70 +1,68 @@
-//! The workers a scheduler routes to: one colocated worker in this process (how vLLM runs;
-//! `tandem up --colocated`), or the disaggregated cluster of prefill and decode worker
-//! processes reached over gRPC ([`crate::remote`]).
+//! The seam between the HTTP front door and whatever generates tokens, as TGI's router
+//! defines its `Backend`: a [`Workers`] implementation takes a tokenized prompt and streams
+//! [`WorkerEvent`]s back. Two exist: the disaggregated cluster of prefill and decode worker
+//! processes reached over gRPC ([`crate::remote`]), and one colocated worker in this process
+//! (how vLLM runs; `tandem up --colocated`), which the `decode-worker` crate provides, so this
+//! crate links no model runtime and no kernels.
 
 use crate::error::ApiError;
 use crate::remote::{Remote, RemoteConfig};
-use decode_worker::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
-use engine::{Engine, TokenId};
+use frontend::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use frontend::{Frontend, TokenId};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use tokio::sync::mpsc;
 
-enum Entry {
-    Colocated(DecodeHandle),
-    Remote(Arc<Remote>),
+/// What generates tokens for the scheduler.
+pub trait Workers: Send + Sync {
+    /// Queues a prompt; its events arrive on the returned channel. A full queue is
+    /// [`ApiError::Overloaded`] (503), never a wait.
+    fn submit(
+        &self,
+        id: RequestId,
+        prompt: Vec<TokenId>,
+        params: GenerationParams,
+        cancel: CancelFlag,
+    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError>;
+
+    /// Stops after in-flight work drains (called once the HTTP server has stopped).
+    fn shutdown(self: Box<Self>) {}
 }
 
-/// Where requests go.
+/// Where requests go: the model's frontend and the workers behind it.
 pub struct Cluster {
-    engine: Arc<Engine>,
-    entry: Entry,
-    threads: Vec<JoinHandle<()>>,
+    frontend: Arc<Frontend>,
+    workers: Box<dyn Workers>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl Cluster {
-    /// A colocated worker; at most `queue` requests wait to start before new ones get 503.
-    pub fn start(engine: Arc<Engine>, queue: usize) -> Cluster {
-        Cluster::colocated(
-            engine,
-            WorkerConfig {
-                max_waiting: queue,
-                ..WorkerConfig::default()
-            },
-        )
-    }
-
-    /// One worker in this process prefills and decodes, in continuous batches.
-    pub fn colocated(engine: Arc<Engine>, worker: WorkerConfig) -> Cluster {
-        let (decode, thread) = decode_worker::spawn(engine.clone(), worker);
+    /// Requests go to `workers`; `frontend` tokenizes and renders for them.
+    pub fn new(frontend: Arc<Frontend>, workers: Box<dyn Workers>) -> Cluster {
         Cluster {
-            engine,
-            entry: Entry::Colocated(decode),
-            threads: vec![thread],
+            frontend,
+            workers,
+            remote: None,
         }
     }
 
-    /// Worker processes over gRPC; `engine` is the model's frontend (tokenizer, template,
-    /// limits: [`Engine::load_frontend`]). Call inside a tokio runtime.
-    pub fn remote(engine: Arc<Engine>, cfg: RemoteConfig) -> Result<Cluster, ApiError> {
+    /// Worker processes over gRPC. Call inside a tokio runtime.
+    pub fn remote(frontend: Arc<Frontend>, cfg: RemoteConfig) -> Result<Cluster, ApiError> {
+        let remote = Remote::start(cfg)?;
         Ok(Cluster {
-            engine,
-            entry: Entry::Remote(Remote::start(cfg)?),
-            threads: Vec::new(),
+            frontend,
+            workers: Box::new(remote.clone()),
+            remote: Some(remote),
         })
     }
 
     /// The disaggregated workers, when this cluster has them.
     pub fn remote_workers(&self) -> Option<&Arc<Remote>> {
-        match &self.entry {
-            Entry::Remote(r) => Some(r),
-            Entry::Colocated(_) => None,
-        }
+        self.remote.as_ref()
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    /// The model's tokenizer, template, name and limits.
+    pub fn frontend(&self) -> &Arc<Frontend> {
+        &self.frontend
     }
 
     /// Queues a prompt; its events arrive on the returned channel.
@@ -75,35 +73,23 @@ impl Cluster {
         params: GenerationParams,
         cancel: CancelFlag,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
-        match &self.entry {
-            Entry::Remote(r) => r.submit(id, prompt, params, cancel),
-            Entry::Colocated(d) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let req = NewRequest {
-                    id,
-                    generated: Vec::new(),
-                    prompt,
-                    params,
-                    events: tx,
-                    cancel,
-                };
-                d.submit_request(req).map_err(|e| match e {
-                    SubmitError::QueueFull => ApiError::Overloaded(
-                        "the server is at capacity (request queue full); retry shortly".into(),
-                    ),
-                    SubmitError::Stopped => ApiError::Internal("the worker has stopped".into()),
-                })?;
-                Ok(rx)
-            }
-        }
+        self.workers.submit(id, prompt, params, cancel)
     }
 
     /// Stops the workers after in-flight work drains (call once the HTTP server has stopped).
     pub fn shutdown(self) {
-        let Cluster { entry, threads, .. } = self;
-        drop(entry);
-        for t in threads {
-            let _ = t.join();
-        }
+        self.workers.shutdown();
+    }
+}
+
+impl Workers for Arc<Remote> {
+    fn submit(
+        &self,
+        id: RequestId,
+        prompt: Vec<TokenId>,
+        params: GenerationParams,
+        cancel: CancelFlag,
+    ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
+        Remote::submit(self, id, prompt, params, cancel)
     }
 }

@@ -53,7 +53,7 @@ impl AppState {
     }
 
     pub fn model_id(&self) -> &str {
-        &self.cluster.engine().model_id
+        &self.cluster.frontend().model_id
     }
 
     /// A request naming another model is a 404, as OpenAI answers.

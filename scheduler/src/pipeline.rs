@@ -6,13 +6,13 @@
 use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::metrics as m;
-use engine::request::{
+use frontend::request::{
     CancelFlag, FinishReason, GenerationParams, RequestId, WorkerError, WorkerEvent,
 };
-use engine::sampler::TokenLogprobs;
-use engine::stop::StopMatcher;
-use engine::tokenizer::StreamDecoder;
-use engine::{Engine, TokenId};
+use frontend::sampling::TokenLogprobs;
+use frontend::stop::StopMatcher;
+use frontend::tokenizer::StreamDecoder;
+use frontend::{Frontend, TokenId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -91,7 +91,7 @@ pub fn submit(
             cancels.push(cancel.clone());
             let driver = ChoiceDriver {
                 index: p * n + i,
-                engine: cluster.engine().clone(),
+                fe: cluster.frontend().clone(),
                 stop: StopMatcher::new(stops.to_vec()),
                 decoder: StreamDecoder::default(),
                 cancel,
@@ -110,7 +110,7 @@ pub fn submit(
 
 struct ChoiceDriver {
     index: usize,
-    engine: Arc<Engine>,
+    fe: Arc<Frontend>,
     stop: StopMatcher,
     decoder: StreamDecoder,
     cancel: CancelFlag,
@@ -167,7 +167,7 @@ impl ChoiceDriver {
                         m::record_ttft(self.endpoint, now - self.started);
                     }
                     n_tokens += 1;
-                    let piece = self.decoder.push(&self.engine.tokenizer, t.token);
+                    let piece = self.decoder.push(&self.fe.tokenizer, t.token);
                     let (text, stopped) = self.stop.push(&piece);
                     up.text = text;
                     up.tokens.push((t.token, t.logprobs));

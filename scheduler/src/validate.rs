@@ -3,8 +3,8 @@
 
 use crate::error::ApiError;
 use crate::protocol::SamplingFields;
-use engine::request::GenerationParams;
-use engine::sampler::SamplingParams;
+use frontend::request::GenerationParams;
+use frontend::sampling::SamplingParams;
 
 /// Most choices one request may ask for.
 pub const MAX_N: u32 = 16;

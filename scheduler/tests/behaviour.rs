@@ -114,7 +114,7 @@ async fn echo_with_max_tokens_zero_scores_the_prompt() {
     let ids: Vec<u32> = srv
         .state
         .cluster
-        .engine()
+        .frontend()
         .tokenizer
         .encode("the other theory", true)
         .unwrap();
@@ -164,7 +164,7 @@ async fn a_client_that_disconnects_frees_its_kv_blocks() {
         ..Default::default()
     })
     .await;
-    let engine = srv.state.cluster.engine().clone();
+    let engine = srv.engine.clone();
     let total = engine.kv.n_blocks();
     let url = format!("{}/v1/completions", srv.url);
     let body = |stream: bool| json!({"model": "tiny", "prompt": "the", "max_tokens": 3000, "ignore_eos": true, "stream": stream});
@@ -244,7 +244,7 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing() {
         }
     }
     assert!(ok > 0 && busy > 0, "ok {ok}, 503 {busy}");
-    let engine = srv.state.cluster.engine();
+    let engine = &srv.engine;
     let t0 = Instant::now();
     while engine.kv.free_blocks() != engine.kv.n_blocks() {
         assert!(t0.elapsed() < Duration::from_secs(5));

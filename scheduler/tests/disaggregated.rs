@@ -23,7 +23,10 @@ async fn every_topology_gives_the_tokens_of_each_request_alone() {
     let (dir, model) = tiny();
     let c = case(&model, 24, N_GEN, 0xd15a66);
 
-    let colocated = Cluster::start(Arc::new(Engine::load(&model, &config(None)).unwrap()), 64);
+    let colocated = decode_worker::colocated::cluster(
+        Arc::new(Engine::load(&model, &config(None)).unwrap()),
+        Default::default(),
+    );
     check(&colocated, &c, "colocated").await;
 
     let d = decode_node(&model, dir.path(), "127.0.0.1:0", 64);
@@ -216,9 +219,7 @@ async fn a_commit_with_a_wrong_checksum_is_refused_and_its_blocks_freed() {
     use protocol::pb::decode_worker_client::DecodeWorkerClient;
     let (dir, model) = tiny();
     let d = decode_node(&model, dir.path(), "127.0.0.1:0", 4);
-    let fingerprint = Engine::load_frontend(&model, &config(None))
-        .unwrap()
-        .fingerprint;
+    let fingerprint = frontend_of(&model).fingerprint;
     let mut c = DecodeWorkerClient::connect(format!("http://{}", d.addr))
         .await
         .unwrap();

@@ -6,7 +6,6 @@ mod common;
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
 use engine::{Engine, EngineConfig};
 use scheduler::AppState;
-use scheduler::cluster::Cluster;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -24,7 +23,13 @@ async fn server() -> (String, Arc<Engine>) {
         kv_shared_path: None,
     };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
-    let state = AppState::new(Arc::new(Cluster::start(engine.clone(), 16)));
+    let state = AppState::new(Arc::new(decode_worker::colocated::cluster(
+        engine.clone(),
+        decode_worker::WorkerConfig {
+            max_waiting: 16,
+            ..Default::default()
+        },
+    )));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(scheduler::serve(
@@ -54,7 +59,7 @@ async fn greedy_api_output_matches_llama_cpp_and_chat_answers() {
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let want_text = engine.tokenizer.decode(&want);
+    let want_text = engine.frontend.tokenizer.decode(&want);
     let body = json!({"model": DEFAULT_MODEL.id, "prompt": case["rendered"], "max_tokens": 32, "temperature": 0, "ignore_eos": true});
     let (status, v) = common::post(&format!("{url}/v1/completions"), body.clone()).await;
     assert_eq!(status, 200, "{v}");

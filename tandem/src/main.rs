@@ -1,9 +1,8 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
-mod engine_bench;
-mod kv_bench;
+mod args;
+mod process;
 mod roles;
-mod roofline;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -23,13 +22,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a whole cluster on this machine (a scheduler, prefill and decode worker processes, supervised) and serve the OpenAI API; `--colocated`: one process, one worker.
-    Up(up::UpArgs),
+    Up(args::UpArgs),
     /// Run the scheduler alone: the OpenAI API in front of prefill and decode workers.
-    Scheduler(roles::SchedulerArgs),
+    Scheduler(args::SchedulerArgs),
     /// Run a prefill worker: computes prompts' KV caches into decode workers' blocks.
-    Prefill(roles::PrefillArgs),
+    Prefill(args::PrefillArgs),
     /// Run a decode worker: continuous batching over its KV pool, streaming tokens.
-    Decode(roles::DecodeArgs),
+    Decode(args::DecodeArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
     Bench(Box<bench::args::BenchCommand>),
     /// Manage model files.
@@ -46,13 +45,13 @@ enum Command {
 #[derive(Subcommand)]
 enum KernelsCommand {
     /// The machine's int8 peak and read bandwidth, and the W8A8 kernels against them.
-    Roofline(roofline::RooflineArgs),
+    Roofline(bench::measure::roofline::RooflineArgs),
 }
 
 #[derive(Subcommand)]
 enum KvCommand {
     /// KV transfer throughput per transport (shared memory, TCP) against memcpy and a raw loopback socket.
-    Bench(kv_bench::KvBenchArgs),
+    Bench(bench::measure::kv::KvBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -66,7 +65,7 @@ enum ModelCommand {
     /// Write an exact F32 copy of a GGUF (every tensor dequantized), e.g. as a reference for llama.cpp.
     ExportF32 { input: PathBuf, output: PathBuf },
     /// Single-stream prefill (pp) and decode (tg) speed of the engine, like llama-bench.
-    Bench(engine_bench::BenchArgs),
+    Bench(bench::measure::engine::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -107,42 +106,28 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::Model(ModelCommand::Bench(args)) => engine_bench::run(args),
-        Command::Kernels(KernelsCommand::Roofline(args)) => roofline::run(args),
-        Command::Kv(KvCommand::Bench(args)) => kv_bench::run(args),
+        Command::Model(ModelCommand::Bench(args)) => {
+            let threads = process::init_compute_threads(args.threads)?;
+            bench::measure::engine::run(
+                &args,
+                threads,
+                &process::model_path(args.model.as_deref())?,
+            )
+        }
+        Command::Kernels(KernelsCommand::Roofline(args)) => {
+            let threads = process::init_compute_threads(args.threads)?;
+            let model = process::model_config(args.model.as_deref())?;
+            bench::measure::roofline::run(&args, threads, &model)
+        }
+        Command::Kv(KvCommand::Bench(args)) => {
+            let model = process::model_config(args.model.as_deref())?;
+            bench::measure::kv::run(&args, &model, &process::pin)
+        }
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;
-            engine::gguf::export_f32(&g, &output)?;
+            engine::weights::export_f32(&g, &output)?;
             eprintln!("tandem: wrote {}", output.display());
             Ok(())
         }
-    }
-}
-
-/// Sizes the kernels' compute pool and rayon's pool (used only to load weights in parallel);
-/// default: every core. Returns the thread count.
-fn init_compute_threads(threads: Option<usize>) -> anyhow::Result<usize> {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global()
-        .map_err(|e| anyhow::anyhow!("starting the compute thread pool: {e}"))?;
-    Ok(kernels::pool::init(n))
-}
-
-/// The GGUF to load: the given path, or the default model (fetched into the cache if needed).
-fn model_path(model: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
-    match model {
-        Some(p) => Ok(p.to_path_buf()),
-        None => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
-            &|m| eprintln!("tandem: {m}"),
-        )
-        .map_err(|e| anyhow::anyhow!("fetching the default model: {e}")),
     }
 }

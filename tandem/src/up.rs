@@ -4,53 +4,15 @@
 //! runs the scheduler and one continuous-batching worker in this process instead (how vLLM
 //! runs), for comparison.
 
-use crate::roles::ModelArgs;
+use crate::args::{
+    ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, SchedulerArgs, UpArgs,
+};
+use crate::process::{model_path, shutdown_signal};
 use anyhow::Context;
-use clap::Args;
-use decode_worker::WorkerConfig;
 use engine::Engine;
-use scheduler::cluster::Cluster;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
-
-#[derive(Args, Debug)]
-pub struct UpArgs {
-    /// Address to listen on.
-    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on.
-    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
-    pub port: u16,
-    /// One worker in this process prefills and decodes (vLLM's way), instead of separate prefill and decode worker processes.
-    #[arg(long)]
-    pub colocated: bool,
-    /// Prefill worker processes.
-    #[arg(long, default_value_t = 1)]
-    pub prefill: usize,
-    /// Decode worker processes.
-    #[arg(long, default_value_t = 1)]
-    pub decode: usize,
-    /// Pin each worker process to its own core (round robin over this machine's cores; one compute thread each).
-    #[arg(long)]
-    pub pin: bool,
-    #[command(flatten)]
-    pub routing: crate::roles::RoutingArgs,
-    /// Requests that may wait to start (or be in flight, disaggregated) before new ones get 503.
-    #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = 256)]
-    pub max_queue: usize,
-    /// Tokens per forward step (decode tokens first, prefill chunks fill the rest), as vLLM's flag.
-    #[arg(long, env = "TANDEM_MAX_NUM_BATCHED_TOKENS", default_value_t = 256)]
-    pub max_num_batched_tokens: usize,
-    /// Sequences in the running batch at most, as vLLM's flag.
-    #[arg(long, env = "TANDEM_MAX_NUM_SEQS", default_value_t = 64)]
-    pub max_num_seqs: usize,
-    /// Largest request body, in bytes.
-    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BODY)]
-    pub max_body_bytes: usize,
-    #[command(flatten)]
-    pub model: ModelArgs,
-}
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.colocated {
@@ -61,27 +23,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 fn colocated(args: UpArgs) -> anyhow::Result<()> {
-    if !args.model.cpus.is_empty() {
-        crate::roles::pin(&args.model.cpus)?;
-    }
-    let threads = crate::init_compute_threads(
-        args.model
-            .threads
-            .or((!args.model.cpus.is_empty()).then_some(args.model.cpus.len())),
-    )?;
-    let path = crate::model_path(args.model.model.as_deref())?;
-    let default_id = args
-        .model
-        .model
-        .is_none()
-        .then(|| engine::fetch::DEFAULT_MODEL.id.to_string());
-    let cfg = engine::EngineConfig {
-        kv_budget_bytes: args.model.kv_cache_mib << 20,
-        model_id: args.model.served_model_name.clone().or(default_id),
-        precision: args.model.precision,
-        kv_dtype: args.model.kv_cache_dtype,
-        kv_shared_path: None,
-    };
+    let threads = args.compute.setup()?;
+    let path = model_path(args.model.model.as_deref())?;
+    let cfg = args.compute.engine_config(&args.model);
     eprintln!(
         "tandem: loading {} ({threads} threads, SIMD level {})",
         path.display(),
@@ -89,21 +33,17 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
     );
     let engine =
         Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
-    let model_id = engine.model_id.clone();
-    let cluster = Arc::new(Cluster::colocated(
+    let model_id = engine.frontend.model_id.clone();
+    let cluster = Arc::new(decode_worker::colocated::cluster(
         engine,
-        WorkerConfig {
-            max_batch_tokens: args.max_num_batched_tokens.max(1),
-            max_running: args.max_num_seqs.max(1),
-            max_waiting: args.max_queue,
-        },
+        args.batch.worker_config(),
     ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let addr = format!("{}:{}", args.host, args.port);
+        let addr = format!("{}:{}", args.http.host, args.http.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -111,7 +51,7 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), colocated");
         print_try(&url, &model_id);
         let state = scheduler::AppState::new(cluster.clone());
-        scheduler::serve(listener, state, args.max_body_bytes, shutdown_signal()).await?;
+        scheduler::serve(listener, state, args.http.max_body_bytes, shutdown_signal()).await?;
         eprintln!("tandem: shutting down");
         anyhow::Ok(())
     })?;
@@ -198,102 +138,77 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         args.decode >= 1,
         "a cluster needs at least one decode worker"
     );
-    args.routing.config()?;
     // Fetch once here, so that the children do not race to download the model.
-    let path = crate::model_path(args.model.model.as_deref())?;
+    let model = ModelArgs {
+        model: Some(model_path(args.model.model.as_deref())?),
+        served_model_name: args.model.model_id(),
+        ..args.model.clone()
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let m = &args.model;
-    let mut common = vec![
-        "--model".to_string(),
-        path.display().to_string(),
-        "--precision".into(),
-        m.precision.to_string(),
-        "--kv-cache-dtype".into(),
-        m.kv_cache_dtype.to_string(),
-        "--kv-cache-mib".into(),
-        m.kv_cache_mib.to_string(),
-    ];
-    let served = m.served_model_name.clone().or_else(|| {
-        m.model
-            .is_none()
-            .then(|| engine::fetch::DEFAULT_MODEL.id.to_string())
-    });
-    if let Some(n) = &served {
-        common.extend(["--served-model-name".into(), n.clone()]);
-    }
-    if let Some(t) = m.threads {
-        common.extend(["--threads".into(), t.to_string()]);
-    }
-    let mut members = Vec::new();
-    let mut core = 0usize;
-    let mut pin = |a: &mut Vec<String>| {
-        if args.pin {
-            a.extend(["--cpus".into(), (core % cores).to_string()]);
-            core += 1;
+    let mut next_core = 0usize;
+    let mut compute = || {
+        let cpus = if args.pin {
+            next_core += 1;
+            vec![(next_core - 1) % cores]
+        } else {
+            Vec::new()
+        };
+        ComputeArgs {
+            cpus,
+            ..args.compute.clone()
         }
     };
+    let no_discovery = DiscoveryArgs {
+        etcd: Vec::new(),
+        etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
+        advertise_host: None,
+    };
+    let mut members = Vec::new();
     let mut decode_addrs = Vec::new();
     for i in 0..args.decode {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let mut a = vec![
-            "decode".to_string(),
-            "--listen".into(),
-            addr.clone(),
-            "--kv-listen".into(),
-            "127.0.0.1:0".into(),
-            "--max-num-batched-tokens".into(),
-            args.max_num_batched_tokens.to_string(),
-            "--max-num-seqs".into(),
-            args.max_num_seqs.to_string(),
-            "--max-queue".into(),
-            args.max_queue.to_string(),
-        ];
-        a.extend(common.iter().cloned());
-        pin(&mut a);
-        decode_addrs.push(addr);
-        members.push(member(format!("decode-{i}"), a));
+        let d = DecodeArgs {
+            listen: format!("127.0.0.1:{}", free_port()?),
+            kv_listen: "127.0.0.1:0".into(),
+            no_shm: false,
+            discovery: no_discovery.clone(),
+            batch: args.batch.clone(),
+            model: model.clone(),
+            compute: compute(),
+        };
+        decode_addrs.push(d.listen.clone());
+        members.push(member(format!("decode-{i}"), d.to_args()));
     }
     let mut prefill_addrs = Vec::new();
     for i in 0..args.prefill {
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let mut a = vec!["prefill".to_string(), "--listen".into(), addr.clone()];
-        a.extend(common.iter().cloned());
-        pin(&mut a);
-        prefill_addrs.push(addr);
-        members.push(member(format!("prefill-{i}"), a));
+        let p = PrefillArgs {
+            listen: format!("127.0.0.1:{}", free_port()?),
+            max_prefill_tokens: prefill_worker::DEFAULT_MAX_BATCH_TOKENS,
+            max_prefill_waiting: prefill_worker::DEFAULT_MAX_WAITING,
+            discovery: no_discovery.clone(),
+            model: model.clone(),
+            compute: compute(),
+        };
+        prefill_addrs.push(p.listen.clone());
+        members.push(member(format!("prefill-{i}"), p.to_args()));
     }
-    let mut s = vec![
-        "scheduler".to_string(),
-        "--host".into(),
-        args.host.clone(),
-        "--port".into(),
-        args.port.to_string(),
-        "--decode".into(),
-        decode_addrs.join(","),
-        "--max-queue".into(),
-        args.max_queue.to_string(),
-        "--max-body-bytes".into(),
-        args.max_body_bytes.to_string(),
-        "--model".into(),
-        path.display().to_string(),
-    ];
-    s.extend(args.routing.to_args());
-    if !prefill_addrs.is_empty() {
-        s.extend(["--prefill".into(), prefill_addrs.join(",")]);
-    }
-    if let Some(n) = &served {
-        s.extend(["--served-model-name".into(), n.clone()]);
-    }
-    members.push(member("scheduler".into(), s));
+    let s = SchedulerArgs {
+        http: args.http.clone(),
+        prefill: prefill_addrs,
+        decode: decode_addrs,
+        etcd: Vec::new(),
+        routing: args.routing.clone(),
+        model,
+    };
+    members.push(member("scheduler".into(), s.to_args()));
     eprintln!(
         "tandem: cluster of {} prefill + {} decode worker(s){}; scheduler on http://{}:{} (OpenAI API under /v1)",
         args.prefill,
         args.decode,
         if args.pin { ", pinned" } else { "" },
-        args.host,
-        args.port
+        args.http.host,
+        args.http.port
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -377,23 +292,4 @@ async fn run_members(mut members: Vec<Member>) -> anyhow::Result<()> {
     }
     eprintln!("tandem: cluster stopped");
     Ok(())
-}
-
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -28,6 +28,7 @@ use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 mod sequence;
+pub use frontend::precision::KvDtype;
 pub use sequence::KvSequence;
 
 /// Tokens per KV block.
@@ -36,55 +37,6 @@ pub const BLOCK_SIZE: usize = 16;
 /// Index of a block in a [`KvPool`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockId(pub u32);
-
-/// How K and V values are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvDtype {
-    /// IEEE half precision: half the memory and attention bandwidth of f32 (llama.cpp's default
-    /// too); values are rounded once, when written.
-    #[default]
-    F16,
-    /// Exact: the golden tests compare against llama.cpp run with an f32 cache.
-    F32,
-    /// 8 bits with an f32 scale per position and KV head: about a quarter of f32's memory
-    /// (more sequences per byte of budget); slower to read on this CPU path than f16.
-    Int8,
-}
-
-impl KvDtype {
-    /// Bytes per stored value (scales of `Int8` come on top).
-    pub fn bytes(self) -> usize {
-        match self {
-            KvDtype::F16 => 2,
-            KvDtype::F32 => 4,
-            KvDtype::Int8 => 1,
-        }
-    }
-}
-
-impl std::str::FromStr for KvDtype {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "f16" | "auto" => Ok(KvDtype::F16),
-            "f32" => Ok(KvDtype::F32),
-            "int8" => Ok(KvDtype::Int8),
-            other => Err(format!(
-                "unknown KV cache type '{other}' (f16, f32 or int8)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for KvDtype {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            KvDtype::F16 => "f16",
-            KvDtype::F32 => "f32",
-            KvDtype::Int8 => "int8",
-        })
-    }
-}
 
 /// The geometry of every block in a pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -418,6 +370,15 @@ impl KvPool {
             a.hash_of[i] = Some(h);
             a.by_hash.insert(h, b);
         }
+    }
+
+    /// Whether one holder may overwrite block `b`: it is held once and is not in the prefix
+    /// cache (a cached block is read by every sequence that finds its hash). In an attached
+    /// view the owner lent the blocks and keeps that count, so every block passes here.
+    fn exclusive(&self, b: BlockId) -> bool {
+        let a = self.allocator.lock().expect("kv allocator poisoned");
+        let i = b.0 as usize;
+        a.foreign || (a.refs[i] == 1 && a.hash_of[i].is_none())
     }
 
     /// Byte range of the `(block, layer)` slab — its K plane then its V plane — in the mapping.

@@ -56,26 +56,47 @@ impl KvSequence {
     }
 
     /// Overwrites block `i`'s slab of `layer` (bytes from another pool of the same layout).
-    pub fn write_slab(&mut self, i: usize, layer: usize, bytes: &[u8]) {
-        let r = self.pool.slab_range(self.blocks[i], layer);
-        assert_eq!(bytes.len(), r.len(), "slab size");
-        // SAFETY: this sequence holds the block and is borrowed mutably.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.pool.data.as_ptr().add(r.start),
-                r.len(),
-            )
+    /// Refused for a block this sequence shares (a prefix-cache block, held by others too or
+    /// findable by its hash): writing it would change every sequence that reads it.
+    pub fn write_slab(&mut self, i: usize, layer: usize, bytes: &[u8]) -> Result<()> {
+        let dst = self.slab_mut_ptr(i, layer)?;
+        let len = self.slab_bytes();
+        if bytes.len() != len {
+            return Err(EngineError::BadBlocks(format!(
+                "a slab of {} bytes for slabs of {len}",
+                bytes.len()
+            )));
         }
+        // SAFETY: the block is this sequence's alone (checked) and it is borrowed mutably, so
+        // nothing else reads or writes these bytes; the range lies in the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, len) }
+        Ok(())
     }
 
     /// Where block `i`'s slab of `layer` lives, for a writer outside this process's forward
-    /// passes (the TCP data plane reading straight into the block). Writing through it is
-    /// sound only while this sequence holds the block and nothing else reads or writes it.
-    pub fn slab_mut_ptr(&mut self, i: usize, layer: usize) -> *mut u8 {
-        let r = self.pool.slab_range(self.blocks[i], layer);
+    /// passes (the TCP data plane reading straight into the block). Refused, as
+    /// [`write_slab`](Self::write_slab), for a block shared with other sequences. Writing
+    /// through the pointer is sound only while this sequence holds the block and nothing else
+    /// reads or writes it (the caller's contract: the pointer outlives this borrow).
+    pub fn slab_mut_ptr(&mut self, i: usize, layer: usize) -> Result<*mut u8> {
+        let Some(&b) = self.blocks.get(i) else {
+            return Err(EngineError::BadBlocks(format!(
+                "block {i} of a sequence of {}",
+                self.blocks.len()
+            )));
+        };
+        if layer >= self.pool.layout.n_layers {
+            return Err(EngineError::BadBlocks(format!("layer {layer}")));
+        }
+        if !self.pool.exclusive(b) {
+            return Err(EngineError::BadBlocks(format!(
+                "block {} is shared (prefix cache); it cannot be overwritten",
+                b.0
+            )));
+        }
+        let r = self.pool.slab_range(b, layer);
         // SAFETY: in bounds of the mapping (slab_range checks the block and layer).
-        unsafe { self.pool.data.as_ptr().add(r.start) }
+        Ok(unsafe { self.pool.data.as_ptr().add(r.start) })
     }
 
     /// Bytes of one slab.

@@ -46,13 +46,21 @@ const QUAD: usize = 4;
 
 /// Weights `[n × k]` as 8-bit integers with a scale per output channel, packed in panels
 /// (see the module docs). Padding channels and inputs hold zero weights.
+///
+/// The SIMD bodies read the panels unchecked, so only [`quantize`](Self::quantize) sets the
+/// shape; safe code cannot make one that reads out of bounds:
+///
+/// ```compile_fail
+/// let mut w = kernels::int8::I8Weights::quantize(&[0.5; 8], 2, 4);
+/// w.n = 1 << 20;
+/// ```
 #[derive(Clone)]
 pub struct I8Weights {
     lines: Vec<Line>,
     /// Per output channel, padded with zeros to whole panels.
-    pub scale: Vec<f32>,
-    pub n: usize,
-    pub k: usize,
+    pub(crate) scale: Vec<f32>,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
 }
 
 impl std::fmt::Debug for I8Weights {
@@ -81,6 +89,21 @@ impl I8Weights {
             }
         }
         I8Weights { lines, scale, n, k }
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per channel.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Per output channel scales (padded with zeros to whole panels).
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
     }
 
     /// Quads of inputs (lines per panel).
@@ -128,22 +151,55 @@ impl I8Weights {
 }
 
 /// Activations `[m × k]` quantized per token, one scale per `group` inputs ([`GROUP`] unless a
-/// benchmark asks otherwise).
+/// benchmark asks otherwise). Built only by the quantizers (the fields are the crate's):
+///
+/// ```compile_fail
+/// let mut a = kernels::int8::I8Acts::quantize(&[0.5; 8], 2, 4);
+/// a.q.clear();
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct I8Acts {
     /// `[m × stride()]`: each row zero-padded to a whole number of quads.
-    pub q: Vec<i8>,
+    pub(crate) q: Vec<i8>,
     /// `[m × groups()]`.
-    pub scale: Vec<f32>,
+    pub(crate) scale: Vec<f32>,
     /// `[m × groups()]`: `−128 · Σ q` over the group, what the weights' offset adds.
-    pub corr: Vec<i32>,
-    pub m: usize,
-    pub k: usize,
+    pub(crate) corr: Vec<i32>,
+    pub(crate) m: usize,
+    pub(crate) k: usize,
     /// Inputs per scale: a multiple of 4.
-    pub group: usize,
+    pub(crate) group: usize,
 }
 
+// The fields are private to the crate: the SIMD bodies index them unchecked, so only the
+// quantizers here may set them (each leaves them consistent; `gemm_at` checks them again).
 impl I8Acts {
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Inputs per scale.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Row `i`'s quantized values (without padding).
+    pub fn row_q(&self, i: usize) -> &[i8] {
+        self.row(i)
+    }
+
+    /// Row `i`'s scales, one per group.
+    pub fn row_scales(&self, i: usize) -> &[f32] {
+        let g = self.groups();
+        &self.scale[i * g..(i + 1) * g]
+    }
+
     /// Scales per row.
     pub fn groups(&self) -> usize {
         self.k.div_ceil(self.group)
@@ -280,6 +336,13 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
     assert_eq!(y.len(), m * n, "y shape");
     assert_eq!(x.scale.len(), m * x.groups(), "activation scales");
     assert_eq!(x.q.len(), m * x.stride(), "activation rows");
+    assert_eq!(x.corr.len(), m * x.groups(), "activation corrections");
+    assert!(
+        x.group > 0 && x.group.is_multiple_of(QUAD),
+        "activation group"
+    );
+    assert!(w.scale.len() >= w.panels() * PANEL, "weight scales");
+    assert_eq!(w.lines.len(), w.panels() * w.quads(), "weight lines");
     if m == 0 || n == 0 {
         return;
     }

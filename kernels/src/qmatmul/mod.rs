@@ -70,15 +70,22 @@ impl QFormat {
     }
 }
 
-/// `n` rows of `k` weights in one block format, packed in panels (module docs).
+/// `n` rows of `k` weights in one block format, packed in panels (module docs). Only
+/// [`pack`](Self::pack) sets the shape, which the SIMD bodies trust:
+///
+/// ```compile_fail
+/// use kernels::qmatmul::{QFormat, QWeights};
+/// let mut w = QWeights::pack(QFormat::Q8_0, &[0u8; 34], 1, 32);
+/// w.k = 1 << 20;
+/// ```
 #[derive(Clone)]
 pub struct QWeights {
-    pub format: QFormat,
+    pub(crate) format: QFormat,
     /// Per panel and block: the weight lines, then one line of scales — 16 `d` values, then
     /// (Q4_1) 16 `m` values, as f16 bits — so a panel is one sequential stream.
     lines: Vec<Line>,
-    pub n: usize,
-    pub k: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
 }
 
 impl std::fmt::Debug for QWeights {
@@ -142,6 +149,21 @@ impl QWeights {
             n,
             k,
         }
+    }
+
+    /// The block format.
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+
+    /// Output channels (rows).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
     }
 
     pub fn panels(&self) -> usize {
@@ -240,18 +262,35 @@ impl QWeights {
 }
 
 /// Activations of `m` rows quantized in blocks of 32: values, per-block scale `d`,
-/// `s = d·Σq`, and the integer `Σq`.
+/// `s = d·Σq`, and the integer `Σq`. Built only by the quantizers:
+///
+/// ```compile_fail
+/// let mut a = kernels::qmatmul::QActs::quantize(&[0.5; 32], 1, 32);
+/// a.m = 4;
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct QActs {
-    pub q: Vec<i8>,
-    pub d: Vec<f32>,
-    pub s: Vec<f32>,
-    pub sum: Vec<i32>,
-    pub m: usize,
-    pub k: usize,
+    pub(crate) q: Vec<i8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) s: Vec<f32>,
+    pub(crate) sum: Vec<i32>,
+    pub(crate) m: usize,
+    pub(crate) k: usize,
 }
 
+// The fields are private to the crate: the SIMD bodies index them unchecked, so only
+// `quantize_into` may set them (`qmatmul_at` checks them again).
 impl QActs {
+    /// Rows.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    /// Inputs per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Quantizes `x: [m × k]` (k a multiple of 32), reusing this buffer.
     pub fn quantize_into(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(k.is_multiple_of(QK) && x.len() == m * k);
@@ -330,6 +369,16 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: &QWeights, y: &mut [f32]) {
     let (m, n, k) = (x.m, w.n, w.k);
     assert_eq!(x.k, k, "inner dimensions differ");
     assert_eq!(y.len(), m * n, "y shape");
+    let nb = m * k / QK;
+    assert!(
+        x.q.len() == m * k && x.d.len() == nb && x.s.len() == nb && x.sum.len() == nb,
+        "activation buffers"
+    );
+    assert_eq!(
+        w.lines.len(),
+        w.panels() * w.blocks() * (w.format.lines() + 1),
+        "weight lines"
+    );
     if m == 0 || n == 0 || k == 0 {
         y.fill(0.0);
         return;

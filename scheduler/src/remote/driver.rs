@@ -2,8 +2,8 @@
 //! and resuming it elsewhere when a decode worker fails.
 
 use super::{Busy, Decode, Prefill, Remote, queue_depth};
-use engine::TokenId;
-use engine::request::{CancelFlag, GenerationParams, WorkerError, WorkerEvent};
+use frontend::TokenId;
+use frontend::request::{CancelFlag, GenerationParams, WorkerError, WorkerEvent};
 use protocol::pb;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -274,7 +274,7 @@ impl Driver<'_> {
                 generated: self.sent.clone(),
                 params: Some(pb::GenerationParams::from(&self.params)),
                 target: Some(target.clone()),
-                transport: self.remote.cfg.transport.clone(),
+                transport: protocol::KvTransport::wire(self.remote.cfg.transport),
             });
             match self.until_gone(call).await {
                 Err(Fault::Cancelled) => {

@@ -24,8 +24,8 @@
 mod driver;
 
 use crate::error::ApiError;
-use engine::TokenId;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use frontend::TokenId;
+use frontend::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
 use protocol::pb;
 use protocol::pb::decode_worker_client::DecodeWorkerClient;
 use protocol::pb::prefill_worker_client::PrefillWorkerClient;
@@ -49,8 +49,8 @@ pub struct RemoteConfig {
     /// prefilled on its decode worker instead (Dynamo's rule: disaggregate only while the
     /// prefill queue is short); 0: no limit.
     pub max_prefill_queue: usize,
-    /// KV transport to ask for: `""` (the prefill worker picks), `"shm"` or `"tcp"`.
-    pub transport: String,
+    /// KV transport to ask for; `None`: the prefill worker picks.
+    pub transport: Option<protocol::KvTransport>,
     /// How long a request waits for a decode worker when none is healthy.
     pub hold: Duration,
     /// Requests in flight at most; beyond it, 503.
@@ -61,16 +61,23 @@ pub struct RemoteConfig {
     pub etcd: Vec<String>,
 }
 
+/// Default of [`RemoteConfig::disagg_min_tokens`].
+pub const DEFAULT_DISAGG_MIN_TOKENS: usize = 64;
+/// Default of [`RemoteConfig::hold`], in seconds.
+pub const DEFAULT_HOLD_SECS: u64 = 60;
+/// Default of [`RemoteConfig::max_inflight`].
+pub const DEFAULT_MAX_INFLIGHT: usize = 256;
+
 impl Default for RemoteConfig {
     fn default() -> Self {
         RemoteConfig {
             prefill: Vec::new(),
             decode: Vec::new(),
-            disagg_min_tokens: 64,
+            disagg_min_tokens: DEFAULT_DISAGG_MIN_TOKENS,
             max_prefill_queue: 0,
-            transport: String::new(),
-            hold: Duration::from_secs(60),
-            max_inflight: 256,
+            transport: None,
+            hold: Duration::from_secs(DEFAULT_HOLD_SECS),
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             poll: Duration::from_millis(200),
             etcd: Vec::new(),
         }

@@ -8,10 +8,10 @@ use crate::protocol::*;
 use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use engine::Engine;
-use engine::TokenId;
-use engine::chat::ChatMessage;
-use engine::sampler::TokenLogprobs;
+use frontend::Frontend;
+use frontend::TokenId;
+use frontend::chat::ChatMessage;
+use frontend::sampling::TokenLogprobs;
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
@@ -59,15 +59,15 @@ fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 pub(crate) fn chat_logprobs(
-    engine: &Engine,
+    fe: &Frontend,
     tokens: &[(TokenId, Option<TokenLogprobs>)],
 ) -> Option<ChatLogprobs> {
     if tokens.iter().all(|(_, lp)| lp.is_none()) {
         return None;
     }
     let entry = |id: TokenId, lp: f32| {
-        let bytes = engine.tokenizer.token_bytes(id, false).to_vec();
-        (engine.tokenizer.token_text(id), lp, bytes)
+        let bytes = fe.tokenizer.token_bytes(id, false).to_vec();
+        (fe.tokenizer.token_text(id), lp, bytes)
     };
     Some(ChatLogprobs {
         content: tokens
@@ -109,22 +109,21 @@ pub async fn handler(
             "top_logprobs",
         ));
     }
-    let engine = st.cluster.engine().clone();
+    let fe = st.cluster.frontend().clone();
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<TokenId>, ApiError> {
-        let text = engine.template.render(&msgs, true).map_err(|e| {
+        let text = fe.template.render(&msgs, true).map_err(|e| {
             ApiError::invalid(
                 format!("could not apply the chat template: {e}"),
                 "messages",
             )
         })?;
-        engine
-            .tokenizer
+        fe.tokenizer
             .encode(&text, false)
             .map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let engine = st.cluster.engine();
+    let fe = st.cluster.frontend();
     let logprobs = (req.logprobs == Some(true)).then(|| req.top_logprobs.unwrap_or(0));
     let p = plan(PlanInput {
         sampling: &req.sampling,
@@ -134,7 +133,7 @@ pub async fn handler(
         logprobs,
         prompt_logprobs: None,
         prompt_len: prompt.len(),
-        max_context: engine.max_context(),
+        max_context: fe.max_context(),
         prompt_param: "messages",
     })?;
     let prompt_tokens = prompt.len();
@@ -164,7 +163,7 @@ pub async fn handler(
             .enumerate()
             .map(|(index, c): (usize, Collected)| ChatChoice {
                 index,
-                logprobs: chat_logprobs(engine, &c.tokens),
+                logprobs: chat_logprobs(fe, &c.tokens),
                 message: ChatMessageOut {
                     role: "assistant",
                     content: c.text,
@@ -235,7 +234,7 @@ fn stream(
                     chunk(
                         vec![ChatChunkChoice {
                             index: u.index,
-                            logprobs: chat_logprobs(st.cluster.engine(), &u.tokens),
+                            logprobs: chat_logprobs(st.cluster.frontend(), &u.tokens),
                             delta: ChatDelta {
                                 role: None,
                                 content: (!u.text.is_empty() || u.finish.is_none())

@@ -9,15 +9,15 @@ use crate::protocol::*;
 use crate::validate::{DefaultMax, PlanInput, plan};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use engine::sampler::TokenLogprobs;
-use engine::{Engine, TokenId};
+use frontend::sampling::TokenLogprobs;
+use frontend::{Frontend, TokenId};
 
 /// OpenAI's legacy default.
 const DEFAULT_MAX_TOKENS: usize = 16;
 
 /// Builds the legacy logprobs object; `offset` is where `tokens` start in the choice's text.
 fn legacy_logprobs(
-    engine: &Engine,
+    fe: &Frontend,
     prompt: Option<(&[TokenId], &[TokenLogprobs])>,
     tokens: &[(TokenId, Option<TokenLogprobs>)],
     mut offset: usize,
@@ -26,11 +26,11 @@ fn legacy_logprobs(
     let top_map = |lp: &TokenLogprobs| -> serde_json::Map<String, serde_json::Value> {
         lp.top
             .iter()
-            .map(|&(t, l)| (engine.tokenizer.token_text(t), serde_json::json!(l)))
+            .map(|&(t, l)| (fe.tokenizer.token_text(t), serde_json::json!(l)))
             .collect()
     };
     let mut push = |id: TokenId, lp: Option<&TokenLogprobs>| {
-        let text = engine.tokenizer.token_text(id);
+        let text = fe.tokenizer.token_text(id);
         out.text_offset.push(offset);
         offset += text.len();
         out.tokens.push(text);
@@ -69,12 +69,12 @@ pub async fn handler(
             "best_of",
         ));
     }
-    let engine = st.cluster.engine().clone();
-    let vocab = engine.model.config().vocab_size as u32;
+    let fe = st.cluster.frontend().clone();
+    let vocab = fe.config.vocab_size as u32;
     let spec = req.prompt.clone();
     let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Prompt>, ApiError> {
         let from_text = |t: String| -> Result<Prompt, ApiError> {
-            let ids = engine
+            let ids = fe
                 .tokenizer
                 .encode(&t, true)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -88,7 +88,7 @@ pub async fn handler(
                 ));
             }
             Ok(Prompt {
-                text: engine.tokenizer.decode(&ids),
+                text: fe.tokenizer.decode(&ids),
                 ids,
             })
         };
@@ -108,7 +108,7 @@ pub async fn handler(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let engine = st.cluster.engine();
+    let fe = st.cluster.frontend();
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
     if let Some(empty) = prompts.iter().position(|p| p.ids.is_empty()) {
         return Err(ApiError::invalid(
@@ -125,7 +125,7 @@ pub async fn handler(
         logprobs: req.logprobs,
         prompt_logprobs,
         prompt_len: longest,
-        max_context: engine.max_context(),
+        max_context: fe.max_context(),
         prompt_param: "prompt",
     })?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
@@ -173,7 +173,7 @@ pub async fn handler(
                         .as_deref()
                         .filter(|_| req.echo)
                         .map(|lps| (prompt.ids.as_slice(), lps));
-                    legacy_logprobs(engine, pl, &c.tokens, 0)
+                    legacy_logprobs(fe, pl, &c.tokens, 0)
                 });
                 CompletionChoice {
                     index,
@@ -214,7 +214,7 @@ fn stream(
                 choices,
                 usage,
             };
-        let engine = st.cluster.engine().clone();
+        let fe = st.cluster.frontend().clone();
         // Text offsets continue across chunks, per choice.
         let mut offsets = vec![0usize; sub.n_choices];
         let mut echoed = vec![false; sub.n_choices];
@@ -257,7 +257,7 @@ fn stream(
                     (Some(ids), Some(lps)) => Some((ids, lps)),
                     _ => None,
                 };
-                legacy_logprobs(&engine, pl, &u.tokens, offsets[u.index])
+                legacy_logprobs(&fe, pl, &u.tokens, offsets[u.index])
             });
             offsets[u.index] += text.len();
             let c = chunk(

@@ -13,7 +13,7 @@ fn card(st: &AppState) -> ModelCard {
         object: "model",
         created: st.started_unix,
         owned_by: "tandem",
-        max_model_len: st.cluster.engine().max_context(),
+        max_model_len: st.cluster.frontend().max_context(),
     }
 }
 

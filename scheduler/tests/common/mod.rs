@@ -7,13 +7,14 @@ pub mod nodes;
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig};
 use scheduler::AppState;
-use scheduler::cluster::Cluster;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
 pub struct TestServer {
     pub url: String,
     pub state: AppState,
+    /// The colocated worker's engine (its KV pool is what the tests watch).
+    pub engine: Arc<Engine>,
     stop: Option<oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
@@ -63,7 +64,13 @@ pub async fn start(opts: Options) -> TestServer {
         )
         .unwrap(),
     );
-    let cluster = Arc::new(Cluster::start(engine, opts.queue));
+    let cluster = Arc::new(decode_worker::colocated::cluster(
+        engine.clone(),
+        decode_worker::WorkerConfig {
+            max_waiting: opts.queue,
+            ..Default::default()
+        },
+    ));
     let state = AppState::new(cluster);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -79,6 +86,7 @@ pub async fn start(opts: Options) -> TestServer {
     TestServer {
         url,
         state,
+        engine,
         stop: Some(tx),
         _dir: dir,
     }

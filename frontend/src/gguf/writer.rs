@@ -2,7 +2,7 @@
 //! quantized model, for golden tests against an independent implementation).
 
 use super::{GgmlType, Value};
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use std::io::Write;
 use std::path::Path;
 
@@ -79,7 +79,7 @@ impl GgufWriter {
 
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        let io = |source| EngineError::Io {
+        let io = |source| ModelError::Io {
             path: path.to_path_buf(),
             source,
         };
@@ -135,28 +135,4 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         Value::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
         Value::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
     }
-}
-
-/// Writes an exact F32 copy of `src`: every tensor dequantized, all metadata kept
-/// (`general.file_type` set to 0, ALL_F32). llama.cpp then runs it without activation
-/// quantization, which makes it an exact-arithmetic oracle for Tandem's f32 path.
-pub fn export_f32(src: &super::GgufFile, dst: impl AsRef<Path>) -> Result<()> {
-    use super::Metadata;
-    let mut w = GgufWriter::new();
-    for k in src.keys() {
-        if k == "general.alignment" {
-            continue;
-        }
-        let v = if k == "general.file_type" {
-            Value::U32(0)
-        } else {
-            src.get(k).expect("key listed").clone()
-        };
-        w.meta(k.clone(), v);
-    }
-    for t in src.tensors() {
-        let data = src.tensor_f32(&t.name)?;
-        w.tensor_f32(t.name.clone(), &t.dims, &data);
-    }
-    w.write(dst)
 }

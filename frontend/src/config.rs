@@ -1,6 +1,6 @@
 //! Hyper-parameters of a Llama-family model, read from GGUF metadata.
 
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use crate::gguf::Metadata;
 
 /// Shape and constants of a Llama-family transformer.
@@ -24,7 +24,7 @@ impl LlamaConfig {
     pub fn from_metadata(md: &impl Metadata) -> Result<LlamaConfig> {
         let arch = md.str_req("general.architecture")?;
         if arch != "llama" {
-            return Err(EngineError::UnsupportedArchitecture(arch.to_string()));
+            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
         }
         let u = |k: &str| md.u64_req(&format!("llama.{k}")).map(|v| v as usize);
         let d_model = u("embedding_length")?;
@@ -34,7 +34,7 @@ impl LlamaConfig {
             .map(|v| v as usize)
             .unwrap_or(n_heads);
         if n_heads == 0 || n_kv_heads == 0 || d_model % n_heads != 0 || n_heads % n_kv_heads != 0 {
-            return Err(EngineError::Gguf(format!(
+            return Err(ModelError::Gguf(format!(
                 "inconsistent attention shape: d_model {d_model}, {n_heads} heads, {n_kv_heads} KV heads"
             )));
         }
@@ -42,7 +42,7 @@ impl LlamaConfig {
         if let Some(rd) = md.u64_opt("llama.rope.dimension_count")?
             && rd as usize != head_dim
         {
-            return Err(EngineError::Gguf(format!(
+            return Err(ModelError::Gguf(format!(
                 "partial RoPE ({rd} of {head_dim} dims) is not supported"
             )));
         }
@@ -51,7 +51,7 @@ impl LlamaConfig {
             None => md
                 .array_opt("tokenizer.ggml.tokens")?
                 .map(|a| a.len())
-                .ok_or_else(|| EngineError::MissingKey("tokenizer.ggml.tokens".into()))?,
+                .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.tokens".into()))?,
         };
         Ok(LlamaConfig {
             n_layers: u("block_count")?,

@@ -2,11 +2,24 @@
 //! multiply-accumulate peak, the memory read bandwidth, the W8A8 GEMM at prefill shapes and
 //! the decode GEMV over a model-sized set of weights. `tandem kernels roofline` prints them.
 
-use crate::dispatch::{SimdLevel, level};
-use crate::int8::{I8Acts, I8Weights, gemm};
-use crate::pool;
-use crate::qmatmul::{QActs, QFormat, QWeights, qmatmul};
+use kernels::dispatch::{SimdLevel, level};
+use kernels::int8::{I8Acts, I8Weights, gemm};
+use kernels::pool;
+use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 use std::time::{Duration, Instant};
+
+/// Seeded measurement data: uniform in (−1, 1), never exactly zero (xorshift).
+fn test_data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-4
+        })
+        .collect()
+}
 
 /// Runs `f` until at least `min` has passed (and at least twice); returns the best seconds per call.
 pub fn best_time(min: Duration, mut f: impl FnMut()) -> f64 {
@@ -212,8 +225,8 @@ pub fn gemm_rate_with(
     n: usize,
     quantize: impl Fn(&[f32], usize, usize) -> I8Acts,
 ) -> f64 {
-    let x = crate::test_data(m * k, 1);
-    let w = I8Weights::quantize(&crate::test_data(n * k, 2), n, k);
+    let x = test_data(m * k, 1);
+    let w = I8Weights::quantize(&test_data(n * k, 2), n, k);
     let a = quantize(&x, m, k);
     let mut y = vec![0f32; m * n];
     let secs = best_time(Duration::from_millis(400), || gemm(&a, &w, &mut y));
@@ -229,7 +242,7 @@ pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> GemvRate {
                 .iter()
                 .enumerate()
                 .map(|(s, &(n, k))| {
-                    I8Weights::quantize(&crate::test_data(n * k, (l * 16 + s) as u64 + 3), n, k)
+                    I8Weights::quantize(&test_data(n * k, (l * 16 + s) as u64 + 3), n, k)
                 })
                 .collect()
         })
@@ -237,14 +250,14 @@ pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> GemvRate {
     let nmax = shapes.iter().map(|s| s.0).max().unwrap_or(0);
     let acts: Vec<I8Acts> = shapes
         .iter()
-        .map(|&(_, k)| I8Acts::quantize(&crate::test_data(k, 9), 1, k))
+        .map(|&(_, k)| I8Acts::quantize(&test_data(k, 9), 1, k))
         .collect();
     let mut y = vec![0f32; nmax];
     let bytes: usize = ws.iter().flatten().map(|w| w.bytes()).sum();
     versus_read(bytes, || {
         for layer in &ws {
             for (w, a) in layer.iter().zip(&acts) {
-                gemm(a, w, &mut y[..w.n]);
+                gemm(a, w, &mut y[..w.n()]);
             }
         }
     })
@@ -254,9 +267,9 @@ pub fn gemv_bandwidth(shapes: &[(usize, usize)], layers: usize) -> GemvRate {
 /// stored, e.g. Q4_1): weight bytes (values and scales) read per second.
 pub fn qgemv_bandwidth(format: QFormat, shapes: &[(usize, usize)], layers: usize) -> GemvRate {
     let quantize = |x: &[f32]| match format {
-        QFormat::Q4_0 => crate::quant::quantize_q4_0(x),
-        QFormat::Q4_1 => crate::quant::quantize_q4_1(x),
-        QFormat::Q8_0 => crate::quant::quantize_q8_0(x),
+        QFormat::Q4_0 => kernels::quant::quantize_q4_0(x),
+        QFormat::Q4_1 => kernels::quant::quantize_q4_1(x),
+        QFormat::Q8_0 => kernels::quant::quantize_q8_0(x),
     };
     let ws: Vec<Vec<QWeights>> = (0..layers)
         .map(|l| {
@@ -264,7 +277,7 @@ pub fn qgemv_bandwidth(format: QFormat, shapes: &[(usize, usize)], layers: usize
                 .iter()
                 .enumerate()
                 .map(|(s, &(n, k))| {
-                    let x = crate::test_data(n * k, (l * 16 + s) as u64 + 3);
+                    let x = test_data(n * k, (l * 16 + s) as u64 + 3);
                     QWeights::pack(format, &quantize(&x), n, k)
                 })
                 .collect()
@@ -273,14 +286,14 @@ pub fn qgemv_bandwidth(format: QFormat, shapes: &[(usize, usize)], layers: usize
     let nmax = shapes.iter().map(|s| s.0).max().unwrap_or(0);
     let acts: Vec<QActs> = shapes
         .iter()
-        .map(|&(_, k)| QActs::quantize(&crate::test_data(k, 9), 1, k))
+        .map(|&(_, k)| QActs::quantize(&test_data(k, 9), 1, k))
         .collect();
     let mut y = vec![0f32; nmax];
     let bytes: usize = ws.iter().flatten().map(|w| w.bytes()).sum();
     versus_read(bytes, || {
         for layer in &ws {
             for (w, a) in layer.iter().zip(&acts) {
-                qmatmul(a, w, &mut y[..w.n]);
+                qmatmul(a, w, &mut y[..w.n()]);
             }
         }
     })
@@ -288,12 +301,12 @@ pub fn qgemv_bandwidth(format: QFormat, shapes: &[(usize, usize)], layers: usize
 
 /// w4a8 GEMM rate (MAC/s) for `[m × k] · [n × k]ᵀ` with `format` weights.
 pub fn qgemm_rate(format: QFormat, m: usize, k: usize, n: usize) -> f64 {
-    let x = crate::test_data(m * k, 1);
-    let wf = crate::test_data(n * k, 2);
+    let x = test_data(m * k, 1);
+    let wf = test_data(n * k, 2);
     let bytes = match format {
-        QFormat::Q4_0 => crate::quant::quantize_q4_0(&wf),
-        QFormat::Q4_1 => crate::quant::quantize_q4_1(&wf),
-        QFormat::Q8_0 => crate::quant::quantize_q8_0(&wf),
+        QFormat::Q4_0 => kernels::quant::quantize_q4_0(&wf),
+        QFormat::Q4_1 => kernels::quant::quantize_q4_1(&wf),
+        QFormat::Q8_0 => kernels::quant::quantize_q8_0(&wf),
     };
     let w = QWeights::pack(format, &bytes, n, k);
     let a = QActs::quantize(&x, m, k);

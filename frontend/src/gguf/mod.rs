@@ -1,15 +1,15 @@
 //! GGUF files (versions 2 and 3): metadata, tensor directory, memory-mapped tensor data.
 //!
 //! The reader validates every length and offset against the file size, so a truncated or
-//! corrupt file is an [`EngineError::Gguf`], never a panic or a huge allocation.
+//! corrupt file is an [`ModelError::Gguf`], never a panic or a huge allocation.
 
 mod reader;
 mod writer;
 
 pub use reader::GgufFile;
-pub use writer::{GgufWriter, export_f32};
+pub use writer::GgufWriter;
 
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 
 /// GGML tensor element types (the numeric codes are GGUF's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +159,8 @@ impl TensorInfo {
     }
 }
 
-pub(crate) fn corrupt(msg: impl Into<String>) -> EngineError {
-    EngineError::Gguf(msg.into())
+pub(crate) fn corrupt(msg: impl Into<String>) -> ModelError {
+    ModelError::Gguf(msg.into())
 }
 
 /// Typed metadata look-ups shared by the reader's users.
@@ -169,10 +169,10 @@ pub trait Metadata {
 
     fn req(&self, key: &str) -> Result<&Value> {
         self.get(key)
-            .ok_or_else(|| EngineError::MissingKey(key.to_string()))
+            .ok_or_else(|| ModelError::MissingKey(key.to_string()))
     }
     fn u64_req(&self, key: &str) -> Result<u64> {
-        self.req(key)?.as_u64().ok_or(EngineError::WrongType {
+        self.req(key)?.as_u64().ok_or(ModelError::WrongType {
             key: key.into(),
             expected: "integer",
         })
@@ -180,7 +180,7 @@ pub trait Metadata {
     fn u64_opt(&self, key: &str) -> Result<Option<u64>> {
         self.get(key)
             .map(|v| {
-                v.as_u64().ok_or(EngineError::WrongType {
+                v.as_u64().ok_or(ModelError::WrongType {
                     key: key.into(),
                     expected: "integer",
                 })
@@ -190,7 +190,7 @@ pub trait Metadata {
     fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
             .map(|v| {
-                v.as_f64().ok_or(EngineError::WrongType {
+                v.as_f64().ok_or(ModelError::WrongType {
                     key: key.into(),
                     expected: "number",
                 })
@@ -198,7 +198,7 @@ pub trait Metadata {
             .transpose()
     }
     fn str_req(&self, key: &str) -> Result<&str> {
-        self.req(key)?.as_str().ok_or(EngineError::WrongType {
+        self.req(key)?.as_str().ok_or(ModelError::WrongType {
             key: key.into(),
             expected: "string",
         })
@@ -206,7 +206,7 @@ pub trait Metadata {
     fn str_opt(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
             .map(|v| {
-                v.as_str().ok_or(EngineError::WrongType {
+                v.as_str().ok_or(ModelError::WrongType {
                     key: key.into(),
                     expected: "string",
                 })
@@ -216,7 +216,7 @@ pub trait Metadata {
     fn array_opt(&self, key: &str) -> Result<Option<&[Value]>> {
         self.get(key)
             .map(|v| {
-                v.as_array().ok_or(EngineError::WrongType {
+                v.as_array().ok_or(ModelError::WrongType {
                     key: key.into(),
                     expected: "array",
                 })

@@ -1,7 +1,7 @@
 //! Parsing a GGUF file into metadata and a tensor directory over a read-only memory map.
 
 use super::{GgmlType, Metadata, TensorInfo, Value, corrupt};
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -121,7 +121,7 @@ impl GgufFile {
     /// Opens and parses `path`; tensor data stays mapped, not read.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| EngineError::Io {
+        let io = |source| ModelError::Io {
             path: path.clone(),
             source,
         };
@@ -147,7 +147,7 @@ impl GgufFile {
         }
         let version = c.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(EngineError::GgufVersion(version));
+            return Err(ModelError::GgufVersion(version));
         }
         let n_tensors = c.count(8, "tensor")?;
         let n_kv = c.count(8, "metadata")?;
@@ -243,7 +243,7 @@ impl GgufFile {
     /// The raw bytes of a tensor of a readable type.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
         let bytes = info.ty.bytes_for(info.n_elements()).ok_or_else(|| {
-            EngineError::UnsupportedTensorType {
+            ModelError::UnsupportedTensorType {
                 tensor: info.name.clone(),
                 ty: info.ty.name(),
             }
@@ -252,37 +252,11 @@ impl GgufFile {
         Ok(&self.mmap[start..start + bytes as usize])
     }
 
-    /// A tensor dequantized exactly to f32, in GGML order.
-    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let info = self
-            .tensor_info(name)
-            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
-        let src = self.tensor_bytes(info)?;
-        let mut out = vec![0f32; info.n_elements() as usize];
-        use kernels::quant::*;
-        match info.ty {
-            GgmlType::F32 => dequantize_f32(src, &mut out),
-            GgmlType::F16 => dequantize_f16(src, &mut out),
-            GgmlType::Bf16 => dequantize_bf16(src, &mut out),
-            GgmlType::Q4_0 => dequantize_q4_0(src, &mut out),
-            GgmlType::Q4_1 => dequantize_q4_1(src, &mut out),
-            GgmlType::Q8_0 => dequantize_q8_0(src, &mut out),
-            GgmlType::Other(_) => unreachable!("tensor_bytes rejects unreadable types"),
-        }
-        Ok(out)
-    }
-
-    /// A tensor that must have exactly `want` dims (GGML order), dequantized.
-    pub fn tensor_f32_shaped(&self, name: &str, want: &[u64]) -> Result<Vec<f32>> {
-        self.tensor_shaped(name, want)?;
-        self.tensor_f32(name)
-    }
-
     /// The directory entry of a tensor that must have exactly `want` dims (GGML order).
     pub fn tensor_shaped(&self, name: &str, want: &[u64]) -> Result<&TensorInfo> {
         let info = self
             .tensor_info(name)
-            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         // Trailing 1-dims are equivalent.
         let trim = |d: &[u64]| {
             let mut v = d.to_vec();
@@ -292,7 +266,7 @@ impl GgufFile {
             v
         };
         if trim(&info.dims) != trim(want) {
-            return Err(EngineError::TensorShape {
+            return Err(ModelError::TensorShape {
                 name: name.into(),
                 got: info.dims.clone(),
                 want: want.to_vec(),

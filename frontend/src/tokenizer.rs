@@ -6,7 +6,7 @@
 //! byte-exact, so that streaming can hold back an incomplete UTF-8 character
 //! ([`StreamDecoder`]).
 
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use crate::gguf::{Metadata, Value};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -42,12 +42,12 @@ pub struct Tokenizer {
     pub add_bos: bool,
 }
 
-fn tok_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Tokenizer(e.to_string())
+fn tok_err(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Tokenizer(e.to_string())
 }
 
 /// GPT-2's byte ↔ printable-unicode table.
-pub(crate) fn byte_to_char() -> [char; 256] {
+pub fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
@@ -68,13 +68,13 @@ impl Tokenizer {
     pub fn from_metadata(md: &impl Metadata) -> Result<Tokenizer> {
         let model = md.str_req("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(EngineError::Tokenizer(format!(
+            return Err(ModelError::Tokenizer(format!(
                 "tokenizer model '{model}' is not supported yet (Tandem reads byte-level BPE, 'gpt2')"
             )));
         }
         let tokens = md
             .array_opt("tokenizer.ggml.tokens")?
-            .ok_or_else(|| EngineError::MissingKey("tokenizer.ggml.tokens".into()))?;
+            .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.tokens".into()))?;
         let tokens: Vec<&str> = tokens
             .iter()
             .map(|v| v.as_str().ok_or_else(|| tok_err("a token is not a string")))
@@ -94,7 +94,7 @@ impl Tokenizer {
         }
         let merges = md
             .array_opt("tokenizer.ggml.merges")?
-            .ok_or_else(|| EngineError::MissingKey("tokenizer.ggml.merges".into()))?;
+            .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.merges".into()))?;
         let merges: Vec<(String, String)> = merges
             .iter()
             .map(|m| {
@@ -141,7 +141,7 @@ impl Tokenizer {
                 Sequence::new(vec![split(LLAMA3_PATTERN)?, bytes_only]).into()
             }
             other => {
-                return Err(EngineError::Tokenizer(format!(
+                return Err(ModelError::Tokenizer(format!(
                     "pre-tokenizer '{other}' is not supported yet (supported: smollm, gpt2, llama-bpe)"
                 )));
             }

@@ -18,18 +18,20 @@
 //!   is reported beside, as is the rate of the decode worker's check over the blocks.
 
 use clap::Args;
+use engine::config::LlamaConfig;
 use engine::kv::{KvDtype, KvLayout};
 use engine::{KvPool, KvSequence};
 use kv_store::tcp::{KvReceiver, KvSender, SlabSink, Slot};
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct KvBenchArgs {
-    /// MiB of KV per round (SmolLM2-135M's f16 geometry: 30 layers, 192 K/V values per
-    /// position; 32 MiB is a ~1,400-token prompt's KV). Short rounds, many of them: a pair of
+    /// MiB of KV per round, in the model's f16 geometry (SmolLM2-135M: 30 layers, 192 K/V
+    /// values per position; 32 MiB is a ~1,400-token prompt's KV). Short rounds, many of them: a pair of
     /// measurements taken close together sees the same machine.
     #[arg(long, default_value_t = 32)]
     pub mib: usize,
@@ -42,16 +44,9 @@ pub struct KvBenchArgs {
     /// two ends sometimes share a core and a round's figure halves.
     #[arg(long)]
     pub no_pin: bool,
-}
-
-fn layout() -> KvLayout {
-    KvLayout {
-        n_layers: 30,
-        kv_dim: 192,
-        head_dim: 64,
-        block_size: engine::kv::BLOCK_SIZE,
-        dtype: KvDtype::F16,
-    }
+    /// The model whose KV geometry is moved (a GGUF; default: the default model).
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -67,9 +62,12 @@ fn gbs(bytes: usize, secs: f64) -> f64 {
 struct Sink {
     seq: Mutex<KvSequence>,
     done: Mutex<mpsc::Sender<u64>>,
+    /// Bytes the data plane was given places for, and transfers ended.
+    landed: AtomicU64,
+    transfers: AtomicU64,
 }
 
-impl SlabSink for Sink {
+unsafe impl SlabSink for Sink {
     fn slots(
         &self,
         _lease: u64,
@@ -80,20 +78,26 @@ impl SlabSink for Sink {
     ) {
         let mut s = self.seq.lock().unwrap();
         out.extend(blocks.iter().map(|&b| {
-            Some(Slot {
-                ptr: s.slab_mut_ptr(b as usize, layer as usize),
-                len,
-            })
+            let ptr = s.slab_mut_ptr(b as usize, layer as usize).ok()?;
+            self.landed.fetch_add(len as u64, Ordering::Relaxed);
+            Some(Slot { ptr, len })
         }));
     }
     fn end(&self, _lease: u64, _slabs: u32, checksum: u64) {
+        self.transfers.fetch_add(1, Ordering::Relaxed);
         let _ = self.done.lock().unwrap().send(checksum);
     }
     fn abort(&self, _lease: u64) {}
 }
 
-pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
-    let l = layout();
+/// Runs the bench over `model`'s KV geometry; `pin(cores)` moves the calling thread to those
+/// cores (threads started after inherit it).
+pub fn run(
+    args: &KvBenchArgs,
+    model: &LlamaConfig,
+    pin: &dyn Fn(&[usize]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let l = KvLayout::for_model(model, KvDtype::F16);
     let slab = 2 * l.plane_bytes();
     let blocks = ((args.mib << 20) / (slab * l.n_layers)).max(1);
     let bytes = blocks * l.n_layers * slab;
@@ -118,7 +122,7 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     // Touch every page once (a pool's pages are committed on first use, then reused).
     for b in 0..blocks {
         for layer in 0..l.n_layers {
-            lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+            lent.write_slab(b, layer, &src[layer * slab..][..slab])?;
         }
     }
     private.iter_mut().step_by(4096).for_each(|b| *b = 1);
@@ -129,16 +133,16 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
     anon_seq.reserve(blocks * l.block_size)?;
     for b in 0..blocks {
         for layer in 0..l.n_layers {
-            anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
+            anon_seq.write_slab(b, layer, &src[layer * slab..][..slab])?;
         }
     }
 
     // TCP: the data plane into the same blocks (through another view: the lease's), and a
     // raw socket. Their receiving threads are started on core 1 (threads inherit the
     // affinity of the thread that starts them), the sender then moves to core 0.
-    let pin = !args.no_pin && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
-    if pin {
-        crate::roles::pin(&[1])?;
+    let pinned = !args.no_pin && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    if pinned {
+        pin(&[1])?;
     }
     let (done_tx, done_rx) = mpsc::channel();
     let sink = Arc::new(Sink {
@@ -148,13 +152,15 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
             0,
         )?),
         done: Mutex::new(done_tx),
+        landed: AtomicU64::new(0),
+        transfers: AtomicU64::new(0),
     });
     let receiver = KvReceiver::bind("127.0.0.1:0", sink.clone())?;
     let mut sender = KvSender::connect(&receiver.local_addr().to_string())?;
     let (raw_addr, raw_reader) = spawn_raw_reader(false)?;
     let (wait_addr, wait_reader) = spawn_raw_reader(true)?;
-    if pin {
-        crate::roles::pin(&[0])?;
+    if pinned {
+        pin(&[0])?;
     }
     let mut raw = std::net::TcpStream::connect(raw_addr)?;
     raw.set_nodelay(true)?;
@@ -177,28 +183,34 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
         m.time("shm", bytes, || {
             for b in 0..blocks {
                 for layer in 0..l.n_layers {
-                    lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+                    lent.write_slab(b, layer, &src[layer * slab..][..slab])
+                        .expect("the bench holds its blocks alone");
                 }
             }
         });
         m.time("private", bytes, || {
             for b in 0..blocks {
                 for layer in 0..l.n_layers {
-                    anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
+                    anon_seq
+                        .write_slab(b, layer, &src[layer * slab..][..slab])
+                        .expect("the bench holds its blocks alone");
                 }
             }
         });
         m.time("shm_layers", bytes, || {
             for layer in 0..l.n_layers {
                 for b in 0..blocks {
-                    lent.write_slab(b, layer, &src[layer * slab..][..slab]);
+                    lent.write_slab(b, layer, &src[layer * slab..][..slab])
+                        .expect("the bench holds its blocks alone");
                 }
             }
         });
         m.time("private_layers", bytes, || {
             for layer in 0..l.n_layers {
                 for b in 0..blocks {
-                    anon_seq.write_slab(b, layer, &src[layer * slab..][..slab]);
+                    anon_seq
+                        .write_slab(b, layer, &src[layer * slab..][..slab])
+                        .expect("the bench holds its blocks alone");
                 }
             }
         });
@@ -347,6 +359,18 @@ pub fn run(args: KvBenchArgs) -> anyhow::Result<()> {
         }
     }
     json.insert("bytes".into(), bytes.into());
+    json.insert("blocks".into(), blocks.into());
+    json.insert("layers".into(), l.n_layers.into());
+    json.insert("slab_bytes".into(), slab.into());
+    json.insert("blocks_checksum".into(), check.into());
+    json.insert(
+        "tcp_transfers".into(),
+        sink.transfers.load(Ordering::Relaxed).into(),
+    );
+    json.insert(
+        "tcp_landed_bytes".into(),
+        sink.landed.load(Ordering::Relaxed).into(),
+    );
     json.insert("rounds".into(), args.rounds.into());
     println!("{}", serde_json::Value::Object(json));
     Ok(())

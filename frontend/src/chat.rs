@@ -1,7 +1,7 @@
 //! The chat template a GGUF carries (`tokenizer.chat_template`), rendered with minijinja the
 //! way Hugging Face's `apply_chat_template` does (trim/lstrip blocks, Python string methods).
 
-use crate::error::{EngineError, Result};
+use crate::error::{ModelError, Result};
 use serde::Serialize;
 
 /// One chat message after the API layer flattened its content to text.
@@ -21,14 +21,14 @@ pub struct ChatTemplate {
 /// ChatML, used when a model ships no template.
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-fn tmpl_err(e: minijinja::Error) -> EngineError {
+fn tmpl_err(e: minijinja::Error) -> ModelError {
     let mut msg = e.to_string();
     let mut src = std::error::Error::source(&e);
     while let Some(s) = src {
         msg.push_str(&format!(": {s}"));
         src = s.source();
     }
-    EngineError::Template(msg)
+    ModelError::Template(msg)
 }
 
 impl ChatTemplate {

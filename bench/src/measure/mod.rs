@@ -1,0 +1,12 @@
+//! Measurements of Tandem's own parts, apart from the product (the binary's subcommands are
+//! thin glue over these): each reads the model's geometry instead of assuming one.
+//!
+//! - [`engine`]: `tandem model bench`, single-stream prefill and decode, like llama-bench.
+//! - [`roofline`]: `tandem kernels roofline`, the kernels against the machine's peaks
+//!   ([`peaks`]: the register-only peak loops and the read bandwidth).
+//! - [`kv`]: `tandem kv bench`, KV transports against memcpy and a raw socket.
+
+pub mod engine;
+pub mod kv;
+pub mod peaks;
+pub mod roofline;

@@ -1,0 +1,573 @@
+//! Every flag of the `tandem` subcommands that run a cluster, in one place: clap structs
+//! flattened into each subcommand, one constant per default (the library's own, where the
+//! library has one), and the command lines `tandem up` gives its children generated from the
+//! same structs ([`DecodeArgs::to_args`] and friends; a test parses each back to equal values).
+
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default KV cache budget per worker, in MiB.
+pub const DEFAULT_KV_CACHE_MIB: usize = 512;
+/// Default gRPC address of `tandem decode`.
+pub const DEFAULT_DECODE_LISTEN: &str = "127.0.0.1:50061";
+/// Default gRPC address of `tandem prefill`.
+pub const DEFAULT_PREFILL_LISTEN: &str = "127.0.0.1:50051";
+/// Default HTTP host and port of the API.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+pub const DEFAULT_PORT: u16 = 8000;
+/// Default seconds an etcd registration lives without a keep-alive.
+pub const DEFAULT_ETCD_TTL_SECS: u64 = 5;
+
+/// Pushes `--flag value`.
+fn flag(out: &mut Vec<String>, name: &str, value: impl ToString) {
+    out.push(format!("--{name}"));
+    out.push(value.to_string());
+}
+
+/// Pushes `--flag value` when there is a value.
+fn opt(out: &mut Vec<String>, name: &str, value: Option<impl ToString>) {
+    if let Some(v) = value {
+        flag(out, name, v);
+    }
+}
+
+/// Pushes `--flag a,b,c` when the list is not empty.
+fn list<T: ToString>(out: &mut Vec<String>, name: &str, values: &[T]) {
+    if !values.is_empty() {
+        let v: Vec<String> = values.iter().map(ToString::to_string).collect();
+        flag(out, name, v.join(","));
+    }
+}
+
+/// Pushes `--flag` when set.
+fn switch(out: &mut Vec<String>, name: &str, on: bool) {
+    if on {
+        out.push(format!("--{name}"));
+    }
+}
+
+/// What every process that reads the model takes.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct ModelArgs {
+    /// A GGUF file of the `llama` architecture (default: SmolLM2-135M-Instruct, fetched on first run).
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The id clients use in `model` (default: the file's name).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Weight precision: w4a8 (the default: GGUF blocks as stored × 8-bit activations; other tensor types as int8), int8 (W8A8, every weight requantized to 8 bits per channel) or f32 (every weight dequantized; the exact reference).
+    #[arg(long, env = "TANDEM_PRECISION", default_value_t = engine::Precision::default())]
+    pub precision: engine::Precision,
+    /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
+    #[arg(long, env = "TANDEM_KV_CACHE_DTYPE", default_value_t = engine::KvDtype::default())]
+    pub kv_cache_dtype: engine::KvDtype,
+}
+
+impl ModelArgs {
+    /// The API name: the flag, else the default model's id when the default model is used.
+    pub fn model_id(&self) -> Option<String> {
+        self.served_model_name.clone().or_else(|| {
+            self.model
+                .is_none()
+                .then(|| engine::fetch::DEFAULT_MODEL.id.to_string())
+        })
+    }
+
+    pub fn numerics(&self) -> engine::Numerics {
+        engine::Numerics {
+            precision: self.precision,
+            kv_dtype: self.kv_cache_dtype,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        opt(&mut a, "model", self.model.as_ref().map(|p| p.display()));
+        opt(&mut a, "served-model-name", self.served_model_name.as_ref());
+        flag(&mut a, "precision", self.precision);
+        flag(&mut a, "kv-cache-dtype", self.kv_cache_dtype);
+        a
+    }
+}
+
+/// What a process that computes takes: its cores, threads and KV memory.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct ComputeArgs {
+    /// Compute threads (default: all cores, or the cores of --cpus).
+    #[arg(long, env = "TANDEM_THREADS")]
+    pub threads: Option<usize>,
+    /// KV cache budget in MiB; the pool never grows past it.
+    #[arg(long, env = "TANDEM_KV_CACHE_MIB", default_value_t = DEFAULT_KV_CACHE_MIB)]
+    pub kv_cache_mib: usize,
+    /// Pin this process to these cores (e.g. `0` or `0,1`).
+    #[arg(long, value_delimiter = ',')]
+    pub cpus: Vec<usize>,
+}
+
+impl ComputeArgs {
+    /// Pins the process and sizes the compute pool; returns the thread count.
+    pub fn setup(&self) -> anyhow::Result<usize> {
+        if !self.cpus.is_empty() {
+            crate::process::pin(&self.cpus)?;
+        }
+        crate::process::init_compute_threads(
+            self.threads
+                .or((!self.cpus.is_empty()).then_some(self.cpus.len())),
+        )
+    }
+
+    /// How to load the engine of `model`.
+    pub fn engine_config(&self, model: &ModelArgs) -> engine::EngineConfig {
+        engine::EngineConfig {
+            kv_budget_bytes: self.kv_cache_mib << 20,
+            model_id: model.model_id(),
+            precision: model.precision,
+            kv_dtype: model.kv_cache_dtype,
+            kv_shared_path: None,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        opt(&mut a, "threads", self.threads);
+        flag(&mut a, "kv-cache-mib", self.kv_cache_mib);
+        list(&mut a, "cpus", &self.cpus);
+        a
+    }
+}
+
+/// How a decode worker (or the colocated one) batches, as vLLM's flags.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct BatchArgs {
+    /// Tokens per forward step (decode tokens first, prefill chunks fill the rest).
+    #[arg(long, env = "TANDEM_MAX_NUM_BATCHED_TOKENS", default_value_t = decode_worker::DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_num_batched_tokens: usize,
+    /// Sequences in the running batch at most.
+    #[arg(long, env = "TANDEM_MAX_NUM_SEQS", default_value_t = decode_worker::DEFAULT_MAX_RUNNING)]
+    pub max_num_seqs: usize,
+    /// Requests that may wait to start on a worker before new ones are refused (503).
+    #[arg(long, env = "TANDEM_MAX_QUEUE", default_value_t = decode_worker::DEFAULT_MAX_WAITING)]
+    pub max_queue: usize,
+}
+
+impl BatchArgs {
+    pub fn worker_config(&self) -> decode_worker::WorkerConfig {
+        decode_worker::WorkerConfig {
+            max_batch_tokens: self.max_num_batched_tokens.max(1),
+            max_running: self.max_num_seqs.max(1),
+            max_waiting: self.max_queue,
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        flag(
+            &mut a,
+            "max-num-batched-tokens",
+            self.max_num_batched_tokens,
+        );
+        flag(&mut a, "max-num-seqs", self.max_num_seqs);
+        flag(&mut a, "max-queue", self.max_queue);
+        a
+    }
+}
+
+/// Where a worker announces itself.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct DiscoveryArgs {
+    /// etcd endpoints to register in (comma-separated; needs a build with `--features etcd`).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Seconds the etcd lease lives without a keep-alive: how soon a dead worker leaves the routing table.
+    #[arg(long, default_value_t = DEFAULT_ETCD_TTL_SECS)]
+    pub etcd_ttl_secs: u64,
+    /// Host the scheduler (and prefill workers) reach this worker at (default: the --listen host).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+}
+
+impl DiscoveryArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        list(&mut a, "etcd", &self.etcd);
+        flag(&mut a, "etcd-ttl-secs", self.etcd_ttl_secs);
+        opt(&mut a, "advertise-host", self.advertise_host.as_ref());
+        a
+    }
+}
+
+/// How KV moves from prefill to decode workers.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvTransportArg {
+    /// Shared memory when both workers are on one host, else TCP.
+    #[default]
+    Auto,
+    /// Shared memory (the prefill worker writes the decode worker's pool in place).
+    Shm,
+    /// The TCP data plane.
+    Tcp,
+}
+
+impl KvTransportArg {
+    pub fn resolve(self) -> Option<protocol::KvTransport> {
+        match self {
+            KvTransportArg::Auto => None,
+            KvTransportArg::Shm => Some(protocol::KvTransport::Shm),
+            KvTransportArg::Tcp => Some(protocol::KvTransport::Tcp),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            KvTransportArg::Auto => "auto",
+            KvTransportArg::Shm => "shm",
+            KvTransportArg::Tcp => "tcp",
+        }
+    }
+}
+
+/// How the scheduler routes between prefill and decode workers.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct RoutingArgs {
+    /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
+    #[arg(long, default_value_t = scheduler::remote::DEFAULT_DISAGG_MIN_TOKENS)]
+    pub disagg_min_tokens: usize,
+    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub max_prefill_queue: usize,
+    /// KV transport between prefill and decode workers.
+    #[arg(long, value_enum, default_value_t = KvTransportArg::Auto)]
+    pub kv_transport: KvTransportArg,
+    /// Seconds a stream waits for a decode worker when none is available (after a failure).
+    #[arg(long, default_value_t = scheduler::remote::DEFAULT_HOLD_SECS)]
+    pub hold_secs: u64,
+    /// Requests in flight at most (across every worker) before new ones get 503.
+    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = scheduler::remote::DEFAULT_MAX_INFLIGHT)]
+    pub max_inflight: usize,
+}
+
+impl RoutingArgs {
+    /// The scheduler's view of the flags.
+    pub fn config(&self) -> scheduler::remote::RemoteConfig {
+        scheduler::remote::RemoteConfig {
+            disagg_min_tokens: self.disagg_min_tokens,
+            max_prefill_queue: self.max_prefill_queue,
+            transport: self.kv_transport.resolve(),
+            hold: Duration::from_secs(self.hold_secs),
+            max_inflight: self.max_inflight.max(1),
+            ..Default::default()
+        }
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        flag(&mut a, "disagg-min-tokens", self.disagg_min_tokens);
+        flag(&mut a, "max-prefill-queue", self.max_prefill_queue);
+        flag(&mut a, "kv-transport", self.kv_transport.name());
+        flag(&mut a, "hold-secs", self.hold_secs);
+        flag(&mut a, "max-inflight", self.max_inflight);
+        a
+    }
+}
+
+/// Where the OpenAI API listens.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TANDEM_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, env = "TANDEM_PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BODY)]
+    pub max_body_bytes: usize,
+}
+
+impl HttpArgs {
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        flag(&mut a, "host", &self.host);
+        flag(&mut a, "port", self.port);
+        flag(&mut a, "max-body-bytes", self.max_body_bytes);
+        a
+    }
+}
+
+/// `tandem decode`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct DecodeArgs {
+    /// gRPC address to listen on.
+    #[arg(long, default_value = DEFAULT_DECODE_LISTEN)]
+    pub listen: String,
+    /// The TCP KV data plane's address (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub kv_listen: String,
+    /// Keep the KV pool in private memory (prefill workers on this host then use TCP too).
+    #[arg(long)]
+    pub no_shm: bool,
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+impl DecodeArgs {
+    /// The command line that parses back to these values.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["decode".to_string()];
+        flag(&mut a, "listen", &self.listen);
+        flag(&mut a, "kv-listen", &self.kv_listen);
+        switch(&mut a, "no-shm", self.no_shm);
+        a.extend(self.discovery.to_args());
+        a.extend(self.batch.to_args());
+        a.extend(self.model.to_args());
+        a.extend(self.compute.to_args());
+        a
+    }
+}
+
+/// `tandem prefill`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct PrefillArgs {
+    /// gRPC address to listen on.
+    #[arg(long, default_value = DEFAULT_PREFILL_LISTEN)]
+    pub listen: String,
+    /// Prompt tokens per batched forward pass (a longer prompt runs alone).
+    #[arg(long, default_value_t = prefill_worker::DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_prefill_tokens: usize,
+    /// Prefills that may wait before new ones are refused.
+    #[arg(long, default_value_t = prefill_worker::DEFAULT_MAX_WAITING)]
+    pub max_prefill_waiting: usize,
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+impl PrefillArgs {
+    pub fn prefill_config(&self) -> prefill_worker::PrefillConfig {
+        prefill_worker::PrefillConfig {
+            max_batch_tokens: self.max_prefill_tokens.max(1),
+            max_waiting: self.max_prefill_waiting.max(1),
+        }
+    }
+
+    /// The command line that parses back to these values.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["prefill".to_string()];
+        flag(&mut a, "listen", &self.listen);
+        flag(&mut a, "max-prefill-tokens", self.max_prefill_tokens);
+        flag(&mut a, "max-prefill-waiting", self.max_prefill_waiting);
+        a.extend(self.discovery.to_args());
+        a.extend(self.model.to_args());
+        a.extend(self.compute.to_args());
+        a
+    }
+}
+
+/// `tandem scheduler`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// Prefill workers' gRPC addresses (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub prefill: Vec<String>,
+    /// Decode workers' gRPC addresses (comma-separated).
+    #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
+    pub decode: Vec<String>,
+    /// Discover workers in etcd (comma-separated endpoints; needs a build with `--features etcd`): they join the routing table when they register and leave it when their lease expires.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+    /// The model (the scheduler reads its tokenizer and chat template; no weights).
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+impl SchedulerArgs {
+    /// The command line that parses back to these values.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["scheduler".to_string()];
+        a.extend(self.http.to_args());
+        list(&mut a, "prefill", &self.prefill);
+        list(&mut a, "decode", &self.decode);
+        list(&mut a, "etcd", &self.etcd);
+        a.extend(self.routing.to_args());
+        a.extend(self.model.to_args());
+        a
+    }
+}
+
+/// `tandem up`.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// One worker in this process prefills and decodes (vLLM's way), instead of separate prefill and decode worker processes.
+    #[arg(long)]
+    pub colocated: bool,
+    /// Prefill worker processes.
+    #[arg(long, default_value_t = 1)]
+    pub prefill: usize,
+    /// Decode worker processes.
+    #[arg(long, default_value_t = 1)]
+    pub decode: usize,
+    /// Pin each worker process to its own core (round robin over this machine's cores; one compute thread each).
+    #[arg(long)]
+    pub pin: bool,
+    #[command(flatten)]
+    pub routing: RoutingArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    #[command(name = "tandem")]
+    enum Role {
+        Decode(DecodeArgs),
+        Prefill(PrefillArgs),
+        Scheduler(SchedulerArgs),
+    }
+
+    fn parse(args: Vec<String>) -> Role {
+        Role::try_parse_from(std::iter::once("tandem".to_string()).chain(args))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn model() -> ModelArgs {
+        ModelArgs {
+            model: Some("/models/m.gguf".into()),
+            served_model_name: Some("m".into()),
+            precision: engine::Precision::Int8,
+            kv_cache_dtype: engine::KvDtype::F32,
+        }
+    }
+
+    fn compute(cpus: Vec<usize>) -> ComputeArgs {
+        ComputeArgs {
+            threads: Some(3),
+            kv_cache_mib: 77,
+            cpus,
+        }
+    }
+
+    /// What `tandem up` generates for its children parses back to the very values, with every
+    /// field away from its default (so a flag dropped or misnamed fails here).
+    #[test]
+    fn child_command_lines_parse_back_to_their_values() {
+        let d = DecodeArgs {
+            listen: "127.0.0.1:1234".into(),
+            kv_listen: "127.0.0.1:0".into(),
+            no_shm: true,
+            discovery: DiscoveryArgs {
+                etcd: vec!["http://a:1".into(), "http://b:2".into()],
+                etcd_ttl_secs: 9,
+                advertise_host: Some("10.0.0.2".into()),
+            },
+            batch: BatchArgs {
+                max_num_batched_tokens: 100,
+                max_num_seqs: 7,
+                max_queue: 5,
+            },
+            model: model(),
+            compute: compute(vec![1, 2]),
+        };
+        match parse(d.to_args()) {
+            Role::Decode(got) => assert_eq!(got, d),
+            other => panic!("{other:?}"),
+        }
+        let p = PrefillArgs {
+            listen: "127.0.0.1:99".into(),
+            max_prefill_tokens: 300,
+            max_prefill_waiting: 3,
+            discovery: DiscoveryArgs {
+                etcd: Vec::new(),
+                etcd_ttl_secs: 2,
+                advertise_host: None,
+            },
+            model: model(),
+            compute: compute(vec![0]),
+        };
+        match parse(p.to_args()) {
+            Role::Prefill(got) => assert_eq!(got, p),
+            other => panic!("{other:?}"),
+        }
+        let s = SchedulerArgs {
+            http: HttpArgs {
+                host: "0.0.0.0".into(),
+                port: 1,
+                max_body_bytes: 12,
+            },
+            prefill: vec!["a:1".into(), "b:2".into()],
+            decode: vec!["c:3".into()],
+            etcd: vec!["http://e:4".into()],
+            routing: RoutingArgs {
+                disagg_min_tokens: 5,
+                max_prefill_queue: 2,
+                kv_transport: KvTransportArg::Tcp,
+                hold_secs: 4,
+                max_inflight: 11,
+            },
+            model: model(),
+        };
+        match parse(s.to_args()) {
+            Role::Scheduler(got) => assert_eq!(got, s),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Flags left out take the libraries' defaults.
+    #[test]
+    fn defaults_are_the_libraries() {
+        let Role::Decode(d) = parse(vec!["decode".into()]) else {
+            unreachable!()
+        };
+        let w = d.batch.worker_config();
+        let lib = decode_worker::WorkerConfig::default();
+        assert_eq!(
+            (w.max_batch_tokens, w.max_running, w.max_waiting),
+            (lib.max_batch_tokens, lib.max_running, lib.max_waiting)
+        );
+        let Role::Scheduler(s) = parse(vec!["scheduler".into(), "--decode".into(), "x:1".into()])
+        else {
+            unreachable!()
+        };
+        let (got, lib) = (
+            s.routing.config(),
+            scheduler::remote::RemoteConfig::default(),
+        );
+        assert_eq!(
+            (
+                got.disagg_min_tokens,
+                got.hold,
+                got.max_inflight,
+                got.transport
+            ),
+            (
+                lib.disagg_min_tokens,
+                lib.hold,
+                lib.max_inflight,
+                lib.transport
+            )
+        );
+    }
+}
