@@ -6,7 +6,7 @@
 use crate::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
 use engine::Engine;
 use engine::TokenId;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use scheduler::cluster::{Cluster, Workers};
 use scheduler::error::ApiError;
 use std::sync::Arc;
@@ -39,7 +39,7 @@ impl Workers for Colocated {
         id: RequestId,
         prompt: Vec<TokenId>,
         params: GenerationParams,
-        cancel: CancelFlag,
+        cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let req = NewRequest {

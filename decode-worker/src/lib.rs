@@ -16,21 +16,24 @@
 //! ([`SubmitError::QueueFull`]). Nothing grows without bound and nothing waits forever.
 //!
 //! A sequence leaves when it finishes, or when its client goes away (its event channel closes
-//! or its [`CancelFlag`] is set); its blocks return to the pool at once.
+//! or its [`CancellationToken`] is set); its blocks return to the pool at once.
 //!
 //! # Layout
 //! - this file: the batch loop;
+//! - [`plan`]: the step planner's decisions (admission, each sequence's work) as pure functions;
 //! - [`colocated`]: this worker behind the scheduler's seam, in the scheduler's process;
 //! - [`service`]: the `tandem.v1.DecodeWorker` gRPC service (leases of blocks for prefill
 //!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
 
 pub mod colocated;
+pub mod plan;
 pub mod service;
 
 use engine::generation::GenerationState;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError, WorkerEvent};
 use engine::sampler::{TokenLogprobs, logprobs};
 use engine::{Engine, ForwardItem, KvSequence, LogitsWanted, TokenId};
+use plan::{SeqState, Work};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,7 +51,7 @@ pub struct NewRequest {
     pub generated: Vec<TokenId>,
     pub params: GenerationParams,
     pub events: UnboundedSender<WorkerEvent>,
-    pub cancel: CancelFlag,
+    pub cancel: CancellationToken,
 }
 
 /// A sequence handed to the decode phase: its filled KV cache and where generation stands.
@@ -61,7 +64,7 @@ pub struct DecodeJob {
     /// Tokens generated so far; the last one is not yet in the KV cache.
     pub generated: Vec<TokenId>,
     pub events: UnboundedSender<WorkerEvent>,
-    pub cancel: CancelFlag,
+    pub cancel: CancellationToken,
 }
 
 /// Why a request was not accepted.
@@ -115,8 +118,6 @@ pub struct WorkerStats {
     pub running: AtomicUsize,
     /// Sequences preempted for recompute so far.
     pub preemptions: AtomicUsize,
-    /// Forward steps run so far.
-    pub steps: AtomicUsize,
 }
 
 /// Submits work to a running worker. Cloneable; the worker stops when every handle is dropped
@@ -186,7 +187,7 @@ struct Seq {
     state: GenerationState,
     kv: KvSequence,
     events: UnboundedSender<WorkerEvent>,
-    cancel: CancelFlag,
+    cancel: CancellationToken,
     /// Admission order: lower is older (and keeps its memory longer).
     arrival: u64,
     /// The first token has been produced (prefill reported); later prefills are recomputes.
@@ -223,16 +224,6 @@ impl Seq {
     fn fail(&self, e: WorkerError) {
         let _ = self.events.send(WorkerEvent::Error(e));
     }
-}
-
-/// What one sequence contributes to a step.
-enum Work {
-    Decode,
-    /// Prefill of target tokens `from..to`.
-    Chunk {
-        from: usize,
-        to: usize,
-    },
 }
 
 struct Worker {
@@ -344,8 +335,7 @@ impl Worker {
             let Some(s) = self.waiting.front() else { break };
             // Room for the first chunk plus one block of headroom per running sequence.
             let first = s.target_len().min(self.cfg.max_batch_tokens).div_ceil(bs);
-            if !self.running.is_empty() && self.engine.kv.free_blocks() < first + self.running.len()
-            {
+            if !plan::admits(self.running.len(), self.engine.kv.free_blocks(), first) {
                 break;
             }
             let mut s = self.waiting.pop_front().expect("front exists");
@@ -420,7 +410,6 @@ impl Worker {
         if plan.is_empty() {
             return false;
         }
-        self.stats.steps.fetch_add(1, Ordering::Relaxed);
         self.execute(plan);
         // Sequences that finished (or lost their client) in this step are gone now: an idle
         // worker must not keep reporting them.
@@ -465,26 +454,17 @@ impl Worker {
             }
         }
         // The final plan, by state (preemption may have removed planned sequences).
-        let mut plan = Vec::new();
-        let mut budget = self.cfg.max_batch_tokens;
-        for (i, s) in self.running.iter().enumerate() {
-            if s.decoding() {
-                plan.push((i, Work::Decode));
-                budget = budget.saturating_sub(1);
-            }
-        }
-        for (i, s) in self.running.iter().enumerate() {
-            if s.decoding() {
-                continue;
-            }
-            let (have, target) = (s.kv.len(), s.target_len());
-            let to = target.min(have + budget).min(s.kv.capacity());
-            if to > have {
-                plan.push((i, Work::Chunk { from: have, to }));
-                budget -= to - have;
-            }
-        }
-        plan
+        let states: Vec<SeqState> = self
+            .running
+            .iter()
+            .map(|s| SeqState {
+                decoding: s.decoding(),
+                have: s.kv.len(),
+                target: s.target_len(),
+                capacity: s.kv.capacity(),
+            })
+            .collect();
+        plan::compose(&states, self.cfg.max_batch_tokens)
     }
 
     /// Makes room for sequence `i` (in the arrival-sorted batch) to hold `total` positions.

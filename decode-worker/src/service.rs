@@ -11,7 +11,7 @@
 
 use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};
 use engine::generation::GenerationState;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use engine::{Engine, EngineError, KvSequence, TokenId};
 use kv_store::tcp::{SlabSink, Slot};
 use protocol::pb;
@@ -200,7 +200,7 @@ pub struct DecodeService {
     engine: Arc<Engine>,
     handle: DecodeHandle,
     leases: Arc<Leases>,
-    cancels: Arc<Mutex<HashMap<u64, CancelFlag>>>,
+    cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
     cfg: Arc<ServiceConfig>,
     host_id: Arc<str>,
 }
@@ -315,7 +315,6 @@ impl DecodeWorker for DecodeService {
         );
         Ok(Response::new(pb::ReserveReply {
             target: Some(target),
-            lease_ms: self.cfg.lease.as_millis() as u32,
         }))
     }
 
@@ -333,7 +332,7 @@ impl DecodeWorker for DecodeService {
             return Err(Status::invalid_argument("empty prompt"));
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<WorkerEvent>();
-        let cancel = CancelFlag::default();
+        let cancel = CancellationToken::default();
         let id = RequestId(r.request_id);
         match r.commit {
             Some(c) => {

@@ -5,7 +5,7 @@
 //! log-probabilities it gets alone, bit for bit — greedy and sampled, f32 and int8.
 
 use decode_worker::{DecodeHandle, NewRequest, SubmitError, WorkerConfig};
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError, WorkerEvent};
 use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig, Precision};
@@ -65,7 +65,7 @@ fn submit(
         prompt,
         params: p,
         events: tx,
-        cancel: CancelFlag::default(),
+        cancel: CancellationToken::default(),
     })
     .unwrap();
     rx
@@ -167,7 +167,7 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
     let mut long = params(0);
     long.max_tokens = 200;
     long.min_tokens = 200;
-    let cancels: Vec<CancelFlag> = (0..3).map(|_| CancelFlag::default()).collect();
+    let cancels: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::default()).collect();
     let mut rxs = Vec::new();
     for (i, c) in cancels.iter().enumerate() {
         let (tx, rx) = unbounded_channel();
@@ -192,7 +192,7 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
             prompt: vec![3, 4, 5],
             params: params(1),
             events: tx,
-            cancel: CancelFlag::default(),
+            cancel: CancellationToken::default(),
         }) {
             refused += 1;
         }

@@ -15,7 +15,7 @@
 //! - [`Frontend`]: the above, loaded for one model file.
 //!
 //! ```
-//! let t = frontend::request::CancelFlag::default();
+//! let t = frontend::request::CancellationToken::default();
 //! assert!(!t.is_cancelled());
 //! ```
 

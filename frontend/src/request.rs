@@ -4,8 +4,6 @@
 
 use crate::sampling::{SamplingParams, TokenLogprobs};
 use crate::tokenizer::TokenId;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A request's id, unique within the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,15 +70,7 @@ pub enum WorkerError {
     Internal(String),
 }
 
-/// Set by the scheduler when the client goes away; workers drop the sequence at their next step.
-#[derive(Debug, Clone, Default)]
-pub struct CancelFlag(Arc<AtomicBool>);
-
-impl CancelFlag {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
+/// Cancelled by the scheduler when the client goes away: workers' compute loops check
+/// `is_cancelled()` at each step (an atomic load) and drop the sequence; async code awaits
+/// `cancelled()`.
+pub use tokio_util::sync::CancellationToken;

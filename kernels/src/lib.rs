@@ -16,7 +16,11 @@
 //! - [`ops`]: RMSNorm, RoPE, SiLU·mul, softmax.
 //! - [`attention`]: causal attention of new query rows over a paged KV cache.
 //!
-//! INT8 (W8A8) GEMM/GEMV and the `cuda` backend slot in beside these modules.
+//! - [`actq`]: activation quantization; [`panel`]: the 16-channel panel layout the int8
+//!   kernels share; [`simd`]: a 16-lane f32 vector per level.
+//!
+//! A CUDA backend would slot in beside the CPU one behind `engine::Backend` (not built).
+//! The roofline measurements of these kernels live in the `bench` crate (`bench::measure`).
 
 pub mod actq;
 pub mod attention;

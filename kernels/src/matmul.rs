@@ -72,7 +72,8 @@ pub fn matmul_at(
 }
 
 /// The naive triple loop (f64 accumulation) that tests compare against.
-pub fn matmul_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+#[cfg(test)]
+fn matmul_reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
     let mut y = vec![0f64; m * n];
     for i in 0..m {
         for j in 0..n {

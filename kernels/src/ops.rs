@@ -42,8 +42,9 @@ pub fn rope_apply(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)]) {
     }
 }
 
-/// [`rope_apply`] at position `pos`.
-pub fn rope_normal(x: &mut [f32], head_dim: usize, pos: usize, freq_base: f32) {
+/// [`rope_apply`] at position `pos` (the tests' one-call form).
+#[cfg(test)]
+fn rope_normal(x: &mut [f32], head_dim: usize, pos: usize, freq_base: f32) {
     let mut cs = Vec::new();
     rope_angles(head_dim, pos, freq_base, &mut cs);
     rope_apply(x, head_dim, &cs);

@@ -13,7 +13,7 @@
 //! - [`tcp`]: the sender (prefill side) and the receiving server (decode side).
 //! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes.
 //!
-//! The pooled RAM → disk store of the architecture lands here too (not built yet).
+//! The pooled RAM → disk store of the architecture (an open issue) is not built yet.
 
 pub mod frame;
 pub mod shm;

@@ -8,7 +8,7 @@
 //! shared pool in place (zero copies); from another host each layer's slabs stream over TCP
 //! as soon as that layer is computed, while the later layers still run.
 //!
-//! A job whose client went away ([`CancelFlag`]) is dropped before it computes.
+//! A job whose client went away ([`CancellationToken`]) is dropped before it computes.
 //!
 //! # Layout
 //! - this file: jobs, the queue and the batching loop;
@@ -19,7 +19,7 @@ pub mod service;
 pub mod target;
 
 use engine::generation::GenerationState;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError, WorkerEvent};
 use engine::sampler::logprobs;
 use engine::{Engine, EngineError, ForwardItem, LogitsWanted, TokenId};
 use protocol::pb;
@@ -41,7 +41,7 @@ pub struct PrefillJob {
     pub target: pb::KvTarget,
     /// A forced transport, or `None` to pick one.
     pub transport: Option<Transport>,
-    pub cancel: CancelFlag,
+    pub cancel: CancellationToken,
     pub reply: oneshot::Sender<Result<PrefillOutcome, WorkerError>>,
 }
 

@@ -3,7 +3,7 @@
 use crate::target::Transport;
 use crate::{PrefillConfig, PrefillHandle, PrefillJob, SubmitError};
 use engine::Engine;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerError};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError};
 use protocol::pb;
 use protocol::pb::prefill_worker_server::{PrefillWorker, PrefillWorkerServer};
 use std::collections::HashMap;
@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 pub struct PrefillService {
     engine: Arc<Engine>,
     handle: PrefillHandle,
-    cancels: Arc<Mutex<HashMap<u64, CancelFlag>>>,
+    cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
 }
 
 impl PrefillService {
@@ -37,9 +37,9 @@ impl PrefillService {
 
 /// Forgets a request's cancel flag when its call ends (answered or dropped by the client).
 struct Registered<'a> {
-    map: &'a Mutex<HashMap<u64, CancelFlag>>,
+    map: &'a Mutex<HashMap<u64, CancellationToken>>,
     id: u64,
-    flag: CancelFlag,
+    flag: CancellationToken,
 }
 
 impl Drop for Registered<'_> {
@@ -74,7 +74,7 @@ impl PrefillWorker for PrefillService {
         if r.prompt.is_empty() {
             return Err(Status::invalid_argument("empty prompt"));
         }
-        let flag = CancelFlag::default();
+        let flag = CancellationToken::default();
         self.cancels
             .lock()
             .expect("cancel map poisoned")

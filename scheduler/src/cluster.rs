@@ -7,7 +7,7 @@
 
 use crate::error::ApiError;
 use crate::remote::{Remote, RemoteConfig};
-use frontend::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use frontend::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use frontend::{Frontend, TokenId};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -21,7 +21,7 @@ pub trait Workers: Send + Sync {
         id: RequestId,
         prompt: Vec<TokenId>,
         params: GenerationParams,
-        cancel: CancelFlag,
+        cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError>;
 
     /// Stops after in-flight work drains (called once the HTTP server has stopped).
@@ -71,7 +71,7 @@ impl Cluster {
         id: RequestId,
         prompt: Vec<TokenId>,
         params: GenerationParams,
-        cancel: CancelFlag,
+        cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
         self.workers.submit(id, prompt, params, cancel)
     }
@@ -88,7 +88,7 @@ impl Workers for Arc<Remote> {
         id: RequestId,
         prompt: Vec<TokenId>,
         params: GenerationParams,
-        cancel: CancelFlag,
+        cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
         Remote::submit(self, id, prompt, params, cancel)
     }

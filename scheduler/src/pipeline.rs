@@ -7,7 +7,7 @@ use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::metrics as m;
 use frontend::request::{
-    CancelFlag, FinishReason, GenerationParams, RequestId, WorkerError, WorkerEvent,
+    CancellationToken, FinishReason, GenerationParams, RequestId, WorkerError, WorkerEvent,
 };
 use frontend::sampling::TokenLogprobs;
 use frontend::stop::StopMatcher;
@@ -35,7 +35,7 @@ pub struct ChoiceUpdate {
 }
 
 /// Cancels every choice of a request when dropped.
-pub struct CancelGuard(Vec<CancelFlag>);
+pub struct CancelGuard(Vec<CancellationToken>);
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
@@ -78,7 +78,7 @@ pub fn submit(
         for i in 0..n {
             let mut params = params.clone();
             params.sampling.seed = params.sampling.seed.wrapping_add(i as u64);
-            let cancel = CancelFlag::default();
+            let cancel = CancellationToken::default();
             let id = RequestId(NEXT_ID.fetch_add(1, Ordering::Relaxed));
             // On failure the guard built from `cancels` cancels what was already submitted.
             let events = match cluster.submit(id, prompt.clone(), params, cancel.clone()) {
@@ -113,7 +113,7 @@ struct ChoiceDriver {
     fe: Arc<Frontend>,
     stop: StopMatcher,
     decoder: StreamDecoder,
-    cancel: CancelFlag,
+    cancel: CancellationToken,
     started: Instant,
     endpoint: &'static str,
 }

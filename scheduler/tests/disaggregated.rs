@@ -9,7 +9,7 @@ mod common;
 
 use common::nodes::*;
 use engine::Engine;
-use engine::request::{CancelFlag, RequestId, WorkerEvent};
+use engine::request::{CancellationToken, RequestId, WorkerEvent};
 use engine::synthetic::testing::Trace;
 use scheduler::cluster::Cluster;
 use std::sync::Arc;
@@ -159,7 +159,10 @@ async fn clients_that_go_away_free_their_blocks_on_every_worker() {
     let r = cluster.remote_workers().unwrap().clone();
     assert!(r.wait_ready(Duration::from_secs(10)).await);
     let total = r.decode_workers()[0].stats().kv_blocks_total;
-    let cancels: Vec<CancelFlag> = prompts.iter().map(|_| CancelFlag::default()).collect();
+    let cancels: Vec<CancellationToken> = prompts
+        .iter()
+        .map(|_| CancellationToken::default())
+        .collect();
     let mut rxs: Vec<_> = prompts
         .iter()
         .zip(&cancels)

@@ -44,4 +44,34 @@ fn kv_bench_moves_the_bytes_and_reports_every_series() {
         assert!(json[ratio].as_f64().is_some_and(|r| r > 0.0), "{ratio}");
     }
     assert!(stdout.contains("| tcp: a layer's slabs per frame into the blocks |"));
+
+    // What the bench moved, checked here independently of its own checks: every TCP transfer
+    // landed exactly one round's bytes in the blocks, and the blocks hold the source pattern
+    // (each layer's slab of it in every block), summed in (layer, block) order.
+    let field = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k}"));
+    let (bytes, blocks, layers, slab) = (
+        field("bytes") as usize,
+        field("blocks") as usize,
+        field("layers") as usize,
+        field("slab_bytes") as usize,
+    );
+    assert_eq!(bytes, blocks * layers * slab);
+    assert!(
+        field("tcp_transfers") >= 3,
+        "one TCP transfer a round at least"
+    );
+    assert_eq!(
+        field("tcp_landed_bytes"),
+        field("tcp_transfers") * bytes as u64
+    );
+    let src: Vec<u8> = (0..slab * layers)
+        .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
+        .collect();
+    let mut crc = crc32fast::Hasher::new();
+    for layer in 0..layers {
+        for _ in 0..blocks {
+            crc.update(&src[layer * slab..][..slab]);
+        }
+    }
+    assert_eq!(field("blocks_checksum"), crc.finalize() as u64);
 }

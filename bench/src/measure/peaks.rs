@@ -8,15 +8,14 @@ use kernels::pool;
 use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
 use std::time::{Duration, Instant};
 
-/// Seeded measurement data: uniform in (−1, 1), never exactly zero (xorshift).
+/// Seeded measurement data: uniform in [−1, 1), never exactly zero.
 fn test_data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0 + 1e-4
+        .map(|_| match rng.random_range(-1.0f32..1.0) {
+            0.0 => 1e-4,
+            v => v,
         })
         .collect()
 }

@@ -9,7 +9,7 @@
 //! `&mut` methods write it.
 //!
 //! Budgeting: the pool is sized in bytes up front and never grows; running out is
-//! [`EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
+//! [`crate::EngineError::KvExhausted`], which the server turns into a 503 rather than growing memory.
 //!
 //! Sharing: a pool can live in a file-backed shared mapping ([`KvPool::new_shared`], a file
 //! under `/dev/shm`) that another process on the host maps too ([`KvPool::attach`]). The
@@ -18,16 +18,17 @@
 //! owner's memory — the disaggregated prefill worker's zero-copy path, the CPU analogue of an
 //! RDMA one-sided write.
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::tokenizer::TokenId;
 use half::f16;
 use kernels::attention::KvSlice;
 use memmap2::MmapMut;
-use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+mod allocator;
 mod sequence;
+use allocator::BlockAllocator;
 pub use frontend::precision::KvDtype;
 pub use sequence::KvSequence;
 
@@ -109,21 +110,6 @@ pub fn block_hashes(salt: u64, tokens: &[TokenId], block_size: usize) -> Vec<Blo
         .collect()
 }
 
-struct Allocator {
-    free: Vec<BlockId>,
-    refs: Vec<u16>,
-    /// The prefix cache: full blocks by hash.
-    by_hash: HashMap<BlockHash, BlockId>,
-    hash_of: Vec<Option<BlockHash>>,
-    /// Cached blocks that no sequence holds, by age: reused by a prefix hit, or evicted
-    /// (oldest first) when the free list runs dry.
-    evictable: BTreeMap<u64, BlockId>,
-    stamp: Vec<u64>,
-    clock: u64,
-    /// An attached view of another process's pool: blocks are lent, never freed here.
-    foreign: bool,
-}
-
 /// A fixed pool of KV blocks.
 pub struct KvPool {
     layout: KvLayout,
@@ -135,7 +121,7 @@ pub struct KvPool {
     _map: MmapMut,
     /// The shared file, when there is one; removed when its owner drops the pool.
     shared: Option<SharedFile>,
-    allocator: Mutex<Allocator>,
+    allocator: Mutex<BlockAllocator>,
 }
 
 /// The file behind a shared pool.
@@ -253,26 +239,16 @@ impl KvPool {
         allocates: bool,
     ) -> Arc<KvPool> {
         let data = NonNull::new(map.as_mut_ptr()).expect("mmap returns a non-null pointer");
-        let free = if allocates {
-            (0..n_blocks as u32).rev().map(BlockId).collect()
-        } else {
-            Vec::new()
-        };
         Arc::new(KvPool {
             layout,
             n_blocks,
             data,
             _map: map,
             shared,
-            allocator: Mutex::new(Allocator {
-                free,
-                refs: vec![0; n_blocks],
-                by_hash: HashMap::new(),
-                hash_of: vec![None; n_blocks],
-                evictable: BTreeMap::new(),
-                stamp: vec![0; n_blocks],
-                clock: 0,
-                foreign: !allocates,
+            allocator: Mutex::new(if allocates {
+                BlockAllocator::new(n_blocks)
+            } else {
+                BlockAllocator::foreign(n_blocks)
             }),
         })
     }
@@ -283,102 +259,38 @@ impl KvPool {
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
     }
+    fn allocator(&self) -> std::sync::MutexGuard<'_, BlockAllocator> {
+        self.allocator.lock().expect("kv allocator poisoned")
+    }
+
     /// Blocks a new allocation can get: free ones plus cached ones nobody holds.
     pub fn free_blocks(&self) -> usize {
-        let a = self.allocator.lock().expect("kv allocator poisoned");
-        a.free.len() + a.evictable.len()
+        self.allocator().available()
     }
 
     /// Cached blocks nobody holds (part of [`free_blocks`](Self::free_blocks)).
     pub fn cached_blocks(&self) -> usize {
-        self.allocator
-            .lock()
-            .expect("kv allocator poisoned")
-            .evictable
-            .len()
+        self.allocator().cached_unheld()
     }
 
-    /// Takes `n` blocks, all or none, evicting the oldest unheld cached blocks if needed.
     fn allocate(&self, n: usize) -> Result<Vec<BlockId>> {
-        let mut a = self.allocator.lock().expect("kv allocator poisoned");
-        let available = a.free.len() + a.evictable.len();
-        if available < n {
-            return Err(EngineError::KvExhausted {
-                needed: n,
-                free: available,
-            });
-        }
-        while a.free.len() < n {
-            let (_, b) = a.evictable.pop_first().expect("counted above");
-            if let Some(h) = a.hash_of[b.0 as usize].take() {
-                a.by_hash.remove(&h);
-            }
-            a.free.push(b);
-        }
-        let at = a.free.len() - n;
-        let got: Vec<BlockId> = a.free.drain(at..).collect();
-        for b in &got {
-            a.refs[b.0 as usize] = 1;
-        }
-        Ok(got)
+        self.allocator().allocate(n)
     }
 
     fn release(&self, blocks: &[BlockId]) {
-        let mut a = self.allocator.lock().expect("kv allocator poisoned");
-        if a.foreign {
-            return;
-        }
-        for &b in blocks {
-            let i = b.0 as usize;
-            assert!(a.refs[i] > 0, "double free of KV block {b:?}");
-            a.refs[i] -= 1;
-            if a.refs[i] == 0 {
-                if a.hash_of[i].is_some() {
-                    a.clock += 1;
-                    let t = a.clock;
-                    a.stamp[i] = t;
-                    a.evictable.insert(t, b);
-                } else {
-                    a.free.push(b);
-                }
-            }
-        }
+        self.allocator().release(blocks)
     }
 
-    /// Takes a reference on the cached blocks of the longest cached prefix of `hashes`.
     fn lookup(&self, hashes: &[BlockHash]) -> Vec<BlockId> {
-        let mut a = self.allocator.lock().expect("kv allocator poisoned");
-        let mut got = Vec::new();
-        for h in hashes {
-            let Some(&b) = a.by_hash.get(h) else { break };
-            let i = b.0 as usize;
-            if a.refs[i] == 0 {
-                let t = a.stamp[i];
-                a.evictable.remove(&t);
-            }
-            a.refs[i] += 1;
-            got.push(b);
-        }
-        got
+        self.allocator().lookup(hashes)
     }
 
-    /// Makes a full, never-again-written block findable by its hash.
     fn register(&self, b: BlockId, h: BlockHash) {
-        let mut a = self.allocator.lock().expect("kv allocator poisoned");
-        let i = b.0 as usize;
-        if a.hash_of[i].is_none() && !a.by_hash.contains_key(&h) {
-            a.hash_of[i] = Some(h);
-            a.by_hash.insert(h, b);
-        }
+        self.allocator().register(b, h)
     }
 
-    /// Whether one holder may overwrite block `b`: it is held once and is not in the prefix
-    /// cache (a cached block is read by every sequence that finds its hash). In an attached
-    /// view the owner lent the blocks and keeps that count, so every block passes here.
     fn exclusive(&self, b: BlockId) -> bool {
-        let a = self.allocator.lock().expect("kv allocator poisoned");
-        let i = b.0 as usize;
-        a.foreign || (a.refs[i] == 1 && a.hash_of[i].is_none())
+        self.allocator().exclusive(b)
     }
 
     /// Byte range of the `(block, layer)` slab — its K plane then its V plane — in the mapping.
@@ -486,6 +398,7 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::EngineError;
     use proptest::prelude::*;
 
     fn layout() -> KvLayout {
@@ -531,6 +444,44 @@ mod tests {
         assert_eq!(pool.free_blocks(), 3);
         t.reserve(9).unwrap();
         assert_eq!(pool.free_blocks(), 0);
+    }
+
+    /// A block shared through the prefix cache cannot be overwritten through one of its
+    /// holders (it would change every sequence reading it): `write_slab` and `slab_mut_ptr`
+    /// refuse it, and the block keeps its bytes; a block held alone is written.
+    #[test]
+    fn slab_writes_refuse_shared_blocks() {
+        let pool = KvPool::new(layout(), 4);
+        let tokens: Vec<TokenId> = (1..=9).collect();
+        let mut a = KvSequence::new(pool.clone());
+        a.reserve(9).unwrap();
+        let slab = a.slab_bytes();
+        a.write_slab(0, 1, &vec![7u8; slab]).unwrap();
+        a.advance(9);
+        a.publish_prefix(&tokens);
+        // Published: even its only holder may not overwrite it.
+        assert!(matches!(
+            a.write_slab(0, 1, &vec![1u8; slab]),
+            Err(EngineError::BadBlocks(_))
+        ));
+        let mut b = KvSequence::new(pool.clone());
+        assert_eq!(b.attach_prefix(&tokens), 8, "two full blocks of 4 found");
+        assert!(b.write_slab(0, 1, &vec![1u8; slab]).is_err());
+        assert!(b.slab_mut_ptr(0, 0).is_err());
+        assert_eq!(
+            a.slab(0, 1),
+            &vec![7u8; slab][..],
+            "the shared block kept its bytes"
+        );
+        // The partial third block is unpublished: a's alone.
+        a.write_slab(2, 0, &vec![3u8; slab]).unwrap();
+        assert_eq!(a.slab(2, 0), &vec![3u8; slab][..]);
+        assert!(a.write_slab(2, 2, &vec![3u8; slab]).is_err(), "no layer 2");
+        assert!(a.write_slab(2, 0, &[3u8; 3]).is_err(), "wrong slab size");
+        assert!(
+            a.write_slab(3, 0, &vec![3u8; slab]).is_err(),
+            "no fourth block"
+        );
     }
 
     proptest! {

@@ -1,9 +1,10 @@
 //! One request's life across the workers: reserve, prefill (with retries), the token stream,
 //! and resuming it elsewhere when a decode worker fails.
 
-use super::{Busy, Decode, Prefill, Remote, queue_depth};
+use super::policy::{LocalReason, PrefillPlace};
+use super::{Busy, Decode, Prefill, Remote};
 use frontend::TokenId;
-use frontend::request::{CancelFlag, GenerationParams, WorkerError, WorkerEvent};
+use frontend::request::{CancellationToken, GenerationParams, WorkerError, WorkerEvent};
 use protocol::pb;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,11 +18,13 @@ pub(super) fn spawn(
     id: u64,
     prompt: Vec<TokenId>,
     params: GenerationParams,
-    cancel: CancelFlag,
+    cancel: CancellationToken,
     tx: mpsc::UnboundedSender<WorkerEvent>,
+    admitted: tokio::sync::OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
-        let _busy = Busy::on(&remote.inflight);
+        // The request's place among those in flight, taken by `submit`, given back at the end.
+        let _admitted = admitted;
         Driver {
             remote: &remote,
             id,
@@ -73,7 +76,7 @@ struct Driver<'a> {
     id: u64,
     prompt: Vec<TokenId>,
     params: GenerationParams,
-    cancel: CancelFlag,
+    cancel: CancellationToken,
     tx: mpsc::UnboundedSender<WorkerEvent>,
     /// Tokens already forwarded to the client.
     sent: Vec<TokenId>,
@@ -155,9 +158,7 @@ impl Driver<'_> {
                 return;
             };
             let _busy = Busy::on(&d.inflight);
-            let commit = if self.prompt.len() < self.remote.cfg.disagg_min_tokens {
-                None
-            } else {
+            let commit = {
                 match self.prefill_phase(&d).await {
                     Ok(Some((commit, events))) => {
                         let mut finished = false;
@@ -207,13 +208,15 @@ impl Driver<'_> {
         d: &Arc<Decode>,
     ) -> Result<Option<(pb::Commit, Vec<WorkerEvent>)>, Fault> {
         let fingerprint = d.stats().fingerprint;
-        let Some(best) = self.remote.prefill_worker(fingerprint, &[]) else {
-            return Ok(None);
-        };
-        let max_queue = self.remote.cfg.max_prefill_queue;
-        if max_queue > 0 && queue_depth(&best) >= max_queue {
-            metrics::counter!("tandem_prefill_spills_total").increment(1);
-            return Ok(None);
+        match self.remote.place_prefill(self.prompt.len(), fingerprint) {
+            PrefillPlace::PrefillWorker(_) => {}
+            PrefillPlace::Decode(LocalReason::PrefillBusy) => {
+                metrics::counter!("tandem_prefill_spills_total").increment(1);
+                return Ok(None);
+            }
+            PrefillPlace::Decode(LocalReason::Short | LocalReason::NoPrefillWorker) => {
+                return Ok(None);
+            }
         }
         let tokens = self.prefill_tokens();
         let st = d.stats();
@@ -364,22 +367,12 @@ impl Driver<'_> {
         }
     }
 
-    /// Awaits `f` unless the client goes away first.
+    /// Awaits `f` unless the client goes away first (its stream dropped or cancelled).
     async fn until_gone<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T, Fault> {
-        let cancelled = async {
-            loop {
-                if self.cancel.is_cancelled() {
-                    return;
-                }
-                tokio::select! {
-                    _ = self.tx.closed() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
-            }
-        };
         tokio::select! {
             v = f => Ok(v),
-            _ = cancelled => Err(Fault::Cancelled),
+            _ = self.cancel.cancelled() => Err(Fault::Cancelled),
+            _ = self.tx.closed() => Err(Fault::Cancelled),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The disaggregated cluster: prefill and decode workers in other processes, reached over
 //! gRPC (`tandem.v1`), and the life of each request across them.
 //!
-//! A request (see `ARCHITECTURE.md`):
+//! A request (see `docs/ARCHITECTURE.md`):
 //! 1. a decode worker is picked by load; a prompt shorter than
 //!    [`RemoteConfig::disagg_min_tokens`] is prefilled there (conditional disaggregation) and
 //!    the rest is skipped;
@@ -19,20 +19,22 @@
 //!
 //! # Layout
 //! - this file: the workers, the routing table (static and discovered), health and load polling;
-//! - [`driver`]: one request's life across them.
+//! - [`policy`]: the routing rules as pure functions of the workers' loads;
+//! - `driver`: one request's life across them.
 
 mod driver;
+pub mod policy;
 
 use crate::error::ApiError;
 use frontend::TokenId;
-use frontend::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use frontend::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use protocol::pb;
 use protocol::pb::decode_worker_client::DecodeWorkerClient;
 use protocol::pb::prefill_worker_client::PrefillWorkerClient;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
 
@@ -152,7 +154,9 @@ pub struct Remote {
     members: RwLock<Members>,
     /// A worker came up.
     changed: Notify,
-    inflight: AtomicUsize,
+    /// Places for requests in flight ([`RemoteConfig::max_inflight`]): taken before a request
+    /// starts, so a burst cannot pass the limit between a check and a count.
+    admission: Arc<Semaphore>,
     /// Streams resumed on another (or a restarted) decode worker after theirs failed.
     pub resumed: AtomicUsize,
     /// Prefills retried on another prefill worker (or handed to the decode worker).
@@ -189,10 +193,10 @@ impl Remote {
     /// configured); call inside a tokio runtime.
     pub fn start(cfg: RemoteConfig) -> Result<Arc<Remote>, ApiError> {
         let r = Arc::new(Remote {
+            admission: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
             cfg,
             members: RwLock::default(),
             changed: Notify::new(),
-            inflight: AtomicUsize::new(0),
             resumed: AtomicUsize::new(0),
             prefill_retries: AtomicUsize::new(0),
         });
@@ -319,48 +323,77 @@ impl Remote {
         id: RequestId,
         prompt: Vec<TokenId>,
         params: GenerationParams,
-        cancel: CancelFlag,
+        cancel: CancellationToken,
     ) -> Result<mpsc::UnboundedReceiver<WorkerEvent>, ApiError> {
-        if self.inflight.load(Ordering::Acquire) >= self.cfg.max_inflight {
-            return Err(ApiError::Overloaded(
+        let admitted = self.admission.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Overloaded(
                 "the server is at capacity (requests in flight); retry shortly".into(),
-            ));
-        }
+            )
+        })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        driver::spawn(self.clone(), id.0, prompt, params, cancel, tx);
+        driver::spawn(self.clone(), id.0, prompt, params, cancel, tx, admitted);
         Ok(rx)
     }
 
     /// The least loaded healthy decode worker, waiting up to the hold time for one.
-    async fn decode_worker(&self, cancel: &CancelFlag) -> Option<Arc<Decode>> {
+    async fn decode_worker(&self, cancel: &CancellationToken) -> Option<Arc<Decode>> {
         let deadline = tokio::time::Instant::now() + self.cfg.hold;
         loop {
             let decode = self.decode_workers();
-            let best = decode.into_iter().filter(|w| w.healthy()).min_by_key(|w| {
-                let s = w.stats();
-                (
-                    w.inflight.load(Ordering::Acquire) + s.waiting as usize,
-                    u64::MAX - s.kv_blocks_free,
-                )
-            });
-            if let Some(w) = best {
-                return Some(w);
+            let loads: Vec<policy::DecodeLoad> = decode
+                .iter()
+                .map(|w| {
+                    let s = w.stats();
+                    policy::DecodeLoad {
+                        healthy: w.healthy(),
+                        inflight: w.inflight.load(Ordering::Acquire),
+                        waiting: s.waiting as usize,
+                        free_blocks: s.kv_blocks_free,
+                    }
+                })
+                .collect();
+            if let Some(i) = policy::pick_decode(&loads) {
+                return Some(decode[i].clone());
             }
             if cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
                 return None;
             }
-            let _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()).await;
+            tokio::select! {
+                _ = cancel.cancelled() => return None,
+                _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()) => {}
+            }
         }
+    }
+
+    /// The prefill workers with their loads as routing sees them (`tried`: failed this request).
+    fn prefill_loads(&self, tried: &[String]) -> (Vec<Arc<Prefill>>, Vec<policy::PrefillLoad>) {
+        let workers = self.prefill_workers();
+        let loads = workers
+            .iter()
+            .map(|w| policy::PrefillLoad {
+                healthy: w.healthy(),
+                tried: tried.contains(&w.addr),
+                fingerprint: w.stats().fingerprint,
+                queue: queue_depth(w),
+            })
+            .collect();
+        (workers, loads)
     }
 
     /// The healthy prefill worker with the shortest queue, among those not yet `tried`.
     fn prefill_worker(&self, fingerprint: u64, tried: &[String]) -> Option<Arc<Prefill>> {
-        self.prefill_workers()
-            .into_iter()
-            .filter(|w| {
-                w.healthy() && !tried.contains(&w.addr) && w.stats().fingerprint == fingerprint
-            })
-            .min_by_key(|w| queue_depth(w))
+        let (workers, loads) = self.prefill_loads(tried);
+        policy::pick_prefill(&loads, fingerprint).map(|i| workers[i].clone())
+    }
+
+    /// Where a prompt of `tokens` going to a decode worker of `fingerprint` is prefilled.
+    fn place_prefill(&self, tokens: usize, fingerprint: u64) -> policy::PrefillPlace {
+        let (_, loads) = self.prefill_loads(&[]);
+        policy::Disaggregation {
+            min_tokens: self.cfg.disagg_min_tokens,
+            max_prefill_queue: self.cfg.max_prefill_queue,
+        }
+        .place(tokens, &loads, fingerprint)
     }
 }
 

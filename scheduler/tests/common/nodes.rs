@@ -2,7 +2,7 @@
 //! a separate process would be), seeded request sets and their answers run alone.
 
 use decode_worker::WorkerConfig;
-use engine::request::{CancelFlag, GenerationParams, RequestId, WorkerEvent};
+use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig};
@@ -206,7 +206,7 @@ pub fn submit_all(cluster: &Cluster, c: &Case) -> Vec<UnboundedReceiver<WorkerEv
                     RequestId(1000 + i as u64),
                     p.clone(),
                     g.clone(),
-                    CancelFlag::default(),
+                    CancellationToken::default(),
                 )
                 .unwrap()
         })
