@@ -59,6 +59,9 @@ enum Transfer {
 
 struct Lease {
     request: u64,
+    /// The positions reserved for: a commit must continue exactly these (they key the
+    /// prefix cache once committed).
+    tokens: Vec<TokenId>,
     seq: KvSequence,
     /// Positions that came from this worker's prefix cache.
     cached: usize,
@@ -306,6 +309,7 @@ impl DecodeWorker for DecodeService {
             id,
             Lease {
                 request: r.request_id,
+                tokens: r.tokens,
                 seq,
                 cached,
                 expires: Instant::now() + self.cfg.lease,
@@ -331,6 +335,25 @@ impl DecodeWorker for DecodeService {
         if prompt.is_empty() {
             return Err(Status::invalid_argument("empty prompt"));
         }
+        // Checked here, per request: a bad id or length reaching the batch would fail every
+        // sequence stepped with it.
+        let vocab = self.engine.model.config().vocab_size;
+        if let Some(bad) = prompt
+            .iter()
+            .chain(&generated)
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(Status::invalid_argument(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let max = self.engine.max_context();
+        if prompt.len() + generated.len() > max {
+            return Err(engine_status(&EngineError::ContextOverflow {
+                len: prompt.len() + generated.len(),
+                max,
+            }));
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<WorkerEvent>();
         let cancel = CancellationToken::default();
         let id = RequestId(r.request_id);
@@ -348,6 +371,15 @@ impl DecodeWorker for DecodeService {
                     return Err(Status::invalid_argument(format!(
                         "the commit fills {filled} positions; prompt and generated tokens need {want}"
                     )));
+                }
+                let continues = prompt
+                    .iter()
+                    .chain(&generated[..generated.len() - 1])
+                    .eq(lease.tokens.iter());
+                if !continues {
+                    return Err(Status::invalid_argument(
+                        "the commit's prompt is not the one its lease was reserved for",
+                    ));
                 }
                 if let Transfer::Ended(sent) = lease.transfer
                     && sent != c.checksum

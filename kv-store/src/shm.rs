@@ -32,6 +32,23 @@ pub fn pool_path(dir: &Path) -> PathBuf {
     dir.join(format!("{PREFIX}{}-{nonce:08x}.pool", std::process::id()))
 }
 
+/// Whether `path` names a pool file as [`pool_path`] makes them (`tandem-kv-PID-NONCE.pool`)
+/// and is a regular file, not a link: what a prefill worker agrees to map and write.
+pub fn is_pool_file(path: &Path) -> bool {
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(PREFIX))
+        .and_then(|n| n.strip_suffix(".pool"))
+        .and_then(|n| n.split_once('-'))
+        .is_some_and(|(pid, nonce)| {
+            pid.parse::<u32>().is_ok()
+                && nonce.len() == 8
+                && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+        });
+    named && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+}
+
 /// Removes pool files in `dir` left by processes that no longer run (a worker killed with
 /// SIGKILL cannot remove its own); returns how many.
 pub fn sweep_stale(dir: &Path) -> usize {
@@ -70,6 +87,15 @@ mod tests {
         std::fs::write(&other, b"x").unwrap();
         assert_eq!(sweep_stale(d.path()), 1);
         assert!(live.exists() && !dead.exists() && other.exists());
+        assert!(is_pool_file(&live));
+        assert!(!is_pool_file(&other), "not a pool's name");
+        assert!(
+            !is_pool_file(&d.path().join(format!("{PREFIX}1-0000abcd.pool"))),
+            "absent"
+        );
+        let link = d.path().join(format!("{PREFIX}1-0000beef.pool"));
+        std::os::unix::fs::symlink(&live, &link).unwrap();
+        assert!(!is_pool_file(&link), "a link");
         assert!(!host_id().is_empty());
     }
 }

@@ -74,6 +74,21 @@ impl PrefillWorker for PrefillService {
         if r.prompt.is_empty() {
             return Err(Status::invalid_argument("empty prompt"));
         }
+        let vocab = self.engine.model.config().vocab_size;
+        if let Some(bad) = r
+            .prompt
+            .iter()
+            .chain(&r.generated)
+            .find(|&&t| t as usize >= vocab)
+        {
+            return Err(Status::invalid_argument(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        // Prompt plus the generated tokens but the last: what the KV covers.
+        let positions = r.prompt.len() + r.generated.len().saturating_sub(1);
+        crate::target::check_target(&target, positions, self.engine.kv.layout().block_size)
+            .map_err(|e| Status::invalid_argument(format!("bad KV target: {e}")))?;
         let flag = CancellationToken::default();
         self.cancels
             .lock()

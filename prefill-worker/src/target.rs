@@ -30,6 +30,40 @@ use std::thread::JoinHandle;
 
 pub use protocol::KvTransport as Transport;
 
+/// Checks what a `Prefill` call says about where the KV goes, before any of it is used: a
+/// target for `tokens` positions (prompt plus generated tokens but the last) in a decode
+/// worker's pool of `layout`'s blocks. Everything here comes from the network; a bad field is
+/// the caller's error (`InvalidArgument`), never a panic or a write outside the pool.
+pub fn check_target(t: &pb::KvTarget, tokens: usize, block_size: usize) -> Result<(), String> {
+    if t.pool_blocks == 0 || t.pool_blocks > u32::MAX as u64 {
+        return Err(format!("a pool of {} blocks", t.pool_blocks));
+    }
+    let need = tokens.div_ceil(block_size);
+    if t.block_ids.len() < need {
+        return Err(format!(
+            "{} blocks for {tokens} positions ({need} needed)",
+            t.block_ids.len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(t.block_ids.len());
+    for &b in &t.block_ids {
+        if b as u64 >= t.pool_blocks {
+            return Err(format!("block {b} outside a pool of {}", t.pool_blocks));
+        }
+        if !seen.insert(b) {
+            return Err(format!("block {b} named twice"));
+        }
+    }
+    let cached = t.cached_tokens as usize;
+    if !cached.is_multiple_of(block_size) || (tokens > 0 && cached >= tokens) {
+        return Err(format!("{cached} cached positions of {tokens}"));
+    }
+    if !t.shm_path.is_empty() && !kv_store::shm::is_pool_file(std::path::Path::new(&t.shm_path)) {
+        return Err(format!("{} is not a KV pool file", t.shm_path));
+    }
+    Ok(())
+}
+
 /// The open ends of transports: mapped pools and idle data-plane connections.
 pub struct Targets {
     engine: Arc<Engine>,

@@ -170,11 +170,14 @@ impl KvPool {
         n_blocks: usize,
         path: &std::path::Path,
     ) -> std::io::Result<Arc<KvPool>> {
+        use std::os::unix::fs::OpenOptionsExt;
         let bytes = Self::size(layout, n_blocks);
+        // Readable and writable by this user only: every request's KV is in it.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)?;
         let shared = SharedFile {
             path: path.to_owned(),
@@ -482,6 +485,16 @@ mod tests {
             a.write_slab(3, 0, &vec![3u8; slab]).is_err(),
             "no fourth block"
         );
+    }
+
+    #[test]
+    fn a_shared_pool_file_is_private_to_its_user() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("pool");
+        let _pool = KvPool::new_shared(layout(), 2, &path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
     }
 
     proptest! {
