@@ -18,6 +18,9 @@ pub enum ApiError {
         param: Option<String>,
         code: Option<&'static str>,
     },
+    /// 401: `--api-key` is set and the request's `Authorization: Bearer` does not carry it.
+    #[error("{0}")]
+    Unauthorized(String),
     /// 404: unknown model or route.
     #[error("{message}")]
     NotFound {
@@ -51,6 +54,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -66,6 +70,11 @@ impl ApiError {
                 "invalid_request_error",
                 param.clone(),
                 code.map(str::to_string),
+            ),
+            ApiError::Unauthorized(_) => (
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key".into()),
             ),
             ApiError::NotFound { param, code, .. } => (
                 "invalid_request_error",

@@ -41,6 +41,9 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// When the server started (the model card's `created`).
     pub started_unix: u64,
+    /// Required as `Authorization: Bearer KEY` on the API routes (`/v1/…`), when set
+    /// (vLLM's `--api-key`); `/health` and `/metrics` stay open for probes and scrapers.
+    pub api_key: Option<Arc<str>>,
 }
 
 impl AppState {
@@ -49,7 +52,14 @@ impl AppState {
             cluster,
             metrics: metrics::handle(),
             started_unix: routes::unix_now(),
+            api_key: None,
         }
+    }
+
+    /// The same state, requiring `key` on the API routes (`None`: open).
+    pub fn with_api_key(mut self, key: Option<String>) -> AppState {
+        self.api_key = key.filter(|k| !k.is_empty()).map(Arc::from);
+        self
     }
 
     pub fn model_id(&self) -> &str {
@@ -87,6 +97,36 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
+/// Refuses API routes (`/v1/…`) whose `Authorization: Bearer` does not carry the key.
+async fn require_api_key(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &st.api_key
+        && req.uri().path().starts_with("/v1")
+    {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(given.as_bytes(), key.as_bytes()) {
+            return ApiError::Unauthorized(
+                "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Equality of two secrets in time that depends on their lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The full HTTP API.
 pub fn router(state: AppState, max_body: usize) -> Router {
     Router::new()
@@ -104,6 +144,10 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             }
         })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
         .layer(middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)

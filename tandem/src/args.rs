@@ -283,15 +283,28 @@ pub struct HttpArgs {
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = scheduler::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on the API routes (`/v1/…`; not on `/health` or `/metrics`), as vLLM's flag. Prefer the environment variable: a command line is visible to every local user.
+    #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl HttpArgs {
+    /// The flags but the API key, which reaches a child by its environment
+    /// ([`child_env`](Self::child_env)), never its command line.
     pub fn to_args(&self) -> Vec<String> {
         let mut a = Vec::new();
         flag(&mut a, "host", &self.host);
         flag(&mut a, "port", self.port);
         flag(&mut a, "max-body-bytes", self.max_body_bytes);
         a
+    }
+
+    /// What a child serving these flags needs in its environment.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        self.api_key
+            .iter()
+            .map(|k| ("TANDEM_API_KEY".to_string(), k.clone()))
+            .collect()
     }
 }
 
@@ -516,6 +529,7 @@ mod tests {
                 host: "0.0.0.0".into(),
                 port: 1,
                 max_body_bytes: 12,
+                api_key: None,
             },
             prefill: vec!["a:1".into(), "b:2".into()],
             decode: vec!["c:3".into()],
@@ -533,6 +547,16 @@ mod tests {
             Role::Scheduler(got) => assert_eq!(got, s),
             other => panic!("{other:?}"),
         }
+        // The API key never appears on a command line; it travels in the environment.
+        let keyed = HttpArgs {
+            api_key: Some("sk-secret".into()),
+            ..s.http.clone()
+        };
+        assert!(!keyed.to_args().concat().contains("sk-secret"));
+        assert_eq!(
+            keyed.child_env(),
+            [("TANDEM_API_KEY".to_string(), "sk-secret".to_string())]
+        );
     }
 
     /// Flags left out take the libraries' defaults.

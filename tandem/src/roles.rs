@@ -151,7 +151,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
             "tandem: scheduler serving '{model_id}' on {url} (OpenAI API under {url}/v1); prefill {:?}, decode {:?}",
             args.prefill, args.decode
         );
-        let state = scheduler::AppState::new(cluster);
+        let state = scheduler::AppState::new(cluster).with_api_key(args.http.api_key.clone());
         scheduler::serve(listener, state, args.http.max_body_bytes, shutdown_signal()).await?;
         eprintln!("tandem: scheduler stopped");
         anyhow::Ok(())

@@ -50,7 +50,8 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
         let url = format!("http://{}", listener.local_addr()?);
         eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), colocated");
         print_try(&url, &model_id);
-        let state = scheduler::AppState::new(cluster.clone());
+        let state =
+            scheduler::AppState::new(cluster.clone()).with_api_key(args.http.api_key.clone());
         scheduler::serve(listener, state, args.http.max_body_bytes, shutdown_signal()).await?;
         eprintln!("tandem: shutting down");
         anyhow::Ok(())
@@ -73,6 +74,8 @@ fn print_try(url: &str, model_id: &str) {
 struct Member {
     name: String,
     args: Vec<String>,
+    /// Set in its environment (secrets: never on a command line).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     started: Instant,
     /// Delay before the next restart (doubles while it keeps dying young).
@@ -85,6 +88,7 @@ impl Member {
         let exe = std::env::current_exe().context("finding the tandem executable")?;
         let mut child = Command::new(exe)
             .args(&self.args)
+            .envs(self.env.iter().cloned())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -201,7 +205,9 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         routing: args.routing.clone(),
         model,
     };
-    members.push(member("scheduler".into(), s.to_args()));
+    let mut sched = member("scheduler".into(), s.to_args());
+    sched.env = s.http.child_env();
+    members.push(sched);
     eprintln!(
         "tandem: cluster of {} prefill + {} decode worker(s){}; scheduler on http://{}:{} (OpenAI API under /v1)",
         args.prefill,
@@ -220,6 +226,7 @@ fn member(name: String, args: Vec<String>) -> Member {
     Member {
         name,
         args,
+        env: Vec::new(),
         child: None,
         started: Instant::now(),
         backoff: Duration::from_millis(500),

@@ -33,6 +33,7 @@ pub struct Options {
     pub kv_bytes: usize,
     pub max_body: usize,
     pub precision: engine::Precision,
+    pub api_key: Option<String>,
 }
 
 impl Default for Options {
@@ -43,6 +44,7 @@ impl Default for Options {
             kv_bytes: 16 << 20,
             max_body: 1 << 20,
             precision: engine::Precision::default(),
+            api_key: None,
         }
     }
 }
@@ -71,7 +73,7 @@ pub async fn start(opts: Options) -> TestServer {
             ..Default::default()
         },
     ));
-    let state = AppState::new(cluster);
+    let state = AppState::new(cluster).with_api_key(opts.api_key.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel();
