@@ -12,6 +12,14 @@ pub const MAX_N: u32 = 16;
 pub const MAX_STOPS: usize = 16;
 /// Most top log-probabilities per token.
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Longest stop string, in bytes (each is matched against the text after every token).
+pub const MAX_STOP_BYTES: usize = 256;
+/// Most `stop_token_ids` one request may give.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+/// Most prompts one completions request may carry.
+pub const MAX_PROMPTS: usize = 64;
+/// Most choices (prompts × `n`) one request may ask for: each is a sequence in the batch.
+pub const MAX_CHOICES: usize = 64;
 
 /// A validated request, ready to be split into choices.
 #[derive(Debug, Clone)]
@@ -110,6 +118,22 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
         return Err(ApiError::invalid(
             format!("at most {MAX_STOPS} stop sequences are allowed"),
             "stop",
+        ));
+    }
+    if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            format!(
+                "stop sequences may be at most {MAX_STOP_BYTES} bytes long, got {}",
+                long.len()
+            ),
+            "stop",
+        ));
+    }
+    let stop_ids = f.stop_token_ids.as_ref().map_or(0, Vec::len);
+    if stop_ids > MAX_STOP_TOKEN_IDS {
+        return Err(ApiError::invalid(
+            format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed, got {stop_ids}"),
+            "stop_token_ids",
         ));
     }
     for lp in [logprobs, prompt_logprobs].into_iter().flatten() {

@@ -6,7 +6,7 @@ use crate::AppState;
 use crate::error::{ApiError, AppJson};
 use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
-use crate::validate::{DefaultMax, PlanInput, plan};
+use crate::validate::{DefaultMax, MAX_CHOICES, MAX_PROMPTS, PlanInput, plan};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use frontend::sampling::TokenLogprobs;
@@ -67,6 +67,24 @@ pub async fn handler(
         return Err(ApiError::invalid(
             "best_of other than n is not supported",
             "best_of",
+        ));
+    }
+    let count = match &req.prompt {
+        PromptSpec::Text(_) | PromptSpec::Tokens(_) => 1,
+        PromptSpec::Texts(v) => v.len(),
+        PromptSpec::TokenLists(v) => v.len(),
+    };
+    if count > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            format!("at most {MAX_PROMPTS} prompts are allowed in one request, got {count}"),
+            "prompt",
+        ));
+    }
+    let n = req.sampling.n.unwrap_or(1) as usize;
+    if count * n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            format!("prompts × n may be at most {MAX_CHOICES}, got {count} × {n}"),
+            "n",
         ));
     }
     let fe = st.cluster.frontend().clone();
