@@ -46,7 +46,8 @@ impl Cluster {
     }
 
     /// Worker processes over gRPC. Call inside a tokio runtime.
-    pub fn remote(frontend: Arc<Frontend>, cfg: RemoteConfig) -> Result<Cluster, ApiError> {
+    pub fn remote(frontend: Arc<Frontend>, mut cfg: RemoteConfig) -> Result<Cluster, ApiError> {
+        cfg.fingerprint.get_or_insert(frontend.fingerprint);
         let remote = Remote::start(cfg)?;
         Ok(Cluster {
             frontend,

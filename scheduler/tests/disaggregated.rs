@@ -264,3 +264,38 @@ async fn a_commit_with_a_wrong_checksum_is_refused_and_its_blocks_freed() {
         before
     );
 }
+
+/// Routing (and so failover) only picks decode workers of the scheduler's model: an idle
+/// worker serving other weights is passed over for a busy one of the same fingerprint, and the
+/// streams give the tokens they give alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_workers_of_another_model_are_never_picked() {
+    let (dir, model) = tiny();
+    let other = dir.path().join("other.gguf");
+    engine::synthetic::write(
+        &engine::synthetic::TinySpec {
+            seed: 4242,
+            ..Default::default()
+        },
+        &other,
+    )
+    .unwrap();
+    let foreign = decode_node(&other, dir.path(), "127.0.0.1:0", 64);
+    let own = decode_node(&model, dir.path(), "127.0.0.1:0", 64);
+    // The foreign worker is listed first and stays idle: by load alone it would win.
+    let (fe, cfg) = remote(&model, &[], &[&foreign, &own], "auto");
+    let cluster = Cluster::remote(fe, cfg).unwrap();
+    let r = cluster.remote_workers().unwrap().clone();
+    let t0 = std::time::Instant::now();
+    while !r.decode_workers().iter().all(|w| w.healthy()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "workers never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // No prefill workers: each decode worker prefills itself, so a request routed to the
+    // foreign one would come back with its weights' tokens, not the alone-run's.
+    let c = case(&model, 8, N_GEN, 0xf1f1);
+    check(&cluster, &c, "beside a worker of another model").await;
+}

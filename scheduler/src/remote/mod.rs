@@ -61,6 +61,9 @@ pub struct RemoteConfig {
     pub poll: Duration,
     /// etcd endpoints to discover workers from (cargo feature `etcd`), beside the static ones.
     pub etcd: Vec<String>,
+    /// The model fingerprint a decode worker must report to be routed to (the scheduler's
+    /// frontend's: same weights, precision and KV format); `None`: any.
+    pub fingerprint: Option<u64>,
 }
 
 /// Default of [`RemoteConfig::disagg_min_tokens`].
@@ -82,6 +85,7 @@ impl Default for RemoteConfig {
             max_inflight: DEFAULT_MAX_INFLIGHT,
             poll: Duration::from_millis(200),
             etcd: Vec::new(),
+            fingerprint: None,
         }
     }
 }
@@ -346,6 +350,7 @@ impl Remote {
                     let s = w.stats();
                     policy::DecodeLoad {
                         healthy: w.healthy(),
+                        same_model: self.cfg.fingerprint.is_none_or(|f| f == s.fingerprint),
                         inflight: w.inflight.load(Ordering::Acquire),
                         waiting: s.waiting as usize,
                         free_blocks: s.kv_blocks_free,
@@ -449,8 +454,13 @@ fn update<C>(
 ) {
     match res {
         Ok(Ok(s)) => {
-            *w.stats.lock().expect("stats poisoned") = s.into_inner();
+            let s = s.into_inner();
+            let foreign = r.cfg.fingerprint.is_some_and(|f| f != s.fingerprint);
+            *w.stats.lock().expect("stats poisoned") = s;
             if !w.healthy.swap(true, Ordering::AcqRel) {
+                if foreign {
+                    tracing::warn!(worker = %w.addr, "worker up, serving another model file, precision or KV format than the scheduler's: not routed to");
+                }
                 tracing::info!(worker = %w.addr, "worker up");
                 r.changed.notify_waiters();
             }

@@ -6,6 +6,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeLoad {
     pub healthy: bool,
+    /// It serves the scheduler's model (equal fingerprints): a stream resumed there continues
+    /// with the same weights and formats.
+    pub same_model: bool,
     /// Requests this scheduler has on it now.
     pub inflight: usize,
     /// Requests it reported waiting to start.
@@ -14,13 +17,14 @@ pub struct DecodeLoad {
     pub free_blocks: u64,
 }
 
-/// The decode worker for a new request: a healthy one with the fewest requests (in flight
-/// plus waiting), then the most free KV blocks; ties go to the first listed.
+/// The decode worker for a new (or resumed) request: a healthy one serving the scheduler's
+/// model with the fewest requests (in flight plus waiting), then the most free KV blocks; ties
+/// go to the first listed.
 pub fn pick_decode(workers: &[DecodeLoad]) -> Option<usize> {
     workers
         .iter()
         .enumerate()
-        .filter(|(_, w)| w.healthy)
+        .filter(|(_, w)| w.healthy && w.same_model)
         .min_by_key(|(_, w)| (w.inflight + w.waiting, u64::MAX - w.free_blocks))
         .map(|(i, _)| i)
 }
@@ -101,6 +105,7 @@ mod tests {
     fn d(healthy: bool, inflight: usize, waiting: usize, free_blocks: u64) -> DecodeLoad {
         DecodeLoad {
             healthy,
+            same_model: true,
             inflight,
             waiting,
             free_blocks,
@@ -136,6 +141,14 @@ mod tests {
             Some(1)
         );
         assert_eq!(pick_decode(&[d(true, 1, 0, 7), d(true, 1, 0, 7)]), Some(0));
+        // Another model's worker (another file, precision or KV format) is never picked, even
+        // idle: failover must not resume a stream on other weights.
+        let other = DecodeLoad {
+            same_model: false,
+            ..d(true, 0, 0, 99)
+        };
+        assert_eq!(pick_decode(&[other, d(true, 9, 9, 1)]), Some(1));
+        assert_eq!(pick_decode(&[other]), None);
     }
 
     #[test]
