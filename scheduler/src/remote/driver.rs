@@ -1,7 +1,7 @@
 //! One request's life across the workers: reserve, prefill (with retries), the token stream,
 //! and resuming it elsewhere when a decode worker fails.
 
-use super::policy::{LocalReason, PrefillPlace};
+use super::policy::{LocalReason, PrefillPlace, PromptShape};
 use super::{Busy, Decode, Prefill, Remote};
 use frontend::TokenId;
 use frontend::request::{CancellationToken, GenerationParams, WorkerError, WorkerEvent};
@@ -208,13 +208,19 @@ impl Driver<'_> {
         d: &Arc<Decode>,
     ) -> Result<Option<(pb::Commit, Vec<WorkerEvent>)>, Fault> {
         let fingerprint = d.stats().fingerprint;
-        match self.remote.place_prefill(self.prompt.len(), fingerprint) {
+        let shape = PromptShape {
+            tokens: self.prompt.len(),
+            prompt_logprobs: self.params.prompt_logprobs.is_some(),
+        };
+        match self.remote.place_prefill(shape, fingerprint) {
             PrefillPlace::PrefillWorker(_) => {}
             PrefillPlace::Decode(LocalReason::PrefillBusy) => {
                 metrics::counter!("tandem_prefill_spills_total").increment(1);
                 return Ok(None);
             }
-            PrefillPlace::Decode(LocalReason::Short | LocalReason::NoPrefillWorker) => {
+            PrefillPlace::Decode(
+                LocalReason::Short | LocalReason::NoPrefillWorker | LocalReason::PromptLogprobs,
+            ) => {
                 return Ok(None);
             }
         }

@@ -391,14 +391,14 @@ impl Remote {
         policy::pick_prefill(&loads, fingerprint).map(|i| workers[i].clone())
     }
 
-    /// Where a prompt of `tokens` going to a decode worker of `fingerprint` is prefilled.
-    fn place_prefill(&self, tokens: usize, fingerprint: u64) -> policy::PrefillPlace {
+    /// Where a prompt going to a decode worker of `fingerprint` is prefilled.
+    fn place_prefill(&self, prompt: policy::PromptShape, fingerprint: u64) -> policy::PrefillPlace {
         let (_, loads) = self.prefill_loads(&[]);
         policy::Disaggregation {
             min_tokens: self.cfg.disagg_min_tokens,
             max_prefill_queue: self.cfg.max_prefill_queue,
         }
-        .place(tokens, &loads, fingerprint)
+        .place(prompt, &loads, fingerprint)
     }
 }
 

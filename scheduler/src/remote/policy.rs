@@ -80,13 +80,34 @@ pub enum LocalReason {
     NoPrefillWorker,
     /// The least busy prefill worker's queue reached [`Disaggregation::max_prefill_queue`].
     PrefillBusy,
+    /// Prompt log-probabilities are wanted: the decode worker computes them chunk by chunk
+    /// (`max_num_batched_tokens` rows of logits at a time), where a prefill worker's single
+    /// pass would hold prompt × vocabulary logits at once.
+    PromptLogprobs,
+}
+
+/// What the rules need to know about one prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptShape {
+    /// Positions to prefill.
+    pub tokens: usize,
+    /// Log-probabilities of the prompt's tokens are wanted (`echo` with `logprobs`).
+    pub prompt_logprobs: bool,
 }
 
 impl Disaggregation {
-    /// Where a prompt of `tokens` is prefilled, given the prefill workers that could take it.
-    pub fn place(&self, tokens: usize, prefill: &[PrefillLoad], fingerprint: u64) -> PrefillPlace {
-        if tokens < self.min_tokens {
+    /// Where a prompt is prefilled, given the prefill workers that could take it.
+    pub fn place(
+        &self,
+        prompt: PromptShape,
+        prefill: &[PrefillLoad],
+        fingerprint: u64,
+    ) -> PrefillPlace {
+        if prompt.tokens < self.min_tokens {
             return PrefillPlace::Decode(LocalReason::Short);
+        }
+        if prompt.prompt_logprobs {
+            return PrefillPlace::Decode(LocalReason::PromptLogprobs);
         }
         let Some(best) = pick_prefill(prefill, fingerprint) else {
             return PrefillPlace::Decode(LocalReason::NoPrefillWorker);
@@ -109,6 +130,13 @@ mod tests {
             inflight,
             waiting,
             free_blocks,
+        }
+    }
+
+    fn shape(tokens: usize) -> PromptShape {
+        PromptShape {
+            tokens,
+            prompt_logprobs: false,
         }
     }
 
@@ -173,12 +201,15 @@ mod tests {
         };
         let ws = [p(true, false, 1, 5)];
         assert_eq!(
-            rules.place(63, &ws, 1),
+            rules.place(shape(63), &ws, 1),
             PrefillPlace::Decode(LocalReason::Short)
         );
-        assert_eq!(rules.place(64, &ws, 1), PrefillPlace::PrefillWorker(0));
         assert_eq!(
-            rules.place(64, &ws, 2),
+            rules.place(shape(64), &ws, 1),
+            PrefillPlace::PrefillWorker(0)
+        );
+        assert_eq!(
+            rules.place(shape(64), &ws, 2),
             PrefillPlace::Decode(LocalReason::NoPrefillWorker)
         );
         let busy = Disaggregation {
@@ -186,12 +217,20 @@ mod tests {
             ..rules
         };
         assert_eq!(
-            busy.place(500, &ws, 1),
+            busy.place(shape(500), &ws, 1),
             PrefillPlace::Decode(LocalReason::PrefillBusy)
         );
         assert_eq!(
-            busy.place(500, &[p(true, false, 1, 4)], 1),
+            busy.place(shape(500), &[p(true, false, 1, 4)], 1),
             PrefillPlace::PrefillWorker(0)
+        );
+        let scored = PromptShape {
+            tokens: 500,
+            prompt_logprobs: true,
+        };
+        assert_eq!(
+            rules.place(scored, &ws, 1),
+            PrefillPlace::Decode(LocalReason::PromptLogprobs)
         );
     }
 }
