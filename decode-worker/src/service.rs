@@ -162,13 +162,10 @@ unsafe impl SlabSink for Leases {
         l.transfer = Transfer::Receiving;
         for &block in blocks {
             let b = block as usize;
-            // Never over the cached prefix (shared with other sequences; the pool refuses
-            // those too) nor past the lease.
-            let slot = (b >= l.cached / layout.block_size)
-                .then(|| l.seq.slab_mut_ptr(b, layer as usize).ok())
-                .flatten()
-                .map(|ptr| Slot { ptr, len });
-            out.push(slot);
+            // Never over the cached prefix (shared with other sequences: the sequence refuses
+            // it) nor past the lease.
+            let slot = l.seq.slab_mut_ptr(b, layer as usize).ok();
+            out.push(slot.map(|ptr| Slot { ptr, len }));
         }
     }
 

@@ -267,7 +267,7 @@ impl Loop {
         &self,
         tokens: &[TokenId],
         job: &PrefillJob,
-        prep: Prepared,
+        mut prep: Prepared,
         sum: LayerSum,
         logits: &[f32],
     ) -> Result<PrefillOutcome, WorkerError> {

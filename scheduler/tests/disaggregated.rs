@@ -229,18 +229,7 @@ async fn a_commit_with_a_wrong_checksum_is_refused_and_its_blocks_freed() {
     let free = |s: pb::WorkerStats| s.kv_blocks_free;
     let before = free(c.stats(pb::Empty {}).await.unwrap().into_inner());
     let prompt: Vec<u32> = (3..43).collect();
-    let target = c
-        .reserve(pb::ReserveRequest {
-            request_id: 1,
-            tokens: prompt.clone(),
-            fingerprint,
-            use_prefix_cache: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .target
-        .unwrap();
+    let target = reserve(&mut c, &prompt, fingerprint).await;
     assert!(free(c.stats(pb::Empty {}).await.unwrap().into_inner()) < before);
     let params = engine::synthetic::testing::mixed_params(0, 4, 1);
     let refused = c

@@ -41,18 +41,7 @@ async fn bad_targets_and_bad_generates_fail_alone() {
         .await
         .unwrap();
     let prompt: Vec<u32> = (3..43).collect();
-    let target = dc
-        .reserve(pb::ReserveRequest {
-            request_id: 1,
-            tokens: prompt.clone(),
-            fingerprint: fe.fingerprint,
-            use_prefix_cache: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .target
-        .unwrap();
+    let target = reserve(&mut dc, &prompt, fe.fingerprint).await;
     let params = engine::synthetic::testing::mixed_params(0, 4, 1);
     let prefill = |target: pb::KvTarget, prompt: Vec<u32>| pb::PrefillRequest {
         request_id: 7,

@@ -292,6 +292,8 @@ impl KvPool {
         self.allocator().register(b, h)
     }
 
+    /// The allocator's view of [`KvSequence`]'s own bookkeeping of shared blocks (checked in
+    /// debug builds).
     fn exclusive(&self, b: BlockId) -> bool {
         self.allocator().exclusive(b)
     }

@@ -14,6 +14,10 @@ pub struct KvSequence {
     pool: Arc<KvPool>,
     blocks: Vec<BlockId>,
     len: usize,
+    /// Leading blocks other sequences may read — found in the prefix cache, published to it,
+    /// or (adopted) filled by their owner: never overwritten through this sequence. Every
+    /// other block is this sequence's alone (held once, unpublished).
+    shared: usize,
 }
 
 impl KvSequence {
@@ -22,13 +26,14 @@ impl KvSequence {
             pool,
             blocks: Vec::new(),
             len: 0,
+            shared: 0,
         }
     }
 
     /// A sequence over `blocks` that another party reserved in `pool` (an
     /// [`attached`](KvPool::attach) view, or the owner's pool for blocks being handed over),
-    /// holding `len` filled positions. Dropping it releases a reference on each block (nothing,
-    /// in an attached view).
+    /// holding `len` filled positions (the owner's, read in place: their full blocks count as
+    /// shared). Dropping it releases a reference on each block (nothing, in an attached view).
     pub fn adopt(pool: Arc<KvPool>, blocks: Vec<BlockId>, len: usize) -> Result<KvSequence> {
         let bs = pool.layout.block_size;
         if blocks.iter().any(|b| b.0 as usize >= pool.n_blocks) || len > blocks.len() * bs {
@@ -38,7 +43,12 @@ impl KvSequence {
                 pool.n_blocks
             )));
         }
-        Ok(KvSequence { pool, blocks, len })
+        Ok(KvSequence {
+            shared: len / bs,
+            pool,
+            blocks,
+            len,
+        })
     }
 
     /// Marks the first `len` positions filled, when another process wrote them (a KV
@@ -88,12 +98,13 @@ impl KvSequence {
         if layer >= self.pool.layout.n_layers {
             return Err(EngineError::BadBlocks(format!("layer {layer}")));
         }
-        if !self.pool.exclusive(b) {
+        if i < self.shared {
             return Err(EngineError::BadBlocks(format!(
                 "block {} is shared (prefix cache); it cannot be overwritten",
                 b.0
             )));
         }
+        debug_assert!(self.pool.exclusive(b), "block {b:?} is held elsewhere");
         let r = self.pool.slab_range(b, layer);
         // SAFETY: in bounds of the mapping (slab_range checks the block and layer).
         Ok(unsafe { self.pool.data.as_ptr().add(r.start) })
@@ -153,14 +164,16 @@ impl KvSequence {
         let hashes = block_hashes(0, &tokens[..usable], bs);
         self.blocks = self.pool.lookup(&hashes);
         self.len = self.blocks.len() * bs;
+        self.shared = self.blocks.len();
         self.len
     }
 
     /// Publishes the full blocks holding `tokens` (this sequence's first tokens, already
     /// computed) to the pool's prefix cache.
-    pub fn publish_prefix(&self, tokens: &[TokenId]) {
+    pub fn publish_prefix(&mut self, tokens: &[TokenId]) {
         let bs = self.pool.layout.block_size;
         let n = tokens.len().min(self.len) / bs;
+        self.shared = self.shared.max(n);
         for (h, &b) in block_hashes(0, &tokens[..n * bs], bs)
             .into_iter()
             .zip(&self.blocks)

@@ -232,3 +232,23 @@ pub fn tiny() -> (tempfile::TempDir, PathBuf) {
     write(&TinySpec::default(), &path).unwrap();
     (dir, path)
 }
+
+/// Reserves blocks for `tokens` on a decode worker (no prefix cache): the KV target a prefill
+/// worker is sent.
+pub async fn reserve(
+    c: &mut protocol::pb::decode_worker_client::DecodeWorkerClient<tonic::transport::Channel>,
+    tokens: &[u32],
+    fingerprint: u64,
+) -> protocol::pb::KvTarget {
+    c.reserve(protocol::pb::ReserveRequest {
+        request_id: 1,
+        tokens: tokens.to_vec(),
+        fingerprint,
+        use_prefix_cache: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .target
+    .unwrap()
+}
