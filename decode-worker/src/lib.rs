@@ -22,7 +22,7 @@
 //! - this file: the batch loop;
 //! - [`plan`]: the step planner's decisions (admission, each sequence's work) as pure functions;
 //! - [`colocated`]: this worker behind the scheduler's seam, in the scheduler's process;
-//! - [`service`]: the `tandem.v1.DecodeWorker` gRPC service (leases of blocks for prefill
+//! - [`service`]: the `tandem.v2.DecodeWorker` gRPC service (leases of blocks for prefill
 //!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
 
 pub mod colocated;

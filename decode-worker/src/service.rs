@@ -1,4 +1,4 @@
-//! The `tandem.v1.DecodeWorker` gRPC service: leases of KV blocks for prefill workers to
+//! The `tandem.v2.DecodeWorker` gRPC service: leases of KV blocks for prefill workers to
 //! fill, the commit that hands a filled lease to the batch, and the token stream.
 //!
 //! A lease is a [`KvSequence`] of this worker's pool, reserved for one prompt and held here
@@ -13,11 +13,12 @@ use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};
 use engine::generation::GenerationState;
 use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use engine::{Engine, EngineError, KvSequence, TokenId};
-use kv_store::tcp::{SlabSink, Slot};
-use protocol::pb;
+use kv_store::tcp::{ConnId, Connections, SlabSink, Slot};
+use protocol::auth::ClusterSecret;
 use protocol::pb::decode_worker_server::{DecodeWorker, DecodeWorkerServer};
+use protocol::{LeaseId, pb};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
@@ -33,6 +34,8 @@ pub struct ServiceConfig {
     pub transfer_wait: Duration,
     /// The TCP data plane as prefill workers reach it (`host:port`); empty: none.
     pub kv_data_addr: String,
+    /// Signs the grants (and authenticates the planes); `None`: a loopback-only cluster.
+    pub secret: Option<ClusterSecret>,
 }
 
 impl Default for ServiceConfig {
@@ -41,6 +44,7 @@ impl Default for ServiceConfig {
             lease: Duration::from_secs(30),
             transfer_wait: Duration::from_secs(10),
             kv_data_addr: String::new(),
+            secret: None,
         }
     }
 }
@@ -67,14 +71,16 @@ struct Lease {
     cached: usize,
     expires: Instant,
     transfer: Transfer,
+    /// The data-plane connection writing it: the first to send it a frame. Frames for the
+    /// lease on any other connection are dropped.
+    writer: Option<ConnId>,
     /// Dropped as soon as no transfer writes it.
     released: bool,
 }
 
 /// The state shared by the gRPC handlers and the data plane.
 pub struct Leases {
-    map: Mutex<HashMap<u64, Lease>>,
-    next: AtomicU64,
+    map: Mutex<HashMap<LeaseId, Lease>>,
     changed: Notify,
 }
 
@@ -82,17 +88,16 @@ impl Leases {
     pub fn new() -> Arc<Leases> {
         Arc::new(Leases {
             map: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
             changed: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Lease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseId, Lease>> {
         self.map.lock().expect("lease table poisoned")
     }
 
     /// Drops a lease now, or once its transfer stops writing.
-    fn release(&self, id: u64) {
+    fn release(&self, id: LeaseId) {
         let mut m = self.lock();
         if let Some(l) = m.get_mut(&id) {
             if l.transfer == Transfer::Receiving {
@@ -103,16 +108,42 @@ impl Leases {
         }
     }
 
-    /// Frees expired leases; returns how many.
-    pub fn expire(&self, now: Instant) -> usize {
+    /// Ends the leases past their expiry: frees those nobody writes, and marks released
+    /// those still receiving over TCP, returning their writers' connections for the caller to
+    /// revoke ([`Connections::revoke`]): the blocks come back once the connection's thread has
+    /// stopped and reports the abort, so a late byte never lands in a reused block. Returns
+    /// how many leases expired, and the connections to cut.
+    pub fn expire(&self, now: Instant) -> (usize, Vec<ConnId>) {
         let mut m = self.lock();
-        let before = m.len();
-        m.retain(|_, l| l.transfer == Transfer::Receiving || l.expires > now);
-        before - m.len()
+        let (mut n, mut cut) = (0, Vec::new());
+        m.retain(|_, l| {
+            if l.expires > now || l.released {
+                return true;
+            }
+            n += 1;
+            match (l.transfer, l.writer) {
+                (Transfer::Receiving, Some(w)) => {
+                    l.released = true;
+                    cut.push(w);
+                    true
+                }
+                _ => false,
+            }
+        });
+        (n, cut)
+    }
+
+    /// Leases held now (reserved, being written, or awaiting their commit).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Takes a lease for decoding, waiting (bounded) for a TCP transfer still arriving.
-    async fn take(&self, id: u64, wait: Duration) -> Result<Lease, Status> {
+    async fn take(&self, id: LeaseId, wait: Duration) -> Result<Lease, Status> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -147,7 +178,8 @@ impl Leases {
 unsafe impl SlabSink for Leases {
     fn slots(
         &self,
-        lease: u64,
+        conn: ConnId,
+        lease: LeaseId,
         layer: u32,
         blocks: &[u32],
         len: usize,
@@ -156,9 +188,22 @@ unsafe impl SlabSink for Leases {
         let mut m = self.lock();
         let Some(l) = m.get_mut(&lease) else { return };
         let layout = l.seq.pool().layout();
-        if l.released || layer as usize >= layout.n_layers || len != l.seq.slab_bytes() {
+        let writable = match l.transfer {
+            Transfer::Idle => l.writer.is_none(),
+            Transfer::Receiving => l.writer == Some(conn),
+            // Nothing lands after the end frame (nor after an abort).
+            Transfer::Ended(_) | Transfer::Aborted => false,
+        };
+        if !writable
+            || l.released
+            || l.expires <= Instant::now()
+            || layer as usize >= layout.n_layers
+            || len != l.seq.slab_bytes()
+        {
+            metrics::counter!("tandem_kv_frames_refused_total").increment(1);
             return;
         }
+        l.writer = Some(conn);
         l.transfer = Transfer::Receiving;
         for &block in blocks {
             let b = block as usize;
@@ -169,20 +214,32 @@ unsafe impl SlabSink for Leases {
         }
     }
 
-    fn end(&self, lease: u64, _slabs: u32, checksum: u64) {
-        self.finish_transfer(lease, Transfer::Ended(checksum));
+    fn end(&self, conn: ConnId, lease: LeaseId, _slabs: u32, checksum: u64) {
+        self.finish_transfer(conn, lease, Transfer::Ended(checksum));
     }
 
-    fn abort(&self, lease: u64) {
-        self.finish_transfer(lease, Transfer::Aborted);
+    fn abort(&self, conn: ConnId, lease: LeaseId) {
+        self.finish_transfer(conn, lease, Transfer::Aborted);
     }
 }
 
 impl Leases {
-    fn finish_transfer(&self, lease: u64, t: Transfer) {
+    /// The end or abort of `lease`'s transfer on `conn`: heard only from the writer's own
+    /// connection, and only while it may still write (a bogus end from elsewhere changes
+    /// nothing).
+    fn finish_transfer(&self, conn: ConnId, lease: LeaseId, t: Transfer) {
         {
             let mut m = self.lock();
             if let Some(l) = m.get_mut(&lease) {
+                let writer = match l.transfer {
+                    Transfer::Idle => l.writer.is_none(),
+                    Transfer::Receiving => l.writer == Some(conn),
+                    Transfer::Ended(_) | Transfer::Aborted => false,
+                };
+                if !writer {
+                    metrics::counter!("tandem_kv_frames_refused_total").increment(1);
+                    return;
+                }
                 if l.released {
                     m.remove(&lease);
                 } else {
@@ -200,6 +257,8 @@ pub struct DecodeService {
     engine: Arc<Engine>,
     handle: DecodeHandle,
     leases: Arc<Leases>,
+    /// The data plane's connections, to revoke a writer whose lease expired.
+    connections: Option<Arc<Connections>>,
     cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
     cfg: Arc<ServiceConfig>,
     host_id: Arc<str>,
@@ -210,12 +269,14 @@ impl DecodeService {
         engine: Arc<Engine>,
         handle: DecodeHandle,
         leases: Arc<Leases>,
+        connections: Option<Arc<Connections>>,
         cfg: ServiceConfig,
     ) -> DecodeService {
         DecodeService {
             engine,
             handle,
             leases,
+            connections,
             cancels: Arc::default(),
             cfg: Arc::new(cfg),
             host_id: kv_store::shm::host_id().into(),
@@ -228,16 +289,28 @@ impl DecodeService {
             .max_encoding_message_size(64 << 20)
     }
 
-    /// Expires stale leases every second until the service is dropped.
-    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+    /// Expires stale leases every `every` until the service is dropped, cutting off the
+    /// data-plane connections still writing them.
+    pub fn spawn_reaper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let leases = Arc::downgrade(&self.leases);
+        let conns = self.connections.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(every).await;
                 let Some(l) = leases.upgrade() else { return };
-                let n = l.expire(Instant::now());
+                let (n, cut) = l.expire(Instant::now());
                 if n > 0 {
-                    tracing::warn!(leases = n, "KV leases expired without a commit");
+                    metrics::counter!("tandem_kv_leases_expired_total").increment(n as u64);
+                    tracing::warn!(
+                        leases = n,
+                        writers_cut = cut.len(),
+                        "KV leases expired without a commit"
+                    );
+                }
+                for c in cut {
+                    if let Some(conns) = &conns {
+                        conns.revoke(c);
+                    }
                 }
             }
         })
@@ -287,10 +360,11 @@ impl DecodeWorker for DecodeService {
             0
         };
         seq.reserve(r.tokens.len()).map_err(|e| engine_status(&e))?;
-        let id = self.leases.next.fetch_add(1, Ordering::Relaxed);
+        let id = LeaseId::random();
         let kv = &self.engine.kv;
-        let target = pb::KvTarget {
-            lease_id: id,
+        let expires = Instant::now() + self.cfg.lease;
+        let mut target = pb::KvTarget {
+            lease_id: id.wire(),
             block_ids: seq.block_table().iter().map(|b| b.0).collect(),
             cached_tokens: cached as u32,
             shm_path: kv
@@ -301,7 +375,10 @@ impl DecodeWorker for DecodeService {
             pool_blocks: kv.n_blocks() as u64,
             kv_data_addr: self.cfg.kv_data_addr.clone(),
             fingerprint: self.engine.frontend.fingerprint,
+            expires_unix_ms: protocol::grant::now_unix_ms() + self.cfg.lease.as_millis() as u64,
+            grant: Vec::new(),
         };
+        protocol::grant::sign(self.cfg.secret.as_ref(), &mut target);
         self.leases.lock().insert(
             id,
             Lease {
@@ -309,8 +386,9 @@ impl DecodeWorker for DecodeService {
                 tokens: r.tokens,
                 seq,
                 cached,
-                expires: Instant::now() + self.cfg.lease,
+                expires,
                 transfer: Transfer::Idle,
+                writer: None,
                 released: false,
             },
         );
@@ -361,7 +439,9 @@ impl DecodeWorker for DecodeService {
                         "a commit continues after the first token: `generated` is empty",
                     ));
                 }
-                let mut lease = self.leases.take(c.lease_id, self.cfg.transfer_wait).await?;
+                let lease_id = LeaseId::from_wire(&c.lease_id)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let mut lease = self.leases.take(lease_id, self.cfg.transfer_wait).await?;
                 let filled = c.filled as usize;
                 let want = prompt.len() + generated.len() - 1;
                 if filled != want || filled > lease.seq.capacity() {
@@ -398,8 +478,7 @@ impl DecodeWorker for DecodeService {
                 if got.1 != c.checksum {
                     metrics::counter!("tandem_kv_checksum_failures_total").increment(1);
                     return Err(Status::data_loss(format!(
-                        "KV checksum mismatch on lease {} (blocks garbled in transfer)",
-                        c.lease_id
+                        "KV checksum mismatch on lease {lease_id} (blocks garbled in transfer)"
                     )));
                 }
                 let mut seq = lease.seq;
@@ -469,7 +548,9 @@ impl DecodeWorker for DecodeService {
         &self,
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::Empty>, Status> {
-        self.leases.release(req.into_inner().lease_id);
+        let id = LeaseId::from_wire(&req.into_inner().lease_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.leases.release(id);
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -478,7 +559,7 @@ impl DecodeWorker for DecodeService {
         if let Some(c) = self.cancels.lock().expect("cancel map poisoned").get(&id) {
             c.cancel();
         }
-        let leases: Vec<u64> = self
+        let leases: Vec<LeaseId> = self
             .leases
             .lock()
             .iter()
@@ -509,41 +590,49 @@ impl DecodeWorker for DecodeService {
 }
 
 /// Runs a decode worker: the batch loop, the gRPC service on `listener` and the TCP data plane
-/// on `kv_bind`, advertised to prefill workers as `advertise_host:port`. Returns once
-/// `shutdown` resolves and in-flight streams have ended.
+/// on `kv_bind`, advertised to prefill workers as `advertise_host:port`, both planes behind
+/// the handshake under `secret`. Returns once `shutdown` resolves and in-flight streams have
+/// ended — or with an error as soon as the batch loop dies (a panic), so that the process
+/// exits and its supervisor restarts it rather than keeping a worker that serves nothing.
 pub async fn serve(
     engine: Arc<Engine>,
     worker: crate::WorkerConfig,
     listener: tokio::net::TcpListener,
     kv_bind: &str,
     advertise_host: &str,
+    secret: Option<ClusterSecret>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (handle, thread) = crate::spawn(engine.clone(), worker);
     let leases = Leases::new();
-    let receiver = kv_store::tcp::KvReceiver::bind(kv_bind, leases.clone())?;
+    let receiver = kv_store::tcp::KvReceiver::bind(
+        kv_bind,
+        leases.clone(),
+        secret.clone(),
+        kv_store::tcp::ReceiverLimits::default(),
+    )?;
     let cfg = ServiceConfig {
         kv_data_addr: format!("{advertise_host}:{}", receiver.local_addr().port()),
+        secret: secret.clone(),
         ..ServiceConfig::default()
     };
     tracing::info!(
         grpc = %listener.local_addr()?,
         kv_data = %cfg.kv_data_addr,
         shm = ?engine.kv.shared_path(),
+        authenticated = secret.is_some(),
         "decode worker serving"
     );
-    let svc = DecodeService::new(engine, handle, leases, cfg);
-    let reaper = svc.spawn_reaper();
-    let result = tonic::transport::Server::builder()
+    let svc = DecodeService::new(engine, handle, leases, Some(receiver.connections()), cfg);
+    let reaper = svc.spawn_reaper(Duration::from_secs(1));
+    let server = tonic::transport::Server::builder()
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            protocol::net::incoming(listener, secret, protocol::net::DEFAULT_MAX_CONNECTIONS),
             shutdown,
-        )
-        .await;
+        );
+    let result = protocol::net::serve_beside(server, thread, "decode batch").await;
     reaper.abort();
     drop(receiver);
-    // The service (and its handle) is gone with the server: the batch drains and stops.
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    result.map_err(std::io::Error::other)
+    result
 }

@@ -1,15 +1,16 @@
-//! The TCP data plane's frames: a 32-byte header, then the payload.
+//! The TCP data plane's frames: a 40-byte header, then the payload. A connection carries them
+//! only after the cluster handshake (`protocol::auth`, which checks the version too).
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic "TKV2" (the format version is in the magic)
+//!      0     4  magic "TKV3" (the format version is in the magic)
 //!      4     1  kind: 1 = slabs of one layer, 2 = end of a lease's transfer
 //!      5     3  zero
-//!      8     8  lease id (little-endian, as every field)
-//!     16     4  slabs: how many (n); end: slabs sent in all
-//!     20     4  slabs: the layer; end: zero
-//!     24     4  slabs: bytes of each slab; end: 8 (the checksum)
-//!     28     4  zero
+//!      8    16  lease id (16 random bytes)
+//!     24     4  slabs: how many (n); end: slabs sent in all (little-endian, as every field)
+//!     28     4  slabs: the layer; end: zero
+//!     32     4  slabs: bytes of each slab; end: 8 (the checksum)
+//!     36     4  zero
 //! ```
 //!
 //! A slabs frame's payload is `n` block indices (`u32`, indices into the lease's block list),
@@ -18,9 +19,11 @@
 //! with one scattered read (no copy through a staging buffer). An end frame's payload is the
 //! sender's checksum (`u64`).
 
+use protocol::LeaseId;
+
 /// Bytes of a frame header.
-pub const HEADER: usize = 32;
-const MAGIC: &[u8; 4] = b"TKV2";
+pub const HEADER: usize = 40;
+const MAGIC: &[u8; 4] = b"TKV3";
 /// Largest slab accepted (a slab of a big model is well under this).
 pub const MAX_SLAB: usize = 64 << 20;
 /// Most slabs in one frame (a layer of a 1M-token prompt in 16-token blocks).
@@ -30,13 +33,13 @@ pub const MAX_SLABS: usize = 1 << 16;
 pub enum Frame {
     /// `n` slabs of `layer`, `len` bytes each, follow (after their block indices).
     Slabs {
-        lease: u64,
+        lease: LeaseId,
         layer: u32,
         n: u32,
         len: u32,
     },
     /// Every slab of the lease was sent; 8 bytes of checksum follow.
-    End { lease: u64, slabs: u32 },
+    End { lease: LeaseId, slabs: u32 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -63,10 +66,10 @@ impl Frame {
             Frame::End { lease, slabs } => (2, lease, slabs, 0, 8),
         };
         h[4] = kind;
-        h[8..16].copy_from_slice(&lease.to_le_bytes());
-        h[16..20].copy_from_slice(&a.to_le_bytes());
-        h[20..24].copy_from_slice(&b.to_le_bytes());
-        h[24..28].copy_from_slice(&len.to_le_bytes());
+        h[8..24].copy_from_slice(&lease.0);
+        h[24..28].copy_from_slice(&a.to_le_bytes());
+        h[28..32].copy_from_slice(&b.to_le_bytes());
+        h[32..36].copy_from_slice(&len.to_le_bytes());
         h
     }
 
@@ -75,23 +78,23 @@ impl Frame {
             return Err(FrameError::Magic);
         }
         let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
-        let lease = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
+        let lease = LeaseId(h[8..24].try_into().expect("16 bytes"));
         match h[4] {
             1 => {
-                let (n, len) = (u32_at(16), u32_at(24));
+                let (n, len) = (u32_at(24), u32_at(32));
                 if n as usize > MAX_SLABS || len as usize > MAX_SLAB {
                     return Err(FrameError::TooLarge { n, len });
                 }
                 Ok(Frame::Slabs {
                     lease,
-                    layer: u32_at(20),
+                    layer: u32_at(28),
                     n,
                     len,
                 })
             }
             2 => Ok(Frame::End {
                 lease,
-                slabs: u32_at(16),
+                slabs: u32_at(24),
             }),
             k => Err(FrameError::Kind(k)),
         }
@@ -119,26 +122,30 @@ mod tests {
     fn frames_round_trip_and_garbage_is_refused() {
         for f in [
             Frame::Slabs {
-                lease: u64::MAX - 1,
+                lease: LeaseId([0xfe; 16]),
                 layer: 29,
                 n: 125,
                 len: 12_288,
             },
             Frame::End {
-                lease: 3,
+                lease: LeaseId::random(),
                 slabs: 3_750,
             },
         ] {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
         }
-        let mut h = Frame::End { lease: 1, slabs: 1 }.encode();
+        let mut h = Frame::End {
+            lease: LeaseId([1; 16]),
+            slabs: 1,
+        }
+        .encode();
         h[4] = 9;
         assert_eq!(Frame::decode(&h), Err(FrameError::Kind(9)));
         h[0] = b'X';
         assert_eq!(Frame::decode(&h), Err(FrameError::Magic));
         let slabs = |n: u32, len: u32| {
             Frame::Slabs {
-                lease: 1,
+                lease: LeaseId([1; 16]),
                 layer: 0,
                 n,
                 len,
@@ -146,7 +153,7 @@ mod tests {
             .encode()
         };
         let mut h = slabs(1, 0);
-        h[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             Frame::decode(&h),
             Err(FrameError::TooLarge { .. })

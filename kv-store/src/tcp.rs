@@ -8,11 +8,15 @@
 //! to multiplex.
 
 use crate::frame::{self, Frame, HEADER};
+use protocol::LeaseId;
+use protocol::auth::{self, ClusterSecret, Plane};
+use std::collections::HashMap;
 use std::io::{self, BufRead, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Where a slab's bytes go: `len` bytes that only this transfer writes until its lease ends.
 #[derive(Debug, Clone, Copy)]
@@ -21,42 +25,53 @@ pub struct Slot {
     pub len: usize,
 }
 
+/// Names one data-plane connection for the life of the receiver.
+pub type ConnId = u64;
+
 /// The decode side of transfers: finds the memory for each slab and hears when a lease's
-/// transfer is complete.
+/// transfer is complete. Every call names the connection the frame came on: a lease's frames
+/// belong to the connection that opened it.
 ///
 /// # Safety
 /// The receiver writes through the slots [`slots`](Self::slots) returns: each must be `len`
 /// bytes of valid memory that nothing else reads or writes until [`end`](Self::end) or
-/// [`abort`](Self::abort) is called for the lease. The implementor vouches for that, so a
-/// safe impl does not compile:
+/// [`abort`](Self::abort) is called for the lease on that connection. The implementor vouches
+/// for that, so a safe impl does not compile:
 ///
 /// ```compile_fail
 /// struct Anywhere;
 /// impl kv_store::tcp::SlabSink for Anywhere {
-///     fn slots(&self, _: u64, _: u32, _: &[u32], _: usize, _: &mut Vec<Option<kv_store::tcp::Slot>>) {}
-///     fn end(&self, _: u64, _: u32, _: u64) {}
-///     fn abort(&self, _: u64) {}
+///     fn slots(&self, _: u64, _: protocol::LeaseId, _: u32, _: &[u32], _: usize, _: &mut Vec<Option<kv_store::tcp::Slot>>) {}
+///     fn end(&self, _: u64, _: protocol::LeaseId, _: u32, _: u64) {}
+///     fn abort(&self, _: u64, _: protocol::LeaseId) {}
 /// }
 /// ```
 pub unsafe trait SlabSink: Send + Sync + 'static {
     /// The destinations of the slabs of `blocks` (indices into the lease's block list) for
-    /// `layer` of `lease`, each of exactly `len` bytes, pushed to `out` in order; `None` for
-    /// a slab with no place (unknown or expired lease, a block out of range: its bytes are
-    /// read and dropped).
+    /// `layer` of `lease`, arriving on `conn`, each of exactly `len` bytes, pushed to `out` in
+    /// order; `None` for a slab with no place (unknown, expired or another connection's
+    /// lease, a block out of range: its bytes are read and dropped).
     /// (The memory's validity is the trait's safety contract.)
     fn slots(
         &self,
-        lease: u64,
+        conn: ConnId,
+        lease: LeaseId,
         layer: u32,
         blocks: &[u32],
         len: usize,
         out: &mut Vec<Option<Slot>>,
     );
-    /// Every slab of `lease` arrived (`slabs` of them); the sender's checksum.
-    fn end(&self, lease: u64, slabs: u32, checksum: u64);
-    /// The connection carrying `lease`'s transfer broke before its end: no more bytes come.
-    fn abort(&self, lease: u64);
+    /// Every slab of `lease` arrived on `conn` (`slabs` of them); the sender's checksum.
+    fn end(&self, conn: ConnId, lease: LeaseId, slabs: u32, checksum: u64);
+    /// The connection `conn` carrying `lease`'s transfer broke (or was revoked) before its
+    /// end: no more bytes come, and none will be written.
+    fn abort(&self, conn: ConnId, lease: LeaseId);
 }
+
+/// How long a sender's TCP connect may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one send may stall (a peer that stops reading): the transfer fails after it.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends slabs to one decode worker's data plane.
 pub struct KvSender {
@@ -64,15 +79,28 @@ pub struct KvSender {
 }
 
 impl KvSender {
-    pub fn connect(addr: &str) -> io::Result<KvSender> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        Ok(KvSender { stream })
+    /// Connects (within [`CONNECT_TIMEOUT`]) and runs the cluster handshake; sends that stall
+    /// for [`SEND_TIMEOUT`] fail.
+    pub fn connect(addr: &str, secret: Option<&ClusterSecret>) -> io::Result<KvSender> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(mut stream) => {
+                    stream.set_nodelay(true)?;
+                    stream.set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
+                    stream.set_write_timeout(Some(SEND_TIMEOUT))?;
+                    auth::client(&mut stream, secret, Plane::KvData)?;
+                    return Ok(KvSender { stream });
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Slabs of one layer, `(block index, bytes)`, all of one size: one frame (header, block
     /// indices, slabs) sent with vectored writes, as few system calls as the socket takes.
-    pub fn slabs(&mut self, lease: u64, layer: u32, slabs: &[(u32, &[u8])]) -> io::Result<()> {
+    pub fn slabs(&mut self, lease: LeaseId, layer: u32, slabs: &[(u32, &[u8])]) -> io::Result<()> {
         for group in slabs.chunks(frame::MAX_SLABS) {
             let len = group[0].1.len();
             assert!(
@@ -96,7 +124,7 @@ impl KvSender {
         Ok(())
     }
 
-    pub fn end(&mut self, lease: u64, slabs: u32, checksum: u64) -> io::Result<()> {
+    pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
         let mut f = [0u8; HEADER + 8];
         f[..HEADER].copy_from_slice(&Frame::End { lease, slabs }.encode());
         f[HEADER..].copy_from_slice(&checksum.to_le_bytes());
@@ -131,20 +159,94 @@ fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
     Ok(())
 }
 
+/// What the receiver allows its peers.
+#[derive(Debug, Clone)]
+pub struct ReceiverLimits {
+    /// Connections open at once; more are closed at accept.
+    pub max_connections: usize,
+    /// How long a connection may sit between frames (a sender keeps idle ones for reuse).
+    pub idle: Duration,
+    /// How long a frame's bytes may stall once its header came.
+    pub stall: Duration,
+}
+
+impl Default for ReceiverLimits {
+    fn default() -> Self {
+        ReceiverLimits {
+            max_connections: 64,
+            idle: Duration::from_secs(300),
+            stall: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The receiver's open connections, so one can be cut off: a lease that expires under its
+/// writer is fenced by shutting the writer's connection down; the connection's thread then
+/// stops writing and only after that reports the abort (which frees the blocks).
+#[derive(Default)]
+pub struct Connections {
+    open: Mutex<HashMap<ConnId, TcpStream>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    /// Cuts `conn` off; whether it was open.
+    pub fn revoke(&self, conn: ConnId) -> bool {
+        let open = self.open.lock().expect("connection table poisoned");
+        open.get(&conn)
+            .map(|s| s.shutdown(Shutdown::Both).is_ok())
+            .unwrap_or(false)
+    }
+
+    /// Connections open now.
+    pub fn len(&self) -> usize {
+        self.open.lock().expect("connection table poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(&self, s: &TcpStream, max: usize) -> Option<ConnId> {
+        let mut open = self.open.lock().expect("connection table poisoned");
+        if open.len() >= max {
+            return None;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        open.insert(id, s.try_clone().ok()?);
+        Some(id)
+    }
+
+    fn remove(&self, id: ConnId) {
+        self.open
+            .lock()
+            .expect("connection table poisoned")
+            .remove(&id);
+    }
+}
+
 /// A running data-plane server; stops accepting when dropped.
 pub struct KvReceiver {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    conns: Arc<Connections>,
 }
 
 impl KvReceiver {
-    /// Listens on `addr` (port 0 picks one) and delivers every slab to `sink`.
-    pub fn bind(addr: &str, sink: Arc<dyn SlabSink>) -> io::Result<KvReceiver> {
+    /// Listens on `addr` (port 0 picks one) and delivers every slab to `sink`, from peers
+    /// that pass the handshake under `secret`, within `limits`.
+    pub fn bind(
+        addr: &str,
+        sink: Arc<dyn SlabSink>,
+        secret: Option<ClusterSecret>,
+        limits: ReceiverLimits,
+    ) -> io::Result<KvReceiver> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
+        let conns = Arc::new(Connections::default());
+        let (st, cs) = (stop.clone(), conns.clone());
         let accept = std::thread::Builder::new()
             .name("tandem-kv-accept".into())
             .spawn(move || {
@@ -152,31 +254,71 @@ impl KvReceiver {
                     if st.load(Ordering::Acquire) {
                         return;
                     }
-                    let Ok(conn) = conn else { continue };
-                    let sink = sink.clone();
-                    let _ = std::thread::Builder::new()
+                    let Ok(conn) = conn else {
+                        // Out of descriptors and the like: back off rather than spin.
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let peer = conn.peer_addr().ok();
+                    let Some(id) = cs.add(&conn, limits.max_connections) else {
+                        tracing::warn!(
+                            ?peer,
+                            max = limits.max_connections,
+                            "KV data connection refused: too many open"
+                        );
+                        continue;
+                    };
+                    let (sink, secret, conns, limits) =
+                        (sink.clone(), secret.clone(), cs.clone(), limits.clone());
+                    let spawned = std::thread::Builder::new()
                         .name("tandem-kv-recv".into())
                         .spawn(move || {
                             let mut open = Vec::new();
-                            if let Err(e) = serve(conn, &*sink, &mut open) {
-                                tracing::debug!(error = %e, "KV data connection closed");
+                            match accept_peer(conn, secret.as_ref()) {
+                                Ok(conn) => {
+                                    if let Err(e) = serve(conn, id, &*sink, &mut open, &limits) {
+                                        tracing::debug!(error = %e, "KV data connection closed");
+                                    }
+                                }
+                                Err(e) => tracing::warn!(?peer, error = %e,
+                                    "KV data connection refused"),
                             }
+                            // The last write through a slot is done: now the leases may go.
                             for lease in open {
-                                sink.abort(lease);
+                                sink.abort(id, lease);
                             }
+                            conns.remove(id);
                         });
+                    if spawned.is_err() {
+                        cs.remove(id);
+                    }
                 }
             })?;
         Ok(KvReceiver {
             addr,
             stop,
             accept: Some(accept),
+            conns,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// The open connections (to revoke one).
+    pub fn connections(&self) -> Arc<Connections> {
+        self.conns.clone()
+    }
+}
+
+/// The server's handshake within [`auth::HANDSHAKE_TIMEOUT`].
+fn accept_peer(mut conn: TcpStream, secret: Option<&ClusterSecret>) -> io::Result<TcpStream> {
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
+    conn.set_write_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
+    auth::server(&mut conn, secret, Plane::KvData)?;
+    Ok(conn)
 }
 
 impl Drop for KvReceiver {
@@ -197,16 +339,24 @@ const HEADER_BUFFER: usize = 4096;
 /// Iovecs per `recvmsg` (Linux's `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
 
-/// Receives frames until the peer closes; `open` holds the leases begun and not ended.
-fn serve(conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Result<()> {
-    conn.set_nodelay(true)?;
+/// Receives frames on connection `id` until the peer closes; `open` holds the leases begun
+/// and not ended.
+fn serve(
+    conn: TcpStream,
+    id: ConnId,
+    sink: &dyn SlabSink,
+    open: &mut Vec<LeaseId>,
+    limits: &ReceiverLimits,
+) -> io::Result<()> {
     let mut conn = io::BufReader::with_capacity(HEADER_BUFFER, conn);
-    let (mut index, mut slots, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut index, mut slots) = (Vec::new(), Vec::new());
     loop {
-        // A clean close comes between frames.
+        // A clean close comes between frames; a connection idle too long is closed.
+        conn.get_ref().set_read_timeout(Some(limits.idle))?;
         if conn.fill_buf()?.is_empty() {
             return Ok(());
         }
+        conn.get_ref().set_read_timeout(Some(limits.stall))?;
         let mut h = [0u8; HEADER];
         conn.read_exact(&mut h)?;
         let f = Frame::decode(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
@@ -217,36 +367,58 @@ fn serve(conn: TcpStream, sink: &dyn SlabSink, open: &mut Vec<u64>) -> io::Resul
                 n,
                 len,
             } => {
-                if !open.contains(&lease) {
-                    open.push(lease);
-                }
                 let len = len as usize;
                 index.resize(4 * n as usize, 0);
                 conn.read_exact(&mut index)?;
                 slots.clear();
-                sink.slots(lease, layer, &frame::decode_blocks(&index), len, &mut slots);
+                sink.slots(
+                    id,
+                    lease,
+                    layer,
+                    &frame::decode_blocks(&index),
+                    len,
+                    &mut slots,
+                );
                 slots.resize(n as usize, None);
-                // A slab with no place lands in one scratch slab, over and over.
-                scratch.resize(len, 0);
-                let dst: Vec<*mut u8> = slots
-                    .iter()
-                    .map(|s| match s {
-                        Some(s) if s.len == len => s.ptr,
-                        _ => scratch.as_mut_ptr(),
-                    })
-                    .collect();
-                // SAFETY: every pointer has `len` writable bytes that only this transfer
-                // writes: the sink's contract, or `scratch`.
-                unsafe { recv_slabs(&mut conn, &dst, len)? };
+                if slots.iter().any(Option::is_some) && !open.contains(&lease) {
+                    open.push(lease);
+                }
+                let placed = slots.iter().all(|s| s.is_some_and(|s| s.len == len));
+                if placed {
+                    let dst: Vec<*mut u8> = slots.iter().flatten().map(|s| s.ptr).collect();
+                    // SAFETY: every pointer has `len` writable bytes that only this transfer
+                    // writes (the sink's contract).
+                    unsafe { recv_slabs(&mut conn, &dst, len)? };
+                } else {
+                    // Some slab has no place: one at a time, the homeless ones read and dropped.
+                    for s in &slots {
+                        match s {
+                            // SAFETY: as above.
+                            Some(s) if s.len == len => unsafe {
+                                recv_slabs(&mut conn, &[s.ptr], len)?
+                            },
+                            _ => discard(&mut conn, len)?,
+                        }
+                    }
+                }
             }
             Frame::End { lease, slabs } => {
                 let mut c = [0u8; 8];
                 conn.read_exact(&mut c)?;
                 open.retain(|&l| l != lease);
-                sink.end(lease, slabs, u64::from_le_bytes(c));
+                sink.end(id, lease, slabs, u64::from_le_bytes(c));
             }
         }
     }
+}
+
+/// Reads and drops `len` bytes through a small buffer (a homeless slab costs no memory).
+fn discard(conn: &mut impl Read, len: usize) -> io::Result<()> {
+    let copied = io::copy(&mut conn.take(len as u64), &mut io::sink())?;
+    if copied < len as u64 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// Fills `len` bytes at each of `dst`, in order, from the stream: what the read buffer already
@@ -339,18 +511,22 @@ mod tests {
     use std::sync::Mutex;
     use std::sync::mpsc;
 
-    /// Destination buffers per (lease 7, block, layer), and completions.
+    const L7: LeaseId = LeaseId([7; 16]);
+    const L8: LeaseId = LeaseId([8; 16]);
+
+    /// Destination buffers per (lease [`L7`], block, layer), and completions.
     struct Buffers {
         mem: Mutex<Vec<u8>>,
         slab: usize,
         blocks: u32,
-        done: Mutex<mpsc::Sender<(u64, u32, u64)>>,
+        done: Mutex<mpsc::Sender<(LeaseId, u32, u64)>>,
     }
 
     unsafe impl SlabSink for Buffers {
         fn slots(
             &self,
-            lease: u64,
+            _conn: ConnId,
+            lease: LeaseId,
             layer: u32,
             blocks: &[u32],
             len: usize,
@@ -359,7 +535,7 @@ mod tests {
             let mut m = self.mem.lock().unwrap();
             for &block in blocks {
                 out.push(
-                    (lease == 7 && len == self.slab && block < self.blocks).then(|| {
+                    (lease == L7 && len == self.slab && block < self.blocks).then(|| {
                         let at = (layer * self.blocks + block) as usize * self.slab;
                         Slot {
                             ptr: m[at..].as_mut_ptr(),
@@ -369,10 +545,10 @@ mod tests {
                 );
             }
         }
-        fn end(&self, lease: u64, slabs: u32, checksum: u64) {
+        fn end(&self, _conn: ConnId, lease: LeaseId, slabs: u32, checksum: u64) {
             let _ = self.done.lock().unwrap().send((lease, slabs, checksum));
         }
-        fn abort(&self, lease: u64) {
+        fn abort(&self, _conn: ConnId, lease: LeaseId) {
             let _ = self.done.lock().unwrap().send((lease, u32::MAX, 0));
         }
     }
@@ -403,8 +579,9 @@ mod tests {
                 blocks,
                 done: Mutex::new(tx),
             });
-            let r = KvReceiver::bind("127.0.0.1:0", sink.clone()).unwrap();
-            let mut s = KvSender::connect(&r.local_addr().to_string()).unwrap();
+            let r =
+                KvReceiver::bind("127.0.0.1:0", sink.clone(), None, Default::default()).unwrap();
+            let mut s = KvSender::connect(&r.local_addr().to_string(), None).unwrap();
             let mut sum = crate::Checksum::new();
             for layer in 0..3u32 {
                 let data: Vec<Vec<u8>> = (0..blocks).map(|b| slab_bytes(slab, b, layer)).collect();
@@ -414,7 +591,7 @@ mod tests {
                 // Layer 0 a slab per frame, the others in one frame; block 9 has no slot.
                 if layer == 0 {
                     for (b, d) in data.iter().enumerate() {
-                        s.slabs(7, layer, &[(b as u32, d)]).unwrap();
+                        s.slabs(L7, layer, &[(b as u32, d)]).unwrap();
                     }
                 } else {
                     let mut frames: Vec<(u32, &[u8])> = data
@@ -423,13 +600,13 @@ mod tests {
                         .map(|(b, d)| (b as u32, &d[..]))
                         .collect();
                     frames.insert(2, (9, &data[0]));
-                    s.slabs(7, layer, &frames).unwrap();
+                    s.slabs(L7, layer, &frames).unwrap();
                 }
-                s.slabs(8, layer, &[(0, &data[1])]).unwrap(); // unknown lease
+                s.slabs(L8, layer, &[(0, &data[1])]).unwrap(); // unknown lease
             }
-            s.end(7, 3 * blocks, sum.digest()).unwrap();
+            s.end(L7, 3 * blocks, sum.digest()).unwrap();
             let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
-            assert_eq!(got, (7, 3 * blocks, sum.digest()));
+            assert_eq!(got, (L7, 3 * blocks, sum.digest()));
             let m = sink.mem.lock().unwrap();
             for layer in 0..3 {
                 for b in 0..blocks {
@@ -453,10 +630,11 @@ mod tests {
             blocks: 4,
             done: Mutex::new(tx),
         });
-        let r = KvReceiver::bind("127.0.0.1:0", sink).unwrap();
+        let r = KvReceiver::bind("127.0.0.1:0", sink, None, Default::default()).unwrap();
         let mut c = TcpStream::connect(r.local_addr()).unwrap();
+        auth::client(&mut c, None, Plane::KvData).unwrap();
         let h = Frame::Slabs {
-            lease: 7,
+            lease: L7,
             layer: 0,
             n: 2,
             len: 1000,
@@ -467,6 +645,113 @@ mod tests {
         c.write_all(&[1u8; 1500]).unwrap();
         drop(c);
         let got = rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
-        assert_eq!(got, (7, u32::MAX, 0));
+        assert_eq!(got, (L7, u32::MAX, 0));
+    }
+
+    fn sink(tx: mpsc::Sender<(LeaseId, u32, u64)>) -> Arc<Buffers> {
+        Arc::new(Buffers {
+            mem: Mutex::new(vec![0; 3 * 4 * 1000]),
+            slab: 1000,
+            blocks: 4,
+            done: Mutex::new(tx),
+        })
+    }
+
+    /// A sender with another secret (or none) is refused at connect and delivers nothing; one
+    /// with the cluster's gets through.
+    #[test]
+    fn only_holders_of_the_secret_connect() {
+        let k = ClusterSecret::from_bytes(b"the-cluster-secret").unwrap();
+        let wrong = ClusterSecret::from_bytes(b"not-the-cluster-secret").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let sink = sink(tx);
+        let r = KvReceiver::bind(
+            "127.0.0.1:0",
+            sink.clone(),
+            Some(k.clone()),
+            Default::default(),
+        )
+        .unwrap();
+        let addr = r.local_addr().to_string();
+        assert!(KvSender::connect(&addr, Some(&wrong)).is_err());
+        assert!(KvSender::connect(&addr, None).is_err());
+        // Raw frames without a handshake are not read as frames.
+        let mut raw = TcpStream::connect(&addr).unwrap();
+        let _ = raw.write_all(
+            &Frame::End {
+                lease: L7,
+                slabs: 0,
+            }
+            .encode(),
+        );
+        let _ = raw.write_all(&[0; 8]);
+        let mut s = KvSender::connect(&addr, Some(&k)).unwrap();
+        s.slabs(L7, 0, &[(0, &[5u8; 1000][..])]).unwrap();
+        s.end(L7, 1, 42).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            got,
+            (L7, 1, 42),
+            "only the authenticated sender's end arrives"
+        );
+        assert_eq!(sink.mem.lock().unwrap()[..1000], [5u8; 1000]);
+    }
+
+    /// Revoking a connection stalled inside a frame stops it, and only then is its lease
+    /// reported aborted: the fence a lease expiry relies on.
+    #[test]
+    fn a_revoked_connection_stops_and_then_aborts_its_lease() {
+        let (tx, rx) = mpsc::channel();
+        let r = KvReceiver::bind("127.0.0.1:0", sink(tx), None, Default::default()).unwrap();
+        let mut s = KvSender::connect(&r.local_addr().to_string(), None).unwrap();
+        s.slabs(L7, 0, &[(0, &[1u8; 1000][..])]).unwrap();
+        // Half a frame, then silence.
+        let h = Frame::Slabs {
+            lease: L7,
+            layer: 1,
+            n: 1,
+            len: 1000,
+        }
+        .encode();
+        s.stream.write_all(&h).unwrap();
+        s.stream.write_all(&frame::encode_blocks([1])).unwrap();
+        s.stream.write_all(&[2u8; 10]).unwrap();
+        let conns = r.connections();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while conns.len() != 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(rx.try_recv().is_err(), "nothing ended or aborted yet");
+        assert!(conns.revoke(0), "connection 0 is open");
+        let got = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(got, (L7, u32::MAX, 0));
+        while !conns.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(conns.is_empty());
+        assert!(
+            s.end(L7, 2, 0).is_err() || s.end(L7, 2, 0).is_err(),
+            "the sender is cut off"
+        );
+    }
+
+    /// Beyond the cap, connections are closed at accept; the ones inside it still work.
+    #[test]
+    fn connections_beyond_the_cap_are_refused() {
+        let (tx, rx) = mpsc::channel();
+        let limits = ReceiverLimits {
+            max_connections: 2,
+            ..Default::default()
+        };
+        let r = KvReceiver::bind("127.0.0.1:0", sink(tx), None, limits).unwrap();
+        let addr = r.local_addr().to_string();
+        let mut a = KvSender::connect(&addr, None).unwrap();
+        let _b = KvSender::connect(&addr, None).unwrap();
+        assert!(
+            KvSender::connect(&addr, None).is_err(),
+            "a third connection"
+        );
+        a.end(L7, 0, 9).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), (L7, 0, 9));
     }
 }

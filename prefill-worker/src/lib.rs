@@ -13,7 +13,7 @@
 //! # Layout
 //! - this file: jobs, the queue and the batching loop;
 //! - [`target`]: choosing the transport and writing or pushing the KV;
-//! - [`service`]: the `tandem.v1.PrefillWorker` gRPC service and [`service::run`].
+//! - [`service`]: the `tandem.v2.PrefillWorker` gRPC service and [`service::run`].
 
 pub mod service;
 pub mod target;
@@ -83,12 +83,15 @@ pub enum SubmitError {
 }
 
 /// How the loop batches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PrefillConfig {
     /// Prompt tokens per forward pass at most (a longer prompt runs alone).
     pub max_batch_tokens: usize,
     /// Jobs waiting at most; beyond it, [`SubmitError::QueueFull`].
     pub max_waiting: usize,
+    /// The cluster secret: authenticates the planes and verifies grants; `None`: a
+    /// loopback-only cluster.
+    pub secret: Option<protocol::auth::ClusterSecret>,
 }
 
 /// Default of [`PrefillConfig::max_batch_tokens`].
@@ -101,6 +104,7 @@ impl Default for PrefillConfig {
         PrefillConfig {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_waiting: DEFAULT_MAX_WAITING,
+            secret: None,
         }
     }
 }
@@ -154,7 +158,7 @@ struct Loop {
 
 impl Loop {
     fn new(engine: Arc<Engine>, cfg: PrefillConfig, queued: Arc<AtomicUsize>) -> Loop {
-        let targets = Targets::new(engine.clone());
+        let targets = Targets::new(engine.clone(), cfg.secret.clone());
         Loop {
             engine,
             cfg,

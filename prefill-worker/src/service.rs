@@ -1,4 +1,4 @@
-//! The `tandem.v1.PrefillWorker` gRPC service, and [`serve`]: a whole prefill worker process.
+//! The `tandem.v2.PrefillWorker` gRPC service, and [`serve`]: a whole prefill worker process.
 
 use crate::target::Transport;
 use crate::{PrefillConfig, PrefillHandle, PrefillJob, SubmitError};
@@ -17,14 +17,21 @@ pub struct PrefillService {
     engine: Arc<Engine>,
     handle: PrefillHandle,
     cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
+    /// Verifies the grants (`None`: a loopback-only cluster's unkeyed ones).
+    secret: Option<protocol::auth::ClusterSecret>,
 }
 
 impl PrefillService {
-    pub fn new(engine: Arc<Engine>, handle: PrefillHandle) -> PrefillService {
+    pub fn new(
+        engine: Arc<Engine>,
+        handle: PrefillHandle,
+        secret: Option<protocol::auth::ClusterSecret>,
+    ) -> PrefillService {
         PrefillService {
             engine,
             handle,
             cancels: Arc::default(),
+            secret,
         }
     }
 
@@ -87,7 +94,8 @@ impl PrefillWorker for PrefillService {
         }
         // Prompt plus the generated tokens but the last: what the KV covers.
         let positions = r.prompt.len() + r.generated.len().saturating_sub(1);
-        crate::target::check_target(&target, positions, self.engine.kv.layout().block_size)
+        let bs = self.engine.kv.layout().block_size;
+        crate::target::check_target(&target, positions, bs, self.secret.as_ref())
             .map_err(|e| Status::invalid_argument(format!("bad KV target: {e}")))?;
         let flag = CancellationToken::default();
         self.cancels
@@ -154,23 +162,23 @@ impl PrefillWorker for PrefillService {
     }
 }
 
-/// Runs a prefill worker: the batching loop and the gRPC service on `listener`, until
-/// `shutdown` resolves.
+/// Runs a prefill worker: the batching loop and the gRPC service on `listener` (behind the
+/// handshake under `cfg.secret`), until `shutdown` resolves — or with an error as soon as the
+/// batching loop dies ([`protocol::net::serve_beside`]).
 pub async fn serve(
     engine: Arc<Engine>,
     cfg: PrefillConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let secret = cfg.secret.clone();
     let (handle, thread) = crate::spawn(engine.clone(), cfg);
-    tracing::info!(grpc = %listener.local_addr()?, "prefill worker serving");
-    let result = tonic::transport::Server::builder()
-        .add_service(PrefillService::new(engine, handle).into_server())
+    tracing::info!(grpc = %listener.local_addr()?, authenticated = secret.is_some(), "prefill worker serving");
+    let server = tonic::transport::Server::builder()
+        .add_service(PrefillService::new(engine, handle, secret.clone()).into_server())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            protocol::net::incoming(listener, secret, protocol::net::DEFAULT_MAX_CONNECTIONS),
             shutdown,
-        )
-        .await;
-    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-    result.map_err(std::io::Error::other)
+        );
+    protocol::net::serve_beside(server, thread, "prefill").await
 }

@@ -20,21 +20,33 @@ use engine::kv::BlockId;
 use engine::request::WorkerError;
 use engine::{Engine, KvPool, KvSequence, TokenId};
 use kv_store::tcp::KvSender;
-use protocol::pb;
+use protocol::auth::ClusterSecret;
+use protocol::{LeaseId, pb};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub use protocol::KvTransport as Transport;
 
 /// Checks what a `Prefill` call says about where the KV goes, before any of it is used: a
-/// target for `tokens` positions (prompt plus generated tokens but the last) in a decode
-/// worker's pool of `layout`'s blocks. Everything here comes from the network; a bad field is
-/// the caller's error (`InvalidArgument`), never a panic or a write outside the pool.
-pub fn check_target(t: &pb::KvTarget, tokens: usize, block_size: usize) -> Result<(), String> {
+/// grant the decode worker signed under the cluster secret (so nobody else chose its blocks,
+/// file or address), for `tokens` positions (prompt plus generated tokens but the last) in a
+/// pool of `block_size`-position blocks. Everything here comes from the network; a bad field
+/// is the caller's error (`InvalidArgument`), never a panic or a write outside the pool.
+pub fn check_target(
+    t: &pb::KvTarget,
+    tokens: usize,
+    block_size: usize,
+    secret: Option<&ClusterSecret>,
+) -> Result<(), String> {
+    LeaseId::from_wire(&t.lease_id).map_err(|e| e.to_string())?;
+    if !protocol::grant::verify(secret, t) {
+        return Err("the grant is not signed with this cluster's secret".into());
+    }
     if t.pool_blocks == 0 || t.pool_blocks > u32::MAX as u64 {
         return Err(format!("a pool of {} blocks", t.pool_blocks));
     }
@@ -69,7 +81,45 @@ pub struct Targets {
     engine: Arc<Engine>,
     host_id: String,
     pools: HashMap<PathBuf, Arc<KvPool>>,
-    senders: Arc<Mutex<HashMap<String, Vec<KvSender>>>>,
+    senders: Arc<Senders>,
+}
+
+/// Idle data-plane connections per address, for the next transfer there.
+#[derive(Default)]
+struct Senders {
+    secret: Option<ClusterSecret>,
+    idle: Mutex<HashMap<String, Vec<(KvSender, Instant)>>>,
+}
+
+/// How long an idle connection is kept for reuse (well inside the receiver's idle limit).
+const SENDER_IDLE: Duration = Duration::from_secs(60);
+/// A grant this close to its expiry is not started in place (shared memory).
+const GRANT_MARGIN_MS: u64 = 1_000;
+
+impl Senders {
+    /// An idle connection to `addr`, or a new one.
+    fn take(&self, addr: &str) -> Result<KvSender, String> {
+        let pooled = {
+            let mut idle = self.idle.lock().expect("sender pool poisoned");
+            let v = idle.entry(addr.to_string()).or_default();
+            v.retain(|(_, at)| at.elapsed() < SENDER_IDLE);
+            v.pop()
+        };
+        match pooled {
+            Some((c, _)) => Ok(c),
+            None => KvSender::connect(addr, self.secret.as_ref())
+                .map_err(|e| format!("connecting to {addr}: {e}")),
+        }
+    }
+
+    fn put(&self, addr: &str, c: KvSender) {
+        self.idle
+            .lock()
+            .expect("sender pool poisoned")
+            .entry(addr.to_string())
+            .or_default()
+            .push((c, Instant::now()));
+    }
 }
 
 /// A job ready to compute: the sequence the pass writes, and how its KV leaves.
@@ -105,12 +155,15 @@ pub struct Sealed {
 }
 
 impl Targets {
-    pub fn new(engine: Arc<Engine>) -> Targets {
+    pub fn new(engine: Arc<Engine>, secret: Option<ClusterSecret>) -> Targets {
         Targets {
             engine,
             host_id: kv_store::shm::host_id(),
             pools: HashMap::new(),
-            senders: Arc::default(),
+            senders: Arc::new(Senders {
+                secret,
+                idle: Mutex::default(),
+            }),
         }
     }
 
@@ -150,6 +203,11 @@ impl Targets {
         };
         match transport {
             Transport::Shm => {
+                // Written in place, nothing on the decode side can stop a late write: a
+                // grant about to lapse is not started (same host, same clock).
+                if protocol::grant::now_unix_ms() + GRANT_MARGIN_MS > t.expires_unix_ms {
+                    return Err(WorkerError::Internal("the KV grant has lapsed".into()));
+                }
                 let pool = self.pool(t).map_err(|e| {
                     WorkerError::Internal(format!("mapping the decode worker's KV pool: {e}"))
                 })?;
@@ -180,10 +238,12 @@ impl Targets {
                 seq.reserve(tokens.len())
                     .map_err(|e| crate::engine_error(&e))?;
                 let written = kv_store::written_blocks(cached, tokens.len(), bs);
+                let lease = LeaseId::from_wire(&t.lease_id)
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?;
                 let push = TcpPush::start(
                     &seq,
                     written.clone(),
-                    t.lease_id,
+                    lease,
                     t.kv_data_addr.clone(),
                     self.senders.clone(),
                 );
@@ -297,9 +357,9 @@ impl TcpPush {
     fn start(
         seq: &KvSequence,
         blocks: std::ops::Range<usize>,
-        lease: u64,
+        lease: LeaseId,
         addr: String,
-        senders: Arc<Mutex<HashMap<String, Vec<KvSender>>>>,
+        senders: Arc<Senders>,
     ) -> TcpPush {
         let n_layers = seq.pool().layout().n_layers;
         let slabs = Slabs(
@@ -356,19 +416,11 @@ fn push(
     rx: Receiver<Push>,
     slabs: Slabs,
     first_block: u32,
-    lease: u64,
+    lease: LeaseId,
     addr: &str,
-    senders: &Mutex<HashMap<String, Vec<KvSender>>>,
+    senders: &Senders,
 ) -> Result<(), String> {
-    let pooled = senders
-        .lock()
-        .expect("sender pool poisoned")
-        .get_mut(addr)
-        .and_then(|v| v.pop());
-    let mut conn = match pooled {
-        Some(c) => c,
-        None => KvSender::connect(addr).map_err(|e| format!("connecting to {addr}: {e}"))?,
-    };
+    let mut conn = senders.take(addr)?;
     let abandoned = || "the prefill pass was abandoned".to_string();
     let mut sent = 0u32;
     for (want, layer_slabs) in slabs.0.iter().enumerate() {
@@ -395,11 +447,6 @@ fn push(
     };
     conn.end(lease, sent, digest)
         .map_err(|e| format!("sending to {addr}: {e}"))?;
-    senders
-        .lock()
-        .expect("sender pool poisoned")
-        .entry(addr.to_string())
-        .or_default()
-        .push(conn);
+    senders.put(addr, conn);
     Ok(())
 }

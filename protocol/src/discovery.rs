@@ -2,7 +2,7 @@
 //! under a lease it keeps alive; the scheduler lists and watches the prefix, so a worker that
 //! starts joins the routing table and one whose lease expires (it died, or lost etcd) leaves it.
 //!
-//! Keys: `/tandem/v1/workers/{role}/{addr}` (role `prefill` or `decode`), value: the address.
+//! Keys: `/tandem/v2/workers/{role}/{addr}` (role `prefill` or `decode`), value: the address.
 
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use std::future::Future;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Every worker key starts with this.
-pub const PREFIX: &str = "/tandem/v1/workers/";
+pub const PREFIX: &str = "/tandem/v2/workers/";
 
 pub fn key(role: &str, addr: &str) -> String {
     format!("{PREFIX}{role}/{addr}")
@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn keys_round_trip() {
         let k = key("decode", "10.0.0.7:50061");
-        assert_eq!(k, "/tandem/v1/workers/decode/10.0.0.7:50061");
+        assert_eq!(k, "/tandem/v2/workers/decode/10.0.0.7:50061");
         assert_eq!(parse(&k), Some(("decode".into(), "10.0.0.7:50061".into())));
         assert_eq!(parse("/other/decode/x"), None);
     }

@@ -1,17 +1,23 @@
-//! Tandem's wire protocol: the gRPC control plane `tandem.v1` (`proto/tandem/v1/worker.proto`,
+//! Tandem's wire protocol: the gRPC control plane `tandem.v2` (`proto/tandem/v2/worker.proto`,
 //! compiled by protox at build time) and its one mapping to and from the request types.
 //!
 //! # Layout
 //! - [`pb`]: the generated messages, clients and servers.
 //! - this file: conversions between `pb` and `frontend::request` / `frontend::sampling`.
+//! - [`auth`]: the cluster secret and the handshake that opens every internal connection.
+//! - [`grant`]: lease ids and the signed grants (`KvTarget`s) a decode worker hands out.
+//! - [`net`]: gRPC servers and channels that run the handshake.
 //! - `discovery` (feature `etcd`): workers registering in etcd, the scheduler watching.
 
+pub mod auth;
 #[cfg(feature = "etcd")]
 pub mod discovery;
+pub mod grant;
+pub mod net;
 
-/// The generated `tandem.v1` code.
+/// The generated `tandem.v2` code.
 pub mod pb {
-    tonic::include_proto!("tandem.v1");
+    tonic::include_proto!("tandem.v2");
 }
 
 use frontend::TokenId;
@@ -19,7 +25,9 @@ use frontend::request::{FinishReason, GenerationParams, TokenEvent, WorkerError,
 use frontend::sampling::{SamplingParams, TokenLogprobs};
 
 /// The protocol version this build speaks (the `.proto` package's).
-pub const VERSION: &str = "tandem.v1";
+pub const VERSION: &str = "tandem.v2";
+
+pub use grant::LeaseId;
 
 /// How a prompt's KV moves from a prefill worker to a decode worker (the `transport` field of
 /// `Prefill` and its reply).

@@ -223,9 +223,7 @@ async fn a_commit_with_a_wrong_checksum_is_refused_and_its_blocks_freed() {
     let (dir, model) = tiny();
     let d = decode_node(&model, dir.path(), "127.0.0.1:0", 4);
     let fingerprint = frontend_of(&model).fingerprint;
-    let mut c = DecodeWorkerClient::connect(format!("http://{}", d.addr))
-        .await
-        .unwrap();
+    let mut c = DecodeWorkerClient::new(channel(&d.addr));
     let free = |s: pb::WorkerStats| s.kv_blocks_free;
     let before = free(c.stats(pb::Empty {}).await.unwrap().into_inner());
     let prompt: Vec<u32> = (3..43).collect();

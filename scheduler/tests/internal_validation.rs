@@ -34,12 +34,8 @@ async fn bad_targets_and_bad_generates_fail_alone() {
     let p = prefill_node(&model);
     let fe = frontend_of(&model);
     let vocab = fe.config.vocab_size as u32;
-    let mut dc = DecodeWorkerClient::connect(format!("http://{}", d.addr))
-        .await
-        .unwrap();
-    let mut pc = PrefillWorkerClient::connect(format!("http://{}", p.addr))
-        .await
-        .unwrap();
+    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
+    let mut pc = PrefillWorkerClient::new(channel(&p.addr));
     let prompt: Vec<u32> = (3..43).collect();
     let target = reserve(&mut dc, &prompt, fe.fingerprint).await;
     let params = engine::synthetic::testing::mixed_params(0, 4, 1);

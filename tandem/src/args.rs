@@ -197,6 +197,37 @@ impl DiscoveryArgs {
     }
 }
 
+/// The internal plane's secret.
+#[derive(Args, Debug, Clone, PartialEq, Default)]
+pub struct ClusterArgs {
+    /// File holding the cluster secret (at least 16 bytes; `openssl rand -hex 32 > f; chmod 600 f`): every gRPC call and KV data connection between Tandem processes proves it. Required to listen beyond loopback.
+    #[arg(long, env = protocol::auth::SECRET_FILE_ENV)]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+}
+
+impl ClusterArgs {
+    /// The secret, when a file is named.
+    pub fn load(&self) -> anyhow::Result<Option<protocol::auth::ClusterSecret>> {
+        self.cluster_secret_file
+            .as_deref()
+            .map(protocol::auth::ClusterSecret::load)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The flag (a path: the secret itself never travels on a command line, which any local
+    /// user can read).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        opt(
+            &mut a,
+            "cluster-secret-file",
+            self.cluster_secret_file.as_ref().map(|p| p.display()),
+        );
+        a
+    }
+}
+
 /// How KV moves from prefill to decode workers.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvTransportArg {
@@ -245,6 +276,9 @@ pub struct RoutingArgs {
     /// Requests in flight at most (across every worker) before new ones get 503.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = scheduler::remote::DEFAULT_MAX_INFLIGHT)]
     pub max_inflight: usize,
+    /// Seconds a prefill may take on a prefill worker before it is cancelled and retried elsewhere.
+    #[arg(long, default_value_t = scheduler::remote::DEFAULT_PREFILL_TIMEOUT_SECS)]
+    pub prefill_timeout_secs: u64,
 }
 
 impl RoutingArgs {
@@ -256,6 +290,7 @@ impl RoutingArgs {
             transport: self.kv_transport.resolve(),
             hold: Duration::from_secs(self.hold_secs),
             max_inflight: self.max_inflight.max(1),
+            prefill_timeout: Duration::from_secs(self.prefill_timeout_secs.max(1)),
             ..Default::default()
         }
     }
@@ -267,6 +302,7 @@ impl RoutingArgs {
         flag(&mut a, "kv-transport", self.kv_transport.name());
         flag(&mut a, "hold-secs", self.hold_secs);
         flag(&mut a, "max-inflight", self.max_inflight);
+        flag(&mut a, "prefill-timeout-secs", self.prefill_timeout_secs);
         a
     }
 }
@@ -314,12 +350,14 @@ pub struct DecodeArgs {
     /// gRPC address to listen on.
     #[arg(long, default_value = DEFAULT_DECODE_LISTEN)]
     pub listen: String,
-    /// The TCP KV data plane's address (port 0: any free port).
-    #[arg(long, default_value = "0.0.0.0:0")]
-    pub kv_listen: String,
+    /// The TCP KV data plane's address (port 0: any free port; default: the --listen host, any port).
+    #[arg(long)]
+    pub kv_listen: Option<String>,
     /// Keep the KV pool in private memory (prefill workers on this host then use TCP too).
     #[arg(long)]
     pub no_shm: bool,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
     #[command(flatten)]
@@ -335,8 +373,9 @@ impl DecodeArgs {
     pub fn to_args(&self) -> Vec<String> {
         let mut a = vec!["decode".to_string()];
         flag(&mut a, "listen", &self.listen);
-        flag(&mut a, "kv-listen", &self.kv_listen);
+        opt(&mut a, "kv-listen", self.kv_listen.as_ref());
         switch(&mut a, "no-shm", self.no_shm);
+        a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.batch.to_args());
         a.extend(self.model.to_args());
@@ -358,6 +397,8 @@ pub struct PrefillArgs {
     #[arg(long, default_value_t = prefill_worker::DEFAULT_MAX_WAITING)]
     pub max_prefill_waiting: usize,
     #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
     pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -366,10 +407,14 @@ pub struct PrefillArgs {
 }
 
 impl PrefillArgs {
-    pub fn prefill_config(&self) -> prefill_worker::PrefillConfig {
+    pub fn prefill_config(
+        &self,
+        secret: Option<protocol::auth::ClusterSecret>,
+    ) -> prefill_worker::PrefillConfig {
         prefill_worker::PrefillConfig {
             max_batch_tokens: self.max_prefill_tokens.max(1),
             max_waiting: self.max_prefill_waiting.max(1),
+            secret,
         }
     }
 
@@ -379,6 +424,7 @@ impl PrefillArgs {
         flag(&mut a, "listen", &self.listen);
         flag(&mut a, "max-prefill-tokens", self.max_prefill_tokens);
         flag(&mut a, "max-prefill-waiting", self.max_prefill_waiting);
+        a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
@@ -401,6 +447,8 @@ pub struct SchedulerArgs {
     #[arg(long, value_delimiter = ',')]
     pub etcd: Vec<String>,
     #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
     pub routing: RoutingArgs,
     /// The model (the scheduler reads its tokenizer and chat template; no weights).
     #[command(flatten)]
@@ -415,6 +463,7 @@ impl SchedulerArgs {
         list(&mut a, "prefill", &self.prefill);
         list(&mut a, "decode", &self.decode);
         list(&mut a, "etcd", &self.etcd);
+        a.extend(self.cluster.to_args());
         a.extend(self.routing.to_args());
         a.extend(self.model.to_args());
         a
@@ -489,8 +538,11 @@ mod tests {
     fn child_command_lines_parse_back_to_their_values() {
         let d = DecodeArgs {
             listen: "127.0.0.1:1234".into(),
-            kv_listen: "127.0.0.1:0".into(),
+            kv_listen: Some("127.0.0.1:0".into()),
             no_shm: true,
+            cluster: ClusterArgs {
+                cluster_secret_file: Some("/run/secrets/tandem".into()),
+            },
             discovery: DiscoveryArgs {
                 etcd: vec!["http://a:1".into(), "http://b:2".into()],
                 etcd_ttl_secs: 9,
@@ -512,6 +564,9 @@ mod tests {
             listen: "127.0.0.1:99".into(),
             max_prefill_tokens: 300,
             max_prefill_waiting: 3,
+            cluster: ClusterArgs {
+                cluster_secret_file: Some("/s".into()),
+            },
             discovery: DiscoveryArgs {
                 etcd: Vec::new(),
                 etcd_ttl_secs: 2,
@@ -534,12 +589,16 @@ mod tests {
             prefill: vec!["a:1".into(), "b:2".into()],
             decode: vec!["c:3".into()],
             etcd: vec!["http://e:4".into()],
+            cluster: ClusterArgs {
+                cluster_secret_file: Some("/t".into()),
+            },
             routing: RoutingArgs {
                 disagg_min_tokens: 5,
                 max_prefill_queue: 2,
                 kv_transport: KvTransportArg::Tcp,
                 hold_secs: 4,
                 max_inflight: 11,
+                prefill_timeout_secs: 13,
             },
             model: model(),
         };

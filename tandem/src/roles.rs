@@ -1,6 +1,6 @@
 //! `tandem prefill`, `tandem decode`, `tandem scheduler`: one cluster component per process.
 
-use crate::args::{DecodeArgs, DiscoveryArgs, PrefillArgs, SchedulerArgs};
+use crate::args::{ClusterArgs, DecodeArgs, DiscoveryArgs, PrefillArgs, SchedulerArgs};
 use crate::process::{model_path, runtime, shutdown_signal};
 use anyhow::Context;
 use engine::Engine;
@@ -69,7 +69,36 @@ impl DiscoveryArgs {
     }
 }
 
+/// The cluster secret for a worker listening on `listens`: read from the file named, or
+/// none — but a worker reachable beyond loopback without one exits with status 2 at once
+/// (before fetching or loading a model), since anyone who reaches it could drive it.
+fn worker_secret(
+    cluster: &ClusterArgs,
+    listens: &[&str],
+) -> anyhow::Result<Option<protocol::auth::ClusterSecret>> {
+    let secret = cluster.load()?;
+    if secret.is_none()
+        && let Some(open) = listens
+            .iter()
+            .find(|a| !protocol::auth::is_loopback_host(protocol::auth::host_of(a)))
+    {
+        eprintln!(
+            "tandem: refusing to listen on {open} without a cluster secret: anyone who reaches \
+             it could drive this worker. Give --cluster-secret-file (or {}) to every process of \
+             the cluster, or listen on loopback only.",
+            protocol::auth::SECRET_FILE_ENV
+        );
+        std::process::exit(2);
+    }
+    Ok(secret)
+}
+
 pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    let kv_listen = args
+        .kv_listen
+        .clone()
+        .unwrap_or_else(|| format!("{}:0", protocol::auth::host_of(&args.listen)));
+    let secret = worker_secret(&args.cluster, &[&args.listen, &kv_listen])?;
     args.compute.setup()?;
     let path = model_path(args.model.model.as_deref())?;
     let mut cfg = args.compute.engine_config(&args.model);
@@ -92,8 +121,9 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 engine,
                 worker,
                 listener,
-                &args.kv_listen,
+                &kv_listen,
                 &advertise,
+                secret,
                 shutdown_signal(),
             )
             .await
@@ -104,6 +134,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
 }
 
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
+    let secret = worker_secret(&args.cluster, &[&args.listen])?;
     args.compute.setup()?;
     let path = model_path(args.model.model.as_deref())?;
     // A prefill worker's own pool: TCP transfers compute into it, and its prefix cache.
@@ -111,7 +142,7 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         Engine::load(&path, &args.compute.engine_config(&args.model))
             .with_context(|| format!("loading {}", path.display()))?,
     );
-    let cfg = args.prefill_config();
+    let cfg = args.prefill_config(secret);
     runtime()?.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
         let serve = async {
@@ -138,6 +169,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         prefill: args.prefill.clone(),
         decode: args.decode.clone(),
         etcd: args.etcd.clone(),
+        secret: args.cluster.load()?,
         ..args.routing.config()
     };
     runtime()?.block_on(async {

@@ -5,7 +5,8 @@
 //! runs), for comparison.
 
 use crate::args::{
-    ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, SchedulerArgs, UpArgs,
+    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, SchedulerArgs,
+    UpArgs,
 };
 use crate::process::{model_path, shutdown_signal};
 use anyhow::Context;
@@ -164,6 +165,14 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             ..args.compute.clone()
         }
     };
+    // One secret per run, in a private directory that goes with the run: the workers listen on
+    // loopback only, but every internal connection proves it all the same.
+    let secret_dir = tempfile::Builder::new().prefix("tandem-up-").tempdir()?;
+    let secret_file = secret_dir.path().join("cluster-secret");
+    protocol::auth::ClusterSecret::generate_file(&secret_file)?;
+    let cluster = ClusterArgs {
+        cluster_secret_file: Some(secret_file),
+    };
     let no_discovery = DiscoveryArgs {
         etcd: Vec::new(),
         etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
@@ -174,8 +183,9 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     for i in 0..args.decode {
         let d = DecodeArgs {
             listen: format!("127.0.0.1:{}", free_port()?),
-            kv_listen: "127.0.0.1:0".into(),
+            kv_listen: Some("127.0.0.1:0".into()),
             no_shm: false,
+            cluster: cluster.clone(),
             discovery: no_discovery.clone(),
             batch: args.batch.clone(),
             model: model.clone(),
@@ -190,6 +200,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             listen: format!("127.0.0.1:{}", free_port()?),
             max_prefill_tokens: prefill_worker::DEFAULT_MAX_BATCH_TOKENS,
             max_prefill_waiting: prefill_worker::DEFAULT_MAX_WAITING,
+            cluster: cluster.clone(),
             discovery: no_discovery.clone(),
             model: model.clone(),
             compute: compute(),
@@ -202,6 +213,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         prefill: prefill_addrs,
         decode: decode_addrs,
         etcd: Vec::new(),
+        cluster,
         routing: args.routing.clone(),
         model,
     };
@@ -219,7 +231,9 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run_members(members))
+    let r = rt.block_on(run_members(members));
+    drop(secret_dir);
+    r
 }
 
 fn member(name: String, args: Vec<String>) -> Member {

@@ -21,7 +21,11 @@ use clap::Args;
 use engine::config::LlamaConfig;
 use engine::kv::{KvDtype, KvLayout};
 use engine::{KvPool, KvSequence};
-use kv_store::tcp::{KvReceiver, KvSender, SlabSink, Slot};
+use kv_store::tcp::{ConnId, KvReceiver, KvSender, SlabSink, Slot};
+use protocol::LeaseId;
+
+/// The one lease the bench's transfers name.
+const LEASE: LeaseId = LeaseId([1; 16]);
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -70,7 +74,8 @@ struct Sink {
 unsafe impl SlabSink for Sink {
     fn slots(
         &self,
-        _lease: u64,
+        _conn: ConnId,
+        _lease: LeaseId,
         layer: u32,
         blocks: &[u32],
         len: usize,
@@ -83,11 +88,11 @@ unsafe impl SlabSink for Sink {
             Some(Slot { ptr, len })
         }));
     }
-    fn end(&self, _lease: u64, _slabs: u32, checksum: u64) {
+    fn end(&self, _conn: ConnId, _lease: LeaseId, _slabs: u32, checksum: u64) {
         self.transfers.fetch_add(1, Ordering::Relaxed);
         let _ = self.done.lock().unwrap().send(checksum);
     }
-    fn abort(&self, _lease: u64) {}
+    fn abort(&self, _conn: ConnId, _lease: LeaseId) {}
 }
 
 /// Runs the bench over `model`'s KV geometry; `pin(cores)` moves the calling thread to those
@@ -155,8 +160,8 @@ pub fn run(
         landed: AtomicU64::new(0),
         transfers: AtomicU64::new(0),
     });
-    let receiver = KvReceiver::bind("127.0.0.1:0", sink.clone())?;
-    let mut sender = KvSender::connect(&receiver.local_addr().to_string())?;
+    let receiver = KvReceiver::bind("127.0.0.1:0", sink.clone(), None, Default::default())?;
+    let mut sender = KvSender::connect(&receiver.local_addr().to_string(), None)?;
     let (raw_addr, raw_reader) = spawn_raw_reader(false)?;
     let (wait_addr, wait_reader) = spawn_raw_reader(true)?;
     if pinned {
@@ -232,9 +237,9 @@ pub fn run(
                 for layer in 0..l.n_layers {
                     let s = &src[layer * slab..][..slab];
                     let frames: Vec<(u32, &[u8])> = (0..blocks).map(|b| (b as u32, s)).collect();
-                    sender.slabs(1, layer as u32, &frames)?;
+                    sender.slabs(LEASE, layer as u32, &frames)?;
                 }
-                sender.end(1, (blocks * l.n_layers) as u32, sum.digest())?;
+                sender.end(LEASE, (blocks * l.n_layers) as u32, sum.digest())?;
                 let got = done_rx.recv()?;
                 anyhow::ensure!(got == sum.digest(), "the TCP transfer's checksum differs");
                 Ok(())

@@ -267,17 +267,17 @@ impl Driver<'_> {
                 Err(s) => return Err(Fault::Fatal(fatal(&s))),
             }
         };
-        let lease = target.lease_id;
+        let lease = target.lease_id.clone();
         let mut tried = Vec::new();
         loop {
             let Some(p) = self.remote.prefill_worker(fingerprint, &tried) else {
-                release(d, lease);
+                release(d, lease.clone());
                 return Ok(None);
             };
             tried.push(p.addr.clone());
             let _busy = Busy::on(&p.inflight);
             let mut pc = p.client.clone();
-            let call = pc.prefill(pb::PrefillRequest {
+            let mut req = tonic::Request::new(pb::PrefillRequest {
                 request_id: self.id,
                 prompt: self.prompt.clone(),
                 generated: self.sent.clone(),
@@ -285,10 +285,13 @@ impl Driver<'_> {
                 target: Some(target.clone()),
                 transport: protocol::KvTransport::wire(self.remote.cfg.transport),
             });
+            // A worker that never answers (stalled, black-holed) costs this much at most.
+            req.set_timeout(self.remote.cfg.prefill_timeout);
+            let call = pc.prefill(req);
             match self.until_gone(call).await {
                 Err(Fault::Cancelled) => {
                     cancel_prefill(&p, self.id);
-                    release(d, lease);
+                    release(d, lease.clone());
                     return Err(Fault::Cancelled);
                 }
                 Err(f) => return Err(f),
@@ -304,15 +307,18 @@ impl Driver<'_> {
                     metrics::counter!("tandem_kv_transfers_total", "transport" => r.transport)
                         .increment(1);
                     let commit = pb::Commit {
-                        lease_id: lease,
+                        lease_id: lease.clone(),
                         checksum: r.checksum,
                         filled: r.filled,
                     };
                     return Ok(Some((commit, events)));
                 }
                 Ok(Err(s)) => {
-                    if s.code() == Code::Unavailable {
-                        p.down(&s);
+                    match s.code() {
+                        Code::Unavailable => p.down(&s),
+                        // Past its deadline it may still be computing: stop it.
+                        Code::DeadlineExceeded | Code::Cancelled => cancel_prefill(&p, self.id),
+                        _ => {}
                     }
                     self.remote.prefill_retries.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("tandem_prefill_retries_total").increment(1);
@@ -383,7 +389,7 @@ impl Driver<'_> {
     }
 }
 
-fn release(d: &Arc<Decode>, lease: u64) {
+fn release(d: &Arc<Decode>, lease: Vec<u8>) {
     let mut c = d.client.clone();
     tokio::spawn(async move {
         let _ = c.release(pb::ReleaseRequest { lease_id: lease }).await;

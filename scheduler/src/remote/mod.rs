@@ -1,5 +1,5 @@
 //! The disaggregated cluster: prefill and decode workers in other processes, reached over
-//! gRPC (`tandem.v1`), and the life of each request across them.
+//! gRPC (`tandem.v2`), and the life of each request across them.
 //!
 //! A request (see `docs/ARCHITECTURE.md`):
 //! 1. a decode worker is picked by load; a prompt shorter than
@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How the scheduler reaches and uses its workers.
 #[derive(Debug, Clone)]
@@ -64,6 +64,11 @@ pub struct RemoteConfig {
     /// The model fingerprint a decode worker must report to be routed to (the scheduler's
     /// frontend's: same weights, precision and KV format); `None`: any.
     pub fingerprint: Option<u64>,
+    /// The cluster secret every connection to a worker proves (`protocol::auth`); `None`: a
+    /// loopback-only cluster.
+    pub secret: Option<protocol::auth::ClusterSecret>,
+    /// How long a `Prefill` call may take before it is cancelled and retried elsewhere.
+    pub prefill_timeout: Duration,
 }
 
 /// Default of [`RemoteConfig::disagg_min_tokens`].
@@ -72,6 +77,8 @@ pub const DEFAULT_DISAGG_MIN_TOKENS: usize = 64;
 pub const DEFAULT_HOLD_SECS: u64 = 60;
 /// Default of [`RemoteConfig::max_inflight`].
 pub const DEFAULT_MAX_INFLIGHT: usize = 256;
+/// Default of [`RemoteConfig::prefill_timeout`], in seconds.
+pub const DEFAULT_PREFILL_TIMEOUT_SECS: u64 = 120;
 
 impl Default for RemoteConfig {
     fn default() -> Self {
@@ -86,6 +93,8 @@ impl Default for RemoteConfig {
             poll: Duration::from_millis(200),
             etcd: Vec::new(),
             fingerprint: None,
+            secret: None,
+            prefill_timeout: Duration::from_secs(DEFAULT_PREFILL_TIMEOUT_SECS),
         }
     }
 }
@@ -101,16 +110,15 @@ pub struct Worker<C> {
 }
 
 impl<C: Clone> Worker<C> {
-    fn new(addr: &str, make: impl Fn(Channel) -> C) -> Result<Arc<Worker<C>>, ApiError> {
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| ApiError::Internal(format!("bad worker address {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
+    fn new(
+        addr: &str,
+        secret: Option<protocol::auth::ClusterSecret>,
+        make: impl Fn(Channel) -> C,
+    ) -> Result<Arc<Worker<C>>, ApiError> {
+        let channel = protocol::net::channel(addr, secret).map_err(ApiError::Internal)?;
         Ok(Arc::new(Worker {
             addr: addr.to_string(),
-            client: make(ep.connect_lazy()),
+            client: make(channel),
             healthy: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             stats: Mutex::new(pb::WorkerStats::default()),
@@ -257,14 +265,16 @@ impl Remote {
         let mut m = self.members.write().expect("members poisoned");
         match role {
             Role::Prefill if !m.prefill.iter().any(|w| w.addr == addr) => {
-                m.prefill.push(Worker::new(addr, |c| {
-                    PrefillWorkerClient::new(c).max_decoding_message_size(64 << 20)
-                })?);
+                m.prefill
+                    .push(Worker::new(addr, self.cfg.secret.clone(), |c| {
+                        PrefillWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                    })?);
             }
             Role::Decode if !m.decode.iter().any(|w| w.addr == addr) => {
-                m.decode.push(Worker::new(addr, |c| {
-                    DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
-                })?);
+                m.decode
+                    .push(Worker::new(addr, self.cfg.secret.clone(), |c| {
+                        DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                    })?);
             }
             _ => return Ok(()),
         }

@@ -101,6 +101,16 @@ where
     }
 }
 
+/// The test clusters' secret: every internal connection in these tests proves it.
+pub fn secret() -> protocol::auth::ClusterSecret {
+    protocol::auth::ClusterSecret::from_bytes(b"tandem-test-cluster-secret").unwrap()
+}
+
+/// A gRPC channel to a test worker, with the cluster's secret.
+pub fn channel(addr: &str) -> tonic::transport::Channel {
+    protocol::net::channel(addr, Some(secret())).unwrap()
+}
+
 pub fn never() -> impl std::future::Future<Output = ()> + Send + 'static {
     std::future::pending()
 }
@@ -114,14 +124,27 @@ pub fn decode_node(model: &Path, dir: &Path, bind: &str, max_running: usize) -> 
         max_waiting: 256,
     };
     node(bind.to_string(), move |l| async move {
-        decode_worker::service::serve(engine, worker, l, "127.0.0.1:0", "127.0.0.1", never()).await
+        decode_worker::service::serve(
+            engine,
+            worker,
+            l,
+            "127.0.0.1:0",
+            "127.0.0.1",
+            Some(secret()),
+            never(),
+        )
+        .await
     })
 }
 
 pub fn prefill_node(model: &Path) -> Node {
     let engine = Arc::new(Engine::load(model, &config(None)).unwrap());
     node("127.0.0.1:0".into(), move |l| async move {
-        prefill_worker::service::serve(engine, Default::default(), l, never()).await
+        let cfg = prefill_worker::PrefillConfig {
+            secret: Some(secret()),
+            ..Default::default()
+        };
+        prefill_worker::service::serve(engine, cfg, l, never()).await
     })
 }
 
@@ -140,6 +163,7 @@ pub fn remote(
         transport: protocol::KvTransport::parse(transport).unwrap(),
         hold: Duration::from_secs(30),
         poll: Duration::from_millis(50),
+        secret: Some(secret()),
         ..Default::default()
     };
     (frontend, cfg)
