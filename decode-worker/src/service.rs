@@ -591,7 +591,7 @@ impl DecodeWorker for DecodeService {
 
 /// Runs a decode worker: the batch loop, the gRPC service on `listener` and the TCP data plane
 /// on `kv_bind`, advertised to prefill workers as `advertise_host:port`, both planes behind
-/// the handshake under `secret`. Returns once `shutdown` resolves and in-flight streams have
+/// the handshake under `service.secret` (`service.kv_data_addr` is filled in here). Returns once `shutdown` resolves and in-flight streams have
 /// ended — or with an error as soon as the batch loop dies (a panic), so that the process
 /// exits and its supervisor restarts it rather than keeping a worker that serves nothing.
 pub async fn serve(
@@ -600,9 +600,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     kv_bind: &str,
     advertise_host: &str,
-    secret: Option<ClusterSecret>,
+    service: ServiceConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let secret = service.secret.clone();
     let (handle, thread) = crate::spawn(engine.clone(), worker);
     let leases = Leases::new();
     let receiver = kv_store::tcp::KvReceiver::bind(
@@ -613,8 +614,7 @@ pub async fn serve(
     )?;
     let cfg = ServiceConfig {
         kv_data_addr: format!("{advertise_host}:{}", receiver.local_addr().port()),
-        secret: secret.clone(),
-        ..ServiceConfig::default()
+        ..service
     };
     tracing::info!(
         grpc = %listener.local_addr()?,

@@ -124,6 +124,11 @@ impl KvSender {
         Ok(())
     }
 
+    /// The connection itself (for tests that misbehave on it).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
     pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
         let mut f = [0u8; HEADER + 8];
         f[..HEADER].copy_from_slice(&Frame::End { lease, slabs }.encode());

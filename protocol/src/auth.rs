@@ -247,11 +247,7 @@ struct Server {
 
 impl Server {
     /// The reply to a client's hello; `Err` carries a refusal to send before closing.
-    fn reply(
-        plane: Plane,
-        k: &[u8],
-        h: &[u8; HELLO],
-    ) -> Result<(Server, [u8; REPLY]), Refusal> {
+    fn reply(plane: Plane, k: &[u8], h: &[u8; HELLO]) -> Result<(Server, [u8; REPLY]), Refusal> {
         if &h[..4] != MAGIC {
             return Err((HandshakeError::NotTandem, None));
         }

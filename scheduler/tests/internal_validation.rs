@@ -1,7 +1,7 @@
 //! The internal plane validates what it is told, as the HTTP API does: a bad `Prefill` target
 //! or a bad `Generate` fails that call alone (`InvalidArgument`), never the worker, its batch or
-//! the next request. (The authenticated plane and signed leases are still to come; these are
-//! the checks that hold whoever the caller is.)
+//! the next request. A target must be a grant signed with the cluster secret; the bogus ones
+//! here are re-signed (an insider holding the secret) so that each structural check is met.
 
 mod common;
 
@@ -88,7 +88,16 @@ async fn bad_targets_and_bad_generates_fail_alone() {
             },
         ),
     ];
-    for (what, t) in bogus {
+    let mut unsigned = target.clone();
+    unsigned.block_ids.reverse();
+    let e = pc
+        .prefill(prefill(unsigned, prompt.clone()))
+        .await
+        .expect_err("unsigned");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("not signed"), "{e}");
+    for (what, mut t) in bogus {
+        protocol::grant::sign(Some(&secret()), &mut t);
         let e = pc
             .prefill(prefill(t, prompt.clone()))
             .await

@@ -123,7 +123,10 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 listener,
                 &kv_listen,
                 &advertise,
-                secret,
+                decode_worker::service::ServiceConfig {
+                    secret,
+                    ..Default::default()
+                },
                 shutdown_signal(),
             )
             .await

@@ -116,6 +116,17 @@ pub fn never() -> impl std::future::Future<Output = ()> + Send + 'static {
 }
 
 pub fn decode_node(model: &Path, dir: &Path, bind: &str, max_running: usize) -> Node {
+    decode_node_with(model, dir, bind, max_running, Duration::from_secs(30))
+}
+
+/// A decode worker whose leases live `lease` without a commit.
+pub fn decode_node_with(
+    model: &Path,
+    dir: &Path,
+    bind: &str,
+    max_running: usize,
+    lease: Duration,
+) -> Node {
     let shm = kv_store::shm::pool_path(dir);
     let engine = Arc::new(Engine::load(model, &config(Some(shm))).unwrap());
     let worker = WorkerConfig {
@@ -130,7 +141,11 @@ pub fn decode_node(model: &Path, dir: &Path, bind: &str, max_running: usize) -> 
             l,
             "127.0.0.1:0",
             "127.0.0.1",
-            Some(secret()),
+            decode_worker::service::ServiceConfig {
+                secret: Some(secret()),
+                lease,
+                ..Default::default()
+            },
             never(),
         )
         .await
