@@ -28,8 +28,8 @@ use cluster::Cluster;
 use error::ApiError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest request body accepted (bytes).
 pub const DEFAULT_MAX_BODY: usize = 8 << 20;
@@ -153,17 +153,70 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .with_state(state)
 }
 
+/// Connections the HTTP server holds open at most by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// How long a client may take to send a request's headers (slowloris) or go idle between
+/// requests on a kept-alive connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request body may take to arrive once its headers have.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `state` on `listener` until `shutdown` resolves; in-flight requests finish first.
+/// At most `max_connections` connections are open at once (beyond, new ones are closed at
+/// accept, counted in `tandem_http_connections_refused_total`); a client that does not send
+/// its headers within [`HEADER_READ_TIMEOUT`], or its body within [`BODY_READ_TIMEOUT`], is
+/// dropped — so slow or idle sockets cannot starve the server of connections or descriptors.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     max_body: usize,
+    max_connections: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state, max_body).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let app = router(state, max_body).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        BODY_READ_TIMEOUT,
+    ));
+    let mut http = Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accepting an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            ::metrics::counter!("tandem_http_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

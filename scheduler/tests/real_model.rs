@@ -36,6 +36,7 @@ async fn server() -> (String, Arc<Engine>) {
         listener,
         state,
         1 << 20,
+        scheduler::DEFAULT_MAX_CONNECTIONS,
         std::future::pending(),
     ));
     (url, engine)

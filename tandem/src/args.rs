@@ -322,6 +322,9 @@ pub struct HttpArgs {
     /// Require `Authorization: Bearer KEY` on the API routes (`/v1/…`; not on `/health` or `/metrics`), as vLLM's flag. Prefer the environment variable: a command line is visible to every local user.
     #[arg(long, env = "TANDEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// HTTP connections open at most; beyond, new ones are closed at accept.
+    #[arg(long, default_value_t = scheduler::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 impl HttpArgs {
@@ -332,6 +335,7 @@ impl HttpArgs {
         flag(&mut a, "host", &self.host);
         flag(&mut a, "port", self.port);
         flag(&mut a, "max-body-bytes", self.max_body_bytes);
+        flag(&mut a, "max-connections", self.max_connections);
         a
     }
 
@@ -584,6 +588,7 @@ mod tests {
                 host: "0.0.0.0".into(),
                 port: 1,
                 max_body_bytes: 12,
+                max_connections: 17,
                 api_key: None,
             },
             prefill: vec!["a:1".into(), "b:2".into()],

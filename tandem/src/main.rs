@@ -78,6 +78,7 @@ fn main() -> std::process::ExitCode {
         // Colours only on a terminal (not in CI logs, files, or `tandem up`'s piped children).
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    process::raise_fd_limit();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -187,7 +187,14 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
             args.prefill, args.decode
         );
         let state = scheduler::AppState::new(cluster).with_api_key(args.http.api_key.clone());
-        scheduler::serve(listener, state, args.http.max_body_bytes, shutdown_signal()).await?;
+        scheduler::serve(
+            listener,
+            state,
+            args.http.max_body_bytes,
+            args.http.max_connections,
+            shutdown_signal(),
+        )
+        .await?;
         eprintln!("tandem: scheduler stopped");
         anyhow::Ok(())
     })

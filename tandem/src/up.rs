@@ -53,7 +53,14 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
         print_try(&url, &model_id);
         let state =
             scheduler::AppState::new(cluster.clone()).with_api_key(args.http.api_key.clone());
-        scheduler::serve(listener, state, args.http.max_body_bytes, shutdown_signal()).await?;
+        scheduler::serve(
+            listener,
+            state,
+            args.http.max_body_bytes,
+            args.http.max_connections,
+            shutdown_signal(),
+        )
+        .await?;
         eprintln!("tandem: shutting down");
         anyhow::Ok(())
     })?;

@@ -34,6 +34,7 @@ pub struct Options {
     pub max_body: usize,
     pub precision: engine::Precision,
     pub api_key: Option<String>,
+    pub max_connections: usize,
 }
 
 impl Default for Options {
@@ -45,6 +46,7 @@ impl Default for Options {
             max_body: 1 << 20,
             precision: engine::Precision::default(),
             api_key: None,
+            max_connections: scheduler::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -79,7 +81,7 @@ pub async fn start(opts: Options) -> TestServer {
     let (tx, rx) = oneshot::channel();
     let st = state.clone();
     tokio::spawn(async move {
-        scheduler::serve(listener, st, opts.max_body, async {
+        scheduler::serve(listener, st, opts.max_body, opts.max_connections, async {
             let _ = rx.await;
         })
         .await
