@@ -35,6 +35,8 @@ pub struct Tokenizer {
     token_bytes: Vec<Vec<u8>>,
     /// Control tokens are not rendered into generated text.
     is_control: Vec<bool>,
+    /// The longest token, in bytes: no token covers more of the input text.
+    max_token_bytes: usize,
     pub bos: Option<TokenId>,
     pub eos: Option<TokenId>,
     /// Extra end-of-generation tokens (`tokenizer.ggml.eot_token_id`, ...).
@@ -161,7 +163,7 @@ impl Tokenizer {
         for (b, c) in table.iter().enumerate() {
             inverse.insert(*c, b as u8);
         }
-        let token_bytes = tokens
+        let token_bytes: Vec<Vec<u8>> = tokens
             .iter()
             .zip(&types)
             .map(|(t, ty)| {
@@ -193,6 +195,7 @@ impl Tokenizer {
         eog.dedup();
         Ok(Tokenizer {
             inner,
+            max_token_bytes: token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1),
             token_bytes,
             is_control: types.iter().map(|t| *t == TYPE_CONTROL).collect(),
             bos: id("tokenizer.ggml.bos_token_id")?,
@@ -219,6 +222,13 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Whether `text` is sure to take more than `tokens` tokens, told from its length alone
+    /// (no token covers more than the longest token's bytes): lets a request far past the
+    /// context be refused before the tokenizer spends memory and time on it.
+    pub fn surely_longer_than(&self, text: &str, tokens: usize) -> bool {
+        text.len() > tokens.saturating_mul(self.max_token_bytes)
     }
 
     /// The raw bytes of one token (empty for control tokens when `skip_control`).

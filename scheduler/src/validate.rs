@@ -225,3 +225,15 @@ fn context_error(max: usize, prompt: usize, completion: usize, param: &'static s
         code: Some("context_length_exceeded"),
     }
 }
+
+/// The context error for a prompt of `bytes` bytes that is sure to exceed `max` tokens,
+/// refused before tokenizing it.
+pub fn too_long(max: usize, bytes: usize, param: &'static str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!(
+            "This model's maximum context length is {max} tokens. However, the {param} ({bytes} bytes) is longer than that. Please reduce the length of the {param}."
+        ),
+        param: Some(param.to_string()),
+        code: Some("context_length_exceeded"),
+    }
+}

@@ -307,6 +307,26 @@ async fn every_bad_input_is_an_openai_error() {
     .await;
     assert_eq!(v["error"]["code"], "context_length_exceeded");
 
+    // A prompt far past the context (within the body limit) is refused before it is
+    // tokenized, with the context error.
+    for (url, body, param) in [
+        (
+            &comp,
+            json!({"model": "tiny", "prompt": "abc ".repeat(200_000)}),
+            "prompt",
+        ),
+        (
+            &chat,
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "abc ".repeat(200_000)}]}),
+            "messages",
+        ),
+    ] {
+        let (status, v) = common::post(url, body).await;
+        assert_envelope(status, &v, 400, "a prompt past the context");
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+
     // Oversized body.
     let big = json!({"model": "tiny", "prompt": "a ".repeat(1 << 20)});
     let (status, v) = common::post(&comp, big).await;

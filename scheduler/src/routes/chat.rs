@@ -117,6 +117,13 @@ pub async fn handler(
                 "messages",
             )
         })?;
+        if fe.tokenizer.surely_longer_than(&text, fe.max_context()) {
+            return Err(crate::validate::too_long(
+                fe.max_context(),
+                text.len(),
+                "messages",
+            ));
+        }
         fe.tokenizer
             .encode(&text, false)
             .map_err(|e| ApiError::Internal(e.to_string()))

@@ -6,7 +6,7 @@ use crate::AppState;
 use crate::error::{ApiError, AppJson};
 use crate::pipeline::{Submission, submit};
 use crate::protocol::*;
-use crate::validate::{DefaultMax, MAX_CHOICES, MAX_PROMPTS, PlanInput, plan};
+use crate::validate::{DefaultMax, MAX_CHOICES, MAX_PROMPTS, PlanInput, plan, too_long};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use frontend::sampling::TokenLogprobs;
@@ -92,6 +92,9 @@ pub async fn handler(
     let spec = req.prompt.clone();
     let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Prompt>, ApiError> {
         let from_text = |t: String| -> Result<Prompt, ApiError> {
+            if fe.tokenizer.surely_longer_than(&t, fe.max_context()) {
+                return Err(too_long(fe.max_context(), t.len(), "prompt"));
+            }
             let ids = fe
                 .tokenizer
                 .encode(&t, true)
