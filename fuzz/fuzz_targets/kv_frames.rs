@@ -76,6 +76,8 @@ fuzz_target!(|data: &[u8]| {
             Ok(0) => break,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            // libFuzzer's own timers interrupt system calls.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => panic!("the receiver hung: {e}"),
         }
     }

@@ -335,6 +335,7 @@ impl Driver<'_> {
         commit: Option<pb::Commit>,
     ) -> Result<(), Fault> {
         let mut dc = d.client.clone();
+        let lease = commit.as_ref().map(|c| c.lease_id.clone());
         let call = dc.generate(pb::GenerateRequest {
             request_id: self.id,
             prompt: self.prompt.clone(),
@@ -342,7 +343,16 @@ impl Driver<'_> {
             params: Some(pb::GenerationParams::from(&self.params)),
             commit,
         });
-        let mut stream = match self.until_gone(call).await? {
+        let opened = self.until_gone(call).await;
+        if !matches!(opened, Ok(Ok(_)))
+            && let Some(lease) = lease
+        {
+            // The commit may not have reached the worker (the client left, the call failed):
+            // give the blocks back now rather than at the lease's expiry (a lease already
+            // taken is unknown there, and this is a no-op).
+            release(d, lease);
+        }
+        let mut stream = match opened? {
             Ok(s) => s.into_inner(),
             Err(s) if is_lost(&s) => {
                 if s.code() == Code::Unavailable {
