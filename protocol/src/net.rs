@@ -176,3 +176,31 @@ pub async fn serve_beside(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A compute loop that dies ends the serving at once, with its panic's message, while
+    /// the server would have run forever; one that outlives the server is waited for.
+    #[tokio::test]
+    async fn a_dead_compute_loop_ends_the_worker() {
+        let forever = async { std::future::pending::<Result<(), tonic::transport::Error>>().await };
+        let dies = std::thread::spawn(|| panic!("kernel assertion"));
+        let r = tokio::time::timeout(Duration::from_secs(10), serve_beside(forever, dies, "test"))
+            .await
+            .expect("serving went on after the loop died");
+        let e = r.expect_err("a dead loop is an error");
+        assert!(e.to_string().contains("kernel assertion"), "{e}");
+
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let drains = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        let server = async move {
+            drop(tx);
+            Ok(())
+        };
+        serve_beside(server, drains, "test").await.unwrap();
+    }
+}
