@@ -15,6 +15,8 @@ RUNS=${1:-1000000}
 shift || true
 TARGETS=${*:-kv_frames gguf request_plan}
 export RUSTC_BOOTSTRAP=1
+LOGS=${FUZZ_LOGS:-$(mktemp -d /tmp/tandem-fuzz.XXXXXX)}
+mkdir -p "$LOGS"
 cargo fuzz build -s none -O
 mkdir -p corpus/kv_frames corpus/gguf corpus/request_plan
 # KV frames: a slabs frame of lease 01…, an end frame, and the same for lease 02….
@@ -39,10 +41,10 @@ for t in $TARGETS; do
   esac
   start=$(date +%s)
   if cargo fuzz run -s none -O "$t" "corpus/$t" -- -runs="$RUNS" -rss_limit_mb=2048 \
-      -max_len="$max_len" -timeout=60 -print_final_stats=1 > "/tmp/tandem-fuzz-$t.log" 2>&1; then
-    echo "fuzz $t: $(grep -E '^Done|stat::number_of_executed_units' /tmp/tandem-fuzz-$t.log | tail -1) in $(( $(date +%s) - start )) s, 0 crashes; $(grep -o 'cov: [0-9]*' /tmp/tandem-fuzz-$t.log | tail -1)"
+      -max_len="$max_len" -timeout=60 -print_final_stats=1 > "$LOGS/$t.log" 2>&1; then
+    echo "fuzz $t: $(grep -E '^Done|stat::number_of_executed_units' $LOGS/$t.log | tail -1) in $(( $(date +%s) - start )) s, 0 crashes; $(grep -o 'cov: [0-9]*' $LOGS/$t.log | tail -1)"
   else
-    echo "fuzz $t: FAILED (log /tmp/tandem-fuzz-$t.log)"; grep -E "panicked|ERROR|SUMMARY|artifact" "/tmp/tandem-fuzz-$t.log" | head; status=1
+    echo "fuzz $t: FAILED (log $LOGS/$t.log)"; grep -E "panicked|ERROR|SUMMARY|artifact" "$LOGS/$t.log" | head; status=1
   fi
 done
 exit $status
