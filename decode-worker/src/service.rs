@@ -78,6 +78,18 @@ struct Lease {
     released: bool,
 }
 
+impl Lease {
+    /// Whether a frame on `conn` may write (or end) this lease: the first connection to
+    /// send one owns it, and nothing lands after its end frame or an abort.
+    fn writable_by(&self, conn: ConnId) -> bool {
+        match self.transfer {
+            Transfer::Idle => self.writer.is_none(),
+            Transfer::Receiving => self.writer == Some(conn),
+            Transfer::Ended(_) | Transfer::Aborted => false,
+        }
+    }
+}
+
 /// The state shared by the gRPC handlers and the data plane.
 pub struct Leases {
     map: Mutex<HashMap<LeaseId, Lease>>,
@@ -133,15 +145,6 @@ impl Leases {
         (n, cut)
     }
 
-    /// Leases held now (reserved, being written, or awaiting their commit).
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Takes a lease for decoding, waiting (bounded) for a TCP transfer still arriving.
     async fn take(&self, id: LeaseId, wait: Duration) -> Result<Lease, Status> {
         let deadline = tokio::time::Instant::now() + wait;
@@ -188,13 +191,7 @@ unsafe impl SlabSink for Leases {
         let mut m = self.lock();
         let Some(l) = m.get_mut(&lease) else { return };
         let layout = l.seq.pool().layout();
-        let writable = match l.transfer {
-            Transfer::Idle => l.writer.is_none(),
-            Transfer::Receiving => l.writer == Some(conn),
-            // Nothing lands after the end frame (nor after an abort).
-            Transfer::Ended(_) | Transfer::Aborted => false,
-        };
-        if !writable
+        if !l.writable_by(conn)
             || l.released
             || l.expires <= Instant::now()
             || layer as usize >= layout.n_layers
@@ -231,12 +228,7 @@ impl Leases {
         {
             let mut m = self.lock();
             if let Some(l) = m.get_mut(&lease) {
-                let writer = match l.transfer {
-                    Transfer::Idle => l.writer.is_none(),
-                    Transfer::Receiving => l.writer == Some(conn),
-                    Transfer::Ended(_) | Transfer::Aborted => false,
-                };
-                if !writer {
+                if !l.writable_by(conn) {
                     metrics::counter!("tandem_kv_frames_refused_total").increment(1);
                     return;
                 }

@@ -10,7 +10,7 @@
 //!
 //! # Layout
 //! - [`frame`]: the data plane's frame format (versioned).
-//! - [`tcp`]: the sender (prefill side) and the receiving server (decode side).
+//! - [`tcp`]: the sender (prefill side); `tcp::recv`, the receiving server (decode side).
 //! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes.
 //!
 //! The pooled RAM → disk store of the architecture (an open issue) is not built yet.
