@@ -7,10 +7,9 @@
 //! - [`auth`]: the cluster secret and the handshake that opens every internal connection.
 //! - [`grant`]: lease ids and the signed grants (`KvTarget`s) a decode worker hands out.
 //! - [`net`]: gRPC servers and channels that run the handshake.
-//! - `discovery` (feature `etcd`): workers registering in etcd, the scheduler watching.
+//! - `discovery`: workers registering in etcd, the scheduler watching (the client: feature `etcd`).
 
 pub mod auth;
-#[cfg(feature = "etcd")]
 pub mod discovery;
 pub mod grant;
 pub mod net;

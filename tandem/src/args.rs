@@ -173,12 +173,71 @@ impl BatchArgs {
     }
 }
 
+/// How to reach etcd (discovery; needs a build with `--features etcd`).
+#[derive(Args, Debug, Clone, PartialEq, Default)]
+pub struct EtcdArgs {
+    /// etcd endpoints (comma-separated: `http://host:2379`, or `https://…` with --etcd-ca-file).
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd user (etcd's RBAC); its password comes from --etcd-password-file.
+    #[arg(long, requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password (never on the command line).
+    #[arg(long, env = protocol::discovery::ETCD_PASSWORD_FILE_ENV, requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed etcd's: TLS to etcd.
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth`, with --etcd-key-file.
+    #[arg(long, requires_all = ["etcd_key_file", "etcd_ca_file"])]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The settings, the password read from its file.
+    pub fn config(&self) -> anyhow::Result<protocol::discovery::EtcdConfig> {
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(u), Some(f)) => Some((u.clone(), protocol::discovery::read_password(f)?)),
+            _ => None,
+        };
+        Ok(protocol::discovery::EtcdConfig {
+            endpoints: self.etcd.clone(),
+            user,
+            tls: self
+                .etcd_ca_file
+                .clone()
+                .map(|ca_file| protocol::discovery::EtcdTls {
+                    ca_file,
+                    cert_file: self.etcd_cert_file.clone(),
+                    key_file: self.etcd_key_file.clone(),
+                }),
+        })
+    }
+
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        list(&mut a, "etcd", &self.etcd);
+        opt(&mut a, "etcd-user", self.etcd_user.as_ref());
+        for (name, p) in [
+            ("etcd-password-file", &self.etcd_password_file),
+            ("etcd-ca-file", &self.etcd_ca_file),
+            ("etcd-cert-file", &self.etcd_cert_file),
+            ("etcd-key-file", &self.etcd_key_file),
+        ] {
+            opt(&mut a, name, p.as_ref().map(|p| p.display()));
+        }
+        a
+    }
+}
+
 /// Where a worker announces itself.
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct DiscoveryArgs {
-    /// etcd endpoints to register in (comma-separated; needs a build with `--features etcd`).
-    #[arg(long, value_delimiter = ',')]
-    pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Seconds the etcd lease lives without a keep-alive: how soon a dead worker leaves the routing table.
     #[arg(long, default_value_t = DEFAULT_ETCD_TTL_SECS)]
     pub etcd_ttl_secs: u64,
@@ -189,8 +248,7 @@ pub struct DiscoveryArgs {
 
 impl DiscoveryArgs {
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = Vec::new();
-        list(&mut a, "etcd", &self.etcd);
+        let mut a = self.etcd.to_args();
         flag(&mut a, "etcd-ttl-secs", self.etcd_ttl_secs);
         opt(&mut a, "advertise-host", self.advertise_host.as_ref());
         a
@@ -447,9 +505,9 @@ pub struct SchedulerArgs {
     /// Decode workers' gRPC addresses (comma-separated).
     #[arg(long, value_delimiter = ',', required_unless_present = "etcd")]
     pub decode: Vec<String>,
-    /// Discover workers in etcd (comma-separated endpoints; needs a build with `--features etcd`): they join the routing table when they register and leave it when their lease expires.
-    #[arg(long, value_delimiter = ',')]
-    pub etcd: Vec<String>,
+    /// Discover workers in etcd (--etcd endpoints; needs a build with `--features etcd`): workers of this model join the routing table when they register and leave it when their lease expires.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -466,7 +524,7 @@ impl SchedulerArgs {
         a.extend(self.http.to_args());
         list(&mut a, "prefill", &self.prefill);
         list(&mut a, "decode", &self.decode);
-        list(&mut a, "etcd", &self.etcd);
+        a.extend(self.etcd.to_args());
         a.extend(self.cluster.to_args());
         a.extend(self.routing.to_args());
         a.extend(self.model.to_args());
@@ -548,7 +606,14 @@ mod tests {
                 cluster_secret_file: Some("/run/secrets/tandem".into()),
             },
             discovery: DiscoveryArgs {
-                etcd: vec!["http://a:1".into(), "http://b:2".into()],
+                etcd: EtcdArgs {
+                    etcd: vec!["https://a:1".into(), "https://b:2".into()],
+                    etcd_user: Some("tandem".into()),
+                    etcd_password_file: Some("/run/secrets/etcd-pw".into()),
+                    etcd_ca_file: Some("/etc/etcd/ca.pem".into()),
+                    etcd_cert_file: Some("/etc/etcd/client.pem".into()),
+                    etcd_key_file: Some("/etc/etcd/client-key.pem".into()),
+                },
                 etcd_ttl_secs: 9,
                 advertise_host: Some("10.0.0.2".into()),
             },
@@ -572,7 +637,7 @@ mod tests {
                 cluster_secret_file: Some("/s".into()),
             },
             discovery: DiscoveryArgs {
-                etcd: Vec::new(),
+                etcd: EtcdArgs::default(),
                 etcd_ttl_secs: 2,
                 advertise_host: None,
             },
@@ -593,7 +658,12 @@ mod tests {
             },
             prefill: vec!["a:1".into(), "b:2".into()],
             decode: vec!["c:3".into()],
-            etcd: vec!["http://e:4".into()],
+            etcd: EtcdArgs {
+                etcd: vec!["http://e:4".into()],
+                etcd_user: Some("sched".into()),
+                etcd_password_file: Some("/pw".into()),
+                ..Default::default()
+            },
             cluster: ClusterArgs {
                 cluster_secret_file: Some("/t".into()),
             },

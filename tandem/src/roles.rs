@@ -34,23 +34,25 @@ impl DiscoveryArgs {
         })
     }
 
-    /// Runs `serve`, registered in etcd under `role` for as long as it runs.
+    /// Runs `serve`, registered in `etcd` (read from these flags by the caller, before it
+    /// loads the model) under `role`, with the engine's fingerprint, for as long as it runs.
     async fn registered(
         &self,
+        etcd: protocol::discovery::EtcdConfig,
         role: &str,
-        addr: String,
+        entry: protocol::discovery::Entry,
         serve: impl std::future::Future<Output = anyhow::Result<()>>,
     ) -> anyhow::Result<()> {
-        if self.etcd.is_empty() {
+        if etcd.endpoints.is_empty() {
             return serve.await;
         }
         #[cfg(feature = "etcd")]
         {
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let reg = tokio::spawn(protocol::discovery::register(
-                self.etcd.clone(),
+                etcd,
                 role.to_string(),
-                addr,
+                entry,
                 Duration::from_secs(self.etcd_ttl_secs.max(1)),
                 async {
                     let _ = stopped.await;
@@ -63,7 +65,7 @@ impl DiscoveryArgs {
         }
         #[cfg(not(feature = "etcd"))]
         {
-            let _ = (role, addr, serve);
+            let _ = (role, entry, serve);
             anyhow::bail!("this build has no etcd support (build with `--features etcd`)")
         }
     }
@@ -99,6 +101,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("{}:0", protocol::auth::host_of(&args.listen)));
     let secret = worker_secret(&args.cluster, &[&args.listen, &kv_listen])?;
+    let etcd = args.discovery.etcd.config()?;
     args.compute.setup()?;
     let path = model_path(args.model.model.as_deref())?;
     let mut cfg = args.compute.engine_config(&args.model);
@@ -114,6 +117,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
     let worker = args.batch.worker_config();
     let advertise = args.discovery.host(&args.listen);
+    let fingerprint = engine.frontend.fingerprint;
     runtime()?.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
         let serve = async {
@@ -132,12 +136,16 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
             .await
             .context("decode worker")
         };
-        args.discovery.registered("decode", addr, serve).await
+        let entry = protocol::discovery::Entry { addr, fingerprint };
+        args.discovery
+            .registered(etcd, "decode", entry, serve)
+            .await
     })
 }
 
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let secret = worker_secret(&args.cluster, &[&args.listen])?;
+    let etcd = args.discovery.etcd.config()?;
     args.compute.setup()?;
     let path = model_path(args.model.model.as_deref())?;
     // A prefill worker's own pool: TCP transfers compute into it, and its prefix cache.
@@ -146,6 +154,7 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", path.display()))?,
     );
     let cfg = args.prefill_config(secret);
+    let fingerprint = engine.frontend.fingerprint;
     runtime()?.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
         let serve = async {
@@ -153,7 +162,10 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
                 .await
                 .context("prefill worker")
         };
-        args.discovery.registered("prefill", addr, serve).await
+        let entry = protocol::discovery::Entry { addr, fingerprint };
+        args.discovery
+            .registered(etcd, "prefill", entry, serve)
+            .await
     })
 }
 
@@ -171,7 +183,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let remote = scheduler::remote::RemoteConfig {
         prefill: args.prefill.clone(),
         decode: args.decode.clone(),
-        etcd: args.etcd.clone(),
+        etcd: args.etcd.config()?,
         secret: args.cluster.load()?,
         ..args.routing.config()
     };

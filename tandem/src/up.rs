@@ -181,7 +181,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         cluster_secret_file: Some(secret_file),
     };
     let no_discovery = DiscoveryArgs {
-        etcd: Vec::new(),
+        etcd: Default::default(),
         etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
         advertise_host: None,
     };
@@ -219,7 +219,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         http: args.http.clone(),
         prefill: prefill_addrs,
         decode: decode_addrs,
-        etcd: Vec::new(),
+        etcd: Default::default(),
         cluster,
         routing: args.routing.clone(),
         model,

@@ -59,8 +59,9 @@ pub struct RemoteConfig {
     pub max_inflight: usize,
     /// How often worker health and load are polled.
     pub poll: Duration,
-    /// etcd endpoints to discover workers from (cargo feature `etcd`), beside the static ones.
-    pub etcd: Vec<String>,
+    /// The etcd to discover workers from (cargo feature `etcd`), beside the static ones; no
+    /// endpoints: none.
+    pub etcd: protocol::discovery::EtcdConfig,
     /// The model fingerprint a decode worker must report to be routed to (the scheduler's
     /// frontend's: same weights, precision and KV format); `None`: any.
     pub fingerprint: Option<u64>,
@@ -91,7 +92,7 @@ impl Default for RemoteConfig {
             hold: Duration::from_secs(DEFAULT_HOLD_SECS),
             max_inflight: DEFAULT_MAX_INFLIGHT,
             poll: Duration::from_millis(200),
-            etcd: Vec::new(),
+            etcd: Default::default(),
             fingerprint: None,
             secret: None,
             prefill_timeout: Duration::from_secs(DEFAULT_PREFILL_TIMEOUT_SECS),
@@ -218,7 +219,7 @@ impl Remote {
         for a in &r.cfg.decode {
             r.add_worker(Role::Decode, a)?;
         }
-        if !r.cfg.etcd.is_empty() {
+        if !r.cfg.etcd.endpoints.is_empty() {
             r.discover()?;
         }
         tokio::spawn(poll(Arc::downgrade(&r)));
@@ -234,19 +235,26 @@ impl Remote {
         tokio::spawn(async move {
             while let Some(c) = rx.recv().await {
                 let Some(r) = me.upgrade() else { return };
-                let (up, role, addr) = match c {
-                    Change::Up { role, addr } => (true, role, addr),
-                    Change::Down { role, addr } => (false, role, addr),
-                };
-                let Ok(role) = role.parse::<Role>() else {
-                    continue;
-                };
-                if up {
-                    if let Err(e) = r.add_worker(role, &addr) {
-                        tracing::warn!(error = %e, "ignoring a discovered worker");
+                match c {
+                    Change::Up { role, entry } => {
+                        let Ok(role) = role.parse::<Role>() else {
+                            continue;
+                        };
+                        if !r.admits(entry.fingerprint) {
+                            tracing::warn!(
+                                worker = %entry.addr,
+                                fingerprint = format_args!("{:016x}", entry.fingerprint),
+                                "not routing to a discovered worker of another model"
+                            );
+                        } else if let Err(e) = r.add_worker(role, &entry.addr) {
+                            tracing::warn!(error = %e, "ignoring a discovered worker");
+                        }
                     }
-                } else {
-                    r.remove_worker(role, &addr);
+                    Change::Down { role, addr } => {
+                        if let Ok(role) = role.parse::<Role>() {
+                            r.remove_worker(role, &addr);
+                        }
+                    }
                 }
             }
         });
@@ -258,6 +266,11 @@ impl Remote {
         Err(ApiError::Internal(
             "this build has no etcd discovery (build with `--features etcd`)".into(),
         ))
+    }
+
+    /// Whether a worker announcing `fingerprint` serves this scheduler's model.
+    pub fn admits(&self, fingerprint: u64) -> bool {
+        self.cfg.fingerprint.is_none_or(|f| f == fingerprint)
     }
 
     /// Adds a worker to the routing table (no-op when it is there already).
@@ -360,7 +373,7 @@ impl Remote {
                     let s = w.stats();
                     policy::DecodeLoad {
                         healthy: w.healthy(),
-                        same_model: self.cfg.fingerprint.is_none_or(|f| f == s.fingerprint),
+                        same_model: self.admits(s.fingerprint),
                         inflight: w.inflight.load(Ordering::Acquire),
                         waiting: s.waiting as usize,
                         free_blocks: s.kv_blocks_free,
@@ -465,7 +478,7 @@ fn update<C>(
     match res {
         Ok(Ok(s)) => {
             let s = s.into_inner();
-            let foreign = r.cfg.fingerprint.is_some_and(|f| f != s.fingerprint);
+            let foreign = !r.admits(s.fingerprint);
             *w.stats.lock().expect("stats poisoned") = s;
             if !w.healthy.swap(true, Ordering::AcqRel) {
                 if foreign {
