@@ -6,13 +6,17 @@
 //! workers on this host write its blocks through the shared pool file; others stream them to
 //! the TCP data plane ([`kv_store::tcp::KvReceiver`]), which has each slab land in its block
 //! as it arrives ([`SlabSink`]). A lease being written over TCP is never freed under the
-//! writer: its release waits for the transfer's end or abort. The commit's checksum is recomputed over
-//! the blocks themselves before anything decodes from them.
+//! writer: its release waits for the transfer's end or abort. A lease lent for writing in
+//! place is taken back through the pool's fence ([`kv_store::shm::fence`]) before its blocks
+//! are reused or decoded from: while a writer is inside them, they stay quarantined. The
+//! commit's checksum is recomputed over the blocks themselves before anything decodes from
+//! them.
 
 use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};
 use engine::generation::GenerationState;
 use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use engine::{Engine, EngineError, KvSequence, TokenId};
+use kv_store::shm::fence::{Fence, lease_tag};
 use kv_store::tcp::{ConnId, Connections, SlabSink, Slot};
 use protocol::auth::ClusterSecret;
 use protocol::pb::decode_worker_server::{DecodeWorker, DecodeWorkerServer};
@@ -76,6 +80,9 @@ struct Lease {
     writer: Option<ConnId>,
     /// Dropped as soon as no transfer writes it.
     released: bool,
+    /// The blocks lent through the pool's fence for writing in place (the ones past the
+    /// cached prefix); taken back before the lease's blocks are reused or decoded from.
+    lent: Vec<u32>,
 }
 
 impl Lease {
@@ -94,13 +101,21 @@ impl Lease {
 pub struct Leases {
     map: Mutex<HashMap<LeaseId, Lease>>,
     changed: Notify,
+    /// The fence of the shared pool, when there is one: leases lend their blocks through it to
+    /// prefill workers writing in place.
+    fence: Option<Fence>,
+    /// Leases ended while an in-place writer was still inside their blocks: held (blocks out
+    /// of use) until it lets go or dies, retried by the reaper.
+    quarantine: Mutex<Vec<Lease>>,
 }
 
 impl Leases {
-    pub fn new() -> Arc<Leases> {
+    pub fn new(fence: Option<Fence>) -> Arc<Leases> {
         Arc::new(Leases {
             map: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            fence,
+            quarantine: Mutex::default(),
         })
     }
 
@@ -108,40 +123,102 @@ impl Leases {
         self.map.lock().expect("lease table poisoned")
     }
 
-    /// Drops a lease now, or once its transfer stops writing.
-    fn release(&self, id: LeaseId) {
-        let mut m = self.lock();
-        if let Some(l) = m.get_mut(&id) {
-            if l.transfer == Transfer::Receiving {
-                l.released = true;
-            } else {
-                m.remove(&id);
+    /// Lends `blocks` of a new lease `id` through the fence (no-op without a shared pool).
+    fn lend(&self, id: LeaseId, blocks: &[u32]) -> std::io::Result<Vec<u32>> {
+        match &self.fence {
+            Some(f) => {
+                f.grant(blocks, lease_tag(&id.0))?;
+                Ok(blocks.to_vec())
             }
+            None => Ok(Vec::new()),
         }
     }
 
-    /// Ends the leases past their expiry: frees those nobody writes, and marks released
-    /// those still receiving over TCP, returning their writers' connections for the caller to
-    /// revoke ([`Connections::revoke`]): the blocks come back once the connection's thread has
+    /// Takes back what `l` lent for writing in place: `false` while a writer is inside.
+    fn take_back(&self, l: &Lease) -> bool {
+        let Some(f) = self.fence.as_ref().filter(|_| !l.lent.is_empty()) else {
+            return true;
+        };
+        f.revoke(&l.lent).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the KV fence failed; the lease's blocks stay out of use");
+            false
+        })
+    }
+
+    /// Frees a lease that ends without decoding — or quarantines it, while a writer is inside.
+    fn discard(&self, l: Lease) {
+        if !self.take_back(&l) {
+            self.quarantine_add(l);
+        }
+    }
+
+    fn quarantine_add(&self, l: Lease) {
+        let mut q = self.quarantine.lock().expect("quarantine poisoned");
+        tracing::warn!(
+            request = l.request,
+            blocks = l.lent.len(),
+            "a prefill worker is still writing an ended lease in place: its blocks are held back"
+        );
+        q.push(l);
+        metrics::gauge!("tandem_kv_leases_quarantined").set(q.len() as f64);
+    }
+
+    /// Frees the quarantined leases whose writers have let go; returns how many stay.
+    pub fn retry_quarantine(&self) -> usize {
+        let mut q = self.quarantine.lock().expect("quarantine poisoned");
+        q.retain(|l| !self.take_back(l));
+        metrics::gauge!("tandem_kv_leases_quarantined").set(q.len() as f64);
+        q.len()
+    }
+
+    /// Drops a lease now, or once its transfer stops writing.
+    fn release(&self, id: LeaseId) {
+        let gone = {
+            let mut m = self.lock();
+            match m.get_mut(&id) {
+                Some(l) if l.transfer == Transfer::Receiving => {
+                    l.released = true;
+                    None
+                }
+                Some(_) => m.remove(&id),
+                None => None,
+            }
+        };
+        if let Some(l) = gone {
+            self.discard(l);
+        }
+    }
+
+    /// Ends the leases past their expiry: frees those nobody writes (quarantining those an
+    /// in-place writer is still inside), and marks released those still receiving over TCP,
+    /// returning their writers' connections for the caller to revoke
+    /// ([`Connections::revoke`]): the blocks come back once the connection's thread has
     /// stopped and reports the abort, so a late byte never lands in a reused block. Returns
     /// how many leases expired, and the connections to cut.
     pub fn expire(&self, now: Instant) -> (usize, Vec<ConnId>) {
-        let mut m = self.lock();
-        let (mut n, mut cut) = (0, Vec::new());
-        m.retain(|_, l| {
-            if l.expires > now || l.released {
-                return true;
-            }
-            n += 1;
-            match (l.transfer, l.writer) {
-                (Transfer::Receiving, Some(w)) => {
-                    l.released = true;
-                    cut.push(w);
-                    true
+        let (mut cut, mut gone) = (Vec::new(), Vec::new());
+        {
+            let mut m = self.lock();
+            let ids: Vec<LeaseId> = m
+                .iter()
+                .filter(|(_, l)| l.expires <= now && !l.released)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                let l = m.get_mut(&id).expect("listed");
+                match (l.transfer, l.writer) {
+                    (Transfer::Receiving, Some(w)) => {
+                        l.released = true;
+                        cut.push(w);
+                    }
+                    _ => gone.push(m.remove(&id).expect("listed")),
                 }
-                _ => false,
             }
-        });
+        }
+        let n = cut.len() + gone.len();
+        for l in gone {
+            self.discard(l);
+        }
         (n, cut)
     }
 
@@ -150,7 +227,7 @@ impl Leases {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
-            {
+            let taken = {
                 let mut m = self.lock();
                 match m.get(&id).map(|l| l.transfer) {
                     None => {
@@ -158,14 +235,27 @@ impl Leases {
                             "lease {id} is unknown or expired"
                         )));
                     }
-                    Some(Transfer::Receiving) => {}
-                    Some(Transfer::Aborted) => {
-                        m.remove(&id);
-                        return Err(Status::data_loss(format!(
-                            "the KV transfer of lease {id} broke off"
+                    Some(Transfer::Receiving) => None,
+                    Some(t) => Some((t, m.remove(&id).expect("present"))),
+                }
+            };
+            match taken {
+                None => {}
+                Some((Transfer::Aborted, l)) => {
+                    self.discard(l);
+                    return Err(Status::data_loss(format!(
+                        "the KV transfer of lease {id} broke off"
+                    )));
+                }
+                Some((_, l)) => {
+                    // Nothing decodes from blocks an in-place writer may still change.
+                    if !self.take_back(&l) {
+                        self.quarantine_add(l);
+                        return Err(Status::unavailable(format!(
+                            "lease {id} is still being written in place"
                         )));
                     }
-                    Some(_) => return Ok(m.remove(&id).expect("present")),
+                    return Ok(l);
                 }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -225,6 +315,7 @@ impl Leases {
     /// connection, and only while it may still write (a bogus end from elsewhere changes
     /// nothing).
     fn finish_transfer(&self, conn: ConnId, lease: LeaseId, t: Transfer) {
+        let mut gone = None;
         {
             let mut m = self.lock();
             if let Some(l) = m.get_mut(&lease) {
@@ -233,11 +324,14 @@ impl Leases {
                     return;
                 }
                 if l.released {
-                    m.remove(&lease);
+                    gone = m.remove(&lease);
                 } else {
                     l.transfer = t;
                 }
             }
+        }
+        if let Some(l) = gone {
+            self.discard(l);
         }
         self.changed.notify_waiters();
     }
@@ -290,6 +384,7 @@ impl DecodeService {
             loop {
                 tokio::time::sleep(every).await;
                 let Some(l) = leases.upgrade() else { return };
+                l.retry_quarantine();
                 let (n, cut) = l.expire(Instant::now());
                 if n > 0 {
                     metrics::counter!("tandem_kv_leases_expired_total").increment(n as u64);
@@ -354,10 +449,16 @@ impl DecodeWorker for DecodeService {
         seq.reserve(r.tokens.len()).map_err(|e| engine_status(&e))?;
         let id = LeaseId::random();
         let kv = &self.engine.kv;
+        let blocks: Vec<u32> = seq.block_table().iter().map(|b| b.0).collect();
+        let written = kv_store::written_blocks(cached, r.tokens.len(), kv.layout().block_size);
+        let lent = self
+            .leases
+            .lend(id, &blocks[written])
+            .map_err(|e| Status::internal(format!("the KV fence: {e}")))?;
         let expires = Instant::now() + self.cfg.lease;
         let mut target = pb::KvTarget {
             lease_id: id.wire(),
-            block_ids: seq.block_table().iter().map(|b| b.0).collect(),
+            block_ids: blocks,
             cached_tokens: cached as u32,
             shm_path: kv
                 .shared_path()
@@ -382,6 +483,7 @@ impl DecodeWorker for DecodeService {
                 transfer: Transfer::Idle,
                 writer: None,
                 released: false,
+                lent,
             },
         );
         Ok(Response::new(pb::ReserveReply {
@@ -597,7 +699,11 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let secret = service.secret.clone();
     let (handle, thread) = crate::spawn(engine.clone(), worker);
-    let leases = Leases::new();
+    let fence = match engine.kv.shared_path() {
+        Some(p) => Some(Fence::create(p, engine.kv.n_blocks() as u32)?),
+        None => None,
+    };
+    let leases = Leases::new(fence);
     let receiver = kv_store::tcp::KvReceiver::bind(
         kv_bind,
         leases.clone(),

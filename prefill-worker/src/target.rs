@@ -3,7 +3,9 @@
 //! - [`Transport::Shm`]: the decode worker is on this host. Its pool file is mapped here
 //!   ([`KvPool::attach`], cached per file) and the forward pass writes the reserved blocks in
 //!   place: no byte is copied, the CPU analogue of an RDMA one-sided write. The prompt's cached
-//!   prefix is read where it lies.
+//!   prefix is read where it lies. The pass holds its blocks through the pool's fence
+//!   ([`kv_store::shm::fence`]) from before its first write until it is done, so a lease the
+//!   decode worker took back is never written, and one being written is never reused.
 //! - [`Transport::Tcp`]: the decode worker is elsewhere. The pass runs into a sequence of this
 //!   worker's own pool (its own prefix cache saves recomputing shared prefixes), and after
 //!   each layer a sender thread streams that layer's slabs to the decode worker's data plane
@@ -19,6 +21,7 @@ use crate::PrefillJob;
 use engine::kv::BlockId;
 use engine::request::WorkerError;
 use engine::{Engine, KvPool, KvSequence, TokenId};
+use kv_store::shm::fence::{Hold, lease_tag};
 use kv_store::tcp::KvSender;
 use protocol::auth::ClusterSecret;
 use protocol::{LeaseId, pb};
@@ -144,6 +147,9 @@ pub struct Prepared {
     /// Positions `seq` held before the pass (read in place, not computed).
     pub computed_from: usize,
     transport: Transport,
+    /// Writing in place: the hold on the decode worker's blocks, let go when this drops
+    /// (after the pass, and after `seq`).
+    _hold: Option<Hold>,
 }
 
 /// A prefill's transfer, done.
@@ -203,24 +209,34 @@ impl Targets {
         };
         match transport {
             Transport::Shm => {
-                // Written in place, nothing on the decode side can stop a late write: a
-                // grant about to lapse is not started (same host, same clock).
+                // A grant about to lapse is not started (same host, same clock): the decode
+                // worker is about to take it back.
                 if protocol::grant::now_unix_ms() + GRANT_MARGIN_MS > t.expires_unix_ms {
                     return Err(WorkerError::Internal("the KV grant has lapsed".into()));
                 }
                 let pool = self.pool(t).map_err(|e| {
                     WorkerError::Internal(format!("mapping the decode worker's KV pool: {e}"))
                 })?;
+                let written = kv_store::written_blocks(cached, tokens.len(), bs);
+                let lease = LeaseId::from_wire(&t.lease_id)
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?;
+                let hold = Hold::take(
+                    std::path::Path::new(&t.shm_path),
+                    &t.block_ids[written.clone()],
+                    lease_tag(&lease.0),
+                )
+                .map_err(|e| WorkerError::Internal(format!("the KV lease: {e}")))?;
                 let blocks = t.block_ids.iter().map(|&b| BlockId(b)).collect();
                 let seq = KvSequence::adopt(pool, blocks, cached)
                     .map_err(|e| WorkerError::Internal(e.to_string()))?;
                 Ok(Prepared {
                     seq,
                     target_cached: cached,
-                    written: kv_store::written_blocks(cached, tokens.len(), bs),
+                    written,
                     computed_from: cached,
                     push: None,
                     transport,
+                    _hold: Some(hold),
                 })
             }
             Transport::Tcp => {
@@ -254,6 +270,7 @@ impl Targets {
                     computed_from: local,
                     push: Some(push),
                     transport,
+                    _hold: None,
                 })
             }
         }

@@ -261,3 +261,115 @@ async fn a_wrong_secret_is_refused_everywhere() {
         assert_eq!(e.code(), Code::Unavailable, "{e}");
     }
 }
+
+async fn until_free(
+    dc: &mut DecodeWorkerClient<tonic::transport::Channel>,
+    want: u64,
+    what: &str,
+) -> Duration {
+    let t0 = Instant::now();
+    while free_blocks(dc).await < want {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t0.elapsed()
+}
+
+/// A prefill worker writing in place (shared memory) that stalls inside its blocks: the lease
+/// expires, but its blocks stay out of use (quarantined) while the writer holds them, and come
+/// back once it lets go; a commit of a lease still being written is refused; a writer arriving
+/// after the lease was taken back (expired, or released) is refused before it writes a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_in_place_writer_never_writes_a_reused_block() {
+    use kv_store::shm::fence::{Hold, HoldError, lease_tag};
+    let (dir, model) = tiny();
+    let d = decode_node_with(
+        &model,
+        dir.path(),
+        "127.0.0.1:0",
+        16,
+        Duration::from_secs(1),
+    );
+    let p = prefill_node(&model);
+    let fe = frontend_of(&model);
+    let bs = Engine::load(&model, &config(None))
+        .unwrap()
+        .kv
+        .layout()
+        .block_size;
+    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
+    let before = free_blocks(&mut dc).await;
+    let prompt: Vec<u32> = (3..43).collect();
+    let hold = |t: &pb::KvTarget| {
+        let lease = LeaseId::from_wire(&t.lease_id).unwrap();
+        let written = kv_store::written_blocks(0, prompt.len(), bs);
+        Hold::take(
+            std::path::Path::new(&t.shm_path),
+            &t.block_ids[written],
+            lease_tag(&lease.0),
+        )
+    };
+
+    // Expiry under a stalled writer: quarantined, then freed when it lets go.
+    let target = reserve(&mut dc, &prompt, fe.fingerprint).await;
+    assert!(!target.shm_path.is_empty());
+    let stalled = hold(&target).expect("the writer holds its lease's blocks");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        free_blocks(&mut dc).await < before,
+        "the blocks were reused under a writer"
+    );
+    drop(stalled);
+    let back = until_free(&mut dc, before, "the quarantined blocks never came back").await;
+    eprintln!("quarantined blocks back {back:?} after the writer let go");
+    // The expired grant no longer lets anyone in.
+    assert!(matches!(hold(&target), Err(HoldError::Revoked(_))));
+
+    // Released before its writer starts: the writer is refused.
+    let target = reserve(&mut dc, &prompt, fe.fingerprint).await;
+    dc.release(pb::ReleaseRequest {
+        lease_id: target.lease_id.clone(),
+    })
+    .await
+    .unwrap();
+    until_free(&mut dc, before, "a released lease's blocks never came back").await;
+    assert!(matches!(hold(&target), Err(HoldError::Revoked(_))));
+
+    // A commit while the writer is still inside: refused, and the blocks wait for it.
+    let d2 = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
+    let mut dc2 = DecodeWorkerClient::new(channel(&d2.addr));
+    let before2 = free_blocks(&mut dc2).await;
+    let target = reserve(&mut dc2, &prompt, fe.fingerprint).await;
+    let inside = hold(&target).unwrap();
+    let params = engine::synthetic::testing::mixed_params(0, 4, 1);
+    let refused = dc2
+        .generate(pb::GenerateRequest {
+            request_id: 9,
+            prompt: prompt.clone(),
+            generated: vec![5],
+            params: Some((&params).into()),
+            commit: Some(pb::Commit {
+                lease_id: target.lease_id.clone(),
+                checksum: 0,
+                filled: prompt.len() as u32,
+            }),
+        })
+        .await
+        .expect_err("a commit under a writer was accepted");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(free_blocks(&mut dc2).await < before2);
+    drop(inside);
+    until_free(
+        &mut dc2,
+        before2,
+        "the refused commit's blocks never came back",
+    )
+    .await;
+
+    // Through it all the pool served correctly, in place.
+    let c = case(&model, 8, 16, 0xf3_4ce);
+    let (fe, cfg) = remote(&model, &[&p], &[&d, &d2], "shm");
+    let cluster = Cluster::remote(fe, cfg).unwrap();
+    check(&cluster, &c, "after the fenced expiries").await;
+}

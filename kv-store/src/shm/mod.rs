@@ -1,5 +1,8 @@
 //! Shared-memory pools: a decode worker keeps its KV pool in a file under `/dev/shm` that
-//! prefill workers on the same host map and write into.
+//! prefill workers on the same host map and write into, behind a [`fence`] that keeps a late
+//! writer out of blocks taken back.
+
+pub mod fence;
 
 use std::path::{Path, PathBuf};
 
