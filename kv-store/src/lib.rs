@@ -11,7 +11,8 @@
 //! # Layout
 //! - [`frame`]: the data plane's frame format (versioned).
 //! - [`tcp`]: the sender (prefill side); `tcp::recv`, the receiving server (decode side).
-//! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes.
+//! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes;
+//!   `shm::fence`, which keeps an in-place writer out of blocks its lease no longer holds.
 //!
 //! The pooled RAM → disk store of the architecture (an open issue) is not built yet.
 
