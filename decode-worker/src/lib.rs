@@ -590,7 +590,16 @@ impl Worker {
                     continue;
                 }
             }
-            let ev = s.state.next(&engine.frontend.tokenizer, row, max_ctx);
+            let ev = match s.state.next(&engine.frontend.tokenizer, row, max_ctx) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    let _ = s
+                        .events
+                        .send(WorkerEvent::Error(WorkerError::Internal(e.to_string())));
+                    finished[*i] = true;
+                    continue;
+                }
+            };
             s.generated.push(ev.token);
             let done = ev.finish.is_some();
             if s.events.send(WorkerEvent::Token(ev)).is_err() || done {

@@ -1,11 +1,15 @@
 //! One sequence's generation state: turns a logits row into the next [`TokenEvent`],
-//! applying `min_tokens`, EOS/stop tokens, `max_tokens` and the context limit. The prefill
-//! worker uses it for the first token and the decode worker for the rest, so both phases
-//! decide identically.
+//! applying `logit_bias`, `min_tokens`, the output constraint (`response_format`,
+//! `structured_outputs`: a token mask from `frontend::constraint`), EOS/stop tokens,
+//! `max_tokens` and the context limit. The prefill worker uses it for the first token and the
+//! decode worker for the rest, so both phases decide identically; a sequence resumed elsewhere
+//! replays its tokens into the constraint and continues exactly.
 
 use crate::request::{FinishReason, GenerationParams, TokenEvent};
 use crate::sampler::{logprobs, sample};
 use crate::tokenizer::{TokenId, Tokenizer};
+use frontend::constraint::{ConstraintError, ConstraintMatcher};
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Where a sequence stands.
@@ -16,6 +20,11 @@ pub struct GenerationState {
     /// Tokens generated so far.
     pub generated: usize,
     counts: HashMap<TokenId, u32>,
+    /// Where the output stands in its constraint; built on the first token (it needs the
+    /// tokenizer), after replaying `replay`.
+    matcher: Option<Box<ConstraintMatcher>>,
+    /// Tokens generated before this state existed (a resumed sequence), for the constraint.
+    replay: Vec<TokenId>,
 }
 
 impl GenerationState {
@@ -25,6 +34,8 @@ impl GenerationState {
             prompt_len,
             generated: 0,
             counts: HashMap::new(),
+            matcher: None,
+            replay: Vec::new(),
         }
     }
 
@@ -40,6 +51,9 @@ impl GenerationState {
             *s.counts.entry(t).or_default() += 1;
         }
         s.generated = tokens.len();
+        if s.params.constraint.is_some() {
+            s.replay = tokens.to_vec();
+        }
         s
     }
 
@@ -48,37 +62,72 @@ impl GenerationState {
         self.prompt_len + self.generated
     }
 
-    /// Samples the next token from `logits` and says whether the sequence ends with it.
-    pub fn next(&mut self, tok: &Tokenizer, logits: &[f32], max_context: usize) -> TokenEvent {
+    /// Samples the next token from `logits` and says whether the sequence ends with it. Fails
+    /// only when the constraint cannot be applied (it compiled in the scheduler; a failure here
+    /// is the worker's).
+    pub fn next(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &[f32],
+        max_context: usize,
+    ) -> Result<TokenEvent, ConstraintError> {
         let p = &self.params;
-        let masked;
-        let logits = if self.generated < p.min_tokens {
-            let mut l = logits.to_vec();
+        let mut l = Cow::Borrowed(logits);
+        for &(t, bias) in &p.logit_bias {
+            if let Some(v) = l.to_mut().get_mut(t as usize) {
+                *v += bias;
+            }
+        }
+        if self.generated < p.min_tokens {
+            let l = l.to_mut();
             for &t in tok.eog.iter().chain(&p.stop_token_ids) {
                 if let Some(v) = l.get_mut(t as usize) {
                     *v = f32::NEG_INFINITY;
                 }
             }
-            masked = l;
-            &masked[..]
-        } else {
-            logits
-        };
+        }
+        if let Some(c) = &p.constraint {
+            if self.matcher.is_none() {
+                let mut m = tok.grammars()?.matcher(c)?;
+                m.replay(&std::mem::take(&mut self.replay))?;
+                self.matcher = Some(Box::new(m));
+            }
+            let m = self.matcher.as_mut().expect("built above");
+            let mut masked = l.to_vec();
+            m.mask(&mut masked)?;
+            if masked.iter().all(|v| *v == f32::NEG_INFINITY) {
+                // Only what `min_tokens` held back may end the output: the constraint wins.
+                masked = logits.to_vec();
+                m.mask(&mut masked)?;
+            }
+            l = Cow::Owned(masked);
+        }
+        let logits = &l[..];
         let token = sample(&p.sampling, logits, &self.counts, self.position() as u64);
         let lp = p.logprobs.map(|n| logprobs(logits, token, n));
         *self.counts.entry(token).or_default() += 1;
         self.generated += 1;
-        let finish = if (!p.ignore_eos && tok.is_eog(token)) || p.stop_token_ids.contains(&token) {
+        let complete = match self.matcher.as_mut() {
+            Some(m) => {
+                m.consume(token)?;
+                m.is_stopped()
+            }
+            None => false,
+        };
+        let finish = if (!p.ignore_eos && tok.is_eog(token))
+            || p.stop_token_ids.contains(&token)
+            || complete
+        {
             Some(FinishReason::Stop)
         } else if self.generated >= p.max_tokens || self.position() >= max_context {
             Some(FinishReason::Length)
         } else {
             None
         };
-        TokenEvent {
+        Ok(TokenEvent {
             token,
             logprobs: lp,
             finish,
-        }
+        })
     }
 }

@@ -127,6 +127,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
                 last_logits[i].as_ref().unwrap(),
                 e.max_context(),
             );
+            let ev = ev.unwrap();
             last[i] = ev.token;
             traces[i].0.push(ev.token);
             traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
@@ -136,7 +137,9 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
                 seqs.iter_mut().zip(&last).map(|(s, t)| (s, *t)).collect();
             let out = e.decode_step(&mut batch).unwrap();
             for i in 0..N_SEQ {
-                let ev = states[i].next(&e.frontend.tokenizer, &out[i], e.max_context());
+                let ev = states[i]
+                    .next(&e.frontend.tokenizer, &out[i], e.max_context())
+                    .unwrap();
                 last[i] = ev.token;
                 traces[i].0.push(ev.token);
                 traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());

@@ -21,6 +21,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod constraint;
 pub mod error;
 pub mod fetch;
 pub mod gguf;

@@ -24,6 +24,11 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Top log-probabilities to report per prompt token (`echo` with `logprobs`).
     pub prompt_logprobs: Option<usize>,
+    /// Added to the logits of these tokens before sampling (OpenAI's `logit_bias`; ids
+    /// distinct and in the vocabulary, biases in [-100, 100]).
+    pub logit_bias: Vec<(TokenId, f32)>,
+    /// What the output must match (`response_format`, `structured_outputs`).
+    pub constraint: Option<crate::constraint::Constraint>,
 }
 
 /// Why generation ended.

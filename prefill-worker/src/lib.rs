@@ -301,11 +301,13 @@ impl Loop {
                 events.push(WorkerEvent::Done);
             } else {
                 let mut state = GenerationState::new(p.clone(), job.prompt.len());
-                let ev = state.next(
-                    &self.engine.frontend.tokenizer,
-                    last,
-                    self.engine.max_context(),
-                );
+                let ev = state
+                    .next(
+                        &self.engine.frontend.tokenizer,
+                        last,
+                        self.engine.max_context(),
+                    )
+                    .map_err(|e| WorkerError::Internal(e.to_string()))?;
                 events.push(WorkerEvent::Token(ev));
             }
         }

@@ -86,6 +86,12 @@ impl From<&GenerationParams> for pb::GenerationParams {
             stop_token_ids: p.stop_token_ids.clone(),
             logprobs: p.logprobs.map(|n| n as u32),
             prompt_logprobs: p.prompt_logprobs.map(|n| n as u32),
+            logit_bias: p
+                .logit_bias
+                .iter()
+                .map(|&(token, bias)| pb::LogitBias { token, bias })
+                .collect(),
+            constraint: p.constraint.as_ref().map(|c| c.to_wire()),
         }
     }
 }
@@ -113,6 +119,13 @@ impl TryFrom<&pb::GenerationParams> for GenerationParams {
             stop_token_ids: p.stop_token_ids.clone(),
             logprobs: p.logprobs.map(|n| n as usize),
             prompt_logprobs: p.prompt_logprobs.map(|n| n as usize),
+            logit_bias: p.logit_bias.iter().map(|b| (b.token, b.bias)).collect(),
+            constraint: p
+                .constraint
+                .as_deref()
+                .map(frontend::constraint::Constraint::from_wire)
+                .transpose()
+                .map_err(|_| Malformed("constraint"))?,
         })
     }
 }
@@ -234,6 +247,8 @@ mod tests {
             stop_token_ids: vec![5, 9],
             logprobs: Some(3),
             prompt_logprobs: None,
+            logit_bias: vec![(3, -1.5), (9, 100.0)],
+            constraint: Some(frontend::constraint::Constraint::Regex("[ab]+".into())),
         };
         let back = GenerationParams::try_from(&pb::GenerationParams::from(&p)).unwrap();
         assert_eq!(format!("{back:?}"), format!("{p:?}"));

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod protocol;
 pub mod remote;
 pub mod routes;
+pub mod structured;
 pub mod validate;
 
 use axum::Router;

@@ -1,6 +1,8 @@
 //! OpenAI wire types for `/v1/chat/completions`, `/v1/completions` and `/v1/models`, with
 //! vLLM's extra sampling fields (`top_k`, `min_p`, `min_tokens`, `ignore_eos`,
-//! `stop_token_ids`). Unknown fields are ignored, as vLLM does.
+//! `stop_token_ids`, `structured_outputs`). Unknown fields are ignored, as vLLM does; known
+//! OpenAI fields that would change the output and are not implemented are refused
+//! (`structured`).
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +46,21 @@ pub struct SamplingFields {
     pub min_tokens: Option<u32>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": …}}`.
+    pub response_format: Option<serde_json::Value>,
+    /// vLLM's `{"json" | "regex" | "choice" | "grammar": …}`.
+    pub structured_outputs: Option<serde_json::Value>,
+    /// Token id (a string) → bias in [-100, 100].
+    pub logit_bias: Option<serde_json::Value>,
+    // OpenAI fields that would change the output and are refused (`structured::refuse_unsupported`).
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub prediction: Option<serde_json::Value>,
+    pub audio: Option<serde_json::Value>,
+    pub modalities: Option<serde_json::Value>,
+    pub web_search_options: Option<serde_json::Value>,
 }
 
 /// A chat message's content: text, or a list of parts of which Tandem reads the text ones.

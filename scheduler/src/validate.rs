@@ -76,6 +76,8 @@ pub struct PlanInput<'a> {
     pub max_context: usize,
     /// The field that holds the prompt, for error messages.
     pub prompt_param: &'static str,
+    /// The model's tokenizer (vocabulary size, constrained decoding).
+    pub tokenizer: &'a frontend::tokenizer::Tokenizer,
 }
 
 /// Validates a request's sampling fields and lengths.
@@ -90,7 +92,11 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
         prompt_len,
         max_context,
         prompt_param,
+        tokenizer,
     } = input;
+    crate::structured::refuse_unsupported(f)?;
+    let logit_bias = crate::structured::logit_bias(f, tokenizer.vocab_size())?;
+    let constraint = crate::structured::constraint(f)?;
     range(f.temperature, 0.0, 2.0, false, "temperature")?;
     range(f.top_p, 0.0, 1.0, true, "top_p")?;
     range(f.min_p, 0.0, 1.0, false, "min_p")?;
@@ -190,6 +196,14 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
             "stream_options",
         ));
     }
+    if let Some(c) = &constraint {
+        let param = if f.response_format.is_some() {
+            "response_format"
+        } else {
+            "structured_outputs"
+        };
+        crate::structured::compile(tokenizer, c, param)?;
+    }
     Ok(Plan {
         params: GenerationParams {
             sampling: SamplingParams {
@@ -207,6 +221,8 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
             stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
             logprobs: logprobs.map(|v| v as usize),
             prompt_logprobs: prompt_logprobs.map(|v| v as usize),
+            logit_bias,
+            constraint,
         },
         n: n as usize,
         stops,

@@ -25,6 +25,8 @@ async fn a_burst_cannot_pass_the_in_flight_limit() {
         stop_token_ids: Vec::new(),
         logprobs: None,
         prompt_logprobs: None,
+        logit_bias: Vec::new(),
+        constraint: None,
     };
     let cancels: Vec<CancellationToken> = (0..10).map(|_| CancellationToken::new()).collect();
     let results: Vec<_> = cancels

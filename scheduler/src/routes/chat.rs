@@ -142,6 +142,7 @@ pub async fn handler(
         prompt_len: prompt.len(),
         max_context: fe.max_context(),
         prompt_param: "messages",
+        tokenizer: &fe.tokenizer,
     })?;
     let prompt_tokens = prompt.len();
     crate::metrics::record_prompt_tokens("chat", prompt_tokens);

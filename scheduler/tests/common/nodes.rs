@@ -6,6 +6,7 @@ use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEven
 use engine::synthetic::testing::{Rng, Trace, generate_alone, mixed_params};
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig};
+use frontend::constraint::Constraint;
 use scheduler::cluster::Cluster;
 use scheduler::remote::RemoteConfig;
 use std::path::{Path, PathBuf};
@@ -221,7 +222,23 @@ pub fn case(model: &Path, n: usize, n_gen: usize, seed: u64) -> Case {
             p
         })
         .collect();
-    let params: Vec<GenerationParams> = (0..n).map(|i| mixed_params(i, n_gen, 4242)).collect();
+    // Every fourth from the second asks for JSON under a schema, every fourth from the fourth
+    // for a grammar's output (constrained decoding in every topology and across failover).
+    let params: Vec<GenerationParams> = (0..n)
+        .map(|i| {
+            let mut p = mixed_params(i, n_gen, 4242);
+            p.constraint = match i % 4 {
+                1 => Some(Constraint::JsonSchema(
+                    r#"{"type":"object","properties":{"k":{"type":"array","items":{"type":"integer"}}},"required":["k"]}"#.into(),
+                )),
+                3 => Some(Constraint::Grammar(
+                    "start: w (\" \" w)*\nw: /[a-z]{1,6}/\n".into(),
+                )),
+                _ => None,
+            };
+            p
+        })
+        .collect();
     let want = prompts
         .iter()
         .zip(&params)
