@@ -91,6 +91,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
         Some("/v1/models") | Some("/v1/models/{id}") => "models",
         Some("/health") => "health",
         Some("/metrics") => "metrics",
+        Some("/tokenize") | Some("/detokenize") => "tokenize",
         _ => "other",
     };
     let resp = next.run(req).await;
@@ -98,14 +99,15 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Refuses API routes (`/v1/…`) whose `Authorization: Bearer` does not carry the key.
+/// Refuses every route but the probes (`/health`, `/metrics`) whose `Authorization: Bearer`
+/// does not carry the key.
 async fn require_api_key(
     axum::extract::State(st): axum::extract::State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
     if let Some(key) = &st.api_key
-        && req.uri().path().starts_with("/v1")
+        && !matches!(req.uri().path(), "/health" | "/metrics")
     {
         let given = req
             .headers()
@@ -135,6 +137,8 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/completions", post(routes::completions::handler))
         .route("/v1/models", get(routes::models::list))
         .route("/v1/models/{id}", get(routes::models::get))
+        .route("/tokenize", post(routes::tokenize::tokenize))
+        .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/health", get(routes::models::health))
         .route("/metrics", get(routes::models::metrics))
         .fallback(|| async {

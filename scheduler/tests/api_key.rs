@@ -20,7 +20,12 @@ async fn api_routes_want_the_key_and_probes_do_not() {
         Some("sk-tandem-test"),
         Some("Bearer "),
     ] {
-        for (method, path) in [("GET", "/v1/models"), ("POST", "/v1/completions")] {
+        for (method, path) in [
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("POST", "/tokenize"),
+            ("POST", "/detokenize"),
+        ] {
             let mut r = client.request(method.parse().unwrap(), format!("{}{path}", srv.url));
             if method == "POST" {
                 r = r.json(&body);

@@ -313,3 +313,77 @@ async fn a_repeated_system_prompt_is_served_from_the_prefix_cache() {
         .unwrap();
     assert!(m.contains("tandem_prefix_cache_hit_tokens_total"));
 }
+
+/// `/tokenize` and `/detokenize` in vLLM's shape: a prompt or chat messages to ids (the same
+/// ids the completions endpoint counts), and back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_and_detokenize_round_trip() {
+    let srv = common::tiny().await;
+    let (s, v) = common::post(
+        &format!("{}/tokenize", srv.url),
+        json!({"model": "tiny", "prompt": "hello there", "return_token_strs": true}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let ids: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(v["count"], ids.len());
+    assert!(v["max_model_len"].as_u64().unwrap() > 0);
+    assert_eq!(
+        v["token_strs"].as_array().unwrap().concat_strs(),
+        "hello there"
+    );
+    let (s, back) = common::post(&format!("{}/detokenize", srv.url), json!({"tokens": ids})).await;
+    assert_eq!(s, 200, "{back}");
+    assert_eq!(back["prompt"], "hello there");
+    // The completions endpoint counts the same tokens.
+    let (_, c) = common::post(
+        &format!("{}/v1/completions", srv.url),
+        json!({"model": "tiny", "prompt": "hello there", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(c["usage"]["prompt_tokens"], v["count"], "{c}");
+    // Chat messages go through the template, as the chat endpoint does.
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let (_, t) = common::post(&format!("{}/tokenize", srv.url), json!({"messages": msgs})).await;
+    let (_, c) = common::post(
+        &format!("{}/v1/chat/completions", srv.url),
+        json!({"model": "tiny", "messages": msgs, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(c["usage"]["prompt_tokens"], t["count"], "{t} {c}");
+    // Bad input: both or neither of prompt and messages, an id outside the vocabulary, another
+    // model.
+    for (path, body, param) in [
+        (
+            "/tokenize",
+            json!({"prompt": "a", "messages": msgs}),
+            "prompt",
+        ),
+        ("/tokenize", json!({}), "prompt"),
+        ("/detokenize", json!({"tokens": [1, 99999999]}), "tokens"),
+        (
+            "/detokenize",
+            json!({"model": "gpt-9", "tokens": [1]}),
+            "model",
+        ),
+    ] {
+        let (s, v) = common::post(&format!("{}{path}", srv.url), body).await;
+        assert!(s == 400 || s == 404, "{path}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+}
+
+trait ConcatStrs {
+    fn concat_strs(&self) -> String;
+}
+
+impl ConcatStrs for Vec<serde_json::Value> {
+    fn concat_strs(&self) -> String {
+        self.iter().map(|s| s.as_str().unwrap()).collect()
+    }
+}

@@ -16,7 +16,7 @@ use frontend::sampling::TokenLogprobs;
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
 /// Flattens OpenAI messages to the template's `{role, content}` list.
-fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::invalid(
             "messages must contain at least one message",
