@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// Send `ignore_eos` so every request produces its full output length (as vLLM's bench does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ignore_eos: bool,
+    /// A JSON Schema file: every request asks for output valid under it
+    /// (`response_format: json_schema`), to measure what constrained decoding costs.
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
     /// Seconds before one request is abandoned and counted as an error.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout: f64,

@@ -79,6 +79,8 @@ pub struct Target {
     pub model: String,
     pub ignore_eos: bool,
     pub timeout: Duration,
+    /// Sent as `response_format` with every request (`--json-schema`).
+    pub response_format: Option<Value>,
 }
 
 impl Target {
@@ -110,6 +112,7 @@ impl Target {
             model,
             ignore_eos,
             timeout,
+            response_format: None,
         }
     }
 
@@ -134,6 +137,9 @@ impl Target {
         b["stream_options"] = json!({"include_usage": true});
         if self.ignore_eos {
             b["ignore_eos"] = json!(true);
+        }
+        if let Some(rf) = &self.response_format {
+            b["response_format"] = rf.clone();
         }
         b
     }

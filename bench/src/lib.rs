@@ -109,13 +109,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
             .await
             .context("asking the server for its model (or pass --model)")?,
     };
-    let target = Arc::new(Target::new(
+    let mut target = Target::new(
         &args.base_url,
         &args.endpoint,
         model.clone(),
         args.ignore_eos,
         Duration::from_secs_f64(args.request_timeout),
-    ));
+    );
+    if let Some(path) = &args.json_schema {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let schema: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        target.response_format = Some(serde_json::json!({
+            "type": "json_schema",
+            "json_schema": {"name": "bench", "schema": schema},
+        }));
+    }
+    let target = Arc::new(target);
     let mut rng = StdRng::seed_from_u64(args.seed);
     let src = dataset::TextSource::new(Arc::new(tok), &mut rng)?;
     let tok = src.tokenizer().clone();

@@ -103,6 +103,7 @@ fn args(base_url: String, tokenizer: std::path::PathBuf, dir: std::path::PathBuf
         mixed_long_len: 50,
         ignore_eos: true,
         request_timeout: 30.0,
+        json_schema: None,
         quiet: true,
     }
 }
