@@ -18,6 +18,7 @@ pub mod protocol;
 pub mod remote;
 pub mod routes;
 pub mod structured;
+pub mod tools;
 pub mod validate;
 
 use axum::Router;

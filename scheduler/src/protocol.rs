@@ -52,9 +52,11 @@ pub struct SamplingFields {
     pub structured_outputs: Option<serde_json::Value>,
     /// Token id (a string) → bias in [-100, 100].
     pub logit_bias: Option<serde_json::Value>,
-    // OpenAI fields that would change the output and are refused (`structured::refuse_unsupported`).
+    /// Functions the model may call (`tools`), and how (`tool_choice`, `parallel_tool_calls`).
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
+    // OpenAI fields that would change the output and are refused (`structured::refuse_unsupported`).
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub prediction: Option<serde_json::Value>,
@@ -83,6 +85,10 @@ pub struct ChatMessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
+    /// An assistant message's calls (OpenAI's form).
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `role: tool` message's call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,7 +176,10 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only tool calls.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -218,6 +227,18 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A tool call in a stream: each call comes whole, in one delta, at its `index`.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: crate::tools::FunctionCall,
 }
 
 // ---- completion responses ----

@@ -45,17 +45,6 @@ pub fn refuse_unsupported(f: &SamplingFields) -> Result<(), ApiError> {
             ));
         }
     }
-    let tools = f
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()));
-    let choice_none = f.tool_choice.as_ref().and_then(Value::as_str) == Some("none");
-    if tools && !choice_none {
-        return Err(ApiError::invalid(
-            "tool calling is not supported by this server yet (tools may only be sent with tool_choice \"none\")",
-            "tools",
-        ));
-    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! Structured outputs through the HTTP API on a tiny synthetic model: `response_format`
 //! (`json_object`, `json_schema`) and `structured_outputs` (`regex`, `choice`, `grammar`) on
-//! both endpoints, streamed and not, greedy and seeded; `logit_bias`; fields that change
-//! nothing generated are accepted.
+//! both endpoints, streamed and not, greedy and seeded; tool calls (`required`, named, `auto`,
+//! streamed, a full round trip); `logit_bias`; fields that change nothing generated are
+//! accepted.
 
 mod common;
 
@@ -148,4 +149,122 @@ async fn logit_bias_steers_greedy_decoding() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(content(&v), "qqqqq", "{v}");
     assert_ne!(content(&free), "qqqqq");
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+         "parameters": {"type": "object", "properties": {
+             "city": {"type": "string", "maxLength": 12},
+             "unit": {"enum": ["celsius", "fahrenheit"]}},
+             "required": ["city", "unit"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+             "a": {"type": "integer", "minimum": 0, "maximum": 99},
+             "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+             "required": ["a", "b"], "additionalProperties": false}}}
+    ])
+}
+
+fn check_call(call: &Value) {
+    assert!(call["id"].as_str().unwrap().starts_with("call_"), "{call}");
+    assert_eq!(call["type"], "function");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    match call["function"]["name"].as_str().unwrap() {
+        "get_weather" => {
+            assert!(args["city"].as_str().unwrap().len() <= 12, "{args}");
+            assert!(["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()));
+        }
+        "add" => assert!(args["a"].as_i64().unwrap() <= 99 && args["b"].as_i64().unwrap() <= 99),
+        other => panic!("called {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_are_valid_when_required_or_named_and_round_trip() {
+    // The tools' description alone outgrows the default 512-position context.
+    let srv = common::start(common::Options {
+        spec: engine::synthetic::TinySpec {
+            n_ctx: 4096,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let chat = format!("{}/v1/chat/completions", srv.url);
+    let msgs = json!([{"role": "user", "content": "weather in Paris?"}]);
+    for (choice, seed) in [
+        (json!("required"), 1),
+        (json!("required"), 2),
+        (json!({"type": "function", "function": {"name": "add"}}), 3),
+    ] {
+        let (s, v) = common::post(
+            &chat,
+            json!({"model": "tiny", "messages": msgs, "tools": weather_tools(), "tool_choice": choice,
+                   "max_tokens": 200, "temperature": 1.0, "seed": seed}),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        assert!(c["message"]["content"].is_null(), "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!(!calls.is_empty());
+        for call in calls {
+            check_call(call);
+            if choice.is_object() {
+                assert_eq!(call["function"]["name"], "add");
+            }
+        }
+    }
+    // Streamed: content stays empty, the call arrives in a delta with its index, id and name.
+    let lines = common::post_sse(
+        &chat,
+        json!({"model": "tiny", "messages": msgs, "tools": weather_tools(), "tool_choice": "required",
+               "parallel_tool_calls": false, "max_tokens": 200, "stream": true, "seed": 5}),
+    )
+    .await;
+    let (mut deltas, mut finish, mut text) = (Vec::new(), None, String::new());
+    for l in &lines {
+        let Ok(v) = serde_json::from_str::<Value>(l) else {
+            continue;
+        };
+        let c = &v["choices"][0];
+        text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        if let Some(t) = c["delta"]["tool_calls"].as_array() {
+            deltas.extend(t.iter().cloned());
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(finish.as_deref(), Some("tool_calls"), "{lines:?}");
+    assert_eq!(deltas.len(), 1, "parallel_tool_calls false: one call");
+    assert_eq!(deltas[0]["index"], 0);
+    check_call(&deltas[0]);
+    assert!(text.trim().is_empty(), "{text:?}");
+
+    // The round trip: the call in an assistant message (content null), its result as a tool
+    // message, and an answer.
+    let call = &deltas[0];
+    let (s, v) = common::post(
+        &chat,
+        json!({"model": "tiny", "tools": weather_tools(), "max_tokens": 8, "messages": [
+            {"role": "user", "content": "weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"temp\": 21}"}
+        ]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["choices"][0]["message"].is_object());
+
+    // auto: the model chooses (the tiny model writes text, no call).
+    let (s, v) = common::post(
+        &chat,
+        json!({"model": "tiny", "messages": msgs, "tools": weather_tools(), "max_tokens": 8, "seed": 1}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Structured outputs with the official `openai` client against a running Tandem (the real
 model): JSON Schema outputs for a varied set of schemas, greedy and sampled, streamed and not,
-each parsed and validated with `jsonschema`; regex and choice outputs matched; `logit_bias`.
+each parsed and validated with `jsonschema`; regex and choice outputs matched; tool calls
+(`required`, a named function, streamed) validated against the function's parameters, and a
+full round trip (call, `role: tool` result, answer).
 
 usage: scripts/smoke/structured_outputs.py BASE_URL      (e.g. http://127.0.0.1:8000/v1)
 Prints one line per check and a closing 'N passed, N failed' line; exits non-zero on failure.
@@ -116,12 +118,62 @@ def invalid_schema():
     raise AssertionError("expected a 400")
 
 
+WEATHER = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 24},
+    "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Get the current time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                                                     "required": ["city"], "additionalProperties": False}}},
+]
+ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+def tool_required():
+    for seed in (1, 2, 3):
+        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120,
+                                           temperature=0.7, seed=seed)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls, c
+        for call in c.message.tool_calls:
+            schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
+def tool_named_streamed():
+    calls = {}
+    for ch in client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=120, stream=True,
+                                             tool_choice={"type": "function", "function": {"name": "get_weather"}}):
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            d = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            d["name"] += tc.function.name or ""
+            d["arguments"] += tc.function.arguments or ""
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather", calls
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
+
+
+def tool_round_trip():
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=120, temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = r.choices[0].message.tool_calls[0]
+    msgs = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
+    r2 = client.chat.completions.create(model=model, messages=msgs, tools=TOOLS, tool_choice="none", max_tokens=40, temperature=0)
+    assert r2.choices[0].message.content and not r2.choices[0].message.tool_calls, r2
+
+
 for name in SCHEMAS:
     for temperature, seed, stream in [(0, None, False), (0.8, 11, False), (0.8, 12, True)]:
         check(f"json_schema {name} (t={temperature}, stream={stream})", schema_case(name, temperature, seed, stream))
 check("regex and choice", regex_and_choice)
 check("json_object", json_object)
 check("an invalid schema is a 400", invalid_schema)
+check("tool_choice required: calls valid under their parameters", tool_required)
+check("a named tool call, streamed", tool_named_streamed)
+check("a tool round trip: call, result, answer", tool_round_trip)
 passed = sum(results)
 print(f"structured outputs: {passed} passed, {len(results) - passed} failed")
 sys.exit(0 if passed == len(results) else 1)

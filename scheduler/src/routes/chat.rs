@@ -53,6 +53,19 @@ pub(crate) fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, Api
                     s
                 }
             };
+            // Tool calls and results in the form the model reads (`tools`).
+            let content = match (m.role.as_str(), &m.tool_calls) {
+                ("assistant", Some(calls)) if !calls.is_empty() => {
+                    let calls = crate::tools::render_calls(calls).map_err(|e| ApiError::InvalidRequest {
+                        message: format!("messages[{i}].tool_calls: {e}"),
+                        param: Some(format!("messages[{i}].tool_calls")),
+                        code: None,
+                    })?;
+                    if content.is_empty() { calls } else { format!("{content}\n{calls}") }
+                }
+                ("tool", _) => crate::tools::render_result(&content),
+                _ => content,
+            };
             Ok(ChatMessage { role: m.role, content })
         })
         .collect()
@@ -102,7 +115,24 @@ pub async fn handler(
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_model(&req.model)?;
-    let msgs = messages(req.messages)?;
+    let tools = crate::tools::parse(&req.sampling)?;
+    let forced_call = tools.as_ref().and_then(|t| t.constraint());
+    let formatted = [
+        &req.sampling.response_format,
+        &req.sampling.structured_outputs,
+    ]
+    .iter()
+    .any(|v| v.as_ref().is_some_and(|v| !v.is_null()));
+    if forced_call.is_some() && formatted {
+        return Err(ApiError::invalid(
+            "a required or named tool call cannot be combined with response_format or structured_outputs",
+            "tool_choice",
+        ));
+    }
+    let mut msgs = messages(req.messages)?;
+    if let Some(t) = &tools {
+        t.describe(&mut msgs);
+    }
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid(
             "top_logprobs requires logprobs to be true",
@@ -144,6 +174,11 @@ pub async fn handler(
         prompt_param: "messages",
         tokenizer: &fe.tokenizer,
     })?;
+    let mut p = p;
+    if let Some(c) = forced_call {
+        crate::structured::compile(&fe.tokenizer, &c, "tools")?;
+        p.params.constraint = Some(c);
+    }
     let prompt_tokens = prompt.len();
     crate::metrics::record_prompt_tokens("chat", prompt_tokens);
     let sub = submit(&st.cluster, vec![prompt], &p.params, p.n, &p.stops, "chat")?;
@@ -152,11 +187,10 @@ pub async fn handler(
         return Ok(stream(
             st,
             sub,
-            id,
-            created,
-            model,
+            Head { id, created, model },
             prompt_tokens,
             p.include_usage,
+            tools,
         ));
     }
     let choices = collect(sub).await?;
@@ -169,14 +203,22 @@ pub async fn handler(
         choices: choices
             .into_iter()
             .enumerate()
-            .map(|(index, c): (usize, Collected)| ChatChoice {
-                index,
-                logprobs: chat_logprobs(fe, &c.tokens),
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: c.text,
-                },
-                finish_reason: c.finish,
+            .map(|(index, c): (usize, Collected)| {
+                let (content, tool_calls) = match &tools {
+                    Some(t) => crate::tools::split(&c.text, t),
+                    None => (c.text, Vec::new()),
+                };
+                let called = !tool_calls.is_empty();
+                ChatChoice {
+                    index,
+                    logprobs: chat_logprobs(fe, &c.tokens),
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content: (!called || !content.is_empty()).then_some(content),
+                        tool_calls,
+                    },
+                    finish_reason: if called { Some("tool_calls") } else { c.finish },
+                }
             })
             .collect(),
         usage,
@@ -184,16 +226,24 @@ pub async fn handler(
     Ok(axum::Json(resp).into_response())
 }
 
-fn stream(
-    st: AppState,
-    mut sub: Submission,
+/// What every chunk of a stream names: the completion's id, creation time and model.
+struct Head {
     id: String,
     created: u64,
     model: String,
+}
+
+fn stream(
+    st: AppState,
+    mut sub: Submission,
+    Head { id, created, model }: Head,
     prompt_tokens: usize,
     include_usage: bool,
+    tools: Option<crate::tools::Tools>,
 ) -> Response {
     let (tx, resp) = super::sse_channel();
+    let mut calls: Vec<crate::tools::CallStream> =
+        (0..sub.n_choices).map(|_| Default::default()).collect();
     tokio::spawn(async move {
         let usage_field = include_usage.then_some(None);
         let chunk =
@@ -212,6 +262,7 @@ fn stream(
                     delta: ChatDelta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        tool_calls: None,
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -233,8 +284,35 @@ fn stream(
                     if u.finish.is_some() {
                         open -= 1;
                     }
-                    if u.text.is_empty()
-                        && u.finish.is_none()
+                    // With tools, text that may be a call is held until the call completes.
+                    let (text, done, mut finish) = match &tools {
+                        Some(t) => {
+                            let cs = &mut calls[u.index];
+                            let first = cs.sent;
+                            let (mut text, done) = cs.push(&u.text, t);
+                            if u.finish.is_some() {
+                                text.push_str(&cs.finish());
+                            }
+                            let done: Vec<ToolCallDelta> = done
+                                .into_iter()
+                                .enumerate()
+                                .map(|(k, c)| ToolCallDelta {
+                                    index: first + k,
+                                    id: c.id,
+                                    kind: c.kind,
+                                    function: c.function,
+                                })
+                                .collect();
+                            (text, done, u.finish)
+                        }
+                        None => (u.text, Vec::new(), u.finish),
+                    };
+                    if finish.is_some() && calls[u.index].sent > 0 {
+                        finish = Some("tool_calls");
+                    }
+                    if text.is_empty()
+                        && done.is_empty()
+                        && finish.is_none()
                         && u.tokens.iter().all(|(_, l)| l.is_none())
                     {
                         continue;
@@ -245,10 +323,12 @@ fn stream(
                             logprobs: chat_logprobs(st.cluster.frontend(), &u.tokens),
                             delta: ChatDelta {
                                 role: None,
-                                content: (!u.text.is_empty() || u.finish.is_none())
-                                    .then_some(u.text),
+                                content: (!text.is_empty()
+                                    || (finish.is_none() && done.is_empty()))
+                                .then_some(text),
+                                tool_calls: (!done.is_empty()).then_some(done),
                             },
-                            finish_reason: u.finish,
+                            finish_reason: finish,
                         }],
                         usage_field.clone(),
                     )
