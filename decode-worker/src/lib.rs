@@ -26,6 +26,7 @@
 //!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
 
 pub mod colocated;
+pub mod leases;
 pub mod plan;
 pub mod service;
 
