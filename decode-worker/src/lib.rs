@@ -591,7 +591,7 @@ impl Worker {
                     continue;
                 }
             }
-            let ev = match s.state.next(&engine.frontend.tokenizer, row, max_ctx) {
+            let ev = match s.state.next(&engine.frontend, row, max_ctx) {
                 Ok(ev) => ev,
                 Err(e) => {
                     let _ = s

@@ -7,7 +7,8 @@
 
 use crate::request::{FinishReason, GenerationParams, TokenEvent};
 use crate::sampler::{logprobs, sample};
-use crate::tokenizer::{TokenId, Tokenizer};
+use crate::tokenizer::TokenId;
+use frontend::Frontend;
 use frontend::constraint::{ConstraintError, ConstraintMatcher};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -67,10 +68,11 @@ impl GenerationState {
     /// is the worker's).
     pub fn next(
         &mut self,
-        tok: &Tokenizer,
+        fe: &Frontend,
         logits: &[f32],
         max_context: usize,
     ) -> Result<TokenEvent, ConstraintError> {
+        let tok = &fe.tokenizer;
         let p = &self.params;
         let mut l = Cow::Borrowed(logits);
         for &(t, bias) in &p.logit_bias {
@@ -88,7 +90,7 @@ impl GenerationState {
         }
         if let Some(c) = &p.constraint {
             if self.matcher.is_none() {
-                let mut m = tok.grammars()?.matcher(c)?;
+                let mut m = fe.grammars()?.matcher(c)?;
                 m.replay(&std::mem::take(&mut self.replay))?;
                 self.matcher = Some(Box::new(m));
             }

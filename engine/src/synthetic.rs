@@ -224,9 +224,7 @@ pub mod testing {
         let mut seq = e.new_sequence();
         let logits = e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap();
         let mut st = GenerationState::new(p, prompt.len());
-        let mut ev = st
-            .next(&e.frontend.tokenizer, &logits, e.max_context())
-            .unwrap();
+        let mut ev = st.next(&e.frontend, &logits, e.max_context()).unwrap();
         let lp = |ev: &crate::request::TokenEvent| ev.logprobs.as_ref().unwrap().logprob.to_bits();
         let mut t: Trace = (vec![ev.token], vec![lp(&ev)]);
         while ev.finish.is_none() {
@@ -235,7 +233,7 @@ pub mod testing {
                 .unwrap()
                 .pop()
                 .unwrap();
-            ev = st.next(&e.frontend.tokenizer, &l, e.max_context()).unwrap();
+            ev = st.next(&e.frontend, &l, e.max_context()).unwrap();
             t.0.push(ev.token);
             t.1.push(lp(&ev));
         }

@@ -126,13 +126,7 @@ fn greedy_follows_the_model_until_the_constraint_forbids_its_choice() {
         );
         // Walk the unconstrained tokens through the constraint: up to the first it forbids,
         // the constrained output is the same.
-        let mut m = e
-            .frontend
-            .tokenizer
-            .grammars()
-            .unwrap()
-            .matcher(&c)
-            .unwrap();
+        let mut m = e.frontend.grammars().unwrap().matcher(&c).unwrap();
         let mut same = 0;
         for &t in &free.0 {
             let mut row = vec![0.0f32; e.frontend.tokenizer.vocab_size()];
@@ -166,9 +160,7 @@ fn a_resumed_sequence_continues_exactly() {
             let input = [&prompt[..], &whole.0[..k]].concat();
             let logits = e.prefill(&mut seq, &input, LogitsWanted::Last).unwrap();
             let mut st = GenerationState::resume(p, prompt.len(), &whole.0[..k]);
-            let mut ev = st
-                .next(&e.frontend.tokenizer, &logits, e.max_context())
-                .unwrap();
+            let mut ev = st.next(&e.frontend, &logits, e.max_context()).unwrap();
             let mut got = whole.0[..k].to_vec();
             got.push(ev.token);
             while ev.finish.is_none() {
@@ -177,7 +169,7 @@ fn a_resumed_sequence_continues_exactly() {
                     .unwrap()
                     .pop()
                     .unwrap();
-                ev = st.next(&e.frontend.tokenizer, &l, e.max_context()).unwrap();
+                ev = st.next(&e.frontend, &l, e.max_context()).unwrap();
                 got.push(ev.token);
             }
             assert_eq!(got, whole.0, "{c:?}");
@@ -214,7 +206,7 @@ fn a_batch_gives_what_each_request_gives_alone() {
         let mut s = e.new_sequence();
         let l = e.prefill(&mut s, p, LogitsWanted::Last).unwrap();
         let mut st = GenerationState::new(g.clone(), p.len());
-        let ev = st.next(&e.frontend.tokenizer, &l, e.max_context()).unwrap();
+        let ev = st.next(&e.frontend, &l, e.max_context()).unwrap();
         traces[i].0.push(ev.token);
         traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
         done[i] = ev.finish.is_some();
@@ -232,9 +224,7 @@ fn a_batch_gives_what_each_request_gives_alone() {
             .collect();
         let out = e.decode_step(&mut batch).unwrap();
         for (row, &i) in out.iter().zip(&live) {
-            let ev = states[i]
-                .next(&e.frontend.tokenizer, row, e.max_context())
-                .unwrap();
+            let ev = states[i].next(&e.frontend, row, e.max_context()).unwrap();
             traces[i].0.push(ev.token);
             traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
             last[i] = ev.token;

@@ -123,7 +123,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
         let mut last = vec![0u32; N_SEQ];
         for i in 0..N_SEQ {
             let ev = states[i].next(
-                &e.frontend.tokenizer,
+                &e.frontend,
                 last_logits[i].as_ref().unwrap(),
                 e.max_context(),
             );
@@ -138,7 +138,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
             let out = e.decode_step(&mut batch).unwrap();
             for i in 0..N_SEQ {
                 let ev = states[i]
-                    .next(&e.frontend.tokenizer, &out[i], e.max_context())
+                    .next(&e.frontend, &out[i], e.max_context())
                     .unwrap();
                 last[i] = ev.token;
                 traces[i].0.push(ev.token);

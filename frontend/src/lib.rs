@@ -60,6 +60,8 @@ pub struct Frontend {
     /// engines with equal fingerprints (xxh3 of the GGUF file's bytes, salted with both).
     pub fingerprint: u64,
     pub numerics: Numerics,
+    /// Constrained decoding over the tokenizer's vocabulary, built on first use.
+    grammars: std::sync::OnceLock<Result<constraint::Grammars, constraint::ConstraintError>>,
 }
 
 impl Frontend {
@@ -120,7 +122,19 @@ impl Frontend {
             config,
             fingerprint,
             numerics,
+            grammars: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Constrained decoding over this model's vocabulary (its token trie is built on the
+    /// first call, then shared).
+    pub fn grammars(
+        &self,
+    ) -> std::result::Result<&constraint::Grammars, constraint::ConstraintError> {
+        self.grammars
+            .get_or_init(|| constraint::Grammars::new(&self.tokenizer))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// Largest number of tokens a sequence may hold.

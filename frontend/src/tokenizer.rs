@@ -42,10 +42,6 @@ pub struct Tokenizer {
     /// Extra end-of-generation tokens (`tokenizer.ggml.eot_token_id`, ...).
     pub eog: Vec<TokenId>,
     pub add_bos: bool,
-    /// Constrained decoding over this vocabulary, built on first use.
-    grammars: std::sync::OnceLock<
-        Result<crate::constraint::Grammars, crate::constraint::ConstraintError>,
-    >,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
@@ -209,18 +205,7 @@ impl Tokenizer {
                 .get("tokenizer.ggml.add_bos_token")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            grammars: std::sync::OnceLock::new(),
         })
-    }
-
-    /// Constrained decoding over this vocabulary (its trie is built on the first call).
-    pub fn grammars(
-        &self,
-    ) -> Result<&crate::constraint::Grammars, crate::constraint::ConstraintError> {
-        self.grammars
-            .get_or_init(|| crate::constraint::Grammars::new(self))
-            .as_ref()
-            .map_err(Clone::clone)
     }
 
     pub fn vocab_size(&self) -> usize {

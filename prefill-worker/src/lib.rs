@@ -302,11 +302,7 @@ impl Loop {
             } else {
                 let mut state = GenerationState::new(p.clone(), job.prompt.len());
                 let ev = state
-                    .next(
-                        &self.engine.frontend.tokenizer,
-                        last,
-                        self.engine.max_context(),
-                    )
+                    .next(&self.engine.frontend, last, self.engine.max_context())
                     .map_err(|e| WorkerError::Internal(e.to_string()))?;
                 events.push(WorkerEvent::Token(ev));
             }

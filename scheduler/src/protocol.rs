@@ -179,7 +179,23 @@ pub struct ChatMessageOut {
     /// `null` when the answer is only tool calls.
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tool_calls: Vec<crate::tools::ToolCall>,
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A tool call the model made (`crate::tools` finds them).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments object as JSON text (OpenAI's form).
+    pub arguments: String,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -238,7 +254,7 @@ pub struct ToolCallDelta {
     pub id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub function: crate::tools::FunctionCall,
+    pub function: FunctionCall,
 }
 
 // ---- completion responses ----

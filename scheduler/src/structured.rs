@@ -5,9 +5,9 @@
 
 use crate::error::ApiError;
 use crate::protocol::SamplingFields;
+use frontend::Frontend;
 use frontend::TokenId;
 use frontend::constraint::Constraint;
-use frontend::tokenizer::Tokenizer;
 use serde_json::Value;
 
 /// Longest schema, regex or grammar text accepted, in bytes.
@@ -164,8 +164,8 @@ pub fn constraint(f: &SamplingFields) -> Result<Option<Constraint>, ApiError> {
 
 /// Compiles `c` for this tokenizer (cached per spec): an invalid schema, regex or grammar is
 /// the client's 400, found before any work.
-pub fn compile(tok: &Tokenizer, c: &Constraint, param: &'static str) -> Result<(), ApiError> {
-    let grammars = tok
+pub fn compile(fe: &Frontend, c: &Constraint, param: &'static str) -> Result<(), ApiError> {
+    let grammars = fe
         .grammars()
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     grammars

@@ -11,10 +11,9 @@
 //! (A model template's own tool syntax is not used yet: every model gets this convention.)
 
 use crate::error::ApiError;
-use crate::protocol::SamplingFields;
+use crate::protocol::{FunctionCall, SamplingFields, ToolCall};
 use frontend::chat::ChatMessage;
 use frontend::constraint::Constraint;
-use serde::Serialize;
 use serde_json::{Value, json};
 
 /// Most tools one request may describe.
@@ -47,22 +46,6 @@ pub struct Tools {
     pub tools: Vec<Tool>,
     pub choice: Choice,
     pub parallel: bool,
-}
-
-/// A call the model made.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ToolCall {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub function: FunctionCall,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FunctionCall {
-    pub name: String,
-    /// The arguments object as JSON text (OpenAI's form).
-    pub arguments: String,
 }
 
 fn bad(msg: impl Into<String>, param: &'static str) -> ApiError {

@@ -76,8 +76,8 @@ pub struct PlanInput<'a> {
     pub max_context: usize,
     /// The field that holds the prompt, for error messages.
     pub prompt_param: &'static str,
-    /// The model's tokenizer (vocabulary size, constrained decoding).
-    pub tokenizer: &'a frontend::tokenizer::Tokenizer,
+    /// The model (vocabulary size, constrained decoding).
+    pub frontend: &'a frontend::Frontend,
 }
 
 /// Validates a request's sampling fields and lengths.
@@ -92,10 +92,10 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
         prompt_len,
         max_context,
         prompt_param,
-        tokenizer,
+        frontend,
     } = input;
     crate::structured::refuse_unsupported(f)?;
-    let logit_bias = crate::structured::logit_bias(f, tokenizer.vocab_size())?;
+    let logit_bias = crate::structured::logit_bias(f, frontend.tokenizer.vocab_size())?;
     let constraint = crate::structured::constraint(f)?;
     range(f.temperature, 0.0, 2.0, false, "temperature")?;
     range(f.top_p, 0.0, 1.0, true, "top_p")?;
@@ -202,7 +202,7 @@ pub fn plan(input: PlanInput<'_>) -> Result<Plan, ApiError> {
         } else {
             "structured_outputs"
         };
-        crate::structured::compile(tokenizer, c, param)?;
+        crate::structured::compile(frontend, c, param)?;
     }
     Ok(Plan {
         params: GenerationParams {

@@ -172,11 +172,11 @@ pub async fn handler(
         prompt_len: prompt.len(),
         max_context: fe.max_context(),
         prompt_param: "messages",
-        tokenizer: &fe.tokenizer,
+        frontend: fe,
     })?;
     let mut p = p;
     if let Some(c) = forced_call {
-        crate::structured::compile(&fe.tokenizer, &c, "tools")?;
+        crate::structured::compile(fe, &c, "tools")?;
         p.params.constraint = Some(c);
     }
     let prompt_tokens = prompt.len();

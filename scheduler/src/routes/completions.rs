@@ -148,7 +148,7 @@ pub async fn handler(
         prompt_len: longest,
         max_context: fe.max_context(),
         prompt_param: "prompt",
-        tokenizer: &fe.tokenizer,
+        frontend: fe,
     })?;
     let prompt_tokens: usize = prompts.iter().map(|p| p.ids.len()).sum();
     crate::metrics::record_prompt_tokens("completions", prompt_tokens);
