@@ -2,7 +2,7 @@
 # What constrained decoding costs, with `tandem bench`, one server, both set-ups in one run:
 #   tpot: 32 concurrent streams of ~250-token prompts and 128 output tokens, without and with
 #         `response_format: json_schema` (bench/schemas/record30.json: 30 required properties),
-#         three times each, alternating (the machine is shared and noisy), each run with prompts
+#         ROUNDS times each (default 3), alternating (the machine is shared and noisy), each run with prompts
 #         of its own (a seed per run: no run hits another's prefix cache);
 #   ttft: one request at a time, the same prompts, 8 output tokens, without and with the schema
 #         (one warm-up request compiles and caches the grammar first).
@@ -27,7 +27,8 @@ bench() { $T bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Inst
 
 # Warm the server (and its allocator) once before anything is measured.
 bench --random-output-len 32 --num-prompts 32 --max-concurrency 32 --seed 999 --label warm --result-dir $OUT/constrained-warm
-for round in 1 2 3; do
+ROUNDS=${ROUNDS:-3}
+for round in $(seq 1 "$ROUNDS"); do
   for kind in plain schema; do
     extra=(); [ $kind = schema ] && extra=(--json-schema $SCHEMA)
     seed=$((round * 10 + ${#kind}))
@@ -38,15 +39,15 @@ for round in 1 2 3; do
   done
 done
 
-python3 - $OUT <<'PY'
+python3 - $OUT "$ROUNDS" <<'PY'
 import json, sys, statistics
-out = sys.argv[1]
+out, rounds = sys.argv[1], int(sys.argv[2])
 def s(scen, kind, r):
     return json.load(open(f"{out}/constrained-{scen}-{kind}-{r}/summary.json"))
 print("| round | TPOT p50 plain | TPOT p50 schema | ratio | out tok/s plain | schema | TTFT p50 plain | schema | +ms |")
 print("|---|---|---|---|---|---|---|---|---|")
 ratios, adds = [], []
-for r in (1, 2, 3):
+for r in range(1, rounds + 1):
     tp, ts = s("tpot", "plain", r), s("tpot", "schema", r)
     fp, fs = s("ttft", "plain", r), s("ttft", "schema", r)
     ratio = ts["median_tpot_ms"] / tp["median_tpot_ms"]
