@@ -80,29 +80,31 @@ impl GenerationState {
                 *v += bias;
             }
         }
-        if self.generated < p.min_tokens {
-            let l = l.to_mut();
-            for &t in tok.eog.iter().chain(&p.stop_token_ids) {
-                if let Some(v) = l.get_mut(t as usize) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-        }
         if let Some(c) = &p.constraint {
             if self.matcher.is_none() {
                 let mut m = fe.grammars()?.matcher(c)?;
                 m.replay(&std::mem::take(&mut self.replay))?;
                 self.matcher = Some(Box::new(m));
             }
-            let m = self.matcher.as_mut().expect("built above");
-            let mut masked = l.to_vec();
-            m.mask(&mut masked)?;
-            if masked.iter().all(|v| *v == f32::NEG_INFINITY) {
-                // Only what `min_tokens` held back may end the output: the constraint wins.
-                masked = logits.to_vec();
-                m.mask(&mut masked)?;
+            self.matcher
+                .as_mut()
+                .expect("built above")
+                .mask(l.to_mut())?;
+        }
+        if self.generated < p.min_tokens {
+            let held = |t: usize| {
+                tok.eog.contains(&(t as TokenId)) || p.stop_token_ids.contains(&(t as TokenId))
+            };
+            // Only what `min_tokens` holds back may end a constrained output: the constraint wins.
+            let other = l.iter().enumerate().any(|(t, v)| v.is_finite() && !held(t));
+            if other {
+                let l = l.to_mut();
+                for &t in tok.eog.iter().chain(&p.stop_token_ids) {
+                    if let Some(v) = l.get_mut(t as usize) {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
             }
-            l = Cow::Owned(masked);
         }
         let logits = &l[..];
         let token = sample(&p.sampling, logits, &self.counts, self.position() as u64);

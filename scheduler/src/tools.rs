@@ -268,22 +268,9 @@ pub fn render_result(content: &str) -> String {
 /// Splits generated text into its content and the calls it makes (blocks that parse as
 /// `{"name": …, "arguments": {…}}` naming one of `tools`; anything else stays content).
 pub fn split(text: &str, tools: &Tools) -> (String, Vec<ToolCall>) {
-    let mut content = String::new();
-    let mut calls = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(OPEN) {
-        let after = &rest[start + OPEN.len()..];
-        let Some(end) = after.find(CLOSE) else { break };
-        match call_of(&after[..end], tools) {
-            Some(c) => {
-                content.push_str(&rest[..start]);
-                calls.push(c);
-            }
-            None => content.push_str(&rest[..start + OPEN.len() + end + CLOSE.len()]),
-        }
-        rest = &after[end + CLOSE.len()..];
-    }
-    content.push_str(rest);
+    let mut s = CallStream::default();
+    let (mut content, calls) = s.push(text, tools);
+    content.push_str(&s.finish());
     if !calls.is_empty() {
         content = content.trim().to_string();
     }
