@@ -528,15 +528,39 @@ impl Worker {
         // Disjoint mutable borrows of the planned sequences, in plan order.
         let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
         let mut items: Vec<ForwardItem<'_>> = Vec::with_capacity(plan.len());
-        for ((i, _), (toks, want)) in plan.iter().zip(&inputs) {
+        // Constrained sequences that sample from this step's logits: their token masks are
+        // computed on another thread while the forward pass runs.
+        let mut ahead: Vec<&mut GenerationState> = Vec::new();
+        for ((i, w), (toks, want)) in plan.iter().zip(&inputs) {
             let s = slots[*i].take().expect("each sequence planned once");
+            let samples = match w {
+                Work::Decode => true,
+                Work::Chunk { to, .. } => !s.started && *to == s.target_len(),
+            };
+            let Seq { kv, state, .. } = s;
+            if samples && state.is_constrained() {
+                ahead.push(state);
+            }
             items.push(ForwardItem {
-                seq: &mut s.kv,
+                seq: kv,
                 tokens: toks,
                 logits: *want,
             });
         }
-        let result = engine.model.forward(&mut items);
+        let result = if ahead.is_empty() {
+            engine.model.forward(&mut items)
+        } else {
+            let fe = &engine.frontend;
+            std::thread::scope(|scope| {
+                scope.spawn(move || {
+                    for st in ahead {
+                        // A failure shows again, and is reported, when the token is sampled.
+                        let _ = st.prepare(fe);
+                    }
+                });
+                engine.model.forward(&mut items)
+            })
+        };
         drop(items);
         let logits = match result {
             Ok(l) => l,

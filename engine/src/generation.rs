@@ -63,6 +63,38 @@ impl GenerationState {
         self.prompt_len + self.generated
     }
 
+    /// The sequence's constraint matcher, built on first use (after replaying the tokens of a
+    /// resumed sequence); `None` without a constraint.
+    fn matcher(
+        &mut self,
+        fe: &Frontend,
+    ) -> Result<Option<&mut ConstraintMatcher>, ConstraintError> {
+        let Some(c) = &self.params.constraint else {
+            return Ok(None);
+        };
+        if self.matcher.is_none() {
+            let mut m = fe.grammars()?.matcher(c)?;
+            m.replay(&std::mem::take(&mut self.replay))?;
+            self.matcher = Some(Box::new(m));
+        }
+        Ok(self.matcher.as_deref_mut())
+    }
+
+    /// Whether the output is constrained (its token mask is worth computing ahead).
+    pub fn is_constrained(&self) -> bool {
+        self.params.constraint.is_some()
+    }
+
+    /// Computes the next token's mask ahead of [`next`](Self::next), which then only applies
+    /// it: the decode loop runs this beside the forward pass that computes the logits. A
+    /// no-op without a constraint.
+    pub fn prepare(&mut self, fe: &Frontend) -> Result<(), ConstraintError> {
+        match self.matcher(fe)? {
+            Some(m) => m.prepare(),
+            None => Ok(()),
+        }
+    }
+
     /// Samples the next token from `logits` and says whether the sequence ends with it. Fails
     /// only when the constraint cannot be applied (it compiled in the scheduler; a failure here
     /// is the worker's).
@@ -72,25 +104,17 @@ impl GenerationState {
         logits: &[f32],
         max_context: usize,
     ) -> Result<TokenEvent, ConstraintError> {
-        let tok = &fe.tokenizer;
-        let p = &self.params;
         let mut l = Cow::Borrowed(logits);
-        for &(t, bias) in &p.logit_bias {
+        for &(t, bias) in &self.params.logit_bias {
             if let Some(v) = l.to_mut().get_mut(t as usize) {
                 *v += bias;
             }
         }
-        if let Some(c) = &p.constraint {
-            if self.matcher.is_none() {
-                let mut m = fe.grammars()?.matcher(c)?;
-                m.replay(&std::mem::take(&mut self.replay))?;
-                self.matcher = Some(Box::new(m));
-            }
-            self.matcher
-                .as_mut()
-                .expect("built above")
-                .mask(l.to_mut())?;
+        if let Some(m) = self.matcher(fe)? {
+            m.mask(l.to_mut())?;
         }
+        let tok = &fe.tokenizer;
+        let p = &self.params;
         if self.generated < p.min_tokens {
             let held = |t: usize| {
                 tok.eog.contains(&(t as TokenId)) || p.stop_token_ids.contains(&(t as TokenId))

@@ -178,7 +178,8 @@ fn a_resumed_sequence_continues_exactly() {
 }
 
 /// Sixteen constrained and unconstrained requests stepped together give each what it gives
-/// alone, token for token and log-probability for log-probability.
+/// alone, token for token and log-probability for log-probability — with the masks computed
+/// ahead on another thread while each step's forward pass runs, as the decode worker does.
 #[test]
 fn a_batch_gives_what_each_request_gives_alone() {
     let (_d, e) = load();
@@ -222,7 +223,17 @@ fn a_batch_gives_what_each_request_gives_alone() {
             .filter(|(i, _)| !done[*i])
             .map(|(i, s)| (s, last[i]))
             .collect();
-        let out = e.decode_step(&mut batch).unwrap();
+        let fe = &e.frontend;
+        let out = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for (i, st) in states.iter_mut().enumerate() {
+                    if !done[i] && st.is_constrained() {
+                        st.prepare(fe).unwrap();
+                    }
+                }
+            });
+            e.decode_step(&mut batch).unwrap()
+        });
         for (row, &i) in out.iter().zip(&live) {
             let ev = states[i].next(&e.frontend, row, e.max_context()).unwrap();
             traces[i].0.push(ev.token);

@@ -176,7 +176,7 @@ impl Grammars {
     /// A fresh matcher for `c` (compiled once per spec, then cloned).
     pub fn matcher(&self, c: &Constraint) -> Result<ConstraintMatcher, ConstraintError> {
         if let Some(m) = self.cache.lock().expect("grammar cache poisoned").get(c) {
-            return Ok(ConstraintMatcher(m.clone()));
+            return Ok(ConstraintMatcher(m.clone(), None));
         }
         let parser =
             self.factory
@@ -200,7 +200,7 @@ impl Grammars {
             }
         }
         cache.insert(c.clone(), m.clone());
-        Ok(ConstraintMatcher(m))
+        Ok(ConstraintMatcher(m, None))
     }
 
     /// Tokens in the vocabulary.
@@ -209,9 +209,9 @@ impl Grammars {
     }
 }
 
-/// One sequence's position in its constraint.
+/// One sequence's position in its constraint, and the next token's mask once computed.
 #[derive(Clone)]
-pub struct ConstraintMatcher(Matcher);
+pub struct ConstraintMatcher(Matcher, Option<llguidance::toktrie::SimpleVob>);
 
 impl std::fmt::Debug for ConstraintMatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,9 +226,20 @@ impl ConstraintMatcher {
         ConstraintError::Matcher(e.to_string())
     }
 
-    /// Sets to −∞ the logits of tokens the constraint does not allow next.
+    /// Computes which tokens may come next, ahead of [`mask`](Self::mask): the decode loop
+    /// calls it while the forward pass computes the logits.
+    pub fn prepare(&mut self) -> Result<(), ConstraintError> {
+        if self.1.is_none() {
+            self.1 = Some(self.0.compute_mask().map_err(|e| self.err(e))?);
+        }
+        Ok(())
+    }
+
+    /// Sets to −∞ the logits of tokens the constraint does not allow next (the mask
+    /// [`prepare`](Self::prepare) computed, or computed now).
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
-        let allowed = self.0.compute_mask().map_err(|e| self.err(e))?;
+        self.prepare()?;
+        let allowed = self.1.as_ref().expect("prepared above");
         for (i, v) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(i as TokenId) {
                 *v = f32::NEG_INFINITY;
@@ -239,11 +250,13 @@ impl ConstraintMatcher {
 
     /// Advances past `token` (which the mask allowed).
     pub fn consume(&mut self, token: TokenId) -> Result<(), ConstraintError> {
+        self.1 = None;
         self.0.consume_token(token).map_err(|e| self.err(e))
     }
 
     /// Advances past tokens generated before this matcher existed (a resumed sequence).
     pub fn replay(&mut self, tokens: &[TokenId]) -> Result<(), ConstraintError> {
+        self.1 = None;
         self.0.consume_tokens(tokens).map_err(|e| self.err(e))
     }
 
