@@ -21,6 +21,8 @@ pub struct TinySpec {
     pub seed: u64,
     /// Write a separate `output.weight` instead of tying it to the embeddings.
     pub untied_output: bool,
+    /// `tokenizer.chat_template` (default: ChatML).
+    pub chat_template: Option<String>,
 }
 
 impl Default for TinySpec {
@@ -34,6 +36,7 @@ impl Default for TinySpec {
             n_ctx: 512,
             seed: 7,
             untied_output: false,
+            chat_template: None,
         }
     }
 }
@@ -132,7 +135,10 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
         .meta("tokenizer.ggml.bos_token_id", u(n_vocab as usize - 2))
         .meta("tokenizer.ggml.eos_token_id", u(n_vocab as usize - 1))
         .meta("tokenizer.ggml.add_bos_token", Value::Bool(false))
-        .meta("tokenizer.chat_template", s(crate::chat::CHATML));
+        .meta(
+            "tokenizer.chat_template",
+            s(spec.chat_template.as_deref().unwrap_or(crate::chat::CHATML)),
+        );
     let mut rng = Rng(spec.seed.max(1));
     let (d, ff) = (spec.d_model as u64, spec.d_ff as u64);
     let kvd = (spec.d_model / spec.n_heads * spec.n_kv_heads) as u64;

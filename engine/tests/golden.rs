@@ -121,10 +121,7 @@ fn greedy_continuations_match_llama_cpp() {
     for case in fixture("greedy.json").as_array().unwrap() {
         let rendered = case["rendered"].as_str().unwrap();
         if case["chat"].as_bool().unwrap() {
-            let msg = ChatMessage {
-                role: "user".into(),
-                content: case["message"].as_str().unwrap().into(),
-            };
+            let msg = ChatMessage::new("user", case["message"].as_str().unwrap());
             assert_eq!(
                 e.frontend.template.render(&[msg], true).unwrap(),
                 rendered,

@@ -6,13 +6,15 @@
 //! - [`cluster`]: the workers requests go to: colocated in this process, or [`remote`]
 //!   prefill and decode worker processes over gRPC (routing, KV handoff, failover).
 //! - [`pipeline`]: worker events → detokenized, stop-checked choice updates; cancellation.
-//! - [`routes`]: one module per endpoint family; [`metrics`]: Prometheus.
+//! - [`routes`]: one module per endpoint family; [`metrics`]: Prometheus; [`openapi`]: the
+//!   document of them all.
 //!
 //! [`serve`] runs the server until its shutdown future resolves, then drains.
 
 pub mod cluster;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod pipeline;
 pub mod protocol;
 pub mod remote;
@@ -46,21 +48,34 @@ pub struct AppState {
     /// Required as `Authorization: Bearer KEY` on the API routes (`/v1/…`), when set
     /// (vLLM's `--api-key`); `/health` and `/metrics` stay open for probes and scrapers.
     pub api_key: Option<Arc<str>>,
+    /// Longest sequence (prompt + completion) a request may ask for: the model's context
+    /// length, or less (vLLM's `--max-model-len`).
+    pub max_model_len: usize,
 }
 
 impl AppState {
     pub fn new(cluster: Arc<Cluster>) -> AppState {
         AppState {
-            cluster,
             metrics: metrics::handle(),
             started_unix: routes::unix_now(),
             api_key: None,
+            max_model_len: cluster.frontend().max_context(),
+            cluster,
         }
     }
 
     /// The same state, requiring `key` on the API routes (`None`: open).
     pub fn with_api_key(mut self, key: Option<String>) -> AppState {
         self.api_key = key.filter(|k| !k.is_empty()).map(Arc::from);
+        self
+    }
+
+    /// The same state, serving sequences of at most `len` tokens (`None`, or more than the
+    /// model's context length: the model's context length).
+    pub fn with_max_model_len(mut self, len: Option<usize>) -> AppState {
+        if let Some(len) = len {
+            self.max_model_len = self.max_model_len.min(len.max(1));
+        }
         self
     }
 
@@ -93,6 +108,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
         Some("/health") => "health",
         Some("/metrics") => "metrics",
         Some("/tokenize") | Some("/detokenize") => "tokenize",
+        Some("/openapi.json") => "openapi",
         _ => "other",
     };
     let resp = next.run(req).await;
@@ -100,15 +116,15 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Refuses every route but the probes (`/health`, `/metrics`) whose `Authorization: Bearer`
-/// does not carry the key.
+/// Refuses every route but the probes (`/health`, `/metrics`) and the API's description
+/// (`/openapi.json`) whose `Authorization: Bearer` does not carry the key.
 async fn require_api_key(
     axum::extract::State(st): axum::extract::State<AppState>,
     req: Request,
     next: Next,
 ) -> Response {
     if let Some(key) = &st.api_key
-        && !matches!(req.uri().path(), "/health" | "/metrics")
+        && !matches!(req.uri().path(), "/health" | "/metrics" | "/openapi.json")
     {
         let given = req
             .headers()
@@ -142,6 +158,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/detokenize", post(routes::tokenize::detokenize))
         .route("/health", get(routes::models::health))
         .route("/metrics", get(routes::models::metrics))
+        .route("/openapi.json", get(openapi::document))
         .fallback(|| async {
             ApiError::NotFound {
                 message: "no such route".into(),

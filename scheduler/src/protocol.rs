@@ -5,9 +5,10 @@
 //! (`structured`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `stop`: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     One(String),
@@ -23,24 +24,35 @@ impl StopSpec {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: bool,
 }
 
 /// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
+    #[schema(minimum = 0.0, maximum = 2.0)]
     pub temperature: Option<f32>,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f32>,
+    /// -1 or 0: disabled.
+    #[schema(minimum = -1)]
     pub top_k: Option<i64>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
     pub seed: Option<i64>,
+    /// Choices to generate (at most 16; prompts × n at most 64).
+    #[schema(minimum = 1, maximum = 16)]
     pub n: Option<u32>,
+    /// Up to 16 strings of up to 256 bytes; the output ends before the first found.
     pub stop: Option<StopSpec>,
+    #[schema(max_items = 64)]
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
     pub min_tokens: Option<u32>,
@@ -51,8 +63,10 @@ pub struct SamplingFields {
     /// vLLM's `{"json" | "regex" | "choice" | "grammar": …}`.
     pub structured_outputs: Option<serde_json::Value>,
     /// Token id (a string) → bias in [-100, 100].
+    #[schema(value_type = Option<std::collections::HashMap<String, f32>>)]
     pub logit_bias: Option<serde_json::Value>,
     /// Functions the model may call (`tools`), and how (`tool_choice`, `parallel_tool_calls`).
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<bool>,
@@ -66,22 +80,45 @@ pub struct SamplingFields {
 }
 
 /// A chat message's content: text, or a list of parts of which Tandem reads the text ones.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ContentPart {
+    /// Only `text` parts are read; others are refused.
     #[serde(rename = "type")]
+    #[schema(value_type = PartKind)]
     pub kind: String,
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The content part types Tandem reads (the document's enum for `type`).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum PartKind {
+    Text,
+}
+
+/// A message's author (the document's enum for `role`; the handlers check it).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
+    #[schema(value_type = Role)]
     pub role: String,
     #[serde(default)]
     pub content: Option<MessageContent>,
@@ -91,21 +128,25 @@ pub struct ChatMessageIn {
     pub tool_call_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     pub model: String,
+    #[schema(min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
+    #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
+    #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
     pub logprobs: Option<bool>,
+    #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
 
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptSpec {
     Text(String),
@@ -114,11 +155,12 @@ pub enum PromptSpec {
     TokenLists(Vec<Vec<u32>>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     pub model: String,
     pub prompt: PromptSpec,
     pub max_tokens: Option<u32>,
+    #[schema(maximum = 20)]
     pub logprobs: Option<u32>,
     #[serde(default)]
     pub echo: bool,
@@ -128,7 +170,7 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -136,7 +178,7 @@ pub struct Usage {
     pub prompt_tokens_details: PromptTokensDetails,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: usize,
@@ -155,7 +197,7 @@ impl Usage {
 
 // ---- chat responses ----
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletionResponse {
     pub id: String,
     pub object: &'static str,
@@ -165,7 +207,7 @@ pub struct ChatCompletionResponse {
     pub usage: Usage,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChoice {
     pub index: usize,
     pub message: ChatMessageOut,
@@ -173,7 +215,7 @@ pub struct ChatChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatMessageOut {
     pub role: &'static str,
     /// `null` when the answer is only tool calls.
@@ -183,7 +225,7 @@ pub struct ChatMessageOut {
 }
 
 /// A tool call the model made (`crate::tools` finds them).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ToolCall {
     pub id: String,
     #[serde(rename = "type")]
@@ -191,19 +233,19 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct FunctionCall {
     pub name: String,
     /// The arguments object as JSON text (OpenAI's form).
     pub arguments: String,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Default, ToSchema)]
 pub struct ChatLogprobs {
     pub content: Vec<ChatTokenLogprob>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatTokenLogprob {
     pub token: String,
     pub logprob: f32,
@@ -211,14 +253,14 @@ pub struct ChatTokenLogprob {
     pub top_logprobs: Vec<ChatTopLogprob>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatTopLogprob {
     pub token: String,
     pub logprob: f32,
     pub bytes: Vec<u8>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatCompletionChunk {
     pub id: String,
     pub object: &'static str,
@@ -229,7 +271,7 @@ pub struct ChatCompletionChunk {
     pub usage: Option<Option<Usage>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
@@ -237,7 +279,7 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Default, ToSchema)]
 pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<&'static str>,
@@ -247,19 +289,29 @@ pub struct ChatDelta {
     pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
-/// A tool call in a stream: each call comes whole, in one delta, at its `index`.
-#[derive(Debug, Serialize)]
+/// A tool call in a stream, as OpenAI sends it: the first delta of a call carries its `id`,
+/// `type` and function `name` (with `arguments: ""`), the next ones fragments of `arguments`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ToolCallDelta {
     pub index: usize,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub function: FunctionCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The next piece of the arguments' JSON text.
+    pub arguments: String,
 }
 
 // ---- completion responses ----
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CompletionResponse {
     pub id: String,
     pub object: &'static str,
@@ -270,7 +322,7 @@ pub struct CompletionResponse {
     pub usage: Option<Option<Usage>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
@@ -279,7 +331,7 @@ pub struct CompletionChoice {
 }
 
 /// The legacy completions logprobs format.
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Default, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     pub token_logprobs: Vec<Option<f32>>,
@@ -289,13 +341,13 @@ pub struct CompletionLogprobs {
 
 // ---- models ----
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelCard {
     pub id: String,
     pub object: &'static str,

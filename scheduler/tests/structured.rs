@@ -180,12 +180,55 @@ fn check_call(call: &Value) {
     }
 }
 
+/// Rebuilds streamed tool calls from their deltas as OpenAI's clients do, checking each
+/// delta's shape: a call's first delta has its index, id, type and name with empty
+/// arguments, the next ones only argument fragments for that index.
+fn assemble(deltas: &[Value]) -> Vec<Value> {
+    let mut calls: Vec<Value> = Vec::new();
+    for d in deltas {
+        let i = d["index"].as_u64().unwrap() as usize;
+        if d.get("id").is_some() {
+            assert_eq!(i, calls.len(), "{d}");
+            assert_eq!(d["type"], "function", "{d}");
+            assert!(d["function"]["name"].is_string(), "{d}");
+            calls.push(d.clone());
+        } else {
+            assert_eq!(i + 1, calls.len(), "fragments continue the last call: {d}");
+            assert!(
+                d.get("type").is_none() && d["function"].get("name").is_none(),
+                "{d}"
+            );
+            let more = d["function"]["arguments"].as_str().unwrap();
+            let args = calls[i]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+                .to_string()
+                + more;
+            calls[i]["function"]["arguments"] = json!(args);
+        }
+    }
+    calls
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_are_valid_when_required_or_named_and_round_trip() {
+    tool_calls_with_template(None).await;
+}
+
+/// A model whose template has tool syntax of its own (Qwen2.5's) renders the tools, the calls
+/// and the results itself; calls are enforced and parsed as with the default convention.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calls_through_a_template_with_tool_syntax() {
+    let qwen = include_str!("../../frontend/testdata/qwen2.5-tools.jinja");
+    tool_calls_with_template(Some(qwen.to_string())).await;
+}
+
+async fn tool_calls_with_template(chat_template: Option<String>) {
     // The tools' description alone outgrows the default 512-position context.
     let srv = common::start(common::Options {
         spec: engine::synthetic::TinySpec {
             n_ctx: 4096,
+            chat_template,
             ..Default::default()
         },
         ..Default::default()
@@ -217,13 +260,15 @@ async fn tool_calls_are_valid_when_required_or_named_and_round_trip() {
             }
         }
     }
-    // Streamed: content stays empty, the call arrives in a delta with its index, id and name.
-    let lines = common::post_sse(
-        &chat,
-        json!({"model": "tiny", "messages": msgs, "tools": weather_tools(), "tool_choice": "required",
-               "parallel_tool_calls": false, "max_tokens": 200, "stream": true, "seed": 5}),
-    )
-    .await;
+    // Streamed: content stays empty, the call arrives in deltas (its index, id and name, then
+    // argument fragments) that add up to what the same request gets unstreamed.
+    let req = json!({"model": "tiny", "messages": msgs, "tools": weather_tools(), "tool_choice": "required",
+               "parallel_tool_calls": false, "max_tokens": 200, "seed": 5});
+    let (s, whole) = common::post(&chat, req.clone()).await;
+    assert_eq!(s, 200, "{whole}");
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let lines = common::post_sse(&chat, streamed).await;
     let (mut deltas, mut finish, mut text) = (Vec::new(), None, String::new());
     for l in &lines {
         let Ok(v) = serde_json::from_str::<Value>(l) else {
@@ -239,14 +284,20 @@ async fn tool_calls_are_valid_when_required_or_named_and_round_trip() {
         }
     }
     assert_eq!(finish.as_deref(), Some("tool_calls"), "{lines:?}");
-    assert_eq!(deltas.len(), 1, "parallel_tool_calls false: one call");
-    assert_eq!(deltas[0]["index"], 0);
-    check_call(&deltas[0]);
+    assert!(
+        deltas.len() >= 2,
+        "a head and argument fragments: {deltas:?}"
+    );
+    let calls = assemble(&deltas);
+    assert_eq!(calls.len(), 1, "parallel_tool_calls false: one call");
+    check_call(&calls[0]);
+    let want = &whole["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(calls[0]["function"], *want, "streamed = not streamed");
     assert!(text.trim().is_empty(), "{text:?}");
 
     // The round trip: the call in an assistant message (content null), its result as a tool
     // message, and an answer.
-    let call = &deltas[0];
+    let call = &calls[0];
     let (s, v) = common::post(
         &chat,
         json!({"model": "tiny", "tools": weather_tools(), "max_tokens": 8, "messages": [

@@ -148,10 +148,15 @@ def tool_named_streamed():
     for ch in client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=120, stream=True,
                                              tool_choice={"type": "function", "function": {"name": "get_weather"}}):
         for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
-            d = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            d = calls.setdefault(tc.index, {"name": "", "arguments": "", "id": None, "deltas": 0})
+            if tc.id:  # a call's first delta: its id, type and name
+                assert d["id"] is None and tc.type == "function" and tc.function.name, tc
+                d["id"] = tc.id
             d["name"] += tc.function.name or ""
             d["arguments"] += tc.function.arguments or ""
+            d["deltas"] += 1
     assert list(calls) == [0] and calls[0]["name"] == "get_weather", calls
+    assert calls[0]["id"].startswith("call_") and calls[0]["deltas"] > 2, calls  # arguments in fragments
     jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER)
 
 

@@ -198,7 +198,8 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
             "tandem: scheduler serving '{model_id}' on {url} (OpenAI API under {url}/v1); prefill {:?}, decode {:?}",
             args.prefill, args.decode
         );
-        let state = scheduler::AppState::new(cluster).with_api_key(args.http.api_key.clone());
+        let state = scheduler::AppState::new(cluster).with_api_key(args.http.api_key.clone())
+            .with_max_model_len(args.http.max_model_len);
         scheduler::serve(
             listener,
             state,

@@ -51,8 +51,9 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
         let url = format!("http://{}", listener.local_addr()?);
         eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), colocated");
         print_try(&url, &model_id);
-        let state =
-            scheduler::AppState::new(cluster.clone()).with_api_key(args.http.api_key.clone());
+        let state = scheduler::AppState::new(cluster.clone())
+            .with_api_key(args.http.api_key.clone())
+            .with_max_model_len(args.http.max_model_len);
         scheduler::serve(
             listener,
             state,

@@ -15,8 +15,12 @@ use frontend::sampling::TokenLogprobs;
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
-/// Flattens OpenAI messages to the template's `{role, content}` list.
-pub(crate) fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+/// Flattens OpenAI messages to the template's `{role, content}` list; tool calls and results
+/// go as they are to a template that renders them (`native`), else in the Hermes text form.
+pub(crate) fn messages(
+    msgs: Vec<ChatMessageIn>,
+    native: bool,
+) -> Result<Vec<ChatMessage>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::invalid(
             "messages must contain at least one message",
@@ -53,20 +57,34 @@ pub(crate) fn messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, Api
                     s
                 }
             };
+            let calls_err = |e: String| ApiError::InvalidRequest {
+                message: format!("messages[{i}].tool_calls: {e}"),
+                param: Some(format!("messages[{i}].tool_calls")),
+                code: None,
+            };
+            if native {
+                let tool_calls = match (m.role.as_str(), &m.tool_calls) {
+                    ("assistant", Some(calls)) if !calls.is_empty() => {
+                        Some(crate::tools::native_calls(calls).map_err(calls_err)?)
+                    }
+                    _ => None,
+                };
+                return Ok(ChatMessage {
+                    tool_calls,
+                    tool_call_id: m.tool_call_id.filter(|_| m.role == "tool"),
+                    ..ChatMessage::new(m.role, content)
+                });
+            }
             // Tool calls and results in the form the model reads (`tools`).
             let content = match (m.role.as_str(), &m.tool_calls) {
                 ("assistant", Some(calls)) if !calls.is_empty() => {
-                    let calls = crate::tools::render_calls(calls).map_err(|e| ApiError::InvalidRequest {
-                        message: format!("messages[{i}].tool_calls: {e}"),
-                        param: Some(format!("messages[{i}].tool_calls")),
-                        code: None,
-                    })?;
+                    let calls = crate::tools::render_calls(calls).map_err(calls_err)?;
                     if content.is_empty() { calls } else { format!("{content}\n{calls}") }
                 }
                 ("tool", _) => crate::tools::render_result(&content),
                 _ => content,
             };
-            Ok(ChatMessage { role: m.role, content })
+            Ok(ChatMessage::new(m.role, content))
         })
         .collect()
 }
@@ -110,6 +128,15 @@ pub(crate) fn chat_logprobs(
     })
 }
 
+/// Chat completions (OpenAI's `POST /v1/chat/completions`).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `ChatCompletionChunk`, then `data: [DONE]`",
+            content((crate::protocol::ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
+        crate::openapi::Errors,
+    ),
+    security((), ("api_key" = [])))]
 pub async fn handler(
     State(st): State<AppState>,
     AppJson(req): AppJson<ChatCompletionRequest>,
@@ -129,10 +156,17 @@ pub async fn handler(
             "tool_choice",
         ));
     }
-    let mut msgs = messages(req.messages)?;
-    if let Some(t) = &tools {
-        t.describe(&mut msgs);
-    }
+    let native = st.cluster.frontend().template.renders_tools();
+    let mut msgs = messages(req.messages, native)?;
+    // The tools go to a template with tool syntax, else into the system prompt.
+    let tool_list = match &tools {
+        Some(t) if native => Some(t.openai_list()),
+        Some(t) => {
+            t.describe(&mut msgs);
+            None
+        }
+        None => None,
+    };
     if req.top_logprobs.is_some() && req.logprobs != Some(true) {
         return Err(ApiError::invalid(
             "top_logprobs requires logprobs to be true",
@@ -140,19 +174,19 @@ pub async fn handler(
         ));
     }
     let fe = st.cluster.frontend().clone();
+    let max_len = st.max_model_len;
     let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<TokenId>, ApiError> {
-        let text = fe.template.render(&msgs, true).map_err(|e| {
-            ApiError::invalid(
-                format!("could not apply the chat template: {e}"),
-                "messages",
-            )
-        })?;
-        if fe.tokenizer.surely_longer_than(&text, fe.max_context()) {
-            return Err(crate::validate::too_long(
-                fe.max_context(),
-                text.len(),
-                "messages",
-            ));
+        let text = fe
+            .template
+            .render_with_tools(&msgs, tool_list.as_ref(), true)
+            .map_err(|e| {
+                ApiError::invalid(
+                    format!("could not apply the chat template: {e}"),
+                    "messages",
+                )
+            })?;
+        if fe.tokenizer.surely_longer_than(&text, max_len) {
+            return Err(crate::validate::too_long(max_len, text.len(), "messages"));
         }
         fe.tokenizer
             .encode(&text, false)
@@ -170,7 +204,7 @@ pub async fn handler(
         logprobs,
         prompt_logprobs: None,
         prompt_len: prompt.len(),
-        max_context: fe.max_context(),
+        max_context: st.max_model_len,
         prompt_param: "messages",
         frontend: fe,
     })?;
@@ -288,21 +322,10 @@ fn stream(
                     let (text, done, mut finish) = match &tools {
                         Some(t) => {
                             let cs = &mut calls[u.index];
-                            let first = cs.sent;
                             let (mut text, done) = cs.push(&u.text, t);
                             if u.finish.is_some() {
                                 text.push_str(&cs.finish());
                             }
-                            let done: Vec<ToolCallDelta> = done
-                                .into_iter()
-                                .enumerate()
-                                .map(|(k, c)| ToolCallDelta {
-                                    index: first + k,
-                                    id: c.id,
-                                    kind: c.kind,
-                                    function: c.function,
-                                })
-                                .collect();
                             (text, done, u.finish)
                         }
                         None => (u.text, Vec::new(), u.finish),

@@ -53,6 +53,15 @@ struct Prompt {
     text: String,
 }
 
+/// Text completions (OpenAI's legacy `POST /v1/completions`).
+#[utoipa::path(post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `CompletionResponse` with one choice's text, then `data: [DONE]`",
+            content((crate::protocol::CompletionResponse = "application/json"), (String = "text/event-stream"))),
+        crate::openapi::Errors,
+    ),
+    security((), ("api_key" = [])))]
 pub async fn handler(
     State(st): State<AppState>,
     AppJson(req): AppJson<CompletionRequest>,
@@ -88,12 +97,13 @@ pub async fn handler(
         ));
     }
     let fe = st.cluster.frontend().clone();
+    let max_len = st.max_model_len;
     let vocab = fe.config.vocab_size as u32;
     let spec = req.prompt.clone();
     let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Prompt>, ApiError> {
         let from_text = |t: String| -> Result<Prompt, ApiError> {
-            if fe.tokenizer.surely_longer_than(&t, fe.max_context()) {
-                return Err(too_long(fe.max_context(), t.len(), "prompt"));
+            if fe.tokenizer.surely_longer_than(&t, max_len) {
+                return Err(too_long(max_len, t.len(), "prompt"));
             }
             let ids = fe
                 .tokenizer
@@ -146,7 +156,7 @@ pub async fn handler(
         logprobs: req.logprobs,
         prompt_logprobs,
         prompt_len: longest,
-        max_context: fe.max_context(),
+        max_context: st.max_model_len,
         prompt_param: "prompt",
         frontend: fe,
     })?;

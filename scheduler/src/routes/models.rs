@@ -13,10 +13,14 @@ fn card(st: &AppState) -> ModelCard {
         object: "model",
         created: st.started_unix,
         owned_by: "tandem",
-        max_model_len: st.cluster.frontend().max_context(),
+        max_model_len: st.max_model_len,
     }
 }
 
+/// The served model.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, body = ModelList), crate::openapi::Errors),
+    security((), ("api_key" = [])))]
 pub async fn list(State(st): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
@@ -24,6 +28,11 @@ pub async fn list(State(st): State<AppState>) -> Json<ModelList> {
     })
 }
 
+/// One model, by id.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
+    params(("id" = String, Path, description = "The model's id")),
+    responses((status = 200, body = ModelCard), crate::openapi::Errors),
+    security((), ("api_key" = [])))]
 pub async fn get(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -33,49 +42,74 @@ pub async fn get(
 }
 
 /// 200 when requests can be served; with worker processes, 503 until a decode worker answers.
+/// `GET /health`'s body.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// `ok`, or `unavailable` when no decode worker is healthy.
+    pub status: &'static str,
+    /// Unix seconds.
+    pub time: u64,
+    /// The cluster's workers (absent when colocated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<WorkerHealth>>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct WorkerHealth {
+    /// `decode` or `prefill`.
+    pub role: &'static str,
+    pub addr: String,
+    pub healthy: bool,
+}
+
 /// The body lists the workers and their health.
-pub async fn health(
-    State(st): State<AppState>,
-) -> (axum::http::StatusCode, Json<serde_json::Value>) {
+#[utoipa::path(get, path = "/health", tag = "probes",
+    responses(
+        (status = 200, description = "Serving: at least one decode worker is healthy", body = Health),
+        (status = 503, description = "No decode worker is healthy", body = Health),
+    ))]
+pub async fn health(State(st): State<AppState>) -> (axum::http::StatusCode, Json<Health>) {
     use axum::http::StatusCode;
     let Some(r) = st.cluster.remote_workers() else {
         return (
             StatusCode::OK,
-            Json(serde_json::json!({ "status": "ok", "time": unix_now() })),
+            Json(Health {
+                status: "ok",
+                time: unix_now(),
+                workers: None,
+            }),
         );
     };
-    let list = |role: &str, ws: Vec<(String, bool)>| -> Vec<serde_json::Value> {
-        ws.into_iter()
-            .map(|(addr, healthy)| serde_json::json!({ "role": role, "addr": addr, "healthy": healthy }))
-            .collect()
-    };
-    let decode: Vec<(String, bool)> = r
-        .decode_workers()
-        .iter()
-        .map(|w| (w.addr.clone(), w.healthy()))
-        .collect();
-    let prefill: Vec<(String, bool)> = r
-        .prefill_workers()
-        .iter()
-        .map(|w| (w.addr.clone(), w.healthy()))
-        .collect();
-    let up = decode.iter().any(|(_, h)| *h);
-    let mut workers = list("decode", decode);
-    workers.extend(list("prefill", prefill));
+    fn list<C>(
+        role: &'static str,
+        ws: &[std::sync::Arc<crate::remote::Worker<C>>],
+    ) -> impl Iterator<Item = WorkerHealth> {
+        ws.iter().map(move |w| WorkerHealth {
+            role,
+            addr: w.addr.clone(),
+            healthy: w.healthy(),
+        })
+    }
+    let mut workers: Vec<WorkerHealth> = list("decode", &r.decode_workers()).collect();
+    let up = workers.iter().any(|w| w.healthy);
+    workers.extend(list("prefill", &r.prefill_workers()));
     (
         if up {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        Json(serde_json::json!({
-            "status": if up { "ok" } else { "unavailable" },
-            "time": unix_now(),
-            "workers": workers,
-        })),
+        Json(Health {
+            status: if up { "ok" } else { "unavailable" },
+            time: unix_now(),
+            workers: Some(workers),
+        }),
     )
 }
 
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, body = String, content_type = "text/plain")))]
 pub async fn metrics(State(st): State<AppState>) -> String {
     st.metrics.render()
 }

@@ -14,7 +14,7 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TokenizeRequest {
     /// Optional; when given, it must name the served model.
     pub model: Option<String>,
@@ -30,26 +30,33 @@ pub struct TokenizeRequest {
     pub return_token_strs: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenizeResponse {
     pub count: usize,
     pub max_model_len: usize,
+    #[schema(value_type = Vec<u32>)]
     pub tokens: Vec<TokenId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_strs: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DetokenizeRequest {
     pub model: Option<String>,
+    #[schema(value_type = Vec<u32>)]
     pub tokens: Vec<TokenId>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DetokenizeResponse {
     pub prompt: String,
 }
 
+/// A prompt, or chat messages through the model's template, to token ids (vLLM's shape).
+#[utoipa::path(post, path = "/tokenize", tag = "tokens",
+    request_body = TokenizeRequest,
+    responses((status = 200, body = TokenizeResponse), crate::openapi::Errors),
+    security((), ("api_key" = [])))]
 pub async fn tokenize(
     State(st): State<AppState>,
     AppJson(req): AppJson<TokenizeRequest>,
@@ -61,7 +68,7 @@ pub async fn tokenize(
     let text_and_special = match (req.prompt, req.messages) {
         (Some(p), None) => (p, req.add_special_tokens),
         (None, Some(m)) => {
-            let msgs = super::chat::messages(m)?;
+            let msgs = super::chat::messages(m, fe.template.renders_tools())?;
             let text = fe
                 .template
                 .render(&msgs, req.add_generation_prompt)
@@ -81,6 +88,7 @@ pub async fn tokenize(
         }
     };
     let want_strs = req.return_token_strs;
+    let max_len = st.max_model_len;
     let resp = tokio::task::spawn_blocking(move || -> Result<TokenizeResponse, ApiError> {
         let (text, special) = text_and_special;
         let tokens = fe
@@ -89,7 +97,7 @@ pub async fn tokenize(
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Ok(TokenizeResponse {
             count: tokens.len(),
-            max_model_len: fe.max_context(),
+            max_model_len: max_len,
             token_strs: want_strs
                 .then(|| tokens.iter().map(|&t| fe.tokenizer.token_text(t)).collect()),
             tokens,
@@ -100,6 +108,11 @@ pub async fn tokenize(
     Ok(Json(resp))
 }
 
+/// Token ids back to text (vLLM's shape).
+#[utoipa::path(post, path = "/detokenize", tag = "tokens",
+    request_body = DetokenizeRequest,
+    responses((status = 200, body = DetokenizeResponse), crate::openapi::Errors),
+    security((), ("api_key" = [])))]
 pub async fn detokenize(
     State(st): State<AppState>,
     AppJson(req): AppJson<DetokenizeRequest>,

@@ -273,6 +273,9 @@ pub struct HttpArgs {
     /// HTTP connections open at most; beyond, new ones are closed at accept.
     #[arg(long, default_value_t = scheduler::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Longest sequence (prompt + completion, in tokens) a request may ask for (default: the model's context length), as vLLM's flag; longer requests are refused with a 400.
+    #[arg(long, env = "TANDEM_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
 }
 
 impl HttpArgs {
@@ -284,6 +287,7 @@ impl HttpArgs {
         flag(&mut a, "port", self.port);
         flag(&mut a, "max-body-bytes", self.max_body_bytes);
         flag(&mut a, "max-connections", self.max_connections);
+        opt(&mut a, "max-model-len", self.max_model_len);
         a
     }
 
@@ -545,6 +549,7 @@ mod tests {
                 max_body_bytes: 12,
                 max_connections: 17,
                 api_key: None,
+                max_model_len: Some(96),
             },
             prefill: vec!["a:1".into(), "b:2".into()],
             decode: vec!["c:3".into()],
