@@ -529,7 +529,7 @@ impl Worker {
         let mut slots: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
         let mut items: Vec<ForwardItem<'_>> = Vec::with_capacity(plan.len());
         // Constrained sequences that sample from this step's logits: their token masks are
-        // computed on another thread while the forward pass runs.
+        // computed alongside the forward pass (`with_masks_ahead`).
         let mut ahead: Vec<&mut GenerationState> = Vec::new();
         for ((i, w), (toks, want)) in plan.iter().zip(&inputs) {
             let s = slots[*i].take().expect("each sequence planned once");
@@ -547,20 +547,9 @@ impl Worker {
                 logits: *want,
             });
         }
-        let result = if ahead.is_empty() {
+        let result = engine::generation::with_masks_ahead(&engine.frontend, ahead, || {
             engine.model.forward(&mut items)
-        } else {
-            let fe = &engine.frontend;
-            std::thread::scope(|scope| {
-                scope.spawn(move || {
-                    for st in ahead {
-                        // A failure shows again, and is reported, when the token is sampled.
-                        let _ = st.prepare(fe);
-                    }
-                });
-                engine.model.forward(&mut items)
-            })
-        };
+        });
         drop(items);
         let logits = match result {
             Ok(l) => l,

@@ -159,3 +159,51 @@ impl GenerationState {
         })
     }
 }
+
+/// Computes the next-token masks of `states` (constrained sequences about to sample from the
+/// logits `forward` computes) and runs `forward`, overlapping the two where a core is free:
+/// with a core the compute pool leaves idle, the masks are computed on a thread of their own
+/// while `forward` runs, so the step does not wait for them. Where the pool has every core,
+/// the masks are spread over the pool's threads first instead: a third thread would only
+/// preempt the pool's threads in the middle of the forward pass's kernels (each call waits
+/// for its slowest thread), which measured slower than sharing the cores this way. A mask
+/// that fails is computed again, and its error reported, when the token is sampled.
+pub fn with_masks_ahead<R>(
+    fe: &Frontend,
+    states: Vec<&mut GenerationState>,
+    forward: impl FnOnce() -> R,
+) -> R {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spare_core = cores > kernels::pool::global().threads();
+    masks_ahead(fe, states, spare_core, forward)
+}
+
+/// [`with_masks_ahead`] with the way chosen: on a thread of its own beside `forward`
+/// (`own_thread`), or over the compute pool before it.
+pub fn masks_ahead<R>(
+    fe: &Frontend,
+    states: Vec<&mut GenerationState>,
+    own_thread: bool,
+    forward: impl FnOnce() -> R,
+) -> R {
+    if states.is_empty() {
+        return forward();
+    }
+    if own_thread {
+        return std::thread::scope(|scope| {
+            scope.spawn(move || {
+                for st in states {
+                    let _ = st.prepare(fe);
+                }
+            });
+            forward()
+        });
+    }
+    let states: Vec<std::sync::Mutex<&mut GenerationState>> =
+        states.into_iter().map(std::sync::Mutex::new).collect();
+    kernels::pool::global().run(states.len(), &|i| {
+        let mut st = states[i].lock().expect("one task per state");
+        let _ = st.prepare(fe);
+    });
+    forward()
+}

@@ -179,7 +179,8 @@ fn a_resumed_sequence_continues_exactly() {
 
 /// Sixteen constrained and unconstrained requests stepped together give each what it gives
 /// alone, token for token and log-probability for log-probability — with the masks computed
-/// ahead on another thread while each step's forward pass runs, as the decode worker does.
+/// ahead (on a thread of their own while the forward pass runs, or over the compute pool
+/// before it), as the decode worker does.
 #[test]
 fn a_batch_gives_what_each_request_gives_alone() {
     let (_d, e) = load();
@@ -215,6 +216,7 @@ fn a_batch_gives_what_each_request_gives_alone() {
         seqs.push(s);
         states.push(st);
     }
+    let mut step = 0;
     while done.iter().any(|d| !d) {
         let live: Vec<usize> = (0..reqs.len()).filter(|&i| !done[i]).collect();
         let mut batch: Vec<(&mut KvSequence, u32)> = seqs
@@ -223,15 +225,16 @@ fn a_batch_gives_what_each_request_gives_alone() {
             .filter(|(i, _)| !done[*i])
             .map(|(i, s)| (s, last[i]))
             .collect();
-        let fe = &e.frontend;
-        let out = std::thread::scope(|scope| {
-            scope.spawn(|| {
-                for (i, st) in states.iter_mut().enumerate() {
-                    if !done[i] && st.is_constrained() {
-                        st.prepare(fe).unwrap();
-                    }
-                }
-            });
+        // Both ways of computing the masks ahead, a step each.
+        let ahead: Vec<&mut GenerationState> = states
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, st)| !done[*i] && st.is_constrained())
+            .map(|(_, st)| st)
+            .collect();
+        step += 1;
+        let own_thread = step % 2 == 0;
+        let out = engine::generation::masks_ahead(&e.frontend, ahead, own_thread, || {
             e.decode_step(&mut batch).unwrap()
         });
         for (row, &i) in out.iter().zip(&live) {
