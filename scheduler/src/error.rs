@@ -168,3 +168,28 @@ where
         Ok(AppJson(Json::<T>::from_request(req, state).await?.0))
     }
 }
+
+/// The errors any API route may answer, each in OpenAI's envelope: the statuses of
+/// [`ApiError`] as `/openapi.json` documents them (`crate::openapi`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // a description of responses, never built
+pub(crate) enum Errors {
+    /// Malformed JSON, a field out of range, an unsupported field (`invalid_request_error`).
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// The API key is missing or wrong (only when the server runs with `--api-key`).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// `model` names a model this server does not serve.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// The body is larger than `--max-body-bytes`.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// Every worker is busy or none is up; retry after the `Retry-After` seconds.
+    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Overloaded(ErrorBody),
+    /// A fault in the server.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+}

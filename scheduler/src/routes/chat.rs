@@ -134,7 +134,7 @@ pub(crate) fn chat_logprobs(
     responses(
         (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `ChatCompletionChunk`, then `data: [DONE]`",
             content((crate::protocol::ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
-        crate::openapi::Errors,
+        crate::error::Errors,
     ),
     security((), ("api_key" = [])))]
 pub async fn handler(

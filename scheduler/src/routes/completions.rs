@@ -59,7 +59,7 @@ struct Prompt {
     responses(
         (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `CompletionResponse` with one choice's text, then `data: [DONE]`",
             content((crate::protocol::CompletionResponse = "application/json"), (String = "text/event-stream"))),
-        crate::openapi::Errors,
+        crate::error::Errors,
     ),
     security((), ("api_key" = [])))]
 pub async fn handler(

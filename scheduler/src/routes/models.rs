@@ -19,7 +19,7 @@ fn card(st: &AppState) -> ModelCard {
 
 /// The served model.
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
-    responses((status = 200, body = ModelList), crate::openapi::Errors),
+    responses((status = 200, body = ModelList), crate::error::Errors),
     security((), ("api_key" = [])))]
 pub async fn list(State(st): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
@@ -31,7 +31,7 @@ pub async fn list(State(st): State<AppState>) -> Json<ModelList> {
 /// One model, by id.
 #[utoipa::path(get, path = "/v1/models/{id}", tag = "openai",
     params(("id" = String, Path, description = "The model's id")),
-    responses((status = 200, body = ModelCard), crate::openapi::Errors),
+    responses((status = 200, body = ModelCard), crate::error::Errors),
     security((), ("api_key" = [])))]
 pub async fn get(
     State(st): State<AppState>,

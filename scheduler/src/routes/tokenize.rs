@@ -55,7 +55,7 @@ pub struct DetokenizeResponse {
 /// A prompt, or chat messages through the model's template, to token ids (vLLM's shape).
 #[utoipa::path(post, path = "/tokenize", tag = "tokens",
     request_body = TokenizeRequest,
-    responses((status = 200, body = TokenizeResponse), crate::openapi::Errors),
+    responses((status = 200, body = TokenizeResponse), crate::error::Errors),
     security((), ("api_key" = [])))]
 pub async fn tokenize(
     State(st): State<AppState>,
@@ -111,7 +111,7 @@ pub async fn tokenize(
 /// Token ids back to text (vLLM's shape).
 #[utoipa::path(post, path = "/detokenize", tag = "tokens",
     request_body = DetokenizeRequest,
-    responses((status = 200, body = DetokenizeResponse), crate::openapi::Errors),
+    responses((status = 200, body = DetokenizeResponse), crate::error::Errors),
     security((), ("api_key" = [])))]
 pub async fn detokenize(
     State(st): State<AppState>,
