@@ -173,8 +173,12 @@ pub fn with_masks_ahead<R>(
     states: Vec<&mut GenerationState>,
     forward: impl FnOnce() -> R,
 ) -> R {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let spare_core = cores > kernels::pool::global().threads();
+    // Read once: available_parallelism reads the affinity mask and cgroup files.
+    static SPARE_CORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let spare_core = *SPARE_CORE.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores > kernels::pool::global().threads()
+    });
     masks_ahead(fe, states, spare_core, forward)
 }
 

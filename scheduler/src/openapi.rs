@@ -47,25 +47,27 @@ impl Modify for BearerKey {
     }
 }
 
-/// The document as JSON text for a server of `model`, built once: `model` in the request
-/// bodies is that id (any other is a 404).
-pub fn json(model: &str) -> &'static str {
-    static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let mut doc = ApiDoc::openapi();
-        doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-        let mut doc = serde_json::to_value(&doc).expect("the document serializes");
-        let schemas = &mut doc["components"]["schemas"];
-        for name in [
-            "ChatCompletionRequest",
-            "CompletionRequest",
-            "TokenizeRequest",
-            "DetokenizeRequest",
-        ] {
-            name_the_model(&mut schemas[name], model);
-        }
-        doc.to_string()
-    })
+/// The document as JSON text for a server of `model`: `model` in the request bodies is that
+/// id (any other is a 404). The generated part is built once per process.
+pub fn json(model: &str) -> String {
+    static DOC: OnceLock<serde_json::Value> = OnceLock::new();
+    let mut doc = DOC
+        .get_or_init(|| {
+            let mut doc = ApiDoc::openapi();
+            doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+            serde_json::to_value(&doc).expect("the document serializes")
+        })
+        .clone();
+    let schemas = &mut doc["components"]["schemas"];
+    for name in [
+        "ChatCompletionRequest",
+        "CompletionRequest",
+        "TokenizeRequest",
+        "DetokenizeRequest",
+    ] {
+        name_the_model(&mut schemas[name], model);
+    }
+    doc.to_string()
 }
 
 /// Sets `enum: [model]` on the `model` property of `schema` (or of the `allOf` part that has
@@ -111,7 +113,7 @@ mod tests {
 
     #[test]
     fn the_document_describes_every_route_and_resolves() {
-        let doc: Value = serde_json::from_str(super::json("tiny")).unwrap();
+        let doc: Value = serde_json::from_str(&super::json("tiny")).unwrap();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
         for (path, method) in [
             ("/v1/chat/completions", "post"),
@@ -139,6 +141,13 @@ mod tests {
             req.pointer("/allOf/1/properties/model/enum"),
             Some(&serde_json::json!(["tiny"])),
             "{req}"
+        );
+        // Each server's document names its own model.
+        let other: Value = serde_json::from_str(&super::json("other")).unwrap();
+        let req = &other["components"]["schemas"]["ChatCompletionRequest"];
+        assert_eq!(
+            req.pointer("/allOf/1/properties/model/enum"),
+            Some(&serde_json::json!(["other"]))
         );
         let s = &doc["components"]["schemas"]["SamplingFields"]["properties"];
         assert_eq!(s["temperature"]["maximum"], 2.0);
