@@ -309,6 +309,18 @@ pub struct FunctionDelta {
     pub arguments: String,
 }
 
+/// One server-sent event of a streamed response, as a client parses it: `data` is a chunk's JSON
+/// (`ChatCompletionChunk`, or a `CompletionResponse` with one choice), an error envelope, or
+/// `[DONE]` at the end.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SseEvent {
+    pub data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
 // ---- completion responses ----
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -133,7 +133,7 @@ pub(crate) fn chat_logprobs(
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `ChatCompletionChunk`, then `data: [DONE]`",
-            content((crate::protocol::ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
+            content((crate::protocol::ChatCompletionResponse = "application/json"), (crate::protocol::SseEvent = "text/event-stream"))),
         crate::error::Errors,
     ),
     security((), ("api_key" = [])))]

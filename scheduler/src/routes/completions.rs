@@ -58,7 +58,7 @@ struct Prompt {
     request_body = CompletionRequest,
     responses(
         (status = 200, description = "The completion; with `stream: true`, server-sent events each holding a `CompletionResponse` with one choice's text, then `data: [DONE]`",
-            content((crate::protocol::CompletionResponse = "application/json"), (String = "text/event-stream"))),
+            content((crate::protocol::CompletionResponse = "application/json"), (crate::protocol::SseEvent = "text/event-stream"))),
         crate::error::Errors,
     ),
     security((), ("api_key" = [])))]
