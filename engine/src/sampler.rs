@@ -70,7 +70,7 @@ pub fn sample(
     let max = cand[0].0 as f64;
     let mut probs: Vec<f64> = cand
         .iter()
-        .map(|(v, _)| ((*v as f64 - max) * inv_t).exp())
+        .map(|(v, _)| kernels::math::exp((*v as f64 - max) * inv_t))
         .collect();
     let z: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|q| *q /= z);

@@ -13,6 +13,7 @@
 //! - [`int8`]: W8A8 — 8-bit weights per output channel × 8-bit activations per token, exact integer sums.
 //! - [`qmatmul`]: the same with Q4_0/Q4_1/Q8_0 weights as stored and 8-bit activations.
 //! - [`pool`]: the persistent compute threads every parallel kernel runs on.
+//! - [`math`]: exp, ln, powf, sin, cos from one Rust implementation (not the C library's).
 //! - [`ops`]: RMSNorm, RoPE, SiLU·mul, softmax.
 //! - [`attention`]: causal attention of new query rows over a paged KV cache.
 //!
@@ -27,6 +28,7 @@ pub mod attention;
 pub mod dispatch;
 pub mod dot;
 pub mod int8;
+pub mod math;
 pub mod matmul;
 pub mod ops;
 pub mod panel;

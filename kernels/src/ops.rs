@@ -18,11 +18,11 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// pairs, computed as llama.cpp does: `θ₀ = pos`, then repeated multiplication by
 /// `base^(−2/d)`. One table serves every head and every layer at that position.
 pub fn rope_angles(head_dim: usize, pos: usize, freq_base: f32, out: &mut Vec<(f32, f32)>) {
-    let theta_scale = freq_base.powf(-2.0 / head_dim as f32);
+    let theta_scale = crate::math::powf(freq_base, -2.0 / head_dim as f32);
     out.clear();
     let mut theta = pos as f32;
     for _ in 0..head_dim / 2 {
-        out.push((theta.cos(), theta.sin()));
+        out.push(crate::math::cos_sin(theta));
         theta *= theta_scale;
     }
 }
@@ -113,7 +113,7 @@ pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = crate::math::expf(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;
@@ -125,12 +125,13 @@ pub fn softmax(x: &mut [f32]) {
 /// `log_softmax` of a row, in f64 for accurate log-probabilities.
 pub fn log_softmax(x: &[f32]) -> Vec<f32> {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = x
+    // The exponentials first (a loop that vectorizes), then the sum in order.
+    let e: Vec<f64> = x
         .iter()
-        .map(|v| ((*v - max) as f64).exp())
-        .sum::<f64>()
-        .ln()
-        + max as f64;
+        .map(|v| crate::math::exp((*v - max) as f64))
+        .collect();
+    let sum = e.iter().sum::<f64>();
+    let lse = crate::math::ln(sum) + max as f64;
     x.iter().map(|v| (*v as f64 - lse) as f32).collect()
 }
 
