@@ -95,7 +95,7 @@ impl PrefillWorker for PrefillService {
         // Prompt plus the generated tokens but the last: what the KV covers.
         let positions = r.prompt.len() + r.generated.len().saturating_sub(1);
         let bs = self.engine.kv.layout().block_size;
-        crate::target::check_target(&target, positions, bs, self.secret.as_ref())
+        crate::target::check_target(&target, positions, bs, transport, self.secret.as_ref())
             .map_err(|e| Status::invalid_argument(format!("bad KV target: {e}")))?;
         let flag = CancellationToken::default();
         self.cancels

@@ -38,12 +38,14 @@ pub use protocol::KvTransport as Transport;
 /// Checks what a `Prefill` call says about where the KV goes, before any of it is used: a
 /// grant the decode worker signed under the cluster secret (so nobody else chose its blocks,
 /// file or address), for `tokens` positions (prompt plus generated tokens but the last) in a
-/// pool of `block_size`-position blocks. Everything here comes from the network; a bad field
-/// is the caller's error (`InvalidArgument`), never a panic or a write outside the pool.
+/// pool of `block_size`-position blocks, moved by `transport`. Everything here comes from the
+/// network; a bad field is the caller's error (`InvalidArgument`), never a panic or a write
+/// outside the pool.
 pub fn check_target(
     t: &pb::KvTarget,
     tokens: usize,
     block_size: usize,
+    transport: Option<Transport>,
     secret: Option<&ClusterSecret>,
 ) -> Result<(), String> {
     LeaseId::from_wire(&t.lease_id).map_err(|e| e.to_string())?;
@@ -73,10 +75,18 @@ pub fn check_target(
     if !cached.is_multiple_of(block_size) || (tokens > 0 && cached >= tokens) {
         return Err(format!("{cached} cached positions of {tokens}"));
     }
-    if !t.shm_path.is_empty() && !kv_store::shm::is_pool_file(std::path::Path::new(&t.shm_path)) {
+    // Shared memory asked for: the file must be a pool here. (Over TCP the path is never
+    // opened; on `auto` a path that is no pool here — another container's /dev/shm — means
+    // TCP: [`Targets::pool`] checks it before mapping anything.)
+    if transport == Some(Transport::Shm) && !is_pool_here(&t.shm_path) {
         return Err(format!("{} is not a KV pool file", t.shm_path));
     }
     Ok(())
+}
+
+/// Whether `path` names a decode worker's pool file as this process sees the file system.
+fn is_pool_here(path: &str) -> bool {
+    !path.is_empty() && kv_store::shm::is_pool_file(std::path::Path::new(path))
 }
 
 /// The open ends of transports: mapped pools and idle data-plane connections.
@@ -278,6 +288,12 @@ impl Targets {
 
     /// The decode worker's pool, mapped once per file.
     fn pool(&mut self, t: &pb::KvTarget) -> std::io::Result<Arc<KvPool>> {
+        if !is_pool_here(&t.shm_path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a KV pool file on this host", t.shm_path),
+            ));
+        }
         let path = PathBuf::from(&t.shm_path);
         if let Some(p) = self.pools.get(&path)
             && p.n_blocks() as u64 == t.pool_blocks

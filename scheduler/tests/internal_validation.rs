@@ -169,3 +169,42 @@ async fn bad_targets_and_bad_generates_fail_alone() {
     };
     tokio::join!(check(&cluster, &c, "beside bad generates"), bad);
 }
+
+/// A decode worker in another container names a pool file this prefill worker cannot see (its
+/// own /dev/shm, same kernel boot id): on `auto` the KV goes over TCP, on `tcp` the path is
+/// never looked at, and only `shm` asked for outright is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_file_this_host_cannot_see_means_tcp() {
+    let (dir, model) = tiny();
+    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
+    let p = prefill_node(&model);
+    let fe = frontend_of(&model);
+    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
+    let mut pc = PrefillWorkerClient::new(channel(&p.addr));
+    let prompt: Vec<u32> = (3..43).collect();
+    let params = engine::synthetic::testing::mixed_params(0, 4, 1);
+    for (transport, ok) in [("", true), ("tcp", true), ("shm", false)] {
+        let mut target = reserve(&mut dc, &prompt, fe.fingerprint).await;
+        target.shm_path = "/dev/shm/tandem-kv-1-0000dead.pool".into();
+        protocol::grant::sign(Some(&secret()), &mut target);
+        let r = pc
+            .prefill(pb::PrefillRequest {
+                request_id: 8,
+                prompt: prompt.clone(),
+                generated: Vec::new(),
+                params: Some((&params).into()),
+                target: Some(target),
+                transport: transport.into(),
+            })
+            .await;
+        match (r, ok) {
+            (Ok(r), true) => {
+                let r = r.into_inner();
+                assert_eq!(r.filled as usize, prompt.len(), "{transport:?}");
+                assert_eq!(r.transport, "tcp", "{transport:?}");
+            }
+            (Err(e), false) => assert_eq!(e.code(), Code::InvalidArgument, "{e}"),
+            (r, _) => panic!("transport {transport:?}: {r:?}"),
+        }
+    }
+}

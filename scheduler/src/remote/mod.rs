@@ -132,6 +132,11 @@ impl<C> Worker<C> {
         self.healthy.load(Ordering::Acquire)
     }
 
+    /// Requests this scheduler has on it now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+
     /// The load it reported last.
     pub fn stats(&self) -> pb::WorkerStats {
         self.stats.lock().expect("stats poisoned").clone()

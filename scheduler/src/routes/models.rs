@@ -60,6 +60,8 @@ pub struct WorkerHealth {
     pub role: &'static str,
     pub addr: String,
     pub healthy: bool,
+    /// Requests this scheduler has on the worker now.
+    pub inflight: usize,
 }
 
 /// The body lists the workers and their health.
@@ -88,6 +90,7 @@ pub async fn health(State(st): State<AppState>) -> (axum::http::StatusCode, Json
             role,
             addr: w.addr.clone(),
             healthy: w.healthy(),
+            inflight: w.inflight(),
         })
     }
     let mut workers: Vec<WorkerHealth> = list("decode", &r.decode_workers()).collect();
