@@ -13,7 +13,10 @@ if [ "${1:-}" = --model ]; then MODEL=$2; shift 2; fi
 TAG=${1:-tandem:latest}
 TARGET=x86_64-unknown-linux-musl
 rustup target list --installed | grep -qx $TARGET || rustup target add $TARGET
-cargo build --release --target $TARGET -p tandem
+# etcd-client's TLS (ring) compiles C for the target: musl's gcc wrapper.
+command -v musl-gcc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq musl-tools; }
+# etcd discovery built in: the compose cluster and Kubernetes manifests use it.
+cargo build --release --target $TARGET -p tandem --features etcd
 BIN=target/$TARGET/release/tandem
 # Static: no interpreter, no shared libraries.
 if file "$BIN" 2>/dev/null | grep -q "dynamically linked"; then echo "$BIN is not static" >&2; exit 1; fi
