@@ -408,6 +408,10 @@ impl Worker {
         metrics::gauge!("tandem_kv_blocks_total").set(kv.n_blocks() as f64);
         metrics::gauge!("tandem_kv_blocks_free").set(kv.free_blocks() as f64);
         metrics::gauge!("tandem_kv_blocks_cached_unused").set(kv.cached_blocks() as f64);
+        // Held by sequences (cached blocks nobody holds count as free): what the decode pool's
+        // autoscaler reads, as vLLM's kv_cache_usage_perc.
+        metrics::gauge!("tandem_kv_cache_usage_ratio")
+            .set(1.0 - kv.free_blocks() as f64 / kv.n_blocks().max(1) as f64);
         if plan.is_empty() {
             return false;
         }

@@ -15,6 +15,7 @@
 //! - [`target`]: choosing the transport and writing or pushing the KV;
 //! - [`service`]: the `tandem.v2.PrefillWorker` gRPC service and [`service::run`].
 
+pub mod backlog;
 pub mod service;
 pub mod target;
 
@@ -115,17 +116,22 @@ pub struct PrefillHandle {
     tx: SyncSender<PrefillJob>,
     /// Jobs submitted and not yet picked up.
     queued: Arc<AtomicUsize>,
+    /// Their tokens, and the measured rate.
+    backlog: Arc<backlog::Backlog>,
 }
 
 impl PrefillHandle {
     pub fn submit(&self, job: PrefillJob) -> Result<(), SubmitError> {
+        let tokens = job.n_tokens();
         self.queued.fetch_add(1, Ordering::AcqRel);
+        self.backlog.add(tokens);
         let r = self.tx.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::QueueFull,
             TrySendError::Disconnected(_) => SubmitError::Stopped,
         });
         if r.is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.backlog.take(tokens);
         }
         metrics::gauge!("tandem_prefill_queue_depth").set(self.queued() as f64);
         r
@@ -135,34 +141,54 @@ impl PrefillHandle {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
+
+    /// Queued tokens and seconds of work.
+    pub fn backlog(&self) -> &backlog::Backlog {
+        &self.backlog
+    }
 }
 
 /// Starts the prefill loop on its own thread.
 pub fn spawn(engine: Arc<Engine>, cfg: PrefillConfig) -> (PrefillHandle, JoinHandle<()>) {
     let (tx, rx) = sync_channel(cfg.max_waiting);
     let queued = Arc::new(AtomicUsize::new(0));
-    let q = queued.clone();
+    let backlog = Arc::new(backlog::Backlog::default());
+    let (q, b) = (queued.clone(), backlog.clone());
     let th = std::thread::Builder::new()
         .name("tandem-prefill".into())
-        .spawn(move || Loop::new(engine, cfg, q).run(rx))
+        .spawn(move || Loop::new(engine, cfg, q, b).run(rx))
         .expect("spawn prefill thread");
-    (PrefillHandle { tx, queued }, th)
+    (
+        PrefillHandle {
+            tx,
+            queued,
+            backlog,
+        },
+        th,
+    )
 }
 
 struct Loop {
     engine: Arc<Engine>,
     cfg: PrefillConfig,
     queued: Arc<AtomicUsize>,
+    backlog: Arc<backlog::Backlog>,
     targets: Targets,
 }
 
 impl Loop {
-    fn new(engine: Arc<Engine>, cfg: PrefillConfig, queued: Arc<AtomicUsize>) -> Loop {
+    fn new(
+        engine: Arc<Engine>,
+        cfg: PrefillConfig,
+        queued: Arc<AtomicUsize>,
+        backlog: Arc<backlog::Backlog>,
+    ) -> Loop {
         let targets = Targets::new(engine.clone(), cfg.secret.clone());
         Loop {
             engine,
             cfg,
             queued,
+            backlog,
             targets,
         }
     }
@@ -196,10 +222,13 @@ impl Loop {
             // The held job was counted out of the queue too: it is the next batch's head.
             let taken = batch.len() + usize::from(held.is_some());
             let left = self.queued.fetch_sub(taken, Ordering::AcqRel) - taken;
+            let held_tokens = held.as_ref().map_or(0, PrefillJob::n_tokens);
+            self.backlog.take(tokens + held_tokens);
             metrics::gauge!("tandem_prefill_queue_depth").set(left as f64);
             self.run_batch(batch);
             if held.is_some() {
                 self.queued.fetch_add(1, Ordering::AcqRel);
+                self.backlog.add(held_tokens);
             }
         }
     }
@@ -245,7 +274,9 @@ impl Loop {
             });
         drop(items);
         let tokens: usize = inputs.iter().map(Vec::len).sum();
-        metrics::histogram!("tandem_prefill_batch_seconds").record(started.elapsed().as_secs_f64());
+        let secs = started.elapsed().as_secs_f64();
+        metrics::histogram!("tandem_prefill_batch_seconds").record(secs);
+        self.backlog.measured(tokens, secs);
         metrics::counter!("tandem_prefill_tokens_total").increment(tokens as u64);
         match result {
             Ok(logits) => {
