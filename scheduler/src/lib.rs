@@ -46,7 +46,7 @@ pub struct AppState {
     /// When the server started (the model card's `created`).
     pub started_unix: u64,
     /// Required as `Authorization: Bearer KEY` on the API routes (`/v1/…`), when set
-    /// (vLLM's `--api-key`); `/health` and `/metrics` stay open for probes and scrapers.
+    /// (vLLM's `--api-key`); `/live`, `/health` and `/metrics` stay open for probes and scrapers.
     pub api_key: Option<Arc<str>>,
     /// Longest sequence (prompt + completion) a request may ask for: the model's context
     /// length, or less (vLLM's `--max-model-len`).
@@ -105,7 +105,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
         Some("/v1/chat/completions") => "chat",
         Some("/v1/completions") => "completions",
         Some("/v1/models") | Some("/v1/models/{id}") => "models",
-        Some("/health") => "health",
+        Some("/health") | Some("/live") => "health",
         Some("/metrics") => "metrics",
         Some("/tokenize") | Some("/detokenize") => "tokenize",
         Some("/openapi.json") => "openapi",
@@ -116,7 +116,7 @@ async fn count_requests(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Refuses every route but the probes (`/health`, `/metrics`) and the API's description
+/// Refuses every route but the probes (`/live`, `/health`, `/metrics`) and the API's description
 /// (`/openapi.json`) whose `Authorization: Bearer` does not carry the key.
 async fn require_api_key(
     axum::extract::State(st): axum::extract::State<AppState>,
@@ -124,7 +124,10 @@ async fn require_api_key(
     next: Next,
 ) -> Response {
     if let Some(key) = &st.api_key
-        && !matches!(req.uri().path(), "/health" | "/metrics" | "/openapi.json")
+        && !matches!(
+            req.uri().path(),
+            "/live" | "/health" | "/metrics" | "/openapi.json"
+        )
     {
         let given = req
             .headers()
@@ -156,6 +159,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v1/models/{id}", get(routes::models::get))
         .route("/tokenize", post(routes::tokenize::tokenize))
         .route("/detokenize", post(routes::tokenize::detokenize))
+        .route("/live", get(routes::models::live))
         .route("/health", get(routes::models::health))
         .route("/metrics", get(routes::models::metrics))
         .route("/openapi.json", get(openapi::document))

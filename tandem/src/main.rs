@@ -3,6 +3,7 @@
 mod args;
 mod process;
 mod roles;
+mod status;
 mod up;
 
 use clap::{Parser, Subcommand};

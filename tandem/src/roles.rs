@@ -2,6 +2,7 @@
 
 use crate::args::{ClusterArgs, DecodeArgs, DiscoveryArgs, PrefillArgs, SchedulerArgs};
 use crate::process::{model_path, runtime, shutdown_signal};
+use crate::status::{Phase, Status};
 use anyhow::Context;
 use engine::Engine;
 use std::sync::Arc;
@@ -95,6 +96,25 @@ fn worker_secret(
     Ok(secret)
 }
 
+/// The worker's status, served on `listen` (if given) from now on: before the model loads.
+fn status_server(
+    rt: &tokio::runtime::Runtime,
+    listen: Option<&str>,
+    role: &'static str,
+) -> anyhow::Result<Status> {
+    let status = Status::new(role);
+    if let Some(addr) = listen {
+        rt.block_on(crate::status::spawn(addr, status.clone()))?;
+    }
+    Ok(status)
+}
+
+/// Resolves on the stop signal, having marked the worker draining (no longer ready).
+async fn draining(status: Status) {
+    shutdown_signal().await;
+    status.set(Phase::Draining);
+}
+
 pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let kv_listen = args
         .kv_listen
@@ -103,6 +123,8 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let secret = worker_secret(&args.cluster, &[&args.listen, &kv_listen])?;
     let etcd = args.discovery.etcd.config()?;
     args.compute.setup()?;
+    let rt = runtime()?;
+    let status = status_server(&rt, args.status_listen.as_deref(), "decode")?;
     let path = model_path(args.model.model.as_deref())?;
     let mut cfg = args.compute.engine_config(&args.model);
     if !args.no_shm {
@@ -118,8 +140,9 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let worker = args.batch.worker_config();
     let advertise = args.discovery.host(&args.listen);
     let fingerprint = engine.frontend.fingerprint;
-    runtime()?.block_on(async {
+    rt.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
+        status.set(Phase::Serving);
         let serve = async {
             decode_worker::service::serve(
                 engine,
@@ -131,7 +154,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                     secret,
                     ..Default::default()
                 },
-                shutdown_signal(),
+                draining(status.clone()),
             )
             .await
             .context("decode worker")
@@ -147,6 +170,8 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let secret = worker_secret(&args.cluster, &[&args.listen])?;
     let etcd = args.discovery.etcd.config()?;
     args.compute.setup()?;
+    let rt = runtime()?;
+    let status = status_server(&rt, args.status_listen.as_deref(), "prefill")?;
     let path = model_path(args.model.model.as_deref())?;
     // A prefill worker's own pool: TCP transfers compute into it, and its prefix cache.
     let engine = Arc::new(
@@ -155,10 +180,11 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     );
     let cfg = args.prefill_config(secret);
     let fingerprint = engine.frontend.fingerprint;
-    runtime()?.block_on(async {
+    rt.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
+        status.set(Phase::Serving);
         let serve = async {
-            prefill_worker::service::serve(engine, cfg, listener, shutdown_signal())
+            prefill_worker::service::serve(engine, cfg, listener, draining(status.clone()))
                 .await
                 .context("prefill worker")
         };

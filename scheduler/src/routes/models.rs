@@ -64,6 +64,14 @@ pub struct WorkerHealth {
     pub inflight: usize,
 }
 
+/// Liveness: the process runs and its runtime answers (a probe that restarts it when not).
+/// Says nothing about the workers: that is `/health`.
+#[utoipa::path(get, path = "/live", tag = "probes",
+    responses((status = 200, body = String, content_type = "text/plain")))]
+pub async fn live() -> &'static str {
+    "ok"
+}
+
 /// The body lists the workers and their health.
 #[utoipa::path(get, path = "/health", tag = "probes",
     responses(

