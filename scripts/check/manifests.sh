@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The deployment files, checked offline: every Kubernetes overlay renders (`kubectl kustomize`)
+# and is valid against the Kubernetes API schemas, strictly (PyPI kubernetes-validate: no
+# unknown field anywhere); every flag and environment variable the manifests and the compose
+# file pass exists in the --help of the program they run (scripts/check/manifest_flags.py).
+#
+# usage: scripts/check/manifests.sh [TANDEM_BIN]      (default target/release/tandem)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${1:-target/release/tandem}
+K8S_VERSION=${K8S_VERSION:-1.32.0}
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install -q --disable-pip-version-check kubernetes-validate
+command -v etcd >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq etcd-server; }
+for dir in deploy/kubernetes/overlays/*/; do
+  name=$(basename "$dir")
+  kubectl kustomize "$dir" > "$OUT/$name.yaml"
+  kubernetes-validate --strict -k "$K8S_VERSION" --quiet "$OUT/$name.yaml"
+  echo "manifests: overlay $name: $(grep -c '^kind:' "$OUT/$name.yaml") objects, valid against Kubernetes $K8S_VERSION (strict)"
+done
+python3 scripts/check/manifest_flags.py "$BIN" "$(command -v etcd)" "$OUT"/*.yaml deploy/compose.yaml
