@@ -214,6 +214,17 @@ impl DecodeWorker for DecodeService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "decode",
+            otel.kind = "server",
+            x_request_id = %protocol::trace::request_id(req.metadata()),
+            tandem.committed = req.get_ref().commit.is_some(),
+            tandem.resumed_after = req.get_ref().generated.len() as i64,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            tandem.time_to_first_token_ms = tracing::field::Empty,
+        );
+        protocol::trace::continue_from(&span, req.metadata());
         let r = req.into_inner();
         let params = params(r.params.as_ref())?;
         let prompt: Vec<TokenId> = r.prompt;
@@ -330,13 +341,22 @@ impl DecodeWorker for DecodeService {
             .insert(r.request_id, cancel.clone());
         let (out, out_rx) = mpsc::channel(64);
         let cancels = self.cancels.clone();
-        tokio::spawn(async move {
+        let forward = async move {
             // Forward until the sequence ends; a client gone drops `rx`, which the batch
             // sees as a cancelled sequence and frees its blocks.
+            let mut tokens = 0usize;
             loop {
                 tokio::select! {
                     ev = rx.recv() => match ev {
                         Some(ev) => {
+                            if let WorkerEvent::Token(_) = ev {
+                                if tokens == 0 {
+                                    let ms = started.elapsed().as_secs_f64() * 1e3;
+                                    tracing::Span::current()
+                                        .record("tandem.time_to_first_token_ms", ms);
+                                }
+                                tokens += 1;
+                            }
                             if out.send(Ok(pb::WorkerEvent::from(&ev))).await.is_err() {
                                 break;
                             }
@@ -346,12 +366,15 @@ impl DecodeWorker for DecodeService {
                     _ = out.closed() => break,
                 }
             }
+            tracing::Span::current().record("gen_ai.usage.output_tokens", tokens as i64);
             cancel.cancel();
             cancels
                 .lock()
                 .expect("cancel map poisoned")
                 .remove(&r.request_id);
-        });
+        };
+        // The span ends with the stream.
+        tokio::spawn(tracing::Instrument::instrument(forward, span));
         Ok(Response::new(ReceiverStream::new(out_rx)))
     }
 

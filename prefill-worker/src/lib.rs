@@ -44,6 +44,10 @@ pub struct PrefillJob {
     pub transport: Option<Transport>,
     pub cancel: CancellationToken,
     pub reply: oneshot::Sender<Result<PrefillOutcome, WorkerError>>,
+    /// The call's `prefill` span: the job's `kv.transfer` span goes under it.
+    pub span: tracing::Span,
+    /// The HTTP request's `x-request-id`, for the spans and log lines of the job.
+    pub request_id: String,
 }
 
 impl PrefillJob {
@@ -236,12 +240,24 @@ impl Loop {
     /// One forward pass over every live job of the batch.
     fn run_batch(&mut self, batch: Vec<PrefillJob>) {
         let mut live = Vec::new();
+        // Each job's KV on its way to the decode worker: from here to the sealed transfer
+        // (over TCP, layer by layer beside the pass; in place, the pass itself).
+        let mut transfers = Vec::new();
+        let block_bytes = self.engine.kv.layout().block_bytes();
         for job in batch {
             if job.cancel.is_cancelled() || job.reply.is_closed() {
                 continue;
             }
             match self.targets.prepare(&job) {
-                Ok(p) => live.push((job.tokens(), job, p)),
+                Ok(p) => {
+                    transfers.push(tracing::info_span!(parent: &job.span, "kv.transfer",
+                        x_request_id = %job.request_id,
+                        tandem.kv.transport = p.transport().name(),
+                        tandem.kv.bytes = (p.written_blocks() * block_bytes) as i64,
+                        tandem.kv.blocks = p.written_blocks() as i64,
+                    ));
+                    live.push((job.tokens(), job, p));
+                }
                 Err(e) => {
                     let _ = job.reply.send(Err(e));
                 }
@@ -280,8 +296,10 @@ impl Loop {
         metrics::counter!("tandem_prefill_tokens_total").increment(tokens as u64);
         match result {
             Ok(logits) => {
-                for (((tokens, job, prep), l), sum) in live.into_iter().zip(logits).zip(sums) {
+                let jobs = live.into_iter().zip(logits).zip(sums).zip(transfers);
+                for ((((tokens, job, prep), l), sum), transfer) in jobs {
                     let out = self.finish(&tokens, &job, prep, sum, &l);
+                    drop(transfer);
                     let _ = job.reply.send(out);
                 }
             }

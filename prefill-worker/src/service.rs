@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 /// The gRPC service over a running prefill loop.
 #[derive(Clone)]
@@ -40,33 +41,16 @@ impl PrefillService {
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
-}
 
-/// Forgets a request's cancel flag when its call ends (answered or dropped by the client).
-struct Registered<'a> {
-    map: &'a Mutex<HashMap<u64, CancellationToken>>,
-    id: u64,
-    flag: CancellationToken,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        // The call ended: if it was dropped mid-flight, the loop skips the job.
-        self.flag.cancel();
-        self.map
-            .lock()
-            .expect("cancel map poisoned")
-            .remove(&self.id);
-    }
-}
-
-#[tonic::async_trait]
-impl PrefillWorker for PrefillService {
-    async fn prefill(
+    /// One `Prefill` call, inside its span (`span` records what the call learns).
+    async fn prefill_call(
         &self,
         req: Request<pb::PrefillRequest>,
+        span: tracing::Span,
     ) -> Result<Response<pb::PrefillReply>, Status> {
+        let request_id = protocol::trace::request_id(req.metadata());
         let r = req.into_inner();
+
         let params = r
             .params
             .as_ref()
@@ -118,6 +102,8 @@ impl PrefillWorker for PrefillService {
                 transport,
                 cancel: flag,
                 reply: tx,
+                span: span.clone(),
+                request_id,
             })
             .map_err(|e| match e {
                 SubmitError::QueueFull => Status::resource_exhausted(e.to_string()),
@@ -127,15 +113,63 @@ impl PrefillWorker for PrefillService {
             .await
             .map_err(|_| Status::cancelled("the prefill was cancelled"))?;
         match out {
-            Ok(o) => Ok(Response::new(pb::PrefillReply {
-                events: o.events.iter().map(pb::WorkerEvent::from).collect(),
-                checksum: o.checksum,
-                filled: o.filled as u32,
-                transport: o.transport.name().into(),
-            })),
+            Ok(o) => {
+                span.record("tandem.kv.transport", o.transport.name());
+                if let Some(cached) = o.events.iter().find_map(|e| match e {
+                    engine::request::WorkerEvent::Prefilled { cached_tokens } => {
+                        Some(*cached_tokens)
+                    }
+                    _ => None,
+                }) {
+                    span.record("tandem.cached_tokens", cached as i64);
+                }
+                Ok(Response::new(pb::PrefillReply {
+                    events: o.events.iter().map(pb::WorkerEvent::from).collect(),
+                    checksum: o.checksum,
+                    filled: o.filled as u32,
+                    transport: o.transport.name().into(),
+                }))
+            }
             Err(WorkerError::Overloaded(m)) => Err(Status::resource_exhausted(m)),
             Err(WorkerError::Internal(m)) => Err(Status::internal(m)),
         }
+    }
+}
+
+/// Forgets a request's cancel flag when its call ends (answered or dropped by the client).
+struct Registered<'a> {
+    map: &'a Mutex<HashMap<u64, CancellationToken>>,
+    id: u64,
+    flag: CancellationToken,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        // The call ended: if it was dropped mid-flight, the loop skips the job.
+        self.flag.cancel();
+        self.map
+            .lock()
+            .expect("cancel map poisoned")
+            .remove(&self.id);
+    }
+}
+
+#[tonic::async_trait]
+impl PrefillWorker for PrefillService {
+    async fn prefill(
+        &self,
+        req: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillReply>, Status> {
+        let span = tracing::info_span!(
+            "prefill",
+            otel.kind = "server",
+            x_request_id = %protocol::trace::request_id(req.metadata()),
+            gen_ai.usage.input_tokens = req.get_ref().prompt.len() as i64,
+            tandem.cached_tokens = tracing::field::Empty,
+            tandem.kv.transport = tracing::field::Empty,
+        );
+        protocol::trace::continue_from(&span, req.metadata());
+        self.prefill_call(req, span.clone()).instrument(span).await
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Empty>, Status> {

@@ -319,6 +319,16 @@ impl Prepared {
         self.transport == Transport::Tcp
     }
 
+    /// How the KV goes to the decode worker.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Blocks the pass writes for the decode worker (sent over TCP, or written in place).
+    pub fn written_blocks(&self) -> usize {
+        self.written.len()
+    }
+
     /// What the forward pass's layer hook does for this job: sum each layer's written slabs
     /// and announce the layer to the sender thread, if any.
     pub fn layer_sum(&self) -> LayerSum {

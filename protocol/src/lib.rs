@@ -13,6 +13,7 @@ pub mod auth;
 pub mod discovery;
 pub mod grant;
 pub mod net;
+pub mod trace;
 
 /// The generated `tandem.v2` code.
 pub mod pb {

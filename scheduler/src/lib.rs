@@ -21,6 +21,7 @@ pub mod remote;
 pub mod routes;
 pub mod structured;
 pub mod tools;
+pub mod trace;
 pub mod validate;
 
 use axum::Router;
@@ -176,6 +177,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
             require_api_key,
         ))
         .layer(middleware::from_fn(count_requests))
+        .layer(middleware::from_fn(trace::trace_request))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -4,6 +4,7 @@ mod args;
 mod process;
 mod roles;
 mod status;
+mod telemetry;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -70,17 +71,31 @@ enum ModelCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TANDEM_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal (not in CI logs, files, or `tandem up`'s piped children).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let cli = Cli::parse();
+    // Traces from the cluster's processes; `up` passes the flags on to its children.
+    let (role, telemetry) = match &cli.command {
+        Command::Scheduler(a) => ("scheduler", a.telemetry.clone()),
+        Command::Prefill(a) => ("prefill", a.telemetry.clone()),
+        Command::Decode(a) => ("decode", a.telemetry.clone()),
+        Command::Up(a) if a.colocated => ("up", a.telemetry.clone()),
+        Command::Up(a) => (
+            "up",
+            args::TelemetryArgs {
+                otlp_endpoint: None,
+                ..a.telemetry.clone()
+            },
+        ),
+        _ => ("tandem", args::TelemetryArgs::default()),
+    };
+    let _telemetry = match telemetry::init(role, &telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tandem: error: starting telemetry: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     process::raise_fd_limit();
-    match run(Cli::parse().command) {
+    match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One readable line (with its causes), not a backtrace.

@@ -199,6 +199,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             batch: args.batch.clone(),
             model: model.clone(),
             compute: compute(),
+            telemetry: args.telemetry.clone(),
         };
         decode_addrs.push(d.listen.clone());
         members.push(member(format!("decode-{i}"), d.to_args()));
@@ -214,6 +215,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             discovery: no_discovery.clone(),
             model: model.clone(),
             compute: compute(),
+            telemetry: args.telemetry.clone(),
         };
         prefill_addrs.push(p.listen.clone());
         members.push(member(format!("prefill-{i}"), p.to_args()));
@@ -226,6 +228,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         cluster,
         routing: args.routing.clone(),
         model,
+        telemetry: args.telemetry.clone(),
     };
     let mut sched = member("scheduler".into(), s.to_args());
     sched.env = s.http.child_env();

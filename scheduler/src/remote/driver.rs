@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 /// Drives request `id` on a task of its own; its events go to `tx`.
 pub(super) fn spawn(
@@ -22,6 +23,9 @@ pub(super) fn spawn(
     tx: mpsc::UnboundedSender<WorkerEvent>,
     admitted: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // Called inside the HTTP request: its span is the parent of the driver's.
+    let parent = tracing::Span::current();
+    let request_id = crate::trace::request_id();
     tokio::spawn(async move {
         // The request's place among those in flight, taken by `submit`, given back at the end.
         let _admitted = admitted;
@@ -34,6 +38,9 @@ pub(super) fn spawn(
             tx,
             sent: Vec::new(),
             reported: false,
+            route: tracing::Span::none(),
+            parent,
+            request_id,
         }
         .run()
         .await;
@@ -82,6 +89,11 @@ struct Driver<'a> {
     sent: Vec<TokenId>,
     /// The prompt's report (prefilled / prompt log-probabilities) was forwarded.
     reported: bool,
+    /// The HTTP request's span, and this attempt's `route` span under it (the parent of the
+    /// workers' spans: its context rides in every call's metadata).
+    parent: tracing::Span,
+    route: tracing::Span,
+    request_id: String,
 }
 
 /// What forwarding an event did.
@@ -148,7 +160,14 @@ impl Driver<'_> {
                 ));
                 return;
             }
-            let Some(d) = self.remote.decode_worker(&self.cancel).await else {
+            let queue = tracing::info_span!(parent: &self.parent, "queue",
+                x_request_id = %self.request_id, tandem.attempt = attempts as i64);
+            let Some(d) = self
+                .remote
+                .decode_worker(&self.cancel)
+                .instrument(queue)
+                .await
+            else {
                 if !self.gone() {
                     self.fail(WorkerError::Overloaded(format!(
                         "no decode worker became available within {:?}",
@@ -158,8 +177,17 @@ impl Driver<'_> {
                 return;
             };
             let _busy = Busy::on(&d.inflight);
+            self.route = tracing::info_span!(parent: &self.parent, "route",
+                x_request_id = %self.request_id,
+                tandem.attempt = attempts as i64,
+                tandem.decode.worker = %d.addr,
+                tandem.prompt_tokens = self.prompt.len() as i64,
+                tandem.prefill.worker = tracing::field::Empty,
+                tandem.prefill.placement = tracing::field::Empty,
+            );
+            let route = self.route.clone();
             let commit = {
-                match self.prefill_phase(&d).await {
+                match self.prefill_phase(&d).instrument(route.clone()).await {
                     Ok(Some((commit, events))) => {
                         let mut finished = false;
                         for ev in events {
@@ -183,7 +211,7 @@ impl Driver<'_> {
                     }
                 }
             };
-            match self.generate_phase(&d, commit).await {
+            match self.generate_phase(&d, commit).instrument(route).await {
                 Ok(()) => return,
                 Err(Fault::DecodeLost) => {
                     if !self.sent.is_empty() {
@@ -212,7 +240,22 @@ impl Driver<'_> {
             tokens: self.prompt.len(),
             prompt_logprobs: self.params.prompt_logprobs.is_some(),
         };
-        match self.remote.place_prefill(shape, fingerprint) {
+        let place = self.remote.place_prefill(shape, fingerprint);
+        self.route.record(
+            "tandem.prefill.placement",
+            match place {
+                PrefillPlace::PrefillWorker(_) => "prefill worker",
+                PrefillPlace::Decode(LocalReason::PrefillBusy) => "decode worker: prefill busy",
+                PrefillPlace::Decode(LocalReason::Short) => "decode worker: short prompt",
+                PrefillPlace::Decode(LocalReason::NoPrefillWorker) => {
+                    "decode worker: no prefill worker"
+                }
+                PrefillPlace::Decode(LocalReason::PromptLogprobs) => {
+                    "decode worker: prompt logprobs"
+                }
+            },
+        );
+        match place {
             PrefillPlace::PrefillWorker(_) => {}
             PrefillPlace::Decode(LocalReason::PrefillBusy) => {
                 metrics::counter!("tandem_prefill_spills_total").increment(1);
@@ -238,12 +281,14 @@ impl Driver<'_> {
         let deadline = tokio::time::Instant::now() + self.remote.cfg.hold;
         let target = loop {
             let mut dc = d.client.clone();
-            let reserve = dc.reserve(pb::ReserveRequest {
+            let mut req = tonic::Request::new(pb::ReserveRequest {
                 request_id: self.id,
                 tokens: tokens.clone(),
                 fingerprint,
                 use_prefix_cache: self.params.prompt_logprobs.is_none(),
             });
+            protocol::trace::inject(&self.route, &self.request_id, req.metadata_mut());
+            let reserve = dc.reserve(req);
             match self.until_gone(reserve).await? {
                 Ok(r) => {
                     break r
@@ -275,6 +320,7 @@ impl Driver<'_> {
                 return Ok(None);
             };
             tried.push(p.addr.clone());
+            self.route.record("tandem.prefill.worker", p.addr.as_str());
             let _busy = Busy::on(&p.inflight);
             let mut pc = p.client.clone();
             let mut req = tonic::Request::new(pb::PrefillRequest {
@@ -287,6 +333,7 @@ impl Driver<'_> {
             });
             // A worker that never answers (stalled, black-holed) costs this much at most.
             req.set_timeout(self.remote.cfg.prefill_timeout);
+            protocol::trace::inject(&self.route, &self.request_id, req.metadata_mut());
             let call = pc.prefill(req);
             match self.until_gone(call).await {
                 Err(Fault::Cancelled) => {
@@ -336,13 +383,15 @@ impl Driver<'_> {
     ) -> Result<(), Fault> {
         let mut dc = d.client.clone();
         let lease = commit.as_ref().map(|c| c.lease_id.clone());
-        let call = dc.generate(pb::GenerateRequest {
+        let mut req = tonic::Request::new(pb::GenerateRequest {
             request_id: self.id,
             prompt: self.prompt.clone(),
             generated: self.sent.clone(),
             params: Some(pb::GenerationParams::from(&self.params)),
             commit,
         });
+        protocol::trace::inject(&self.route, &self.request_id, req.metadata_mut());
+        let call = dc.generate(req);
         let opened = self.until_gone(call).await;
         if !matches!(opened, Ok(Ok(_)))
             && let Some(lease) = lease

@@ -142,6 +142,7 @@ pub async fn handler(
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_model(&req.model)?;
+    crate::trace::record_model("chat", &req.model);
     let tools = crate::tools::parse(&req.sampling)?;
     let forced_call = tools.as_ref().and_then(|t| t.constraint());
     let formatted = [

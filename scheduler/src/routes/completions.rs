@@ -67,6 +67,7 @@ pub async fn handler(
     AppJson(req): AppJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     st.check_model(&req.model)?;
+    crate::trace::record_model("text_completion", &req.model);
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix is not supported", "suffix"));
     }

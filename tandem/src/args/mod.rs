@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod cluster;
+mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
+pub use telemetry::{LogFormat, TelemetryArgs};
 
 /// Default KV cache budget per worker, in MiB.
 pub const DEFAULT_KV_CACHE_MIB: usize = 512;
@@ -325,6 +327,8 @@ pub struct DecodeArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl DecodeArgs {
@@ -340,6 +344,7 @@ impl DecodeArgs {
         a.extend(self.batch.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
+        a.extend(self.telemetry.to_args());
         a
     }
 }
@@ -367,6 +372,8 @@ pub struct PrefillArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl PrefillArgs {
@@ -392,6 +399,7 @@ impl PrefillArgs {
         a.extend(self.discovery.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
+        a.extend(self.telemetry.to_args());
         a
     }
 }
@@ -417,6 +425,8 @@ pub struct SchedulerArgs {
     /// The model (the scheduler reads its tokenizer and chat template; no weights).
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 impl SchedulerArgs {
@@ -430,6 +440,7 @@ impl SchedulerArgs {
         a.extend(self.cluster.to_args());
         a.extend(self.routing.to_args());
         a.extend(self.model.to_args());
+        a.extend(self.telemetry.to_args());
         a
     }
 }
@@ -459,6 +470,8 @@ pub struct UpArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
 }
 
 #[cfg(test)]
@@ -527,6 +540,10 @@ mod tests {
             },
             model: model(),
             compute: compute(vec![1, 2]),
+            telemetry: TelemetryArgs {
+                otlp_endpoint: Some("http://collector:4317".into()),
+                log_format: LogFormat::Json,
+            },
         };
         match parse(d.to_args()) {
             Role::Decode(got) => assert_eq!(got, d),
@@ -547,6 +564,7 @@ mod tests {
             },
             model: model(),
             compute: compute(vec![0]),
+            telemetry: TelemetryArgs::default(),
         };
         match parse(p.to_args()) {
             Role::Prefill(got) => assert_eq!(got, p),
@@ -581,6 +599,10 @@ mod tests {
                 prefill_timeout_secs: 13,
             },
             model: model(),
+            telemetry: TelemetryArgs {
+                otlp_endpoint: Some("http://otel:4317".into()),
+                log_format: LogFormat::Text,
+            },
         };
         match parse(s.to_args()) {
             Role::Scheduler(got) => assert_eq!(got, s),
