@@ -70,17 +70,18 @@ out, rounds = sys.argv[1], int(sys.argv[2])
 def get(server, c, r):
     v = json.load(open(f"{out}/{server}-c{c}-r{r}/summary.json"))
     return v[0] if isinstance(v, list) else v
-print("| concurrency | server | failed | median TTFT ms | median TPOT ms | TTFT / up-shm | TPOT / up-shm |")
-print("|---|---|---|---|---|---|---|")
+keys = [("median_ttft_ms", "TTFT p50 ms"), ("p99_ttft_ms", "TTFT p99 ms"), ("median_tpot_ms", "TPOT p50 ms"),
+        ("output_throughput", "out tok/s")]
+print("| concurrency | server | failed | " + " | ".join(h for _, h in keys) + " | TTFT p50 / up-shm | TPOT p50 / up-shm | tok/s / up-shm |")
+print("|---|---|---|" + "---|" * (len(keys) + 3))
 for c in (1, 8):
     for server in ("up-shm", "up-tcp", "compose"):
         rows = [get(server, c, r) for r in range(1, rounds + 1)]
         base = [get("up-shm", c, r) for r in range(1, rounds + 1)]
-        ttft = statistics.median(x["median_ttft_ms"] for x in rows)
-        tpot = statistics.median(x["median_tpot_ms"] for x in rows)
+        cells = [f"{statistics.median(x[k] for x in rows):.{2 if 'tpot' in k else 1}f}" for k, _ in keys]
         # Ratios per round (same round: the host's load is shared), then their median.
-        rt = statistics.median(x["median_ttft_ms"] / b["median_ttft_ms"] for x, b in zip(rows, base))
-        rp = statistics.median(x["median_tpot_ms"] / b["median_tpot_ms"] for x, b in zip(rows, base))
+        ratio = lambda k: statistics.median(x[k] / b[k] for x, b in zip(rows, base))
         failed = sum(x.get("failed", 0) for x in rows)
-        print(f"| {c} | {server} | {failed} | {ttft:.1f} | {tpot:.2f} | {rt:.3f}x | {rp:.3f}x |")
+        print(f"| {c} | {server} | {failed} | " + " | ".join(cells)
+              + f" | {ratio('median_ttft_ms'):.3f}x | {ratio('median_tpot_ms'):.3f}x | {ratio('output_throughput'):.3f}x |")
 PY

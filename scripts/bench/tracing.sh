@@ -4,24 +4,31 @@
 # exported to a receiver that is not there: the SDK builds, batches and tries to send every
 # span, and drops them). Same machine, same workload, rounds alternating between the three.
 #
-#   workload: /v1/completions, random 256-token prompts, 64 tokens out, 32 requests at
-#   concurrency 8, every prompt through the prefill worker (--disagg-min-tokens 16).
+#   workload: /v1/completions, random IN-token prompts (64), OUT tokens out (256), PROMPTS
+#   requests (16) at concurrency CONC (4), every prompt through the prefill worker
+#   (--disagg-min-tokens 16): decode-bound, where a per-token cost would show. The base binary
+#   is kept in bench-results/tracing/ and reused (BASE_BIN=… to give one).
 #
-# usage: BASE_REV=2b199ea scripts/bench/tracing.sh      (ROUNDS=3)
+# usage: BASE_REV=2b199ea scripts/bench/tracing.sh      (ROUNDS=5)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 BASE_REV=${BASE_REV:-2b199ea}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-5}
+IN=${IN:-64} OUT_TOKENS=${OUT_TOKENS:-256} CONC=${CONC:-4} PROMPTS=${PROMPTS:-16}
 OUT=bench-results/tracing
 PORT=18195
-rm -rf $OUT && mkdir -p $OUT
-# The base, built in a worktree (sharing the target directory: only Tandem's crates rebuild).
-WT=$(mktemp -d /tmp/tandem-base.XXXXXX)
-git worktree add -q --detach "$WT" "$BASE_REV"
-(cd "$WT" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release -q -p tandem)
-cp target/release/tandem $OUT/tandem-base
-git worktree remove --force "$WT"
+mkdir -p $OUT
+BASE_BIN=${BASE_BIN:-$OUT/tandem-base-$BASE_REV}
+if [ ! -x "$BASE_BIN" ]; then
+  # The base, built in a worktree (sharing the target directory: only Tandem's crates rebuild).
+  WT=$(mktemp -d /tmp/tandem-base.XXXXXX)
+  git worktree add -q --detach "$WT" "$BASE_REV"
+  (cd "$WT" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release -q -p tandem)
+  cp target/release/tandem "$BASE_BIN"
+  git worktree remove --force "$WT"
+fi
+rm -rf $OUT/*-r[0-9]*
 cargo build --release -q -p tandem
 cp target/release/tandem $OUT/tandem-now
 MODEL=$($OUT/tandem-now model fetch 2>/dev/null)
@@ -45,13 +52,13 @@ sys.exit(0 if len(w) == 2 and all(x['healthy'] for x in w) else 1)" 2>/dev/null 
 for round in $(seq 1 "$ROUNDS"); do
   for server in base off on; do
     case $server in
-      base) start $OUT/tandem-base ;;
+      base) start "$BASE_BIN" ;;
       off) start $OUT/tandem-now ;;
       on) start $OUT/tandem-now --otlp-endpoint "http://127.0.0.1:$DEAD" ;;
     esac
     $OUT/tandem-now bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Instruct --tokenizer "$MODEL" \
-      --quiet --endpoint /v1/completions --dataset-name random --random-input-len 256 --random-output-len 64 \
-      --num-prompts 32 --max-concurrency 8 --request-rate inf --num-warmups 2 --seed "$round" \
+      --quiet --endpoint /v1/completions --dataset-name random --random-input-len $IN --random-output-len $OUT_TOKENS \
+      --num-prompts $PROMPTS --max-concurrency $CONC --request-rate inf --num-warmups 2 --seed "$round" \
       --label "$server" --result-dir "$OUT/$server-r$round" >/dev/null
     stop
   done
