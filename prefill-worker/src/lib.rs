@@ -145,11 +145,6 @@ impl PrefillHandle {
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
-
-    /// Queued tokens and seconds of work.
-    pub fn backlog(&self) -> &backlog::Backlog {
-        &self.backlog
-    }
 }
 
 /// Starts the prefill loop on its own thread.

@@ -42,13 +42,14 @@ impl PrefillService {
             .max_encoding_message_size(64 << 20)
     }
 
-    /// One `Prefill` call, inside its span (`span` records what the call learns).
+    /// One `Prefill` call of request `request_id`, inside its span (`span` records what the
+    /// call learns).
     async fn prefill_call(
         &self,
         req: Request<pb::PrefillRequest>,
+        request_id: String,
         span: tracing::Span,
     ) -> Result<Response<pb::PrefillReply>, Status> {
-        let request_id = protocol::trace::request_id(req.metadata());
         let r = req.into_inner();
 
         let params = r
@@ -160,16 +161,19 @@ impl PrefillWorker for PrefillService {
         &self,
         req: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillReply>, Status> {
+        let request_id = protocol::trace::request_id(req.metadata());
         let span = tracing::info_span!(
             "prefill",
             otel.kind = "server",
-            x_request_id = %protocol::trace::request_id(req.metadata()),
+            x_request_id = %request_id,
             gen_ai.usage.input_tokens = req.get_ref().prompt.len() as i64,
             tandem.cached_tokens = tracing::field::Empty,
             tandem.kv.transport = tracing::field::Empty,
         );
         protocol::trace::continue_from(&span, req.metadata());
-        self.prefill_call(req, span.clone()).instrument(span).await
+        self.prefill_call(req, request_id, span.clone())
+            .instrument(span)
+            .await
     }
 
     async fn cancel(&self, req: Request<pb::CancelRequest>) -> Result<Response<pb::Empty>, Status> {

@@ -9,7 +9,6 @@ use common::nodes::*;
 use engine::Engine;
 use kv_store::tcp::KvSender;
 use protocol::pb::decode_worker_client::DecodeWorkerClient;
-use protocol::pb::prefill_worker_client::PrefillWorkerClient;
 use protocol::{LeaseId, pb};
 use scheduler::cluster::Cluster;
 use std::time::{Duration, Instant};
@@ -195,12 +194,15 @@ async fn a_stalled_transfer_expires_and_its_blocks_come_back() {
 /// it fails within the handshake and send deadlines, and the other prefills finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_decode_peer_fails_only_its_own_prefill() {
-    let (dir, model) = tiny();
-    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
-    let p = prefill_node(&model);
-    let fe = frontend_of(&model);
-    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
-    let mut pc = PrefillWorkerClient::new(channel(&p.addr));
+    let Pair {
+        dir: _dir,
+        model,
+        decode: d,
+        prefill: p,
+        fe,
+        mut dc,
+        mut pc,
+    } = pair();
     // Accepts connections and never says a word.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let prompt: Vec<u32> = (3..43).collect();

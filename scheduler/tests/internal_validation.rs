@@ -7,8 +7,6 @@ mod common;
 
 use common::nodes::*;
 use protocol::pb;
-use protocol::pb::decode_worker_client::DecodeWorkerClient;
-use protocol::pb::prefill_worker_client::PrefillWorkerClient;
 use scheduler::cluster::Cluster;
 use tonic::Code;
 
@@ -29,13 +27,16 @@ fn generate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_and_bad_generates_fail_alone() {
-    let (dir, model) = tiny();
-    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
-    let p = prefill_node(&model);
-    let fe = frontend_of(&model);
+    let Pair {
+        dir: _dir,
+        model,
+        decode: d,
+        prefill: p,
+        fe,
+        mut dc,
+        mut pc,
+    } = pair();
     let vocab = fe.config.vocab_size as u32;
-    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
-    let mut pc = PrefillWorkerClient::new(channel(&p.addr));
     let prompt: Vec<u32> = (3..43).collect();
     let target = reserve(&mut dc, &prompt, fe.fingerprint).await;
     let params = engine::synthetic::testing::mixed_params(0, 4, 1);
@@ -175,12 +176,16 @@ async fn bad_targets_and_bad_generates_fail_alone() {
 /// never looked at, and only `shm` asked for outright is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_file_this_host_cannot_see_means_tcp() {
-    let (dir, model) = tiny();
-    let d = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
-    let p = prefill_node(&model);
-    let fe = frontend_of(&model);
-    let mut dc = DecodeWorkerClient::new(channel(&d.addr));
-    let mut pc = PrefillWorkerClient::new(channel(&p.addr));
+    // Every part bound: a field left to `..` would be dropped (a worker stopped) right here.
+    let Pair {
+        dir: _dir,
+        model: _model,
+        decode: _decode,
+        prefill: _prefill,
+        fe,
+        mut dc,
+        mut pc,
+    } = pair();
     let prompt: Vec<u32> = (3..43).collect();
     let params = engine::synthetic::testing::mixed_params(0, 4, 1);
     for (transport, ok) in [("", true), ("tcp", true), ("shm", false)] {

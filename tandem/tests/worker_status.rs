@@ -38,6 +38,16 @@ async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String 
     }
 }
 
+/// A status server's `/metrics` page.
+async fn metrics_page(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The value of an unlabelled metric in a Prometheus text page.
 fn metric(page: &str, name: &str) -> Option<f64> {
     page.lines()
@@ -103,19 +113,8 @@ async fn workers_answer_probes_and_export_the_autoscaling_gauges() {
             .unwrap();
         assert!(r.status().is_success(), "{}", r.text().await.unwrap());
     }
-    let page = reqwest::get(format!("{pre_status}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefilled = page
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("tandem_prefill_tokens_total ")
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0);
+    let page = metrics_page(&pre_status).await;
+    let prefilled = metric(&page, "tandem_prefill_tokens_total").unwrap_or(0.0);
     assert!(
         prefilled > 0.0,
         "the prefill worker computed nothing:\n{page}"
@@ -126,12 +125,7 @@ async fn workers_answer_probes_and_export_the_autoscaling_gauges() {
         Some(0.0),
         "{page}"
     );
-    let page = reqwest::get(format!("{dec_status}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = metrics_page(&dec_status).await;
     let usage = metric(&page, "tandem_kv_cache_usage_ratio").expect("kv usage gauge");
     assert!((0.0..=1.0).contains(&usage), "{page}");
     assert!(

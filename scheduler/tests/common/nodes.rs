@@ -308,3 +308,32 @@ pub async fn reserve(
     .target
     .unwrap()
 }
+
+/// A decode worker (16 running sequences) and a prefill worker on the tiny model, with a gRPC
+/// client to each: what the internal-plane tests drive call by call.
+pub struct Pair {
+    pub model: PathBuf,
+    pub decode: Node,
+    pub prefill: Node,
+    pub fe: engine::Frontend,
+    pub dc: protocol::pb::decode_worker_client::DecodeWorkerClient<tonic::transport::Channel>,
+    pub pc: protocol::pb::prefill_worker_client::PrefillWorkerClient<tonic::transport::Channel>,
+    /// Holds the model file (last: dropped after the workers); bind it for as long as the
+    /// model is read.
+    pub dir: tempfile::TempDir,
+}
+
+pub fn pair() -> Pair {
+    let (dir, model) = tiny();
+    let decode = decode_node(&model, dir.path(), "127.0.0.1:0", 16);
+    let prefill = prefill_node(&model);
+    Pair {
+        fe: frontend_of(&model),
+        dc: protocol::pb::decode_worker_client::DecodeWorkerClient::new(channel(&decode.addr)),
+        pc: protocol::pb::prefill_worker_client::PrefillWorkerClient::new(channel(&prefill.addr)),
+        model,
+        decode,
+        prefill,
+        dir,
+    }
+}
