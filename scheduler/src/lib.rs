@@ -5,6 +5,7 @@
 //! - [`validate`]: every request field checked once, turned into worker parameters.
 //! - [`cluster`]: the workers requests go to: colocated in this process, or [`remote`]
 //!   prefill and decode worker processes over gRPC (routing, KV handoff, failover).
+//! - [`plan`]: the engine's measured costs, per-request prefill placement and capacity planning.
 //! - [`pipeline`]: worker events → detokenized, stop-checked choice updates; cancellation.
 //! - [`routes`]: one module per endpoint family; [`metrics`]: Prometheus; [`openapi`]: the
 //!   document of them all.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod pipeline;
+pub mod plan;
 pub mod protocol;
 pub mod remote;
 pub mod routes;

@@ -1,0 +1,373 @@
+//! Where one request's prompt is prefilled, decided from the cost model and the SLO: on its
+//! decode worker (chunks mixed into the running batch's steps, as a colocated server does) or
+//! on a prefill worker (its own pass, the KV shipped over). Each option's time to first token
+//! and its effect on the running batch's time per output token are predicted, and the option
+//! that makes fewer requests miss the SLO wins, then the one with the earlier first token.
+//!
+//! This replaces fixed thresholds (a minimum prompt length, a maximum prefill queue): a short
+//! prompt stays local because its chunk fits in one step; a long one moves out when its chunks
+//! would slow every running stream past the TPOT bound; a busy prefill worker loses to an idle
+//! decode worker; on one host, where both workers share the cores, the decode worker's paced
+//! steps leave the prefill worker what they do not use (see `protocol::cores`).
+
+use super::cost::{CostModel, Work};
+
+/// The latency bounds a request should meet (seconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slo {
+    pub ttft_s: f64,
+    pub tpot_s: f64,
+}
+
+/// A decode worker as the decision sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeView {
+    pub threads: usize,
+    /// Sequences decoding now.
+    pub running: usize,
+    /// Positions they hold between them.
+    pub context: usize,
+    /// Prompt tokens it still has to prefill itself (requests placed there before this one).
+    pub backlog: usize,
+    /// Its step budget (decode tokens first, prefill chunks fill the rest).
+    pub max_batch_tokens: usize,
+    /// Output tokens a running stream still has to go, about: over how many tokens a slower
+    /// stretch of steps is averaged.
+    pub horizon: usize,
+    /// When it shares the cores with a prefill worker: the step period it paces to while that
+    /// worker computes (`protocol::cores`); `None`: the workers have cores of their own.
+    pub pace_s: Option<f64>,
+}
+
+/// A prefill worker as the decision sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefillView {
+    pub threads: usize,
+    /// Prompt tokens queued or computing on it.
+    pub backlog: usize,
+    /// The KV goes over TCP (another host) rather than into shared memory.
+    pub tcp: bool,
+}
+
+/// One option's predicted effect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outcome {
+    pub ttft_s: f64,
+    /// The running streams' mean time per output token while this prefill happens.
+    pub tpot_s: f64,
+    /// Requests predicted to miss the SLO: this one (late first token) and the running ones
+    /// (slowed past the TPOT bound).
+    pub misses: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Chunked into the decode worker's steps.
+    Decode,
+    /// On the prefill worker.
+    Prefill,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision {
+    pub place: Place,
+    pub decode: Outcome,
+    pub prefill: Option<Outcome>,
+}
+
+/// Where a prompt of `prompt` tokens, `cached` of them already in the decode worker's cache,
+/// is prefilled. `prefill`: the best prefill worker that could take it, if any.
+pub fn decide(
+    cost: &CostModel,
+    slo: Slo,
+    prompt: usize,
+    cached: usize,
+    d: &DecodeView,
+    prefill: Option<&PrefillView>,
+) -> Decision {
+    let local = on_decode(cost, slo, prompt, cached, d);
+    let remote = prefill.map(|p| on_prefill(cost, slo, prompt, cached, d, p));
+    let place = match remote {
+        Some(r) if (r.misses, r.ttft_s) < (local.misses, local.ttft_s) => Place::Prefill,
+        _ => Place::Decode,
+    };
+    Decision {
+        place,
+        decode: local,
+        prefill: remote,
+    }
+}
+
+/// The running batch's step alone.
+fn base_step(cost: &CostModel, d: &DecodeView) -> f64 {
+    if d.running == 0 {
+        return 0.0;
+    }
+    cost.forward(d.threads)
+        .seconds(Work::decode(d.running, d.context))
+}
+
+/// Mean TPOT of a running stream that sees `slow` steps of `step` seconds among `horizon`
+/// tokens, its other steps taking `base`.
+fn mean_tpot(base: f64, step: f64, slow: f64, horizon: usize) -> f64 {
+    let h = (horizon.max(1) as f64).max(slow);
+    base + (step - base) * slow / h
+}
+
+fn misses(slo: Slo, ttft: f64, tpot: f64, running: usize) -> usize {
+    usize::from(ttft > slo.ttft_s) + if tpot > slo.tpot_s { running } else { 0 }
+}
+
+/// The decode worker prefilling `todo` tokens (pairs per token `pairs`) in chunks beside its
+/// batch: how many steps, each one's time, and the time of them all.
+fn chunked(cost: &CostModel, d: &DecodeView, todo: usize, pairs: f64) -> (f64, f64, f64) {
+    let f = cost.forward(d.threads);
+    let chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
+    let steps = todo.div_ceil(chunk).max(1) as f64;
+    let decode = Work::decode(d.running, d.context);
+    let all = Work {
+        tokens: decode.tokens * steps + todo as f64,
+        prefill_pairs: pairs * todo as f64,
+        decode_pairs: decode.decode_pairs * steps,
+    };
+    // Linear in the work: `steps` calls cost `steps` fixed costs plus the summed work.
+    let total = f.seconds(all) + f.fixed_s * (steps - 1.0);
+    let step = f.seconds(Work {
+        tokens: decode.tokens + chunk.min(todo) as f64,
+        prefill_pairs: pairs * chunk.min(todo) as f64,
+        decode_pairs: decode.decode_pairs,
+    });
+    (steps, step, total)
+}
+
+/// Attention pairs per computed token of this prompt (the chunks before it, other prompts
+/// already placed there, are taken to be about as long).
+fn pairs_per_token(prompt: usize, cached: usize) -> f64 {
+    Work::prefill(cached, prompt).prefill_pairs / prompt.saturating_sub(cached).max(1) as f64
+}
+
+fn on_decode(cost: &CostModel, slo: Slo, prompt: usize, cached: usize, d: &DecodeView) -> Outcome {
+    let todo = d.backlog + prompt.saturating_sub(cached);
+    let (steps, step, ttft) = chunked(cost, d, todo, pairs_per_token(prompt, cached));
+    let tpot = if d.running == 0 {
+        0.0
+    } else {
+        mean_tpot(base_step(cost, d), step, steps, d.horizon)
+    };
+    Outcome {
+        ttft_s: ttft,
+        tpot_s: tpot,
+        misses: misses(slo, ttft, tpot, d.running),
+    }
+}
+
+/// The least share of the cores a paced decode worker leaves its prefill neighbour.
+const MIN_SHARE: f64 = 0.05;
+
+fn on_prefill(
+    cost: &CostModel,
+    slo: Slo,
+    prompt: usize,
+    cached: usize,
+    d: &DecodeView,
+    p: &PrefillView,
+) -> Outcome {
+    let f = cost.forward(p.threads);
+    let new = prompt.saturating_sub(cached);
+    let mut work = Work::prefill(cached, prompt);
+    work.tokens += p.backlog as f64;
+    let pass = f.seconds(work);
+    let base = base_step(cost, d);
+    // Sharing the cores: while it computes, the decode worker runs each step at full speed
+    // and then idles to the end of its period, so prefill gets what the steps leave — nothing
+    // while the decode worker's own prompt chunks fill its steps, so those go first.
+    let (wait, share, tpot) = match d.pace_s {
+        Some(period) if d.running > 0 || d.backlog > 0 => {
+            let wait = if d.backlog > 0 {
+                chunked(cost, d, d.backlog, pairs_per_token(prompt, cached)).2
+            } else {
+                0.0
+            };
+            let period = period.max(base);
+            let share = (1.0 - base / period).max(MIN_SHARE);
+            let slow = (pass / share / period).max(1.0);
+            (wait, share, mean_tpot(base, period, slow, d.horizon))
+        }
+        _ => (0.0, 1.0, base),
+    };
+    let link = cost.link.calls_s + if p.tcp { cost.tcp_seconds(new) } else { 0.0 };
+    let ttft = wait + pass / share + link;
+    Outcome {
+        ttft_s: ttft,
+        tpot_s: tpot,
+        misses: misses(slo, ttft, tpot, d.running),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::cost::tests::model;
+
+    const CHAT: Slo = Slo {
+        ttft_s: 1.0,
+        tpot_s: 0.1,
+    };
+    const TIGHT_TPOT: Slo = Slo {
+        ttft_s: 3.0,
+        tpot_s: 0.025,
+    };
+
+    fn decode(running: usize, context: usize, backlog: usize, pace_s: Option<f64>) -> DecodeView {
+        DecodeView {
+            threads: 2,
+            running,
+            context,
+            backlog,
+            max_batch_tokens: 256,
+            horizon: 64,
+            pace_s,
+        }
+    }
+
+    const IDLE_PREFILL: PrefillView = PrefillView {
+        threads: 2,
+        backlog: 0,
+        tcp: false,
+    };
+
+    #[test]
+    fn without_a_prefill_worker_the_decode_worker_prefills() {
+        let m = model();
+        let d = decide(&m, CHAT, 500, 0, &decode(4, 1000, 0, None), None);
+        assert_eq!(d.place, Place::Decode);
+        assert!(d.prefill.is_none());
+    }
+
+    #[test]
+    fn a_short_prompt_stays_on_its_decode_worker() {
+        // One chunk, inside one step: moving it only adds the calls.
+        let m = model();
+        let d = decide(
+            &m,
+            CHAT,
+            40,
+            0,
+            &decode(8, 2000, 0, Some(0.08)),
+            Some(&IDLE_PREFILL),
+        );
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+        assert_eq!(d.decode.misses, 0);
+        // On an idle decode worker too.
+        let d = decide(&m, CHAT, 40, 0, &decode(0, 0, 0, None), Some(&IDLE_PREFILL));
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+    }
+
+    #[test]
+    fn a_long_prompt_moves_out_when_its_chunks_would_break_the_tpot_bound() {
+        let m = model();
+        let busy = decode(8, 2000, 0, Some(0.02));
+        let d = decide(&m, TIGHT_TPOT, 1000, 0, &busy, Some(&IDLE_PREFILL));
+        assert!(d.decode.tpot_s > TIGHT_TPOT.tpot_s, "{d:?}");
+        assert_eq!(d.decode.misses, 8);
+        assert_eq!(d.place, Place::Prefill, "{d:?}");
+        let p = d.prefill.unwrap();
+        assert!(
+            p.tpot_s <= TIGHT_TPOT.tpot_s && p.ttft_s <= TIGHT_TPOT.ttft_s,
+            "{p:?}"
+        );
+        // The same prompt under a loose TPOT bound stays: chunks in the batch's steps are
+        // the cheapest way to compute it.
+        let d = decide(&m, CHAT, 1000, 0, &busy, Some(&IDLE_PREFILL));
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+    }
+
+    #[test]
+    fn a_busy_prefill_worker_loses_to_the_decode_worker() {
+        let m = model();
+        let queued = PrefillView {
+            backlog: 8000,
+            ..IDLE_PREFILL
+        };
+        let d = decide(
+            &m,
+            CHAT,
+            250,
+            0,
+            &decode(16, 4000, 0, Some(0.08)),
+            Some(&queued),
+        );
+        assert!(d.prefill.unwrap().ttft_s > CHAT.ttft_s);
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+        // And a queue of local prompts sends the next one out, to cores of its own.
+        let d = decide(
+            &m,
+            CHAT,
+            250,
+            0,
+            &decode(16, 4000, 3000, None),
+            Some(&IDLE_PREFILL),
+        );
+        assert!(d.decode.ttft_s > d.prefill.unwrap().ttft_s, "{d:?}");
+        assert_eq!(d.place, Place::Prefill, "{d:?}");
+        // Sharing the cores, the queue's chunks fill the decode steps and leave the prefill
+        // worker nothing until they are done: moving the prompt gains nothing.
+        let shared = decide(
+            &m,
+            CHAT,
+            250,
+            0,
+            &decode(16, 4000, 3000, Some(0.08)),
+            Some(&IDLE_PREFILL),
+        );
+        assert!(
+            shared.prefill.unwrap().ttft_s > shared.decode.ttft_s,
+            "{shared:?}"
+        );
+        assert_eq!(shared.place, Place::Decode);
+    }
+
+    #[test]
+    fn cached_tokens_are_not_computed_again() {
+        let m = model();
+        let cold = decide(&m, CHAT, 1000, 0, &decode(0, 0, 0, None), None);
+        let warm = decide(&m, CHAT, 1000, 960, &decode(0, 0, 0, None), None);
+        assert!(
+            warm.decode.ttft_s < cold.decode.ttft_s / 5.0,
+            "{warm:?} {cold:?}"
+        );
+    }
+
+    #[test]
+    fn sharing_cores_slows_the_remote_prefill_by_what_the_paced_steps_take() {
+        let m = model();
+        let own = decide(
+            &m,
+            CHAT,
+            800,
+            0,
+            &decode(8, 2000, 0, None),
+            Some(&IDLE_PREFILL),
+        );
+        let shared = decide(
+            &m,
+            CHAT,
+            800,
+            0,
+            &decode(8, 2000, 0, Some(0.02)),
+            Some(&IDLE_PREFILL),
+        );
+        let (o, s) = (own.prefill.unwrap(), shared.prefill.unwrap());
+        assert!(s.ttft_s > o.ttft_s);
+        // The batch is paced to the period while the prefill runs, never slower.
+        assert!(s.tpot_s > o.tpot_s && s.tpot_s <= 0.02 + 1e-12, "{s:?}");
+        // TCP adds the bytes' time.
+        let tcp = PrefillView {
+            tcp: true,
+            ..IDLE_PREFILL
+        };
+        let t = decide(&m, CHAT, 800, 0, &decode(8, 2000, 0, None), Some(&tcp));
+        let dt = t.prefill.unwrap().ttft_s - o.ttft_s;
+        assert!((dt - m.tcp_seconds(800)).abs() < 1e-9);
+    }
+}
