@@ -35,6 +35,7 @@ use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerErro
 use engine::sampler::{TokenLogprobs, logprobs};
 use engine::{Engine, ForwardItem, KvSequence, LogitsWanted, TokenId};
 use plan::{SeqState, Work};
+use protocol::cores::Pacer;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -119,6 +120,10 @@ pub struct WorkerStats {
     pub running: AtomicUsize,
     /// Sequences preempted for recompute so far.
     pub preemptions: AtomicUsize,
+    /// Positions the running sequences hold.
+    pub context: AtomicUsize,
+    /// Prompt (and recompute) tokens still to prefill, waiting and running sequences'.
+    pub prefill_tokens: AtomicUsize,
 }
 
 /// Submits work to a running worker. Cloneable; the worker stops when every handle is dropped
@@ -128,6 +133,8 @@ pub struct DecodeHandle {
     tx: Sender<Incoming>,
     stats: Arc<WorkerStats>,
     max_waiting: usize,
+    max_batch_tokens: usize,
+    pace: Option<std::time::Duration>,
 }
 
 impl DecodeHandle {
@@ -151,6 +158,16 @@ impl DecodeHandle {
         &self.stats
     }
 
+    /// Tokens per forward step.
+    pub fn max_batch_tokens(&self) -> usize {
+        self.max_batch_tokens
+    }
+
+    /// The step period it paces to while a prefill worker on its cores computes.
+    pub fn pace(&self) -> Option<std::time::Duration> {
+        self.pace
+    }
+
     /// Hands over a prefilled sequence; if the worker has stopped the job comes back.
     pub fn submit(&self, job: DecodeJob) -> Result<(), Box<DecodeJob>> {
         self.tx
@@ -164,18 +181,32 @@ impl DecodeHandle {
 
 /// Starts a worker on its own thread.
 pub fn spawn(engine: Arc<Engine>, cfg: WorkerConfig) -> (DecodeHandle, JoinHandle<()>) {
+    spawn_paced(engine, cfg, None)
+}
+
+/// Starts a worker that shares its cores with a prefill worker on this host: while that one
+/// computes, each step that decodes is followed by a rest to the pacer's period
+/// (`protocol::cores`).
+pub fn spawn_paced(
+    engine: Arc<Engine>,
+    cfg: WorkerConfig,
+    pacer: Option<Pacer>,
+) -> (DecodeHandle, JoinHandle<()>) {
     let (tx, rx) = channel();
     let stats = Arc::new(WorkerStats::default());
     let st = stats.clone();
+    let pace = pacer.as_ref().map(Pacer::period);
     let th = std::thread::Builder::new()
         .name("tandem-decode".into())
-        .spawn(move || Worker::new(engine, cfg, st).run(rx))
+        .spawn(move || Worker::new(engine, cfg, st, pacer).run(rx))
         .expect("spawn decode thread");
     (
         DecodeHandle {
             tx,
             stats,
             max_waiting: cfg.max_waiting,
+            max_batch_tokens: cfg.max_batch_tokens,
+            pace,
         },
         th,
     )
@@ -234,13 +265,20 @@ struct Worker {
     running: Vec<Seq>,
     stats: Arc<WorkerStats>,
     next_arrival: u64,
+    pacer: Option<Pacer>,
 }
 
 impl Worker {
-    fn new(engine: Arc<Engine>, cfg: WorkerConfig, stats: Arc<WorkerStats>) -> Worker {
+    fn new(
+        engine: Arc<Engine>,
+        cfg: WorkerConfig,
+        stats: Arc<WorkerStats>,
+        pacer: Option<Pacer>,
+    ) -> Worker {
         Worker {
             engine,
             cfg,
+            pacer,
             waiting: VecDeque::new(),
             running: Vec::new(),
             stats,
@@ -412,9 +450,12 @@ impl Worker {
         // autoscaler reads, as vLLM's kv_cache_usage_perc.
         metrics::gauge!("tandem_kv_cache_usage_ratio")
             .set(1.0 - kv.free_blocks() as f64 / kv.n_blocks().max(1) as f64);
+        self.publish_load();
         if plan.is_empty() {
             return false;
         }
+        let started = std::time::Instant::now();
+        let decodes = plan.iter().any(|(_, w)| *w == Work::Decode);
         self.execute(plan);
         // Sequences that finished (or lost their client) in this step are gone now: an idle
         // worker must not keep reporting them.
@@ -422,7 +463,28 @@ impl Worker {
             .running
             .store(self.running.len(), Ordering::Relaxed);
         metrics::gauge!("tandem_decode_running_sequences").set(self.running.len() as f64);
+        self.publish_load();
+        if let Some(p) = self.pacer.as_ref().filter(|_| decodes) {
+            let rest = p.rest(started);
+            if !rest.is_zero() {
+                std::thread::sleep(rest);
+            }
+        }
         true
+    }
+
+    /// What placement prices: the positions held and the prefill work left.
+    fn publish_load(&self) {
+        let context = self.running.iter().map(|s| s.kv.len()).sum();
+        let todo = self
+            .running
+            .iter()
+            .filter(|s| !s.decoding())
+            .map(|s| s.target_len().saturating_sub(s.kv.len()))
+            .chain(self.waiting.iter().map(|s| s.target_len()))
+            .sum();
+        self.stats.context.store(context, Ordering::Relaxed);
+        self.stats.prefill_tokens.store(todo, Ordering::Relaxed);
     }
 
     /// Chooses this step's work and reserves its memory, preempting when needed: one token for

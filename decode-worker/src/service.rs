@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     pub kv_data_addr: String,
     /// Signs the grants (and authenticates the planes); `None`: a loopback-only cluster.
     pub secret: Option<ClusterSecret>,
+    /// Cores shared with a prefill worker on this host (`protocol::cores`); `None`: its own.
+    pub sharing: Option<protocol::cores::Sharing>,
 }
 
 impl Default for ServiceConfig {
@@ -50,6 +52,7 @@ impl Default for ServiceConfig {
             transfer_wait: Duration::from_secs(10),
             kv_data_addr: String::new(),
             secret: None,
+            sharing: None,
         }
     }
 }
@@ -419,6 +422,11 @@ impl DecodeWorker for DecodeService {
             running: st.running.load(Ordering::Relaxed) as u32,
             max_context: self.engine.max_context() as u32,
             block_size: kv.layout().block_size as u32,
+            context_tokens: st.context.load(Ordering::Relaxed) as u64,
+            prefill_tokens: st.prefill_tokens.load(Ordering::Relaxed) as u64,
+            threads: self.engine.threads() as u32,
+            max_batch_tokens: self.handle.max_batch_tokens() as u32,
+            pace_us: self.handle.pace().map_or(0, |p| p.as_micros() as u32),
         }))
     }
 }
@@ -438,7 +446,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let secret = service.secret.clone();
-    let (handle, thread) = crate::spawn(engine.clone(), worker);
+    let pacer = match &service.sharing {
+        Some(s) => Some(protocol::cores::Pacer::open(s)?),
+        None => None,
+    };
+    let (handle, thread) = crate::spawn_paced(engine.clone(), worker, pacer);
     let fence = match engine.kv.shared_path() {
         Some(p) => Some(Fence::create(p, engine.kv.n_blocks() as u32)?),
         None => None,

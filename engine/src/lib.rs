@@ -130,6 +130,11 @@ impl Engine {
         KvSequence::new(self.kv.clone())
     }
 
+    /// Compute threads the kernels run on (the process's pool).
+    pub fn threads(&self) -> usize {
+        kernels::pool::global().threads()
+    }
+
     /// Largest number of tokens a sequence may hold.
     pub fn max_context(&self) -> usize {
         self.model.config().n_ctx

@@ -97,6 +97,9 @@ pub struct PrefillConfig {
     /// The cluster secret: authenticates the planes and verifies grants; `None`: a
     /// loopback-only cluster.
     pub secret: Option<protocol::auth::ClusterSecret>,
+    /// The page through which this worker tells a decode worker on the same host that it is
+    /// computing, so that it paces its steps and leaves cores free (`protocol::cores`).
+    pub arbiter: Option<Arc<protocol::cores::CoreArbiter>>,
 }
 
 /// Default of [`PrefillConfig::max_batch_tokens`].
@@ -110,6 +113,7 @@ impl Default for PrefillConfig {
             max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             max_waiting: DEFAULT_MAX_WAITING,
             secret: None,
+            arbiter: None,
         }
     }
 }
@@ -144,6 +148,11 @@ impl PrefillHandle {
     /// Jobs waiting to start.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Their tokens.
+    pub fn queued_tokens(&self) -> usize {
+        self.backlog.tokens()
     }
 }
 
@@ -261,6 +270,7 @@ impl Loop {
         if live.is_empty() {
             return;
         }
+        let _computing = self.cfg.arbiter.as_ref().map(|a| a.computing());
         let started = std::time::Instant::now();
         let want: Vec<LogitsWanted> = live.iter().map(|(_, j, _)| logits_wanted(j)).collect();
         let inputs: Vec<Vec<TokenId>> = live.iter().map(|(t, _, p)| p.inputs(t).to_vec()).collect();

@@ -196,6 +196,11 @@ impl PrefillWorker for PrefillService {
             running: 0,
             max_context: self.engine.max_context() as u32,
             block_size: kv.layout().block_size as u32,
+            context_tokens: 0,
+            prefill_tokens: self.handle.queued_tokens() as u64,
+            threads: self.engine.threads() as u32,
+            max_batch_tokens: 0,
+            pace_us: 0,
         }))
     }
 }

@@ -5,11 +5,13 @@
 //! - [`pb`]: the generated messages, clients and servers.
 //! - this file: conversions between `pb` and `frontend::request` / `frontend::sampling`.
 //! - [`auth`]: the cluster secret and the handshake that opens every internal connection.
+//! - [`cores`]: a prefill and a decode worker sharing one host's cores, the decode steps first.
 //! - [`grant`]: lease ids and the signed grants (`KvTarget`s) a decode worker hands out.
 //! - [`net`]: gRPC servers and channels that run the handshake.
 //! - `discovery`: workers registering in etcd, the scheduler watching (the client: feature `etcd`).
 
 pub mod auth;
+pub mod cores;
 pub mod discovery;
 pub mod grant;
 pub mod net;

@@ -50,6 +50,54 @@ async fn every_topology_gives_the_tokens_of_each_request_alone() {
         // Again: now the prompts' prefixes are cached on both sides.
         check(&cluster, &c, &format!("{name}, prefix-cached")).await;
     }
+    // Placed one by one by a cost model under which the less loaded side wins (a token costs
+    // the same everywhere; the decode worker's steps also carry its running batch): some
+    // prompts go out, some stay, and nothing changes a single bit.
+    let (fe, mut cfg) = remote(&model, &[&p1], &[&d], "");
+    cfg.placement = Some(scheduler::remote::CostPlacement {
+        cost: Arc::new(per_token_cost()),
+        slo: scheduler::plan::placement::Slo {
+            ttft_s: 60.0,
+            tpot_s: 60.0,
+        },
+    });
+    let cluster = Cluster::remote(fe, cfg).unwrap();
+    let r = cluster.remote_workers().unwrap().clone();
+    assert!(r.wait_ready(Duration::from_secs(10)).await);
+    check(&cluster, &c, "1P+1D placed by cost").await;
+    let (out, stayed) = (
+        r.placed_prefill.load(Ordering::Relaxed),
+        r.placed_decode.load(Ordering::Relaxed),
+    );
+    assert!(
+        out > 0 && stayed > 0,
+        "{out} prompts moved, {stayed} stayed"
+    );
+}
+
+/// 1 ms a call and 1 ms a token on any thread count; attention and the link free.
+fn per_token_cost() -> scheduler::plan::cost::CostModel {
+    use scheduler::plan::cost::*;
+    CostModel {
+        version: COST_MODEL_VERSION,
+        model_id: "tiny".into(),
+        fingerprint: 0,
+        cpu: "test".into(),
+        cores: 1,
+        kv_bytes_per_token: 1,
+        forward: vec![ForwardCost {
+            threads: 1,
+            fixed_s: 1e-3,
+            per_token_s: 1e-3,
+            per_prefill_pair_s: 0.0,
+            per_decode_pair_s: 0.0,
+        }],
+        link: LinkCost {
+            calls_s: 0.0,
+            tcp_bytes_per_s: 1e9,
+        },
+        samples: Vec::new(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

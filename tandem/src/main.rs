@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod args;
+mod plan;
 mod process;
 mod roles;
 mod status;
@@ -33,6 +34,8 @@ enum Command {
     Decode(args::DecodeArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
     Bench(Box<bench::args::BenchCommand>),
+    /// Plan a cluster from the engine's measured costs: `tandem plan profile` measures them; `tandem plan --isl N --osl N --rate R --slo-ttft-ms T --slo-tpot-ms T` lays out the cores to meet the SLO.
+    Plan(plan::PlanArgs),
     /// Manage model files.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -111,6 +114,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Scheduler(args) => roles::scheduler(args),
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
+        Command::Plan(args) => plan::run(args),
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

@@ -152,6 +152,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 &advertise,
                 decode_worker::service::ServiceConfig {
                     secret,
+                    sharing: args.sharing.decode(),
                     ..Default::default()
                 },
                 draining(status.clone()),
@@ -169,6 +170,10 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let secret = worker_secret(&args.cluster, &[&args.listen])?;
     let etcd = args.discovery.etcd.config()?;
+    if args.sharing.share_cores.is_some() {
+        // Before any thread starts: they all inherit it (the compute pool above all).
+        protocol::cores::yield_cores().context("lowering the prefill worker to idle priority")?;
+    }
     args.compute.setup()?;
     let rt = runtime()?;
     let status = status_server(&rt, args.status_listen.as_deref(), "prefill")?;
@@ -178,7 +183,7 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
         Engine::load(&path, &args.compute.engine_config(&args.model))
             .with_context(|| format!("loading {}", path.display()))?,
     );
-    let cfg = args.prefill_config(secret);
+    let cfg = args.prefill_config(secret)?;
     let fingerprint = engine.frontend.fingerprint;
     rt.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;
@@ -211,7 +216,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         decode: args.decode.clone(),
         etcd: args.etcd.config()?,
         secret: args.cluster.load()?,
-        ..args.routing.config()
+        ..args.routing.config()?
     };
     runtime()?.block_on(async {
         let cluster = Arc::new(scheduler::cluster::Cluster::remote(frontend, remote).map_err(|e| anyhow::anyhow!("{e}"))?);

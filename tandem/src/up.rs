@@ -5,8 +5,8 @@
 //! runs), for comparison.
 
 use crate::args::{
-    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, SchedulerArgs,
-    UpArgs,
+    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, RoutingArgs,
+    SchedulerArgs, SharingArgs, UpArgs,
 };
 use crate::process::{model_path, shutdown_signal};
 use anyhow::Context;
@@ -186,6 +186,16 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
         advertise_host: None,
     };
+    // Unpinned, the workers share the cores, the decode steps first (`protocol::cores`).
+    let sharing = |decode: bool| SharingArgs {
+        share_cores: (!args.pin).then(|| secret_dir.path().join("cores")),
+        pace_ms: (!args.pin && decode)
+            .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
+    };
+    let routing = RoutingArgs {
+        cost_profile: cost_profile(&args, &model)?,
+        ..args.routing.clone()
+    };
     let mut members = Vec::new();
     let mut decode_addrs = Vec::new();
     for i in 0..args.decode {
@@ -197,6 +207,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             cluster: cluster.clone(),
             discovery: no_discovery.clone(),
             batch: args.batch.clone(),
+            sharing: sharing(true),
             model: model.clone(),
             compute: compute(),
             telemetry: args.telemetry.clone(),
@@ -213,6 +224,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             status_listen: None,
             cluster: cluster.clone(),
             discovery: no_discovery.clone(),
+            sharing: sharing(false),
             model: model.clone(),
             compute: compute(),
             telemetry: args.telemetry.clone(),
@@ -226,7 +238,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         decode: decode_addrs,
         etcd: Default::default(),
         cluster,
-        routing: args.routing.clone(),
+        routing,
         model,
         telemetry: args.telemetry.clone(),
     };
@@ -247,6 +259,34 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     let r = rt.block_on(run_members(members));
     drop(secret_dir);
     r
+}
+
+/// The cost profile the scheduler places requests with: the one named, none when a fixed rule
+/// is asked for, else this machine's cached profile — measured now (quickly) if there is none.
+fn cost_profile(args: &UpArgs, model: &ModelArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if args.routing.fixed_rules() || args.routing.cost_profile.is_some() {
+        return Ok(args.routing.cost_profile.clone());
+    }
+    let path = model.model.clone().context("the model is fetched by now")?;
+    let cached = crate::plan::cached_profile_path(&path, model)?;
+    if !cached.exists() {
+        eprintln!(
+            "tandem: no cost profile of this model on this machine yet: measuring one (once; `tandem plan profile` measures a fuller one)"
+        );
+        let p = crate::plan::ProfileArgs {
+            out: Some(cached.clone()),
+            threads: Vec::new(),
+            quick: true,
+            model: model.clone(),
+        };
+        let m = crate::plan::profile(&path, &p, &|line| eprintln!("tandem: {line}"))?;
+        crate::plan::save(&m, &cached)?;
+    }
+    eprintln!(
+        "tandem: placing prompts with the cost profile {}",
+        cached.display()
+    );
+    Ok(Some(cached))
 }
 
 fn member(name: String, args: Vec<String>) -> Member {

@@ -184,6 +184,8 @@ impl Driver<'_> {
                 tandem.prompt_tokens = self.prompt.len() as i64,
                 tandem.prefill.worker = tracing::field::Empty,
                 tandem.prefill.placement = tracing::field::Empty,
+                tandem.prefill.predicted_ttft_ms = tracing::field::Empty,
+                tandem.prefill.predicted_tpot_ms = tracing::field::Empty,
             );
             let route = self.route.clone();
             let commit = {
@@ -240,13 +242,14 @@ impl Driver<'_> {
             tokens: self.prompt.len(),
             prompt_logprobs: self.params.prompt_logprobs.is_some(),
         };
-        let place = self.remote.place_prefill(shape, fingerprint);
+        let (place, decision) = self.remote.place_prefill(shape, d, self.params.max_tokens);
         self.route.record(
             "tandem.prefill.placement",
             match place {
                 PrefillPlace::PrefillWorker(_) => "prefill worker",
                 PrefillPlace::Decode(LocalReason::PrefillBusy) => "decode worker: prefill busy",
                 PrefillPlace::Decode(LocalReason::Short) => "decode worker: short prompt",
+                PrefillPlace::Decode(LocalReason::Predicted) => "decode worker: predicted better",
                 PrefillPlace::Decode(LocalReason::NoPrefillWorker) => {
                     "decode worker: no prefill worker"
                 }
@@ -255,6 +258,26 @@ impl Driver<'_> {
                 }
             },
         );
+        if let Some(dec) = decision {
+            let chosen = match place {
+                PrefillPlace::PrefillWorker(_) => dec.prefill.unwrap_or(dec.decode),
+                PrefillPlace::Decode(_) => dec.decode,
+            };
+            self.route.record(
+                "tandem.prefill.predicted_ttft_ms",
+                (chosen.ttft_s * 1e3).round() as i64,
+            );
+            self.route.record(
+                "tandem.prefill.predicted_tpot_ms",
+                (chosen.tpot_s * 1e3).round() as i64,
+            );
+        }
+        let (where_, count) = match place {
+            PrefillPlace::PrefillWorker(_) => ("prefill", &self.remote.placed_prefill),
+            PrefillPlace::Decode(_) => ("decode", &self.remote.placed_decode),
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tandem_prefill_placements_total", "worker" => where_).increment(1);
         match place {
             PrefillPlace::PrefillWorker(_) => {}
             PrefillPlace::Decode(LocalReason::PrefillBusy) => {
@@ -262,7 +285,10 @@ impl Driver<'_> {
                 return Ok(None);
             }
             PrefillPlace::Decode(
-                LocalReason::Short | LocalReason::NoPrefillWorker | LocalReason::PromptLogprobs,
+                LocalReason::Short
+                | LocalReason::NoPrefillWorker
+                | LocalReason::PromptLogprobs
+                | LocalReason::Predicted,
             ) => {
                 return Ok(None);
             }
@@ -322,6 +348,7 @@ impl Driver<'_> {
             tried.push(p.addr.clone());
             self.route.record("tandem.prefill.worker", p.addr.as_str());
             let _busy = Busy::on(&p.inflight);
+            let _tokens = Busy::add(&p.prefill_tokens, tokens.len());
             let mut pc = p.client.clone();
             let mut req = tonic::Request::new(pb::PrefillRequest {
                 request_id: self.id,
@@ -383,6 +410,10 @@ impl Driver<'_> {
     ) -> Result<(), Fault> {
         let mut dc = d.client.clone();
         let lease = commit.as_ref().map(|c| c.lease_id.clone());
+        // Prefilled there: its tokens weigh on the worker until the first event comes back.
+        let mut local = commit
+            .is_none()
+            .then(|| Busy::add(&d.prefill_tokens, self.prefill_tokens().len()));
         let mut req = tonic::Request::new(pb::GenerateRequest {
             request_id: self.id,
             prompt: self.prompt.clone(),
@@ -421,6 +452,7 @@ impl Driver<'_> {
             };
             match msg {
                 Ok(Some(e)) => {
+                    drop(local.take());
                     let ev = WorkerEvent::try_from(&e)
                         .map_err(|e| Fault::Fatal(WorkerError::Internal(e.to_string())))?;
                     if let Forwarded::Finished = self.forward(ev) {

@@ -26,6 +26,7 @@ mod driver;
 pub mod policy;
 
 use crate::error::ApiError;
+use crate::plan::placement;
 use frontend::TokenId;
 use frontend::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use protocol::pb;
@@ -70,6 +71,17 @@ pub struct RemoteConfig {
     pub secret: Option<protocol::auth::ClusterSecret>,
     /// How long a `Prefill` call may take before it is cancelled and retried elsewhere.
     pub prefill_timeout: Duration,
+    /// Per-request placement from the engine's measured costs against this SLO
+    /// ([`crate::plan::placement`]); `None`: the fixed rules of `disagg_min_tokens` and
+    /// `max_prefill_queue`.
+    pub placement: Option<CostPlacement>,
+}
+
+/// The cost model and the SLO that per-request placement decides with.
+#[derive(Debug, Clone)]
+pub struct CostPlacement {
+    pub cost: Arc<crate::plan::cost::CostModel>,
+    pub slo: crate::plan::placement::Slo,
 }
 
 /// Default of [`RemoteConfig::disagg_min_tokens`].
@@ -96,6 +108,7 @@ impl Default for RemoteConfig {
             fingerprint: None,
             secret: None,
             prefill_timeout: Duration::from_secs(DEFAULT_PREFILL_TIMEOUT_SECS),
+            placement: None,
         }
     }
 }
@@ -107,6 +120,8 @@ pub struct Worker<C> {
     healthy: AtomicBool,
     /// Requests this scheduler has on it now.
     inflight: AtomicUsize,
+    /// Prompt tokens this scheduler sent it to prefill, not yet prefilled.
+    prefill_tokens: AtomicUsize,
     stats: Mutex<pb::WorkerStats>,
 }
 
@@ -122,6 +137,7 @@ impl<C: Clone> Worker<C> {
             client: make(channel),
             healthy: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            prefill_tokens: AtomicUsize::new(0),
             stats: Mutex::new(pb::WorkerStats::default()),
         }))
     }
@@ -149,17 +165,20 @@ impl<C> Worker<C> {
     }
 }
 
-/// Counts a request on a worker while alive.
-struct Busy<'a>(&'a AtomicUsize);
+/// Counts a request (or `n` of its tokens) on a worker while alive.
+struct Busy<'a>(&'a AtomicUsize, usize);
 impl<'a> Busy<'a> {
     fn on(c: &'a AtomicUsize) -> Busy<'a> {
-        c.fetch_add(1, Ordering::AcqRel);
-        Busy(c)
+        Busy::add(c, 1)
+    }
+    fn add(c: &'a AtomicUsize, n: usize) -> Busy<'a> {
+        c.fetch_add(n, Ordering::AcqRel);
+        Busy(c, n)
     }
 }
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -179,6 +198,9 @@ pub struct Remote {
     pub resumed: AtomicUsize,
     /// Prefills retried on another prefill worker (or handed to the decode worker).
     pub prefill_retries: AtomicUsize,
+    /// Prompts placed on a prefill worker and on their decode worker, so far.
+    pub placed_prefill: AtomicUsize,
+    pub placed_decode: AtomicUsize,
 }
 
 /// The routing table.
@@ -217,6 +239,8 @@ impl Remote {
             changed: Notify::new(),
             resumed: AtomicUsize::new(0),
             prefill_retries: AtomicUsize::new(0),
+            placed_prefill: AtomicUsize::new(0),
+            placed_decode: AtomicUsize::new(0),
         });
         for a in &r.cfg.prefill {
             r.add_worker(Role::Prefill, a)?;
@@ -419,14 +443,63 @@ impl Remote {
         policy::pick_prefill(&loads, fingerprint).map(|i| workers[i].clone())
     }
 
-    /// Where a prompt going to a decode worker of `fingerprint` is prefilled.
-    fn place_prefill(&self, prompt: policy::PromptShape, fingerprint: u64) -> policy::PrefillPlace {
-        let (_, loads) = self.prefill_loads(&[]);
-        policy::Disaggregation {
-            min_tokens: self.cfg.disagg_min_tokens,
-            max_prefill_queue: self.cfg.max_prefill_queue,
+    /// Where a prompt going to decode worker `d` is prefilled: by the cost model when there
+    /// is one (with its prediction), else by the fixed rules.
+    fn place_prefill(
+        &self,
+        prompt: policy::PromptShape,
+        d: &Decode,
+        horizon: usize,
+    ) -> (policy::PrefillPlace, Option<placement::Decision>) {
+        let fingerprint = d.stats().fingerprint;
+        let (workers, loads) = self.prefill_loads(&[]);
+        let Some(cp) = &self.cfg.placement else {
+            let rules = policy::Disaggregation {
+                min_tokens: self.cfg.disagg_min_tokens,
+                max_prefill_queue: self.cfg.max_prefill_queue,
+            };
+            return (rules.place(prompt, &loads, fingerprint), None);
+        };
+        if prompt.prompt_logprobs {
+            return (
+                policy::PrefillPlace::Decode(policy::LocalReason::PromptLogprobs),
+                None,
+            );
         }
-        .place(prompt, &loads, fingerprint)
+        let best = policy::pick_prefill(&loads, fingerprint);
+        let ds = d.stats();
+        // This scheduler's own requests count at once; the reported load lags a poll behind.
+        let mine = d.inflight().saturating_sub(1);
+        let running = (ds.running as usize + ds.waiting as usize).max(mine);
+        let reported = ds.running as usize + ds.waiting as usize;
+        let context = ds.context_tokens as usize + running.saturating_sub(reported) * prompt.tokens;
+        let view = placement::DecodeView {
+            threads: ds.threads.max(1) as usize,
+            running,
+            context,
+            backlog: (ds.prefill_tokens as usize).max(d.prefill_tokens.load(Ordering::Acquire)),
+            max_batch_tokens: ds.max_batch_tokens.max(1) as usize,
+            horizon,
+            pace_s: (ds.pace_us > 0).then(|| ds.pace_us as f64 / 1e6),
+        };
+        let pview = best.map(|i| {
+            let w = &workers[i];
+            let s = w.stats();
+            placement::PrefillView {
+                threads: s.threads.max(1) as usize,
+                backlog: (s.prefill_tokens as usize).max(w.prefill_tokens.load(Ordering::Acquire)),
+                tcp: self.cfg.transport == Some(protocol::KvTransport::Tcp),
+            }
+        });
+        let decision = placement::decide(&cp.cost, cp.slo, prompt.tokens, 0, &view, pview.as_ref());
+        let place = match (decision.place, best) {
+            (placement::Place::Prefill, Some(i)) => policy::PrefillPlace::PrefillWorker(i),
+            (_, None) => policy::PrefillPlace::Decode(policy::LocalReason::NoPrefillWorker),
+            (placement::Place::Decode, Some(_)) => {
+                policy::PrefillPlace::Decode(policy::LocalReason::Predicted)
+            }
+        };
+        (place, Some(decision))
     }
 }
 

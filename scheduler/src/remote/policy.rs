@@ -80,6 +80,9 @@ pub enum LocalReason {
     NoPrefillWorker,
     /// The least busy prefill worker's queue reached [`Disaggregation::max_prefill_queue`].
     PrefillBusy,
+    /// The cost model predicts fewer SLO misses (or an earlier first token) here
+    /// ([`crate::plan::placement`]).
+    Predicted,
     /// Prompt log-probabilities are wanted: the decode worker computes them chunk by chunk
     /// (`max_num_batched_tokens` rows of logits at a time), where a prefill worker's single
     /// pass would hold prompt × vocabulary logits at once.

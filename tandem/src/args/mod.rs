@@ -3,13 +3,17 @@
 //! library has one), and the command lines `tandem up` gives its children generated from the
 //! same structs ([`DecodeArgs::to_args`] and friends; a test parses each back to equal values).
 
-use clap::{Args, ValueEnum};
+use anyhow::Context;
+use clap::Args;
 use std::path::PathBuf;
-use std::time::Duration;
 
 mod cluster;
+mod routing;
 mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
+#[cfg(test)]
+use routing::KvTransportArg;
+pub use routing::{RoutingArgs, SharingArgs};
 pub use telemetry::{LogFormat, TelemetryArgs};
 
 /// Default KV cache budget per worker, in MiB.
@@ -77,6 +81,16 @@ impl ModelArgs {
                 .is_none()
                 .then(|| engine::fetch::DEFAULT_MODEL.id.to_string())
         })
+    }
+
+    /// The file at `path` with the default numerics.
+    pub fn default_for(path: PathBuf) -> ModelArgs {
+        ModelArgs {
+            model: Some(path),
+            served_model_name: None,
+            precision: engine::Precision::default(),
+            kv_cache_dtype: engine::KvDtype::default(),
+        }
     }
 
     pub fn numerics(&self) -> engine::Numerics {
@@ -178,85 +192,6 @@ impl BatchArgs {
     }
 }
 
-/// How KV moves from prefill to decode workers.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KvTransportArg {
-    /// Shared memory when both workers are on one host, else TCP.
-    #[default]
-    Auto,
-    /// Shared memory (the prefill worker writes the decode worker's pool in place).
-    Shm,
-    /// The TCP data plane.
-    Tcp,
-}
-
-impl KvTransportArg {
-    pub fn resolve(self) -> Option<protocol::KvTransport> {
-        match self {
-            KvTransportArg::Auto => None,
-            KvTransportArg::Shm => Some(protocol::KvTransport::Shm),
-            KvTransportArg::Tcp => Some(protocol::KvTransport::Tcp),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            KvTransportArg::Auto => "auto",
-            KvTransportArg::Shm => "shm",
-            KvTransportArg::Tcp => "tcp",
-        }
-    }
-}
-
-/// How the scheduler routes between prefill and decode workers.
-#[derive(Args, Debug, Clone, PartialEq)]
-pub struct RoutingArgs {
-    /// Prompts shorter than this many tokens are prefilled on the decode worker (conditional disaggregation).
-    #[arg(long, default_value_t = scheduler::remote::DEFAULT_DISAGG_MIN_TOKENS)]
-    pub disagg_min_tokens: usize,
-    /// Prefill on the decode worker instead once the least busy prefill worker has this many prefills queued or running (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub max_prefill_queue: usize,
-    /// KV transport between prefill and decode workers.
-    #[arg(long, value_enum, default_value_t = KvTransportArg::Auto)]
-    pub kv_transport: KvTransportArg,
-    /// Seconds a stream waits for a decode worker when none is available (after a failure).
-    #[arg(long, default_value_t = scheduler::remote::DEFAULT_HOLD_SECS)]
-    pub hold_secs: u64,
-    /// Requests in flight at most (across every worker) before new ones get 503.
-    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = scheduler::remote::DEFAULT_MAX_INFLIGHT)]
-    pub max_inflight: usize,
-    /// Seconds a prefill may take on a prefill worker before it is cancelled and retried elsewhere.
-    #[arg(long, default_value_t = scheduler::remote::DEFAULT_PREFILL_TIMEOUT_SECS)]
-    pub prefill_timeout_secs: u64,
-}
-
-impl RoutingArgs {
-    /// The scheduler's view of the flags.
-    pub fn config(&self) -> scheduler::remote::RemoteConfig {
-        scheduler::remote::RemoteConfig {
-            disagg_min_tokens: self.disagg_min_tokens,
-            max_prefill_queue: self.max_prefill_queue,
-            transport: self.kv_transport.resolve(),
-            hold: Duration::from_secs(self.hold_secs),
-            max_inflight: self.max_inflight.max(1),
-            prefill_timeout: Duration::from_secs(self.prefill_timeout_secs.max(1)),
-            ..Default::default()
-        }
-    }
-
-    pub fn to_args(&self) -> Vec<String> {
-        let mut a = Vec::new();
-        flag(&mut a, "disagg-min-tokens", self.disagg_min_tokens);
-        flag(&mut a, "max-prefill-queue", self.max_prefill_queue);
-        flag(&mut a, "kv-transport", self.kv_transport.name());
-        flag(&mut a, "hold-secs", self.hold_secs);
-        flag(&mut a, "max-inflight", self.max_inflight);
-        flag(&mut a, "prefill-timeout-secs", self.prefill_timeout_secs);
-        a
-    }
-}
-
 /// Where the OpenAI API listens.
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct HttpArgs {
@@ -324,6 +259,8 @@ pub struct DecodeArgs {
     #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]
+    pub sharing: SharingArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -342,6 +279,7 @@ impl DecodeArgs {
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.batch.to_args());
+        a.extend(self.sharing.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
         a.extend(self.telemetry.to_args());
@@ -369,6 +307,8 @@ pub struct PrefillArgs {
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
     #[command(flatten)]
+    pub sharing: SharingArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -380,12 +320,20 @@ impl PrefillArgs {
     pub fn prefill_config(
         &self,
         secret: Option<protocol::auth::ClusterSecret>,
-    ) -> prefill_worker::PrefillConfig {
-        prefill_worker::PrefillConfig {
+    ) -> anyhow::Result<prefill_worker::PrefillConfig> {
+        let arbiter = match &self.sharing.share_cores {
+            Some(p) => Some(std::sync::Arc::new(
+                protocol::cores::CoreArbiter::open(p)
+                    .with_context(|| format!("opening {}", p.display()))?,
+            )),
+            None => None,
+        };
+        Ok(prefill_worker::PrefillConfig {
             max_batch_tokens: self.max_prefill_tokens.max(1),
             max_waiting: self.max_prefill_waiting.max(1),
             secret,
-        }
+            arbiter,
+        })
     }
 
     /// The command line that parses back to these values.
@@ -397,6 +345,7 @@ impl PrefillArgs {
         opt(&mut a, "status-listen", self.status_listen.as_ref());
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
+        a.extend(self.sharing.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
         a.extend(self.telemetry.to_args());
@@ -538,6 +487,10 @@ mod tests {
                 max_num_seqs: 7,
                 max_queue: 5,
             },
+            sharing: SharingArgs {
+                share_cores: Some("/tmp/up/cores".into()),
+                pace_ms: Some(12.5),
+            },
             model: model(),
             compute: compute(vec![1, 2]),
             telemetry: TelemetryArgs {
@@ -561,6 +514,10 @@ mod tests {
                 etcd: EtcdArgs::default(),
                 etcd_ttl_secs: 2,
                 advertise_host: None,
+            },
+            sharing: SharingArgs {
+                share_cores: Some("/tmp/up/cores".into()),
+                pace_ms: None,
             },
             model: model(),
             compute: compute(vec![0]),
@@ -591,8 +548,11 @@ mod tests {
                 cluster_secret_file: Some("/t".into()),
             },
             routing: RoutingArgs {
-                disagg_min_tokens: 5,
-                max_prefill_queue: 2,
+                disagg_min_tokens: Some(5),
+                max_prefill_queue: Some(2),
+                cost_profile: Some("/p.json".into()),
+                slo_ttft_ms: 3000,
+                slo_tpot_ms: 25,
                 kv_transport: KvTransportArg::Tcp,
                 hold_secs: 4,
                 max_inflight: 11,
@@ -637,7 +597,7 @@ mod tests {
             unreachable!()
         };
         let (got, lib) = (
-            s.routing.config(),
+            s.routing.config().unwrap(),
             scheduler::remote::RemoteConfig::default(),
         );
         assert_eq!(
@@ -645,13 +605,15 @@ mod tests {
                 got.disagg_min_tokens,
                 got.hold,
                 got.max_inflight,
-                got.transport
+                got.transport,
+                got.placement.is_none()
             ),
             (
                 lib.disagg_min_tokens,
                 lib.hold,
                 lib.max_inflight,
-                lib.transport
+                lib.transport,
+                true
             )
         );
     }

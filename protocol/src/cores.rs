@@ -1,0 +1,204 @@
+//! Sharing one host's cores between a decode worker and a prefill worker, the decode steps
+//! first — the CPU analogue of resizing a GPU's SM partitions per step (semi-PD, DuetServe).
+//!
+//! Both workers run a compute thread per core. The prefill worker drops its threads to
+//! `SCHED_IDLE` ([`yield_cores`]): the kernel runs them only on cores nothing else wants, and
+//! a waking decode thread preempts them at once. That alone would starve prefill while the
+//! decode batch runs step after step, so the decode worker paces itself: while the prefill
+//! worker computes (it says so in a shared page, [`CoreArbiter`]), each decode step runs at
+//! full speed on every core and the worker then idles to the end of a period sized to the
+//! TPOT target; prefill gets every cycle the steps leave. With no prefill work the decode
+//! worker runs flat out, and with no decode batch prefill has the whole machine.
+//!
+//! The page holds a count of passes in progress and a heartbeat (CLOCK_MONOTONIC, the same
+//! clock for every process on the host): a prefill worker that dies mid-pass leaves a count
+//! that the heartbeat's age voids, so the decode worker stops pacing.
+
+use memmap2::MmapMut;
+use std::fs::OpenOptions;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How old a heartbeat may be before the passes it vouches for are taken as dead.
+pub const STALE: Duration = Duration::from_secs(30);
+
+const PAGE: usize = 64;
+
+/// The shared page of one host's workers.
+pub struct CoreArbiter {
+    map: MmapMut,
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl std::fmt::Debug for CoreArbiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoreArbiter")
+            .field("prefill_active", &self.prefill_active())
+            .finish()
+    }
+}
+
+impl CoreArbiter {
+    /// Maps the page at `path`, creating it (zeroed) if needed.
+    pub fn open(path: &Path) -> io::Result<CoreArbiter> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        if f.metadata()?.len() < PAGE as u64 {
+            f.set_len(PAGE as u64)?;
+        }
+        // SAFETY: the file is ours and at least PAGE bytes long; every access goes through
+        // the atomics below, so concurrent writers in other processes are well defined.
+        let map = unsafe { memmap2::MmapOptions::new().len(PAGE).map_mut(&f)? };
+        Ok(CoreArbiter { map })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < PAGE / 8);
+        // SAFETY: the mapping is PAGE bytes, page-aligned, and lives as long as `self`; a
+        // u64 at an 8-byte offset is aligned for AtomicU64.
+        unsafe { &*(self.map.as_ptr().add(i * 8) as *const AtomicU64) }
+    }
+
+    /// Prefill is computing a pass now (on this host).
+    pub fn prefill_active(&self) -> bool {
+        self.word(0).load(Ordering::Acquire) > 0
+            && now_ns().saturating_sub(self.word(1).load(Ordering::Acquire))
+                < STALE.as_nanos() as u64
+    }
+
+    /// Marks a prefill pass as computing until the guard drops.
+    pub fn computing(&self) -> Computing<'_> {
+        self.word(1).store(now_ns(), Ordering::Release);
+        self.word(0).fetch_add(1, Ordering::AcqRel);
+        Computing(self)
+    }
+}
+
+/// A prefill pass in progress; see [`CoreArbiter::computing`].
+pub struct Computing<'a>(&'a CoreArbiter);
+
+impl Drop for Computing<'_> {
+    fn drop(&mut self) {
+        let a = self.0;
+        let _ = a
+            .word(0)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        a.word(1).store(now_ns(), Ordering::Release);
+    }
+}
+
+/// Puts the calling thread — and every thread it starts afterwards — in `SCHED_IDLE`: it runs
+/// only on cores no other thread wants. Call before the compute pool starts.
+pub fn yield_cores() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is valid. Lowering one's own policy needs
+    // no privilege.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A decode worker's share of its host's cores: the page it watches and the step period it
+/// paces to while a prefill worker computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sharing {
+    pub path: std::path::PathBuf,
+    pub period: Duration,
+}
+
+/// Paces a decode worker's steps while a prefill worker shares its cores.
+pub struct Pacer {
+    arbiter: CoreArbiter,
+    period: Duration,
+}
+
+impl Pacer {
+    pub fn new(arbiter: CoreArbiter, period: Duration) -> Pacer {
+        Pacer { arbiter, period }
+    }
+
+    pub fn open(s: &Sharing) -> io::Result<Pacer> {
+        Ok(Pacer::new(CoreArbiter::open(&s.path)?, s.period))
+    }
+
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// After a step that began at `start` and decoded some sequence: how long to leave the
+    /// cores to prefill (nothing while prefill is idle or the step used its whole period).
+    pub fn rest(&self, start: std::time::Instant) -> Duration {
+        if !self.arbiter.prefill_active() {
+            return Duration::ZERO;
+        }
+        self.period.saturating_sub(start.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_in_progress_is_seen_by_another_mapping_until_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cores");
+        let prefill = CoreArbiter::open(&p).unwrap();
+        let decode = CoreArbiter::open(&p).unwrap();
+        assert!(!decode.prefill_active());
+        let pacer = Pacer::new(CoreArbiter::open(&p).unwrap(), Duration::from_millis(50));
+        assert_eq!(pacer.rest(std::time::Instant::now()), Duration::ZERO);
+        {
+            let _a = prefill.computing();
+            let _b = prefill.computing();
+            assert!(decode.prefill_active());
+            let rest = pacer.rest(std::time::Instant::now());
+            assert!(rest > Duration::from_millis(40) && rest <= Duration::from_millis(50));
+            // A step that took its whole period leaves nothing.
+            let long_ago = std::time::Instant::now() - Duration::from_millis(60);
+            assert_eq!(pacer.rest(long_ago), Duration::ZERO);
+        }
+        assert!(!decode.prefill_active());
+    }
+
+    #[test]
+    fn a_dead_prefill_workers_count_is_voided_by_its_heartbeats_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cores");
+        let a = CoreArbiter::open(&p).unwrap();
+        std::mem::forget(a.computing()); // died mid-pass
+        assert!(a.prefill_active());
+        a.word(1)
+            .store(now_ns() - STALE.as_nanos() as u64 - 1, Ordering::Release);
+        assert!(!a.prefill_active());
+    }
+
+    #[test]
+    fn idle_scheduling_applies_to_the_thread_and_those_it_starts() {
+        std::thread::spawn(|| {
+            yield_cores().unwrap();
+            // SAFETY: querying the calling thread's policy.
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
+            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) });
+            assert_eq!(child.join().unwrap(), libc::SCHED_IDLE);
+        })
+        .join()
+        .unwrap();
+    }
+}

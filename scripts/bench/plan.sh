@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# `tandem plan` against reality. For three workloads (chat-like, long prompts, mixed) and an SLO,
+# the plan picks a layout of this machine's cores; the script runs it (`tandem up` with the
+# plan's flags) under that load with `tandem bench` (Poisson arrivals at the planned rate) and
+# prints measured median TTFT / TPOT and SLO attainment beside the prediction. Then, for each
+# workload, the best layout the plan rejects runs the same way: it should miss.
+# Needs a cost profile (`tandem plan profile`, or the one `tandem up` measured on its first start).
+# Results land in bench-results/plan-<workload>-<chosen|rejected>/.
+#
+# usage: scripts/bench/plan.sh [WORKLOAD...]   (chat long mixed; default: all)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo build --release -q
+T=./target/release/tandem
+MODEL=$($T model fetch 2>/dev/null)
+PORT=18126
+OUT=bench-results
+WORKLOADS=${*:-chat long mixed}
+
+wait_up() { for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0; sleep 0.5; done; echo "server did not come up" >&2; return 1; }
+start() { $T up --model "$MODEL" --port $PORT "$@" >/dev/null 2>&1 & SERVER=$!; wait_up; }
+stop() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
+trap stop EXIT
+bench() { $T bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Instruct --tokenizer "$MODEL" --quiet "$@"; }
+
+for w in $WORKLOADS; do
+  case $w in
+    chat)  isl=128; osl=64; rate=2; ttft=1000; tpot=100; n=60
+           data=(--dataset-name random --random-input-len 128 --random-output-len 64) ;;
+    long)  isl=1000; osl=64; rate=0.5; ttft=3000; tpot=100; n=24
+           data=(--dataset-name random --random-input-len 1000 --random-output-len 64) ;;
+    # §5's mix: a quarter ~1,000-token prompts, the rest 32-256 (mean ~360 tokens).
+    mixed) isl=360; osl=64; rate=1; ttft=3000; tpot=25; n=40
+           data=(--dataset-name mixed --mixed-long-len 1000 --mixed-long-fraction 0.25 --random-output-len 64) ;;
+    *) echo "unknown workload $w" >&2; exit 2 ;;
+  esac
+  mkdir -p $OUT/plan-$w
+  $T plan --model "$MODEL" --isl $isl --osl $osl --rate $rate --slo-ttft-ms $ttft --slo-tpot-ms $tpot --json > $OUT/plan-$w/plan.json
+  $T plan --model "$MODEL" --isl $isl --osl $osl --rate $rate --slo-ttft-ms $ttft --slo-tpot-ms $tpot
+  read -r -a chosen < <(python3 -c "import json,sys; print(' '.join(json.load(open(sys.argv[1]))[0]['flags']))" $OUT/plan-$w/plan.json)
+  # The rejected layout closest to meeting the SLO (finite prediction) on all the cores.
+  read -r -a rejected < <(python3 - $OUT/plan-$w/plan.json <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))
+most = max(r["cores"] for r in rows)
+bad = [r for r in rows if not r["meets"] and r["cores"] == most and r["ttft_ms"] is not None]
+bad = bad or [r for r in rows if not r["meets"]]
+if bad:
+    json.dump(bad[0], open(sys.argv[1].replace("plan.json", "rejected.json"), "w"))
+print(" ".join(bad[0]["flags"]) if bad else "")
+PY
+)
+  args=(--endpoint /v1/completions "${data[@]}" --num-prompts $n --request-rate $rate --goodput ttft:$ttft tpot:$tpot)
+  start "${chosen[@]}"; bench "${args[@]}" --label "$w-chosen" --result-dir $OUT/plan-$w-chosen; stop
+  if [ ${#rejected[@]} -gt 0 ]; then
+    start "${rejected[@]}"; bench "${args[@]}" --label "$w-rejected" --result-dir $OUT/plan-$w-rejected; stop
+  fi
+done
+python3 - "$OUT" $WORKLOADS <<'PY'
+import json, sys, os
+out, workloads = sys.argv[1], sys.argv[2:]
+print("| workload | layout | plan: meets | predicted TTFT ms | measured median | ratio | predicted TPOT ms | measured median | ratio | attainment |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for w in workloads:
+    plan = json.load(open(os.path.join(out, f"plan-{w}", "plan.json")))
+    for kind in ("chosen", "rejected"):
+        p = os.path.join(out, f"plan-{w}-{kind}", "summary.json")
+        if not os.path.exists(p):
+            continue
+        m = json.load(open(p))
+        row = plan[0] if kind == "chosen" else json.load(open(os.path.join(out, f"plan-{w}", "rejected.json")))
+        def ratio(meas, pred):
+            return f"{meas / pred:.2f}" if pred else "-"
+        pt, pp = row["ttft_ms"], row["tpot_ms"]
+        print(f"| {w} | {row['layout']} ({kind}) | {'yes' if row['meets'] else 'no'} | "
+              f"{pt if pt is None else round(pt)} | {m['median_ttft_ms']:.0f} | {ratio(m['median_ttft_ms'], pt)} | "
+              f"{pp if pp is None else round(pp, 1)} | {m['median_tpot_ms']:.1f} | {ratio(m['median_tpot_ms'], pp)} | "
+              f"{m.get('slo_attainment', 0):.2f} |")
+PY
