@@ -168,6 +168,7 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
                     "cores": x.layout.cores(),
                     "flags": x.layout.up_flags(slo),
                     "ttft_ms": finite(p.ttft_s * 1e3),
+                    "ttft_p90_ms": finite(p.ttft_p90_s * 1e3),
                     "tpot_ms": finite(p.tpot_s * 1e3),
                     "prefill_load": finite(p.prefill_load),
                     "decode_batch": finite(p.batch),
@@ -188,16 +189,17 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         profile.display()
     );
     println!(
-        "| layout | cores | TTFT ms | TPOT ms | prefill load | decode batch | meets SLO | tandem up flags |"
+        "| layout | cores | TTFT ms (median) | TTFT ms (p90) | TPOT ms | prefill load | decode batch | meets SLO | tandem up flags |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for x in &c {
         let p = x.prediction;
         println!(
-            "| {} | {} | {:.0} | {:.1} | {:.2} | {:.1} | {} | `{}` |",
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {} | `{}` |",
             x.layout,
             x.layout.cores(),
             p.ttft_s * 1e3,
+            p.ttft_p90_s * 1e3,
             p.tpot_s * 1e3,
             p.prefill_load,
             p.batch,
