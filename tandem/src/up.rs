@@ -193,7 +193,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
     };
     let routing = RoutingArgs {
-        cost_profile: cost_profile(&args, &model)?,
+        cost_profile: cost_profile(&args, &model, secret_dir.path())?,
         ..args.routing.clone()
     };
     let mut members = Vec::new();
@@ -262,8 +262,14 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// The cost profile the scheduler places requests with: the one named, none when a fixed rule
-/// is asked for, else this machine's cached profile — measured now (quickly) if there is none.
-fn cost_profile(args: &UpArgs, model: &ModelArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+/// is asked for, else this machine's cached profile — measured now (quickly) if there is none,
+/// and kept in `run_dir` for this run alone when the cache cannot be written (a read-only
+/// container).
+fn cost_profile(
+    args: &UpArgs,
+    model: &ModelArgs,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<Option<std::path::PathBuf>> {
     if args.routing.fixed_rules() || args.routing.cost_profile.is_some() {
         return Ok(args.routing.cost_profile.clone());
     }
@@ -280,7 +286,12 @@ fn cost_profile(args: &UpArgs, model: &ModelArgs) -> anyhow::Result<Option<std::
             model: model.clone(),
         };
         let m = crate::plan::profile(&path, &p, &|line| eprintln!("tandem: {line}"))?;
-        crate::plan::save(&m, &cached)?;
+        if let Err(e) = crate::plan::save(&m, &cached) {
+            let here = run_dir.join("cost-profile.json");
+            eprintln!("tandem: cannot cache the cost profile ({e:#}); using it for this run only");
+            crate::plan::save(&m, &here)?;
+            return Ok(Some(here));
+        }
     }
     eprintln!(
         "tandem: placing prompts with the cost profile {}",
