@@ -11,20 +11,10 @@
 #
 # usage: scripts/bench/disagg.sh [SCENARIO...]   (ttft goodput kv; default: all)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-cargo build --release -q
-T=./target/release/tandem
-MODEL=$($T model fetch 2>/dev/null)
 PORT=18124
-OUT=bench-results
+source "$(dirname "$0")/lib.sh"
 SCENARIOS=${*:-kv ttft goodput}
 RATES=${RATES:-0.1,0.2,0.3,0.5}
-
-wait_up() { for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0; sleep 0.5; done; echo "server did not come up" >&2; return 1; }
-start() { $T up --model "$MODEL" --port $PORT "$@" >/dev/null 2>&1 & SERVER=$!; wait_up; }
-stop() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
-trap stop EXIT
-bench() { $T bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Instruct --tokenizer "$MODEL" --quiet "$@"; }
 
 for s in $SCENARIOS; do
   case $s in

@@ -9,19 +9,9 @@
 #
 # usage: scripts/bench/plan.sh [WORKLOAD...]   (chat long mixed; default: all)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-cargo build --release -q
-T=./target/release/tandem
-MODEL=$($T model fetch 2>/dev/null)
 PORT=18126
-OUT=bench-results
+source "$(dirname "$0")/lib.sh"
 WORKLOADS=${*:-chat long mixed}
-
-wait_up() { for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return 0; sleep 0.5; done; echo "server did not come up" >&2; return 1; }
-start() { $T up --model "$MODEL" --port $PORT "$@" >/dev/null 2>&1 & SERVER=$!; wait_up; }
-stop() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
-trap stop EXIT
-bench() { $T bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Instruct --tokenizer "$MODEL" --quiet "$@"; }
 
 for w in $WORKLOADS; do
   case $w in
