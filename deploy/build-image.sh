@@ -15,6 +15,8 @@ TARGET=x86_64-unknown-linux-musl
 rustup target list --installed | grep -qx $TARGET || rustup target add $TARGET
 # etcd-client's TLS (ring) compiles C for the target: musl's gcc wrapper.
 command -v musl-gcc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq musl-tools; }
+# etcd-client's build script compiles its .proto files with protoc.
+command -v protoc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq protobuf-compiler; }
 # etcd discovery built in: the compose cluster and Kubernetes manifests use it.
 cargo build --release --target $TARGET -p tandem --features etcd
 BIN=target/$TARGET/release/tandem
