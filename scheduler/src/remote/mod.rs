@@ -469,9 +469,8 @@ impl Remote {
         let best = policy::pick_prefill(&loads, fingerprint);
         let ds = d.stats();
         // This scheduler's own requests count at once; the reported load lags a poll behind.
-        let mine = d.inflight().saturating_sub(1);
-        let running = (ds.running as usize + ds.waiting as usize).max(mine);
         let reported = ds.running as usize + ds.waiting as usize;
+        let running = reported.max(d.inflight().saturating_sub(1));
         let context = ds.context_tokens as usize + running.saturating_sub(reported) * prompt.tokens;
         let view = placement::DecodeView {
             threads: ds.threads.max(1) as usize,
