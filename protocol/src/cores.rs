@@ -105,10 +105,21 @@ impl Drop for Computing<'_> {
 /// Puts the calling thread — and every thread it starts afterwards — in `SCHED_IDLE`: it runs
 /// only on cores no other thread wants. Call before the compute pool starts.
 pub fn yield_cores() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is valid. Lowering one's own policy needs
-    // no privilege.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+    // The kernel's `struct sched_param` is one int. The system call is made directly: musl's
+    // `sched_setscheduler` wrapper is a stub that returns ENOSYS (and its struct has more
+    // fields), so the static image would never yield.
+    let priority: libc::c_int = 0;
+    // SAFETY: pid 0 is the calling thread; `priority` is a valid kernel `sched_param` that
+    // outlives the call. Lowering one's own policy needs no privilege.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0 as libc::pid_t,
+            libc::SCHED_IDLE,
+            &priority as *const libc::c_int,
+        )
+    };
+    if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -193,10 +204,11 @@ mod tests {
     fn idle_scheduling_applies_to_the_thread_and_those_it_starts() {
         std::thread::spawn(|| {
             yield_cores().unwrap();
-            // SAFETY: querying the calling thread's policy.
-            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_IDLE);
-            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) });
-            assert_eq!(child.join().unwrap(), libc::SCHED_IDLE);
+            // SAFETY: querying the calling thread's policy (directly: musl's wrapper is a stub).
+            let policy = || unsafe { libc::syscall(libc::SYS_sched_getscheduler, 0) };
+            assert_eq!(policy(), libc::SCHED_IDLE as libc::c_long);
+            let child = std::thread::spawn(policy);
+            assert_eq!(child.join().unwrap(), libc::SCHED_IDLE as libc::c_long);
         })
         .join()
         .unwrap();
