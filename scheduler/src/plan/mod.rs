@@ -1,10 +1,12 @@
 //! Deciding with the engine's measured costs: what each placement of a request costs
 //! ([`cost`]), where each prompt is prefilled ([`placement`]), and how many workers of which
-//! size a workload needs ([`capacity`], `tandem plan`).
+//! size a workload needs ([`capacity`], `tandem plan`, predicted by replaying the workload on
+//! the cost model: [`simulate`]).
 
 pub mod capacity;
 pub mod cost;
 pub mod placement;
+pub mod simulate;
 
 /// While a decode worker shares its cores with a computing prefill worker, it paces its steps
 /// to this fraction of the TPOT bound (`--pace-ms` of `tandem decode`): the steps run at full

@@ -31,7 +31,8 @@ pub struct DecodeView {
     pub backlog: usize,
     /// Its step budget (decode tokens first, prefill chunks fill the rest).
     pub max_batch_tokens: usize,
-    /// Output tokens a running stream still has to go, about: over how many tokens a slower
+    /// Output tokens a stream makes, about (the new request's `max_tokens` stands in for the
+    /// running ones'): a running stream has about half of them left, over which a slower
     /// stretch of steps is averaged.
     pub horizon: usize,
     /// When it shares the cores with a prefill worker: the step period it paces to while that
@@ -149,10 +150,13 @@ fn pairs_per_token(prompt: usize, cached: usize) -> f64 {
 fn on_decode(cost: &CostModel, slo: Slo, prompt: usize, cached: usize, d: &DecodeView) -> Outcome {
     let todo = d.backlog + prompt.saturating_sub(cached);
     let (steps, step, ttft) = chunked(cost, d, todo, pairs_per_token(prompt, cached));
+    // A running stream is, on average, halfway through its output: the slow steps weigh on
+    // what it has left. (Averaged over the whole horizon, each prompt looked harmless alone
+    // while a run of them pushed streams past the bound: `tandem plan`'s replay showed it.)
     let tpot = if d.running == 0 {
         0.0
     } else {
-        mean_tpot(base_step(cost, d), step, steps, d.horizon)
+        mean_tpot(base_step(cost, d), step, steps, d.horizon.div_ceil(2))
     };
     Outcome {
         ttft_s: ttft,
@@ -178,22 +182,29 @@ fn on_prefill(
     work.tokens += p.backlog as f64;
     let pass = f.seconds(work);
     let base = base_step(cost, d);
+    let left = d.horizon.div_ceil(2);
+    // The decode worker's own queued prompts slow its streams wherever this one goes.
+    let (queued_steps, queued_step, queued_s) = if d.backlog > 0 {
+        chunked(cost, d, d.backlog, pairs_per_token(prompt, cached))
+    } else {
+        (0.0, base, 0.0)
+    };
+    let behind = mean_tpot(base, queued_step, queued_steps, left) - base;
     // Sharing the cores: while it computes, the decode worker runs each step at full speed
     // and then idles to the end of its period, so prefill gets what the steps leave — nothing
     // while the decode worker's own prompt chunks fill its steps, so those go first.
     let (wait, share, tpot) = match d.pace_s {
         Some(period) if d.running > 0 || d.backlog > 0 => {
-            let wait = if d.backlog > 0 {
-                chunked(cost, d, d.backlog, pairs_per_token(prompt, cached)).2
-            } else {
-                0.0
-            };
             let period = period.max(base);
             let share = (1.0 - base / period).max(MIN_SHARE);
             let slow = (pass / share / period).max(1.0);
-            (wait, share, mean_tpot(base, period, slow, d.horizon))
+            (
+                queued_s,
+                share,
+                mean_tpot(base, period, slow, left) + behind,
+            )
         }
-        _ => (0.0, 1.0, base),
+        _ => (0.0, 1.0, base + behind),
     };
     let link = cost.link.calls_s + if p.tcp { cost.tcp_seconds(new) } else { 0.0 };
     let ttft = wait + pass / share + link;

@@ -10,6 +10,7 @@ pub mod profile;
 use crate::args::ModelArgs;
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use scheduler::plan::capacity::Prompts;
 use scheduler::plan::cost::{COST_MODEL_VERSION, CostModel, ForwardCost};
 use std::path::{Path, PathBuf};
 
@@ -31,9 +32,9 @@ pub struct PlanFlags {
     /// The model the cached profile is of (default: the default model).
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
-    /// Mean prompt tokens.
+    /// Prompt tokens: N, a range LO-HI, or a weighted mix (`900-1100:0.25,32-256:0.75`, bench's mixed dataset).
     #[arg(long, required_unless_present = "from_bench")]
-    pub isl: Option<usize>,
+    pub isl: Option<Prompts>,
     /// Mean output tokens.
     #[arg(long, required_unless_present = "from_bench")]
     pub osl: Option<usize>,
@@ -133,7 +134,9 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
             cached_profile_path(&model, &ModelArgs::default_for(model.clone()))?
         }
     };
-    let cost = CostModel::load(&profile).map_err(|e| anyhow::anyhow!(e))?;
+    let cost = CostModel::load(&profile).map_err(|e| {
+        anyhow::anyhow!("{e}; `tandem plan profile` measures this machine's (a minute or two)")
+    })?;
     let from = match &a.from_bench {
         Some(p) => Some(bench_workload(p)?),
         None => None,
@@ -142,17 +145,25 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         x.or(from.map(|f: [f64; 3]| f[i]))
             .with_context(|| format!("--{name} is needed"))
     };
+    let prompts = match &a.isl {
+        Some(p) => p.clone(),
+        None => Prompts::fixed(pick(None, 0, "isl")?.round().max(1.0) as usize),
+    };
     let w = Workload {
-        isl: pick(a.isl.map(|v| v as f64), 0, "isl")?.round() as usize,
+        prompts,
         osl: pick(a.osl.map(|v| v as f64), 1, "osl")?.round().max(1.0) as usize,
         rate: pick(a.rate, 2, "rate")?,
     };
+    anyhow::ensure!(
+        w.rate > 0.0 && w.rate.is_finite(),
+        "--rate must be a positive number of requests per second"
+    );
     let slo = Slo {
         ttft_s: a.slo_ttft_ms / 1e3,
         tpot_s: a.slo_tpot_ms / 1e3,
     };
     let cores = a.cores.unwrap_or(cost.cores);
-    let c = candidates(&cost, w, slo, cores, scheduler::plan::PACE);
+    let c = candidates(&cost, &w, slo, cores, scheduler::plan::PACE);
     if a.emit {
         println!("{}", c[0].layout.up_flags(slo).join(" "));
         return Ok(());
@@ -170,6 +181,8 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
                     "ttft_ms": finite(p.ttft_s * 1e3),
                     "ttft_p90_ms": finite(p.ttft_p90_s * 1e3),
                     "tpot_ms": finite(p.tpot_s * 1e3),
+                    "tpot_p90_ms": finite(p.tpot_p90_s * 1e3),
+                    "attainment": p.attainment,
                     "prefill_load": finite(p.prefill_load),
                     "decode_batch": finite(p.batch),
                     "meets": p.meets,
@@ -180,27 +193,31 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "workload: {} prompt tokens, {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {cores} cores; profile {}",
-        w.isl,
+        "workload: {} prompt tokens (mean {:.0}), {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {cores} cores; profile {}; {} requests replayed per layout",
+        w.prompts,
+        w.prompts.mean(),
         w.osl,
         w.rate,
         a.slo_ttft_ms,
         a.slo_tpot_ms,
-        profile.display()
+        profile.display(),
+        scheduler::plan::capacity::REQUESTS
     );
     println!(
-        "| layout | cores | TTFT ms (median) | TTFT ms (p90) | TPOT ms | prefill load | decode batch | meets SLO | tandem up flags |"
+        "| layout | cores | TTFT ms (median) | TTFT ms (p90) | TPOT ms (median) | TPOT ms (p90) | attainment | prefill load | decode batch | meets SLO | tandem up flags |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for x in &c {
         let p = x.prediction;
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {} | `{}` |",
+            "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {} | `{}` |",
             x.layout,
             x.layout.cores(),
             p.ttft_s * 1e3,
             p.ttft_p90_s * 1e3,
             p.tpot_s * 1e3,
+            p.tpot_p90_s * 1e3,
+            p.attainment,
             p.prefill_load,
             p.batch,
             if p.meets { "yes" } else { "no" },
