@@ -114,6 +114,13 @@ pub enum Layout {
     Shared { threads: usize },
     /// Workers with a core each (`tandem up --pin`).
     Pinned { prefill: usize, decode: usize },
+    /// Worker pods of `threads` cores each on a cluster's nodes, the KV over TCP
+    /// (deploy/kubernetes; no prefill pods: the decode pods prefill every prompt).
+    Pods {
+        prefill: usize,
+        decode: usize,
+        threads: usize,
+    },
 }
 
 impl Layout {
@@ -122,10 +129,16 @@ impl Layout {
         match *self {
             Layout::Colocated { threads } | Layout::Shared { threads } => threads,
             Layout::Pinned { prefill, decode } => prefill + decode,
+            Layout::Pods {
+                prefill,
+                decode,
+                threads,
+            } => (prefill + decode) * threads,
         }
     }
 
-    /// The `tandem up` flags that run it with this SLO.
+    /// The `tandem up` flags that run it with this SLO (for pods: the scheduler's; the pool
+    /// sizes and threads go in the overlay, `tandem plan --pods --emit-kustomize`).
     pub fn up_flags(&self, slo: Slo) -> Vec<String> {
         let mut a: Vec<String> = match *self {
             Layout::Colocated { threads } => {
@@ -143,6 +156,7 @@ impl Layout {
                 "--decode".into(),
                 decode.to_string(),
             ],
+            Layout::Pods { .. } => Vec::new(),
         };
         a.extend([
             "--slo-ttft-ms".into(),
@@ -164,6 +178,14 @@ impl std::fmt::Display for Layout {
             Layout::Pinned { prefill, decode } => {
                 write!(f, "{prefill} prefill + {decode} decode, a core each")
             }
+            Layout::Pods {
+                prefill,
+                decode,
+                threads,
+            } => write!(
+                f,
+                "{prefill} prefill + {decode} decode pods of {threads} core(s), KV over TCP"
+            ),
         }
     }
 }
@@ -261,6 +283,38 @@ pub fn candidates(
             layouts.push(Layout::Pinned { prefill, decode });
         }
     }
+    rank(cost, w, slo, layouts, pace)
+}
+
+/// Every split of up to `max_pods` worker pods of `threads` cores (at least one decode pod),
+/// ranked as [`candidates`] ranks a machine's layouts.
+pub fn pod_candidates(
+    cost: &super::cost::CostModel,
+    w: &Workload,
+    slo: Slo,
+    threads: usize,
+    max_pods: usize,
+) -> Vec<Candidate> {
+    let mut layouts = Vec::new();
+    for prefill in 0..max_pods {
+        for decode in 1..=max_pods - prefill {
+            layouts.push(Layout::Pods {
+                prefill,
+                decode,
+                threads,
+            });
+        }
+    }
+    rank(cost, w, slo, layouts, 1.0)
+}
+
+fn rank(
+    cost: &super::cost::CostModel,
+    w: &Workload,
+    slo: Slo,
+    layouts: Vec<Layout>,
+    pace: f64,
+) -> Vec<Candidate> {
     let mut c: Vec<Candidate> = layouts
         .into_iter()
         .map(|layout| Candidate {

@@ -220,7 +220,16 @@ pub fn simulate(
             (0..d).map(|_| decode(1, None)).collect(),
             (0..p).map(|_| prefill(1, None)).collect(),
         ),
+        Layout::Pods {
+            prefill: p,
+            decode: d,
+            threads,
+        } => (
+            (0..d).map(|_| decode(threads, None)).collect(),
+            (0..p).map(|_| prefill(threads, None)).collect(),
+        ),
     };
+    let tcp = matches!(layout, Layout::Pods { .. });
     let mut served = vec![
         Served {
             ttft_s: f64::INFINITY,
@@ -265,7 +274,8 @@ pub fn simulate(
             if p.batch.as_ref().is_some_and(|b| b.left <= 1e-12) {
                 let b = p.batch.take().expect("checked");
                 for (mut s, d) in b.jobs {
-                    let at = now + cost.link.calls_s;
+                    let moved = if tcp { cost.tcp_seconds(s.prompt) } else { 0.0 };
+                    let at = now + cost.link.calls_s + moved;
                     s.first_at = at;
                     s.have = s.prompt;
                     s.out = 1;
@@ -302,7 +312,7 @@ pub fn simulate(
             let pview = pi.map(|i| PrefillView {
                 threads: ps[i].threads,
                 backlog: ps[i].queued_tokens(),
-                tcp: false,
+                tcp,
             });
             let seq = Seq {
                 req: next,
@@ -544,6 +554,35 @@ mod tests {
             run.prefill_load > 0.1 && run.prefill_load < 1.0,
             "{}",
             run.prefill_load
+        );
+    }
+
+    #[test]
+    fn pods_pay_the_kv_transfer_over_tcp() {
+        let mut m = model();
+        // Calls so dear that one pass beats eight chunks on an idle decode pod.
+        for f in &mut m.forward {
+            f.fixed_s = 0.2;
+        }
+        let w = workload("2000", 4, 1e-4);
+        let slo = Slo {
+            ttft_s: 10.0,
+            tpot_s: 0.1,
+        };
+        // The prompt goes to the prefill pod; its first token waits for the KV to cross.
+        let pods = Layout::Pods {
+            prefill: 1,
+            decode: 1,
+            threads: 2,
+        };
+        let run = simulate(&m, &w, slo, pods, 1.0, 2, 1);
+        let pass = m.forward(2).seconds(Work::prefill(0, 2000));
+        let want = pass + m.link.calls_s + m.tcp_seconds(2000);
+        assert!(run.prefill_load > 0.0, "{run:?}");
+        assert!(
+            close(run.served[0].ttft_s, want),
+            "{:?} vs {want}",
+            run.served[0]
         );
     }
 

@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //! - this file: the commands, where profiles are cached, and running the measuring children;
-//! - [`profile`]: the measurements themselves.
+//! - [`profile`]: the measurements themselves;
+//! - [`kustomize`]: the overlay `--pods --emit-kustomize` writes.
 
+pub mod kustomize;
 pub mod profile;
 
 use crate::args::ModelArgs;
@@ -53,8 +55,27 @@ pub struct PlanFlags {
     /// Cores to lay out (default: this machine's).
     #[arg(long)]
     pub cores: Option<usize>,
-    /// Print only the chosen layout's `tandem up` flags.
+    /// Plan worker pods on a cluster's nodes (KV over TCP) instead of this machine's cores: how many prefill and decode pods of --pod-cores each.
     #[arg(long)]
+    pub pods: bool,
+    /// Cores per worker pod (default: the most threads the profile measured; profile a node of the pool's type).
+    #[arg(long, requires = "pods")]
+    pub pod_cores: Option<usize>,
+    /// Worker pods at most.
+    #[arg(long, default_value_t = 8, requires = "pods")]
+    pub max_pods: usize,
+    /// Write a kustomize overlay for the chosen pods into this directory: the pool sizes, each pod's cores and threads, the SLO, and the cost profile as a ConfigMap the scheduler places prompts with.
+    #[arg(long, requires = "pods", value_name = "DIR")]
+    pub emit_kustomize: Option<PathBuf>,
+    /// The kustomization the overlay builds on.
+    #[arg(
+        long,
+        default_value = "deploy/kubernetes/base",
+        requires = "emit_kustomize"
+    )]
+    pub kustomize_base: PathBuf,
+    /// Print only the chosen layout's `tandem up` flags.
+    #[arg(long, conflicts_with = "pods")]
     pub emit: bool,
     /// Print the layouts as JSON (one array, best first).
     #[arg(long, conflicts_with = "emit")]
@@ -125,7 +146,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 
 /// Prints the layouts for the workload, best first (or, with `--emit`, the best one's flags).
 fn plan(a: &PlanFlags) -> anyhow::Result<()> {
-    use scheduler::plan::capacity::{Workload, candidates};
+    use scheduler::plan::capacity::{Workload, candidates, pod_candidates};
     use scheduler::plan::placement::Slo;
     let profile = match &a.profile {
         Some(p) => p.clone(),
@@ -163,11 +184,38 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         tpot_s: a.slo_tpot_ms / 1e3,
     };
     let cores = a.cores.unwrap_or(cost.cores);
-    let c = candidates(&cost, &w, slo, cores, scheduler::plan::PACE);
+    let c = if a.pods {
+        let threads = a
+            .pod_cores
+            .unwrap_or_else(|| cost.forward.iter().map(|f| f.threads).max().unwrap_or(1));
+        anyhow::ensure!(
+            threads >= 1 && a.max_pods >= 1,
+            "--pod-cores and --max-pods must be at least 1"
+        );
+        pod_candidates(&cost, &w, slo, threads, a.max_pods)
+    } else {
+        candidates(&cost, &w, slo, cores, scheduler::plan::PACE)
+    };
+    if let Some(dir) = &a.emit_kustomize {
+        let file = kustomize::write(dir, &a.kustomize_base, &profile, &c[0], &w, slo)?;
+        eprintln!("tandem: wrote {} ({})", file.display(), c[0].layout);
+        if !c[0].prediction.meets {
+            eprintln!(
+                "tandem: no split of {} pods meets the SLO at this rate: this one comes closest",
+                a.max_pods
+            );
+        }
+        return Ok(());
+    }
     if a.emit {
         println!("{}", c[0].layout.up_flags(slo).join(" "));
         return Ok(());
     }
+    let room = if a.pods {
+        format!("up to {} worker pods", a.max_pods)
+    } else {
+        format!("{cores} cores")
+    };
     if a.json {
         let rows: Vec<serde_json::Value> = c
             .iter()
@@ -193,7 +241,7 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "workload: {} prompt tokens (mean {:.0}), {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {cores} cores; profile {}; {} requests replayed per layout",
+        "workload: {} prompt tokens (mean {:.0}), {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {room}; profile {}; {} requests replayed per layout",
         w.prompts,
         w.prompts.mean(),
         w.osl,
@@ -225,9 +273,7 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         );
     }
     if !c[0].prediction.meets {
-        println!(
-            "no layout of {cores} cores meets the SLO at this rate: the first row comes closest"
-        );
+        println!("no layout meets the SLO at this rate: the first row comes closest");
     }
     Ok(())
 }
