@@ -7,11 +7,11 @@
 # Needs a cost profile (`tandem plan profile`, or the one `tandem up` measured on its first start).
 # Results land in bench-results/plan-<workload>-<chosen|rejected>/.
 #
-# usage: scripts/bench/plan.sh [WORKLOAD...]   (chat long mixed; default: all)
+# usage: scripts/bench/plan.sh [WORKLOAD...]   (chat long mixed busy; default: all)
 set -euo pipefail
 PORT=18126
 source "$(dirname "$0")/lib.sh"
-WORKLOADS=${*:-chat long mixed}
+WORKLOADS=${*:-chat long mixed busy}
 
 for w in $WORKLOADS; do
   case $w in
@@ -21,6 +21,9 @@ for w in $WORKLOADS; do
            data=(--dataset-name random --random-input-len 1000 --random-output-len 64) ;;
     # §5's mix: a quarter 900-1,100-token prompts, the rest 32-256 (bench's mixed dataset).
     mixed) isl=900-1100:0.25,32-256:0.75; osl=64; rate=1; ttft=3000; tpot=25; n=40
+           data=(--dataset-name mixed --mixed-long-len 1000 --mixed-long-fraction 0.25 --random-output-len 64) ;;
+    # The same mix at 3 req/s: where the plan rejects layouts of these cores.
+    busy)  isl=900-1100:0.25,32-256:0.75; osl=64; rate=3; ttft=3000; tpot=25; n=90
            data=(--dataset-name mixed --mixed-long-len 1000 --mixed-long-fraction 0.25 --random-output-len 64) ;;
     *) echo "unknown workload $w" >&2; exit 2 ;;
   esac

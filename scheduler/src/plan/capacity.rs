@@ -210,8 +210,10 @@ pub struct Prediction {
     pub meets: bool,
 }
 
-/// The share of requests that must meet the SLO for a layout to meet it.
-pub const ATTAINMENT: f64 = 0.9;
+/// The share of the replayed requests that must meet the SLO for a layout to be planned: a
+/// deployment is held to 0.9, and the 0.05 above it is margin for the cost model's error (its
+/// fits are within 11–16% on average).
+pub const ATTAINMENT: f64 = 0.95;
 /// Requests replayed per layout, and the seed of their arrivals.
 pub const REQUESTS: usize = 1000;
 const SEED: u64 = 0x7a4d_e11a;
