@@ -11,9 +11,10 @@
 //! medians, the 90th percentile, the share meeting the SLO — rather than from a steady state.
 //! Deterministic: the arrivals come from a fixed seed.
 
-use super::capacity::{Layout, Workload};
 use super::cost::{CostModel, ForwardCost, Work};
+use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
+use super::workload::Workload;
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults).
@@ -426,8 +427,8 @@ fn step(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::capacity::Prompts;
     use crate::plan::cost::tests::model;
+    use crate::plan::workload::Prompts;
 
     const SLO: Slo = Slo {
         ttft_s: 1.0,

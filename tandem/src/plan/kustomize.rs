@@ -5,8 +5,10 @@
 //! mounted into the scheduler and named by `TANDEM_COST_PROFILE`.
 
 use anyhow::Context;
-use scheduler::plan::capacity::{Candidate, Layout, Workload};
+use scheduler::plan::capacity::Candidate;
+use scheduler::plan::layout::Layout;
 use scheduler::plan::placement::Slo;
+use scheduler::plan::workload::Workload;
 use std::path::{Component, Path, PathBuf};
 
 /// Where the scheduler finds the profile.

@@ -12,8 +12,8 @@ pub mod profile;
 use crate::args::ModelArgs;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use scheduler::plan::capacity::Prompts;
 use scheduler::plan::cost::{COST_MODEL_VERSION, CostModel, ForwardCost};
+use scheduler::plan::workload::Prompts;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
@@ -146,8 +146,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
 
 /// Prints the layouts for the workload, best first (or, with `--emit`, the best one's flags).
 fn plan(a: &PlanFlags) -> anyhow::Result<()> {
-    use scheduler::plan::capacity::{Workload, candidates, pod_candidates};
+    use scheduler::plan::capacity::{candidates, pod_candidates};
     use scheduler::plan::placement::Slo;
+    use scheduler::plan::workload::Workload;
     let profile = match &a.profile {
         Some(p) => p.clone(),
         None => {
