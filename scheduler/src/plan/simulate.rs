@@ -17,7 +17,8 @@ use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
 use std::collections::VecDeque;
 
-/// A decode worker's step budget and sequence cap (the workers' defaults).
+/// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
+/// hold them equal).
 pub const STEP_BUDGET: usize = 256;
 pub const MAX_RUNNING: usize = 64;
 /// A prefill worker's batch budget (its default).

@@ -449,3 +449,15 @@ fn report(m: &CostModel) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use scheduler::plan::simulate::{MAX_RUNNING, PREFILL_BUDGET, STEP_BUDGET};
+
+    #[test]
+    fn the_replay_batches_as_the_workers_do_by_default() {
+        assert_eq!(STEP_BUDGET, decode_worker::DEFAULT_MAX_BATCH_TOKENS);
+        assert_eq!(MAX_RUNNING, decode_worker::DEFAULT_MAX_RUNNING);
+        assert_eq!(PREFILL_BUDGET, prefill_worker::DEFAULT_MAX_BATCH_TOKENS);
+    }
+}
