@@ -22,14 +22,17 @@ pub fn pin(cpus: &[usize]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cores this process may run on (its affinity mask and cgroup quota).
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// Sizes the kernels' compute pool and rayon's pool (used only to load weights in parallel);
 /// default: every core. Returns the thread count.
 pub fn init_compute_threads(threads: Option<usize>) -> anyhow::Result<usize> {
-    let n = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let n = threads.unwrap_or_else(cores);
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()

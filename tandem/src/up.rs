@@ -157,9 +157,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         served_model_name: args.model.model_id(),
         ..args.model.clone()
     };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = crate::process::cores();
     let mut next_core = 0usize;
     let mut compute = || {
         let cpus = if args.pin {

@@ -155,6 +155,11 @@ impl PrefillSim {
         b.chain(&self.queue).map(|(s, _)| s.prompt).sum()
     }
 
+    /// When it computes again from `now`: at once, or once its decode neighbour's step ends.
+    fn runs_from(&self, ds: &[DecodeSim], now: f64) -> f64 {
+        self.yields_to.map_or(now, |i| ds[i].busy_until.max(now))
+    }
+
     fn start(&mut self) {
         if self.batch.is_some() || self.queue.is_empty() {
             return;
@@ -254,8 +259,7 @@ pub fn simulate(
         }
         for p in &ps {
             if let Some(b) = &p.batch {
-                let blocked = p.yields_to.map_or(now, |i| ds[i].busy_until.max(now));
-                t = t.min(blocked + b.left);
+                t = t.min(p.runs_from(&ds, now) + b.left);
             }
         }
         if !t.is_finite() {
@@ -263,8 +267,8 @@ pub fn simulate(
         }
         // Prefill progress up to `t`: all of it, but what its decode neighbour's steps take.
         for p in &mut ps {
+            let from = p.runs_from(&ds, now);
             if let Some(b) = &mut p.batch {
-                let from = p.yields_to.map_or(now, |i| ds[i].busy_until.max(now));
                 let ran = (t - from).clamp(0.0, b.left);
                 b.left -= ran;
                 p.busy_s += ran;

@@ -10,6 +10,7 @@ pub mod kustomize;
 pub mod profile;
 
 use crate::args::ModelArgs;
+use crate::process::cores;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use scheduler::plan::cost::{COST_MODEL_VERSION, CostModel, ForwardCost};
@@ -296,12 +297,6 @@ fn bench_workload(path: &Path) -> anyhow::Result<[f64; 3]> {
         num("total_output_tokens")? / n,
         num("request_throughput")?,
     ])
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }
 
 fn cpu_name() -> String {
