@@ -107,6 +107,7 @@ impl Engine {
                     })?
             }
         };
+        kv.set_hash_salt(frontend::block::salt(frontend.fingerprint, layout.block_size));
         tracing::info!(
             model = %frontend.model_id,
             backend = %model.name(),

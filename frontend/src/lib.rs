@@ -9,6 +9,7 @@
 //!   KV cache storage.
 //! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
 //! - [`chat`]: the GGUF's chat template.
+//! - [`block`]: KV blocks' names (`BlockHash`), chained over tokens and salted with the model.
 //! - [`request`]: what workers are asked and what they stream back; [`sampling`]: sampling
 //!   settings and reported log-probabilities; [`stop`]: stop strings.
 //! - [`fetch`]: downloading and caching the default model.
@@ -19,6 +20,7 @@
 //! assert!(!t.is_cancelled());
 //! ```
 
+pub mod block;
 pub mod chat;
 pub mod config;
 pub mod constraint;

@@ -14,10 +14,12 @@
 //! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes;
 //!   `shm::fence`, which keeps an in-place writer out of blocks its lease no longer holds.
 //!
-//! The pooled RAM → disk store of the architecture (an open issue) is not built yet.
+//! - [`store`]: the pooled store — immutable blocks named by `BlockHash`, a RAM tier spilling
+//!   to a disk tier, two-phase puts, leased reads, LRU eviction.
 
 pub mod frame;
 pub mod shm;
+pub mod store;
 pub mod tcp;
 
 use engine::KvSequence;

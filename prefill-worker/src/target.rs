@@ -303,6 +303,7 @@ impl Targets {
         // A decode worker that restarted has a new file; forget pools whose file is gone.
         self.pools.retain(|p, _| p.exists());
         let pool = KvPool::attach(self.engine.kv.layout(), t.pool_blocks as usize, &path)?;
+        pool.set_hash_salt(self.engine.kv.hash_salt());
         self.pools.insert(path, pool.clone());
         Ok(pool)
     }

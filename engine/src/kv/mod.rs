@@ -19,7 +19,6 @@
 //! RDMA one-sided write.
 
 use crate::error::Result;
-use crate::tokenizer::TokenId;
 use half::f16;
 use kernels::attention::KvSlice;
 use memmap2::MmapMut;
@@ -91,24 +90,7 @@ impl KvLayout {
     }
 }
 
-/// A full block's identity: a hash chained over every token from the start of the sequence
-/// up to the block's end, so equal hashes mean equal KV contents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlockHash(pub u64);
-
-/// Hashes of the full blocks of `tokens`: `h_i = xxh3(tokens_i, seed = h_{i-1})`, starting from
-/// `salt` (which identifies the model and KV format once blocks leave this pool).
-pub fn block_hashes(salt: u64, tokens: &[TokenId], block_size: usize) -> Vec<BlockHash> {
-    let mut h = salt;
-    tokens
-        .chunks_exact(block_size)
-        .map(|blk| {
-            let bytes: Vec<u8> = blk.iter().flat_map(|t| t.to_le_bytes()).collect();
-            h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, h);
-            BlockHash(h)
-        })
-        .collect()
-}
+pub use frontend::block::{BlockHash, block_hashes};
 
 /// A fixed pool of KV blocks.
 pub struct KvPool {
@@ -122,6 +104,9 @@ pub struct KvPool {
     /// The shared file, when there is one; removed when its owner drops the pool.
     shared: Option<SharedFile>,
     allocator: Mutex<BlockAllocator>,
+    /// The first link of its blocks' hash chains ([`frontend::block::salt`]): 0 until the
+    /// engine that owns the pool names its model and KV format.
+    hash_salt: std::sync::atomic::AtomicU64,
 }
 
 /// The file behind a shared pool.
@@ -253,7 +238,20 @@ impl KvPool {
             } else {
                 BlockAllocator::foreign(n_blocks)
             }),
+            hash_salt: Default::default(),
         })
+    }
+
+    /// Salts this pool's block hashes for the model and KV format whose blocks it holds, before
+    /// any is published: blocks that leave the pool (the store, routing) are then named the
+    /// same in every process serving that model.
+    pub fn set_hash_salt(&self, salt: u64) {
+        self.hash_salt
+            .store(salt, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// The first link of this pool's block hash chains.
+    pub fn hash_salt(&self) -> u64 {
+        self.hash_salt.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn layout(&self) -> KvLayout {

@@ -161,7 +161,7 @@ impl KvSequence {
         );
         let bs = self.pool.layout.block_size;
         let usable = tokens.len().saturating_sub(1) / bs * bs;
-        let hashes = block_hashes(0, &tokens[..usable], bs);
+        let hashes = block_hashes(self.pool.hash_salt(), &tokens[..usable], bs);
         self.blocks = self.pool.lookup(&hashes);
         self.len = self.blocks.len() * bs;
         self.shared = self.blocks.len();
@@ -174,7 +174,7 @@ impl KvSequence {
         let bs = self.pool.layout.block_size;
         let n = tokens.len().min(self.len) / bs;
         self.shared = self.shared.max(n);
-        for (h, &b) in block_hashes(0, &tokens[..n * bs], bs)
+        for (h, &b) in block_hashes(self.pool.hash_salt(), &tokens[..n * bs], bs)
             .into_iter()
             .zip(&self.blocks)
         {
