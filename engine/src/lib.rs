@@ -107,7 +107,10 @@ impl Engine {
                     })?
             }
         };
-        kv.set_hash_salt(frontend::block::salt(frontend.fingerprint, layout.block_size));
+        kv.set_hash_salt(frontend::block::salt(
+            frontend.fingerprint,
+            layout.block_size,
+        ));
         tracing::info!(
             model = %frontend.model_id,
             backend = %model.name(),

@@ -81,8 +81,16 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_ne!(a[0], b[0]);
         assert_ne!(a[1], b[1], "a block's hash covers its whole prefix");
-        assert_eq!(block_hashes(s, &[1, 2, 3, 4, 5], 4), a[..1], "partial block unhashed");
-        assert_ne!(block_hashes(salt(8, 4), &[1, 2, 3, 4], 4), a[..1], "model salts");
+        assert_eq!(
+            block_hashes(s, &[1, 2, 3, 4, 5], 4),
+            a[..1],
+            "partial block unhashed"
+        );
+        assert_ne!(
+            block_hashes(salt(8, 4), &[1, 2, 3, 4], 4),
+            a[..1],
+            "model salts"
+        );
         assert_ne!(salt(7, 4), salt(7, 8), "block size salts");
     }
 }

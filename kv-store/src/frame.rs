@@ -4,7 +4,8 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic "TKV3" (the format version is in the magic)
-//!      4     1  kind: 1 = slabs of one layer, 2 = end of a lease's transfer
+//!      4     1  kind: 1 = slabs of one layer, 2 = end of a lease's transfer,
+//!                 3 = fetch: the peer asks for a store lease's blocks (no payload)
 //!      5     3  zero
 //!      8    16  lease id (16 random bytes)
 //!     24     4  slabs: how many (n); end: slabs sent in all (little-endian, as every field)
@@ -17,7 +18,9 @@
 //! then the `n` slabs in that order. The receiver learns every destination before the first
 //! payload byte arrives, so it reads the slabs straight from the socket into their blocks
 //! with one scattered read (no copy through a staging buffer). An end frame's payload is the
-//! sender's checksum (`u64`).
+//! sender's checksum (`u64`). A fetch frame has no payload: the store answers on the same
+//! connection with the lease's slabs frames (layer by layer, block indices 0.. in the lease's
+//! order) and its end frame (kv-store/SPEC.md).
 
 use protocol::LeaseId;
 
@@ -40,6 +43,8 @@ pub enum Frame {
     },
     /// Every slab of the lease was sent; 8 bytes of checksum follow.
     End { lease: LeaseId, slabs: u32 },
+    /// Send the blocks of store lease `lease` back on this connection.
+    Fetch { lease: LeaseId },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,6 +69,7 @@ impl Frame {
                 len,
             } => (1u8, lease, n, layer, len),
             Frame::End { lease, slabs } => (2, lease, slabs, 0, 8),
+            Frame::Fetch { lease } => (3, lease, 0, 0, 0),
         };
         h[4] = kind;
         h[8..24].copy_from_slice(&lease.0);
@@ -96,6 +102,7 @@ impl Frame {
                 lease,
                 slabs: u32_at(24),
             }),
+            3 => Ok(Frame::Fetch { lease }),
             k => Err(FrameError::Kind(k)),
         }
     }
@@ -130,6 +137,9 @@ mod tests {
             Frame::End {
                 lease: LeaseId::random(),
                 slabs: 3_750,
+            },
+            Frame::Fetch {
+                lease: LeaseId::random(),
             },
         ] {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));

@@ -136,7 +136,10 @@ impl Dir {
                 let e = e?;
                 let path = e.path();
                 if path.extension().and_then(|x| x.to_str()) != Some("kvb") {
-                    if path.extension().is_some_and(|x| x.to_string_lossy().starts_with("tmp")) {
+                    if path
+                        .extension()
+                        .is_some_and(|x| x.to_string_lossy().starts_with("tmp"))
+                    {
                         let _ = fs::remove_file(&path);
                     }
                     continue;
@@ -148,9 +151,8 @@ impl Dir {
                     .and_then(|()| parse_header(&header).ok())
                     .filter(|(h, shape, _)| {
                         self.path(*h) == path
-                            && e.metadata().is_ok_and(|m| {
-                                m.len() == (HEADER + shape.bytes()) as u64
-                            })
+                            && e.metadata()
+                                .is_ok_and(|m| m.len() == (HEADER + shape.bytes()) as u64)
                     });
                 match ok {
                     Some((h, shape, _)) => {

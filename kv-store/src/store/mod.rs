@@ -19,7 +19,9 @@
 //! reads of leased blocks run outside it too. Disk writes (spills) run under it: simple, and on
 //! a page cache a 400 KiB write costs a fraction of a millisecond.
 
+pub mod client;
 pub mod disk;
+pub mod service;
 
 use crate::Checksum;
 use disk::{Dir, Shape};
@@ -153,6 +155,7 @@ struct Put {
 
 struct ReadLease {
     blocks: Vec<BlockHash>,
+    shape: Shape,
     deadline: Instant,
 }
 
@@ -273,6 +276,7 @@ impl Store {
             id,
             ReadLease {
                 blocks: blocks.iter().map(|b| b.0).collect(),
+                shape,
                 deadline,
             },
         );
@@ -287,7 +291,9 @@ impl Store {
             let ix = self.lock();
             let l = ix.leases.get(&lease).ok_or(StoreError::Unknown(lease))?;
             if !l.blocks.contains(&h) {
-                return Err(StoreError::Invalid(format!("block {h} is not in lease {lease}")));
+                return Err(StoreError::Invalid(format!(
+                    "block {h} is not in lease {lease}"
+                )));
             }
             let e = ix.entries.get(&h).ok_or(StoreError::Corrupt(h))?;
             if let Some(p) = &e.ram {
@@ -304,7 +310,10 @@ impl Store {
                 ix.make_room(bytes);
                 if ix.ram_bytes + bytes <= ix.limits.ram_bytes {
                     let tick = ix.next_tick();
-                    let e = ix.entries.get_mut(&h).expect("a leased block stays indexed");
+                    let e = ix
+                        .entries
+                        .get_mut(&h)
+                        .expect("a leased block stays indexed");
                     if e.ram.is_none() {
                         e.ram = Some(payload.clone());
                         let old = std::mem::replace(&mut e.tick, tick);
@@ -323,6 +332,12 @@ impl Store {
             }
             Err(disk::ReadError::Io(e)) => Err(StoreError::Io(e.to_string())),
         }
+    }
+
+    /// A live lease's blocks and their shape.
+    pub fn leased(&self, lease: LeaseId) -> Option<(Vec<BlockHash>, Shape)> {
+        let ix = self.lock();
+        ix.leases.get(&lease).map(|l| (l.blocks.clone(), l.shape))
     }
 
     /// Ends a read lease (a lapsed or unknown one is not an error: the blocks are free anyway).
@@ -408,11 +423,19 @@ impl Store {
 
     /// Copies a slab into a put (the in-process path; the data plane writes through
     /// [`slot`](Self::slot)).
-    pub fn write(&self, put: LeaseId, i: usize, layer: usize, slab: &[u8]) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        put: LeaseId,
+        i: usize,
+        layer: usize,
+        slab: &[u8],
+    ) -> Result<(), StoreError> {
         let mut ix = self.lock();
         let p = ix.puts.get_mut(&put).ok_or(StoreError::Unknown(put))?;
         if p.writer.is_some() {
-            return Err(StoreError::Invalid(format!("put {put} is a data-plane transfer's")));
+            return Err(StoreError::Invalid(format!(
+                "put {put} is a data-plane transfer's"
+            )));
         }
         if slab.len() != p.shape.slab_bytes as usize || layer >= p.shape.slabs as usize {
             return Err(StoreError::Invalid(format!(
@@ -434,7 +457,12 @@ impl Store {
     /// ones; blocks that cannot get room are dropped (the store is full of leased blocks).
     /// Returns how many were published. `conn`: the data-plane connection ending it (`None`
     /// in process); only the put's writer may end it.
-    pub fn put_end(&self, put: LeaseId, conn: Option<u64>, checksum: u64) -> Result<usize, StoreError> {
+    pub fn put_end(
+        &self,
+        put: LeaseId,
+        conn: Option<u64>,
+        checksum: u64,
+    ) -> Result<usize, StoreError> {
         let p = {
             let mut ix = self.lock();
             let p = ix.puts.get(&put).ok_or(StoreError::Unknown(put))?;
@@ -494,7 +522,11 @@ impl Store {
     /// connection writes it) may.
     pub fn put_abort(&self, put: LeaseId, conn: Option<u64>) {
         let mut ix = self.lock();
-        if ix.puts.get(&put).is_some_and(|p| p.writer.is_none() || p.writer == conn) {
+        if ix
+            .puts
+            .get(&put)
+            .is_some_and(|p| p.writer.is_none() || p.writer == conn)
+        {
             let p = ix.puts.remove(&put).expect("just found");
             ix.staged_bytes -= p.blocks.len() * p.shape.bytes();
         }
@@ -516,7 +548,11 @@ impl Store {
 
 impl Entry {
     fn tier(&self) -> Tier {
-        if self.ram.is_some() { Tier::Ram } else { Tier::Disk }
+        if self.ram.is_some() {
+            Tier::Ram
+        } else {
+            Tier::Disk
+        }
     }
 }
 

@@ -9,18 +9,29 @@ const BLOCK: usize = 192;
 /// A block's payload: bytes that depend on its hash and position, never all zero.
 fn payload(h: BlockHash) -> Vec<u8> {
     (0..BLOCK)
-        .map(|i| (h.0.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(i as u32 % 64) as u8) | 1)
+        .map(|i| {
+            (h.0.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(i as u32 % 64) as u8)
+                | 1
+        })
         .collect()
 }
 
 fn hashes(from: u64, n: u64) -> Vec<BlockHash> {
-    (from..from + n).map(|i| BlockHash(0xabc0_0000 + i)).collect()
+    (from..from + n)
+        .map(|i| BlockHash(0xabc0_0000 + i))
+        .collect()
 }
 
 /// Puts `hs` the way a client does: start, the wanted slabs, end with their checksum.
 fn put(store: &Store, hs: &[BlockHash]) -> Result<usize, StoreError> {
     let s = store.put_start(hs, SHAPE)?;
-    let wanted: Vec<BlockHash> = hs.iter().zip(&s.want).filter(|w| *w.1).map(|w| *w.0).collect();
+    let wanted: Vec<BlockHash> = hs
+        .iter()
+        .zip(&s.want)
+        .filter(|w| *w.1)
+        .map(|w| *w.0)
+        .collect();
     let mut c = Checksum::new();
     for layer in 0..SHAPE.slabs as usize {
         for (i, h) in wanted.iter().enumerate() {
@@ -42,9 +53,15 @@ fn limits(ram_blocks: usize, disk: Option<(&std::path::Path, u64)>) -> Limits {
 }
 
 fn read_all(store: &Store, hs: &[BlockHash]) -> Vec<Tier> {
-    let l = store.lease(hs, SHAPE, usize::MAX).expect("a prefix is held");
+    let l = store
+        .lease(hs, SHAPE, usize::MAX)
+        .expect("a prefix is held");
     for (h, _) in &l.blocks {
-        assert_eq!(&*store.read(l.id, *h).unwrap(), &payload(*h)[..], "block {h}");
+        assert_eq!(
+            &*store.read(l.id, *h).unwrap(),
+            &payload(*h)[..],
+            "block {h}"
+        );
     }
     store.release(l.id);
     l.blocks.iter().map(|b| b.1).collect()
@@ -55,7 +72,11 @@ fn put_then_lease_reads_the_longest_prefix_and_objects_are_immutable() {
     let store = Store::open(limits(16, None)).unwrap();
     let hs = hashes(0, 4);
     assert_eq!(put(&store, &hs[..3]), Ok(3));
-    assert_eq!(store.lookup(&hs), vec![Tier::Ram; 3], "the fourth was never put");
+    assert_eq!(
+        store.lookup(&hs),
+        vec![Tier::Ram; 3],
+        "the fourth was never put"
+    );
     assert_eq!(read_all(&store, &hs), vec![Tier::Ram; 3]);
     // A second put of the same blocks plus one new: only the new one is wanted.
     let s = store.put_start(&hs, SHAPE).unwrap();
@@ -77,12 +98,21 @@ fn a_wrong_checksum_publishes_nothing() {
     let s = store.put_start(&hs, SHAPE).unwrap();
     for i in 0..2 {
         for layer in 0..3 {
-            store.write(s.id, i, layer, &payload(hs[i])[layer * 64..][..64]).unwrap();
+            store
+                .write(s.id, i, layer, &payload(hs[i])[layer * 64..][..64])
+                .unwrap();
         }
     }
-    assert!(matches!(store.put_end(s.id, None, 12345), Err(StoreError::Checksum { .. })));
+    assert!(matches!(
+        store.put_end(s.id, None, 12345),
+        Err(StoreError::Checksum { .. })
+    ));
     assert!(store.lookup(&hs).is_empty());
-    assert_eq!(store.put_end(s.id, None, 12345), Err(StoreError::Unknown(s.id)), "ended once");
+    assert_eq!(
+        store.put_end(s.id, None, 12345),
+        Err(StoreError::Unknown(s.id)),
+        "ended once"
+    );
 }
 
 #[test]
@@ -104,7 +134,10 @@ fn ram_spills_to_disk_and_disk_evicts_least_recently_used() {
     put(&store, &hs[4..6]).unwrap();
     let s = store.stats();
     assert_eq!((s.ram_blocks, s.disk_blocks), (2, 3), "{s:?}");
-    assert!(store.lookup(&hs[1..2]).is_empty(), "block 1 was the least recently used");
+    assert!(
+        store.lookup(&hs[1..2]).is_empty(),
+        "block 1 was the least recently used"
+    );
     for h in &hs {
         if !store.lookup(std::slice::from_ref(h)).is_empty() {
             read_all(&store, std::slice::from_ref(h));
@@ -127,7 +160,10 @@ fn leased_blocks_are_never_evicted_and_a_full_store_drops_instead_of_failing() {
     store.release(l.id);
     assert_eq!(put(&store, &hs[2..4]), Ok(2), "released blocks make room");
     assert!(store.lookup(&hs[..1]).is_empty());
-    assert!(matches!(store.read(l.id, hs[0]), Err(StoreError::Unknown(_))));
+    assert!(matches!(
+        store.read(l.id, hs[0]),
+        Err(StoreError::Unknown(_))
+    ));
 }
 
 #[test]
@@ -144,15 +180,37 @@ fn leases_lapse_and_abandoned_puts_expire_but_not_under_a_writer() {
     let l = store.lease(&hs, SHAPE, 1).unwrap();
     let abandoned = store.put_start(&hs[1..2], SHAPE).unwrap();
     let written = store.put_start(&hs[1..2], SHAPE).unwrap();
-    assert!(store.slot(written.id, 7, 0, 0, 64).is_some(), "connection 7 writes it");
-    assert!(store.slot(written.id, 8, 0, 1, 64).is_none(), "and no other connection");
-    assert!(matches!(store.put_start(&hashes(5, 1), SHAPE), Err(StoreError::Full(_))));
+    assert!(
+        store.slot(written.id, 7, 0, 0, 64).is_some(),
+        "connection 7 writes it"
+    );
+    assert!(
+        store.slot(written.id, 8, 0, 1, 64).is_none(),
+        "and no other connection"
+    );
+    assert!(matches!(
+        store.put_start(&hashes(5, 1), SHAPE),
+        Err(StoreError::Full(_))
+    ));
     std::thread::sleep(Duration::from_millis(80));
     let s = store.stats();
-    assert_eq!((s.leases, s.puts_open), (0, 1), "the lease lapsed, the idle put expired");
-    assert!(matches!(store.read(l.id, hs[0]), Err(StoreError::Unknown(_))));
-    assert_eq!(store.put_end(abandoned.id, None, 0), Err(StoreError::Unknown(abandoned.id)));
-    assert_eq!(store.put_end(written.id, Some(8), 0), Err(StoreError::Unknown(written.id)));
+    assert_eq!(
+        (s.leases, s.puts_open),
+        (0, 1),
+        "the lease lapsed, the idle put expired"
+    );
+    assert!(matches!(
+        store.read(l.id, hs[0]),
+        Err(StoreError::Unknown(_))
+    ));
+    assert_eq!(
+        store.put_end(abandoned.id, None, 0),
+        Err(StoreError::Unknown(abandoned.id))
+    );
+    assert_eq!(
+        store.put_end(written.id, Some(8), 0),
+        Err(StoreError::Unknown(written.id))
+    );
     store.put_abort(written.id, Some(7));
     assert_eq!(store.stats().puts_open, 0);
 }

@@ -97,6 +97,45 @@ impl KvSender {
     /// Slabs of one layer, `(block index, bytes)`, all of one size: one frame (header, block
     /// indices, slabs) sent with vectored writes, as few system calls as the socket takes.
     pub fn slabs(&mut self, lease: LeaseId, layer: u32, slabs: &[(u32, &[u8])]) -> io::Result<()> {
+        FrameWriter(&self.stream).slabs(lease, layer, slabs)
+    }
+
+    /// How long a read (a fetch's slabs) may stall.
+    pub fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(d)
+    }
+
+    /// The connection itself (for tests that misbehave on it).
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
+        FrameWriter(&self.stream).end(lease, slabs, checksum)
+    }
+
+    /// Fetches store lease `lease`'s blocks into `sink` ([`recv::fetch`]).
+    pub fn fetch(&mut self, lease: LeaseId, sink: &dyn SlabSink) -> io::Result<(u32, u64)> {
+        recv::fetch(&self.stream, lease, sink)
+    }
+}
+
+/// The store side of fetches: what a receiver answers a fetch frame with.
+pub trait SlabSource: Send + Sync + 'static {
+    /// Sends every slab of store lease `lease` (asked on `conn`) through `out`, layer by layer
+    /// with block indices in the lease's order, then its end frame with the [`Checksum`] of
+    /// the slabs in that order. An unknown lease is an end frame of no slabs.
+    ///
+    /// [`Checksum`]: crate::Checksum
+    fn send(&self, conn: ConnId, lease: LeaseId, out: &mut FrameWriter<'_>) -> io::Result<()>;
+}
+
+/// Writes frames on a connection.
+pub struct FrameWriter<'a>(pub(crate) &'a TcpStream);
+
+impl FrameWriter<'_> {
+    /// See [`KvSender::slabs`].
+    pub fn slabs(&mut self, lease: LeaseId, layer: u32, slabs: &[(u32, &[u8])]) -> io::Result<()> {
         for group in slabs.chunks(frame::MAX_SLABS) {
             let len = group[0].1.len();
             assert!(
@@ -115,22 +154,22 @@ impl KvSender {
             parts.push(&header);
             parts.push(&blocks);
             parts.extend(group.iter().map(|&(_, s)| s));
-            write_all_vectored(&mut self.stream, &parts)?;
+            write_all_vectored(&mut self.0, &parts)?;
         }
         Ok(())
     }
 
-    /// The connection itself (for tests that misbehave on it).
-    pub fn into_stream(self) -> TcpStream {
-        self.stream
+    pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
+        self.frame(&Frame::End { lease, slabs }, &checksum.to_le_bytes())
     }
 
-    pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
-        let mut f = [0u8; HEADER + 8];
-        f[..HEADER].copy_from_slice(&Frame::End { lease, slabs }.encode());
-        f[HEADER..].copy_from_slice(&checksum.to_le_bytes());
-        self.stream.write_all(&f)?;
-        self.stream.flush()
+    /// A frame's header and payload in one write.
+    pub(crate) fn frame(&mut self, f: &Frame, payload: &[u8]) -> io::Result<()> {
+        let mut b = Vec::with_capacity(HEADER + payload.len());
+        b.extend_from_slice(&f.encode());
+        b.extend_from_slice(payload);
+        self.0.write_all(&b)?;
+        self.0.flush()
     }
 }
 
@@ -162,7 +201,7 @@ fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
 
 mod recv;
 
-pub use recv::{Connections, KvReceiver, ReceiverLimits, recv_exact_waitall};
+pub use recv::{Connections, KvReceiver, ReceiverLimits, fetch, recv_exact_waitall};
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,7 @@
 //! connections) and each connection's frame loop, which has the kernel scatter slabs straight
 //! into the blocks the sink lends.
 
-use super::{ConnId, SlabSink};
+use super::{ConnId, SlabSink, SlabSource};
 use crate::frame::{self, Frame, HEADER};
 use protocol::LeaseId;
 use protocol::auth::{self, ClusterSecret, Plane};
@@ -97,6 +97,17 @@ impl KvReceiver {
         secret: Option<ClusterSecret>,
         limits: ReceiverLimits,
     ) -> io::Result<KvReceiver> {
+        Self::bind_with_source(addr, sink, None, secret, limits)
+    }
+
+    /// [`bind`](Self::bind), also answering fetch frames from `source` (the store).
+    pub fn bind_with_source(
+        addr: &str,
+        sink: Arc<dyn SlabSink>,
+        source: Option<Arc<dyn SlabSource>>,
+        secret: Option<ClusterSecret>,
+        limits: ReceiverLimits,
+    ) -> io::Result<KvReceiver> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -123,15 +134,27 @@ impl KvReceiver {
                         );
                         continue;
                     };
-                    let (sink, secret, conns, limits) =
-                        (sink.clone(), secret.clone(), cs.clone(), limits.clone());
+                    let (sink, source, secret, conns, limits) = (
+                        sink.clone(),
+                        source.clone(),
+                        secret.clone(),
+                        cs.clone(),
+                        limits.clone(),
+                    );
                     let spawned = std::thread::Builder::new()
                         .name("tandem-kv-recv".into())
                         .spawn(move || {
                             let mut open = Vec::new();
                             match accept_peer(conn, secret.as_ref()) {
                                 Ok(conn) => {
-                                    if let Err(e) = serve(conn, id, &*sink, &mut open, &limits) {
+                                    if let Err(e) = serve(
+                                        conn,
+                                        id,
+                                        &*sink,
+                                        source.as_deref(),
+                                        &mut open,
+                                        &limits,
+                                    ) {
                                         tracing::debug!(error = %e, "KV data connection closed");
                                     }
                                 }
@@ -195,16 +218,18 @@ const HEADER_BUFFER: usize = 4096;
 const MAX_IOV: usize = 1024;
 
 /// Receives frames on connection `id` until the peer closes; `open` holds the leases begun
-/// and not ended.
+/// and not ended. A fetch frame is answered from `source` on the same connection (none: the
+/// connection is closed).
 fn serve(
     conn: TcpStream,
     id: ConnId,
     sink: &dyn SlabSink,
+    source: Option<&dyn SlabSource>,
     open: &mut Vec<LeaseId>,
     limits: &ReceiverLimits,
 ) -> io::Result<()> {
     let mut conn = io::BufReader::with_capacity(HEADER_BUFFER, conn);
-    let (mut index, mut slots) = (Vec::new(), Vec::new());
+    let mut scratch = Scratch::default();
     loop {
         // A clean close comes between frames; a connection idle too long is closed.
         conn.get_ref().set_read_timeout(Some(limits.idle))?;
@@ -212,59 +237,128 @@ fn serve(
             return Ok(());
         }
         conn.get_ref().set_read_timeout(Some(limits.stall))?;
-        let mut h = [0u8; HEADER];
-        conn.read_exact(&mut h)?;
-        let f = Frame::decode(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        match f {
-            Frame::Slabs {
-                lease,
-                layer,
-                n,
-                len,
-            } => {
-                let len = len as usize;
-                index.resize(4 * n as usize, 0);
-                conn.read_exact(&mut index)?;
-                slots.clear();
-                sink.slots(
-                    id,
-                    lease,
-                    layer,
-                    &frame::decode_blocks(&index),
-                    len,
-                    &mut slots,
-                );
-                slots.resize(n as usize, None);
-                if slots.iter().any(Option::is_some) && !open.contains(&lease) {
-                    open.push(lease);
-                }
-                let placed = slots.iter().all(|s| s.is_some_and(|s| s.len == len));
-                if placed {
-                    let dst: Vec<*mut u8> = slots.iter().flatten().map(|s| s.ptr).collect();
-                    // SAFETY: every pointer has `len` writable bytes that only this transfer
-                    // writes (the sink's contract).
-                    unsafe { recv_slabs(&mut conn, &dst, len)? };
-                } else {
-                    // Some slab has no place: one at a time, the homeless ones read and dropped.
-                    for s in &slots {
-                        match s {
-                            // SAFETY: as above.
-                            Some(s) if s.len == len => unsafe {
-                                recv_slabs(&mut conn, &[s.ptr], len)?
-                            },
-                            _ => discard(&mut conn, len)?,
-                        }
-                    }
-                }
+        match read_frame(&mut conn)? {
+            Frame::Fetch { lease } => {
+                let Some(source) = source else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "a fetch frame on a receiver with nothing to send",
+                    ));
+                };
+                let mut out = super::FrameWriter(conn.get_ref());
+                source.send(id, lease, &mut out)?;
             }
-            Frame::End { lease, slabs } => {
-                let mut c = [0u8; 8];
-                conn.read_exact(&mut c)?;
-                open.retain(|&l| l != lease);
-                sink.end(id, lease, slabs, u64::from_le_bytes(c));
+            f => {
+                receive(&mut conn, f, id, sink, open, &mut scratch)?;
             }
         }
     }
+}
+
+/// A frame's header from the stream.
+fn read_frame(conn: &mut io::BufReader<TcpStream>) -> io::Result<Frame> {
+    let mut h = [0u8; HEADER];
+    conn.read_exact(&mut h)?;
+    Frame::decode(&h).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Reused buffers of a connection's frame loop.
+#[derive(Default)]
+struct Scratch {
+    index: Vec<u8>,
+    slots: Vec<Option<super::Slot>>,
+}
+
+/// Receives the payload of a slabs or end frame into `sink`; an end frame's `(lease, slabs,
+/// checksum)` is returned (after the sink heard it).
+fn receive(
+    conn: &mut io::BufReader<TcpStream>,
+    f: Frame,
+    id: ConnId,
+    sink: &dyn SlabSink,
+    open: &mut Vec<LeaseId>,
+    scratch: &mut Scratch,
+) -> io::Result<Option<(LeaseId, u32, u64)>> {
+    let Scratch { index, slots } = scratch;
+    match f {
+        Frame::Slabs {
+            lease,
+            layer,
+            n,
+            len,
+        } => {
+            let len = len as usize;
+            index.resize(4 * n as usize, 0);
+            conn.read_exact(index)?;
+            slots.clear();
+            sink.slots(id, lease, layer, &frame::decode_blocks(index), len, slots);
+            slots.resize(n as usize, None);
+            if slots.iter().any(Option::is_some) && !open.contains(&lease) {
+                open.push(lease);
+            }
+            let placed = slots.iter().all(|s| s.is_some_and(|s| s.len == len));
+            if placed {
+                let dst: Vec<*mut u8> = slots.iter().flatten().map(|s| s.ptr).collect();
+                // SAFETY: every pointer has `len` writable bytes that only this transfer
+                // writes (the sink's contract).
+                unsafe { recv_slabs(conn, &dst, len)? };
+            } else {
+                // Some slab has no place: one at a time, the homeless ones read and dropped.
+                for s in slots.iter() {
+                    match s {
+                        // SAFETY: as above.
+                        Some(s) if s.len == len => unsafe { recv_slabs(conn, &[s.ptr], len)? },
+                        _ => discard(conn, len)?,
+                    }
+                }
+            }
+            Ok(None)
+        }
+        Frame::End { lease, slabs } => {
+            let mut c = [0u8; 8];
+            conn.read_exact(&mut c)?;
+            open.retain(|&l| l != lease);
+            let checksum = u64::from_le_bytes(c);
+            sink.end(id, lease, slabs, checksum);
+            Ok(Some((lease, slabs, checksum)))
+        }
+        Frame::Fetch { .. } => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a fetch frame where slabs were expected",
+        )),
+    }
+}
+
+/// The asking side of a fetch: sends a fetch frame for store lease `lease` on `conn` and
+/// receives the slabs the store sends back into `sink` (its slots, as a receiver would),
+/// returning the store's `(slabs, checksum)`. The sink hears `end` on success, `abort` when
+/// the connection fails mid-transfer (the connection is then unusable).
+pub fn fetch(conn: &TcpStream, lease: LeaseId, sink: &dyn SlabSink) -> io::Result<(u32, u64)> {
+    let mut w = super::FrameWriter(conn);
+    w.frame(&Frame::Fetch { lease }, &[])?;
+    let mut conn = io::BufReader::with_capacity(HEADER_BUFFER, conn.try_clone()?);
+    let (mut open, mut scratch) = (Vec::new(), Scratch::default());
+    let got = (|| loop {
+        let f = read_frame(&mut conn)?;
+        if let Some((l, slabs, checksum)) = receive(&mut conn, f, 0, sink, &mut open, &mut scratch)?
+        {
+            if l == lease {
+                return Ok((slabs, checksum));
+            }
+        }
+    })();
+    if got.is_err() {
+        for l in open {
+            sink.abort(0, l);
+        }
+    }
+    if !conn.buffer().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bytes after a fetch's end",
+        ));
+    }
+    got
 }
 
 /// Reads and drops `len` bytes through a small buffer (a homeless slab costs no memory).
