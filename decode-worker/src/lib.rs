@@ -23,12 +23,14 @@
 //! - [`plan`]: the step planner's decisions (admission, each sequence's work) as pure functions;
 //! - [`colocated`]: this worker behind the scheduler's seam, in the scheduler's process;
 //! - [`service`]: the `tandem.v2.DecodeWorker` gRPC service (leases of blocks for prefill
-//!   workers, commits, token streams) and [`service::serve`], a whole decode worker process.
+//!   workers, commits, token streams) and [`service::serve`], a whole decode worker process;
+//! - [`store`]: prefixes fetched from the pooled KV store, cached blocks written back to it.
 
 pub mod colocated;
 pub mod leases;
 pub mod plan;
 pub mod service;
+pub mod store;
 
 use engine::generation::GenerationState;
 use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError, WorkerEvent};

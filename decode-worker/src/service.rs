@@ -43,6 +43,8 @@ pub struct ServiceConfig {
     pub secret: Option<ClusterSecret>,
     /// Cores shared with a prefill worker on this host (`protocol::cores`); `None`: its own.
     pub sharing: Option<protocol::cores::Sharing>,
+    /// The pooled KV store, when there is one.
+    pub store: Option<crate::store::StoreUse>,
 }
 
 impl Default for ServiceConfig {
@@ -53,6 +55,7 @@ impl Default for ServiceConfig {
             kv_data_addr: String::new(),
             secret: None,
             sharing: None,
+            store: None,
         }
     }
 }
@@ -161,12 +164,17 @@ impl DecodeWorker for DecodeService {
             }));
         }
         let mut seq = self.engine.new_sequence();
-        let cached = if r.use_prefix_cache {
+        let mut cached = if r.use_prefix_cache {
             seq.attach_prefix(&r.tokens)
         } else {
             0
         };
         seq.reserve(r.tokens.len()).map_err(|e| engine_status(&e))?;
+        if let Some(store) = self.cfg.store.as_ref().filter(|_| r.use_prefix_cache) {
+            (seq, cached) = crate::store::fetch_prefix(store, seq, &r.tokens, cached)
+                .await
+                .map_err(|e| engine_status(&e))?;
+        }
         let id = LeaseId::random();
         let kv = &self.engine.kv;
         let blocks: Vec<u32> = seq.block_table().iter().map(|b| b.0).collect();
@@ -323,6 +331,16 @@ impl DecodeWorker for DecodeService {
                     .map_err(|_| Status::unavailable("the decode worker has stopped"))?;
             }
             None => {
+                // The batch looks the prompt up in the prefix cache when it admits it (not
+                // when every prompt position's log-probabilities are wanted).
+                if let Some(store) = &self.cfg.store
+                    && (!generated.is_empty() || params.prompt_logprobs.is_none())
+                {
+                    let known = generated.len().saturating_sub(1);
+                    let target: Vec<TokenId> =
+                        prompt.iter().chain(&generated[..known]).copied().collect();
+                    crate::store::warm_prefix(store, &self.engine.kv, &target).await;
+                }
                 self.handle
                     .submit_request(NewRequest {
                         id,
@@ -473,6 +491,10 @@ pub async fn serve(
         authenticated = secret.is_some(),
         "decode worker serving"
     );
+    let write_back = cfg
+        .store
+        .as_ref()
+        .map(|s| crate::store::write_back(s, &engine.kv));
     let svc = DecodeService::new(engine, handle, leases, Some(receiver.connections()), cfg);
     let reaper = svc.spawn_reaper(Duration::from_secs(1));
     let server = tonic::transport::Server::builder()
@@ -483,6 +505,9 @@ pub async fn serve(
         );
     let result = protocol::net::serve_beside(server, thread, "decode batch").await;
     reaper.abort();
+    if let Some(w) = write_back {
+        w.abort();
+    }
     drop(receiver);
     result
 }

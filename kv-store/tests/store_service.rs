@@ -141,26 +141,27 @@ async fn put_lookup_and_fetch_over_the_data_plane() {
     let into = Blocks::new(4);
     let (got, tiers) = client.fetch(&hs, SHAPE, into.clone()).await.unwrap();
     assert_eq!((got.blocks, tiers.len()), (3, 3));
-    let mem = into.mem.lock().unwrap();
-    let mut c = kv_store::Checksum::new();
-    for layer in 0..SHAPE.slabs as usize {
-        for b in mem.iter().take(3) {
-            c.update(&b[layer * 4096..][..4096]);
+    {
+        let mem = into.mem.lock().unwrap();
+        let mut c = kv_store::Checksum::new();
+        for layer in 0..SHAPE.slabs as usize {
+            for b in mem.iter().take(3) {
+                c.update(&b[layer * 4096..][..4096]);
+            }
         }
+        assert_eq!(
+            c.digest(),
+            got.checksum,
+            "the store's checksum is over what landed"
+        );
+        for (i, h) in hs[..3].iter().enumerate() {
+            assert_eq!(&mem[i][..], &payload(*h)[..], "block {i}");
+        }
+        assert!(
+            mem[3].iter().all(|&b| b == 0),
+            "nothing past the held prefix"
+        );
     }
-    assert_eq!(
-        c.digest(),
-        got.checksum,
-        "the store's checksum is over what landed"
-    );
-    for (i, h) in hs[..3].iter().enumerate() {
-        assert_eq!(&mem[i][..], &payload(*h)[..], "block {i}");
-    }
-    assert!(
-        mem[3].iter().all(|&b| b == 0),
-        "nothing past the held prefix"
-    );
-    drop(mem);
 
     // Without the secret neither plane answers.
     let stranger = StoreClient::new(&s.addr, None).unwrap();

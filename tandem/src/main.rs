@@ -32,6 +32,8 @@ enum Command {
     Prefill(args::PrefillArgs),
     /// Run a decode worker: continuous batching over its KV pool, streaming tokens.
     Decode(args::DecodeArgs),
+    /// Run the pooled KV store: KV blocks by prefix hash in RAM, spilling to disk, for every decode worker of a model.
+    KvStore(args::KvStoreArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
     Bench(Box<bench::args::BenchCommand>),
     /// Plan a cluster from the engine's measured costs: `tandem plan profile` measures them; `tandem plan --isl N --osl N --rate R --slo-ttft-ms T --slo-tpot-ms T` lays out the cores to meet the SLO.
@@ -80,6 +82,7 @@ fn main() -> std::process::ExitCode {
         Command::Scheduler(a) => ("scheduler", a.telemetry.clone()),
         Command::Prefill(a) => ("prefill", a.telemetry.clone()),
         Command::Decode(a) => ("decode", a.telemetry.clone()),
+        Command::KvStore(a) => ("kv-store", a.telemetry.clone()),
         Command::Up(a) if a.colocated => ("up", a.telemetry.clone()),
         Command::Up(a) => (
             "up",
@@ -114,6 +117,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Scheduler(args) => roles::scheduler(args),
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
+        Command::KvStore(args) => roles::kv_store(args),
         Command::Plan(args) => plan::run(args),
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -1,6 +1,9 @@
-//! `tandem prefill`, `tandem decode`, `tandem scheduler`: one cluster component per process.
+//! `tandem prefill`, `tandem decode`, `tandem scheduler`, `tandem kv-store`: one cluster
+//! component per process.
 
-use crate::args::{ClusterArgs, DecodeArgs, DiscoveryArgs, PrefillArgs, SchedulerArgs};
+use crate::args::{
+    ClusterArgs, DecodeArgs, DiscoveryArgs, KvStoreArgs, PrefillArgs, SchedulerArgs,
+};
 use crate::process::{model_path, runtime, shutdown_signal};
 use crate::status::{Phase, Status};
 use anyhow::Context;
@@ -96,6 +99,22 @@ fn worker_secret(
     Ok(secret)
 }
 
+/// A decode worker's use of the store, as its flags say.
+fn store_use(
+    args: &crate::args::StoreUseArgs,
+    secret: Option<protocol::auth::ClusterSecret>,
+) -> anyhow::Result<Option<decode_worker::store::StoreUse>> {
+    let Some(addr) = &args.kv_store_addr else {
+        return Ok(None);
+    };
+    let client = kv_store::store::client::StoreClient::new(addr, secret)
+        .map_err(|e| anyhow::anyhow!("--kv-store-addr: {e}"))?;
+    Ok(Some(decode_worker::store::StoreUse {
+        client,
+        write_through: args.kv_store_write_through,
+    }))
+}
+
 /// The worker's status, served on `listen` (if given) from now on: before the model loads.
 fn status_server(
     rt: &tokio::runtime::Runtime,
@@ -151,6 +170,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 &kv_listen,
                 &advertise,
                 decode_worker::service::ServiceConfig {
+                    store: store_use(&args.store, secret.clone())?,
                     secret,
                     sharing: args.sharing.decode(),
                     ..Default::default()
@@ -164,6 +184,40 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         args.discovery
             .registered(etcd, "decode", entry, serve)
             .await
+    })
+}
+
+pub fn kv_store(args: KvStoreArgs) -> anyhow::Result<()> {
+    let data_listen = args
+        .data_listen
+        .clone()
+        .unwrap_or_else(|| format!("{}:0", protocol::auth::host_of(&args.listen)));
+    let secret = worker_secret(&args.cluster, &[&args.listen, &data_listen])?;
+    let rt = runtime()?;
+    let status = status_server(&rt, args.status_listen.as_deref(), "kv-store")?;
+    let limits = args.tiers.limits();
+    let store = Arc::new(
+        kv_store::store::Store::open(limits.clone()).context("opening the KV store's disk tier")?,
+    );
+    let discovery = DiscoveryArgs {
+        etcd: Default::default(),
+        etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
+        advertise_host: args.advertise_host.clone(),
+    };
+    rt.block_on(async {
+        let (listener, _) = discovery.bind(&args.listen).await?;
+        status.set(Phase::Serving);
+        kv_store::store::service::serve(
+            store,
+            limits,
+            listener,
+            &data_listen,
+            &discovery.host(&args.listen),
+            secret,
+            draining(status.clone()),
+        )
+        .await
+        .context("KV store")
     })
 }
 

@@ -1,12 +1,12 @@
 //! `tandem up`: a whole cluster on this machine. By default it launches and supervises
 //! child processes — `tandem prefill` ×N, `tandem decode` ×M and a `tandem scheduler` in
-//! front — restarts any that dies, and stops them all on Ctrl-C / SIGTERM. `--colocated`
+//! front, and with `--kv-store` a `tandem kv-store` — restarts any that dies, and stops them all on Ctrl-C / SIGTERM. `--colocated`
 //! runs the scheduler and one continuous-batching worker in this process instead (how vLLM
 //! runs), for comparison.
 
 use crate::args::{
-    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, ModelArgs, PrefillArgs, RoutingArgs,
-    SchedulerArgs, SharingArgs, UpArgs,
+    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, KvStoreArgs, ModelArgs, PrefillArgs,
+    RoutingArgs, SchedulerArgs, SharingArgs, StoreUseArgs, UpArgs,
 };
 use crate::process::{model_path, shutdown_signal};
 use anyhow::Context;
@@ -195,6 +195,29 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         ..args.routing.clone()
     };
     let mut members = Vec::new();
+    // The store first: decode workers reach it from their first request.
+    let store = if args.store.kv_store {
+        let k = KvStoreArgs {
+            listen: format!("127.0.0.1:{}", free_port()?),
+            data_listen: Some("127.0.0.1:0".into()),
+            tiers: args.store.tiers(),
+            status_listen: None,
+            advertise_host: None,
+            cluster: cluster.clone(),
+            telemetry: args.telemetry.clone(),
+        };
+        members.push(member("kv-store".into(), k.to_args()));
+        StoreUseArgs {
+            kv_store_addr: Some(k.listen),
+            kv_store_write_through: args.store.kv_store_write_through,
+        }
+    } else {
+        anyhow::ensure!(
+            !args.store.kv_store_write_through && args.store.kv_store_disk_dir.is_none(),
+            "--kv-store-write-through and --kv-store-disk-dir need --kv-store"
+        );
+        StoreUseArgs::default()
+    };
     let mut decode_addrs = Vec::new();
     for i in 0..args.decode {
         let d = DecodeArgs {
@@ -206,6 +229,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             discovery: no_discovery.clone(),
             batch: args.batch.clone(),
             sharing: sharing(true),
+            store: store.clone(),
             model: model.clone(),
             compute: compute(),
             telemetry: args.telemetry.clone(),
@@ -244,10 +268,15 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     sched.env = s.http.child_env();
     members.push(sched);
     eprintln!(
-        "tandem: cluster of {} prefill + {} decode worker(s){}; scheduler on http://{}:{} (OpenAI API under /v1)",
+        "tandem: cluster of {} prefill + {} decode worker(s){}{}; scheduler on http://{}:{} (OpenAI API under /v1)",
         args.prefill,
         args.decode,
         if args.pin { ", pinned" } else { "" },
+        if args.store.kv_store {
+            ", a KV store"
+        } else {
+            ""
+        },
         args.http.host,
         args.http.port
     );

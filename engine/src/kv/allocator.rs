@@ -23,6 +23,8 @@ pub(crate) struct BlockAllocator {
     evictable: BTreeMap<u64, BlockId>,
     stamp: Vec<u64>,
     clock: u64,
+    /// Whether a cached block's bytes were handed out since it was cached (write-through).
+    spilled: Vec<bool>,
     /// An attached view of another process's pool: blocks are lent, never freed here.
     foreign: bool,
 }
@@ -48,6 +50,7 @@ impl BlockAllocator {
             evictable: BTreeMap::new(),
             stamp: vec![0; n_blocks],
             clock: 0,
+            spilled: vec![false; n_blocks],
             foreign: true,
         }
     }
@@ -64,6 +67,16 @@ impl BlockAllocator {
 
     /// Takes `n` blocks, all or none, evicting the oldest unheld cached blocks if needed.
     pub(crate) fn allocate(&mut self, n: usize) -> Result<Vec<BlockId>> {
+        self.allocate_evicting(n, &mut Vec::new())
+    }
+
+    /// [`allocate`](Self::allocate), pushing each cached block it evicts (with the hash it
+    /// was cached under) to `evicted`: their contents are intact until the caller writes them.
+    pub(crate) fn allocate_evicting(
+        &mut self,
+        n: usize,
+        evicted: &mut Vec<(BlockHash, BlockId)>,
+    ) -> Result<Vec<BlockId>> {
         let available = self.available();
         if available < n {
             return Err(EngineError::KvExhausted {
@@ -75,6 +88,8 @@ impl BlockAllocator {
             let (_, b) = self.evictable.pop_first().expect("counted above");
             if let Some(h) = self.hash_of[b.0 as usize].take() {
                 self.by_hash.remove(&h);
+                self.spilled[b.0 as usize] = false;
+                evicted.push((h, b));
             }
             self.free.push(b);
         }
@@ -89,6 +104,15 @@ impl BlockAllocator {
     /// Lets go of one reference on each block; a cached block nobody holds becomes evictable,
     /// an uncached one free.
     pub(crate) fn release(&mut self, blocks: &[BlockId]) {
+        self.release_caching(blocks, &mut Vec::new())
+    }
+
+    /// [`release`](Self::release), pushing each cached block that becomes unheld to `unheld`.
+    pub(crate) fn release_caching(
+        &mut self,
+        blocks: &[BlockId],
+        unheld: &mut Vec<(BlockHash, BlockId)>,
+    ) {
         if self.foreign {
             return;
         }
@@ -97,7 +121,8 @@ impl BlockAllocator {
             assert!(self.refs[i] > 0, "double free of KV block {b:?}");
             self.refs[i] -= 1;
             if self.refs[i] == 0 {
-                if self.hash_of[i].is_some() {
+                if let Some(h) = self.hash_of[i] {
+                    unheld.push((h, b));
                     self.clock += 1;
                     self.stamp[i] = self.clock;
                     self.evictable.insert(self.clock, b);
@@ -131,6 +156,12 @@ impl BlockAllocator {
             self.hash_of[i] = Some(h);
             self.by_hash.insert(h, b);
         }
+    }
+
+    /// Whether cached block `b` is handed out for the first time since it was cached (and
+    /// marks it handed out).
+    pub(crate) fn first_spill(&mut self, b: BlockId) -> bool {
+        !std::mem::replace(&mut self.spilled[b.0 as usize], true)
     }
 
     /// Whether one holder may overwrite block `b`: it is held once and not in the prefix

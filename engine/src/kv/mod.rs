@@ -107,6 +107,24 @@ pub struct KvPool {
     /// The first link of its blocks' hash chains ([`frontend::block::salt`]): 0 until the
     /// engine that owns the pool names its model and KV format.
     hash_salt: std::sync::atomic::AtomicU64,
+    spill: std::sync::OnceLock<Spill>,
+}
+
+/// When a pool hands its cached blocks out ([`KvPool::spill_to`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpillWhen {
+    /// When evicted to make room.
+    Evicted,
+    /// When no sequence holds them any more (write-through).
+    Released,
+}
+
+/// Takes a spilled block: its hash and bytes.
+pub type SpillFn = Box<dyn Fn(BlockHash, &[u8]) + Send + Sync>;
+
+struct Spill {
+    when: SpillWhen,
+    to: SpillFn,
 }
 
 /// The file behind a shared pool.
@@ -239,6 +257,7 @@ impl KvPool {
                 BlockAllocator::foreign(n_blocks)
             }),
             hash_salt: Default::default(),
+            spill: Default::default(),
         })
     }
 
@@ -275,11 +294,50 @@ impl KvPool {
     }
 
     fn allocate(&self, n: usize) -> Result<Vec<BlockId>> {
-        self.allocator().allocate(n)
+        let Some(spill) = self.spill.get().filter(|s| s.when == SpillWhen::Evicted) else {
+            return self.allocator().allocate(n);
+        };
+        let mut evicted = Vec::new();
+        let got = self.allocator().allocate_evicting(n, &mut evicted)?;
+        // The evicted blocks are the caller's now, unwritten until this returns.
+        for (h, b) in evicted {
+            (spill.to)(h, self.block_bytes_of(b));
+        }
+        Ok(got)
     }
 
     fn release(&self, blocks: &[BlockId]) {
-        self.allocator().release(blocks)
+        let Some(spill) = self.spill.get().filter(|s| s.when == SpillWhen::Released) else {
+            return self.allocator().release(blocks);
+        };
+        let mut unheld = Vec::new();
+        let mut a = self.allocator();
+        a.release_caching(blocks, &mut unheld);
+        // Under the lock: an unheld block may be evicted and rewritten as soon as it is let go.
+        for (h, b) in unheld {
+            if a.first_spill(b) {
+                (spill.to)(h, self.block_bytes_of(b));
+            }
+        }
+    }
+
+    /// A block's bytes over every layer, `(layer, K then V)` slabs in order: the pooled
+    /// store's object layout. Sound only while no one writes the block (the caller's contract).
+    fn block_bytes_of(&self, b: BlockId) -> &[u8] {
+        let r = self.slab_range(b, 0);
+        // SAFETY: a block's slabs are contiguous (`plane_offset`), in bounds of the mapping.
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().add(r.start), self.layout.block_bytes())
+        }
+    }
+
+    /// Hands every cached block's bytes to `to` when the pool is about to lose them — evicted
+    /// for reuse ([`SpillWhen::Evicted`]), or already when its last holder lets go
+    /// ([`SpillWhen::Released`], once per caching) — with its hash: how blocks reach the
+    /// pooled KV store. `to` runs under the pool's lock and must only copy (no pool calls).
+    /// Set once; later calls are ignored.
+    pub fn spill_to(&self, when: SpillWhen, to: SpillFn) {
+        let _ = self.spill.set(Spill { when, to });
     }
 
     fn lookup(&self, hashes: &[BlockHash]) -> Vec<BlockId> {
@@ -402,6 +460,7 @@ impl KvPool {
 mod tests {
     use super::*;
     use crate::error::EngineError;
+    use crate::tokenizer::TokenId;
     use proptest::prelude::*;
 
     fn layout() -> KvLayout {
@@ -485,6 +544,59 @@ mod tests {
             a.write_slab(3, 0, &vec![3u8; slab]).is_err(),
             "no fourth block"
         );
+    }
+
+    /// Cached blocks reach the spill hook with their hash and every layer's bytes: on eviction,
+    /// or (write-through) once when their last holder lets go.
+    #[test]
+    fn cached_blocks_spill_their_bytes() {
+        for when in [SpillWhen::Evicted, SpillWhen::Released] {
+            let pool = KvPool::new(layout(), 2);
+            type Spilled = Vec<(BlockHash, Vec<u8>)>;
+            let got: Arc<Mutex<Spilled>> = Arc::default();
+            let g = got.clone();
+            pool.spill_to(
+                when,
+                Box::new(move |h, b| g.lock().unwrap().push((h, b.to_vec()))),
+            );
+            let tokens: Vec<TokenId> = (1..=8).collect();
+            let mut a = KvSequence::new(pool.clone());
+            a.reserve(8).unwrap();
+            let slab = |layer: usize, blk: usize| -> Vec<u8> {
+                (0..a_slab_bytes())
+                    .map(|i| (i * 3 + layer * 7 + blk * 11) as u8 | 1)
+                    .collect()
+            };
+            for blk in 0..2 {
+                for layer in 0..2 {
+                    a.write_slab(blk, layer, &slab(layer, blk)).unwrap();
+                }
+            }
+            a.set_filled(8);
+            a.publish_prefix(&tokens);
+            drop(a);
+            let want = block_hashes(pool.hash_salt(), &tokens, 4);
+            if when == SpillWhen::Evicted {
+                assert!(got.lock().unwrap().is_empty(), "nothing evicted yet");
+                let mut b = KvSequence::new(pool.clone());
+                b.reserve(4).unwrap(); // evicts the oldest released block: block 0
+            }
+            let got = got.lock().unwrap();
+            let n = if when == SpillWhen::Evicted { 1 } else { 2 };
+            assert_eq!(got.len(), n, "{when:?}");
+            for (i, (h, bytes)) in got.iter().enumerate() {
+                assert_eq!(*h, want[i]);
+                assert_eq!(
+                    *bytes,
+                    [slab(0, i), slab(1, i)].concat(),
+                    "{when:?} block {i}"
+                );
+            }
+        }
+    }
+
+    fn a_slab_bytes() -> usize {
+        2 * layout().plane_bytes()
     }
 
     #[test]

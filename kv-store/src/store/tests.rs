@@ -96,10 +96,10 @@ fn a_wrong_checksum_publishes_nothing() {
     let store = Store::open(limits(16, None)).unwrap();
     let hs = hashes(0, 2);
     let s = store.put_start(&hs, SHAPE).unwrap();
-    for i in 0..2 {
+    for (i, h) in hs.iter().enumerate() {
         for layer in 0..3 {
             store
-                .write(s.id, i, layer, &payload(hs[i])[layer * 64..][..64])
+                .write(s.id, i, layer, &payload(*h)[layer * 64..][..64])
                 .unwrap();
         }
     }

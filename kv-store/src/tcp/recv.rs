@@ -341,10 +341,9 @@ pub fn fetch(conn: &TcpStream, lease: LeaseId, sink: &dyn SlabSink) -> io::Resul
     let got = (|| loop {
         let f = read_frame(&mut conn)?;
         if let Some((l, slabs, checksum)) = receive(&mut conn, f, 0, sink, &mut open, &mut scratch)?
+            && l == lease
         {
-            if l == lease {
-                return Ok((slabs, checksum));
-            }
+            return Ok((slabs, checksum));
         }
     })();
     if got.is_err() {

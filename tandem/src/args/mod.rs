@@ -9,11 +9,15 @@ use std::path::PathBuf;
 
 mod cluster;
 mod routing;
+mod store;
 mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
 #[cfg(test)]
 use routing::KvTransportArg;
 pub use routing::{RoutingArgs, SharingArgs};
+#[cfg(test)]
+use store::StoreTierArgs;
+pub use store::{KvStoreArgs, StoreUseArgs, UpStoreArgs};
 pub use telemetry::{LogFormat, TelemetryArgs};
 
 /// Default KV cache budget per worker, in MiB.
@@ -261,6 +265,8 @@ pub struct DecodeArgs {
     #[command(flatten)]
     pub sharing: SharingArgs,
     #[command(flatten)]
+    pub store: StoreUseArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -280,6 +286,7 @@ impl DecodeArgs {
         a.extend(self.discovery.to_args());
         a.extend(self.batch.to_args());
         a.extend(self.sharing.to_args());
+        a.extend(self.store.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
         a.extend(self.telemetry.to_args());
@@ -414,6 +421,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub routing: RoutingArgs,
     #[command(flatten)]
+    pub store: UpStoreArgs,
+    #[command(flatten)]
     pub batch: BatchArgs,
     #[command(flatten)]
     pub model: ModelArgs,
@@ -434,6 +443,7 @@ mod tests {
         Decode(DecodeArgs),
         Prefill(PrefillArgs),
         Scheduler(SchedulerArgs),
+        KvStore(KvStoreArgs),
     }
 
     fn parse(args: Vec<String>) -> Role {
@@ -490,6 +500,10 @@ mod tests {
             sharing: SharingArgs {
                 share_cores: Some("/tmp/up/cores".into()),
                 pace_ms: Some(12.5),
+            },
+            store: StoreUseArgs {
+                kv_store_addr: Some("10.0.0.9:50071".into()),
+                kv_store_write_through: true,
             },
             model: model(),
             compute: compute(vec![1, 2]),
@@ -566,6 +580,25 @@ mod tests {
         };
         match parse(s.to_args()) {
             Role::Scheduler(got) => assert_eq!(got, s),
+            other => panic!("{other:?}"),
+        }
+        let k = KvStoreArgs {
+            listen: "0.0.0.0:7".into(),
+            data_listen: Some("0.0.0.0:8".into()),
+            tiers: StoreTierArgs {
+                ram_mib: 5,
+                disk_dir: Some("/var/lib/tandem/kv".into()),
+                disk_gib: 0.5,
+            },
+            status_listen: Some("0.0.0.0:9".into()),
+            advertise_host: Some("10.1.2.3".into()),
+            cluster: ClusterArgs {
+                cluster_secret_file: Some("/k".into()),
+            },
+            telemetry: TelemetryArgs::default(),
+        };
+        match parse(k.to_args()) {
+            Role::KvStore(got) => assert_eq!(got, k),
             other => panic!("{other:?}"),
         }
         // The API key never appears on a command line; it travels in the environment.

@@ -1,0 +1,210 @@
+//! The pooled KV store with real processes and the default model: a decode worker that lost
+//! its prefix cache (killed with SIGKILL, restarted) gets a prompt's prefix back from the
+//! store — from its RAM tier and from its disk tier — and the tokens and log-probabilities
+//! are bit-identical to the first run, which computed everything; with a prefill worker the
+//! fetch lands in the blocks reserved for the transfer instead, with the same result.
+
+mod common;
+
+use common::{Proc, free_port, model};
+use serde_json::{Value, json};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn spawn(args: &[&str], with_model: bool) -> Proc {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    c.args(args);
+    if with_model {
+        c.args(["--model", &model(), "--served-model-name", "m"]);
+    }
+    Proc(
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            let code = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if ok(code, &body) {
+                return body;
+            }
+        }
+        assert!(Instant::now() < deadline, "{url}: never {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sum over a labelled metric's series whose labels contain `label`.
+fn metric(page: &str, name: &str, label: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+fn decode(port: u16, store: u16) -> Proc {
+    spawn(
+        &[
+            "decode",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--kv-cache-mib",
+            "64",
+            "--kv-store-addr",
+            &format!("127.0.0.1:{store}"),
+            "--kv-store-write-through",
+        ],
+        true,
+    )
+}
+
+fn kill9(p: Proc) {
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(p.0.id() as i32, libc::SIGKILL);
+    }
+    drop(p);
+}
+
+/// One seeded, sampled completion with log-probabilities: what must not change.
+async fn complete(api: &str, prompt: &str) -> (Value, u64) {
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/completions"))
+        .json(
+            &json!({"model": "m", "prompt": prompt, "max_tokens": 12, "seed": 7,
+            "temperature": 0.9, "logprobs": 3}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let v: Value = r.json().await.unwrap();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    (v["choices"][0].clone(), cached)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical() {
+    let disk = tempfile::tempdir().unwrap();
+    let (sp, ss, dp, http) = (free_port(), free_port(), free_port(), free_port());
+    // 2 MiB of RAM holds 5 of the model's 360 KiB blocks: the rest of a prompt spills to disk.
+    let _store = spawn(
+        &[
+            "kv-store",
+            "--listen",
+            &format!("127.0.0.1:{sp}"),
+            "--ram-mib",
+            "2",
+            "--disk-dir",
+            disk.path().to_str().unwrap(),
+            "--status-listen",
+            &format!("127.0.0.1:{ss}"),
+        ],
+        false,
+    );
+    let store_status = format!("http://127.0.0.1:{ss}");
+    until(&format!("{store_status}/health"), "ready", |c, _| c == 200).await;
+    let mut dec = decode(dp, sp);
+    let _sched = spawn(
+        &[
+            "scheduler",
+            "--port",
+            &http.to_string(),
+            "--decode",
+            &format!("127.0.0.1:{dp}"),
+        ],
+        true,
+    );
+    let api = format!("http://127.0.0.1:{http}");
+    until(&format!("{api}/health"), "healthy", |c, _| c == 200).await;
+
+    let prompt: String = (0..30)
+        .map(|i| format!("Line {i} of the keeper's log: the lamp burned, the sea rose. "))
+        .collect();
+    let (first, cached) = complete(&api, &prompt).await;
+    assert_eq!(cached, 0, "nothing cached anywhere yet");
+    // Write-through: the prompt's blocks reach the store when the request ends.
+    let page = until(
+        &format!("{store_status}/metrics"),
+        "holding blocks",
+        |_, p| metric(p, "tandem_kv_store_blocks", "tier=\"disk\"") >= 10.0,
+    )
+    .await;
+    assert!(
+        metric(&page, "tandem_kv_store_blocks", "tier=\"ram\"") >= 1.0,
+        "{page}"
+    );
+
+    for round in 0..2 {
+        kill9(dec);
+        dec = decode(dp, sp);
+        until(&format!("{api}/health"), "healthy again", |c, _| c == 200).await;
+        let (again, cached) = complete(&api, &prompt).await;
+        assert!(cached >= 16 * 20, "round {round}: {cached} tokens cached");
+        assert_eq!(
+            again, first,
+            "round {round}: tokens or log-probabilities changed"
+        );
+    }
+    // Disaggregated: the decode worker fetches into the blocks it reserves for the prefill
+    // worker, which reads them in place and computes only the rest.
+    let (pp, http2) = (free_port(), free_port());
+    let _prefill = spawn(
+        &[
+            "prefill",
+            "--listen",
+            &format!("127.0.0.1:{pp}"),
+            "--kv-cache-mib",
+            "64",
+        ],
+        true,
+    );
+    let _sched2 = spawn(
+        &[
+            "scheduler",
+            "--port",
+            &http2.to_string(),
+            "--decode",
+            &format!("127.0.0.1:{dp}"),
+            "--prefill",
+            &format!("127.0.0.1:{pp}"),
+            "--disagg-min-tokens",
+            "1",
+        ],
+        true,
+    );
+    kill9(dec);
+    let dec = decode(dp, sp);
+    let api2 = format!("http://127.0.0.1:{http2}");
+    until(&format!("{api2}/health"), "healthy", |c, _| c == 200).await;
+    let (again, cached) = complete(&api2, &prompt).await;
+    assert!(cached >= 16 * 20, "disaggregated: {cached} tokens cached");
+    assert_eq!(
+        again, first,
+        "disaggregated: tokens or log-probabilities changed"
+    );
+
+    let page = until(&format!("{store_status}/metrics"), "metrics", |c, _| {
+        c == 200
+    })
+    .await;
+    for tier in ["hits_ram", "hits_disk"] {
+        assert!(
+            metric(
+                &page,
+                "tandem_kv_store_events",
+                &format!("event=\"{tier}\"")
+            ) > 0.0,
+            "no {tier}:\n{page}"
+        );
+    }
+    drop(dec);
+}
