@@ -17,6 +17,7 @@ use crate::{DecodeHandle, DecodeJob, NewRequest, SubmitError};
 use engine::generation::GenerationState;
 use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerEvent};
 use engine::{Engine, EngineError, TokenId};
+use kv_store::events::BlockFeed;
 use kv_store::shm::fence::Fence;
 use kv_store::tcp::Connections;
 use protocol::auth::ClusterSecret;
@@ -71,6 +72,8 @@ pub struct DecodeService {
     cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
     cfg: Arc<ServiceConfig>,
     host_id: Arc<str>,
+    /// The prefix cache's contents as block events (KV-aware routing).
+    blocks: Arc<BlockFeed>,
 }
 
 impl DecodeService {
@@ -82,6 +85,7 @@ impl DecodeService {
         cfg: ServiceConfig,
     ) -> DecodeService {
         DecodeService {
+            blocks: block_feed(&engine.kv),
             engine,
             handle,
             leases,
@@ -125,6 +129,22 @@ impl DecodeService {
             }
         })
     }
+}
+
+/// The pool's prefix cache as a block feed: every block cached or evicted, as it happens.
+fn block_feed(pool: &Arc<engine::KvPool>) -> Arc<BlockFeed> {
+    let p = pool.clone();
+    let (feed, tx) = BlockFeed::new(Box::new(move || {
+        let held = p.cached_hashes().into_iter();
+        held.map(|h| (h, pb::StoreTier::None)).collect()
+    }));
+    pool.watch_blocks(Box::new(move |c| {
+        let _ = tx.send(match c {
+            engine::kv::BlockChange::Stored(h) => (h, Some(pb::StoreTier::None)),
+            engine::kv::BlockChange::Removed(h) => (h, None),
+        });
+    }));
+    feed
 }
 
 fn params(p: Option<&pb::GenerationParams>) -> Result<GenerationParams, Status> {
@@ -425,6 +445,15 @@ impl DecodeWorker for DecodeService {
             self.leases.release(l);
         }
         Ok(Response::new(pb::Empty {}))
+    }
+
+    type BlockEventsStream = ReceiverStream<Result<pb::BlockEvents, Status>>;
+
+    async fn block_events(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<Self::BlockEventsStream>, Status> {
+        Ok(Response::new(self.blocks.subscribe()))
     }
 
     async fn stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::WorkerStats>, Status> {

@@ -9,6 +9,7 @@
 //! byte is refused and redone.
 //!
 //! # Layout
+//! - [`events`]: which blocks a holder has, as a stream of block events (KV-aware routing).
 //! - [`frame`]: the data plane's frame format (versioned).
 //! - [`tcp`]: the sender (prefill side); `tcp::recv`, the receiving server (decode side).
 //! - [`shm`]: where shared pools live, which host a worker is on, cleaning up after crashes;
@@ -17,6 +18,7 @@
 //! - [`store`]: the pooled store — immutable blocks named by `BlockHash`, a RAM tier spilling
 //!   to a disk tier, two-phase puts, leased reads, LRU eviction.
 
+pub mod events;
 pub mod frame;
 pub mod shm;
 pub mod store;

@@ -149,13 +149,20 @@ impl BlockAllocator {
     }
 
     /// Makes a full, never-again-written block findable by its hash (the first block
-    /// published under a hash keeps it).
-    pub(crate) fn register(&mut self, b: BlockId, h: BlockHash) {
+    /// published under a hash keeps it); whether it was newly cached.
+    pub(crate) fn register(&mut self, b: BlockId, h: BlockHash) -> bool {
         let i = b.0 as usize;
         if self.hash_of[i].is_none() && !self.by_hash.contains_key(&h) {
             self.hash_of[i] = Some(h);
             self.by_hash.insert(h, b);
+            return true;
         }
+        false
+    }
+
+    /// Every cached block's hash.
+    pub(crate) fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.by_hash.keys().copied().collect()
     }
 
     /// Whether cached block `b` is handed out for the first time since it was cached (and

@@ -108,6 +108,7 @@ pub struct KvPool {
     /// engine that owns the pool names its model and KV format.
     hash_salt: std::sync::atomic::AtomicU64,
     spill: std::sync::OnceLock<Spill>,
+    watch: std::sync::OnceLock<WatchFn>,
 }
 
 /// When a pool hands its cached blocks out ([`KvPool::spill_to`]).
@@ -118,6 +119,16 @@ pub enum SpillWhen {
     /// When no sequence holds them any more (write-through).
     Released,
 }
+
+/// A change to a pool's prefix cache ([`KvPool::watch_blocks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockChange {
+    Stored(BlockHash),
+    Removed(BlockHash),
+}
+
+/// Hears a pool's [`BlockChange`]s.
+pub type WatchFn = Box<dyn Fn(BlockChange) + Send + Sync>;
 
 /// Takes a spilled block: its hash and bytes.
 pub type SpillFn = Box<dyn Fn(BlockHash, &[u8]) + Send + Sync>;
@@ -258,6 +269,7 @@ impl KvPool {
             }),
             hash_salt: Default::default(),
             spill: Default::default(),
+            watch: Default::default(),
         })
     }
 
@@ -294,15 +306,24 @@ impl KvPool {
     }
 
     fn allocate(&self, n: usize) -> Result<Vec<BlockId>> {
-        let Some(spill) = self.spill.get().filter(|s| s.when == SpillWhen::Evicted) else {
+        let spill = self.spill.get().filter(|s| s.when == SpillWhen::Evicted);
+        let watch = self.watch.get();
+        if spill.is_none() && watch.is_none() {
             return self.allocator().allocate(n);
-        };
+        }
         let mut evicted = Vec::new();
-        let got = self.allocator().allocate_evicting(n, &mut evicted)?;
+        let mut a = self.allocator();
+        let got = a.allocate_evicting(n, &mut evicted)?;
         // The evicted blocks are the caller's now, unwritten until this returns.
         for (h, b) in evicted {
-            (spill.to)(h, self.block_bytes_of(b));
+            if let Some(s) = spill {
+                (s.to)(h, self.block_bytes_of(b));
+            }
+            if let Some(w) = watch {
+                w(BlockChange::Removed(h));
+            }
         }
+        drop(a);
         Ok(got)
     }
 
@@ -345,7 +366,25 @@ impl KvPool {
     }
 
     fn register(&self, b: BlockId, h: BlockHash) {
-        self.allocator().register(b, h)
+        let mut a = self.allocator();
+        if a.register(b, h)
+            && let Some(w) = self.watch.get()
+        {
+            w(BlockChange::Stored(h));
+        }
+    }
+
+    /// Hands every change to the prefix cache's contents to `to`, in order: a block cached
+    /// under a hash, or evicted. `to` runs under the pool's lock and must not call the pool.
+    /// Set once; later calls are ignored. With [`cached_hashes`](Self::cached_hashes) taken
+    /// after it is set, a watcher knows the cache's contents at all times.
+    pub fn watch_blocks(&self, to: WatchFn) {
+        let _ = self.watch.set(to);
+    }
+
+    /// The hashes of every block in the prefix cache now.
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.allocator().cached_hashes()
     }
 
     /// The allocator's view of [`KvSequence`]'s own bookkeeping of shared blocks (checked in
@@ -593,6 +632,40 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A watcher hears every block cached and evicted, in order; with a snapshot taken after
+    /// it started watching, it knows the cache's contents.
+    #[test]
+    fn block_changes_are_heard_in_order() {
+        let pool = KvPool::new(layout(), 2);
+        let heard: Arc<Mutex<Vec<BlockChange>>> = Arc::default();
+        let h = heard.clone();
+        pool.watch_blocks(Box::new(move |c| h.lock().unwrap().push(c)));
+        let tokens: Vec<TokenId> = (1..=8).collect();
+        let mut a = KvSequence::new(pool.clone());
+        a.reserve(8).unwrap();
+        a.set_filled(8);
+        a.publish_prefix(&tokens);
+        a.publish_prefix(&tokens); // again: nothing new
+        drop(a);
+        let want = block_hashes(pool.hash_salt(), &tokens, 4);
+        let mut snapshot = pool.cached_hashes();
+        snapshot.sort();
+        let mut sorted = want.clone();
+        sorted.sort();
+        assert_eq!(snapshot, sorted);
+        let mut b = KvSequence::new(pool.clone());
+        b.reserve(4).unwrap();
+        assert_eq!(
+            *heard.lock().unwrap(),
+            [
+                BlockChange::Stored(want[0]),
+                BlockChange::Stored(want[1]),
+                BlockChange::Removed(want[0])
+            ]
+        );
+        assert_eq!(pool.cached_hashes(), [want[1]]);
     }
 
     fn a_slab_bytes() -> usize {

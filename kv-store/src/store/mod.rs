@@ -173,7 +173,12 @@ struct Index {
     puts: HashMap<LeaseId, Put>,
     leases: HashMap<LeaseId, ReadLease>,
     stats: Stats,
+    /// Hears every change of a block's tier ([`Store::watch`]).
+    watch: Option<StoreWatch>,
 }
+
+/// Hears a block's new tier, or `None` when the store no longer holds it.
+pub type StoreWatch = Box<dyn Fn(BlockHash, Option<Tier>) + Send + Sync>;
 
 /// The store. Cheap to share (`Arc`).
 pub struct Store {
@@ -196,6 +201,7 @@ impl Store {
             puts: HashMap::new(),
             leases: HashMap::new(),
             stats: Stats::default(),
+            watch: None,
             limits,
         };
         if let Some((path, _)) = ix.limits.disk.clone() {
@@ -319,6 +325,7 @@ impl Store {
                         let old = std::mem::replace(&mut e.tick, tick);
                         ix.ram_bytes += bytes;
                         ix.retick(h, old, tick, true, true);
+                        ix.note(h);
                     }
                 }
                 Ok(payload)
@@ -512,6 +519,7 @@ impl Store {
                     tick,
                 },
             );
+            ix.note(h);
             stored += 1;
         }
         ix.stats.stored += stored as u64;
@@ -530,6 +538,19 @@ impl Store {
             let p = ix.puts.remove(&put).expect("just found");
             ix.staged_bytes -= p.blocks.len() * p.shape.bytes();
         }
+    }
+
+    /// Hands every change of a block's best tier (RAM, else disk, else gone) to `to`, in
+    /// order, from now on; it runs under the index lock and must not call the store. With
+    /// [`held`](Self::held) taken after, a watcher knows what the store holds at all times.
+    pub fn watch(&self, to: StoreWatch) {
+        self.lock().watch = Some(to);
+    }
+
+    /// Every block held now, with its best tier.
+    pub fn held(&self) -> Vec<(BlockHash, Tier)> {
+        let ix = self.lock();
+        ix.entries.iter().map(|(h, e)| (*h, e.tier())).collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -557,6 +578,13 @@ impl Entry {
 }
 
 impl Index {
+    /// Tells the watcher `h`'s tier now.
+    fn note(&self, h: BlockHash) {
+        if let Some(w) = &self.watch {
+            w(h, self.entries.get(&h).map(Entry::tier));
+        }
+    }
+
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.tick
@@ -624,6 +652,7 @@ impl Index {
             let payload = e.ram.take().expect("a RAM-LRU block is in RAM");
             self.ram_bytes -= payload.len();
             if e.on_disk {
+                self.note(h);
                 continue;
             }
             let spilled = match &self.dir {
@@ -647,6 +676,7 @@ impl Index {
                 self.entries.remove(&h);
                 self.stats.dropped += 1;
             }
+            self.note(h);
         }
         self.ram_lru.extend(skipped);
         let mut skipped = Vec::new();
@@ -688,6 +718,7 @@ impl Index {
                     l.blocks.retain(|b| *b != h);
                 }
             }
+            self.note(h);
         }
     }
 }

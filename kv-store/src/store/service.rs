@@ -5,6 +5,7 @@
 
 use super::{Lease, Limits, Shape, Stats, Store, StoreError, Tier};
 use crate::Checksum;
+use crate::events::BlockFeed;
 use crate::tcp::{ConnId, FrameWriter, KvReceiver, ReceiverLimits, SlabSink, SlabSource, Slot};
 use frontend::block::BlockHash;
 use protocol::LeaseId;
@@ -13,6 +14,7 @@ use protocol::pb;
 use protocol::pb::kv_store_server::{KvStore, KvStoreServer};
 use std::io;
 use std::sync::Arc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// The data plane's writes into put staging.
@@ -100,16 +102,34 @@ impl SlabSource for StoreSource {
 /// The gRPC side.
 pub struct StoreService {
     store: Arc<Store>,
+    /// What the store holds, as block events (KV-aware routing).
+    feed: Arc<BlockFeed>,
     /// The data plane, as clients reach it.
     data_addr: String,
     limits: Limits,
 }
 
-fn tier(t: Tier) -> i32 {
+fn tier_pb(t: Tier) -> pb::StoreTier {
     match t {
-        Tier::Ram => pb::StoreTier::Ram as i32,
-        Tier::Disk => pb::StoreTier::Disk as i32,
+        Tier::Ram => pb::StoreTier::Ram,
+        Tier::Disk => pb::StoreTier::Disk,
     }
+}
+
+fn tier(t: Tier) -> i32 {
+    tier_pb(t) as i32
+}
+
+/// The store's holdings as a block feed.
+fn feed(store: &Arc<Store>) -> Arc<BlockFeed> {
+    let s = store.clone();
+    let (feed, tx) = BlockFeed::new(Box::new(move || {
+        s.held().into_iter().map(|(h, t)| (h, tier_pb(t))).collect()
+    }));
+    store.watch(Box::new(move |h, t| {
+        let _ = tx.send((h, t.map(tier_pb)));
+    }));
+    feed
 }
 
 fn hashes(h: &[u64]) -> Vec<BlockHash> {
@@ -209,6 +229,15 @@ impl KvStore for StoreService {
         }
     }
 
+    type BlockEventsStream = ReceiverStream<Result<pb::BlockEvents, Status>>;
+
+    async fn block_events(
+        &self,
+        _: Request<pb::Empty>,
+    ) -> Result<Response<Self::BlockEventsStream>, Status> {
+        Ok(Response::new(self.feed.subscribe()))
+    }
+
     async fn stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::StoreStats>, Status> {
         Ok(Response::new(stats_pb(&self.store.stats(), &self.limits)))
     }
@@ -288,6 +317,7 @@ pub async fn serve(
         }
     });
     let svc = StoreService {
+        feed: feed(&store),
         store,
         data_addr,
         limits,

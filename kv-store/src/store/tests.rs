@@ -248,6 +248,16 @@ fn random_operations_keep_the_accounting_true() {
     // that were put, and the byte counts always match the blocks held.
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(limits(5, Some((dir.path(), 7)))).unwrap();
+    // A watcher replaying the changes always knows what the store holds, tier and all.
+    let seen: Arc<Mutex<HashMap<BlockHash, Tier>>> = Arc::default();
+    let w = seen.clone();
+    store.watch(Box::new(move |h, t| {
+        let mut m = w.lock().unwrap();
+        match t {
+            Some(t) => m.insert(h, t),
+            None => m.remove(&h),
+        };
+    }));
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
         rng ^= rng << 13;
@@ -282,6 +292,8 @@ fn random_operations_keep_the_accounting_true() {
             }
         }
         let s = store.stats();
+        let held: HashMap<BlockHash, Tier> = store.held().into_iter().collect();
+        assert_eq!(*seen.lock().unwrap(), held);
         assert_eq!(s.ram_bytes, s.ram_blocks * BLOCK as u64);
         assert_eq!(s.disk_bytes, s.disk_blocks * BLOCK as u64);
     }
