@@ -125,29 +125,10 @@ fn message(run: &[Change], cleared: bool) -> pb::BlockEvents {
     m
 }
 
-/// What a subscriber knows of one holder: the blocks it holds and where.
-#[derive(Debug, Default, Clone)]
-pub struct Holdings(pub std::collections::HashMap<BlockHash, pb::StoreTier>);
-
-impl Holdings {
-    /// Applies one message of the stream.
-    pub fn apply(&mut self, m: &pb::BlockEvents) {
-        if m.cleared {
-            self.0.clear();
-        }
-        let tier = pb::StoreTier::try_from(m.tier).unwrap_or(pb::StoreTier::None);
-        for h in &m.removed {
-            self.0.remove(&BlockHash(*h));
-        }
-        for h in &m.stored {
-            self.0.insert(BlockHash(*h), tier);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::blocks::Holdings;
     use tokio_stream::StreamExt;
 
     /// A subscriber that applies the stream knows the holder's contents, whatever happened

@@ -1,9 +1,10 @@
-//! Tandem's wire protocol: the gRPC control plane `tandem.v2` (`proto/tandem/v2/worker.proto`,
+//! Tandem's wire protocol: the gRPC control plane `tandem.v2` (`proto/tandem/v2/*.proto`,
 //! compiled by protox at build time) and its one mapping to and from the request types.
 //!
 //! # Layout
 //! - [`pb`]: the generated messages, clients and servers.
 //! - this file: conversions between `pb` and `frontend::request` / `frontend::sampling`.
+//! - [`blocks`]: what block events (KV-aware routing) say a holder holds.
 //! - [`auth`]: the cluster secret and the handshake that opens every internal connection.
 //! - [`cores`]: a prefill and a decode worker sharing one host's cores, the decode steps first.
 //! - [`grant`]: lease ids and the signed grants (`KvTarget`s) a decode worker hands out.
@@ -11,6 +12,7 @@
 //! - `discovery`: workers registering in etcd, the scheduler watching (the client: feature `etcd`).
 
 pub mod auth;
+pub mod blocks;
 pub mod cores;
 pub mod discovery;
 pub mod grant;

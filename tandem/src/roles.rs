@@ -270,6 +270,7 @@ pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         decode: args.decode.clone(),
         etcd: args.etcd.config()?,
         secret: args.cluster.load()?,
+        kv_store: args.kv_store_addr.clone(),
         ..args.routing.config()?
     };
     runtime()?.block_on(async {

@@ -261,6 +261,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         etcd: Default::default(),
         cluster,
         routing,
+        kv_store_addr: store.kv_store_addr.clone(),
         model,
         telemetry: args.telemetry.clone(),
     };

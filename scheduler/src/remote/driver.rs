@@ -162,9 +162,10 @@ impl Driver<'_> {
             }
             let queue = tracing::info_span!(parent: &self.parent, "queue",
                 x_request_id = %self.request_id, tandem.attempt = attempts as i64);
+            let tokens = self.prefill_tokens();
             let Some(d) = self
                 .remote
-                .decode_worker(&self.cancel)
+                .decode_worker(&tokens, &self.cancel)
                 .instrument(queue)
                 .await
             else {

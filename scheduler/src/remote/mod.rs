@@ -20,9 +20,13 @@
 //! # Layout
 //! - this file: the workers, the routing table (static and discovered), health and load polling;
 //! - [`policy`]: the routing rules as pure functions of the workers' loads;
+//! - [`kv_route`]: KV-aware routing, a pure function of where a prompt's prefix is and the
+//!   load; `blocks`: following the workers' and the store's block events for it;
 //! - `driver`: one request's life across them.
 
+mod blocks;
 mod driver;
+pub mod kv_route;
 pub mod policy;
 
 use crate::error::ApiError;
@@ -75,6 +79,10 @@ pub struct RemoteConfig {
     /// ([`crate::plan::placement`]); `None`: the fixed rules of `disagg_min_tokens` and
     /// `max_prefill_queue`.
     pub placement: Option<CostPlacement>,
+    /// KV-aware routing of requests to decode workers ([`kv_route`]); `None`: by load alone.
+    pub kv_routing: Option<kv_route::KvRouting>,
+    /// The pooled KV store whose tiers KV-aware routing counts (`host:port`).
+    pub kv_store: Option<String>,
 }
 
 /// The cost model and the SLO that per-request placement decides with.
@@ -109,6 +117,8 @@ impl Default for RemoteConfig {
             secret: None,
             prefill_timeout: Duration::from_secs(DEFAULT_PREFILL_TIMEOUT_SECS),
             placement: None,
+            kv_routing: Some(kv_route::KvRouting::default()),
+            kv_store: None,
         }
     }
 }
@@ -123,6 +133,8 @@ pub struct Worker<C> {
     /// Prompt tokens this scheduler sent it to prefill, not yet prefilled.
     prefill_tokens: AtomicUsize,
     stats: Mutex<pb::WorkerStats>,
+    /// The blocks its prefix cache holds (decode workers, with KV-aware routing).
+    blocks: Arc<blocks::Followed>,
 }
 
 impl<C: Clone> Worker<C> {
@@ -139,6 +151,7 @@ impl<C: Clone> Worker<C> {
             inflight: AtomicUsize::new(0),
             prefill_tokens: AtomicUsize::new(0),
             stats: Mutex::new(pb::WorkerStats::default()),
+            blocks: Arc::default(),
         }))
     }
 }
@@ -201,6 +214,8 @@ pub struct Remote {
     /// Prompts placed on a prefill worker and on their decode worker, so far.
     pub placed_prefill: AtomicUsize,
     pub placed_decode: AtomicUsize,
+    /// The blocks the pooled store holds, by tier (with KV-aware routing and a store).
+    store_blocks: Arc<blocks::Followed>,
 }
 
 /// The routing table.
@@ -241,7 +256,12 @@ impl Remote {
             prefill_retries: AtomicUsize::new(0),
             placed_prefill: AtomicUsize::new(0),
             placed_decode: AtomicUsize::new(0),
+            store_blocks: Arc::default(),
         });
+        if let (Some(_), Some(addr)) = (&r.cfg.kv_routing, &r.cfg.kv_store) {
+            blocks::follow_store(&r.store_blocks, addr, r.cfg.secret.clone())
+                .map_err(ApiError::Internal)?;
+        }
         for a in &r.cfg.prefill {
             r.add_worker(Role::Prefill, a)?;
         }
@@ -313,10 +333,13 @@ impl Remote {
                     })?);
             }
             Role::Decode if !m.decode.iter().any(|w| w.addr == addr) => {
-                m.decode
-                    .push(Worker::new(addr, self.cfg.secret.clone(), |c| {
-                        DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
-                    })?);
+                let w = Worker::new(addr, self.cfg.secret.clone(), |c| {
+                    DecodeWorkerClient::new(c).max_decoding_message_size(64 << 20)
+                })?;
+                if self.cfg.kv_routing.is_some() {
+                    blocks::follow_decode(&w.blocks, addr, w.client.clone());
+                }
+                m.decode.push(w);
             }
             _ => return Ok(()),
         }
@@ -391,25 +414,19 @@ impl Remote {
         Ok(rx)
     }
 
-    /// The least loaded healthy decode worker, waiting up to the hold time for one.
-    async fn decode_worker(&self, cancel: &CancellationToken) -> Option<Arc<Decode>> {
+    /// The decode worker for a prefill of `tokens` — by where their prefix is cached and the
+    /// load ([`kv_route`]), or by load alone — waiting up to the hold time for a healthy one.
+    async fn decode_worker(
+        &self,
+        tokens: &[TokenId],
+        cancel: &CancellationToken,
+    ) -> Option<Arc<Decode>> {
         let deadline = tokio::time::Instant::now() + self.cfg.hold;
         loop {
             let decode = self.decode_workers();
-            let loads: Vec<policy::DecodeLoad> = decode
-                .iter()
-                .map(|w| {
-                    let s = w.stats();
-                    policy::DecodeLoad {
-                        healthy: w.healthy(),
-                        same_model: self.admits(s.fingerprint),
-                        inflight: w.inflight.load(Ordering::Acquire),
-                        waiting: s.waiting as usize,
-                        free_blocks: s.kv_blocks_free,
-                    }
-                })
-                .collect();
-            if let Some(i) = policy::pick_decode(&loads) {
+            if let Some((i, reason)) = self.route(&decode, tokens) {
+                metrics::counter!("tandem_route_decisions_total", "reason" => reason.name())
+                    .increment(1);
                 return Some(decode[i].clone());
             }
             if cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
@@ -420,6 +437,70 @@ impl Remote {
                 _ = tokio::time::timeout(Duration::from_millis(100), self.changed.notified()) => {}
             }
         }
+    }
+
+    /// The routing decision among `decode` for a prefill of `tokens`.
+    fn route(
+        &self,
+        decode: &[Arc<Decode>],
+        tokens: &[TokenId],
+    ) -> Option<(usize, kv_route::RouteReason)> {
+        let stats: Vec<pb::WorkerStats> = decode.iter().map(|w| w.stats()).collect();
+        let loads: Vec<policy::DecodeLoad> = decode
+            .iter()
+            .zip(&stats)
+            .map(|(w, s)| policy::DecodeLoad {
+                healthy: w.healthy(),
+                same_model: self.admits(s.fingerprint),
+                inflight: w.inflight.load(Ordering::Acquire),
+                waiting: s.waiting as usize,
+                free_blocks: s.kv_blocks_free,
+            })
+            .collect();
+        let Some(r) = &self.cfg.kv_routing else {
+            return policy::pick_decode(&loads).map(|i| (i, kv_route::RouteReason::Load));
+        };
+        // The model's block hashes, salted as its workers salt them.
+        let model = stats
+            .iter()
+            .zip(&loads)
+            .find(|(s, l)| l.same_model && s.block_size > 0);
+        let hashes = match model {
+            Some((s, _)) => {
+                let bs = s.block_size as usize;
+                let salt = frontend::block::salt(self.cfg.fingerprint.unwrap_or(s.fingerprint), bs);
+                let usable = tokens.len().saturating_sub(1) / bs * bs;
+                frontend::block::block_hashes(salt, &tokens[..usable], bs)
+            }
+            None => Vec::new(),
+        };
+        let bs = model.map_or(1, |(s, _)| s.block_size.max(1) as usize);
+        let candidates: Vec<kv_route::KvCandidate> = decode
+            .iter()
+            .zip(&stats)
+            .zip(&loads)
+            .map(|((w, s), l)| kv_route::KvCandidate {
+                load: *l,
+                cached_blocks: w.blocks.prefix(&hashes),
+                prefill_blocks: w.prefill_tokens.load(Ordering::Acquire) / bs,
+                decode_blocks: s.kv_blocks_total.saturating_sub(s.kv_blocks_free),
+            })
+            .collect();
+        let store: Vec<kv_route::StoreTier> = self
+            .store_blocks
+            .tiers(&hashes)
+            .into_iter()
+            .map(|t| match t {
+                pb::StoreTier::Disk => kv_route::StoreTier::Disk,
+                _ => kv_route::StoreTier::Ram,
+            })
+            .collect();
+        let draw = if r.temperature > 0.0 {
+            rand::random::<f64>()
+        } else {
+            0.0
+        };
+        kv_route::pick(r, &candidates, hashes.len(), &store, draw)
     }
 
     /// The prefill workers with their loads as routing sees them (`tried`: failed this request).

@@ -13,7 +13,7 @@ mod store;
 mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
 #[cfg(test)]
-use routing::KvTransportArg;
+use routing::{KvTransportArg, RouterMode};
 pub use routing::{RoutingArgs, SharingArgs};
 #[cfg(test)]
 use store::StoreTierArgs;
@@ -378,6 +378,9 @@ pub struct SchedulerArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub routing: RoutingArgs,
+    /// The pooled KV store (`tandem kv-store`) whose tiers KV-aware routing counts.
+    #[arg(long, env = "TANDEM_KV_STORE_ADDR")]
+    pub kv_store_addr: Option<String>,
     /// The model (the scheduler reads its tokenizer and chat template; no weights).
     #[command(flatten)]
     pub model: ModelArgs,
@@ -395,6 +398,7 @@ impl SchedulerArgs {
         a.extend(self.etcd.to_args());
         a.extend(self.cluster.to_args());
         a.extend(self.routing.to_args());
+        opt(&mut a, "kv-store-addr", self.kv_store_addr.as_ref());
         a.extend(self.model.to_args());
         a.extend(self.telemetry.to_args());
         a
@@ -571,7 +575,12 @@ mod tests {
                 hold_secs: 4,
                 max_inflight: 11,
                 prefill_timeout_secs: 13,
+                router_mode: RouterMode::Load,
+                router_temperature: 0.25,
+                router_credit_ram: 0.5,
+                router_credit_disk: 0.125,
             },
+            kv_store_addr: Some("10.0.0.9:50071".into()),
             model: model(),
             telemetry: TelemetryArgs {
                 otlp_endpoint: Some("http://otel:4317".into()),

@@ -42,6 +42,25 @@ impl KvTransportArg {
     }
 }
 
+/// How requests are spread over decode workers.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouterMode {
+    /// By where a prompt's prefix is cached (workers' prefix caches, the store's tiers) and load.
+    #[default]
+    Kv,
+    /// By load alone.
+    Load,
+}
+
+impl RouterMode {
+    fn name(self) -> &'static str {
+        match self {
+            RouterMode::Kv => "kv",
+            RouterMode::Load => "load",
+        }
+    }
+}
+
 /// How the scheduler routes between prefill and decode workers.
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct RoutingArgs {
@@ -72,6 +91,18 @@ pub struct RoutingArgs {
     /// Seconds a prefill may take on a prefill worker before it is cancelled and retried elsewhere.
     #[arg(long, default_value_t = scheduler::remote::DEFAULT_PREFILL_TIMEOUT_SECS)]
     pub prefill_timeout_secs: u64,
+    /// How requests are spread over decode workers.
+    #[arg(long, value_enum, default_value_t = RouterMode::Kv)]
+    pub router_mode: RouterMode,
+    /// KV routing: 0 always picks the cheapest worker; above 0, workers are drawn with probability falling with their cost (spreads load).
+    #[arg(long, default_value_t = 0.0)]
+    pub router_temperature: f64,
+    /// KV routing: what a block in the store's RAM tier is worth against one in a worker's own cache (1.0).
+    #[arg(long, default_value_t = 0.75)]
+    pub router_credit_ram: f64,
+    /// KV routing: what a block in the store's disk tier is worth.
+    #[arg(long, default_value_t = 0.25)]
+    pub router_credit_disk: f64,
 }
 
 impl RoutingArgs {
@@ -108,6 +139,13 @@ impl RoutingArgs {
             hold: Duration::from_secs(self.hold_secs),
             max_inflight: self.max_inflight.max(1),
             prefill_timeout: Duration::from_secs(self.prefill_timeout_secs.max(1)),
+            kv_routing: (self.router_mode == RouterMode::Kv).then_some(
+                scheduler::remote::kv_route::KvRouting {
+                    temperature: self.router_temperature.max(0.0),
+                    credit_ram: self.router_credit_ram,
+                    credit_disk: self.router_credit_disk,
+                },
+            ),
             ..Default::default()
         })
     }
@@ -127,6 +165,10 @@ impl RoutingArgs {
         flag(&mut a, "hold-secs", self.hold_secs);
         flag(&mut a, "max-inflight", self.max_inflight);
         flag(&mut a, "prefill-timeout-secs", self.prefill_timeout_secs);
+        flag(&mut a, "router-mode", self.router_mode.name());
+        flag(&mut a, "router-temperature", self.router_temperature);
+        flag(&mut a, "router-credit-ram", self.router_credit_ram);
+        flag(&mut a, "router-credit-disk", self.router_credit_disk);
         a
     }
 }
