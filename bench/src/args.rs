@@ -19,6 +19,8 @@ pub enum DatasetName {
     Mixed,
     /// JSONL from `--dataset-path`: {"prompt": "...", "output_len": N} per line.
     File,
+    /// Conversations of `--num-turns` turns whose history grows (a system prompt from `--num-prefix-groups` of `--shared-prefix-len` tokens, then user turns of `--random-input-len` and assistant turns of `--random-output-len`); a conversation's next turn comes `--think-time` seconds (exponential) after the previous one was sent, other conversations in between; `--num-prompts` counts turns.
+    MultiTurn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -98,6 +100,12 @@ pub struct RunArgs {
     pub mixed_long_fraction: f64,
     #[arg(long, default_value_t = 2000)]
     pub mixed_long_len: usize,
+    /// Turns per conversation (multi-turn).
+    #[arg(long, default_value_t = 5)]
+    pub num_turns: usize,
+    /// Mean seconds between a conversation's turns (multi-turn; exponential).
+    #[arg(long, default_value_t = 2.0)]
+    pub think_time: f64,
     /// Send `ignore_eos` so every request produces its full output length (as vLLM's bench does).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub ignore_eos: bool,

@@ -20,6 +20,9 @@ pub struct RequestSpec {
     pub output_len: usize,
     /// Which part of a mixed workload this is ("long", "chat"), or the dataset name.
     pub kind: &'static str,
+    /// Multi-turn: `(conversation, turn)`; the turns of a conversation are sent in order,
+    /// a think time apart ([`crate::load::schedule_turns`]).
+    pub turn: Option<(usize, usize)>,
 }
 
 const WORDS: &str = "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they \
@@ -136,6 +139,7 @@ pub fn build(
                     input_len,
                     output_len,
                     kind: "random",
+                    turn: None,
                 });
             }
         }
@@ -155,6 +159,7 @@ pub fn build(
                     input_len: plen + slen,
                     output_len,
                     kind: "shared-prefix",
+                    turn: None,
                 });
             }
         }
@@ -168,6 +173,7 @@ pub fn build(
                     input_len,
                     output_len: 128,
                     kind: "long-prompt",
+                    turn: None,
                 });
             }
         }
@@ -180,6 +186,7 @@ pub fn build(
                     input_len,
                     output_len: 1024,
                     kind: "decode-heavy",
+                    turn: None,
                 });
             }
         }
@@ -194,6 +201,7 @@ pub fn build(
                         input_len,
                         output_len: 64,
                         kind: "long",
+                        turn: None,
                     });
                 } else {
                     let n = rng.random_range(32..=256);
@@ -205,7 +213,43 @@ pub fn build(
                         input_len,
                         output_len,
                         kind: "chat",
+                        turn: None,
                     });
+                }
+            }
+        }
+        DatasetName::MultiTurn => {
+            let turns = args.num_turns.max(1);
+            let groups = args.num_prefix_groups.max(1);
+            let prefixes: Vec<(String, usize)> = (0..groups)
+                .map(|_| src.text(&mut text_rng, args.shared_prefix_len))
+                .collect::<Result<_, _>>()?;
+            let conversations = count.div_ceil(turns);
+            for c in 0..conversations {
+                // The history as one prompt: what a chat template renders, turn after turn.
+                let (mut history, mut len) = prefixes[c % groups].clone();
+                for t in 0..turns.min(count - c * turns) {
+                    let n = jitter(&mut rng, args.random_input_len, ratio);
+                    let (user, ulen) = src.text(&mut text_rng, n)?;
+                    history.push_str("\nUser: ");
+                    history.push_str(&user);
+                    history.push_str("\nAssistant:");
+                    len += ulen + 4;
+                    let output_len = jitter(&mut rng, args.random_output_len, ratio);
+                    out.push(RequestSpec {
+                        system: None,
+                        prompt: history.clone(),
+                        input_len: len,
+                        output_len,
+                        kind: "multi-turn",
+                        turn: Some((c, t)),
+                    });
+                    // The assistant's answer joins the history (text of its length: the
+                    // next turn's prompt extends this one's, as a chat's does).
+                    let (answer, alen) = src.text(&mut text_rng, output_len)?;
+                    history.push(' ');
+                    history.push_str(&answer);
+                    len += alen;
                 }
             }
         }
@@ -242,9 +286,49 @@ pub fn build(
                     input_len,
                     output_len,
                     kind: "file",
+                    turn: None,
                 });
             }
         }
     }
     Ok(out)
+}
+
+/// What an unbounded prefix cache would have served of the run's prompts: each prompt, in the
+/// order the requests were sent, gets the longest run of its leading 16-token blocks (short of
+/// its last token, which is always computed) that any earlier prompt had — the ideal a
+/// server's `cached_tokens` is measured against. Prompts as the client tokenized them.
+pub fn ideal_cached_tokens(
+    specs: &[RequestSpec],
+    sent_order: &[usize],
+    tok: &Tokenizer,
+) -> anyhow::Result<usize> {
+    const BLOCK: usize = 16;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    for &i in sent_order {
+        let s = &specs[i];
+        let mut ids = Vec::new();
+        if let Some(sys) = &s.system {
+            ids.extend(tok.encode(sys, false)?);
+        }
+        ids.extend(tok.encode(&s.prompt, false)?);
+        let usable = ids.len().saturating_sub(1) / BLOCK;
+        let mut h = 0u64;
+        let mut hit = true;
+        for b in 0..usable {
+            let bytes: Vec<u8> = ids[b * BLOCK..(b + 1) * BLOCK]
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect();
+            h = xxhash_rust::xxh3::xxh3_64_with_seed(&bytes, h);
+            if hit && seen.contains(&h) {
+                total += BLOCK;
+            } else {
+                hit = false;
+            }
+            seen.insert(h);
+        }
+    }
+    Ok(total)
 }

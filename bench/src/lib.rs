@@ -174,6 +174,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
             arrival: args.arrival,
             max_concurrency: args.max_concurrency,
             seed: args.seed,
+            think_time: args.think_time,
         };
         let bar = (!args.quiet).then(|| {
             let b = ProgressBar::new(specs.len() as u64);
@@ -205,7 +206,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
             burstiness: args.burstiness,
             max_concurrency: args.max_concurrency,
         };
-        let summary = summary::summarize(&label, &info, &slo, &records, duration);
+        let mut summary = summary::summarize(&label, &info, &slo, &records, duration);
+        // Prefix reuse against an unbounded cache on the same trace (requests as sent).
+        let mut order: Vec<usize> = (0..records.len()).filter(|&i| records[i].success()).collect();
+        order.sort_by(|&a, &b| records[a].sent_s.total_cmp(&records[b].sent_s));
+        let ideal = dataset::ideal_cached_tokens(&specs, &order, &tok)?;
+        summary::add_prefix_reuse(&mut summary, ideal);
         let attainment = summary::attainment(&slo, &records);
         if !args.quiet {
             output::print_summary(&summary);

@@ -48,6 +48,103 @@ pub struct Load {
     pub arrival: Arrival,
     pub max_concurrency: Option<usize>,
     pub seed: u64,
+    /// Multi-turn: mean seconds a user thinks between a turn's answer and the next turn.
+    pub think_time: f64,
+}
+
+/// Multi-turn: the conversations' start times — an arrival process at `rate / turns` (so that
+/// turns arrive at about `rate`) — and each think time between a turn's end and the next.
+/// Conversation `c`'s turns are spec indices `turns_of[c]`, in order.
+fn schedule_conversations(
+    turns_of: &[Vec<usize>],
+    load: &Load,
+) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let per = turns_of.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
+    let starts = schedule(
+        turns_of.len(),
+        load.rate.map(|r| r / per),
+        load.burstiness,
+        load.arrival,
+        load.seed,
+    );
+    let mut rng = StdRng::seed_from_u64(load.seed ^ 0x7417_7417);
+    let think = rand_distr::Exp::new(1.0 / load.think_time.max(1e-3)).expect("positive rate");
+    let thinks = turns_of
+        .iter()
+        .map(|t| t.iter().map(|_| think.sample(&mut rng)).collect())
+        .collect();
+    (starts, thinks)
+}
+
+/// Multi-turn: each conversation sends its turns in order, the next one a think time after
+/// the previous one's answer ended (a user reads, then types).
+async fn run_conversations(
+    target: Arc<Target>,
+    specs: Arc<Vec<RequestSpec>>,
+    tok: Arc<Tokenizer>,
+    load: Load,
+    progress: Option<ProgressBar>,
+) -> Vec<RequestRecord> {
+    let mut turns_of: Vec<Vec<usize>> = Vec::new();
+    for (i, s) in specs.iter().enumerate() {
+        let (c, _) = s.turn.expect("every multi-turn spec has its turn");
+        if turns_of.len() <= c {
+            turns_of.resize(c + 1, Vec::new());
+        }
+        turns_of[c].push(i);
+    }
+    let (starts, thinks) = schedule_conversations(&turns_of, &load);
+    let sem = load
+        .max_concurrency
+        .map(|c| Arc::new(Semaphore::new(c.max(1))));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for ((turns, start), think) in turns_of.into_iter().zip(starts).zip(thinks) {
+        let (target, specs, tok, sem, progress) = (
+            target.clone(),
+            specs.clone(),
+            tok.clone(),
+            sem.clone(),
+            progress.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut at = start;
+            let mut out = Vec::with_capacity(turns.len());
+            for (i, pause) in turns.into_iter().zip(think) {
+                tokio::time::sleep_until(
+                    tokio::time::Instant::from_std(t0) + Duration::from_secs_f64(at),
+                )
+                .await;
+                let rec = {
+                    let _permit = match &sem {
+                        Some(s) => Some(s.clone().acquire_owned().await.expect("semaphore open")),
+                        None => None,
+                    };
+                    target.send(i, &specs[i], &tok, t0, at).await
+                };
+                if let Some(p) = &progress {
+                    p.inc(1);
+                }
+                at = rec.end_s + pause;
+                out.push((i, rec));
+            }
+            out
+        }));
+    }
+    // A conversation whose task failed leaves its turns as errors.
+    let failed = RequestRecord {
+        error: Some("client task failed".into()),
+        ..Default::default()
+    };
+    let mut records = vec![failed; specs.len()];
+    for t in tasks {
+        if let Ok(done) = t.await {
+            for (i, r) in done {
+                records[i] = r;
+            }
+        }
+    }
+    records
 }
 
 /// Sends every spec on the schedule; returns the records (in spec order) and the duration.
@@ -58,6 +155,11 @@ pub async fn run(
     load: Load,
     progress: Option<ProgressBar>,
 ) -> (Vec<RequestRecord>, f64) {
+    if specs.iter().any(|s| s.turn.is_some()) {
+        let records = run_conversations(target, specs, tok, load, progress).await;
+        let duration = records.iter().map(|r| r.end_s).fold(0.0, f64::max);
+        return (records, duration);
+    }
     let times = schedule(
         specs.len(),
         load.rate,
@@ -116,6 +218,7 @@ pub async fn warm_up(
         arrival: Arrival::Poisson,
         max_concurrency: Some(concurrency),
         seed: 0,
+        think_time: 0.0,
     };
     let (records, _) = run(target, specs, tok, load, None).await;
     records.iter().filter(|r| !r.success()).count()
