@@ -208,7 +208,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Vec<RateRun>> {
         };
         let mut summary = summary::summarize(&label, &info, &slo, &records, duration);
         // Prefix reuse against an unbounded cache on the same trace (requests as sent).
-        let mut order: Vec<usize> = (0..records.len()).filter(|&i| records[i].success()).collect();
+        let mut order: Vec<usize> = (0..records.len())
+            .filter(|&i| records[i].success())
+            .collect();
         order.sort_by(|&a, &b| records[a].sent_s.total_cmp(&records[b].sent_s));
         let ideal = dataset::ideal_cached_tokens(&specs, &order, &tok)?;
         summary::add_prefix_reuse(&mut summary, ideal);

@@ -55,10 +55,7 @@ pub struct Load {
 /// Multi-turn: the conversations' start times — an arrival process at `rate / turns` (so that
 /// turns arrive at about `rate`) — and each think time between a turn's end and the next.
 /// Conversation `c`'s turns are spec indices `turns_of[c]`, in order.
-fn schedule_conversations(
-    turns_of: &[Vec<usize>],
-    load: &Load,
-) -> (Vec<f64>, Vec<Vec<f64>>) {
+fn schedule_conversations(turns_of: &[Vec<usize>], load: &Load) -> (Vec<f64>, Vec<Vec<f64>>) {
     let per = turns_of.iter().map(Vec::len).max().unwrap_or(1).max(1) as f64;
     let starts = schedule(
         turns_of.len(),

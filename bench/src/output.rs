@@ -179,7 +179,10 @@ pub fn print_summary(s: &Value) {
     );
     if s.get("prefix_hit_rate").is_some() {
         row("Prefix hit rate (cached/input):", ms(s, "prefix_hit_rate"));
-        row("Ideal prefix hit rate (unbounded):", ms(s, "ideal_prefix_hit_rate"));
+        row(
+            "Ideal prefix hit rate (unbounded):",
+            ms(s, "ideal_prefix_hit_rate"),
+        );
     }
     row("Request throughput (req/s):", ms(s, "request_throughput"));
     if s.get("request_goodput").is_some() {

@@ -126,12 +126,18 @@ pub struct LoadInfo {
 /// Adds the prefix hit rate (cached of input tokens, as the server reported) and the ideal one
 /// (`ideal_cached` tokens: an unbounded cache on the same trace).
 pub fn add_prefix_reuse(summary: &mut Value, ideal_cached: usize) {
-    let input = summary["total_input_tokens"].as_f64().unwrap_or(0.0).max(1.0);
+    let input = summary["total_input_tokens"]
+        .as_f64()
+        .unwrap_or(0.0)
+        .max(1.0);
     let cached = summary["total_cached_tokens"].as_f64().unwrap_or(0.0);
     if let Some(m) = summary.as_object_mut() {
         m.insert("ideal_cached_tokens".into(), json!(ideal_cached));
         m.insert("prefix_hit_rate".into(), json!(cached / input));
-        m.insert("ideal_prefix_hit_rate".into(), json!(ideal_cached as f64 / input));
+        m.insert(
+            "ideal_prefix_hit_rate".into(),
+            json!(ideal_cached as f64 / input),
+        );
     }
 }
 

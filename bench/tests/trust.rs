@@ -101,6 +101,8 @@ fn args(base_url: String, tokenizer: std::path::PathBuf, dir: std::path::PathBuf
         shared_prefix_len: 30,
         mixed_long_fraction: 0.25,
         mixed_long_len: 50,
+        num_turns: 5,
+        think_time: 2.0,
         ignore_eos: true,
         request_timeout: 30.0,
         json_schema: None,
@@ -252,5 +254,58 @@ fn sweep_runs_share_the_mix_but_not_the_text_and_lengths_are_exact() {
     assert!(
         wanted >= 36,
         "lengths hit their targets: {wanted} of 40 equal across text seeds"
+    );
+}
+
+/// Multi-turn: each turn's prompt extends the one before it (the history grows, so the next
+/// turn can reuse the last one's cached prefix), conversations open with shared system
+/// prompts, and the ideal hit rate counts exactly those reuses.
+#[test]
+fn multi_turn_histories_grow_and_the_ideal_reuse_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok.gguf");
+    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
+    let g = engine::gguf::GgufFile::open(&tok).unwrap();
+    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
+    let mut a = args(String::new(), tok, dir.path().join("x"));
+    a.dataset_name = DatasetName::MultiTurn;
+    a.num_turns = 4;
+    a.num_prefix_groups = 2;
+    a.shared_prefix_len = 48;
+    let specs = bench::dataset::build(&a, &src, 14, 5, 5).unwrap();
+    assert_eq!(specs.len(), 14, "3 conversations of 4 turns and one of 2");
+    let turns: Vec<(usize, usize)> = specs.iter().map(|s| s.turn.unwrap()).collect();
+    assert_eq!(turns[..6], [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]);
+    assert_eq!(turns[12..], [(3, 0), (3, 1)]);
+    for w in specs.windows(2) {
+        if w[0].turn.unwrap().0 == w[1].turn.unwrap().0 {
+            assert!(
+                w[1].prompt.starts_with(&w[0].prompt),
+                "a turn extends the last one"
+            );
+            assert!(w[1].input_len > w[0].input_len + 10);
+        }
+    }
+    // Sent in order, every turn after the first reuses its whole previous prompt (but what
+    // the last, partial block and the token before it cover).
+    let order: Vec<usize> = (0..specs.len()).collect();
+    let ideal = bench::dataset::ideal_cached_tokens(&specs, &order, &t).unwrap();
+    let lens: Vec<usize> = specs
+        .iter()
+        .map(|s| t.encode(&s.prompt, false).unwrap().len())
+        .collect();
+    let floor: usize = (0..specs.len())
+        .filter(|&i| specs[i].turn.unwrap().1 > 0)
+        .map(|i| (lens[i - 1] - 1) / 16 * 16 - 16)
+        .sum();
+    assert!(ideal >= floor, "ideal {ideal} < {floor}");
+    let total: usize = lens.iter().sum();
+    assert!(ideal < total, "nothing is free: {ideal} of {total}");
+    // Alone (one request), nothing is reused.
+    assert_eq!(
+        bench::dataset::ideal_cached_tokens(&specs, &[3], &t).unwrap(),
+        0
     );
 }

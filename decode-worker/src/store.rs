@@ -12,6 +12,7 @@ use kv_store::store::BlockShape;
 use kv_store::store::client::StoreClient;
 use kv_store::tcp::{ConnId, SlabSink, Slot};
 use protocol::LeaseId;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,11 +33,12 @@ impl std::fmt::Debug for StoreUse {
     }
 }
 
-/// Blocks copied out for writing back, waiting for the writer: beyond this many they are
-/// dropped (the store is a cache; the decode loop never waits for it).
-const WRITE_BACK_QUEUE: usize = 64;
+/// Bytes of blocks copied out for writing back and not yet sent: beyond this, more are
+/// dropped (the store is a cache; the decode loop never waits for it). A burst of evictions —
+/// a long prompt taking over a pool of cached blocks — fits whole.
+const WRITE_BACK_BYTES: usize = 128 << 20;
 /// Blocks per put.
-const PUT_BATCH: usize = 16;
+const PUT_BATCH: usize = 32;
 
 /// A block's shape in the store for this pool.
 pub fn shape(pool: &KvPool) -> BlockShape {
@@ -50,7 +52,9 @@ pub fn shape(pool: &KvPool) -> BlockShape {
 /// Connects `pool`'s cached blocks to the store: each block the pool lets go of (evicted, or
 /// with write-through released) is copied and queued; a task writes them in batches.
 pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHandle<()> {
-    let (tx, mut rx) = mpsc::channel::<(BlockHash, Arc<[u8]>)>(WRITE_BACK_QUEUE);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(BlockHash, Arc<[u8]>)>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let queued = pending.clone();
     let when = if store.write_through {
         SpillWhen::Released
     } else {
@@ -59,7 +63,10 @@ pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHand
     pool.spill_to(
         when,
         Box::new(move |h, bytes| {
-            if tx.try_send((h, Arc::from(bytes))).is_err() {
+            let room =
+                queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len() <= WRITE_BACK_BYTES;
+            if !room || tx.send((h, Arc::from(bytes))).is_err() {
+                queued.fetch_sub(bytes.len(), Ordering::AcqRel);
                 metrics::counter!("tandem_kv_store_write_back_dropped_total").increment(1);
             }
         }),
@@ -69,6 +76,7 @@ pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHand
         let mut batch = Vec::with_capacity(PUT_BATCH);
         while rx.recv_many(&mut batch, PUT_BATCH).await > 0 {
             let (hashes, payloads): (Vec<BlockHash>, Vec<Arc<[u8]>>) = batch.drain(..).unzip();
+            let bytes: usize = payloads.iter().map(|p| p.len()).sum();
             match client.put(&hashes, shape, payloads).await {
                 Ok(sent) => {
                     metrics::counter!("tandem_kv_store_written_blocks_total").increment(sent as u64)
@@ -78,6 +86,7 @@ pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHand
                     tracing::debug!(error = %e, blocks = hashes.len(), "writing blocks back to the store failed");
                 }
             }
+            pending.fetch_sub(bytes, Ordering::AcqRel);
         }
     })
 }

@@ -125,6 +125,43 @@ pub fn decode_blocks(bytes: &[u8]) -> Vec<u32> {
 mod tests {
     use super::*;
 
+    /// The headers of kv-store/SPEC.md § Frames.
+    #[test]
+    fn spec_vectors() {
+        let hex = |f: Frame| {
+            f.encode()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let slabs = Frame::Slabs {
+            lease: LeaseId([0x11; 16]),
+            layer: 3,
+            n: 2,
+            len: 12_288,
+        };
+        assert_eq!(
+            hex(slabs),
+            "544b563301000000111111111111111111111111111111110200000003000000\
+             0030000000000000"
+        );
+        let end = Frame::End {
+            lease: LeaseId([0x11; 16]),
+            slabs: 60,
+        };
+        assert_eq!(
+            hex(end),
+            "544b563302000000111111111111111111111111111111113c000000000000000800000000000000"
+        );
+        let fetch = Frame::Fetch {
+            lease: LeaseId([0x22; 16]),
+        };
+        assert_eq!(
+            hex(fetch),
+            "544b5633030000002222222222222222222222222222222200000000000000000000000000000000"
+        );
+    }
+
     #[test]
     fn frames_round_trip_and_garbage_is_refused() {
         for f in [

@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !(args.colocated && args.store.kv_store),
+        "--kv-store serves decode worker processes; --colocated runs none"
+    );
     if args.colocated {
         colocated(args)
     } else {

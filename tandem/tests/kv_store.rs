@@ -208,3 +208,76 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
     }
     drop(dec);
 }
+
+/// kill -9 of the store while requests run: none fails (a fetch that breaks is a miss, a
+/// write-back that fails is dropped), and every output stays what it was with the store up;
+/// a store restarted on the same disk directory serves its blocks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_killed_under_load_costs_no_request() {
+    let disk = tempfile::tempdir().unwrap();
+    let (sp, ss, dp, http) = (free_port(), free_port(), free_port(), free_port());
+    let store_args = |sp: u16, ss: u16| {
+        vec![
+            "kv-store".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{sp}"),
+            "--ram-mib".into(),
+            "2".into(),
+            "--disk-dir".into(),
+            disk.path().display().to_string(),
+            "--status-listen".into(),
+            format!("127.0.0.1:{ss}"),
+        ]
+    };
+    let args = store_args(sp, ss);
+    let store = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), false);
+    let store_status = format!("http://127.0.0.1:{ss}");
+    until(&format!("{store_status}/health"), "ready", |c, _| c == 200).await;
+    let _dec = decode(dp, sp);
+    let _sched = spawn(
+        &[
+            "scheduler",
+            "--port",
+            &http.to_string(),
+            "--decode",
+            &format!("127.0.0.1:{dp}"),
+        ],
+        true,
+    );
+    let api = format!("http://127.0.0.1:{http}");
+    until(&format!("{api}/health"), "healthy", |c, _| c == 200).await;
+    let prompts: Vec<String> = (0..6)
+        .map(|i| {
+            let shared: String = (0..12)
+                .map(|j| format!("Entry {j}: the tide turned at dawn and the gulls came back. "))
+                .collect();
+            format!("{shared}Question {i}: what did the keeper see?")
+        })
+        .collect();
+    let round = |api: String, prompts: Vec<String>| async move {
+        let calls = prompts.iter().map(|p| complete(&api, p));
+        futures::future::join_all(calls).await
+    };
+    let first = round(api.clone(), prompts.clone()).await;
+    // Under load: the store dies while the second round runs.
+    let running = tokio::spawn(round(api.clone(), prompts.clone()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    kill9(store);
+    let second = running.await.unwrap();
+    let third = round(api.clone(), prompts.clone()).await;
+    for (i, f) in first.iter().enumerate() {
+        assert_eq!(second[i].0, f.0, "request {i} changed while the store died");
+        assert_eq!(third[i].0, f.0, "request {i} changed without a store");
+    }
+    // Restarted on the same directory, the store has its spilled blocks back.
+    let (sp2, ss2) = (free_port(), free_port());
+    let args = store_args(sp2, ss2);
+    let _store = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), false);
+    let page = until(
+        &format!("http://127.0.0.1:{ss2}/metrics"),
+        "re-indexed",
+        |c, p| c == 200 && metric(p, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0,
+    )
+    .await;
+    assert!(metric(&page, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0);
+}

@@ -190,6 +190,37 @@ fn parse_header(h: &[u8; HEADER]) -> Result<(BlockHash, Shape, u32), String> {
 mod tests {
     use super::*;
 
+    /// The header of kv-store/SPEC.md § Disk files.
+    #[test]
+    fn spec_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Dir::open(dir.path()).unwrap();
+        let h = BlockHash(0x0123_4567_89ab_cdef);
+        d.write(
+            h,
+            Shape {
+                slab_bytes: 4,
+                slabs: 2,
+            },
+            b"12345678",
+        )
+        .unwrap();
+        let path = d.path(h);
+        assert!(
+            path.ends_with("01/0123456789abcdef.kvb"),
+            "{}",
+            path.display()
+        );
+        let bytes = fs::read(&path).unwrap();
+        let hex: String = bytes[..HEADER].iter().map(|b| format!("{b:02x}")).collect();
+        // CRC-32 of "12345678" is 0x9ae0daaf.
+        assert_eq!(
+            hex,
+            "544b564401000000efcdab89674523010400000002000000afdae09a"
+        );
+        assert_eq!(&bytes[HEADER..], b"12345678");
+    }
+
     #[test]
     fn round_trip_and_damage_found() {
         let dir = tempfile::tempdir().unwrap();
