@@ -59,6 +59,8 @@ enum KernelsCommand {
 enum KvCommand {
     /// KV transfer throughput per transport (shared memory, TCP) against memcpy and a raw loopback socket.
     Bench(bench::measure::kv::KvBenchArgs),
+    /// The pooled store's reads (RAM tier over TCP, disk tier) against a raw loopback socket and a sequential read of the same files.
+    StoreBench(bench::measure::store::StoreBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -147,6 +149,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Kv(KvCommand::Bench(args)) => {
             let model = process::model_config(args.model.as_deref())?;
             bench::measure::kv::run(&args, &model, &process::pin)
+        }
+        Command::Kv(KvCommand::StoreBench(args)) => {
+            let model = process::model_config(args.model.as_deref())?;
+            bench::measure::store::run(&args, &model)
         }
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;

@@ -6,10 +6,10 @@
 
 mod common;
 
-use common::{Proc, free_port, model};
+use common::{Proc, free_port, model, until};
 use serde_json::{Value, json};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn spawn(args: &[&str], with_model: bool) -> Proc {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
@@ -25,27 +25,35 @@ fn spawn(args: &[&str], with_model: bool) -> Proc {
     )
 }
 
-async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            let code = r.status().as_u16();
-            let body = r.text().await.unwrap_or_default();
-            if ok(code, &body) {
-                return body;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url}: never {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The sum over a labelled metric's series whose labels contain `label`.
 fn metric(page: &str, name: &str, label: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
+}
+
+/// A store with 2 MiB of RAM (5 of the model's 360 KiB blocks: the rest spills) and a disk
+/// tier in `disk`, ready; its status server's address.
+async fn store(disk: &std::path::Path, port: u16) -> (Proc, String) {
+    let status = free_port();
+    let p = spawn(
+        &[
+            "kv-store",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--ram-mib",
+            "2",
+            "--disk-dir",
+            disk.to_str().unwrap(),
+            "--status-listen",
+            &format!("127.0.0.1:{status}"),
+        ],
+        false,
+    );
+    let url = format!("http://127.0.0.1:{status}");
+    until(&format!("{url}/health"), "ready", |c, _| c == 200).await;
+    (p, url)
 }
 
 fn decode(port: u16, store: u16) -> Proc {
@@ -94,24 +102,8 @@ async fn complete(api: &str, prompt: &str) -> (Value, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical() {
     let disk = tempfile::tempdir().unwrap();
-    let (sp, ss, dp, http) = (free_port(), free_port(), free_port(), free_port());
-    // 2 MiB of RAM holds 5 of the model's 360 KiB blocks: the rest of a prompt spills to disk.
-    let _store = spawn(
-        &[
-            "kv-store",
-            "--listen",
-            &format!("127.0.0.1:{sp}"),
-            "--ram-mib",
-            "2",
-            "--disk-dir",
-            disk.path().to_str().unwrap(),
-            "--status-listen",
-            &format!("127.0.0.1:{ss}"),
-        ],
-        false,
-    );
-    let store_status = format!("http://127.0.0.1:{ss}");
-    until(&format!("{store_status}/health"), "ready", |c, _| c == 200).await;
+    let (sp, dp, http) = (free_port(), free_port(), free_port());
+    let (_store, store_status) = store(disk.path(), sp).await;
     let mut dec = decode(dp, sp);
     let _sched = spawn(
         &[
@@ -215,24 +207,8 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_killed_under_load_costs_no_request() {
     let disk = tempfile::tempdir().unwrap();
-    let (sp, ss, dp, http) = (free_port(), free_port(), free_port(), free_port());
-    let store_args = |sp: u16, ss: u16| {
-        vec![
-            "kv-store".to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{sp}"),
-            "--ram-mib".into(),
-            "2".into(),
-            "--disk-dir".into(),
-            disk.path().display().to_string(),
-            "--status-listen".into(),
-            format!("127.0.0.1:{ss}"),
-        ]
-    };
-    let args = store_args(sp, ss);
-    let store = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), false);
-    let store_status = format!("http://127.0.0.1:{ss}");
-    until(&format!("{store_status}/health"), "ready", |c, _| c == 200).await;
+    let (sp, dp, http) = (free_port(), free_port(), free_port());
+    let (store_proc, _) = store(disk.path(), sp).await;
     let _dec = decode(dp, sp);
     let _sched = spawn(
         &[
@@ -262,7 +238,7 @@ async fn a_store_killed_under_load_costs_no_request() {
     // Under load: the store dies while the second round runs.
     let running = tokio::spawn(round(api.clone(), prompts.clone()));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    kill9(store);
+    kill9(store_proc);
     let second = running.await.unwrap();
     let third = round(api.clone(), prompts.clone()).await;
     for (i, f) in first.iter().enumerate() {
@@ -270,14 +246,9 @@ async fn a_store_killed_under_load_costs_no_request() {
         assert_eq!(third[i].0, f.0, "request {i} changed without a store");
     }
     // Restarted on the same directory, the store has its spilled blocks back.
-    let (sp2, ss2) = (free_port(), free_port());
-    let args = store_args(sp2, ss2);
-    let _store = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), false);
-    let page = until(
-        &format!("http://127.0.0.1:{ss2}/metrics"),
-        "re-indexed",
-        |c, p| c == 200 && metric(p, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0,
-    )
+    let (_store, status) = store(disk.path(), free_port()).await;
+    until(&format!("{status}/metrics"), "re-indexed", |c, p| {
+        c == 200 && metric(p, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0
+    })
     .await;
-    assert!(metric(&page, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0);
 }

@@ -5,10 +5,9 @@
 
 mod common;
 
-use common::{Proc, free_port, model};
+use common::{Proc, free_port, model, until};
 use serde_json::json;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 fn tandem(args: &[&str]) -> Proc {
     Proc(
@@ -20,22 +19,6 @@ fn tandem(args: &[&str]) -> Proc {
             .spawn()
             .unwrap(),
     )
-}
-
-/// Polls `url` until `ok` holds of (status, body).
-async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(r) = reqwest::get(url).await {
-            let code = r.status().as_u16();
-            let body = r.text().await.unwrap_or_default();
-            if ok(code, &body) {
-                return body;
-            }
-        }
-        assert!(Instant::now() < deadline, "{url}: never {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A status server's `/metrics` page.

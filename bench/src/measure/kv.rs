@@ -386,7 +386,7 @@ pub fn run(
 /// do at all), with plain reads or, `wait`, reads that wait for all 256 KiB (`MSG_WAITALL`,
 /// as the data plane's receiver reads; which is faster depends on the host's load);
 /// acknowledged with one byte.
-fn spawn_raw_reader(
+pub(crate) fn spawn_raw_reader(
     wait: bool,
 ) -> std::io::Result<(
     std::net::SocketAddr,
@@ -420,7 +420,11 @@ fn spawn_raw_reader(
 }
 
 /// One raw-socket round: `bytes` sent from `chunk` (1 MiB writes), then the reader's ack.
-fn raw_round(raw: &mut std::net::TcpStream, chunk: &[u8], bytes: usize) -> anyhow::Result<()> {
+pub(crate) fn raw_round(
+    raw: &mut std::net::TcpStream,
+    chunk: &[u8],
+    bytes: usize,
+) -> anyhow::Result<()> {
     raw.write_all(&(bytes as u64).to_le_bytes())?;
     let mut left = bytes;
     while left > 0 {
@@ -435,21 +439,21 @@ fn raw_round(raw: &mut std::net::TcpStream, chunk: &[u8], bytes: usize) -> anyho
 
 /// GB/s per named measurement, one entry per round.
 #[derive(Default)]
-struct Series(Vec<(&'static str, Vec<f64>)>);
+pub(crate) struct Series(Vec<(&'static str, Vec<f64>)>);
 
 impl Series {
-    fn push(&mut self, name: &'static str, gbs: f64) {
+    pub(crate) fn push(&mut self, name: &'static str, gbs: f64) {
         match self.0.iter_mut().find(|(n, _)| *n == name) {
             Some((_, v)) => v.push(gbs),
             None => self.0.push((name, vec![gbs])),
         }
     }
-    fn time(&mut self, name: &'static str, bytes: usize, f: impl FnOnce()) {
+    pub(crate) fn time(&mut self, name: &'static str, bytes: usize, f: impl FnOnce()) {
         let t = Instant::now();
         f();
         self.push(name, gbs(bytes, t.elapsed().as_secs_f64()));
     }
-    fn try_time(
+    pub(crate) fn try_time(
         &mut self,
         name: &'static str,
         bytes: usize,
@@ -460,19 +464,19 @@ impl Series {
         self.push(name, gbs(bytes, t.elapsed().as_secs_f64()));
         Ok(())
     }
-    fn get(&self, name: &str) -> &[f64] {
+    pub(crate) fn get(&self, name: &str) -> &[f64] {
         &self.0.iter().find(|(n, _)| *n == name).expect("measured").1
     }
-    fn median(&self, name: &str) -> f64 {
+    pub(crate) fn median(&self, name: &str) -> f64 {
         median(self.get(name).to_vec())
     }
     /// The fastest round: what the path does when nothing else on the machine gets in the way
     /// (interference only ever slows a round down).
-    fn best(&self, name: &str) -> f64 {
+    pub(crate) fn best(&self, name: &str) -> f64 {
         self.get(name).iter().copied().fold(0.0, f64::max)
     }
     /// Median over rounds of `a / b` within each round.
-    fn ratio(&self, a: &str, b: &str) -> f64 {
+    pub(crate) fn ratio(&self, a: &str, b: &str) -> f64 {
         median(
             self.get(a)
                 .iter()

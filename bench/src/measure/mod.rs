@@ -5,8 +5,11 @@
 //! - [`roofline`]: `tandem kernels roofline`, the kernels against the machine's peaks
 //!   ([`peaks`]: the register-only peak loops and the read bandwidth).
 //! - [`kv`]: `tandem kv bench`, KV transports against memcpy and a raw socket.
+//! - [`store`]: `tandem kv store-bench`, the pooled store's reads against a raw socket and a
+//!   sequential file read.
 
 pub mod engine;
 pub mod kv;
 pub mod peaks;
 pub mod roofline;
+pub mod store;

@@ -182,22 +182,7 @@ impl StoreClient {
         let addr = r.data_addr;
         tokio::task::spawn_blocking(move || {
             this.on_connection(&addr, |conn| {
-                let len = shape.slab_bytes as usize;
-                let mut c = Checksum::new();
-                for layer in 0..shape.slabs as usize {
-                    let slabs: Vec<(u32, &[u8])> = wanted
-                        .iter()
-                        .enumerate()
-                        .map(|(i, p)| (i as u32, &p[layer * len..][..len]))
-                        .collect();
-                    for (_, s) in &slabs {
-                        c.update(s);
-                    }
-                    if !slabs.is_empty() {
-                        conn.slabs(put, layer as u32, &slabs)?;
-                    }
-                }
-                conn.end(put, (n * shape.slabs as usize) as u32, c.digest())
+                conn.blocks(put, &wanted, shape.slab_bytes as usize)
             })
         })
         .await

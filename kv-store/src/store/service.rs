@@ -74,24 +74,7 @@ impl SlabSource for StoreSource {
                 }
             }
         }
-        let len = shape.slab_bytes as usize;
-        let mut c = Checksum::new();
-        let mut sent = 0u32;
-        for layer in 0..shape.slabs as usize {
-            let slabs: Vec<(u32, &[u8])> = payloads
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (i as u32, &p[layer * len..][..len]))
-                .collect();
-            for (_, s) in &slabs {
-                c.update(s);
-            }
-            if !slabs.is_empty() {
-                out.slabs(lease, layer as u32, &slabs)?;
-            }
-            sent += slabs.len() as u32;
-        }
-        out.end(lease, sent, c.digest())?;
+        out.blocks(lease, &payloads, shape.slab_bytes as usize)?;
         self.0.release(lease);
         metrics::counter!("tandem_kv_store_bytes_sent_total", "transport" => "tcp")
             .increment(payloads.len() as u64 * shape.bytes() as u64);

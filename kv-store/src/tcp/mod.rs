@@ -114,6 +114,16 @@ impl KvSender {
         FrameWriter(&self.stream).end(lease, slabs, checksum)
     }
 
+    /// Sends whole blocks and ends the transfer ([`FrameWriter::blocks`]).
+    pub fn blocks(
+        &mut self,
+        lease: LeaseId,
+        blocks: &[impl AsRef<[u8]>],
+        slab_bytes: usize,
+    ) -> io::Result<()> {
+        FrameWriter(&self.stream).blocks(lease, blocks, slab_bytes)
+    }
+
     /// Fetches store lease `lease`'s blocks into `sink` ([`recv::fetch`]).
     pub fn fetch(&mut self, lease: LeaseId, sink: &dyn SlabSink) -> io::Result<(u32, u64)> {
         recv::fetch(&self.stream, lease, sink)
@@ -161,6 +171,34 @@ impl FrameWriter<'_> {
 
     pub fn end(&mut self, lease: LeaseId, slabs: u32, checksum: u64) -> io::Result<()> {
         self.frame(&Frame::End { lease, slabs }, &checksum.to_le_bytes())
+    }
+
+    /// Whole blocks (each its slabs of `slab_bytes`, layer after layer — the store's object
+    /// layout) as one transfer: a slabs frame per layer, block indices `0..` in order, then
+    /// the end frame with the [`Checksum`](crate::Checksum) of the slabs in `(layer, block)`
+    /// order.
+    pub fn blocks(
+        &mut self,
+        lease: LeaseId,
+        blocks: &[impl AsRef<[u8]>],
+        slab_bytes: usize,
+    ) -> io::Result<()> {
+        let layers = blocks
+            .first()
+            .map_or(0, |b| b.as_ref().len() / slab_bytes.max(1));
+        let mut c = crate::Checksum::new();
+        for layer in 0..layers {
+            let slabs: Vec<(u32, &[u8])> = blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (i as u32, &b.as_ref()[layer * slab_bytes..][..slab_bytes]))
+                .collect();
+            for (_, s) in &slabs {
+                c.update(s);
+            }
+            self.slabs(lease, layer as u32, &slabs)?;
+        }
+        self.end(lease, (blocks.len() * layers) as u32, c.digest())
     }
 
     /// A frame's header and payload in one write.

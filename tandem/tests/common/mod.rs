@@ -41,3 +41,19 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// Polls `url` until `ok` holds of (status, body), for up to two minutes; the body.
+pub async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        if let Ok(r) = reqwest::get(url).await {
+            let code = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            if ok(code, &body) {
+                return body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{url}: never {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
