@@ -48,9 +48,10 @@ pub enum ReadError {
 }
 
 impl Dir {
-    /// Opens (creating) the directory.
+    /// Opens (creating, readable by this user only: every block is some request's KV) the
+    /// directory.
     pub fn open(root: &Path) -> io::Result<Dir> {
-        fs::create_dir_all(root)?;
+        private_dir(root)?;
         Ok(Dir {
             root: root.to_owned(),
         })
@@ -65,7 +66,7 @@ impl Dir {
     pub fn write(&self, h: BlockHash, shape: Shape, payload: &[u8]) -> io::Result<()> {
         assert_eq!(payload.len(), shape.bytes(), "payload of the shape");
         let path = self.path(h);
-        fs::create_dir_all(path.parent().expect("a block file has a parent"))?;
+        private_dir(path.parent().expect("a block file has a parent"))?;
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         let mut c = Checksum::new();
         c.update(payload);
@@ -77,7 +78,13 @@ impl Dir {
         header.extend_from_slice(&shape.slabs.to_le_bytes());
         header.extend_from_slice(&(c.digest() as u32).to_le_bytes());
         let result = (|| {
-            let mut f = fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&header)?;
             f.write_all(payload)?;
             fs::rename(&tmp, &path)
@@ -168,6 +175,15 @@ impl Dir {
         }
         Ok(found)
     }
+}
+
+/// Creates `dir` (and its parents) with mode 0700 where it does not exist.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn parse_header(h: &[u8; HEADER]) -> Result<(BlockHash, Shape, u32), String> {
