@@ -413,20 +413,42 @@ impl Store {
         layer: usize,
         len: usize,
     ) -> Option<crate::tcp::Slot> {
+        let mut out = Vec::with_capacity(1);
+        self.slots(put, conn, &[i as u32], layer, len, &mut out);
+        out.pop().flatten()
+    }
+
+    /// [`slot`](Self::slot) for each of `blocks` (a frame's), under one lock, pushed to `out`.
+    pub fn slots(
+        &self,
+        put: LeaseId,
+        conn: u64,
+        blocks: &[u32],
+        layer: usize,
+        len: usize,
+        out: &mut Vec<Option<crate::tcp::Slot>>,
+    ) {
         let mut ix = self.lock();
-        let p = ix.puts.get_mut(&put)?;
-        if len != p.shape.slab_bytes as usize
-            || layer >= p.shape.slabs as usize
-            || *p.writer.get_or_insert(conn) != conn
-        {
-            return None;
+        let p = ix
+            .puts
+            .get_mut(&put)
+            .filter(|p| len == p.shape.slab_bytes as usize && layer < p.shape.slabs as usize);
+        let Some(p) = p else {
+            out.extend(blocks.iter().map(|_| None));
+            return;
+        };
+        if *p.writer.get_or_insert(conn) != conn {
+            out.extend(blocks.iter().map(|_| None));
+            return;
         }
-        let (_, staged) = p.blocks.get_mut(i)?;
-        let at = layer * len;
-        Some(crate::tcp::Slot {
-            ptr: staged[at..at + len].as_mut_ptr(),
-            len,
-        })
+        out.extend(blocks.iter().map(|&i| {
+            let (_, staged) = p.blocks.get_mut(i as usize)?;
+            let at = layer * len;
+            Some(crate::tcp::Slot {
+                ptr: staged[at..at + len].as_mut_ptr(),
+                len,
+            })
+        }));
     }
 
     /// Copies a slab into a put (the in-process path; the data plane writes through

@@ -33,11 +33,7 @@ unsafe impl SlabSink for StoreSink {
         len: usize,
         out: &mut Vec<Option<Slot>>,
     ) {
-        out.extend(
-            blocks
-                .iter()
-                .map(|&b| self.0.slot(lease, conn, b as usize, layer as usize, len)),
-        );
+        self.0.slots(lease, conn, blocks, layer as usize, len, out);
     }
 
     fn end(&self, conn: ConnId, lease: LeaseId, _slabs: u32, checksum: u64) {
