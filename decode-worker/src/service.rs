@@ -526,6 +526,12 @@ pub async fn serve(
         .map(|s| crate::store::write_back(s, &engine.kv));
     let svc = DecodeService::new(engine, handle, leases, Some(receiver.connections()), cfg);
     let reaper = svc.spawn_reaper(Duration::from_secs(1));
+    // Draining waits for open streams: the schedulers' block event streams end first.
+    let feed = svc.blocks.clone();
+    let shutdown = async move {
+        shutdown.await;
+        feed.close();
+    };
     let server = tonic::transport::Server::builder()
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(

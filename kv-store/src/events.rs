@@ -26,6 +26,9 @@ pub type Snapshot = Box<dyn Fn() -> Vec<(BlockHash, pb::StoreTier)> + Send + Syn
 pub struct BlockFeed {
     snapshot: Snapshot,
     tx: broadcast::Sender<Change>,
+    /// Set when the holder shuts down: every subscriber's stream ends (a server draining
+    /// for shutdown waits for its open streams).
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl BlockFeed {
@@ -37,9 +40,15 @@ impl BlockFeed {
             Arc::new(BlockFeed {
                 snapshot,
                 tx: tx.clone(),
+                closed: tokio::sync::watch::Sender::new(false),
             }),
             tx,
         )
+    }
+
+    /// Ends every subscriber's stream, now and from now on.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
     }
 
     /// A subscriber's stream: the snapshot, then the changes as they come, each message one
@@ -47,14 +56,19 @@ impl BlockFeed {
     pub fn subscribe(self: &Arc<Self>) -> ReceiverStream<Result<pb::BlockEvents, Status>> {
         let (out, stream) = mpsc::channel(16);
         let me = self.clone();
+        let mut closed = self.closed.subscribe();
         tokio::spawn(async move {
             // Subscribed before the snapshot is taken: no change after it is missed.
             let mut rx = me.tx.subscribe();
-            if !me.send_snapshot(&out).await {
+            if *closed.borrow() || !me.send_snapshot(&out).await {
                 return;
             }
             loop {
-                let first = match rx.recv().await {
+                let next = tokio::select! {
+                    r = rx.recv() => r,
+                    _ = closed.wait_for(|c| *c) => return,
+                };
+                let first = match next {
                     Ok(c) => c,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         rx = me.tx.subscribe();
@@ -175,5 +189,11 @@ mod tests {
         ]
         .into();
         assert_eq!(mine.0, want);
+        // Closed (the holder shuts down): the stream ends.
+        feed.close();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while s.next().await.is_some() {}
+        });
+        end.await.expect("the stream ends when the feed closes");
     }
 }

@@ -301,6 +301,12 @@ pub async fn serve(
         data_addr,
         limits,
     };
+    // Draining waits for open streams: the schedulers' block event streams end first.
+    let feed = svc.feed.clone();
+    let shutdown = async move {
+        shutdown.await;
+        feed.close();
+    };
     let r = tonic::transport::Server::builder()
         .add_service(KvStoreServer::new(svc))
         .serve_with_incoming_shutdown(
