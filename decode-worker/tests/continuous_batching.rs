@@ -26,6 +26,7 @@ fn load(precision: Precision, kv_budget_bytes: usize) -> (tempfile::TempDir, Arc
         precision,
         kv_dtype: Default::default(),
         kv_shared_path: None,
+        device: Default::default(),
     };
     (dir, Arc::new(Engine::load(&path, &cfg).unwrap()))
 }

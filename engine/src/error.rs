@@ -16,6 +16,9 @@ pub enum EngineError {
     ContextOverflow { len: usize, max: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
+    /// The device cannot run this model (no GPU, no driver, an unsupported format) or failed.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

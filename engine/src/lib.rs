@@ -18,6 +18,8 @@
 //! logits).
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod generation;
 pub mod kv;
@@ -27,7 +29,9 @@ pub mod sampler;
 pub mod synthetic;
 pub mod weights;
 
-pub use frontend::{Frontend, Numerics, chat, config, fetch, gguf, request, stop, tokenizer};
+pub use frontend::{
+    Device, Frontend, Numerics, chat, config, fetch, gguf, request, stop, tokenizer,
+};
 
 pub use backend::Backend;
 pub use error::{EngineError, Result};
@@ -55,6 +59,9 @@ pub struct EngineConfig {
     /// Put the KV pool in a shared file here (under `/dev/shm`) so that prefill workers on
     /// this host can write prompts' KV straight into it; `None`: private memory.
     pub kv_shared_path: Option<std::path::PathBuf>,
+    /// What runs the forward passes: the CPU (the default) or a CUDA GPU (a build with the
+    /// `cuda` feature, on a machine with a GPU and its driver).
+    pub device: Device,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +72,7 @@ impl Default for EngineConfig {
             precision: Precision::default(),
             kv_dtype: KvDtype::default(),
             kv_shared_path: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -75,6 +83,7 @@ impl EngineConfig {
         Numerics {
             precision: self.precision,
             kv_dtype: self.kv_dtype,
+            device: self.device,
         }
     }
 }
@@ -95,7 +104,17 @@ impl Engine {
         let path = path.as_ref();
         let g = GgufFile::open(path)?;
         let frontend = Frontend::from_gguf(&g, path, cfg.model_id.as_deref(), cfg.numerics())?;
-        let model: Box<dyn Backend> = Box::new(LlamaModel::load(&g, cfg.precision)?);
+        let model: Box<dyn Backend> = match cfg.device {
+            Device::Cpu => Box::new(LlamaModel::load(&g, cfg.precision)?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Box::new(cuda::CudaModel::load(&g, cfg.precision, cfg.kv_dtype)?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                return Err(EngineError::Device(
+                    "this binary was built without CUDA (cargo build --features cuda)".into(),
+                ));
+            }
+        };
         let layout = model.kv_layout(cfg.kv_dtype);
         let kv = match &cfg.kv_shared_path {
             None => KvPool::with_budget(layout, cfg.kv_budget_bytes),

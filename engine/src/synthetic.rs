@@ -23,6 +23,9 @@ pub struct TinySpec {
     pub untied_output: bool,
     /// `tokenizer.chat_template` (default: ChatML).
     pub chat_template: Option<String>,
+    /// Every matrix in a GGML block format (Q4_1, Q4_0, Q8_0; the default mixes in f16, bf16
+    /// and f32): a model every backend's w4a8 path runs as stored, bit for bit comparable.
+    pub block_formats_only: bool,
 }
 
 impl Default for TinySpec {
@@ -37,6 +40,7 @@ impl Default for TinySpec {
             seed: 7,
             untied_output: false,
             chat_template: None,
+            block_formats_only: false,
         }
     }
 }
@@ -155,17 +159,34 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
     if spec.untied_output {
         t(&mut w, "output.weight", &[d, n_vocab], GgmlType::F16);
     }
+    let blocks = spec.block_formats_only;
+    let pick = |other: GgmlType, block: GgmlType| if blocks { block } else { other };
     for i in 0..spec.n_layers {
         let n = |x: &str| format!("blk.{i}.{x}.weight");
         t(&mut w, &n("attn_norm"), &[d], GgmlType::F32);
         t(&mut w, &n("attn_q"), &[d, d], GgmlType::Q4_1);
         t(&mut w, &n("attn_k"), &[d, kvd], GgmlType::Q4_0);
-        t(&mut w, &n("attn_v"), &[d, kvd], GgmlType::F16);
-        t(&mut w, &n("attn_output"), &[d, d], GgmlType::Bf16);
+        t(
+            &mut w,
+            &n("attn_v"),
+            &[d, kvd],
+            pick(GgmlType::F16, GgmlType::Q8_0),
+        );
+        t(
+            &mut w,
+            &n("attn_output"),
+            &[d, d],
+            pick(GgmlType::Bf16, GgmlType::Q4_1),
+        );
         t(&mut w, &n("ffn_norm"), &[d], GgmlType::F32);
         t(&mut w, &n("ffn_gate"), &[d, ff], GgmlType::Q4_1);
         t(&mut w, &n("ffn_up"), &[d, ff], GgmlType::Q8_0);
-        t(&mut w, &n("ffn_down"), &[ff, d], GgmlType::F32);
+        t(
+            &mut w,
+            &n("ffn_down"),
+            &[ff, d],
+            pick(GgmlType::F32, GgmlType::Q4_0),
+        );
     }
     w
 }
@@ -178,9 +199,10 @@ pub fn write(spec: &TinySpec, path: impl AsRef<Path>) -> Result<()> {
 /// Test support shared by the determinism tests of the engine and the workers.
 pub mod testing {
     use crate::generation::GenerationState;
+    use crate::model::ForwardItem;
     use crate::request::GenerationParams;
     use crate::sampler::SamplingParams;
-    use crate::{Engine, LogitsWanted};
+    use crate::{Engine, KvSequence, LogitsWanted};
 
     /// A seeded xorshift generator (test data only).
     pub struct Rng(pub u64);
@@ -244,5 +266,104 @@ pub mod testing {
             t.1.push(lp(&ev));
         }
         t
+    }
+
+    /// Every request together on one engine, as a busy server runs them: the first prompt
+    /// prefilled alone and published, the rest attaching what the prefix cache holds of
+    /// theirs, then prefill in random chunks (`rng`) with several sequences per forward call,
+    /// then every sequence decoded in one batch per step. Returns each request's trace and
+    /// the prompt tokens served from the prefix cache.
+    pub fn generate_batched(
+        e: &Engine,
+        prompts: &[Vec<u32>],
+        params: impl Fn(usize) -> GenerationParams,
+        rng: &mut Rng,
+    ) -> (Vec<Trace>, usize) {
+        let n_seq = prompts.len();
+        let mut seqs: Vec<KvSequence> = (0..n_seq).map(|_| e.new_sequence()).collect();
+        let mut done = vec![0usize; n_seq];
+        let mut hits = 0;
+        let mut last_logits: Vec<Option<Vec<f32>>> = vec![None; n_seq];
+        last_logits[0] = Some(
+            e.prefill(&mut seqs[0], &prompts[0], LogitsWanted::Last)
+                .unwrap(),
+        );
+        seqs[0].publish_prefix(&prompts[0]);
+        done[0] = prompts[0].len();
+        for (i, s) in seqs.iter_mut().enumerate().skip(1) {
+            done[i] = s.attach_prefix(&prompts[i]);
+            hits += done[i];
+        }
+        while done.iter().zip(prompts).any(|(d, p)| d < &p.len()) {
+            let mut group: Vec<(usize, usize)> = Vec::new();
+            for i in 0..n_seq {
+                if done[i] < prompts[i].len() && rng.next(3) != 0 {
+                    let n = (1 + rng.next(24) as usize).min(prompts[i].len() - done[i]);
+                    group.push((i, n));
+                }
+            }
+            let mut refs: Vec<(usize, &mut KvSequence)> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| group.iter().any(|g| g.0 == *i))
+                .collect();
+            let mut items: Vec<ForwardItem> = refs
+                .iter_mut()
+                .map(|(i, s)| {
+                    let n = group.iter().find(|g| g.0 == *i).unwrap().1;
+                    ForwardItem {
+                        seq: s,
+                        tokens: &prompts[*i][done[*i]..done[*i] + n],
+                        logits: LogitsWanted::Last,
+                    }
+                })
+                .collect();
+            let out = e.model.forward(&mut items).unwrap();
+            drop(items);
+            for ((i, n), l) in group.iter().zip(out) {
+                done[*i] += n;
+                if done[*i] == prompts[*i].len() {
+                    last_logits[*i] = Some(l);
+                    seqs[*i].publish_prefix(&prompts[*i]);
+                }
+            }
+        }
+        let mut states: Vec<GenerationState> = (0..n_seq)
+            .map(|i| GenerationState::new(params(i), prompts[i].len()))
+            .collect();
+        let mut traces: Vec<Trace> = vec![(vec![], vec![]); n_seq];
+        let mut last = vec![0u32; n_seq];
+        let mut finished = vec![false; n_seq];
+        for i in 0..n_seq {
+            let ev = states[i]
+                .next(
+                    &e.frontend,
+                    last_logits[i].as_ref().unwrap(),
+                    e.max_context(),
+                )
+                .unwrap();
+            last[i] = ev.token;
+            finished[i] = ev.finish.is_some();
+            traces[i].0.push(ev.token);
+            traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
+        }
+        while finished.iter().any(|f| !f) {
+            let live: Vec<usize> = (0..n_seq).filter(|&i| !finished[i]).collect();
+            let mut batch: Vec<(&mut KvSequence, u32)> = seqs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| !finished[*i])
+                .map(|(i, s)| (s, last[i]))
+                .collect();
+            let out = e.decode_step(&mut batch).unwrap();
+            for (&i, l) in live.iter().zip(&out) {
+                let ev = states[i].next(&e.frontend, l, e.max_context()).unwrap();
+                last[i] = ev.token;
+                finished[i] = ev.finish.is_some();
+                traces[i].0.push(ev.token);
+                traces[i].1.push(ev.logprobs.unwrap().logprob.to_bits());
+            }
+        }
+        (traces, hits)
     }
 }

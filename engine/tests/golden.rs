@@ -33,6 +33,7 @@ fn load(precision: Precision, kv_dtype: engine::KvDtype) -> Engine {
                 precision,
                 kv_dtype,
                 kv_shared_path: None,
+                device: Default::default(),
             },
         )
         .unwrap()

@@ -20,6 +20,7 @@ fn tiny_at(spec: &TinySpec, precision: Precision) -> (tempfile::TempDir, Engine)
             precision,
             kv_dtype: Default::default(),
             kv_shared_path: None,
+            device: Default::default(),
         },
     )
     .unwrap();

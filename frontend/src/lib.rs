@@ -34,7 +34,7 @@ pub mod stop;
 pub mod tokenizer;
 
 pub use error::{ModelError, Result};
-pub use precision::{KvDtype, Precision};
+pub use precision::{Device, KvDtype, Precision};
 pub use tokenizer::{TokenId, Tokenizer};
 
 use chat::ChatTemplate;
@@ -49,6 +49,8 @@ pub struct Numerics {
     pub precision: Precision,
     /// KV cache storage.
     pub kv_dtype: KvDtype,
+    /// What computes (only a GPU changes the fingerprint).
+    pub device: Device,
 }
 
 /// A model's tokenizer, chat template and hyper-parameters, without its weights.
@@ -115,7 +117,9 @@ impl Frontend {
         });
         let fingerprint = xxhash_rust::xxh3::xxh3_64_with_seed(
             g.bytes(),
-            ((numerics.precision as u64) << 8) | numerics.kv_dtype as u64,
+            ((numerics.device as u64) << 16)
+                | ((numerics.precision as u64) << 8)
+                | numerics.kv_dtype as u64,
         );
         Ok(Frontend {
             tokenizer,

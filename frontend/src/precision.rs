@@ -88,3 +88,35 @@ impl std::fmt::Display for KvDtype {
         })
     }
 }
+
+/// What runs the forward passes. Part of the fingerprint for any device but the CPU (whose
+/// fingerprints stay as they were): a GPU's sums differ from the CPU's in the last bits, so
+/// KV blocks computed on one are never mixed with the other's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The SIMD kernels of the `kernels` crate (the default).
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through CUDA (a binary built with the `cuda` feature).
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown device '{other}' (cpu or cuda)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}

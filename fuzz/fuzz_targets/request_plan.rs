@@ -36,6 +36,7 @@ fn app() -> &'static App {
                         precision: Default::default(),
                         kv_dtype: Default::default(),
                         kv_shared_path: None,
+                        device: Default::default(),
                     },
                 )
                 .unwrap(),

@@ -21,6 +21,7 @@ async fn server() -> (String, Arc<Engine>) {
         precision: engine::Precision::F32,
         kv_dtype: engine::KvDtype::F32,
         kv_shared_path: None,
+        device: Default::default(),
     };
     let engine = Arc::new(Engine::load(path, &cfg).unwrap());
     let state = AppState::new(Arc::new(decode_worker::colocated::cluster(

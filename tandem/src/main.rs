@@ -75,6 +75,8 @@ enum ModelCommand {
     ExportF32 { input: PathBuf, output: PathBuf },
     /// Single-stream prefill (pp) and decode (tg) speed of the engine, like llama-bench.
     Bench(bench::measure::engine::BenchArgs),
+    /// A device backend (CUDA) against the CPU: logits, golden prompts, batch invariance, speed.
+    DeviceCheck(bench::measure::device::DeviceCheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -140,6 +142,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 threads,
                 &process::model_path(args.model.as_deref())?,
             )
+        }
+        Command::Model(ModelCommand::DeviceCheck(args)) => {
+            process::init_compute_threads(None)?;
+            bench::measure::device::run(&args)
         }
         Command::Kernels(KernelsCommand::Roofline(args)) => {
             let threads = process::init_compute_threads(args.threads)?;

@@ -49,6 +49,7 @@ pub fn run(args: &BenchArgs, threads: usize, path: &std::path::Path) -> anyhow::
             precision: args.precision,
             kv_dtype: args.kv_cache_dtype,
             kv_shared_path: None,
+            device: Default::default(),
         },
     )?;
     let vocab = e.model.config().vocab_size as u32;

@@ -1,6 +1,7 @@
 //! Measurements of Tandem's own parts, apart from the product (the binary's subcommands are
 //! thin glue over these): each reads the model's geometry instead of assuming one.
 //!
+//! - [`device`]: `tandem model device-check`, a GPU backend against the CPU, and its speed.
 //! - [`engine`]: `tandem model bench`, single-stream prefill and decode, like llama-bench.
 //! - [`roofline`]: `tandem kernels roofline`, the kernels against the machine's peaks
 //!   ([`peaks`]: the register-only peak loops and the read bandwidth).
@@ -8,6 +9,7 @@
 //! - [`store`]: `tandem kv store-bench`, the pooled store's reads against a raw socket and a
 //!   sequential file read.
 
+pub mod device;
 pub mod engine;
 pub mod kv;
 pub mod peaks;

@@ -27,6 +27,10 @@ pub(crate) struct BlockAllocator {
     spilled: Vec<bool>,
     /// An attached view of another process's pool: blocks are lent, never freed here.
     foreign: bool,
+    /// Per block, bumped whenever its bytes may have been written other than by this
+    /// process's forward passes (handed out anew, adopted, written by a transfer): a device
+    /// holding a copy of the block knows its copy is stale.
+    generation: Vec<u64>,
 }
 
 impl BlockAllocator {
@@ -52,6 +56,7 @@ impl BlockAllocator {
             clock: 0,
             spilled: vec![false; n_blocks],
             foreign: true,
+            generation: vec![0; n_blocks],
         }
     }
 
@@ -97,8 +102,24 @@ impl BlockAllocator {
         let got: Vec<BlockId> = self.free.drain(at..).collect();
         for b in &got {
             self.refs[b.0 as usize] = 1;
+            self.generation[b.0 as usize] += 1;
         }
         Ok(got)
+    }
+
+    /// Marks the blocks' bytes as written from outside this process's forward passes.
+    pub(crate) fn bump_generation(&mut self, blocks: &[BlockId]) {
+        for b in blocks {
+            self.generation[b.0 as usize] += 1;
+        }
+    }
+
+    /// The blocks' generations, in order ([`bump_generation`](Self::bump_generation)).
+    pub(crate) fn generations(&self, blocks: &[BlockId]) -> Vec<u64> {
+        blocks
+            .iter()
+            .map(|b| self.generation[b.0 as usize])
+            .collect()
     }
 
     /// Lets go of one reference on each block; a cached block nobody holds becomes evictable,

@@ -109,6 +109,7 @@ pub struct KvPool {
     hash_salt: std::sync::atomic::AtomicU64,
     spill: std::sync::OnceLock<Spill>,
     watch: std::sync::OnceLock<WatchFn>,
+    id: u64,
 }
 
 /// When a pool hands its cached blocks out ([`KvPool::spill_to`]).
@@ -270,6 +271,10 @@ impl KvPool {
             hash_salt: Default::default(),
             spill: Default::default(),
             watch: Default::default(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         })
     }
 
@@ -291,6 +296,35 @@ impl KvPool {
     pub fn n_blocks(&self) -> usize {
         self.n_blocks
     }
+    /// This pool's identity for the life of the process (never reused, unlike its address).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Each block's generation: changed whenever the block's bytes may have been written by
+    /// anything but this process's forward passes (allocated anew, adopted, written through
+    /// [`KvSequence::slab_mut_ptr`]). What a device copy of the pool checks its blocks by.
+    pub fn generations(&self, blocks: &[BlockId]) -> Vec<u64> {
+        self.allocator().generations(blocks)
+    }
+
+    pub(crate) fn bump_generation(&self, blocks: &[BlockId]) {
+        self.allocator().bump_generation(blocks)
+    }
+
+    /// Block `b`'s bytes, every layer (the pool is block-major, so one range): what a device
+    /// copy of the pool uploads.
+    ///
+    /// # Safety
+    /// The caller must hold the block, with no writer alive for the borrow's lifetime.
+    pub(crate) unsafe fn block_raw(&self, b: BlockId) -> &[u8] {
+        let off = self.plane_offset(b, 0, false);
+        // SAFETY: the block lies in the mapping; exclusivity per the caller.
+        unsafe {
+            std::slice::from_raw_parts(self.data.as_ptr().add(off), self.layout.block_bytes())
+        }
+    }
+
     fn allocator(&self) -> std::sync::MutexGuard<'_, BlockAllocator> {
         self.allocator.lock().expect("kv allocator poisoned")
     }
@@ -430,6 +464,50 @@ impl KvPool {
                         l.block_size * (l.kv_dim / l.head_dim),
                     ),
                 },
+            }
+        }
+    }
+
+    /// [`write_position`](Self::write_position) of values already in the pool's format
+    /// (`kv_dim` elements of f16 or f32, head by head).
+    ///
+    /// # Safety
+    /// The caller must hold the block exclusively for the duration of the call.
+    unsafe fn write_position_raw(
+        &self,
+        block: BlockId,
+        layer: usize,
+        v: bool,
+        pos: usize,
+        x: &[u8],
+    ) {
+        let (off, l) = (self.plane_offset(block, layer, v), self.layout);
+        let shape = l.attn_shape();
+        let (hd, heads, e) = (l.head_dim, l.kv_dim / l.head_dim, l.dtype.bytes());
+        assert!(
+            l.dtype != KvDtype::Int8,
+            "raw writes carry f16 or f32 values"
+        );
+        assert!(pos < l.block_size && x.len() == l.kv_dim * e);
+        // SAFETY: as `write_position`; every index lies inside the plane.
+        unsafe {
+            let base = self.data.as_ptr().add(off);
+            if v {
+                // V is stored by position: the row is contiguous.
+                let dst = base.add(shape.v_index(pos, 0, 0) * e);
+                std::ptr::copy_nonoverlapping(x.as_ptr(), dst, x.len());
+                return;
+            }
+            for h in 0..heads {
+                for d in 0..hd {
+                    let i = if v {
+                        shape.v_index(pos, h, d)
+                    } else {
+                        shape.k_index(pos, h, d)
+                    };
+                    let src = x.as_ptr().add((h * hd + d) * e);
+                    std::ptr::copy_nonoverlapping(src, base.add(i * e), e);
+                }
             }
         }
     }

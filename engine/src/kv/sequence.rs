@@ -43,6 +43,8 @@ impl KvSequence {
                 pool.n_blocks
             )));
         }
+        // Their bytes were written elsewhere (the owner, a transfer): any device copy is stale.
+        pool.bump_generation(&blocks);
         Ok(KvSequence {
             shared: len / bs,
             pool,
@@ -105,6 +107,7 @@ impl KvSequence {
             )));
         }
         debug_assert!(self.pool.exclusive(b), "block {b:?} is held elsewhere");
+        self.pool.bump_generation(&[b]);
         let r = self.pool.slab_range(b, layer);
         // SAFETY: in bounds of the mapping (slab_range checks the block and layer).
         Ok(unsafe { self.pool.data.as_ptr().add(r.start) })
@@ -191,6 +194,19 @@ impl KvSequence {
         unsafe {
             self.pool.write_position(b, layer, false, p, k);
             self.pool.write_position(b, layer, true, p, v);
+        }
+    }
+
+    /// [`write`](Self::write) of values already in the pool's format (f16 or f32, `kv_dim`
+    /// of each, head by head): what a device that computed them copies back.
+    pub(crate) fn write_raw(&mut self, layer: usize, pos: usize, k: &[u8], v: &[u8]) {
+        let l = self.pool.layout;
+        let b = self.blocks[pos / l.block_size];
+        let p = pos % l.block_size;
+        // SAFETY: this sequence owns `b` and is borrowed mutably.
+        unsafe {
+            self.pool.write_position_raw(b, layer, false, p, k);
+            self.pool.write_position_raw(b, layer, true, p, v);
         }
     }
 

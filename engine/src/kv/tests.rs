@@ -209,3 +209,54 @@ proptest! {
         prop_assert_eq!(pool.free_blocks(), 16);
     }
 }
+
+/// A device's copy-back (values already in the pool's format) lands exactly where the
+/// converting write puts them, for f16 and f32.
+#[test]
+fn raw_writes_equal_converting_writes() {
+    for dtype in [KvDtype::F16, KvDtype::F32] {
+        let l = KvLayout { dtype, ..layout() };
+        let (a, b) = (KvPool::new(l, 2), KvPool::new(l, 2));
+        let (mut sa, mut sb) = (KvSequence::new(a), KvSequence::new(b));
+        sa.reserve(6).unwrap();
+        sb.reserve(6).unwrap();
+        for pos in 0..6 {
+            let k: Vec<f32> = (0..4).map(|i| (pos * 4 + i) as f32 * 0.37 - 1.1).collect();
+            let v: Vec<f32> = k.iter().map(|x| x * -2.3 + 0.01).collect();
+            sa.write(1, pos, &k, &v);
+            let bytes = |x: &[f32]| -> Vec<u8> {
+                match dtype {
+                    KvDtype::F16 => x
+                        .iter()
+                        .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                    _ => x.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                }
+            };
+            sb.write_raw(1, pos, &bytes(&k), &bytes(&v));
+        }
+        for i in 0..2 {
+            assert_eq!(sa.slab(i, 1), sb.slab(i, 1), "{dtype}: block {i}");
+        }
+    }
+}
+
+/// A block's generation moves whenever its bytes may come from outside this process's forward
+/// passes: handed out anew, adopted, or lent to a writer.
+#[test]
+fn generations_move_when_bytes_may_change_outside_forwards() {
+    let pool = KvPool::new(layout(), 2);
+    let mut s = KvSequence::new(pool.clone());
+    s.reserve(4).unwrap();
+    let b = s.block_table()[0];
+    let g0 = pool.generations(&[b])[0];
+    s.write(0, 0, &[1.0; 4], &[2.0; 4]);
+    assert_eq!(pool.generations(&[b])[0], g0, "a forward's own write");
+    s.slab_mut_ptr(0, 0).unwrap();
+    let g1 = pool.generations(&[b])[0];
+    assert!(g1 > g0, "lent to a writer");
+    drop(s);
+    let mut t = KvSequence::new(pool.clone());
+    t.reserve(8).unwrap();
+    assert!(pool.generations(&[b])[0] > g1, "handed out anew");
+}

@@ -64,6 +64,7 @@ pub async fn start(opts: Options) -> TestServer {
                 precision: opts.precision,
                 kv_dtype: Default::default(),
                 kv_shared_path: None,
+                device: Default::default(),
             },
         )
         .unwrap(),

@@ -21,6 +21,7 @@ pub fn config(shm: Option<PathBuf>) -> EngineConfig {
         precision: Default::default(),
         kv_dtype: Default::default(),
         kv_shared_path: shm,
+        device: Default::default(),
     }
 }
 

@@ -75,6 +75,10 @@ pub struct ModelArgs {
     /// KV cache storage: f16 (the default), int8 (a scale per position and head; least memory) or f32 (exact), as vLLM's flag.
     #[arg(long, env = "TANDEM_KV_CACHE_DTYPE", default_value_t = engine::KvDtype::default())]
     pub kv_cache_dtype: engine::KvDtype,
+    /// What computes: cpu (the default) or cuda (a binary built with `--features cuda`, on a
+    /// machine with an NVIDIA GPU; its libraries are loaded at start).
+    #[arg(long, env = "TANDEM_DEVICE", default_value_t = engine::Device::default())]
+    pub device: engine::Device,
 }
 
 impl ModelArgs {
@@ -94,6 +98,7 @@ impl ModelArgs {
             served_model_name: None,
             precision: engine::Precision::default(),
             kv_cache_dtype: engine::KvDtype::default(),
+            device: engine::Device::default(),
         }
     }
 
@@ -101,6 +106,7 @@ impl ModelArgs {
         engine::Numerics {
             precision: self.precision,
             kv_dtype: self.kv_cache_dtype,
+            device: self.device,
         }
     }
 
@@ -110,6 +116,9 @@ impl ModelArgs {
         opt(&mut a, "served-model-name", self.served_model_name.as_ref());
         flag(&mut a, "precision", self.precision);
         flag(&mut a, "kv-cache-dtype", self.kv_cache_dtype);
+        if self.device != engine::Device::Cpu {
+            flag(&mut a, "device", self.device);
+        }
         a
     }
 }
@@ -148,6 +157,7 @@ impl ComputeArgs {
             precision: model.precision,
             kv_dtype: model.kv_cache_dtype,
             kv_shared_path: None,
+            device: model.device,
         }
     }
 

@@ -69,6 +69,7 @@ pub fn measure(
             precision: model.precision,
             kv_dtype: model.kv_cache_dtype,
             kv_shared_path: None,
+            device: Default::default(),
         },
     )?;
     let vocab = e.model.config().vocab_size as u32;
