@@ -27,6 +27,12 @@ pub trait Backend: Send + Sync {
     fn kv_layout(&self, dtype: KvDtype) -> KvLayout;
     /// Bytes of weights held on the device.
     fn weight_bytes(&self) -> usize;
+    /// Where the time of the forward calls since the last call went, for devices that can
+    /// say (the CUDA backend: host preparation, kernel launches, device time, waiting,
+    /// copy-back); `None` for the CPU.
+    fn profile(&self) -> Option<String> {
+        None
+    }
     /// One forward step over any mix of sequences (prefill chunks, decode tokens): appends
     /// each item's new K/V to its sequence and returns the logits each asked for.
     fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {

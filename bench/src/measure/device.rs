@@ -122,11 +122,18 @@ fn speed(e: &Engine, n: usize) -> anyhow::Result<(f64, f64, f64)> {
         .collect();
     e.prefill(&mut e.new_sequence(), &prompt[..32], LogitsWanted::Last)?;
     let mut pf = f64::MAX;
+    e.model.profile();
     for _ in 0..3 {
         let t = Instant::now();
         e.prefill(&mut e.new_sequence(), &prompt, LogitsWanted::Last)?;
         pf = pf.min(t.elapsed().as_secs_f64() * 1e3);
     }
+    let profile = |what: &str| {
+        if let Some(p) = e.model.profile() {
+            println!("| {} {what} | {p} |", e.model.name());
+        }
+    };
+    profile(&format!("prefill {n}"));
     let mut seq = e.new_sequence();
     e.prefill(&mut seq, &prompt[..32], LogitsWanted::Last)?;
     let (steps, mut tok) = (128, 1u32);
@@ -135,6 +142,7 @@ fn speed(e: &Engine, n: usize) -> anyhow::Result<(f64, f64, f64)> {
         tok = engine::sampler::argmax(&e.decode_step(&mut [(&mut seq, tok)])?[0]);
     }
     let single = steps as f64 / t.elapsed().as_secs_f64();
+    profile("decode, 1 stream");
     let mut seqs: Vec<_> = (0..64).map(|_| e.new_sequence()).collect();
     for (i, s) in seqs.iter_mut().enumerate() {
         e.prefill(s, &prompt[i..i + 32], LogitsWanted::Last)?;
@@ -146,6 +154,7 @@ fn speed(e: &Engine, n: usize) -> anyhow::Result<(f64, f64, f64)> {
         e.decode_step(&mut batch)?;
     }
     let batch = (64 * steps) as f64 / t.elapsed().as_secs_f64();
+    profile("decode, batch 64");
     Ok((pf, single, batch))
 }
 
@@ -273,8 +282,11 @@ pub fn run(args: &DeviceCheckArgs) -> anyhow::Result<()> {
             + c.d_model * c.d_model
             + 3 * c.d_model * c.d_ff)
         + c.vocab_size * c.d_model;
-    let bytes = gpu.model.weight_bytes() as f64;
+    // The bytes a decode step reads: the weights as stored (the CPU's copy; the device holds
+    // them in two layouts and reads one).
+    let bytes = cpu.model.weight_bytes() as f64;
     let bw = args.hbm_gbps * 1e9;
+    println!("\n| where the time goes | per forward call |\n|---|---|");
     let (pf, single, batch) = speed(&gpu, args.prefill)?;
     let (cpf, csingle, cbatch) = speed(&cpu, args.prefill)?;
     let pf_bound = 2.0 * params as f64 * args.prefill as f64 / (args.bf16_tflops * 1e12) * 1e3;

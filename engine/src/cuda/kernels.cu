@@ -52,10 +52,44 @@ __device__ __forceinline__ kv_t kv_of(float v) {
 #endif
 }
 
+// kernels::round_half_away.
+__device__ __forceinline__ float round_half_away(float x) {
+    float a = fabsf(x);
+    float t = (float)(int)a;
+    float r = t + ((a - t >= 0.5f) ? 1.0f : 0.0f);
+    return copysignf(r, x);
+}
+
+// Block b of 32 values: kernels::actq::quantize_scalar, then s = d·Σq.
+__device__ void quantize_block(const float* x, i8* q, float* d, float* s, int* sum, size_t b) {
+    const float* xb = x + b * 32;
+    float amax = 0.0f;
+    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+    float sc = amax / 127.0f;
+    float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+    int total = 0;
+    for (int i = 0; i < 32; i++) {
+        float v = fminf(fmaxf(xb[i] * inv, -127.0f), 127.0f);
+        int qi = (int)round_half_away(v);
+        q[(size_t)b * 32 + i] = (i8)qi;
+        total += qi;
+    }
+    d[b] = sc;
+    s[b] = sc * (float)total;
+    sum[b] = total;
+}
+
+// One thread per block of 32 values.
+extern "C" __global__ void quantize(const float* x, i8* q, float* d, float* s, int* sum, int blocks) {
+    int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b < blocks) quantize_block(x, q, d, s, sum, b);
+}
+
 // One row per block. kernels::ops::rms_norm: Σx² over 16 lane accumulators (dot_scalar), a
 // halving tree, the tail; then (x · scale) · w. `src`, when not null, picks the input rows.
+// With `q` not null, each row's output is quantized too (the next matmul's input).
 extern "C" __global__ void rms_norm(const float* x, const u32* src, const float* w, float* out,
-                                    int d, float eps) {
+                                    int d, float eps, i8* q, float* qd, float* qs, int* qsum) {
     __shared__ float lanes[16];
     __shared__ float scale;
     int r = blockIdx.x;
@@ -76,35 +110,11 @@ extern "C" __global__ void rms_norm(const float* x, const u32* src, const float*
     }
     __syncthreads();
     for (int i = threadIdx.x; i < d; i += blockDim.x) out[(size_t)r * d + i] = (xr[i] * scale) * w[i];
-}
-
-// kernels::round_half_away.
-__device__ __forceinline__ float round_half_away(float x) {
-    float a = fabsf(x);
-    float t = (float)(int)a;
-    float r = t + ((a - t >= 0.5f) ? 1.0f : 0.0f);
-    return copysignf(r, x);
-}
-
-// One thread per block of 32 values: kernels::actq::quantize_scalar, then s = d·Σq.
-extern "C" __global__ void quantize(const float* x, i8* q, float* d, float* s, int* sum, int blocks) {
-    int b = blockIdx.x * blockDim.x + threadIdx.x;
-    if (b >= blocks) return;
-    const float* xb = x + (size_t)b * 32;
-    float amax = 0.0f;
-    for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
-    float sc = amax / 127.0f;
-    float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-    int total = 0;
-    for (int i = 0; i < 32; i++) {
-        float v = fminf(fmaxf(xb[i] * inv, -127.0f), 127.0f);
-        int qi = (int)round_half_away(v);
-        q[(size_t)b * 32 + i] = (i8)qi;
-        total += qi;
+    if (q) {
+        __syncthreads();
+        int nb = d / 32;
+        for (int b = threadIdx.x; b < nb; b += blockDim.x) quantize_block(out, q, qd, qs, qsum, (size_t)r * nb + b);
     }
-    d[b] = sc;
-    s[b] = sc * (float)total;
-    sum[b] = total;
 }
 
 #define RT 8
@@ -467,14 +477,28 @@ extern "C" __global__ void attention(const float* qkv, const u64* pool, const u3
 
 // g[r][i] = silu(gu[r][i]) · gu[r][ff + i], kernels::ops::silu_mul: e = exp(min(x, −x)),
 // s = 1/(1 + e), σ = e·s below 0 else s, (x·σ)·u.
-extern "C" __global__ void silu_mul(const float* gu, float* g, int ff, int total) {
-    int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= total) return;
-    int r = t / ff, i = t % ff;
-    float x = gu[(size_t)r * 2 * ff + i], u = gu[(size_t)r * 2 * ff + ff + i];
+__device__ __forceinline__ float silu_times(float x, float u) {
     float nx = 0.0f - x;
     float e = cpu_exp(x < nx ? x : nx);
     float s = 1.0f / (1.0f + e);
     float sig = x < 0.0f ? e * s : s;
-    g[t] = (x * sig) * u;
+    return (x * sig) * u;
+}
+
+extern "C" __global__ void silu_mul(const float* gu, float* g, int ff, int total) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= total) return;
+    int r = t / ff, i = t % ff;
+    g[t] = silu_times(gu[(size_t)r * 2 * ff + i], gu[(size_t)r * 2 * ff + ff + i]);
+}
+
+// The same, a thread per block of 32 outputs, quantized as they are made (ff a multiple of 32).
+extern "C" __global__ void silu_mul_q(const float* gu, float* g, int ff, int blocks, i8* q,
+                                      float* qd, float* qs, int* qsum) {
+    int b = blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= blocks) return;
+    int nb = ff / 32, r = b / nb, i0 = b % nb * 32;
+    for (int i = i0; i < i0 + 32; i++)
+        g[(size_t)r * ff + i] = silu_times(gu[(size_t)r * 2 * ff + i], gu[(size_t)r * 2 * ff + ff + i]);
+    quantize_block(g, q, qd, qs, qsum, b);
 }

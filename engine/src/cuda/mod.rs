@@ -34,7 +34,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 use pool::DevicePools;
 use std::sync::{Arc, Mutex};
-use weights::{DevActs, DevLinear};
+use weights::{DevActs, DevLinear, DevQActs};
 
 const SOURCE: &str = include_str!("kernels.cu");
 
@@ -76,6 +76,7 @@ struct Kernels {
     rope_store: CudaFunction,
     attention: CudaFunction,
     silu_mul: CudaFunction,
+    silu_mul_q: CudaFunction,
 }
 
 /// The device, its stream and kernels.
@@ -117,6 +118,24 @@ pub struct CudaModel {
     layers: Vec<Layer>,
     /// The device copies of the host pools this model computes in, and which blocks they hold.
     pools: Mutex<DevicePools>,
+    /// Where forward calls' time went since [`Backend::profile`] last read it.
+    phases: Mutex<Phases>,
+}
+
+/// Milliseconds of forward calls by phase.
+#[derive(Default)]
+struct Phases {
+    calls: u64,
+    /// Host: laying out rows, uploading stale blocks and the rows' arrays.
+    prep: f64,
+    /// Host: queueing the kernels.
+    launch: f64,
+    /// Device: from the first kernel to the logits (CUDA events).
+    device: f64,
+    /// Host: waiting for the device and the copies back.
+    wait: f64,
+    /// Host: the new K/V into the host pools, layer hooks.
+    write_back: f64,
 }
 
 impl CudaModel {
@@ -216,6 +235,7 @@ impl CudaModel {
             output_norm,
             layers,
             pools: Mutex::new(DevicePools::default()),
+            phases: Mutex::new(Phases::default()),
             gpu,
         })
     }
@@ -256,6 +276,7 @@ fn compile(ctx: &Arc<CudaContext>, head_dim: usize, kv: KvDtype) -> Result<Kerne
         rope_store: f("rope_store")?,
         attention: f("attention")?,
         silu_mul: f("silu_mul")?,
+        silu_mul_q: f("silu_mul_q")?,
     })
 }
 
@@ -302,6 +323,19 @@ impl Backend for CudaModel {
         let mut pools = self.pools.lock().expect("device pools poisoned");
         self.forward_locked(&mut pools, items, layer_done)
     }
+    fn profile(&self) -> Option<String> {
+        let p = std::mem::take(&mut *self.phases.lock().expect("phases poisoned"));
+        let n = p.calls.max(1) as f64;
+        Some(format!(
+            "{} calls, ms per call: host prep {:.3}, kernel launches {:.3}, device {:.3}, wait {:.3}, copy-back {:.3}",
+            p.calls,
+            p.prep / n,
+            p.launch / n,
+            p.device / n,
+            p.wait / n,
+            p.write_back / n
+        ))
+    }
 }
 
 /// What a forward call's rows need on the device, built on the host.
@@ -331,6 +365,7 @@ impl CudaModel {
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
+        let t0 = std::time::Instant::now();
         for it in items.iter_mut() {
             if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
                 return Err(EngineError::BadToken(t));
@@ -361,6 +396,9 @@ impl CudaModel {
         let ctxs = gpu.upload(&rows.ctx)?;
         let table = gpu.upload(&rows.table)?;
         let cs = gpu.upload(&rows.cs)?;
+        let t1 = std::time::Instant::now();
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let ev0 = gpu.stream.record_event(timing).map_err(dev)?;
         let qkv_w = d + 2 * kvd;
         // Every scratch buffer below is fully written by a kernel before it is read.
         let mut x = gpu.scratch::<f32>(r * d)?;
@@ -422,23 +460,52 @@ impl CudaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let null = 0u64;
         let max_ctx = rows.ctx.iter().copied().max().unwrap_or(1) as usize;
-        let row_cfg = LaunchConfig {
-            grid_dim: (r as u32, 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+        // The quantized copy of activations a matrix reads, made by the kernel that writes them.
+        let quantized_for = |w: &DevLinear, rows: usize, k: usize| -> Result<Option<DevQActs>> {
+            if w.wants_quantized() && k.is_multiple_of(32) {
+                DevQActs::alloc(gpu, rows, k).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        // RMSNorm of `rows` rows (of `x`, or its rows `src`), quantizing into `q` when given.
+        let norm = |x: &CudaSlice<f32>,
+                    src: Option<&CudaSlice<u32>>,
+                    w: &CudaSlice<f32>,
+                    out: &mut CudaSlice<f32>,
+                    rows: usize,
+                    q: Option<&mut DevQActs>|
+         -> Result<()> {
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = s.launch_builder(&gpu.k.rms_norm);
+            b.arg(x);
+            match src {
+                Some(src) => b.arg(src),
+                None => b.arg(&null),
+            };
+            b.arg(w).arg(out).arg(&di).arg(&eps);
+            match q {
+                Some(q) => b.arg(&mut q.q).arg(&mut q.d).arg(&mut q.s).arg(&mut q.sum),
+                None => b.arg(&null).arg(&null).arg(&null).arg(&null),
+            };
+            launch(&mut b, cfg)
         };
         for (li, l) in self.layers.iter().enumerate() {
             let lii = li as i32;
-            let mut b = s.launch_builder(&gpu.k.rms_norm);
-            b.arg(&x)
-                .arg(&null)
-                .arg(&l.attn_norm)
-                .arg(&mut h)
-                .arg(&di)
-                .arg(&eps);
-            launch(&mut b, row_cfg)?;
-            l.wqkv
-                .forward(gpu, &mut DevActs::new(&h, r, d), &mut qkv, qkv_w, 0, false)?;
+            let mut hq = quantized_for(&l.wqkv, r, d)?;
+            norm(&x, None, &l.attn_norm, &mut h, r, hq.as_mut())?;
+            l.wqkv.forward(
+                gpu,
+                &mut DevActs::quantized_by_producer(&h, r, d, hq),
+                &mut qkv,
+                qkv_w,
+                0,
+                false,
+            )?;
             {
                 let mut st = staged.slice_mut(li * r * row_bytes..(li + 1) * r * row_bytes);
                 let work = d / 2 + kvd / 2 + kvd;
@@ -480,22 +547,40 @@ impl CudaModel {
                 launch(&mut b, cfg)?;
             }
             l.wo.forward(gpu, &mut DevActs::new(&att, r, d), &mut x, d, 0, true)?;
-            let mut b = s.launch_builder(&gpu.k.rms_norm);
-            b.arg(&x)
-                .arg(&null)
-                .arg(&l.ffn_norm)
-                .arg(&mut h)
-                .arg(&di)
-                .arg(&eps);
-            launch(&mut b, row_cfg)?;
-            l.w_gate_up
-                .forward(gpu, &mut DevActs::new(&h, r, d), &mut gu, 2 * ff, 0, false)?;
-            let total = (r * ff) as i32;
-            let mut b = s.launch_builder(&gpu.k.silu_mul);
-            b.arg(&gu).arg(&mut g).arg(&ffi).arg(&total);
-            launch(&mut b, grid(r * ff, 256))?;
-            l.w_down
-                .forward(gpu, &mut DevActs::new(&g, r, ff), &mut x, d, 0, true)?;
+            let mut hq = quantized_for(&l.w_gate_up, r, d)?;
+            norm(&x, None, &l.ffn_norm, &mut h, r, hq.as_mut())?;
+            l.w_gate_up.forward(
+                gpu,
+                &mut DevActs::quantized_by_producer(&h, r, d, hq),
+                &mut gu,
+                2 * ff,
+                0,
+                false,
+            )?;
+            let mut gq = quantized_for(&l.w_down, r, ff)?;
+            match gq.as_mut() {
+                Some(q) => {
+                    let blocks = (r * ff / 32) as i32;
+                    let mut b = s.launch_builder(&gpu.k.silu_mul_q);
+                    b.arg(&gu).arg(&mut g).arg(&ffi).arg(&blocks);
+                    b.arg(&mut q.q).arg(&mut q.d).arg(&mut q.s).arg(&mut q.sum);
+                    launch(&mut b, grid(r * ff / 32, 128))?;
+                }
+                None => {
+                    let total = (r * ff) as i32;
+                    let mut b = s.launch_builder(&gpu.k.silu_mul);
+                    b.arg(&gu).arg(&mut g).arg(&ffi).arg(&total);
+                    launch(&mut b, grid(r * ff, 256))?;
+                }
+            }
+            l.w_down.forward(
+                gpu,
+                &mut DevActs::quantized_by_producer(&g, r, ff, gq),
+                &mut x,
+                d,
+                0,
+                true,
+            )?;
         }
 
         // Logits of the rows each item asked for.
@@ -516,29 +601,33 @@ impl CudaModel {
         let m = picked.len();
         let vocab = c.vocab_size;
         let mut logits = vec![0f32; m * vocab];
+        let mut logits_dev = None;
         if m > 0 {
             let src = gpu.upload(&picked)?;
             let mut hn = gpu.scratch::<f32>(m * d)?;
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, 1, 1),
-                ..row_cfg
-            };
-            let mut b = s.launch_builder(&gpu.k.rms_norm);
-            b.arg(&x)
-                .arg(&src)
-                .arg(&self.output_norm)
-                .arg(&mut hn)
-                .arg(&di)
-                .arg(&eps);
-            launch(&mut b, cfg)?;
-            let mut out = gpu.scratch::<f32>(m * vocab)?;
             let w_out = self.output.as_ref().unwrap_or(&self.token_embd);
-            w_out.forward(gpu, &mut DevActs::new(&hn, m, d), &mut out, vocab, 0, false)?;
-            s.memcpy_dtoh(&out, &mut logits).map_err(dev)?;
+            let mut hq = quantized_for(w_out, m, d)?;
+            norm(&x, Some(&src), &self.output_norm, &mut hn, m, hq.as_mut())?;
+            let mut out = gpu.scratch::<f32>(m * vocab)?;
+            w_out.forward(
+                gpu,
+                &mut DevActs::quantized_by_producer(&hn, m, d, hq),
+                &mut out,
+                vocab,
+                0,
+                false,
+            )?;
+            logits_dev = Some(out);
+        }
+        let ev1 = gpu.stream.record_event(timing).map_err(dev)?;
+        let t2 = std::time::Instant::now();
+        if let Some(out) = &logits_dev {
+            s.memcpy_dtoh(out, &mut logits).map_err(dev)?;
         }
         let mut kv_rows = vec![0u8; c.n_layers * r * row_bytes];
         s.memcpy_dtoh(&staged, &mut kv_rows).map_err(dev)?;
         s.synchronize().map_err(dev)?;
+        let t3 = std::time::Instant::now();
 
         // The new K/V, as stored, into the host pools, layer by layer (as the CPU forward
         // writes them): the prefix cache, KV transfers and the store read them there.
@@ -553,6 +642,16 @@ impl CudaModel {
         for it in items.iter_mut() {
             let n = it.tokens.len();
             it.seq.advance(n);
+        }
+        {
+            let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1e3;
+            let mut p = self.phases.lock().expect("phases poisoned");
+            p.calls += 1;
+            p.prep += ms(t0, t1);
+            p.launch += ms(t1, t2);
+            p.device += ev0.elapsed_ms(&ev1).map_err(dev)? as f64;
+            p.wait += ms(t2, t3);
+            p.write_back += ms(t3, std::time::Instant::now());
         }
         if wanted.len() == 1 {
             return Ok(vec![logits]);

@@ -172,6 +172,15 @@ impl DevLinear {
         }
     }
 
+    /// Whether any part reads quantized activations (the producer may quantize as it writes).
+    pub(super) fn wants_quantized(&self) -> bool {
+        match self {
+            DevLinear::Quant { .. } => true,
+            DevLinear::F32 { .. } => false,
+            DevLinear::Parts(ps) => ps.iter().any(DevLinear::wants_quantized),
+        }
+    }
+
     /// The embedding kernel's view: (format number, 3 for f32; the bytes).
     pub(super) fn embed_args(&self) -> Option<(i32, &CudaSlice<u8>)> {
         match self {
@@ -255,10 +264,10 @@ impl DevLinear {
 
 /// Activations quantized per block of 32 on the device (kernels::qmatmul's `QActs`).
 pub(super) struct DevQActs {
-    q: CudaSlice<i8>,
-    d: CudaSlice<f32>,
-    s: CudaSlice<f32>,
-    sum: CudaSlice<i32>,
+    pub q: CudaSlice<i8>,
+    pub d: CudaSlice<f32>,
+    pub s: CudaSlice<f32>,
+    pub sum: CudaSlice<i32>,
 }
 
 /// An activation matrix `[rows × k]` on the device, quantized on first use by a quantized
@@ -268,6 +277,20 @@ pub(super) struct DevActs<'a> {
     pub rows: usize,
     pub k: usize,
     q: Option<DevQActs>,
+}
+
+impl DevQActs {
+    /// Room for `rows × k` activations (`k` a multiple of 32), written by a quantizing kernel
+    /// before any read.
+    pub(super) fn alloc(gpu: &Gpu, rows: usize, k: usize) -> Result<DevQActs> {
+        let blocks = rows * k / 32;
+        Ok(DevQActs {
+            q: gpu.scratch::<i8>(blocks * 32)?,
+            d: gpu.scratch::<f32>(blocks)?,
+            s: gpu.scratch::<f32>(blocks)?,
+            sum: gpu.scratch::<i32>(blocks)?,
+        })
+    }
 }
 
 impl<'a> DevActs<'a> {
@@ -280,19 +303,20 @@ impl<'a> DevActs<'a> {
         }
     }
 
+    /// Activations whose kernel also quantized them into `q`.
+    pub(super) fn quantized_by_producer(
+        x: &'a CudaSlice<f32>,
+        rows: usize,
+        k: usize,
+        q: Option<DevQActs>,
+    ) -> DevActs<'a> {
+        DevActs { x, rows, k, q }
+    }
+
     fn quantized(&mut self, gpu: &Gpu) -> Result<&DevQActs> {
         if self.q.is_none() {
             let blocks = self.rows * self.k / 32;
-            // SAFETY: every element is written by the kernel below before any read.
-            let q = unsafe {
-                DevQActs {
-                    q: gpu.stream.alloc::<i8>(blocks * 32).map_err(dev)?,
-                    d: gpu.stream.alloc::<f32>(blocks).map_err(dev)?,
-                    s: gpu.stream.alloc::<f32>(blocks).map_err(dev)?,
-                    sum: gpu.stream.alloc::<i32>(blocks).map_err(dev)?,
-                }
-            };
-            let mut qa = q;
+            let mut qa = DevQActs::alloc(gpu, self.rows, self.k)?;
             let nb = blocks as i32;
             let mut b = gpu.stream.launch_builder(&gpu.k.quantize);
             b.arg(self.x)

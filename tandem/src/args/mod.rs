@@ -471,6 +471,7 @@ mod tests {
             served_model_name: Some("m".into()),
             precision: engine::Precision::Int8,
             kv_cache_dtype: engine::KvDtype::F32,
+            device: engine::Device::Cuda,
         }
     }
 
