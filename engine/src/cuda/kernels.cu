@@ -409,11 +409,11 @@ __device__ __forceinline__ float cpu_exp(float x) {
 // z = the 16-lane sums of e (lane p mod 16, in order), halving tree; out[d] = (Σ_p fmaf(e[p],
 // v[p][d]) in order) · (1/z). Positions in parallel for the scores, dimensions for the sums.
 // `table` holds every sequence's block ids (the row's start at tab[r]); ctx[r] positions are
-// visible. Dynamic shared memory: one float per visible position.
+// visible. Dynamic shared memory: a float per position and a block id per block of `max_ctx`.
 extern "C" __global__ void attention(const float* qkv, const u64* pool, const u32* table,
                                      const u32* tab, const u32* ctx, float* out, int n_heads,
                                      int n_kv_heads, int layer, int n_layers, int plane, int bs,
-                                     float scale) {
+                                     float scale, int max_ctx) {
     extern __shared__ float e[];
     __shared__ float red[32];
     __shared__ float lanes[16];
@@ -427,6 +427,9 @@ extern "C" __global__ void attention(const float* qkv, const u64* pool, const u3
     const kv_t* base = (const kv_t*)pool[r];
     const u32* blocks = table + tab[r];
     int n = ctx[r];
+    // The row's block ids, after the scores (dynamic shared memory: e[max_ctx], then ids).
+    u32* sblk = (u32*)(e + max_ctx);
+    for (int i = tid; i < (n + bs - 1) / bs; i += nt) sblk[i] = blocks[i];
     float mx = NEG_INF;
     for (int t = tid; t < n; t += nt) {
         size_t blk = blocks[t / bs], p = t % bs;
@@ -464,12 +467,24 @@ extern "C" __global__ void attention(const float* qkv, const u64* pool, const u3
     __syncthreads();
     float inv = red[1];
     for (int i = tid; i < HD; i += nt) {
-        const size_t vbase = (size_t)kvh * HD + i;
+        const kv_t* vb = base + (size_t)kvh * HD + i;
         float acc = 0.0f;
-        for (int t = 0; t < n; t++) {
-            size_t blk = blocks[t / bs], p = t % bs;
-            const kv_t* vp = base + ((blk * n_layers + layer) * 2 + 1) * (size_t)plane + p * kvd + vbase;
-            acc = fmaf(e[t], kv_load(vp), acc);
+        int t = 0;
+        // Eight positions' values loaded together (independent loads overlap), then summed in
+        // order: the same fmaf chain as one at a time.
+        for (; t + 8 <= n; t += 8) {
+            float vv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                size_t blk = sblk[(t + u) / bs], p = (t + u) % bs;
+                vv[u] = kv_load(vb + ((blk * n_layers + layer) * 2 + 1) * (size_t)plane + p * kvd);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) acc = fmaf(e[t + u], vv[u], acc);
+        }
+        for (; t < n; t++) {
+            size_t blk = sblk[t / bs], p = t % bs;
+            acc = fmaf(e[t], kv_load(vb + ((blk * n_layers + layer) * 2 + 1) * (size_t)plane + p * kvd), acc);
         }
         out[(size_t)r * d + h * HD + i] = acc * inv;
     }

@@ -163,8 +163,8 @@ impl CudaModel {
         let ctx = CudaContext::new(0).map_err(dev)?;
         let stream = ctx.default_stream();
         let k = compile(&ctx, cfg.head_dim, kv_dtype)?;
-        // Attention keeps one float per visible position in shared memory.
-        let shared = (cfg.n_ctx * 4) as i32;
+        // Attention keeps a float per visible position and a block id per block in shared memory.
+        let shared = (cfg.n_ctx * 4 + cfg.n_ctx.div_ceil(crate::kv::BLOCK_SIZE) * 4) as i32;
         if shared > 48 << 10 {
             k.attention
                 .set_attribute(
@@ -460,6 +460,7 @@ impl CudaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let null = 0u64;
         let max_ctx = rows.ctx.iter().copied().max().unwrap_or(1) as usize;
+        let max_ctx_i = max_ctx as i32;
         // The quantized copy of activations a matrix reads, made by the kernel that writes them.
         let quantized_for = |w: &DevLinear, rows: usize, k: usize| -> Result<Option<DevQActs>> {
             if w.wants_quantized() && k.is_multiple_of(32) {
@@ -528,7 +529,8 @@ impl CudaModel {
                 let cfg = LaunchConfig {
                     grid_dim: (r as u32, c.n_heads as u32, 1),
                     block_dim: (128, 1, 1),
-                    shared_mem_bytes: (max_ctx * 4) as u32,
+                    shared_mem_bytes: (max_ctx * 4 + max_ctx.div_ceil(layout.block_size) * 4)
+                        as u32,
                 };
                 let mut b = s.launch_builder(&gpu.k.attention);
                 b.arg(&qkv)
@@ -543,7 +545,8 @@ impl CudaModel {
                     .arg(&nl)
                     .arg(&plane)
                     .arg(&bs)
-                    .arg(&scale);
+                    .arg(&scale)
+                    .arg(&max_ctx_i);
                 launch(&mut b, cfg)?;
             }
             l.wo.forward(gpu, &mut DevActs::new(&att, r, d), &mut x, d, 0, true)?;

@@ -498,15 +498,22 @@ impl KvPool {
                 std::ptr::copy_nonoverlapping(x.as_ptr(), dst, x.len());
                 return;
             }
+            // K is stored transposed: one element at a time, as its type.
             for h in 0..heads {
                 for d in 0..hd {
-                    let i = if v {
-                        shape.v_index(pos, h, d)
+                    let (i, j) = (shape.k_index(pos, h, d), h * hd + d);
+                    if e == 2 {
+                        let bits = u16::from_le_bytes([x[2 * j], x[2 * j + 1]]);
+                        *base.cast::<u16>().add(i) = bits;
                     } else {
-                        shape.k_index(pos, h, d)
-                    };
-                    let src = x.as_ptr().add((h * hd + d) * e);
-                    std::ptr::copy_nonoverlapping(src, base.add(i * e), e);
+                        let bits = u32::from_le_bytes([
+                            x[4 * j],
+                            x[4 * j + 1],
+                            x[4 * j + 2],
+                            x[4 * j + 3],
+                        ]);
+                        *base.cast::<u32>().add(i) = bits;
+                    }
                 }
             }
         }
