@@ -6,11 +6,11 @@
 //! [`LlamaModel`] (weights in host memory, the SIMD kernels of the `kernels` crate, KV blocks
 //! in the host [`crate::KvPool`]).
 //!
-//! A CUDA backend (cudarc, behind a cargo feature; not built yet) would slot in as another
-//! implementation: upload the packed weights once, keep the KV pool's block storage in device
-//! memory — the allocator, block ids, reference counts and prefix hashes staying the host
-//! [`crate::KvPool`]'s, so block tables, the prefix cache and the KV transfer protocol do not
-//! change — and run the same batch-invariant arithmetic per row.
+//! The CUDA backend (`engine::cuda`, cargo feature `cuda`) is the other implementation: the
+//! weights uploaded once, a device copy of each KV pool's blocks — the allocator, block ids,
+//! reference counts and prefix hashes staying the host [`crate::KvPool`]'s, so block tables,
+//! the prefix cache and the KV transfer protocol do not change — and the CPU's batch-invariant
+//! arithmetic per row.
 
 use crate::config::LlamaConfig;
 use crate::error::Result;

@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`kv`]: the paged KV block pool and per-sequence block tables.
-//! - [`backend`]: the seam to the device that runs a model (the CPU one is [`LlamaModel`]).
+//! - [`backend`]: the seam to the device that runs a model (the CPU one is [`LlamaModel`]; the
+//!   CUDA one, feature `cuda`, is `cuda::CudaModel`).
 //! - [`model`]: weights and the batched forward pass; [`linear`]: a weight matrix at its
 //!   precision; [`weights`]: a GGUF's tensors dequantized.
 //! - [`sampler`]: choosing tokens; [`generation`]: a sequence's sampling state, shared by both
@@ -44,6 +45,21 @@ use error::ModelError;
 use gguf::GgufFile;
 use std::path::Path;
 use std::sync::Arc;
+
+/// Whether this binary and machine can run models on `device`: the CPU always; CUDA in a
+/// build with the `cuda` feature on a machine whose driver, NVRTC and GPU answer. The error
+/// says what is missing.
+pub fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => cuda::available().map(|_| ()).map_err(EngineError::Device),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(EngineError::Device(
+            "this binary was built without CUDA (cargo build --release --features cuda)".into(),
+        )),
+    }
+}
 
 /// How to load an engine.
 #[derive(Debug, Clone)]
@@ -110,9 +126,8 @@ impl Engine {
             Device::Cuda => Box::new(cuda::CudaModel::load(&g, cfg.precision, cfg.kv_dtype)?),
             #[cfg(not(feature = "cuda"))]
             Device::Cuda => {
-                return Err(EngineError::Device(
-                    "this binary was built without CUDA (cargo build --features cuda)".into(),
-                ));
+                check_device(Device::Cuda)?;
+                unreachable!("check_device refuses CUDA in a build without it")
             }
         };
         let layout = model.kv_layout(cfg.kv_dtype);

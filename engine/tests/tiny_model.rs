@@ -439,3 +439,18 @@ fn stacked_projections_equal_the_separate_ones_bit_for_bit() {
         assert_eq!(col, n);
     }
 }
+
+/// A build without the `cuda` feature refuses `--device cuda` with a reason.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_in_a_build_without_it_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &path).unwrap();
+    let cfg = engine::EngineConfig {
+        device: engine::Device::Cuda,
+        ..Default::default()
+    };
+    let err = engine::Engine::load(&path, &cfg).err().expect("refused");
+    assert!(err.to_string().contains("without CUDA"), "{err}");
+}

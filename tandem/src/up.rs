@@ -20,6 +20,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         !(args.colocated && args.store.kv_store),
         "--kv-store serves decode worker processes; --colocated runs none"
     );
+    // Every worker would fail the same way, and be restarted forever: say it once, now.
+    engine::check_device(args.model.device)?;
     if args.colocated {
         colocated(args)
     } else {

@@ -317,6 +317,7 @@ impl KvPool {
     ///
     /// # Safety
     /// The caller must hold the block, with no writer alive for the borrow's lifetime.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's
     pub(crate) unsafe fn block_raw(&self, b: BlockId) -> &[u8] {
         let off = self.plane_offset(b, 0, false);
         // SAFETY: the block lies in the mapping; exclusivity per the caller.
@@ -473,6 +474,7 @@ impl KvPool {
     ///
     /// # Safety
     /// The caller must hold the block exclusively for the duration of the call.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's
     unsafe fn write_position_raw(
         &self,
         block: BlockId,

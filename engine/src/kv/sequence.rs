@@ -199,6 +199,7 @@ impl KvSequence {
 
     /// [`write`](Self::write) of values already in the pool's format (f16 or f32, `kv_dim`
     /// of each, head by head): what a device that computed them copies back.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CUDA backend's
     pub(crate) fn write_raw(&mut self, layer: usize, pos: usize, k: &[u8], v: &[u8]) {
         let l = self.pool.layout;
         let b = self.blocks[pos / l.block_size];
