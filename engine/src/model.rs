@@ -159,20 +159,7 @@ impl LlamaModel {
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
-        // Validate and reserve before computing anything.
-        for it in items.iter_mut() {
-            if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::BadToken(t));
-            }
-            let total = it.seq.len() + it.tokens.len();
-            if total > c.n_ctx {
-                return Err(EngineError::ContextOverflow {
-                    len: total,
-                    max: c.n_ctx,
-                });
-            }
-            it.seq.reserve(total)?;
-        }
+        validate_and_reserve(c, items)?;
         // Row r belongs to item row_item[r] at position row_pos[r].
         let mut row_item = Vec::new();
         let mut row_pos = Vec::new();
@@ -293,6 +280,25 @@ impl LlamaModel {
         }
         Ok(out)
     }
+}
+
+/// Checks every item's tokens and context against the model and reserves its blocks, before a
+/// forward pass (on any backend) computes anything.
+pub(crate) fn validate_and_reserve(c: &LlamaConfig, items: &mut [ForwardItem<'_>]) -> Result<()> {
+    for it in items.iter_mut() {
+        if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::BadToken(t));
+        }
+        let total = it.seq.len() + it.tokens.len();
+        if total > c.n_ctx {
+            return Err(EngineError::ContextOverflow {
+                len: total,
+                max: c.n_ctx,
+            });
+        }
+        it.seq.reserve(total)?;
+    }
+    Ok(())
 }
 
 /// Query rows per attention task: with three query heads per KV head, 24 (row, head) scores

@@ -244,6 +244,24 @@ pub mod testing {
         }
     }
 
+    /// `n` prompts of tokens below `vocab`: the even ones a shared 40-token prefix and then
+    /// 1–60 tokens of their own, the odd ones only their own.
+    pub fn mixed_prompts(rng: &mut Rng, n: usize, vocab: u64) -> Vec<Vec<u32>> {
+        let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
+        (0..n)
+            .map(|i| {
+                let own: Vec<u32> = (0..1 + rng.next(60))
+                    .map(|_| rng.next(vocab) as u32)
+                    .collect();
+                if i % 2 == 0 {
+                    [shared.clone(), own].concat()
+                } else {
+                    own
+                }
+            })
+            .collect()
+    }
+
     /// Tokens and the bits of each chosen token's log-probability.
     pub type Trace = (Vec<u32>, Vec<u32>);
 

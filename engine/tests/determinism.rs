@@ -3,7 +3,9 @@
 //! greedy and sampled decoding, at every weight precision and KV storage type.
 
 use engine::request::GenerationParams;
-use engine::synthetic::testing::{Rng, Trace, generate_alone, generate_batched, mixed_params};
+use engine::synthetic::testing::{
+    Rng, Trace, generate_alone, generate_batched, mixed_params, mixed_prompts,
+};
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig, KvDtype, Precision};
 
@@ -41,19 +43,7 @@ fn tokens_and_logprobs_do_not_depend_on_batch_chunking_or_prefix_hits() {
         let (_d, e) = load(precision, kv);
         let vocab = e.model.config().vocab_size as u64 - 2;
         let mut rng = Rng(0x9e37_79b9 ^ precision as u64);
-        let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
-        let prompts: Vec<Vec<u32>> = (0..N_SEQ)
-            .map(|i| {
-                let own: Vec<u32> = (0..1 + rng.next(60))
-                    .map(|_| rng.next(vocab) as u32)
-                    .collect();
-                if i % 2 == 0 {
-                    [shared.clone(), own].concat()
-                } else {
-                    own
-                }
-            })
-            .collect();
+        let prompts = mixed_prompts(&mut rng, N_SEQ, vocab);
         let alone: Vec<Trace> = prompts
             .iter()
             .enumerate()

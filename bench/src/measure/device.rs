@@ -13,7 +13,9 @@
 //! `--device cpu` runs the same harness CPU against CPU (every figure must then be exact).
 
 use clap::Args;
-use engine::synthetic::testing::{Rng, generate_alone, generate_batched, mixed_params};
+use engine::synthetic::testing::{
+    Rng, generate_alone, generate_batched, mixed_params, mixed_prompts,
+};
 use engine::synthetic::{TinySpec, write};
 use engine::{Device, Engine, EngineConfig, KvDtype, LogitsWanted, Precision};
 use std::path::{Path, PathBuf};
@@ -79,19 +81,7 @@ fn logits_diff(a: &Engine, b: &Engine, prompt: &[u32]) -> anyhow::Result<(f32, u
 fn batch_invariance(e: &Engine, n_gen: usize) -> (usize, usize) {
     let vocab = e.model.config().vocab_size as u64 - 2;
     let mut rng = Rng(0x9e37_79b9);
-    let shared: Vec<u32> = (0..40).map(|_| rng.next(vocab) as u32).collect();
-    let prompts: Vec<Vec<u32>> = (0..32)
-        .map(|i| {
-            let own: Vec<u32> = (0..1 + rng.next(60))
-                .map(|_| rng.next(vocab) as u32)
-                .collect();
-            if i % 2 == 0 {
-                [shared.clone(), own].concat()
-            } else {
-                own
-            }
-        })
-        .collect();
+    let prompts = mixed_prompts(&mut rng, 32, vocab);
     let params = |i| mixed_params(i, n_gen, 1000);
     let alone: Vec<_> = prompts
         .iter()

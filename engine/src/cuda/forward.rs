@@ -46,19 +46,7 @@ impl CudaModel {
         let c = &self.cfg;
         let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
         let t0 = std::time::Instant::now();
-        for it in items.iter_mut() {
-            if let Some(&t) = it.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::BadToken(t));
-            }
-            let total = it.seq.len() + it.tokens.len();
-            if total > c.n_ctx {
-                return Err(EngineError::ContextOverflow {
-                    len: total,
-                    max: c.n_ctx,
-                });
-            }
-            it.seq.reserve(total)?;
-        }
+        crate::model::validate_and_reserve(c, items)?;
         let rows = self.rows(pools, items)?;
         let r = rows.item.len();
         if r == 0 {
@@ -105,34 +93,19 @@ impl CudaModel {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            match (&self.token_embd, self.token_embd.embed_args()) {
-                (_, Some((fmt, w))) => {
-                    let mut b = s.launch_builder(&gpu.k.embed);
-                    b.arg(w)
-                        .arg(&fmt)
-                        .arg(&tokens)
-                        .arg(&mut x)
-                        .arg(&ni)
-                        .arg(&ki);
-                    launch(&mut b, cfg)?;
-                }
-                (DevLinear::F32 { w, .. }, None) => {
-                    let fmt = 3i32;
-                    let mut b = s.launch_builder(&gpu.k.embed);
-                    b.arg(w)
-                        .arg(&fmt)
-                        .arg(&tokens)
-                        .arg(&mut x)
-                        .arg(&ni)
-                        .arg(&ki);
-                    launch(&mut b, cfg)?;
-                }
-                _ => {
-                    return Err(EngineError::Device(
-                        "token embeddings in mixed formats".into(),
-                    ));
-                }
-            }
+            let Some((fmt, w)) = self.token_embd.embed_args(&gpu.stream) else {
+                return Err(EngineError::Device(
+                    "token embeddings in mixed formats".into(),
+                ));
+            };
+            let mut b = s.launch_builder(&gpu.k.embed);
+            b.arg(&w)
+                .arg(&fmt)
+                .arg(&tokens)
+                .arg(&mut x)
+                .arg(&ni)
+                .arg(&ki);
+            launch(&mut b, cfg)?;
         }
         let (di, kvdi, ffi) = (d as i32, kvd as i32, ff as i32);
         let (nh, nkv) = (c.n_heads as i32, c.n_kv_heads as i32);

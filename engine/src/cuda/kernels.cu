@@ -119,6 +119,24 @@ extern "C" __global__ void rms_norm(const float* x, const u32* src, const float*
 
 #define RT 8
 
+// A block's 32 integer weights as 8 words of 4 bytes, in input order (Q4: nibbles 0…15, then
+// 16…31 — byte e holds inputs e, low, and 16 + e, high, as in ggml; Q8_0: the signed bytes).
+template <int FMT>
+__device__ __forceinline__ void block_weights(const u8* q, int wv[8]) {
+    if (FMT == 2) {
+        const uint4* p = (const uint4*)q;
+        uint4 lo = p[0], hi = p[1];
+        wv[0] = lo.x; wv[1] = lo.y; wv[2] = lo.z; wv[3] = lo.w;
+        wv[4] = hi.x; wv[5] = hi.y; wv[6] = hi.z; wv[7] = hi.w;
+    } else {
+        uint4 v = *(const uint4*)q;
+        wv[0] = v.x & 0x0F0F0F0F; wv[1] = v.y & 0x0F0F0F0F;
+        wv[2] = v.z & 0x0F0F0F0F; wv[3] = v.w & 0x0F0F0F0F;
+        wv[4] = (v.x >> 4) & 0x0F0F0F0F; wv[5] = (v.y >> 4) & 0x0F0F0F0F;
+        wv[6] = (v.z >> 4) & 0x0F0F0F0F; wv[7] = (v.w >> 4) & 0x0F0F0F0F;
+    }
+}
+
 // y[r, col0 + n] (+)= Σ_k x[r, k] · W[n, k] over blocks of 32, W in a GGML block format laid
 // out block-major ([block][n]: qs, then d, then m), x quantized per block. Thread n of the
 // grid's x, rows RT at a time in the grid's y. kernels::qmatmul's scalar definition exactly.
@@ -139,19 +157,7 @@ __device__ void mm_q(const u8* w, const i8* aq, const float* ad, const float* as
     for (int i = 0; i < RT; i++) acc[i] = 0.0f;
     for (int b = 0; b < nb; b++) {
         int wv[8];
-        if (FMT == 2) {
-            const uint4* p = (const uint4*)(qs + ((size_t)b * N + n) * 32);
-            uint4 lo = p[0], hi = p[1];
-            wv[0] = lo.x; wv[1] = lo.y; wv[2] = lo.z; wv[3] = lo.w;
-            wv[4] = hi.x; wv[5] = hi.y; wv[6] = hi.z; wv[7] = hi.w;
-        } else {
-            uint4 v = *(const uint4*)(qs + ((size_t)b * N + n) * 16);
-            // Byte e holds inputs e (low nibble) and 16 + e (high), as in ggml.
-            wv[0] = v.x & 0x0F0F0F0F; wv[1] = v.y & 0x0F0F0F0F;
-            wv[2] = v.z & 0x0F0F0F0F; wv[3] = v.w & 0x0F0F0F0F;
-            wv[4] = (v.x >> 4) & 0x0F0F0F0F; wv[5] = (v.y >> 4) & 0x0F0F0F0F;
-            wv[6] = (v.z >> 4) & 0x0F0F0F0F; wv[7] = (v.w >> 4) & 0x0F0F0F0F;
-        }
+        block_weights<FMT>(qs + ((size_t)b * N + n) * qbytes, wv);
         float dw = h2f(wd[(size_t)b * N + n]);
         float mw = FMT == 1 ? h2f(wm[(size_t)b * N + n]) : 0.0f;
 #pragma unroll
@@ -218,18 +224,7 @@ __device__ void mm_qw(const u8* w, const i8* aq, const float* ad, const float* a
         for (int i = 0; i < RT; i++) { t1[i] = 0.0f; t2[i] = 0.0f; t4[i] = 0.0f; }
         if (b < nb) {
             int wv[8];
-            if (FMT == 2) {
-                const uint4* p = (const uint4*)(qs + (size_t)b * 32);
-                uint4 lo = p[0], hi = p[1];
-                wv[0] = lo.x; wv[1] = lo.y; wv[2] = lo.z; wv[3] = lo.w;
-                wv[4] = hi.x; wv[5] = hi.y; wv[6] = hi.z; wv[7] = hi.w;
-            } else {
-                uint4 v = *(const uint4*)(qs + (size_t)b * 16);
-                wv[0] = v.x & 0x0F0F0F0F; wv[1] = v.y & 0x0F0F0F0F;
-                wv[2] = v.z & 0x0F0F0F0F; wv[3] = v.w & 0x0F0F0F0F;
-                wv[4] = (v.x >> 4) & 0x0F0F0F0F; wv[5] = (v.y >> 4) & 0x0F0F0F0F;
-                wv[6] = (v.z >> 4) & 0x0F0F0F0F; wv[7] = (v.w >> 4) & 0x0F0F0F0F;
-            }
+            block_weights<FMT>(qs + (size_t)b * qbytes, wv);
             float dw = h2f(wd[b]);
             mw = FMT == 1 ? h2f(wm[b]) : 0.0f;
 #pragma unroll

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
 use crate::linear::Precision;
 use crate::weights::TensorsF32;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
 /// Threads per block of the matmul kernels; rows per thread (the kernels' `RT`).
 const MM_THREADS: u32 = 64;
@@ -181,11 +181,13 @@ impl DevLinear {
         }
     }
 
-    /// The embedding kernel's view: (format number, 3 for f32; the bytes).
-    pub(super) fn embed_args(&self) -> Option<(i32, &CudaSlice<u8>)> {
+    /// The embedding kernel's view: the format's number (3 for f32) and the block-major (or
+    /// `[k][n]` f32) table's device address; `None` for stacked parts.
+    pub(super) fn embed_args(&self, stream: &CudaStream) -> Option<(i32, u64)> {
         match self {
-            DevLinear::Quant { fmt, w, .. } => Some((*fmt as i32, w)),
-            _ => None,
+            DevLinear::Quant { fmt, w, .. } => Some((*fmt as i32, w.device_ptr(stream).0)),
+            DevLinear::F32 { w, .. } => Some((3, w.device_ptr(stream).0)),
+            DevLinear::Parts(_) => None,
         }
     }
 
