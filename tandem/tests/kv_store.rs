@@ -208,7 +208,7 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
 async fn a_store_killed_under_load_costs_no_request() {
     let disk = tempfile::tempdir().unwrap();
     let (sp, dp, http) = (free_port(), free_port(), free_port());
-    let (store_proc, _) = store(disk.path(), sp).await;
+    let (store_proc, store_status) = store(disk.path(), sp).await;
     let _dec = decode(dp, sp);
     let _sched = spawn(
         &[
@@ -235,6 +235,15 @@ async fn a_store_killed_under_load_costs_no_request() {
         futures::future::join_all(calls).await
     };
     let first = round(api.clone(), prompts.clone()).await;
+    // The first round's blocks are written back after their requests end: wait until some
+    // have reached the disk tier, so the restart below has something to find (without this,
+    // a loaded machine could kill the store before any write-back landed).
+    until(
+        &format!("{store_status}/metrics"),
+        "spilled to disk",
+        |c, p| c == 200 && metric(p, "tandem_kv_store_blocks", "tier=\"disk\"") >= 1.0,
+    )
+    .await;
     // Under load: the store dies while the second round runs.
     let running = tokio::spawn(round(api.clone(), prompts.clone()));
     tokio::time::sleep(Duration::from_millis(20)).await;
