@@ -137,6 +137,18 @@ __device__ __forceinline__ void block_weights(const u8* q, int wv[8]) {
     }
 }
 
+// The exact integer sum Σ w·a of one block: the weights' 8 words against activation block ab
+// (Q4_0's stored nibbles exceed the weights by 8: 8·Σa is taken off).
+template <int FMT>
+__device__ __forceinline__ int block_isum(const int wv[8], const i8* aq, const int* asum, size_t ab) {
+    const int* a = (const int*)(aq + ab * 32);
+    int isum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) isum = __dp4a(wv[j], a[j], isum);
+    if (FMT == 0) isum -= 8 * asum[ab];
+    return isum;
+}
+
 // y[r, col0 + n] (+)= Σ_k x[r, k] · W[n, k] over blocks of 32, W in a GGML block format laid
 // out block-major ([block][n]: qs, then d, then m), x quantized per block. Thread n of the
 // grid's x, rows RT at a time in the grid's y. kernels::qmatmul's scalar definition exactly.
@@ -164,11 +176,7 @@ __device__ void mm_q(const u8* w, const i8* aq, const float* ad, const float* as
         for (int i = 0; i < RT; i++) {
             if (i < rows) {
                 size_t ab = (size_t)(r0 + i) * nb + b;
-                const int* a = (const int*)(aq + ab * 32);
-                int isum = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) isum = __dp4a(wv[j], a[j], isum);
-                if (FMT == 0) isum -= 8 * asum[ab];
+                int isum = block_isum<FMT>(wv, aq, asum, ab);
                 acc[i] = fmaf((float)isum, dw * ad[ab], acc[i]);
                 if (FMT == 1) acc[i] = fmaf(mw, as[ab], acc[i]);
             }
@@ -231,12 +239,7 @@ __device__ void mm_qw(const u8* w, const i8* aq, const float* ad, const float* a
             for (int i = 0; i < RT; i++) {
                 if (i < rows) {
                     size_t ab = (size_t)(r0 + i) * nb + b;
-                    const int* a = (const int*)(aq + ab * 32);
-                    int isum = 0;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) isum = __dp4a(wv[j], a[j], isum);
-                    if (FMT == 0) isum -= 8 * asum[ab];
-                    t1[i] = (float)isum;
+                    t1[i] = (float)block_isum<FMT>(wv, aq, asum, ab);
                     t2[i] = dw * ad[ab];
                     t4[i] = as[ab];
                 }
