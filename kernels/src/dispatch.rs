@@ -1,8 +1,15 @@
 //! Run-time CPU feature detection, done once and cached.
 //!
 //! Kernels are compiled for several levels with `#[target_feature]`; the binary itself is built
-//! for baseline x86-64, so it runs on any x86-64 CPU (and the scalar level anywhere).
-//! `TANDEM_SIMD=scalar|avx2|avx512` forces a level no higher than what the CPU has.
+//! for the baseline of its architecture (x86-64; AArch64, whose baseline includes NEON), so it
+//! runs on any CPU of it (and the scalar level anywhere). Each architecture has its own ladder:
+//! x86-64 `scalar < avx2 < avx512`, AArch64 `scalar < neon < dotprod`. `TANDEM_SIMD=<level>`
+//! forces a level no higher than what the CPU has (a level of the other architecture, or one
+//! this CPU lacks, falls to the highest this CPU has below it).
+//!
+//! A feature flag is never trusted alone: on AArch64 the flag comes from the kernel's HWCAP
+//! (what the kernel enabled, not a raw ID register), and the `sdot` level is still used only
+//! after one `sdot` has run here and given the right sums.
 
 use std::sync::OnceLock;
 
@@ -15,7 +22,20 @@ pub enum SimdLevel {
     Avx2,
     /// AVX-512 F/BW/VL + VNNI.
     Avx512,
+    /// AArch64 Advanced SIMD (every AArch64 CPU): widening `smull` + pairwise adds.
+    Neon,
+    /// AArch64 with the dot-product extension (`sdot`: four 8-bit products per 32-bit lane).
+    Dotprod,
 }
+
+/// The ladder of this build's architecture, lowest first.
+const LADDER: &[SimdLevel] = if cfg!(target_arch = "x86_64") {
+    &[SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+} else if cfg!(target_arch = "aarch64") {
+    &[SimdLevel::Scalar, SimdLevel::Neon, SimdLevel::Dotprod]
+} else {
+    &[SimdLevel::Scalar]
+};
 
 impl SimdLevel {
     /// The highest level this CPU supports.
@@ -36,16 +56,29 @@ impl SimdLevel {
                 return SimdLevel::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("dotprod") && sdot_works() {
+                return SimdLevel::Dotprod;
+            }
+            return SimdLevel::Neon;
+        }
+        #[allow(unreachable_code)]
         SimdLevel::Scalar
     }
 
     /// Every level this CPU can run, lowest first (tests run them all).
     pub fn available() -> Vec<SimdLevel> {
         let top = SimdLevel::detect();
-        [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+        LADDER.iter().copied().filter(|l| *l <= top).collect()
+    }
+
+    /// `want` if this CPU has it, else the highest level it has below `want`.
+    pub fn at_most(want: SimdLevel) -> SimdLevel {
+        SimdLevel::available()
             .into_iter()
-            .filter(|l| *l <= top)
-            .collect()
+            .rfind(|l| *l <= want)
+            .unwrap_or(SimdLevel::Scalar)
     }
 
     /// Parses `scalar`, `avx2` or `avx512`.
@@ -54,6 +87,8 @@ impl SimdLevel {
             "scalar" => Some(SimdLevel::Scalar),
             "avx2" => Some(SimdLevel::Avx2),
             "avx512" | "avx512vnni" => Some(SimdLevel::Avx512),
+            "neon" => Some(SimdLevel::Neon),
+            "dotprod" | "sdot" => Some(SimdLevel::Dotprod),
             _ => None,
         }
     }
@@ -63,6 +98,8 @@ impl SimdLevel {
             SimdLevel::Scalar => "scalar",
             SimdLevel::Avx2 => "avx2",
             SimdLevel::Avx512 => "avx512",
+            SimdLevel::Neon => "neon",
+            SimdLevel::Dotprod => "dotprod",
         }
     }
 }
@@ -76,10 +113,38 @@ pub fn level() -> SimdLevel {
             .ok()
             .and_then(|s| SimdLevel::parse(&s))
         {
-            Some(forced) => forced.min(top),
+            Some(forced) => SimdLevel::at_most(forced),
             None => top,
         }
     })
+}
+
+/// Runs one `sdot` on known operands and checks its sum (the feature flag alone is not proof).
+#[cfg(target_arch = "aarch64")]
+fn sdot_works() -> bool {
+    use std::arch::aarch64::*;
+    #[target_feature(enable = "dotprod")]
+    unsafe fn probe() -> [i32; 4] {
+        let a: [i8; 16] = std::array::from_fn(|i| i as i8 - 7);
+        let b: [i8; 16] = std::array::from_fn(|i| 3 * i as i8 - 20);
+        let mut out = [0i32; 4];
+        // SAFETY: arrays of 16 bytes / 4 lanes; the caller checked the feature flag.
+        unsafe {
+            let acc = crate::simd::sdot(vdupq_n_s32(5), vld1q_s8(a.as_ptr()), vld1q_s8(b.as_ptr()));
+            vst1q_s32(out.as_mut_ptr(), acc);
+        }
+        out
+    }
+    let want: [i32; 4] = std::array::from_fn(|l| {
+        5 + (0..4)
+            .map(|e| (4 * l + e) as i32 - 7)
+            .zip((0..4).map(|e| 3 * (4 * l + e) as i32 - 20))
+            .map(|(x, y)| x * y)
+            .sum::<i32>()
+    });
+    // SAFETY: only reached when the kernel reports dotprod enabled (HWCAP); an emulator or CPU
+    // that then computes wrong sums is caught here.
+    unsafe { probe() == want }
 }
 
 #[cfg(test)]
@@ -89,6 +154,11 @@ mod tests {
     #[test]
     fn levels_are_ordered_and_parse() {
         assert!(SimdLevel::Scalar < SimdLevel::Avx2 && SimdLevel::Avx2 < SimdLevel::Avx512);
+        assert!(SimdLevel::Scalar < SimdLevel::Neon && SimdLevel::Neon < SimdLevel::Dotprod);
+        assert!(LADDER.windows(2).all(|w| w[0] < w[1]));
+        assert!(SimdLevel::available().iter().all(|l| LADDER.contains(l)));
+        assert_eq!(SimdLevel::at_most(SimdLevel::detect()), SimdLevel::detect());
+        assert_eq!(SimdLevel::at_most(SimdLevel::Scalar), SimdLevel::Scalar);
         for l in SimdLevel::available() {
             assert_eq!(SimdLevel::parse(l.name()), Some(l));
         }

@@ -26,7 +26,8 @@ pub fn dot_at(lvl: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
             unsafe { x86::dot_avx2(a, b) }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon | SimdLevel::Dotprod => arm::dot_neon(a, b),
         _ => dot_scalar(a, b),
     }
 }
@@ -44,7 +45,8 @@ pub fn dot4_at(lvl: SimdLevel, w: &[f32], xs: [&[f32]; 4]) -> [f32; 4] {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
             unsafe { x86::dot4_avx2(w, xs) }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon | SimdLevel::Dotprod => arm::dot4_neon(w, xs),
         _ => xs.map(|x| dot_scalar(w, x)),
     }
 }
@@ -161,6 +163,63 @@ pub(crate) mod x86 {
             out[r] = s;
         }
         out
+    }
+}
+
+/// NEON: the AVX2 kernel's arithmetic (16 fused lanes, the same tree, a fused tail) in four
+/// 128-bit registers, so an AArch64 build's f32 path gives the AVX2 build's bits.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod arm {
+    use super::{LANES, reduce16};
+    use std::arch::aarch64::*;
+
+    #[inline(always)]
+    fn lanes(acc: [float32x4_t; 4]) -> [f32; LANES] {
+        let mut out = [0f32; LANES];
+        for (q, v) in acc.into_iter().enumerate() {
+            // SAFETY: `out` holds 16 f32s.
+            unsafe { vst1q_f32(out.as_mut_ptr().add(4 * q), v) };
+        }
+        out
+    }
+
+    pub fn dot_neon(a: &[f32], b: &[f32]) -> f32 {
+        dot4_like(a, [b])[0]
+    }
+
+    pub fn dot4_neon(w: &[f32], xs: [&[f32]; 4]) -> [f32; 4] {
+        dot4_like(w, xs)
+    }
+
+    /// `R` dot products of `w` against `xs` (equal lengths, checked by the callers).
+    #[inline(always)]
+    fn dot4_like<const R: usize>(w: &[f32], xs: [&[f32]; R]) -> [f32; R] {
+        let n = w.len();
+        let full = n / LANES * LANES;
+        let pw = w.as_ptr();
+        let px = xs.map(|x| x.as_ptr());
+        // SAFETY: NEON is baseline on AArch64.
+        let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 4]; R];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 16 <= full <= len of every slice.
+            unsafe {
+                let wv: [float32x4_t; 4] = std::array::from_fn(|q| vld1q_f32(pw.add(i + 4 * q)));
+                for r in 0..R {
+                    for q in 0..4 {
+                        acc[r][q] = vfmaq_f32(acc[r][q], wv[q], vld1q_f32(px[r].add(i + 4 * q)));
+                    }
+                }
+            }
+            i += LANES;
+        }
+        std::array::from_fn(|r| {
+            let mut s = reduce16(&lanes(acc[r]));
+            for j in full..n {
+                s = w[j].mul_add(xs[r][j], s);
+            }
+            s
+        })
     }
 }
 

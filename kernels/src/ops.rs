@@ -67,6 +67,10 @@ pub fn silu_mul_at(lvl: SimdLevel, gate: &mut [f32], up: &[f32]) {
             SimdLevel::Avx512 => silu_avx512(&mut gate[..full], &up[..full]),
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx2 => silu_avx2(&mut gate[..full], &up[..full]),
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon | SimdLevel::Dotprod => {
+                silu_v::<crate::simd::Neon16>(&mut gate[..full], &up[..full])
+            }
             _ => silu_v::<Scalar16>(&mut gate[..full], &up[..full]),
         }
         // The tail, padded to one vector.

@@ -24,6 +24,7 @@ unsafe impl Send for Out {}
 impl Out {
     /// Lanes of panel `p` that are real columns (the last panel may be partial), as a mask.
     #[inline(always)]
+    #[cfg(target_arch = "x86_64")]
     pub(crate) fn mask(&self, p: usize) -> u16 {
         let left = self.n - p * PANEL;
         if left >= PANEL {

@@ -1,6 +1,6 @@
 //! A 16-lane f32 vector with one implementation per level, so a kernel written once over
 //! [`V16`] runs the same arithmetic — bit for bit — as plain scalar code, on AVX2 (two 256-bit
-//! halves) and on AVX-512 (one register).
+//! halves), on AVX-512 (one register) and on AArch64 NEON (four 128-bit registers).
 //!
 //! Every operation is exact or correctly rounded in the same way at every level: loads and
 //! conversions from f16 and i8 are exact, `fma` is fused everywhere (the scalar level uses
@@ -397,6 +397,209 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+pub(crate) use arm::{GroupSums, Neon16, sdot};
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::V16;
+    use std::arch::aarch64::*;
+
+    /// `acc + Σ` of each lane's four byte products (`sdot`, FEAT_DotProd), through inline
+    /// assembly: the intrinsic is not stable Rust.
+    ///
+    /// # Safety
+    /// The CPU must have FEAT_DotProd.
+    #[inline(always)]
+    pub(crate) unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: a register-only instruction; the caller guarantees the feature.
+        unsafe {
+            std::arch::asm!(
+                ".arch_extension dotprod",
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// The exact integer sums of one group, four channels per register, for `R` rows.
+    pub(crate) struct GroupSums<const R: usize> {
+        /// With `sdot`: the channel sums. Without: pair sums, channels `4q, 4q+1` (`lo`) and
+        /// `4q+2, 4q+3` (`hi`), folded by [`GroupSums::finish`].
+        lo: [[int32x4_t; 4]; R],
+        hi: [[int32x4_t; 4]; R],
+    }
+
+    impl<const R: usize> GroupSums<R> {
+        #[inline(always)]
+        pub(crate) unsafe fn new() -> Self {
+            // SAFETY: NEON is baseline.
+            let z = unsafe { vdupq_n_s32(0) };
+            GroupSums {
+                lo: [[z; 4]; R],
+                hi: [[z; 4]; R],
+            }
+        }
+
+        /// Adds row `r`'s products of one line (`wv`: 4 registers of signed weights) with the
+        /// four activation bytes `a` (broadcast to every lane).
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)] // four registers, indexed alike
+        pub(crate) unsafe fn mac<const DOT: bool>(
+            &mut self,
+            r: usize,
+            wv: &[int8x16_t; 4],
+            a: int8x16_t,
+        ) {
+            // SAFETY: with DOT the caller runs under FEAT_DotProd; the rest is baseline.
+            unsafe {
+                for q in 0..4 {
+                    if DOT {
+                        self.lo[r][q] = sdot(self.lo[r][q], wv[q], a);
+                    } else {
+                        let l = vmull_s8(vget_low_s8(wv[q]), vget_low_s8(a));
+                        let h = vmull_high_s8(wv[q], a);
+                        self.lo[r][q] = vpadalq_s16(self.lo[r][q], l);
+                        self.hi[r][q] = vpadalq_s16(self.hi[r][q], h);
+                    }
+                }
+            }
+        }
+
+        /// Row `r`'s channel sums, four per register.
+        #[inline(always)]
+        pub(crate) unsafe fn finish<const DOT: bool>(&self, r: usize) -> [int32x4_t; 4] {
+            // SAFETY: baseline NEON.
+            std::array::from_fn(|q| {
+                if DOT {
+                    self.lo[r][q]
+                } else {
+                    unsafe { vpaddq_s32(self.lo[r][q], self.hi[r][q]) }
+                }
+            })
+        }
+    }
+
+    /// NEON: four 128-bit registers (lanes 0–3, 4–7, 8–11, 12–15). `max`/`min`/`select` are
+    /// built from compares and bit selects so that they pick the same operand as x86's
+    /// `maxps`/`minps` (and the scalar level) on ties of ±0, where `fmax` would not.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Neon16([float32x4_t; 4]);
+
+    impl Neon16 {
+        #[inline(always)]
+        fn map2(a: Self, b: Self, f: impl Fn(float32x4_t, float32x4_t) -> float32x4_t) -> Self {
+            Neon16(std::array::from_fn(|q| f(a.0[q], b.0[q])))
+        }
+    }
+
+    // SAFETY (every method below): NEON is part of the AArch64 baseline; callers guarantee
+    // valid pointers.
+    impl V16 for Neon16 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            unsafe { Neon16([vdupq_n_f32(0.0); 4]) }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            unsafe { Neon16([vdupq_n_f32(x); 4]) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Neon16(std::array::from_fn(|q| unsafe { vld1q_f32(p.add(4 * q)) }))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            // fcvtl: every half is exactly a single (subnormals included).
+            Neon16(std::array::from_fn(|q| unsafe {
+                vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.add(4 * q))))
+            }))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self {
+            unsafe {
+                let b = vld1q_s8(p);
+                let (lo, hi) = (vmovl_s8(vget_low_s8(b)), vmovl_s8(vget_high_s8(b)));
+                Neon16([
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))),
+                    vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))),
+                    vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))),
+                    vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))),
+                ])
+            }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            for q in 0..4 {
+                unsafe { vst1q_f32(p.add(4 * q), self.0[q]) };
+            }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            Neon16(std::array::from_fn(|q| unsafe {
+                vfmaq_f32(c.0[q], a.0[q], b.0[q])
+            }))
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vmulq_f32(x, y) })
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vaddq_f32(x, y) })
+        }
+        #[inline(always)]
+        unsafe fn sub(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vsubq_f32(x, y) })
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vbslq_f32(vcgtq_f32(x, y), x, y) })
+        }
+        #[inline(always)]
+        unsafe fn min(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vbslq_f32(vcltq_f32(x, y), x, y) })
+        }
+        #[inline(always)]
+        unsafe fn div(a: Self, b: Self) -> Self {
+            Self::map2(a, b, |x, y| unsafe { vdivq_f32(x, y) })
+        }
+        #[inline(always)]
+        unsafe fn select_neg(c: Self, a: Self, b: Self) -> Self {
+            Neon16(std::array::from_fn(|q| unsafe {
+                vbslq_f32(vcltq_f32(c.0[q], vdupq_n_f32(0.0)), a.0[q], b.0[q])
+            }))
+        }
+        #[inline(always)]
+        unsafe fn first(self, n: usize, fill: f32) -> Self {
+            let n = n.min(16) as u32;
+            Neon16(std::array::from_fn(|q| unsafe {
+                let idx = vaddq_u32(
+                    vld1q_u32([0u32, 1, 2, 3].as_ptr()),
+                    vdupq_n_u32(4 * q as u32),
+                );
+                vbslq_f32(vcltq_u32(idx, vdupq_n_u32(n)), self.0[q], vdupq_n_f32(fill))
+            }))
+        }
+        #[inline(always)]
+        unsafe fn ldexp(self, n: Self) -> Self {
+            Neon16(std::array::from_fn(|q| unsafe {
+                let e = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n.0[q]), vdupq_n_s32(127)));
+                vmulq_f32(self.0[q], vreinterpretq_f32_s32(e))
+            }))
+        }
+        #[inline(always)]
+        unsafe fn reduce_max(self) -> f32 {
+            unsafe { V16::reduce_max(super::Scalar16(self.to_array())) }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,6 +613,8 @@ mod tests {
                 SimdLevel::Avx512 => exp512(xs),
                 #[cfg(target_arch = "x86_64")]
                 SimdLevel::Avx2 => exp256(xs),
+                #[cfg(target_arch = "aarch64")]
+                SimdLevel::Neon | SimdLevel::Dotprod => exp(Neon16::load(xs.as_ptr())).to_array(),
                 _ => exp(Scalar16::load(xs.as_ptr())).to_array(),
             }
         }
@@ -454,6 +659,100 @@ mod tests {
             for lvl in SimdLevel::available() {
                 let got = exp_at(lvl, &c);
                 assert_eq!(got.map(f32::to_bits), want.map(f32::to_bits), "{lvl:?}");
+            }
+        }
+    }
+
+    /// Every operation of a level on one set of inputs, as bits (f16 and i8 loads included).
+    #[inline(always)]
+    unsafe fn ops<V: V16>(
+        a: &[f32; 16],
+        b: &[f32; 16],
+        h: &[u16; 16],
+        q: &[i8; 16],
+    ) -> Vec<[u32; 16]> {
+        // SAFETY: every array holds 16 elements; the caller runs this at a level the CPU has.
+        unsafe {
+            let (x, y) = (V::load(a.as_ptr()), V::load(b.as_ptr()));
+            let n = V::load(
+                [
+                    -3f32, 0., 5., -126., 127., 1., -1., 2., 0., 3., -2., 7., -7., 4., 9., -9.,
+                ]
+                .as_ptr(),
+            );
+            [
+                V::add(x, y),
+                V::sub(x, y),
+                V::mul(x, y),
+                V::div(x, y),
+                V::fma(x, y, V::splat(0.375)),
+                V::max(x, y),
+                V::min(x, y),
+                V::select_neg(x, y, V::splat(2.0)),
+                x.first(5, -1.5),
+                x.first(16, 0.0),
+                V::splat(1.25).ldexp(n),
+                V::load_f16(h.as_ptr()),
+                V::load_i8(q.as_ptr()),
+                V::splat(V::reduce_max(x)),
+                V::zero(),
+            ]
+            .map(|v| v.to_array().map(f32::to_bits))
+            .to_vec()
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn ops512(a: &[f32; 16], b: &[f32; 16], h: &[u16; 16], q: &[i8; 16]) -> Vec<[u32; 16]> {
+        unsafe { ops::<Avx512>(a, b, h, q) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ops256(a: &[f32; 16], b: &[f32; 16], h: &[u16; 16], q: &[i8; 16]) -> Vec<[u32; 16]> {
+        unsafe { ops::<Avx2x2>(a, b, h, q) }
+    }
+
+    #[test]
+    fn every_operation_gives_the_scalar_bits_at_every_level() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for round in 0..2000 {
+            let mut a: [f32; 16] = std::array::from_fn(|_| (next() >> 40) as f32 / 65536.0 - 128.0);
+            let mut b: [f32; 16] = std::array::from_fn(|_| (next() >> 40) as f32 / 65536.0 - 128.0);
+            if round % 3 == 0 {
+                // Ties the operand order decides: ±0 against ±0, equal values.
+                (a[0], b[0], a[1], b[1], a[2], b[2]) = (0.0, -0.0, -0.0, 0.0, 1.5, 1.5);
+            }
+            b.iter_mut().filter(|v| **v == 0.0).for_each(|v| *v = 0.5);
+            b[0] = if round % 3 == 0 { -0.0 } else { b[0] };
+            // Every f16: normals, subnormals, zeros (not NaN/inf: kernels never load them).
+            let h: [u16; 16] = std::array::from_fn(|_| {
+                let v = next() as u16;
+                if v & 0x7c00 == 0x7c00 { v & 0x83ff } else { v }
+            });
+            let q: [i8; 16] = std::array::from_fn(|_| next() as i8);
+            // SAFETY: each level runs only when the CPU has it.
+            let want = unsafe { ops::<Scalar16>(&a, &b, &h, &q) };
+            for lvl in SimdLevel::available() {
+                let got = unsafe {
+                    match lvl {
+                        #[cfg(target_arch = "x86_64")]
+                        SimdLevel::Avx512 => ops512(&a, &b, &h, &q),
+                        #[cfg(target_arch = "x86_64")]
+                        SimdLevel::Avx2 => ops256(&a, &b, &h, &q),
+                        #[cfg(target_arch = "aarch64")]
+                        SimdLevel::Neon | SimdLevel::Dotprod => ops::<Neon16>(&a, &b, &h, &q),
+                        _ => ops::<Scalar16>(&a, &b, &h, &q),
+                    }
+                };
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g, w, "{lvl:?}: operation {k} on {a:?}, {b:?}");
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod args;
+mod generate;
 mod plan;
 mod process;
 mod roles;
@@ -77,6 +78,8 @@ enum ModelCommand {
     Bench(bench::measure::engine::BenchArgs),
     /// A device backend (CUDA) against the CPU: logits, golden prompts, batch invariance, speed.
     DeviceCheck(bench::measure::device::DeviceCheckArgs),
+    /// One chat prompt through the engine alone, greedy and seeded: JSON lines with the SIMD level, the tokens and a hash of every step's logits (to compare builds and levels bit for bit).
+    Generate(generate::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,6 +145,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 threads,
                 &process::model_path(args.model.as_deref())?,
             )
+        }
+        Command::Model(ModelCommand::Generate(args)) => {
+            process::init_compute_threads(args.threads)?;
+            generate::run(&args, &process::model_path(args.model.as_deref())?)
         }
         Command::Model(ModelCommand::DeviceCheck(args)) => {
             process::init_compute_threads(None)?;

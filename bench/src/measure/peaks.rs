@@ -2,6 +2,7 @@
 //! multiply-accumulate peak, the memory read bandwidth, the W8A8 GEMM at prefill shapes and
 //! the decode GEMV over a model-sized set of weights. `tandem kernels roofline` prints them.
 
+#[cfg(target_arch = "x86_64")]
 use kernels::dispatch::{SimdLevel, level};
 use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::pool;

@@ -168,6 +168,10 @@ pub(super) fn attend(
                     SimdLevel::Avx512 => run_avx512(&mut t, &pl, out),
                     #[cfg(target_arch = "x86_64")]
                     SimdLevel::Avx2 => run_avx2(&mut t, &pl, out),
+                    #[cfg(target_arch = "aarch64")]
+                    SimdLevel::Neon | SimdLevel::Dotprod => {
+                        run::<crate::simd::Neon16, $t, 6, 2, 2>(&mut t, &pl, out)
+                    }
                     _ => run::<Scalar16, $t, 24, 6, 4>(&mut t, &pl, out),
                 }
             }

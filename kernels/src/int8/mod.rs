@@ -24,12 +24,15 @@
 //!
 //! # Layout
 //! - this file: the types, quantization, the scalar reference and the dispatch;
-//! - [`avx512`] / [`avx2`]: the register-tiled kernels.
+//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`sdot` or
+//!   `smull`), reading the same lines with the offset undone.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(test)]
 mod tests;
 
@@ -363,6 +366,17 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
             assert!(SimdLevel::detect() >= SimdLevel::Avx2);
             // SAFETY: as above, with AVX2.
             unsafe { avx2::panels(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Dotprod => {
+            assert!(SimdLevel::detect() >= SimdLevel::Dotprod);
+            // SAFETY: as above, with FEAT_DotProd.
+            unsafe { neon::panels_dot(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => {
+            // SAFETY: as above (NEON is baseline on AArch64).
+            unsafe { neon::panels_neon(x, w, p0, p1, out) }
         }
         _ => scalar_panels(x, w, p0, p1, out),
     });

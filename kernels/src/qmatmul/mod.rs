@@ -20,12 +20,15 @@
 //! `bias·Σa` (8 for Q4_0, 128 for Q8_0) is taken off up front, exactly.
 //!
 //! - this file: the formats, packing, activation quantization, the scalar reference, dispatch;
-//! - [`avx512`] / [`avx2`]: the register-tiled kernels.
+//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`sdot` or
+//!   `smull`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 #[cfg(test)]
 mod tests;
 
@@ -400,6 +403,17 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: &QWeights, y: &mut [f32]) {
             assert!(SimdLevel::detect() >= SimdLevel::Avx2);
             // SAFETY: as above, with AVX2, FMA and F16C.
             unsafe { avx2::panels(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Dotprod => {
+            assert!(SimdLevel::detect() >= SimdLevel::Dotprod);
+            // SAFETY: as above, with FEAT_DotProd.
+            unsafe { neon::panels_dot(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => {
+            // SAFETY: as above (NEON is baseline on AArch64).
+            unsafe { neon::panels_neon(x, w, p0, p1, out) }
         }
         _ => {
             for j in p0 * PANEL..(p1 * PANEL).min(n) {

@@ -1,0 +1,101 @@
+//! The AArch64 kernels: a panel line (16 channels × 4 inputs) is four 128-bit registers of
+//! 4 channels each. The offset is undone (`eor 0x80`) so weights are signed bytes again; with
+//! FEAT_DotProd each register takes one `sdot` against the row's four activation bytes
+//! broadcast (each lane: one channel's four products), without it `smull` + `sadalp` keep
+//! pair sums per lane and one `addp` per group folds them into channels. Integer sums are exact
+//! either way, so both give the scalar reference's bits.
+
+#![allow(clippy::needless_range_loop)] // register tiles read clearest with explicit indices
+
+use super::{I8Acts, I8Weights, QUAD};
+use crate::panel::{Out, PANEL};
+use crate::simd::GroupSums;
+use std::arch::aarch64::*;
+
+/// Panels `p0..p1` (their output columns), all rows, with `sdot`.
+///
+/// # Safety
+/// FEAT_DotProd must be present; `p1 ≤ w.panels()`; no other thread writes these columns.
+#[target_feature(enable = "dotprod")]
+pub unsafe fn panels_dot(x: &I8Acts, w: &I8Weights, p0: usize, p1: usize, out: Out) {
+    // SAFETY: forwarded.
+    unsafe { panels::<true>(x, w, p0, p1, out) }
+}
+
+/// Panels `p0..p1` with baseline NEON only.
+///
+/// # Safety
+/// `p1 ≤ w.panels()`; no other thread writes these columns.
+pub unsafe fn panels_neon(x: &I8Acts, w: &I8Weights, p0: usize, p1: usize, out: Out) {
+    // SAFETY: forwarded.
+    unsafe { panels::<false>(x, w, p0, p1, out) }
+}
+
+#[inline(always)]
+unsafe fn panels<const DOT: bool>(x: &I8Acts, w: &I8Weights, p0: usize, p1: usize, out: Out) {
+    // SAFETY (every tile call): rows and panels are in range.
+    unsafe {
+        for p in p0..p1 {
+            let mut i = 0;
+            while i + 2 <= x.m {
+                tile::<DOT, 2>(x, w, i, p, out);
+                i += 2;
+            }
+            if i < x.m {
+                tile::<DOT, 1>(x, w, i, p, out);
+            }
+        }
+    }
+}
+
+/// Rows `i..i+R` × panel `p`.
+#[inline(always)]
+unsafe fn tile<const DOT: bool, const R: usize>(
+    x: &I8Acts,
+    w: &I8Weights,
+    i: usize,
+    p: usize,
+    out: Out,
+) {
+    let quads = w.quads();
+    let (ng, gq, stride) = (x.groups(), x.group / QUAD, x.stride());
+    let ap = x.q.as_ptr();
+    let wp = w.panel_ptr(p);
+    // SAFETY: rows, lines and scales in bounds (as in the x86 kernels).
+    unsafe {
+        let offset = vdupq_n_u8(0x80);
+        let mut facc = [[vdupq_n_f32(0.0); 4]; R];
+        for g in 0..ng {
+            let (t0, t1) = (g * gq, ((g + 1) * gq).min(quads));
+            let mut sums = GroupSums::<R>::new();
+            for t in t0..t1 {
+                let wv: [int8x16_t; 4] = std::array::from_fn(|q| {
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wp.add(t * 64 + 16 * q)), offset))
+                });
+                for r in 0..R {
+                    let a = vreinterpretq_s8_s32(vdupq_n_s32(
+                        (ap.add((i + r) * stride + t * QUAD) as *const i32).read_unaligned(),
+                    ));
+                    sums.mac::<DOT>(r, &wv, a);
+                }
+            }
+            for r in 0..R {
+                let s = vdupq_n_f32(*x.scale.get_unchecked((i + r) * ng + g));
+                let isum = sums.finish::<DOT>(r);
+                for q in 0..4 {
+                    facc[r][q] = vfmaq_f32(facc[r][q], vcvtq_f32_s32(isum[q]), s);
+                }
+            }
+        }
+        let col = p * PANEL;
+        let left = (out.n - col).min(PANEL);
+        for r in 0..R {
+            let mut v = [0f32; PANEL];
+            for q in 0..4 {
+                let sw = vld1q_f32(w.scale.as_ptr().add(col + 4 * q));
+                vst1q_f32(v.as_mut_ptr().add(4 * q), vmulq_f32(facc[r][q], sw));
+            }
+            std::ptr::copy_nonoverlapping(v.as_ptr(), out.ptr.add((i + r) * out.n + col), left);
+        }
+    }
+}
