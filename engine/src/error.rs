@@ -16,6 +16,9 @@ pub enum EngineError {
     ContextOverflow { len: usize, max: usize },
     #[error("token id {0} is outside the vocabulary")]
     BadToken(u32),
+    /// An edge bundle that cannot be used (unreadable, mismatched, from another version).
+    #[error("edge bundle: {0}")]
+    Bundle(String),
     /// The device cannot run this model (no GPU, no driver, an unsupported format) or failed.
     #[error("device: {0}")]
     Device(String),

@@ -19,6 +19,7 @@
 //! logits).
 
 pub mod backend;
+pub mod bundle;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
@@ -118,6 +119,9 @@ pub struct Engine {
 impl Engine {
     pub fn load(path: impl AsRef<Path>, cfg: &EngineConfig) -> Result<Engine> {
         let path = path.as_ref();
+        if bundle::is_bundle(path) {
+            return Self::load_bundle(path, cfg);
+        }
         let g = GgufFile::open(path)?;
         let frontend = Frontend::from_gguf(&g, path, cfg.model_id.as_deref(), cfg.numerics())?;
         let model: Box<dyn Backend> = match cfg.device {
@@ -130,6 +134,35 @@ impl Engine {
                 unreachable!("check_device refuses CUDA in a build without it")
             }
         };
+        Self::assemble(model, frontend, cfg)
+    }
+
+    /// An edge bundle (`tandem export-edge`): weights mapped in place, on the CPU, at the
+    /// precision and KV dtype the bundle was exported with (`cfg` must agree).
+    fn load_bundle(dir: &Path, cfg: &EngineConfig) -> Result<Engine> {
+        let manifest = bundle::Manifest::read(dir)?;
+        if (cfg.precision, cfg.kv_dtype, cfg.device)
+            != (manifest.precision, manifest.kv_cache_dtype, Device::Cpu)
+        {
+            return Err(EngineError::Bundle(format!(
+                "{} holds {} weights with {} KV for the CPU; asked for {} / {} / {}",
+                dir.display(),
+                manifest.precision,
+                manifest.kv_cache_dtype,
+                cfg.precision,
+                cfg.kv_dtype,
+                cfg.device
+            )));
+        }
+        let g = GgufFile::open(dir.join(bundle::METADATA))?;
+        let model_id = cfg.model_id.clone().unwrap_or(manifest.model_id.clone());
+        let frontend =
+            Frontend::from_metadata(&g, model_id, cfg.numerics(), manifest.fingerprint()?)?;
+        let model = bundle::load_model(dir, &manifest, frontend.config.clone())?;
+        Self::assemble(Box::new(model), frontend, cfg)
+    }
+
+    fn assemble(model: Box<dyn Backend>, frontend: Frontend, cfg: &EngineConfig) -> Result<Engine> {
         let layout = model.kv_layout(cfg.kv_dtype);
         let kv = match &cfg.kv_shared_path {
             None => KvPool::with_budget(layout, cfg.kv_budget_bytes),

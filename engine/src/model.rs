@@ -17,15 +17,15 @@ use kernels::pool::for_rows;
 use rayon::prelude::*;
 
 /// One transformer block's weights (`[out × in]` row-major).
-struct Layer {
-    attn_norm: Vec<f32>,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
     /// Q, K and V stacked: `[d + 2·kv_dim × d]`.
-    wqkv: Linear,
-    wo: Linear,
-    ffn_norm: Vec<f32>,
+    pub(crate) wqkv: Linear,
+    pub(crate) wo: Linear,
+    pub(crate) ffn_norm: Vec<f32>,
     /// Gate and up stacked: `[2·d_ff × d]`.
-    w_gate_up: Linear,
-    w_down: Linear,
+    pub(crate) w_gate_up: Linear,
+    pub(crate) w_down: Linear,
 }
 
 /// A loaded Llama-family model.
@@ -36,11 +36,11 @@ pub struct LlamaModel {
     /// keeps the GGUF's blocks as stored (computed by the w4a8 kernel): requantizing it would
     /// perturb every input token and was the largest part of int8's perplexity cost, and the
     /// stored Q8_0 blocks read as fast as int8 rows.
-    token_embd: Linear,
+    pub(crate) token_embd: Linear,
     /// `None` when the output projection is tied to the embeddings.
-    output: Option<Linear>,
-    output_norm: Vec<f32>,
-    layers: Vec<Layer>,
+    pub(crate) output: Option<Linear>,
+    pub(crate) output_norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
 }
 
 /// What a forward pass calls after each layer: the layer, and the items (whose K/V of that
@@ -118,6 +118,36 @@ impl LlamaModel {
             output_norm,
             layers,
         })
+    }
+
+    /// Checks every weight's shape against the config (for weights that did not come from a
+    /// GGUF's shape-checked tensors: an edge bundle's).
+    pub(crate) fn check_shapes(&self) -> Result<()> {
+        let c = &self.cfg;
+        let (d, kvd, ff, v) = (c.d_model, c.kv_dim(), c.d_ff, c.vocab_size);
+        let mut want: Vec<(&str, (usize, usize), (usize, usize))> = vec![
+            ("token_embd", self.token_embd.dims(), (v, d)),
+            ("output_norm", (self.output_norm.len(), 1), (d, 1)),
+        ];
+        if let Some(o) = &self.output {
+            want.push(("output", o.dims(), (v, d)));
+        }
+        for l in &self.layers {
+            want.extend([
+                ("attn_norm", (l.attn_norm.len(), 1), (d, 1)),
+                ("ffn_norm", (l.ffn_norm.len(), 1), (d, 1)),
+                ("wqkv", l.wqkv.dims(), (d + 2 * kvd, d)),
+                ("wo", l.wo.dims(), (d, d)),
+                ("w_gate_up", l.w_gate_up.dims(), (2 * ff, d)),
+                ("w_down", l.w_down.dims(), (d, ff)),
+            ]);
+        }
+        match want.iter().find(|(_, got, want)| got != want) {
+            None => Ok(()),
+            Some((name, got, want)) => Err(EngineError::Bundle(format!(
+                "{name} is {got:?} (n, k), the config needs {want:?}"
+            ))),
+        }
     }
 
     /// The KV block geometry this model needs.

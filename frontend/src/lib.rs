@@ -86,23 +86,6 @@ impl Frontend {
         model_id: Option<&str>,
         numerics: Numerics,
     ) -> Result<Frontend> {
-        let config = LlamaConfig::from_metadata(g)?;
-        let tokenizer = Tokenizer::from_metadata(g)?;
-        if tokenizer.vocab_size() != config.vocab_size {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer has {} tokens, model {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            )));
-        }
-        let source = g
-            .str_opt("tokenizer.chat_template")?
-            .unwrap_or(chat::CHATML);
-        let template = ChatTemplate::new(
-            source,
-            tokenizer.raw_token(tokenizer.bos),
-            tokenizer.raw_token(tokenizer.eos),
-        )?;
         let model_id = model_id.map(str::to_string).unwrap_or_else(|| {
             path.file_stem()
                 .map(|s| {
@@ -121,6 +104,34 @@ impl Frontend {
                 | ((numerics.precision as u64) << 8)
                 | numerics.kv_dtype as u64,
         );
+        Self::from_metadata(g, model_id, numerics, fingerprint)
+    }
+
+    /// From `g`'s metadata alone, with a fingerprint computed elsewhere (an edge bundle keeps
+    /// its source GGUF's, which its tensor-less metadata file cannot reproduce).
+    pub fn from_metadata(
+        g: &GgufFile,
+        model_id: String,
+        numerics: Numerics,
+        fingerprint: u64,
+    ) -> Result<Frontend> {
+        let config = LlamaConfig::from_metadata(g)?;
+        let tokenizer = Tokenizer::from_metadata(g)?;
+        if tokenizer.vocab_size() != config.vocab_size {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer has {} tokens, model {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let source = g
+            .str_opt("tokenizer.chat_template")?
+            .unwrap_or(chat::CHATML);
+        let template = ChatTemplate::new(
+            source,
+            tokenizer.raw_token(tokenizer.bos),
+            tokenizer.raw_token(tokenizer.eos),
+        )?;
         Ok(Frontend {
             tokenizer,
             template,

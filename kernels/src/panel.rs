@@ -10,6 +10,62 @@ pub const PANEL: usize = 16;
 #[derive(Clone, Copy)]
 pub(crate) struct Line(pub(crate) [u8; 64]);
 
+/// Bytes that outlive the weights built on them: a memory-mapped bundle file, say.
+pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// Where a matrix's packed lines live: its own memory (packed at load), or a 64-byte-aligned
+/// range of shared bytes (an edge bundle mapped read-only: loading is the `mmap`, and the
+/// pages are the page cache's). The kernels see one `[Line]` either way.
+#[derive(Clone)]
+pub(crate) enum Lines {
+    Owned(Vec<Line>),
+    Mapped {
+        bytes: SharedBytes,
+        offset: usize,
+        count: usize,
+    },
+}
+
+impl Lines {
+    /// `count` lines at `offset` of `bytes`; `None` if out of range or not 64-byte aligned.
+    pub(crate) fn mapped(bytes: SharedBytes, offset: usize, count: usize) -> Option<Lines> {
+        let b = (*bytes).as_ref();
+        let end = offset.checked_add(count.checked_mul(64)?)?;
+        let aligned = (b.as_ptr() as usize).wrapping_add(offset).is_multiple_of(64);
+        (end <= b.len() && aligned).then_some(Lines::Mapped {
+            bytes,
+            offset,
+            count,
+        })
+    }
+
+    /// The lines as bytes (what a bundle stores).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        let l: &[Line] = self;
+        // SAFETY: a Line is 64 plain bytes.
+        unsafe { std::slice::from_raw_parts(l.as_ptr() as *const u8, l.len() * 64) }
+    }
+}
+
+impl std::ops::Deref for Lines {
+    type Target = [Line];
+    fn deref(&self) -> &[Line] {
+        match self {
+            Lines::Owned(v) => v,
+            Lines::Mapped {
+                bytes,
+                offset,
+                count,
+            } => {
+                let b = (**bytes).as_ref();
+                // SAFETY: `mapped` checked the range and the 64-byte alignment; a Line is
+                // 64 plain bytes with no invalid values; the bytes live as long as `self`.
+                unsafe { std::slice::from_raw_parts(b.as_ptr().add(*offset) as *const Line, *count) }
+            }
+        }
+    }
+}
+
 /// The output matrix, shared by tasks that write disjoint panels of it.
 #[derive(Clone, Copy)]
 pub(crate) struct Out {

@@ -39,7 +39,7 @@ mod tests;
 use crate::actq::quantize_group;
 use crate::dispatch::{SimdLevel, level};
 pub use crate::panel::PANEL;
-use crate::panel::{Line, Out};
+use crate::panel::{Line, Lines, Out, SharedBytes};
 
 /// Activation inputs per quantization group (a multiple of 4; a row's last group may be shorter).
 pub const GROUP: usize = 64;
@@ -59,7 +59,7 @@ const QUAD: usize = 4;
 /// ```
 #[derive(Clone)]
 pub struct I8Weights {
-    lines: Vec<Line>,
+    lines: Lines,
     /// Per output channel, padded with zeros to whole panels.
     pub(crate) scale: Vec<f32>,
     pub(crate) n: usize,
@@ -91,7 +91,39 @@ impl I8Weights {
                     (q as u8) ^ 0x80;
             }
         }
-        I8Weights { lines, scale, n, k }
+        I8Weights {
+            lines: Lines::Owned(lines),
+            scale,
+            n,
+            k,
+        }
+    }
+
+    /// The packed lines as bytes: what [`from_packed`](Self::from_packed) takes back.
+    pub fn packed_bytes(&self) -> &[u8] {
+        self.lines.as_bytes()
+    }
+
+    /// Weights over packed lines that [`packed_bytes`](Self::packed_bytes) wrote, at `offset`
+    /// of `bytes` (64-byte aligned in memory), used in place, with their per-channel `scale`
+    /// (as [`scale`](Self::scale) gave it). `None` if the shapes do not match.
+    pub fn from_packed(
+        n: usize,
+        k: usize,
+        scale: Vec<f32>,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Option<I8Weights> {
+        let panels = n.div_ceil(PANEL);
+        if scale.len() != panels * PANEL {
+            return None;
+        }
+        Some(I8Weights {
+            lines: Lines::mapped(bytes, offset, panels * k.div_ceil(QUAD))?,
+            scale,
+            n,
+            k,
+        })
     }
 
     /// Output channels.

@@ -89,3 +89,23 @@ fn rows_round_trip_through_the_packed_layout() {
         assert!(f.iter().zip(&want).all(|(a, &b)| *a == b as f32 * s));
     }
 }
+
+#[test]
+fn packed_weights_used_in_place_compute_the_same_bits() {
+    let (m, n, k) = (2, 21, 70);
+    let w = I8Weights::quantize(&crate::test_data(n * k, 3), n, k);
+    let x = I8Acts::quantize(&crate::test_data(m * k, 4), m, k);
+    let shared = crate::qmatmul::tests::shared_at(w.packed_bytes(), 64);
+    let mapped = I8Weights::from_packed(n, k, w.scale().to_vec(), shared.clone(), 64).unwrap();
+    for lvl in SimdLevel::available() {
+        let (mut a, mut b) = (vec![0f32; m * n], vec![1f32; m * n]);
+        gemm_at(lvl, &x, &w, &mut a);
+        gemm_at(lvl, &x, &mapped, &mut b);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+    }
+    assert!(I8Weights::from_packed(n, k, vec![1.0; 3], shared.clone(), 64).is_none());
+    assert!(I8Weights::from_packed(n, k + 8, w.scale().to_vec(), shared, 64).is_none());
+}

@@ -30,11 +30,11 @@ mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use crate::actq::quantize_group;
 use crate::dispatch::{SimdLevel, level};
-use crate::panel::{Line, Out, PANEL};
+use crate::panel::{Line, Lines, Out, PANEL, SharedBytes};
 use half::f16;
 
 pub const QK: usize = 32;
@@ -86,7 +86,7 @@ pub struct QWeights {
     pub(crate) format: QFormat,
     /// Per panel and block: the weight lines, then one line of scales — 16 `d` values, then
     /// (Q4_1) 16 `m` values, as f16 bits — so a panel is one sequential stream.
-    lines: Vec<Line>,
+    lines: Lines,
     pub(crate) n: usize,
     pub(crate) k: usize,
 }
@@ -148,10 +148,37 @@ impl QWeights {
         }
         QWeights {
             format,
-            lines,
+            lines: Lines::Owned(lines),
             n,
             k,
         }
+    }
+
+    /// The packed lines as bytes: what [`from_packed`](Self::from_packed) takes back.
+    pub fn packed_bytes(&self) -> &[u8] {
+        self.lines.as_bytes()
+    }
+
+    /// Weights over packed lines that [`packed_bytes`](Self::packed_bytes) wrote, at `offset`
+    /// of `bytes` (64-byte aligned in memory), used in place. `None` if the range does not
+    /// hold exactly this shape's lines or is misaligned.
+    pub fn from_packed(
+        format: QFormat,
+        n: usize,
+        k: usize,
+        bytes: SharedBytes,
+        offset: usize,
+    ) -> Option<QWeights> {
+        if !k.is_multiple_of(QK) {
+            return None;
+        }
+        let count = n.div_ceil(PANEL) * (k / QK) * (format.lines() + 1);
+        Some(QWeights {
+            format,
+            lines: Lines::mapped(bytes, offset, count)?,
+            n,
+            k,
+        })
     }
 
     /// The block format.

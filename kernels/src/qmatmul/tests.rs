@@ -120,3 +120,44 @@ fn extreme_activations_and_weights_stay_exact() {
         }
     }
 }
+
+/// 64-byte-aligned bytes, as a mapped bundle file is (its pages are).
+struct AlignedBytes(Vec<crate::panel::Line>, usize);
+impl AsRef<[u8]> for AlignedBytes {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: Lines are plain bytes.
+        unsafe { std::slice::from_raw_parts(self.0.as_ptr() as *const u8, self.1) }
+    }
+}
+
+/// `bytes` copied at `offset` into an aligned buffer.
+pub(crate) fn shared_at(bytes: &[u8], offset: usize) -> crate::panel::SharedBytes {
+    let len = offset + bytes.len();
+    let mut lines = vec![crate::panel::Line([0; 64]); len.div_ceil(64)];
+    // SAFETY: the buffer holds `len` bytes.
+    let dst = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, len) };
+    dst[offset..].copy_from_slice(bytes);
+    std::sync::Arc::new(AlignedBytes(lines, len))
+}
+
+#[test]
+fn packed_weights_used_in_place_compute_the_same_bits() {
+    let (m, n, k) = (3, 37, 4 * QK);
+    let x = fill(m * k, 5);
+    let acts = QActs::quantize(&x, m, k);
+    for (format, bytes, _) in formats(&fill(n * k, 9)) {
+        let w = QWeights::pack(format, &bytes, n, k);
+        let shared = shared_at(w.packed_bytes(), 128);
+        let mapped = QWeights::from_packed(format, n, k, shared.clone(), 128).unwrap();
+        for lvl in SimdLevel::available() {
+            let (mut a, mut b) = (vec![0f32; m * n], vec![1f32; m * n]);
+            qmatmul_at(lvl, &acts, &w, &mut a);
+            qmatmul_at(lvl, &acts, &mapped, &mut b);
+            assert_eq!(bits(&a), bits(&b), "{format:?} {lvl:?}");
+        }
+        // Misaligned, short, or the wrong shape: refused.
+        assert!(QWeights::from_packed(format, n, k, shared_at(w.packed_bytes(), 8), 8).is_none());
+        assert!(QWeights::from_packed(format, n + 16, k, shared.clone(), 128).is_none());
+        assert!(QWeights::from_packed(format, n, k + 1, shared, 128).is_none());
+    }
+}
