@@ -134,8 +134,8 @@ impl Manifest {
             path: path.clone(),
             source,
         })?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let m: Manifest =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
         if m.format != FORMAT {
             return Err(bad(format!(
                 "{}: format {:?}, this build reads {FORMAT:?}",
@@ -150,6 +150,24 @@ impl Manifest {
         u64::from_str_radix(&self.fingerprint, 16)
             .map_err(|_| bad(format!("manifest fingerprint {:?}", self.fingerprint)))
     }
+}
+
+/// The bundle's model without its weights: tokenizer, template, hyper-parameters and the
+/// source's fingerprint (what a scheduler in front of bundle-loaded workers needs).
+pub fn frontend(
+    dir: &Path,
+    manifest: &Manifest,
+    model_id: Option<&str>,
+    numerics: frontend::Numerics,
+) -> Result<frontend::Frontend> {
+    let g = GgufFile::open(dir.join(METADATA))?;
+    let id = model_id.map_or_else(|| manifest.model_id.clone(), str::to_string);
+    Ok(frontend::Frontend::from_metadata(
+        &g,
+        id,
+        numerics,
+        manifest.fingerprint()?,
+    )?)
 }
 
 /// Whether `path` is a bundle directory (rather than a GGUF file).
@@ -310,7 +328,11 @@ impl AsRef<[u8]> for Mapped {
 }
 
 /// Maps `dir`'s weights (checking size and checksum) and builds the model over them in place.
-pub fn load_model(dir: &Path, manifest: &Manifest, cfg: crate::config::LlamaConfig) -> Result<LlamaModel> {
+pub fn load_model(
+    dir: &Path,
+    manifest: &Manifest,
+    cfg: crate::config::LlamaConfig,
+) -> Result<LlamaModel> {
     let path = dir.join(&manifest.weights.file);
     let file = std::fs::File::open(&path).map_err(|source| ModelError::Io {
         path: path.clone(),

@@ -154,10 +154,7 @@ impl Engine {
                 cfg.device
             )));
         }
-        let g = GgufFile::open(dir.join(bundle::METADATA))?;
-        let model_id = cfg.model_id.clone().unwrap_or(manifest.model_id.clone());
-        let frontend =
-            Frontend::from_metadata(&g, model_id, cfg.numerics(), manifest.fingerprint()?)?;
+        let frontend = bundle::frontend(dir, &manifest, cfg.model_id.as_deref(), cfg.numerics())?;
         let model = bundle::load_model(dir, &manifest, frontend.config.clone())?;
         Self::assemble(Box::new(model), frontend, cfg)
     }

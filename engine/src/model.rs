@@ -125,7 +125,9 @@ impl LlamaModel {
     pub(crate) fn check_shapes(&self) -> Result<()> {
         let c = &self.cfg;
         let (d, kvd, ff, v) = (c.d_model, c.kv_dim(), c.d_ff, c.vocab_size);
-        let mut want: Vec<(&str, (usize, usize), (usize, usize))> = vec![
+        /// A weight's name, its `(n, k)` and the config's.
+        type Check<'a> = (&'a str, (usize, usize), (usize, usize));
+        let mut want: Vec<Check> = vec![
             ("token_embd", self.token_embd.dims(), (v, d)),
             ("output_norm", (self.output_norm.len(), 1), (d, 1)),
         ];

@@ -23,7 +23,11 @@ fn run(e: &Engine) -> Vec<u32> {
     let v = e.model.config().vocab_size;
     let mut tok = engine::sampler::argmax(&out[out.len() - v..]);
     for _ in 0..3 {
-        let l = e.decode_step(&mut [(&mut seq, tok)]).unwrap().pop().unwrap();
+        let l = e
+            .decode_step(&mut [(&mut seq, tok)])
+            .unwrap()
+            .pop()
+            .unwrap();
         tok = engine::sampler::argmax(&l);
         out.extend(l);
     }
@@ -60,16 +64,30 @@ fn a_bundle_computes_its_source_models_bits_at_every_precision() {
         assert_eq!(edge.frontend.fingerprint, source.frontend.fingerprint);
         assert_eq!(edge.frontend.model_id, "tiny");
         assert_eq!(
-            edge.frontend.template.render(&[engine::chat::ChatMessage::new("user", "hi")], true).unwrap(),
-            source.frontend.template.render(&[engine::chat::ChatMessage::new("user", "hi")], true).unwrap()
+            edge.frontend
+                .template
+                .render(&[engine::chat::ChatMessage::new("user", "hi")], true)
+                .unwrap(),
+            source
+                .frontend
+                .template
+                .render(&[engine::chat::ChatMessage::new("user", "hi")], true)
+                .unwrap()
         );
         assert_eq!(run(&edge), run(&source), "{precision}");
         // Asked at another precision: refused, not silently served.
         let other = config(
-            if precision == Precision::F32 { Precision::W4A8 } else { Precision::F32 },
+            if precision == Precision::F32 {
+                Precision::W4A8
+            } else {
+                Precision::F32
+            },
             kv,
         );
-        assert!(matches!(Engine::load(&out, &other), Err(EngineError::Bundle(_))));
+        assert!(matches!(
+            Engine::load(&out, &other),
+            Err(EngineError::Bundle(_))
+        ));
     }
 }
 

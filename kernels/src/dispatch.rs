@@ -3,13 +3,13 @@
 //! Kernels are compiled for several levels with `#[target_feature]`; the binary itself is built
 //! for the baseline of its architecture (x86-64; AArch64, whose baseline includes NEON), so it
 //! runs on any CPU of it (and the scalar level anywhere). Each architecture has its own ladder:
-//! x86-64 `scalar < avx2 < avx512`, AArch64 `scalar < neon < dotprod`. `TANDEM_SIMD=<level>`
+//! x86-64 `scalar < avx2 < avx512`, AArch64 `scalar < neon < dotprod < i8mm`. `TANDEM_SIMD=<level>`
 //! forces a level no higher than what the CPU has (a level of the other architecture, or one
 //! this CPU lacks, falls to the highest this CPU has below it).
 //!
 //! A feature flag is never trusted alone: on AArch64 the flag comes from the kernel's HWCAP
-//! (what the kernel enabled, not a raw ID register), and the `sdot` level is still used only
-//! after one `sdot` has run here and given the right sums.
+//! (what the kernel enabled, not a raw ID register), and the `sdot` and `smmla` levels are
+//! still used only after one such instruction has run here and given the right sums.
 
 use std::sync::OnceLock;
 
@@ -26,13 +26,21 @@ pub enum SimdLevel {
     Neon,
     /// AArch64 with the dot-product extension (`sdot`: four 8-bit products per 32-bit lane).
     Dotprod,
+    /// AArch64 with the dot-product and 8-bit matrix-multiply extensions (`smmla`: a 2×8 by
+    /// 8×2 product per register, two rows at once; single rows use `sdot`).
+    I8mm,
 }
 
 /// The ladder of this build's architecture, lowest first.
 const LADDER: &[SimdLevel] = if cfg!(target_arch = "x86_64") {
     &[SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
 } else if cfg!(target_arch = "aarch64") {
-    &[SimdLevel::Scalar, SimdLevel::Neon, SimdLevel::Dotprod]
+    &[
+        SimdLevel::Scalar,
+        SimdLevel::Neon,
+        SimdLevel::Dotprod,
+        SimdLevel::I8mm,
+    ]
 } else {
     &[SimdLevel::Scalar]
 };
@@ -59,6 +67,9 @@ impl SimdLevel {
         #[cfg(target_arch = "aarch64")]
         {
             if std::arch::is_aarch64_feature_detected!("dotprod") && sdot_works() {
+                if std::arch::is_aarch64_feature_detected!("i8mm") && smmla_works() {
+                    return SimdLevel::I8mm;
+                }
                 return SimdLevel::Dotprod;
             }
             return SimdLevel::Neon;
@@ -89,6 +100,7 @@ impl SimdLevel {
             "avx512" | "avx512vnni" => Some(SimdLevel::Avx512),
             "neon" => Some(SimdLevel::Neon),
             "dotprod" | "sdot" => Some(SimdLevel::Dotprod),
+            "i8mm" | "smmla" => Some(SimdLevel::I8mm),
             _ => None,
         }
     }
@@ -100,6 +112,7 @@ impl SimdLevel {
             SimdLevel::Avx512 => "avx512",
             SimdLevel::Neon => "neon",
             SimdLevel::Dotprod => "dotprod",
+            SimdLevel::I8mm => "i8mm",
         }
     }
 }
@@ -147,6 +160,33 @@ fn sdot_works() -> bool {
     unsafe { probe() == want }
 }
 
+/// Runs one `smmla` on known operands and checks its four sums.
+#[cfg(target_arch = "aarch64")]
+fn smmla_works() -> bool {
+    use std::arch::aarch64::*;
+    #[target_feature(enable = "i8mm")]
+    unsafe fn probe(a: &[i8; 16], b: &[i8; 16]) -> [i32; 4] {
+        let mut out = [0i32; 4];
+        // SAFETY: arrays of 16 bytes / 4 lanes; the caller checked the feature flag.
+        unsafe {
+            let acc =
+                crate::simd::smmla(vdupq_n_s32(-3), vld1q_s8(a.as_ptr()), vld1q_s8(b.as_ptr()));
+            vst1q_s32(out.as_mut_ptr(), acc);
+        }
+        out
+    }
+    let a: [i8; 16] = std::array::from_fn(|i| 5 * i as i8 - 40);
+    let b: [i8; 16] = std::array::from_fn(|i| 60 - 7 * i as i8);
+    let want: [i32; 4] = std::array::from_fn(|l| {
+        let (i, j) = (l / 2, l % 2);
+        -3 + (0..8)
+            .map(|k| a[8 * i + k] as i32 * b[8 * j + k] as i32)
+            .sum::<i32>()
+    });
+    // SAFETY: only reached when the kernel reports i8mm enabled (HWCAP2).
+    unsafe { probe(&a, &b) == want }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +195,7 @@ mod tests {
     fn levels_are_ordered_and_parse() {
         assert!(SimdLevel::Scalar < SimdLevel::Avx2 && SimdLevel::Avx2 < SimdLevel::Avx512);
         assert!(SimdLevel::Scalar < SimdLevel::Neon && SimdLevel::Neon < SimdLevel::Dotprod);
+        assert!(SimdLevel::Dotprod < SimdLevel::I8mm);
         assert!(LADDER.windows(2).all(|w| w[0] < w[1]));
         assert!(SimdLevel::available().iter().all(|l| LADDER.contains(l)));
         assert_eq!(SimdLevel::at_most(SimdLevel::detect()), SimdLevel::detect());

@@ -27,7 +27,7 @@ pub fn dot_at(lvl: SimdLevel, a: &[f32], b: &[f32]) -> f32 {
             unsafe { x86::dot_avx2(a, b) }
         }
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon | SimdLevel::Dotprod => arm::dot_neon(a, b),
+        SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => arm::dot_neon(a, b),
         _ => dot_scalar(a, b),
     }
 }
@@ -46,7 +46,7 @@ pub fn dot4_at(lvl: SimdLevel, w: &[f32], xs: [&[f32]; 4]) -> [f32; 4] {
             unsafe { x86::dot4_avx2(w, xs) }
         }
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon | SimdLevel::Dotprod => arm::dot4_neon(w, xs),
+        SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => arm::dot4_neon(w, xs),
         _ => xs.map(|x| dot_scalar(w, x)),
     }
 }

@@ -20,7 +20,7 @@
 //! - [`actq`]: activation quantization; [`panel`]: the 16-channel panel layout the int8
 //!   kernels share; [`simd`]: a 16-lane f32 vector per level.
 //!
-//! Levels: x86-64 scalar/AVX2/AVX-512 VNNI, AArch64 scalar/NEON/`sdot` — every one gives the
+//! Levels: x86-64 scalar/AVX2/AVX-512 VNNI, AArch64 scalar/NEON/`sdot`/`smmla` — every one gives the
 //! scalar twin's bits (the f32 dot product excepted: its vector levels fuse, tested to a bound).
 //! The CUDA backend lives in `engine::cuda`, behind `engine::Backend`.
 //! The roofline measurements of these kernels live in the `bench` crate (`bench::measure`).

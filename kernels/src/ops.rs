@@ -68,7 +68,7 @@ pub fn silu_mul_at(lvl: SimdLevel, gate: &mut [f32], up: &[f32]) {
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx2 => silu_avx2(&mut gate[..full], &up[..full]),
             #[cfg(target_arch = "aarch64")]
-            SimdLevel::Neon | SimdLevel::Dotprod => {
+            SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => {
                 silu_v::<crate::simd::Neon16>(&mut gate[..full], &up[..full])
             }
             _ => silu_v::<Scalar16>(&mut gate[..full], &up[..full]),

@@ -31,7 +31,9 @@ impl Lines {
     pub(crate) fn mapped(bytes: SharedBytes, offset: usize, count: usize) -> Option<Lines> {
         let b = (*bytes).as_ref();
         let end = offset.checked_add(count.checked_mul(64)?)?;
-        let aligned = (b.as_ptr() as usize).wrapping_add(offset).is_multiple_of(64);
+        let aligned = (b.as_ptr() as usize)
+            .wrapping_add(offset)
+            .is_multiple_of(64);
         (end <= b.len() && aligned).then_some(Lines::Mapped {
             bytes,
             offset,
@@ -60,7 +62,9 @@ impl std::ops::Deref for Lines {
                 let b = (**bytes).as_ref();
                 // SAFETY: `mapped` checked the range and the 64-byte alignment; a Line is
                 // 64 plain bytes with no invalid values; the bytes live as long as `self`.
-                unsafe { std::slice::from_raw_parts(b.as_ptr().add(*offset) as *const Line, *count) }
+                unsafe {
+                    std::slice::from_raw_parts(b.as_ptr().add(*offset) as *const Line, *count)
+                }
             }
         }
     }
@@ -87,6 +91,29 @@ impl Out {
             0xffff
         } else {
             (1u16 << left) - 1
+        }
+    }
+}
+
+/// Over panels `p0..p1`: `pair(i, p)` for rows `i, i+1` two at a time, then `single(i, p)` for
+/// a last odd row (how the AArch64 kernels tile an `m`-row call).
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub(crate) fn row_pairs(
+    m: usize,
+    p0: usize,
+    p1: usize,
+    mut pair: impl FnMut(usize, usize),
+    mut single: impl FnMut(usize, usize),
+) {
+    for p in p0..p1 {
+        let mut i = 0;
+        while i + 2 <= m {
+            pair(i, p);
+            i += 2;
+        }
+        if i < m {
+            single(i, p);
         }
     }
 }

@@ -398,7 +398,7 @@ mod x86 {
 }
 
 #[cfg(target_arch = "aarch64")]
-pub(crate) use arm::{GroupSums, Neon16, sdot};
+pub(crate) use arm::{GroupSums, Neon16, PairSums, row_pair, sdot, smmla, store_row};
 
 #[cfg(target_arch = "aarch64")]
 mod arm {
@@ -425,6 +425,126 @@ mod arm {
             );
         }
         acc
+    }
+
+    /// `acc + A·Bᵀ` for `A`, `B` two rows of 8 signed bytes each (`smmla`, FEAT_I8MM): lanes
+    /// `[a0·b0, a0·b1, a1·b0, a1·b1]`, through inline assembly (the intrinsic is not stable).
+    ///
+    /// # Safety
+    /// The CPU must have FEAT_I8MM.
+    #[inline(always)]
+    pub(crate) unsafe fn smmla(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: a register-only instruction; the caller guarantees the feature.
+        unsafe {
+            std::arch::asm!(
+                ".arch_extension i8mm",
+                "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// The exact integer sums of two rows over one panel's 16 channels with `smmla`, eight
+    /// inputs at a time: two consecutive panel lines (inputs `t..t+4`, `t+4..t+8`) zipped per
+    /// channel pair are the 2×8 weight operand, the rows' eight activation bytes the other.
+    pub(crate) struct PairSums {
+        /// `[q][0]`: channels `4q, 4q+1` × rows; `[q][1]`: channels `4q+2, 4q+3` × rows.
+        acc: [[int32x4_t; 2]; 4],
+    }
+
+    impl PairSums {
+        #[inline(always)]
+        pub(crate) unsafe fn new() -> Self {
+            // SAFETY: NEON is baseline.
+            PairSums {
+                acc: [[unsafe { vdupq_n_s32(0) }; 2]; 4],
+            }
+        }
+
+        /// Adds the products of lines `w0`, `w1` (4 registers of signed weights each; `w1`
+        /// zeros for a lone last quad) with `a`: row 0's eight activation bytes, then row 1's.
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)] // four registers, indexed alike
+        pub(crate) unsafe fn mac(
+            &mut self,
+            w0: &[int8x16_t; 4],
+            w1: &[int8x16_t; 4],
+            a: int8x16_t,
+        ) {
+            // SAFETY: the caller runs under FEAT_I8MM.
+            unsafe {
+                for q in 0..4 {
+                    let (x, y) = (vreinterpretq_s32_s8(w0[q]), vreinterpretq_s32_s8(w1[q]));
+                    let lo = vreinterpretq_s8_s32(vzip1q_s32(x, y));
+                    let hi = vreinterpretq_s8_s32(vzip2q_s32(x, y));
+                    self.acc[q][0] = smmla(self.acc[q][0], lo, a);
+                    self.acc[q][1] = smmla(self.acc[q][1], hi, a);
+                }
+            }
+        }
+
+        /// Each row's channel sums, four per register.
+        #[inline(always)]
+        pub(crate) unsafe fn finish(&self) -> [[int32x4_t; 4]; 2] {
+            // SAFETY: baseline NEON.
+            unsafe {
+                [
+                    std::array::from_fn(|q| vuzp1q_s32(self.acc[q][0], self.acc[q][1])),
+                    std::array::from_fn(|q| vuzp2q_s32(self.acc[q][0], self.acc[q][1])),
+                ]
+            }
+        }
+    }
+
+    /// A panel row's 16 outputs (times the 16 `scale`s when given) into the first `left` of `dst`.
+    ///
+    /// # Safety
+    /// `dst` valid for `left ≤ 16` floats; `scale`, when given, for 16.
+    #[inline(always)]
+    pub(crate) unsafe fn store_row(
+        v: &[float32x4_t; 4],
+        scale: Option<*const f32>,
+        dst: *mut f32,
+        left: usize,
+    ) {
+        let mut out = [0f32; 16];
+        // SAFETY: the caller's contract; `out` holds 16 floats.
+        unsafe {
+            for (q, &vq) in v.iter().enumerate() {
+                let r = match scale {
+                    Some(s) => vmulq_f32(vq, vld1q_f32(s.add(4 * q))),
+                    None => vq,
+                };
+                vst1q_f32(out.as_mut_ptr().add(4 * q), r);
+            }
+            std::ptr::copy_nonoverlapping(out.as_ptr(), dst, left);
+        }
+    }
+
+    /// Rows `p0`, `p1`'s `n` (4 or 8) activation bytes at each pointer as one `smmla` operand,
+    /// zero-padded to 8.
+    ///
+    /// # Safety
+    /// Both pointers must be valid for `n` bytes.
+    #[inline(always)]
+    pub(crate) unsafe fn row_pair(p0: *const i8, p1: *const i8, n: usize) -> int8x16_t {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if n == 8 {
+                vcombine_s8(vld1_s8(p0), vld1_s8(p1))
+            } else {
+                let (a, b) = (
+                    (p0 as *const i32).read_unaligned(),
+                    (p1 as *const i32).read_unaligned(),
+                );
+                vreinterpretq_s8_s32(vld1q_s32([a, 0, b, 0].as_ptr()))
+            }
+        }
     }
 
     /// The exact integer sums of one group, four channels per register, for `R` rows.
@@ -614,7 +734,9 @@ mod tests {
                 #[cfg(target_arch = "x86_64")]
                 SimdLevel::Avx2 => exp256(xs),
                 #[cfg(target_arch = "aarch64")]
-                SimdLevel::Neon | SimdLevel::Dotprod => exp(Neon16::load(xs.as_ptr())).to_array(),
+                SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => {
+                    exp(Neon16::load(xs.as_ptr())).to_array()
+                }
                 _ => exp(Scalar16::load(xs.as_ptr())).to_array(),
             }
         }
@@ -746,7 +868,9 @@ mod tests {
                         #[cfg(target_arch = "x86_64")]
                         SimdLevel::Avx2 => ops256(&a, &b, &h, &q),
                         #[cfg(target_arch = "aarch64")]
-                        SimdLevel::Neon | SimdLevel::Dotprod => ops::<Neon16>(&a, &b, &h, &q),
+                        SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => {
+                            ops::<Neon16>(&a, &b, &h, &q)
+                        }
                         _ => ops::<Scalar16>(&a, &b, &h, &q),
                     }
                 };

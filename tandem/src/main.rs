@@ -1,6 +1,7 @@
 //! The `tandem` binary: parses arguments and calls into the service libraries.
 
 mod args;
+mod edge;
 mod generate;
 mod plan;
 mod process;
@@ -39,6 +40,10 @@ enum Command {
     Bench(Box<bench::args::BenchCommand>),
     /// Plan a cluster from the engine's measured costs: `tandem plan profile` measures them; `tandem plan --isl N --osl N --rate R --slo-ttft-ms T --slo-tpot-ms T` lays out the cores to meet the SLO.
     Plan(plan::PlanArgs),
+    /// Size a model for a hard memory budget and write an edge bundle (weights packed for mmap, tokenizer, manifest); refuses (exit 2) a budget that cannot hold it.
+    ExportEdge(edge::ExportEdgeArgs),
+    /// Serve an edge bundle in one process within its memory budget (the OpenAI API, as `tandem up`).
+    Edge(edge::EdgeArgs),
     /// Manage model files.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -113,6 +118,10 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // One readable line (with its causes), not a backtrace.
             eprintln!("tandem: error: {e:#}");
+            if e.downcast_ref::<edge::Refused>().is_some() {
+                // A request that cannot be met as asked (not a failure): exit 2, like a usage error.
+                return std::process::ExitCode::from(2);
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -126,6 +135,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Decode(args) => roles::decode(args),
         Command::KvStore(args) => roles::kv_store(args),
         Command::Plan(args) => plan::run(args),
+        Command::ExportEdge(args) => edge::export(&args),
+        Command::Edge(args) => edge::serve(args),
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?

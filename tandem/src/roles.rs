@@ -256,12 +256,14 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
 
 pub fn scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
     let path = model_path(args.model.model.as_deref())?;
+    let (id, numerics) = (args.model.model_id(), args.model.numerics());
     let frontend = Arc::new(
-        engine::Frontend::load(
-            &path,
-            args.model.model_id().as_deref(),
-            args.model.numerics(),
-        )
+        if engine::bundle::is_bundle(&path) {
+            let m = engine::bundle::Manifest::read(&path)?;
+            engine::bundle::frontend(&path, &m, id.as_deref(), numerics)
+        } else {
+            engine::Frontend::load(&path, id.as_deref(), numerics).map_err(Into::into)
+        }
         .with_context(|| format!("reading {}", path.display()))?,
     );
     let model_id = frontend.model_id.clone();

@@ -40,31 +40,39 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
     );
     let engine =
         Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
+    serve_colocated(engine, args.batch.worker_config(), &args.http, "colocated")
+}
+
+/// Serves the OpenAI API on `http` from one continuous-batching worker over `engine`, in this
+/// process, until Ctrl-C / SIGTERM (`tandem up --colocated`, `tandem edge`).
+pub fn serve_colocated(
+    engine: Arc<Engine>,
+    worker: decode_worker::WorkerConfig,
+    http: &crate::args::HttpArgs,
+    mode: &str,
+) -> anyhow::Result<()> {
     let model_id = engine.frontend.model_id.clone();
-    let cluster = Arc::new(decode_worker::colocated::cluster(
-        engine,
-        args.batch.worker_config(),
-    ));
+    let cluster = Arc::new(decode_worker::colocated::cluster(engine, worker));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let addr = format!("{}:{}", args.http.host, args.http.port);
+        let addr = format!("{}:{}", http.host, http.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         let url = format!("http://{}", listener.local_addr()?);
-        eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), colocated");
+        eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), {mode}");
         print_try(&url, &model_id);
         let state = scheduler::AppState::new(cluster.clone())
-            .with_api_key(args.http.api_key.clone())
-            .with_max_model_len(args.http.max_model_len);
+            .with_api_key(http.api_key.clone())
+            .with_max_model_len(http.max_model_len);
         scheduler::serve(
             listener,
             state,
-            args.http.max_body_bytes,
-            args.http.max_connections,
+            http.max_body_bytes,
+            http.max_connections,
             shutdown_signal(),
         )
         .await?;

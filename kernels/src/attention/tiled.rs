@@ -169,7 +169,7 @@ pub(super) fn attend(
                     #[cfg(target_arch = "x86_64")]
                     SimdLevel::Avx2 => run_avx2(&mut t, &pl, out),
                     #[cfg(target_arch = "aarch64")]
-                    SimdLevel::Neon | SimdLevel::Dotprod => {
+                    SimdLevel::Neon | SimdLevel::Dotprod | SimdLevel::I8mm => {
                         run::<crate::simd::Neon16, $t, 6, 2, 2>(&mut t, &pl, out)
                     }
                     _ => run::<Scalar16, $t, 24, 6, 4>(&mut t, &pl, out),

@@ -24,7 +24,7 @@
 //!
 //! # Layout
 //! - this file: the types, quantization, the scalar reference and the dispatch;
-//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`sdot` or
+//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`smmla`, `sdot` or
 //!   `smull`), reading the same lines with the offset undone.
 
 #[cfg(target_arch = "x86_64")]
@@ -398,6 +398,12 @@ pub fn gemm_at(lvl: SimdLevel, x: &I8Acts, w: &I8Weights, y: &mut [f32]) {
             assert!(SimdLevel::detect() >= SimdLevel::Avx2);
             // SAFETY: as above, with AVX2.
             unsafe { avx2::panels(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::I8mm => {
+            assert!(SimdLevel::detect() >= SimdLevel::I8mm);
+            // SAFETY: as above, with FEAT_DotProd and FEAT_I8MM.
+            unsafe { neon::panels_mmla(x, w, p0, p1, out) }
         }
         #[cfg(target_arch = "aarch64")]
         SimdLevel::Dotprod => {

@@ -20,7 +20,7 @@
 //! `bias·Σa` (8 for Q4_0, 128 for Q8_0) is taken off up front, exactly.
 //!
 //! - this file: the formats, packing, activation quantization, the scalar reference, dispatch;
-//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`sdot` or
+//! - [`avx512`] / [`avx2`]: the register-tiled x86 kernels; `neon`: AArch64's (`smmla`, `sdot` or
 //!   `smull`).
 
 #[cfg(target_arch = "x86_64")]
@@ -430,6 +430,12 @@ pub fn qmatmul_at(lvl: SimdLevel, x: &QActs, w: &QWeights, y: &mut [f32]) {
             assert!(SimdLevel::detect() >= SimdLevel::Avx2);
             // SAFETY: as above, with AVX2, FMA and F16C.
             unsafe { avx2::panels(x, w, p0, p1, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::I8mm => {
+            assert!(SimdLevel::detect() >= SimdLevel::I8mm);
+            // SAFETY: as above, with FEAT_DotProd and FEAT_I8MM.
+            unsafe { neon::panels_mmla(x, w, p0, p1, out) }
         }
         #[cfg(target_arch = "aarch64")]
         SimdLevel::Dotprod => {
