@@ -327,12 +327,8 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
-/// Maps `dir`'s weights (checking size and checksum) and builds the model over them in place.
-pub fn load_model(
-    dir: &Path,
-    manifest: &Manifest,
-    cfg: crate::config::LlamaConfig,
-) -> Result<LlamaModel> {
+/// Maps `dir`'s weights read-only, checking their size and checksum.
+pub fn map_weights(dir: &Path, manifest: &Manifest) -> Result<SharedBytes> {
     let path = dir.join(&manifest.weights.file);
     let file = std::fs::File::open(&path).map_err(|source| ModelError::Io {
         path: path.clone(),
@@ -352,7 +348,15 @@ pub fn load_model(
             path.display()
         )));
     }
-    let bytes: SharedBytes = Arc::new(Mapped(map));
+    Ok(Arc::new(Mapped(map)))
+}
+
+/// Builds the model over mapped weights in place.
+pub fn load_model(
+    bytes: SharedBytes,
+    manifest: &Manifest,
+    cfg: crate::config::LlamaConfig,
+) -> Result<LlamaModel> {
     let t = &manifest.tensors;
     if t.layers.len() != cfg.n_layers {
         return Err(bad(format!(

@@ -25,16 +25,17 @@ for p in sys.argv[1:]:
     os.close(fd)' "$@"
 }
 
-first_token() { # command... -> "ms rss_kib"
+first_token() { # command... -> "ms rss_kib" (the command gets --port PORT appended)
   if [ "$COLD" = 1 ]; then evict "$MODEL" "$DIR/bundle/"* "$T" ${LLAMA_SERVER:+"$LLAMA_SERVER"}; fi
-  "$@" > "$DIR/log" 2>&1 &
-  local pid=$!
-  python3 - "$PORT" "$pid" <<'EOF'
-import json, sys, time, urllib.request
-port, pid = int(sys.argv[1]), int(sys.argv[2])
-t0 = time.time()
+  PORT=$((PORT + 1))
+  # Python starts the server itself, so the clock starts at the spawn (not at its own start).
+  python3 - "$PORT" "$DIR/log" "$@" <<'EOF'
+import json, subprocess, sys, time, urllib.request
+port, log, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3:] + ["--port", sys.argv[1]]
 body = json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": 1,
                    "messages": [{"role": "user", "content": "Hello!"}]}).encode()
+t0 = time.time()
+proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 while True:
     try:
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
@@ -42,16 +43,15 @@ while True:
         urllib.request.urlopen(req, timeout=60).read()
         break
     except Exception:
-        if time.time() - t0 > 120:
-            sys.exit("no answer in 120 s")
-        time.sleep(0.005)
+        if time.time() - t0 > 120 or proc.poll() is not None:
+            sys.exit(f"no answer: {open(log).read()[-2000:]}")
+        time.sleep(0.002)
 ms = (time.time() - t0) * 1e3
-rss = [l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0]
+rss = [l.split()[1] for l in open(f"/proc/{proc.pid}/status") if l.startswith("VmRSS")][0]
+proc.terminate()
+proc.wait()
 print(f"{ms:.0f} {rss}")
 EOF
-  kill -TERM $pid 2> /dev/null; wait $pid 2> /dev/null || true
-  # `tandem up`'s children and their pool files are gone before the next run.
-  sleep 0.3
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -73,11 +73,11 @@ run() { # name, command...
 for COLD in 0 1; do
   WHICH=$([ $COLD = 1 ] && echo cold || echo warm)
   [ $COLD = 0 ] && cat "$MODEL" "$DIR/bundle/"* > /dev/null
-  run edge "$T" edge "$DIR/bundle" --port $PORT
-  run colocated "$T" up --colocated --model "$MODEL" --port $PORT
+  run edge "$T" edge "$DIR/bundle"
+  run colocated "$T" up --colocated --model "$MODEL"
   python3 -c "import sys; print(f'edge / colocated ({sys.argv[3]}): {float(sys.argv[1]) / float(sys.argv[2]):.3f}')" "$edge" "$colocated" "$WHICH"
   if [ -n "${LLAMA_SERVER:-}" ]; then
-    run llama_server "$LLAMA_SERVER" -m "$MODEL" --port $PORT -t 2
+    run llama_server "$LLAMA_SERVER" -m "$MODEL" -t 2
     python3 -c "import sys; print(f'edge / llama-server ({sys.argv[3]}): {float(sys.argv[1]) / float(sys.argv[2]):.3f}')" "$edge" "$llama_server" "$WHICH"
   fi
 done

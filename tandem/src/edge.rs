@@ -267,3 +267,100 @@ pub fn serve(a: EdgeArgs) -> anyhow::Result<()> {
         "edge",
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M's geometry.
+    fn smollm2() -> engine::config::LlamaConfig {
+        engine::config::LlamaConfig {
+            n_layers: 30,
+            d_model: 576,
+            d_ff: 1536,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            vocab_size: 49152,
+            n_ctx: 8192,
+            rope_base: 100000.0,
+            rms_eps: 1e-5,
+        }
+    }
+
+    fn args(budget_mib: usize, context: Option<usize>, kv: KvDtype) -> ExportEdgeArgs {
+        ExportEdgeArgs {
+            model: None,
+            out: "unused".into(),
+            budget_mib,
+            target: "aarch64".into(),
+            context,
+            max_num_seqs: 16,
+            chunk: 64,
+            threads: None,
+            precision: Precision::W4A8,
+            kv_cache_dtype: kv,
+        }
+    }
+
+    const WEIGHTS: usize = 98_346_240; // the default model's w4a8 bundle
+
+    #[test]
+    fn a_sizing_fits_its_budget_and_trades_context_for_sequences() {
+        for budget in [160, 200, 256, 512, 1024] {
+            for kv in [KvDtype::F16, KvDtype::Int8] {
+                let s = size(&args(budget, None, kv), &smollm2(), WEIGHTS).unwrap();
+                assert!(s.weights_bytes + s.kv_bytes + s.runtime_bytes <= budget << 20);
+                assert!(s.context >= MIN_CONTEXT && s.max_num_seqs >= 1);
+                let short =
+                    size(&args(budget, Some(MIN_CONTEXT), kv), &smollm2(), WEIGHTS).unwrap();
+                assert!(short.weights_bytes + short.kv_bytes + short.runtime_bytes <= budget << 20);
+                assert!(short.max_num_seqs >= s.max_num_seqs, "{budget} {kv}");
+                assert_eq!(s.threads, 4, "aarch64's default");
+            }
+        }
+        let big = size(&args(1024, Some(1024), KvDtype::F16), &smollm2(), WEIGHTS).unwrap();
+        assert_eq!(big.max_num_seqs, 16, "capped by --max-num-seqs");
+    }
+
+    #[test]
+    fn a_budget_too_small_is_refused_with_the_arithmetic() {
+        let e = size(&args(100, None, KvDtype::F16), &smollm2(), WEIGHTS).unwrap_err();
+        assert!(
+            e.0.contains("weights 93.8 MiB") && e.0.contains("needs --budget-mib"),
+            "{e}"
+        );
+        let need: usize =
+            e.0.split("needs --budget-mib ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        // What it says would fit does fit, and one MiB less does not.
+        assert!(size(&args(need, None, KvDtype::F16), &smollm2(), WEIGHTS).is_ok());
+        assert!(size(&args(need - 1, None, KvDtype::F16), &smollm2(), WEIGHTS).is_err());
+        // A context the budget cannot hold names the largest that fits.
+        let e = size(&args(160, Some(8192), KvDtype::F16), &smollm2(), WEIGHTS).unwrap_err();
+        let most: usize =
+            e.0.split("at most --context ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        assert!(size(&args(160, Some(most), KvDtype::F16), &smollm2(), WEIGHTS).is_ok());
+        assert!(
+            size(
+                &args(160, Some(most + 16), KvDtype::F16),
+                &smollm2(),
+                WEIGHTS
+            )
+            .is_err()
+        );
+    }
+}
