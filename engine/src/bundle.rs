@@ -90,7 +90,7 @@ pub struct WeightsFile {
     pub xxh3: String,
 }
 
-/// What [`write`] records of the model itself; the caller adds what the bundle was sized for
+/// What [`Packed::write`] records of the model itself; the caller adds what the bundle was sized for
 /// (`serving`: context, memory budget, threads — the engine does not read it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -393,8 +393,9 @@ pub fn load_model(
 
 fn f32s(bytes: &SharedBytes, offset: usize, len: usize) -> Result<Vec<f32>> {
     let b = (**bytes).as_ref();
-    let src = offset
-        .checked_add(len * 4)
+    let src = len
+        .checked_mul(4)
+        .and_then(|bytes| offset.checked_add(bytes))
         .and_then(|end| b.get(offset..end))
         .ok_or_else(|| bad(format!("{len} floats at {offset} overrun the weights file")))?;
     Ok(src
@@ -411,7 +412,7 @@ fn matrix(bytes: &SharedBytes, m: &MatrixIndex) -> Result<Linear> {
     let misfit = || bad(format!("{m:?} does not fit the weights file"));
     Ok(match m {
         MatrixIndex::F32 { n, k, offset } => Linear::F32 {
-            w: f32s(bytes, *offset, n * k)?,
+            w: f32s(bytes, *offset, n.checked_mul(*k).ok_or_else(misfit)?)?,
             n: *n,
             k: *k,
         },

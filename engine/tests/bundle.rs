@@ -112,8 +112,24 @@ fn a_damaged_bundle_is_refused() {
     // Truncated: refused too.
     std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     assert!(Engine::load(&out, &cfg).is_err());
-    // Another format version: refused with the reason.
+    // A manifest whose shapes overrun the weights (or overflow): refused, never read past.
+    std::fs::write(&w, &{
+        bytes[100] ^= 1;
+        bytes
+    })
+    .unwrap();
+    assert!(Engine::load(&out, &cfg).is_ok());
     let mpath = out.join(engine::bundle::MANIFEST);
+    let original = std::fs::read_to_string(&mpath).unwrap();
+    for n in [1u64 << 20, 1 << 62, u64::MAX / 3] {
+        let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+        m["tensors"]["layers"][0]["wo"]["n"] = n.into();
+        std::fs::write(&mpath, m.to_string()).unwrap();
+        let err = Engine::load(&out, &cfg).err().expect("refused");
+        assert!(err.to_string().contains("does not fit"), "{err}");
+    }
+    std::fs::write(&mpath, &original).unwrap();
+    // Another format version: refused with the reason.
     let text = std::fs::read_to_string(&mpath).unwrap();
     std::fs::write(&mpath, text.replace("tandem-edge/1", "tandem-edge/9")).unwrap();
     let err = Engine::load(&out, &cfg).err().expect("refused");

@@ -119,7 +119,7 @@ impl I8Weights {
             return None;
         }
         Some(I8Weights {
-            lines: Lines::mapped(bytes, offset, panels * k.div_ceil(QUAD))?,
+            lines: Lines::mapped(bytes, offset, panels.checked_mul(k.div_ceil(QUAD))?)?,
             scale,
             n,
             k,

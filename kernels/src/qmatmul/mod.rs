@@ -172,7 +172,10 @@ impl QWeights {
         if !k.is_multiple_of(QK) {
             return None;
         }
-        let count = n.div_ceil(PANEL) * (k / QK) * (format.lines() + 1);
+        let count = n
+            .div_ceil(PANEL)
+            .checked_mul(k / QK)?
+            .checked_mul(format.lines() + 1)?;
         Some(QWeights {
             format,
             lines: Lines::mapped(bytes, offset, count)?,
