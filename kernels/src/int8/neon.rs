@@ -2,8 +2,9 @@
 //! 4 channels each. The offset is undone (`eor 0x80`) so weights are signed bytes again; with
 //! FEAT_DotProd each register takes one `sdot` against the row's four activation bytes
 //! broadcast (each lane: one channel's four products), without it `smull` + `sadalp` keep
-//! pair sums per lane and one `addp` per group folds them into channels. Integer sums are exact
-//! either way, so both give the scalar reference's bits.
+//! pair sums per lane and one `addp` per group folds them into channels; with FEAT_I8MM two
+//! rows go together, two lines zipped per channel pair into one `smmla` operand
+//! (`simd::PairSums`). Integer sums are exact every way, so all give the scalar reference's bits.
 
 #![allow(clippy::needless_range_loop)] // register tiles read clearest with explicit indices
 

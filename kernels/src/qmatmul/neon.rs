@@ -1,6 +1,7 @@
 //! The AArch64 kernels: each 64-byte panel line is four registers of 4 channels × 4 inputs.
 //! Q4 nibbles (0–15) are already valid signed bytes; Q8_0 bytes have their offset undone. The
-//! exact block sums come from `sdot` (FEAT_DotProd) or `smull` + `sadalp` ([`GroupSums`]);
+//! exact block sums come from `smmla` for row pairs (FEAT_I8MM, [`PairSums`]), `sdot`
+//! (FEAT_DotProd) or `smull` + `sadalp` ([`GroupSums`]);
 //! Q4_0's `−8·Σa` is added to each channel's sum, exactly, before the float steps, which then
 //! follow the scalar definition (`fma(isum, d_w·d_a, acc)`, then Q4_1's `fma(m_w, s_a, acc)`).
 
