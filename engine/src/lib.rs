@@ -154,24 +154,9 @@ impl Engine {
                 cfg.device
             )));
         }
-        // The tokenizer (most of the start) builds while the weights are mapped and checked.
-        let t0 = std::time::Instant::now();
-        let (frontend, weights) = std::thread::scope(|s| {
-            let weights = s.spawn(|| {
-                let w = bundle::map_weights(dir, &manifest);
-                (w, t0.elapsed())
-            });
-            let f = bundle::frontend(dir, &manifest, cfg.model_id.as_deref(), cfg.numerics());
-            (f, weights.join().expect("mapping the weights panicked"))
-        });
-        let frontend = frontend?;
-        let (weights, weights_time) = weights;
-        let model = bundle::load_model(weights?, &manifest, frontend.config.clone())?;
-        tracing::debug!(
-            weights_ms = weights_time.as_secs_f64() * 1e3,
-            total_ms = t0.elapsed().as_secs_f64() * 1e3,
-            "bundle loaded"
-        );
+        let frontend = bundle::frontend(dir, &manifest, cfg.model_id.as_deref(), cfg.numerics())?;
+        let weights = bundle::map_weights(dir, &manifest)?;
+        let model = bundle::load_model(weights, &manifest, frontend.config.clone())?;
         Self::assemble(Box::new(model), frontend, cfg)
     }
 
