@@ -49,7 +49,7 @@ impl LlamaConfig {
         let vocab_size = match md.u64_opt("llama.vocab_size")? {
             Some(v) => v as usize,
             None => md
-                .array_opt("tokenizer.ggml.tokens")?
+                .strings_opt("tokenizer.ggml.tokens")?
                 .map(|a| a.len())
                 .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.tokens".into()))?,
         };

@@ -7,7 +7,8 @@
 //! - [`gguf`]: reading (and writing) GGUF files.
 //! - [`config`]: a Llama-family model's hyper-parameters; [`precision`]: weight precision and
 //!   KV cache storage.
-//! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization.
+//! - [`tokenizer`]: byte-level BPE from the GGUF, streaming detokenization; [`bpe`]: its
+//!   merges over flat tables.
 //! - [`chat`]: the GGUF's chat template.
 //! - [`block`]: KV blocks' names (`BlockHash`), chained over tokens and salted with the model.
 //! - [`request`]: what workers are asked and what they stream back; [`sampling`]: sampling
@@ -21,6 +22,7 @@
 //! ```
 
 pub mod block;
+pub mod bpe;
 pub mod chat;
 pub mod config;
 pub mod constraint;

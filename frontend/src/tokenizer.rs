@@ -6,13 +6,16 @@
 //! byte-exact, so that streaming can hold back an incomplete UTF-8 character
 //! ([`StreamDecoder`]).
 
+use crate::bpe::Bpe;
 use crate::error::{ModelError, Result};
 use crate::gguf::{Metadata, Value};
-use tokenizers::models::bpe::BPE;
+use tokenizers::decoders::DecoderWrapper;
+use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 /// Token ids as the model sees them.
@@ -28,11 +31,22 @@ const GPT2_PATTERN: &str =
 /// Llama 3's (`llama-bpe`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `tokenizers` pipeline (pre-tokenizer, special tokens) over [`Bpe`].
+type Inner = tokenizers::TokenizerImpl<
+    Bpe,
+    NormalizerWrapper,
+    PreTokenizerWrapper,
+    PostProcessorWrapper,
+    DecoderWrapper,
+>;
+
 /// A model's tokenizer.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
-    /// Each token's bytes (byte-level symbols mapped back; specials as their text).
-    token_bytes: Vec<Vec<u8>>,
+    inner: Inner,
+    /// Each token's bytes (byte-level symbols mapped back; specials as their text): one
+    /// buffer, token `i` ending at `token_ends[i]`.
+    token_bytes: Vec<u8>,
+    token_ends: Vec<usize>,
     /// Control tokens are not rendered into generated text.
     is_control: Vec<bool>,
     /// The longest token, in bytes: no token covers more of the input text.
@@ -75,12 +89,8 @@ impl Tokenizer {
             )));
         }
         let tokens = md
-            .array_opt("tokenizer.ggml.tokens")?
+            .strings_opt("tokenizer.ggml.tokens")?
             .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.tokens".into()))?;
-        let tokens: Vec<&str> = tokens
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| tok_err("a token is not a string")))
-            .collect::<Result<_>>()?;
         let types: Vec<i64> = match md.array_opt("tokenizer.ggml.token_type")? {
             Some(a) => a
                 .iter()
@@ -95,30 +105,10 @@ impl Tokenizer {
             return Err(tok_err("token_type and tokens differ in length"));
         }
         let merges = md
-            .array_opt("tokenizer.ggml.merges")?
+            .strings_opt("tokenizer.ggml.merges")?
             .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.merges".into()))?;
-        let merges: Vec<(String, String)> = merges
-            .iter()
-            .map(|m| {
-                let s = m
-                    .as_str()
-                    .ok_or_else(|| tok_err("a merge is not a string"))?;
-                let (a, b) = s
-                    .split_once(' ')
-                    .ok_or_else(|| tok_err(format!("malformed merge '{s}'")))?;
-                Ok((a.to_string(), b.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        let vocab: ahash::AHashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.to_string(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(tok_err)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let bpe = Bpe::new(tokens.clone(), merges).map_err(tok_err)?;
+        let mut inner = Inner::new(bpe);
 
         let pre = md.str_opt("tokenizer.ggml.pre")?.unwrap_or("default");
         let split = |pat: &str| -> Result<PreTokenizerWrapper> {
@@ -150,32 +140,33 @@ impl Tokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tok));
 
+        let special = |ty: &i64| *ty == TYPE_CONTROL || *ty == TYPE_USER_DEFINED;
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
-            .filter(|(_, t)| **t == TYPE_CONTROL || **t == TYPE_USER_DEFINED)
+            .filter(|(_, t)| special(t))
             .map(|(s, _)| AddedToken::from(s.to_string(), true))
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
 
-        let table = byte_to_char();
-        let mut inverse = std::collections::HashMap::new();
-        for (b, c) in table.iter().enumerate() {
-            inverse.insert(*c, b as u8);
+        // Byte-level symbols back to bytes; every symbol is below U+0200.
+        let mut inverse = [None; 0x200];
+        for (b, c) in byte_to_char().iter().enumerate() {
+            inverse[*c as usize] = Some(b as u8);
         }
-        let token_bytes: Vec<Vec<u8>> = tokens
-            .iter()
-            .zip(&types)
-            .map(|(t, ty)| {
-                if *ty == TYPE_CONTROL || *ty == TYPE_USER_DEFINED {
-                    t.as_bytes().to_vec()
-                } else {
+        let mut token_bytes = Vec::with_capacity(tokens.iter().map(str::len).sum());
+        let mut token_ends = Vec::with_capacity(tokens.len());
+        for (t, ty) in tokens.iter().zip(&types) {
+            if special(ty) {
+                token_bytes.extend_from_slice(t.as_bytes());
+            } else {
+                token_bytes.extend(
                     t.chars()
-                        .map(|c| inverse.get(&c).copied().unwrap_or(b'?'))
-                        .collect()
-                }
-            })
-            .collect();
+                        .map(|c| inverse.get(c as usize).copied().flatten().unwrap_or(b'?')),
+                );
+            }
+            token_ends.push(token_bytes.len());
+        }
         let id = |k: &str| -> Result<Option<TokenId>> {
             Ok(md
                 .u64_opt(k)?
@@ -195,8 +186,13 @@ impl Tokenizer {
         eog.dedup();
         Ok(Tokenizer {
             inner,
-            max_token_bytes: token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1),
+            max_token_bytes: (0..token_ends.len())
+                .map(|i| token_ends[i] - i.checked_sub(1).map_or(0, |j| token_ends[j]))
+                .max()
+                .unwrap_or(1)
+                .max(1),
             token_bytes,
+            token_ends,
             is_control: types.iter().map(|t| *t == TYPE_CONTROL).collect(),
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos,
@@ -209,7 +205,7 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.token_bytes.len()
+        self.token_ends.len()
     }
 
     /// Tokenizes `text`, matching special tokens written in it; adds BOS if `add_special`
@@ -233,9 +229,12 @@ impl Tokenizer {
 
     /// The raw bytes of one token (empty for control tokens when `skip_control`).
     pub fn token_bytes(&self, id: TokenId, skip_control: bool) -> &[u8] {
-        match self.token_bytes.get(id as usize) {
-            Some(_) if skip_control && self.is_control[id as usize] => &[],
-            Some(b) => b,
+        let i = id as usize;
+        match self.token_ends.get(i) {
+            Some(_) if skip_control && self.is_control[i] => &[],
+            Some(&end) => {
+                &self.token_bytes[i.checked_sub(1).map_or(0, |j| self.token_ends[j])..end]
+            }
             None => &[],
         }
     }

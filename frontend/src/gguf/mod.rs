@@ -96,6 +96,8 @@ pub enum Value {
     Bool(bool),
     String(String),
     Array(Vec<Value>),
+    /// An array of strings (what the reader makes of every one).
+    Strings(Strings),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -139,6 +141,60 @@ impl Value {
             Value::Array(a) => Some(a),
             _ => None,
         }
+    }
+    pub fn as_strings(&self) -> Option<&Strings> {
+        match self {
+            Value::Strings(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// An array of strings held as one text and where each ends: a vocabulary's ~50,000 tokens
+/// and merges parse without an allocation each.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Strings {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    pub(crate) fn from_parts(text: String, ends: Vec<usize>) -> Strings {
+        debug_assert!(ends.windows(2).all(|w| w[0] <= w[1]) && ends.last() <= Some(&text.len()));
+        Strings { text, ends }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(|i| self.get(i).expect("in range"))
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Strings {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut out = Strings::default();
+        for s in iter {
+            out.push(s.as_ref());
+        }
+        out
     }
 }
 
@@ -209,6 +265,16 @@ pub trait Metadata {
                 v.as_str().ok_or(ModelError::WrongType {
                     key: key.into(),
                     expected: "string",
+                })
+            })
+            .transpose()
+    }
+    fn strings_opt(&self, key: &str) -> Result<Option<&Strings>> {
+        self.get(key)
+            .map(|v| {
+                v.as_strings().ok_or(ModelError::WrongType {
+                    key: key.into(),
+                    expected: "array of strings",
                 })
             })
             .transpose()

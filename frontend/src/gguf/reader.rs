@@ -79,6 +79,23 @@ impl<'a> Cursor<'a> {
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| corrupt("a string is not valid UTF-8"))
     }
+    /// `n` strings into one [`Strings`]: two allocations, not `n`. The text is checked as
+    /// UTF-8 once, with every string's end on a character boundary (so each string is valid).
+    fn strings(&mut self, n: usize) -> Result<Value> {
+        let mut text = Vec::new();
+        let mut ends = Vec::with_capacity(n);
+        for _ in 0..n {
+            let len = self.count(1, "string length")?;
+            text.extend_from_slice(self.take(len)?);
+            ends.push(text.len());
+        }
+        let bad = || corrupt("a string is not valid UTF-8");
+        let text = String::from_utf8(text).map_err(|_| bad())?;
+        if !ends.iter().all(|&e| text.is_char_boundary(e)) {
+            return Err(bad());
+        }
+        Ok(Value::Strings(super::Strings::from_parts(text, ends)))
+    }
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value> {
         Ok(match ty {
             0 => Value::U8(self.arr::<1>()?[0]),
@@ -103,6 +120,9 @@ impl<'a> Cursor<'a> {
                     _ => return Err(corrupt(format!("unknown metadata value type {elem}"))),
                 };
                 let n = self.count(min_each, "array")?;
+                if elem == 8 {
+                    return self.strings(n);
+                }
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
                     v.push(self.value(elem, depth + 1)?);

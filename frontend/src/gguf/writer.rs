@@ -105,7 +105,7 @@ fn type_code(v: &Value) -> u32 {
         Value::F32(_) => 6,
         Value::Bool(_) => 7,
         Value::String(_) => 8,
-        Value::Array(_) => 9,
+        Value::Array(_) | Value::Strings(_) => 9,
         Value::U64(_) => 10,
         Value::I64(_) => 11,
         Value::F64(_) => 12,
@@ -129,6 +129,13 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
             out.extend_from_slice(&(a.len() as u64).to_le_bytes());
             for x in a {
                 put_value(out, x);
+            }
+        }
+        Value::Strings(a) => {
+            out.extend_from_slice(&8u32.to_le_bytes());
+            out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            for x in a.iter() {
+                put_str(out, x);
             }
         }
         Value::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
