@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! DIR/manifest.json   what the bundle is and what it was sized for (the caller's fields),
-//!                     the source fingerprint, the weights file's size and xxh3, every tensor's place
+//!                     the source fingerprint, the weights file's size and the xxh3 of each
+//!                     4 MiB chunk of it (checked in parallel at load), every tensor's place
 //! DIR/model.gguf      the source GGUF's metadata, no tensors
 //! DIR/weights.bin     every matrix's packed lines, each at a 64-byte-aligned offset
 //! ```
@@ -22,12 +23,15 @@ use kernels::qmatmul::{QFormat, QWeights};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const METADATA: &str = "model.gguf";
 pub const WEIGHTS: &str = "weights.bin";
 /// The manifest's `format`: readers refuse any other.
-pub const FORMAT: &str = "tandem-edge/1";
+pub const FORMAT: &str = "tandem-edge/2";
+/// Bytes per checksummed chunk of the weights file (the last may be shorter).
+pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// Where one matrix lives in `weights.bin`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,12 +86,14 @@ pub struct TensorIndex {
     pub layers: Vec<LayerIndex>,
 }
 
-/// The weights file: its size and checksum, checked before a byte of it is used.
+/// The weights file: its size and checksums, checked before a byte of it is used.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WeightsFile {
     pub file: String,
     pub bytes: u64,
-    pub xxh3: String,
+    pub chunk_bytes: usize,
+    /// xxh3-64 of each chunk, hex: chunks are checked by as many threads as help.
+    pub chunk_xxh3: Vec<String>,
 }
 
 /// What [`Packed::write`] records of the model itself; the caller adds what the bundle was sized for
@@ -306,7 +312,12 @@ impl Packed {
             weights: WeightsFile {
                 file: WEIGHTS.into(),
                 bytes: self.blob.len() as u64,
-                xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&self.blob)),
+                chunk_bytes: CHUNK_BYTES,
+                chunk_xxh3: self
+                    .blob
+                    .chunks(CHUNK_BYTES)
+                    .map(|c| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(c)))
+                    .collect(),
             },
             tensors: self.tensors.clone(),
             serving,
@@ -327,28 +338,80 @@ impl AsRef<[u8]> for Mapped {
     }
 }
 
-/// Maps `dir`'s weights read-only, checking their size and checksum.
-pub fn map_weights(dir: &Path, manifest: &Manifest) -> Result<SharedBytes> {
-    let path = dir.join(&manifest.weights.file);
-    let file = std::fs::File::open(&path).map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    // SAFETY: the bundle is read-only by contract; the checksum below catches a file changed
-    // before this point (one changed while mapped is the same hazard as any mapped GGUF).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ModelError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    if map.len() as u64 != manifest.weights.bytes
-        || format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&map)) != manifest.weights.xxh3
-    {
-        return Err(bad(format!(
-            "{} does not match the manifest (size or checksum): re-export the bundle",
-            path.display()
-        )));
+/// A bundle's weights, mapped read-only and being checked: any number of threads may
+/// [`help`](Self::help) check the chunks; [`finish`](Self::finish) gives the bytes only when
+/// every chunk matched.
+pub struct Weights {
+    path: PathBuf,
+    map: Arc<Mapped>,
+    chunk: usize,
+    want: Vec<String>,
+    next: AtomicUsize,
+    bad: AtomicBool,
+}
+
+impl Weights {
+    /// Maps `dir`'s weights (size checked here, contents by the helpers).
+    pub fn open(dir: &Path, manifest: &Manifest) -> Result<Weights> {
+        let path = dir.join(&manifest.weights.file);
+        let file = std::fs::File::open(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the bundle is read-only by contract; the checksums catch a file changed
+        // before this point (one changed while mapped is the same hazard as any mapped GGUF).
+        // Populated: the checksums read every page, and one call maps them faster than faults.
+        let map =
+            unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|source| {
+                ModelError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        let w = &manifest.weights;
+        if map.len() as u64 != w.bytes
+            || w.chunk_bytes == 0
+            || map.len().div_ceil(w.chunk_bytes) != w.chunk_xxh3.len()
+        {
+            return Err(bad(format!(
+                "{} does not match the manifest (size): re-export the bundle",
+                path.display()
+            )));
+        }
+        Ok(Weights {
+            path,
+            map: Arc::new(Mapped(map)),
+            chunk: w.chunk_bytes,
+            want: w.chunk_xxh3.clone(),
+            next: AtomicUsize::new(0),
+            bad: AtomicBool::new(false),
+        })
     }
-    Ok(Arc::new(Mapped(map)))
+
+    /// Checks chunks until none is left unclaimed.
+    pub fn help(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(want) = self.want.get(i) else { return };
+            let start = i * self.chunk;
+            let chunk = &self.map.0[start..start.saturating_add(self.chunk).min(self.map.0.len())];
+            if format!("{:016x}", xxhash_rust::xxh3::xxh3_64(chunk)) != *want {
+                self.bad.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The bytes, once every chunk is checked (checking what no helper took).
+    pub fn finish(self) -> Result<SharedBytes> {
+        self.help();
+        if self.bad.load(Ordering::Relaxed) {
+            return Err(bad(format!(
+                "{} does not match the manifest (checksum): re-export the bundle",
+                self.path.display()
+            )));
+        }
+        Ok(self.map)
+    }
 }
 
 /// Builds the model over mapped weights in place.

@@ -154,8 +154,24 @@ impl Engine {
                 cfg.device
             )));
         }
-        let frontend = bundle::frontend(dir, &manifest, cfg.model_id.as_deref(), cfg.numerics())?;
-        let weights = bundle::map_weights(dir, &manifest)?;
+        // The weights map and are checked on a second thread while the tokenizer builds on
+        // this one, which then helps check what is left.
+        let opened = std::sync::OnceLock::new();
+        let frontend = std::thread::scope(|s| {
+            let mapper = s.spawn(|| {
+                if let Ok(w) = opened.get_or_init(|| bundle::Weights::open(dir, &manifest)) {
+                    w.help();
+                }
+            });
+            let frontend =
+                bundle::frontend(dir, &manifest, cfg.model_id.as_deref(), cfg.numerics());
+            if let Some(Ok(w)) = opened.get() {
+                w.help();
+            }
+            mapper.join().expect("mapping the weights panicked");
+            frontend
+        })?;
+        let weights = opened.into_inner().expect("set by the mapper")?.finish()?;
         let model = bundle::load_model(weights, &manifest, frontend.config.clone())?;
         Self::assemble(Box::new(model), frontend, cfg)
     }

@@ -131,7 +131,39 @@ fn a_damaged_bundle_is_refused() {
     std::fs::write(&mpath, &original).unwrap();
     // Another format version: refused with the reason.
     let text = std::fs::read_to_string(&mpath).unwrap();
-    std::fs::write(&mpath, text.replace("tandem-edge/1", "tandem-edge/9")).unwrap();
+    std::fs::write(
+        &mpath,
+        text.replace(engine::bundle::FORMAT, "tandem-edge/9"),
+    )
+    .unwrap();
     let err = Engine::load(&out, &cfg).err().expect("refused");
     assert!(err.to_string().contains("tandem-edge/9"), "{err}");
+    std::fs::write(&mpath, &original).unwrap();
+
+    // Checked in small chunks (both load threads take some): a flipped byte in any one chunk
+    // is found; a manifest whose chunk list does not cover the file is refused.
+    let mut bytes = std::fs::read(&w).unwrap();
+    let chunk = 4096;
+    let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+    m["weights"]["chunk_bytes"] = chunk.into();
+    m["weights"]["chunk_xxh3"] = bytes
+        .chunks(chunk)
+        .map(|c| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(c)))
+        .collect();
+    let n_chunks = bytes.len().div_ceil(chunk);
+    assert!(n_chunks >= 8, "{n_chunks} chunks");
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    assert!(Engine::load(&out, &cfg).is_ok());
+    for at in [0, n_chunks / 2 * chunk + 7, bytes.len() - 1] {
+        bytes[at] ^= 0x40;
+        std::fs::write(&w, &bytes).unwrap();
+        let err = Engine::load(&out, &cfg).err().expect("refused");
+        assert!(err.to_string().contains("checksum"), "byte {at}: {err}");
+        bytes[at] ^= 0x40;
+    }
+    std::fs::write(&w, &bytes).unwrap();
+    m["weights"]["chunk_xxh3"].as_array_mut().unwrap().pop();
+    std::fs::write(&mpath, m.to_string()).unwrap();
+    let err = Engine::load(&out, &cfg).err().expect("refused");
+    assert!(err.to_string().contains("size"), "{err}");
 }
