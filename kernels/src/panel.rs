@@ -10,7 +10,8 @@ pub const PANEL: usize = 16;
 #[derive(Clone, Copy)]
 pub(crate) struct Line(pub(crate) [u8; 64]);
 
-/// Bytes that outlive the weights built on them: a memory-mapped bundle file, say.
+/// Bytes that outlive the weights built on them: a memory-mapped bundle file, say. They must
+/// not move while shared (a map or a `Vec` does not): weights keep pointers into them.
 pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// Where a matrix's packed lines live: its own memory (packed at load), or a 64-byte-aligned
@@ -20,11 +21,18 @@ pub type SharedBytes = std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>;
 pub(crate) enum Lines {
     Owned(Vec<Line>),
     Mapped {
-        bytes: SharedBytes,
-        offset: usize,
+        /// Keeps `lines` alive (never read).
+        _bytes: SharedBytes,
+        /// `count` lines inside `bytes` (resolved once: the kernels deref on every panel).
+        lines: *const Line,
         count: usize,
     },
 }
+
+// SAFETY: `lines` points into `bytes`, which is immutable, `Send + Sync` and kept alive by the
+// `Arc` beside it.
+unsafe impl Send for Lines {}
+unsafe impl Sync for Lines {}
 
 impl Lines {
     /// `count` lines at `offset` of `bytes`; `None` if out of range or not 64-byte aligned.
@@ -34,9 +42,13 @@ impl Lines {
         let aligned = (b.as_ptr() as usize)
             .wrapping_add(offset)
             .is_multiple_of(64);
-        (end <= b.len() && aligned).then_some(Lines::Mapped {
-            bytes,
-            offset,
+        if end > b.len() || !aligned {
+            return None;
+        }
+        let lines = b[offset..].as_ptr() as *const Line;
+        Some(Lines::Mapped {
+            _bytes: bytes,
+            lines,
             count,
         })
     }
@@ -54,18 +66,11 @@ impl std::ops::Deref for Lines {
     fn deref(&self) -> &[Line] {
         match self {
             Lines::Owned(v) => v,
-            Lines::Mapped {
-                bytes,
-                offset,
-                count,
-            } => {
-                let b = (**bytes).as_ref();
-                // SAFETY: `mapped` checked the range and the 64-byte alignment; a Line is
-                // 64 plain bytes with no invalid values; the bytes live as long as `self`.
-                unsafe {
-                    std::slice::from_raw_parts(b.as_ptr().add(*offset) as *const Line, *count)
-                }
-            }
+            // SAFETY: `mapped` checked the range and the 64-byte alignment; a Line is 64
+            // plain bytes with no invalid values; the bytes live (unmoved) as long as `self`.
+            Lines::Mapped { lines, count, .. } => unsafe {
+                std::slice::from_raw_parts(*lines, *count)
+            },
         }
     }
 }
