@@ -224,6 +224,7 @@ pub fn export(a: &ExportEdgeArgs) -> anyhow::Result<()> {
 }
 
 pub fn serve(a: EdgeArgs) -> anyhow::Result<()> {
+    let listener = crate::up::bind_early(&a.http)?;
     let m = Manifest::read(&a.bundle)?;
     let s: Sizing = serde_json::from_value(m.serving.clone()).map_err(|e| {
         anyhow::anyhow!(
@@ -263,6 +264,7 @@ pub fn serve(a: EdgeArgs) -> anyhow::Result<()> {
             max_running: s.max_num_seqs,
             max_waiting: s.max_queue,
         },
+        listener,
         &http,
         "edge",
     )

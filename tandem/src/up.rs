@@ -30,6 +30,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 fn colocated(args: UpArgs) -> anyhow::Result<()> {
+    let listener = bind_early(&args.http)?;
     let threads = args.compute.setup()?;
     let path = model_path(args.model.model.as_deref())?;
     let cfg = args.compute.engine_config(&args.model);
@@ -40,14 +41,31 @@ fn colocated(args: UpArgs) -> anyhow::Result<()> {
     );
     let engine =
         Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
-    serve_colocated(engine, args.batch.worker_config(), &args.http, "colocated")
+    serve_colocated(
+        engine,
+        args.batch.worker_config(),
+        listener,
+        &args.http,
+        "colocated",
+    )
 }
 
-/// Serves the OpenAI API on `http` from one continuous-batching worker over `engine`, in this
-/// process, until Ctrl-C / SIGTERM (`tandem up --colocated`, `tandem edge`).
+/// Binds `http`'s address before the model loads: a client that connects meanwhile waits in
+/// the listen backlog and is answered once the model is up, rather than refused.
+pub fn bind_early(http: &crate::args::HttpArgs) -> anyhow::Result<std::net::TcpListener> {
+    let addr = format!("{}:{}", http.host, http.port);
+    let listener = std::net::TcpListener::bind(&addr).with_context(|| format!("binding {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves the OpenAI API on `listener` (bound by [`bind_early`]) from one continuous-batching
+/// worker over `engine`, in this process, until Ctrl-C / SIGTERM (`tandem up --colocated`,
+/// `tandem edge`).
 pub fn serve_colocated(
     engine: Arc<Engine>,
     worker: decode_worker::WorkerConfig,
+    listener: std::net::TcpListener,
     http: &crate::args::HttpArgs,
     mode: &str,
 ) -> anyhow::Result<()> {
@@ -58,10 +76,7 @@ pub fn serve_colocated(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let addr = format!("{}:{}", http.host, http.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let url = format!("http://{}", listener.local_addr()?);
         eprintln!("tandem: serving '{model_id}' on {url} (OpenAI API under {url}/v1), {mode}");
         print_try(&url, &model_id);
