@@ -90,7 +90,11 @@ impl<'a> Cursor<'a> {
             ends.push(text.len());
         }
         let bad = || corrupt("a string is not valid UTF-8");
-        let text = String::from_utf8(text).map_err(|_| bad())?;
+        // SIMD validation: a vocabulary is mostly multi-byte characters, where std's check
+        // runs at ~1 GB/s.
+        simdutf8::basic::from_utf8(&text).map_err(|_| bad())?;
+        // SAFETY: validated just above.
+        let text = unsafe { String::from_utf8_unchecked(text) };
         if !ends.iter().all(|&e| text.is_char_boundary(e)) {
             return Err(bad());
         }
