@@ -156,7 +156,9 @@ impl Tokenizer {
         }
         let mut token_bytes = Vec::with_capacity(tokens.iter().map(str::len).sum());
         let mut token_ends = Vec::with_capacity(tokens.len());
+        let mut max_token_bytes = 1;
         for (t, ty) in tokens.iter().zip(&types) {
+            let start = token_bytes.len();
             if special(ty) {
                 token_bytes.extend_from_slice(t.as_bytes());
             } else {
@@ -166,6 +168,7 @@ impl Tokenizer {
                 );
             }
             token_ends.push(token_bytes.len());
+            max_token_bytes = max_token_bytes.max(token_bytes.len() - start);
         }
         let id = |k: &str| -> Result<Option<TokenId>> {
             Ok(md
@@ -186,11 +189,7 @@ impl Tokenizer {
         eog.dedup();
         Ok(Tokenizer {
             inner,
-            max_token_bytes: (0..token_ends.len())
-                .map(|i| token_ends[i] - i.checked_sub(1).map_or(0, |j| token_ends[j]))
-                .max()
-                .unwrap_or(1)
-                .max(1),
+            max_token_bytes,
             token_bytes,
             token_ends,
             is_control: types.iter().map(|t| *t == TYPE_CONTROL).collect(),

@@ -325,6 +325,15 @@ mod tests {
         assert_eq!(big.max_num_seqs, 16, "capped by --max-num-seqs");
     }
 
+    /// The number written right after `phrase` in `msg`.
+    fn figure_after(msg: &str, phrase: &str) -> usize {
+        let rest = msg
+            .split(phrase)
+            .nth(1)
+            .expect("the phrase is in the message");
+        rest.split(' ').next().unwrap().parse().unwrap()
+    }
+
     #[test]
     fn a_budget_too_small_is_refused_with_the_arithmetic() {
         let e = size(&args(100, None, KvDtype::F16), &smollm2(), WEIGHTS).unwrap_err();
@@ -332,29 +341,13 @@ mod tests {
             e.0.contains("weights 93.8 MiB") && e.0.contains("needs --budget-mib"),
             "{e}"
         );
-        let need: usize =
-            e.0.split("needs --budget-mib ")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
+        let need: usize = figure_after(&e.0, "needs --budget-mib ");
         // What it says would fit does fit, and one MiB less does not.
         assert!(size(&args(need, None, KvDtype::F16), &smollm2(), WEIGHTS).is_ok());
         assert!(size(&args(need - 1, None, KvDtype::F16), &smollm2(), WEIGHTS).is_err());
         // A context the budget cannot hold names the largest that fits.
         let e = size(&args(160, Some(8192), KvDtype::F16), &smollm2(), WEIGHTS).unwrap_err();
-        let most: usize =
-            e.0.split("at most --context ")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
+        let most: usize = figure_after(&e.0, "at most --context ");
         assert!(size(&args(160, Some(most), KvDtype::F16), &smollm2(), WEIGHTS).is_ok());
         assert!(
             size(
