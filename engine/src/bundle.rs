@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::gguf::{GgufFile, GgufWriter, Metadata};
 use crate::linear::{Linear, Precision};
 use crate::model::{Layer, LlamaModel};
+use crate::moe::{Ffn, FfnBlock};
 use frontend::ModelError;
 use kernels::int8::I8Weights;
 use kernels::panel::SharedBytes;
@@ -253,6 +254,17 @@ impl Packed {
         let frontend =
             frontend::Frontend::from_gguf(&g, source, cfg.model_id.as_deref(), cfg.numerics())?;
         let model = LlamaModel::load(&g, cfg.precision)?;
+        let dense: Vec<&Ffn> = model
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FfnBlock::Dense(f) => Ok(f),
+                FfnBlock::Moe(_) => Err(bad(
+                    "the edge profile packs dense models only; serve an MoE model with tandem up"
+                        .into(),
+                )),
+            })
+            .collect::<Result<_>>()?;
         let mut blob = Blob(Vec::new());
         let tensors = TensorIndex {
             token_embd: blob.matrix(&model.token_embd),
@@ -261,13 +273,14 @@ impl Packed {
             layers: model
                 .layers
                 .iter()
-                .map(|l| LayerIndex {
+                .zip(dense)
+                .map(|(l, f)| LayerIndex {
                     attn_norm: blob.vector(&l.attn_norm),
                     wqkv: blob.matrix(&l.wqkv),
                     wo: blob.matrix(&l.wo),
                     ffn_norm: blob.vector(&l.ffn_norm),
-                    w_gate_up: blob.matrix(&l.w_gate_up),
-                    w_down: blob.matrix(&l.w_down),
+                    w_gate_up: blob.matrix(&f.w_gate_up),
+                    w_down: blob.matrix(&f.w_down),
                 })
                 .collect(),
         };
@@ -422,6 +435,9 @@ pub fn load_model(
     cfg: crate::config::LlamaConfig,
 ) -> Result<LlamaModel> {
     let t = &manifest.tensors;
+    if cfg.moe.is_some() {
+        return Err(bad("an edge bundle holds a dense model".into()));
+    }
     if t.layers.len() != cfg.n_layers {
         return Err(bad(format!(
             "{} layers indexed, the model has {}",
@@ -438,8 +454,10 @@ pub fn load_model(
                 wqkv: matrix(&bytes, &l.wqkv)?,
                 wo: matrix(&bytes, &l.wo)?,
                 ffn_norm: vector(&bytes, &l.ffn_norm)?,
-                w_gate_up: matrix(&bytes, &l.w_gate_up)?,
-                w_down: matrix(&bytes, &l.w_down)?,
+                ffn: FfnBlock::Dense(Ffn {
+                    w_gate_up: matrix(&bytes, &l.w_gate_up)?,
+                    w_down: matrix(&bytes, &l.w_down)?,
+                }),
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -27,6 +27,7 @@ pub mod generation;
 pub mod kv;
 pub mod linear;
 pub mod model;
+pub mod moe;
 pub mod sampler;
 pub mod synthetic;
 pub mod weights;

@@ -7,7 +7,7 @@
 
 use crate::error::Result;
 use crate::gguf::{GgmlType, GgufFile};
-use crate::weights::TensorsF32;
+use crate::weights::{TensorsF32, dequantize};
 use kernels::int8::{I8Acts, I8Weights, gemm};
 use kernels::matmul::matmul;
 use kernels::qmatmul::{QActs, QFormat, QWeights, qmatmul};
@@ -66,40 +66,43 @@ impl Linear {
         let info = g.tensor_shaped(name, shape)?;
         let k = shape[0] as usize;
         let n = shape.get(1).copied().unwrap_or(1) as usize;
-        let format = match info.ty {
+        Ok(Linear::from_gguf_rows(
+            info.ty,
+            g.tensor_bytes(info)?,
+            n,
+            k,
+            precision,
+        ))
+    }
+
+    /// `n` rows of `k` elements, GGUF-encoded as `ty` (a tensor, or one expert's slice of a
+    /// stacked one), at `precision`: w4a8 keeps Q4_0/Q4_1/Q8_0 blocks as stored and
+    /// requantizes other types to int8; int8 requantizes everything; f32 dequantizes exactly.
+    pub fn from_gguf_rows(
+        ty: GgmlType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+        precision: Precision,
+    ) -> Linear {
+        let format = match ty {
             GgmlType::Q4_0 => Some(QFormat::Q4_0),
             GgmlType::Q4_1 => Some(QFormat::Q4_1),
             GgmlType::Q8_0 => Some(QFormat::Q8_0),
             _ => None,
         };
-        if precision == Precision::Int8 {
-            return Ok(Linear::Int8(I8Weights::quantize(
-                &g.tensor_f32(name)?,
-                n,
-                k,
-            )));
-        }
         match format {
             Some(format)
                 if precision == Precision::W4A8 && k.is_multiple_of(kernels::qmatmul::QK) =>
             {
-                Ok(Linear::Quant(QWeights::pack(
-                    format,
-                    g.tensor_bytes(info)?,
-                    n,
-                    k,
-                )))
+                Linear::Quant(QWeights::pack(format, bytes, n, k))
             }
-            _ if precision == Precision::W4A8 => Ok(Linear::Int8(I8Weights::quantize(
-                &g.tensor_f32(name)?,
+            _ if precision == Precision::F32 => Linear::F32 {
+                w: dequantize(ty, bytes),
                 n,
                 k,
-            ))),
-            _ => Ok(Linear::F32 {
-                w: g.tensor_f32(name)?,
-                n,
-                k,
-            }),
+            },
+            _ => Linear::Int8(I8Weights::quantize(&dequantize(ty, bytes), n, k)),
         }
     }
 

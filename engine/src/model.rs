@@ -10,9 +10,10 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
+use crate::moe::{Ffn, FfnBlock};
 use crate::weights::TensorsF32;
 use kernels::attention::{AttnRows, AttnShape, KvBlockRef, attend_rows};
-use kernels::ops::{rms_norm, rope_angles, rope_apply, silu_mul};
+use kernels::ops::{rms_norm, rope_angles, rope_apply};
 use kernels::pool::for_rows;
 use rayon::prelude::*;
 
@@ -23,9 +24,7 @@ pub(crate) struct Layer {
     pub(crate) wqkv: Linear,
     pub(crate) wo: Linear,
     pub(crate) ffn_norm: Vec<f32>,
-    /// Gate and up stacked: `[2·d_ff × d]`.
-    pub(crate) w_gate_up: Linear,
-    pub(crate) w_down: Linear,
+    pub(crate) ffn: FfnBlock,
 }
 
 /// A loaded Llama-family model.
@@ -68,10 +67,9 @@ impl LlamaModel {
     /// Reads every weight at `precision`; checks shapes against the config.
     pub fn load(g: &GgufFile, precision: Precision) -> Result<LlamaModel> {
         let cfg = LlamaConfig::from_metadata(g)?;
-        let (d, kvd, ff, v) = (
+        let (d, kvd, v) = (
             cfg.d_model as u64,
             cfg.kv_dim() as u64,
-            cfg.d_ff as u64,
             cfg.vocab_size as u64,
         );
         let lin = |name: &str, shape: &[u64]| Linear::load(g, name, shape, precision);
@@ -105,8 +103,7 @@ impl LlamaModel {
                     ])?,
                     wo: t("attn_output", &[d, d])?,
                     ffn_norm: norm("ffn_norm")?,
-                    w_gate_up: stacked(&[(name("ffn_gate"), [d, ff]), (name("ffn_up"), [d, ff])])?,
-                    w_down: t("ffn_down", &[ff, d])?,
+                    ffn: FfnBlock::load(g, i, &cfg, precision)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -125,8 +122,6 @@ impl LlamaModel {
     pub(crate) fn check_shapes(&self) -> Result<()> {
         let c = &self.cfg;
         let (d, kvd, ff, v) = (c.d_model, c.kv_dim(), c.d_ff, c.vocab_size);
-        /// A weight's name, its `(n, k)` and the config's.
-        type Check<'a> = (&'a str, (usize, usize), (usize, usize));
         let mut want: Vec<Check> = vec![
             ("token_embd", self.token_embd.dims(), (v, d)),
             ("output_norm", (self.output_norm.len(), 1), (d, 1)),
@@ -140,15 +135,30 @@ impl LlamaModel {
                 ("ffn_norm", (l.ffn_norm.len(), 1), (d, 1)),
                 ("wqkv", l.wqkv.dims(), (d + 2 * kvd, d)),
                 ("wo", l.wo.dims(), (d, d)),
-                ("w_gate_up", l.w_gate_up.dims(), (2 * ff, d)),
-                ("w_down", l.w_down.dims(), (d, ff)),
             ]);
+            match &l.ffn {
+                FfnBlock::Dense(f) => want.extend(ffn_dims(f, d, ff)),
+                FfnBlock::Moe(m) => {
+                    want.push(("router", (m.router.len() / d, d), (m.n_experts(), d)));
+                    for f in &m.experts {
+                        want.extend(ffn_dims(f, d, ff));
+                    }
+                }
+            }
         }
         match want.iter().find(|(_, got, want)| got != want) {
             None => Ok(()),
             Some((name, got, want)) => Err(EngineError::Bundle(format!(
                 "{name} is {got:?} (n, k), the config needs {want:?}"
             ))),
+        }
+    }
+
+    /// Layer `layer`'s mixture of experts, if the model has them.
+    pub fn moe(&self, layer: usize) -> Option<&crate::moe::Moe> {
+        match &self.layers.get(layer)?.ffn {
+            FfnBlock::Moe(m) => Some(m),
+            FfnBlock::Dense(_) => None,
         }
     }
 
@@ -164,10 +174,9 @@ impl LlamaModel {
             .iter()
             .map(|l| {
                 (l.attn_norm.len() + l.ffn_norm.len()) * 4
-                    + [&l.wqkv, &l.wo, &l.w_gate_up, &l.w_down]
-                        .iter()
-                        .map(|w| w.bytes())
-                        .sum::<usize>()
+                    + l.wqkv.bytes()
+                    + l.wo.bytes()
+                    + l.ffn.bytes()
             })
             .sum();
         l + self.token_embd.bytes()
@@ -189,8 +198,20 @@ impl LlamaModel {
         items: &mut [ForwardItem<'_>],
         layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
+        self.forward_tapped(items, layer_done, &mut |_, _| {})
+    }
+
+    /// [`forward_with`](Self::forward_with), showing `ffn_input(l, h)` every layer's FFN input
+    /// (`h: [rows × d]`, normed) before the FFN runs: what router calibration and the golden
+    /// tests' router checks read.
+    pub fn forward_tapped(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        layer_done: &mut LayerHook<'_>,
+        ffn_input: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
-        let (d, kvd, ff, hd) = (c.d_model, c.kv_dim(), c.d_ff, c.head_dim);
+        let (d, kvd, hd) = (c.d_model, c.kv_dim(), c.head_dim);
         validate_and_reserve(c, items)?;
         // Row r belongs to item row_item[r] at position row_pos[r].
         let mut row_item = Vec::new();
@@ -218,8 +239,6 @@ impl LlamaModel {
         let mut proj = vec![0f32; r * d];
         let qkv_w = d + 2 * kvd;
         let mut qkv = vec![0f32; r * qkv_w];
-        let mut gate_up = vec![0f32; r * 2 * ff];
-        let mut gate = vec![0f32; r * ff];
         let shape = AttnShape {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -265,13 +284,8 @@ impl LlamaModel {
             l.wo.forward(&mut Acts::new(&att, r, d), &mut proj);
             add_in_place(&mut x, &proj);
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut h, d);
-            l.w_gate_up.forward(&mut Acts::new(&h, r, d), &mut gate_up);
-            for_rows(&mut gate, ff, 16, |row, g| {
-                let gu = &gate_up[row * 2 * ff..(row + 1) * 2 * ff];
-                g.copy_from_slice(&gu[..ff]);
-                silu_mul(g, &gu[ff..]);
-            });
-            l.w_down.forward(&mut Acts::new(&gate, r, ff), &mut proj);
+            ffn_input(li, &h);
+            l.ffn.forward(&h, r, &mut proj);
             add_in_place(&mut x, &proj);
         }
 
@@ -312,6 +326,17 @@ impl LlamaModel {
         }
         Ok(out)
     }
+}
+
+/// A weight's name, its `(n, k)` and the config's.
+type Check<'a> = (&'a str, (usize, usize), (usize, usize));
+
+/// An FFN's matrices' `(n, k)`, and what the config needs.
+fn ffn_dims(f: &Ffn, d: usize, ff: usize) -> [Check<'static>; 2] {
+    [
+        ("w_gate_up", f.w_gate_up.dims(), (2 * ff, d)),
+        ("w_down", f.w_down.dims(), (d, ff)),
+    ]
 }
 
 /// Checks every item's tokens and context against the model and reserves its blocks, before a

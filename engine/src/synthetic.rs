@@ -5,8 +5,7 @@
 use crate::error::Result;
 use crate::gguf::{GgmlType, GgufWriter, Value};
 use crate::tokenizer::byte_to_char;
-use half::{bf16, f16};
-use kernels::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+use crate::weights::encode;
 use std::path::Path;
 
 /// Shape of a synthetic model.
@@ -26,6 +25,8 @@ pub struct TinySpec {
     /// Every matrix in a GGML block format (Q4_1, Q4_0, Q8_0; the default mixes in f16, bf16
     /// and f32): a model every backend's w4a8 path runs as stored, bit for bit comparable.
     pub block_formats_only: bool,
+    /// A mixture of experts in every layer: `(experts, used per token)`.
+    pub experts: Option<(usize, usize)>,
 }
 
 impl Default for TinySpec {
@@ -41,6 +42,7 @@ impl Default for TinySpec {
             untied_output: false,
             chat_template: None,
             block_formats_only: false,
+            experts: None,
         }
     }
 }
@@ -87,24 +89,6 @@ pub fn vocab() -> (Vec<String>, Vec<i32>) {
     (tokens, types)
 }
 
-fn encode(ty: GgmlType, data: &[f32]) -> Vec<u8> {
-    match ty {
-        GgmlType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => data
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-        GgmlType::Bf16 => data
-            .iter()
-            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
-            .collect(),
-        GgmlType::Q4_0 => quantize_q4_0(data),
-        GgmlType::Q4_1 => quantize_q4_1(data),
-        GgmlType::Q8_0 => quantize_q8_0(data),
-        GgmlType::Other(_) => unreachable!(),
-    }
-}
-
 /// Builds the GGUF for `spec` in memory.
 pub fn build(spec: &TinySpec) -> GgufWriter {
     let (tokens, types) = vocab();
@@ -143,6 +127,10 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
             "tokenizer.chat_template",
             s(spec.chat_template.as_deref().unwrap_or(crate::chat::CHATML)),
         );
+    if let Some((ne, used)) = spec.experts {
+        w.meta("llama.expert_count", u(ne))
+            .meta("llama.expert_used_count", u(used));
+    }
     let mut rng = Rng(spec.seed.max(1));
     let (d, ff) = (spec.d_model as u64, spec.d_ff as u64);
     let kvd = (spec.d_model / spec.n_heads * spec.n_kv_heads) as u64;
@@ -179,6 +167,19 @@ pub fn build(spec: &TinySpec) -> GgufWriter {
             pick(GgmlType::Bf16, GgmlType::Q4_1),
         );
         t(&mut w, &n("ffn_norm"), &[d], GgmlType::F32);
+        if let Some((ne, _)) = spec.experts {
+            let ne = ne as u64;
+            t(&mut w, &n("ffn_gate_inp"), &[d, ne], GgmlType::F32);
+            t(&mut w, &n("ffn_gate_exps"), &[d, ff, ne], GgmlType::Q4_1);
+            t(&mut w, &n("ffn_up_exps"), &[d, ff, ne], GgmlType::Q8_0);
+            t(
+                &mut w,
+                &n("ffn_down_exps"),
+                &[ff, d, ne],
+                pick(GgmlType::F16, GgmlType::Q4_0),
+            );
+            continue;
+        }
         t(&mut w, &n("ffn_gate"), &[d, ff], GgmlType::Q4_1);
         t(&mut w, &n("ffn_up"), &[d, ff], GgmlType::Q8_0);
         t(

@@ -19,24 +19,50 @@ impl TensorsF32 for GgufFile {
         let info = self
             .tensor_info(name)
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let src = self.tensor_bytes(info)?;
-        let mut out = vec![0f32; info.n_elements() as usize];
-        use kernels::quant::*;
-        match info.ty {
-            GgmlType::F32 => dequantize_f32(src, &mut out),
-            GgmlType::F16 => dequantize_f16(src, &mut out),
-            GgmlType::Bf16 => dequantize_bf16(src, &mut out),
-            GgmlType::Q4_0 => dequantize_q4_0(src, &mut out),
-            GgmlType::Q4_1 => dequantize_q4_1(src, &mut out),
-            GgmlType::Q8_0 => dequantize_q8_0(src, &mut out),
-            GgmlType::Other(_) => unreachable!("tensor_bytes rejects unreadable types"),
-        }
-        Ok(out)
+        Ok(dequantize(info.ty, self.tensor_bytes(info)?))
     }
 
     fn tensor_f32_shaped(&self, name: &str, want: &[u64]) -> Result<Vec<f32>> {
         self.tensor_shaped(name, want)?;
         self.tensor_f32(name)
+    }
+}
+
+/// GGUF-encoded elements of type `ty` (whole blocks), dequantized exactly.
+pub fn dequantize(ty: GgmlType, src: &[u8]) -> Vec<f32> {
+    let (blk, bytes) = ty.block_layout().expect("a readable type");
+    let mut out = vec![0f32; src.len() / bytes * blk];
+    use kernels::quant::*;
+    match ty {
+        GgmlType::F32 => dequantize_f32(src, &mut out),
+        GgmlType::F16 => dequantize_f16(src, &mut out),
+        GgmlType::Bf16 => dequantize_bf16(src, &mut out),
+        GgmlType::Q4_0 => dequantize_q4_0(src, &mut out),
+        GgmlType::Q4_1 => dequantize_q4_1(src, &mut out),
+        GgmlType::Q8_0 => dequantize_q8_0(src, &mut out),
+        GgmlType::Other(_) => unreachable!("block_layout rejects unreadable types"),
+    }
+    out
+}
+
+/// `data` GGUF-encoded as `ty` (the inverse of [`dequantize`], exact for the float types).
+pub fn encode(ty: GgmlType, data: &[f32]) -> Vec<u8> {
+    use half::{bf16, f16};
+    use kernels::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+    match ty {
+        GgmlType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => data
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Bf16 => data
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::Q4_0 => quantize_q4_0(data),
+        GgmlType::Q4_1 => quantize_q4_1(data),
+        GgmlType::Q8_0 => quantize_q8_0(data),
+        GgmlType::Other(_) => unreachable!("not a type Tandem writes"),
     }
 }
 

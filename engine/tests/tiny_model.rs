@@ -60,13 +60,23 @@ fn loads_metadata_and_every_tensor_type() {
 
 #[test]
 fn chunked_prefill_and_decode_steps_agree_bit_for_bit() {
-    for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
-        chunked_prefill_and_decode_steps_agree_at(p);
+    for spec in [TinySpec::default(), moe()] {
+        for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
+            chunked_prefill_and_decode_steps_agree_at(&spec, p);
+        }
     }
 }
 
-fn chunked_prefill_and_decode_steps_agree_at(precision: Precision) {
-    let (_d, e) = tiny_at(&TinySpec::default(), precision);
+/// A mixture of 6 experts, 2 per token, in every layer.
+fn moe() -> TinySpec {
+    TinySpec {
+        experts: Some((6, 2)),
+        ..Default::default()
+    }
+}
+
+fn chunked_prefill_and_decode_steps_agree_at(spec: &TinySpec, precision: Precision) {
+    let (_d, e) = tiny_at(spec, precision);
     let toks = prompt(40, 1);
     // Whole prompt at once, logits at every position.
     let mut whole = e.new_sequence();
@@ -96,13 +106,15 @@ fn chunked_prefill_and_decode_steps_agree_at(precision: Precision) {
 
 #[test]
 fn decode_batch_is_invariant_to_its_company() {
-    for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
-        decode_batch_is_invariant_at(p);
+    for spec in [TinySpec::default(), moe()] {
+        for p in [Precision::F32, Precision::Int8, Precision::W4A8] {
+            decode_batch_is_invariant_at(&spec, p);
+        }
     }
 }
 
-fn decode_batch_is_invariant_at(precision: Precision) {
-    let (_d, e) = tiny_at(&TinySpec::default(), precision);
+fn decode_batch_is_invariant_at(spec: &TinySpec, precision: Precision) {
+    let (_d, e) = tiny_at(spec, precision);
     let mut alone = e.new_sequence();
     e.prefill(&mut alone, &prompt(19, 2), LogitsWanted::None)
         .unwrap();

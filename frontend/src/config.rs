@@ -17,6 +17,18 @@ pub struct LlamaConfig {
     pub n_ctx: usize,
     pub rope_base: f32,
     pub rms_eps: f32,
+    /// Mixture of experts in place of the dense FFN (`llama.expert_count` > 0): Mixtral's
+    /// routing, llama.cpp's `llama` architecture.
+    pub moe: Option<MoeConfig>,
+}
+
+/// A mixture-of-experts FFN: every token goes to the `n_used` experts (of `n_experts`) with the
+/// highest router probability (softmax over the router's logits), weighted by those
+/// probabilities renormalized to sum to 1. `d_ff` is each expert's width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeConfig {
+    pub n_experts: usize,
+    pub n_used: usize,
 }
 
 impl LlamaConfig {
@@ -53,7 +65,23 @@ impl LlamaConfig {
                 .map(|a| a.len())
                 .ok_or_else(|| ModelError::MissingKey("tokenizer.ggml.tokens".into()))?,
         };
+        let moe = match md.u64_opt("llama.expert_count")? {
+            None | Some(0) => None,
+            Some(n) => {
+                let used = md.u64_req("llama.expert_used_count")?;
+                if used == 0 || used > n {
+                    return Err(ModelError::Gguf(format!(
+                        "{used} experts used of {n}: needs 1 ..= expert_count"
+                    )));
+                }
+                Some(MoeConfig {
+                    n_experts: n as usize,
+                    n_used: used as usize,
+                })
+            }
+        };
         Ok(LlamaConfig {
+            moe,
             n_layers: u("block_count")?,
             d_model,
             d_ff: u("feed_forward_length")?,
@@ -76,7 +104,10 @@ impl LlamaConfig {
     /// Multiply-accumulates per token in the weight matrices (for throughput reports).
     pub fn macs_per_token(&self) -> usize {
         let d = self.d_model;
-        self.n_layers * (d * d * 2 + d * self.kv_dim() * 2 + d * self.d_ff * 3)
-            + d * self.vocab_size
+        let ffn = match self.moe {
+            None => d * self.d_ff * 3,
+            Some(m) => m.n_used * d * self.d_ff * 3 + m.n_experts * d,
+        };
+        self.n_layers * (d * d * 2 + d * self.kv_dim() * 2 + ffn) + d * self.vocab_size
     }
 }

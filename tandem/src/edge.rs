@@ -287,6 +287,7 @@ mod tests {
             n_ctx: 8192,
             rope_base: 100000.0,
             rms_eps: 1e-5,
+            moe: None,
         }
     }
 

@@ -3,6 +3,7 @@
 mod args;
 mod edge;
 mod generate;
+mod make_moe;
 mod plan;
 mod process;
 mod roles;
@@ -79,6 +80,8 @@ enum ModelCommand {
     },
     /// Write an exact F32 copy of a GGUF (every tensor dequantized), e.g. as a reference for llama.cpp.
     ExportF32 { input: PathBuf, output: PathBuf },
+    /// Make a mixture-of-experts GGUF from a dense model: random experts with a skewed router, or the dense FFN upcycled into every expert.
+    MakeMoe(make_moe::MakeMoeArgs),
     /// Single-stream prefill (pp) and decode (tg) speed of the engine, like llama-bench.
     Bench(bench::measure::engine::BenchArgs),
     /// A device backend (CUDA) against the CPU: logits, golden prompts, batch invariance, speed.
@@ -178,6 +181,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let model = process::model_config(args.model.as_deref())?;
             bench::measure::store::run(&args, &model)
         }
+        Command::Model(ModelCommand::MakeMoe(args)) => make_moe::run(&args),
         Command::Model(ModelCommand::ExportF32 { input, output }) => {
             let g = engine::gguf::GgufFile::open(&input)?;
             engine::weights::export_f32(&g, &output)?;

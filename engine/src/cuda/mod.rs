@@ -153,6 +153,11 @@ impl CudaModel {
             ));
         }
         let cfg = LlamaConfig::from_metadata(g)?;
+        if cfg.moe.is_some() {
+            return Err(EngineError::Device(
+                "mixture-of-experts models run on the CPU only for now".into(),
+            ));
+        }
         if cfg.head_dim > 256 || cfg.head_dim % 2 != 0 {
             return Err(EngineError::Device(format!(
                 "head dimension {} (the kernels take even ones up to 256)",
