@@ -13,9 +13,11 @@
 //! arithmetic per row.
 
 use crate::config::LlamaConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::kv::{KvDtype, KvLayout};
 use crate::model::{ForwardItem, LayerHook, LlamaModel};
+use crate::moe::ExpertBackend;
+use std::sync::Arc;
 
 /// What a model runs on.
 pub trait Backend: Send + Sync {
@@ -46,6 +48,14 @@ pub trait Backend: Send + Sync {
         items: &mut [ForwardItem<'_>],
         layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>>;
+    /// Runs a mixture's experts on `backend` (expert workers) instead of here.
+    fn set_expert_backend(&mut self, backend: Arc<dyn ExpertBackend>) -> Result<()> {
+        let _ = backend;
+        Err(EngineError::Experts(format!(
+            "the {} backend runs every expert itself",
+            self.name()
+        )))
+    }
 }
 
 impl Backend for LlamaModel {
@@ -67,5 +77,8 @@ impl Backend for LlamaModel {
         layer_done: &mut LayerHook<'_>,
     ) -> Result<Vec<Vec<f32>>> {
         LlamaModel::forward_with(self, items, layer_done)
+    }
+    fn set_expert_backend(&mut self, backend: Arc<dyn ExpertBackend>) -> Result<()> {
+        LlamaModel::set_expert_backend(self, backend)
     }
 }

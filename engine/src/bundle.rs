@@ -468,6 +468,7 @@ pub fn load_model(
         output: t.output.as_ref().map(|o| matrix(&bytes, o)).transpose()?,
         output_norm: vector(&bytes, &t.output_norm)?,
         layers,
+        expert_backend: None,
     };
     model.check_shapes()?;
     Ok(model)

@@ -22,6 +22,9 @@ pub enum EngineError {
     /// The device cannot run this model (no GPU, no driver, an unsupported format) or failed.
     #[error("device: {0}")]
     Device(String),
+    /// A mixture's experts could not be computed (an expert worker unreachable or refusing).
+    #[error("experts: {0}")]
+    Experts(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

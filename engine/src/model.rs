@@ -10,7 +10,7 @@ use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kv::{KvDtype, KvLayout, KvSequence};
 use crate::linear::{Acts, Linear, Precision};
-use crate::moe::{Ffn, FfnBlock};
+use crate::moe::{ExpertBackend, Ffn, FfnBlock};
 use crate::weights::TensorsF32;
 use kernels::attention::{AttnRows, AttnShape, KvBlockRef, attend_rows};
 use kernels::ops::{rms_norm, rope_angles, rope_apply};
@@ -40,6 +40,8 @@ pub struct LlamaModel {
     pub(crate) output: Option<Linear>,
     pub(crate) output_norm: Vec<f32>,
     pub(crate) layers: Vec<Layer>,
+    /// Where a mixture's experts run when not here (expert parallelism); `None`: here.
+    pub(crate) expert_backend: Option<std::sync::Arc<dyn ExpertBackend>>,
 }
 
 /// What a forward pass calls after each layer: the layer, and the items (whose K/V of that
@@ -114,7 +116,25 @@ impl LlamaModel {
             output,
             output_norm,
             layers,
+            expert_backend: None,
         })
+    }
+
+    /// Runs every mixture's experts on `backend` (expert workers) from now on, dropping the
+    /// ones held here. A dense model refuses.
+    pub fn set_expert_backend(&mut self, backend: std::sync::Arc<dyn ExpertBackend>) -> Result<()> {
+        if self.cfg.moe.is_none() {
+            return Err(EngineError::Experts(
+                "the model is dense: it has no experts to run elsewhere".into(),
+            ));
+        }
+        for l in &mut self.layers {
+            if let FfnBlock::Moe(m) = &mut l.ffn {
+                m.drop_experts();
+            }
+        }
+        self.expert_backend = Some(backend);
+        Ok(())
     }
 
     /// Checks every weight's shape against the config (for weights that did not come from a
@@ -140,7 +160,7 @@ impl LlamaModel {
                 FfnBlock::Dense(f) => want.extend(ffn_dims(f, d, ff)),
                 FfnBlock::Moe(m) => {
                     want.push(("router", (m.router.len() / d, d), (m.n_experts(), d)));
-                    for f in &m.experts {
+                    for f in m.experts.iter().flatten() {
                         want.extend(ffn_dims(f, d, ff));
                     }
                 }
@@ -285,7 +305,8 @@ impl LlamaModel {
             add_in_place(&mut x, &proj);
             norm_rows(&x, &l.ffn_norm, c.rms_eps, &mut h, d);
             ffn_input(li, &h);
-            l.ffn.forward(&h, r, &mut proj);
+            l.ffn
+                .forward(li, &h, r, &mut proj, self.expert_backend.as_deref())?;
             add_in_place(&mut x, &proj);
         }
 

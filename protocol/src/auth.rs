@@ -56,6 +56,9 @@ pub enum Plane {
     Grpc = 1,
     /// The TCP KV data plane (`kv_store::tcp`).
     KvData = 2,
+    /// Expert parallelism: routed rows to an expert worker, its experts' outputs back
+    /// (`expert_worker::wire`).
+    Experts = 3,
 }
 
 /// The cluster's shared secret. Its bytes never leave this type but as MACs; `Debug` hides them.

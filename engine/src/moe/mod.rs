@@ -10,7 +10,7 @@
 //! nor on where its experts ran.
 
 use crate::config::{LlamaConfig, MoeConfig};
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::linear::{Acts, Linear, Precision};
 use crate::weights::{TensorsF32, dequantize};
@@ -90,8 +90,17 @@ pub struct Moe {
     /// Router weights `[n_experts × d]`, f32 at every precision (llama.cpp keeps
     /// `ffn_gate_inp` unquantized too).
     pub(crate) router: Vec<f32>,
-    pub(crate) experts: Vec<Ffn>,
+    /// The experts this process holds (`None`: computed elsewhere, by an [`ExpertBackend`]).
+    pub(crate) experts: Vec<Option<Ffn>>,
     pub(crate) n_used: usize,
+}
+
+/// Where a mixture's experts run when not all in this process: expert workers
+/// (`expert-worker`'s client), reached once per layer per step.
+pub trait ExpertBackend: Send + Sync {
+    /// Layer `layer`'s experts over the rows each was routed (`groups.rows[e]` of `h`, rows of
+    /// `d`): per expert, its rows' outputs `[rows × d]` in that order (empty for none).
+    fn run(&self, layer: usize, h: &[f32], d: usize, groups: &Groups) -> Result<Vec<Vec<f32>>>;
 }
 
 /// Which experts each row goes to, and with what weight: `n_used` slots per row, highest
@@ -142,6 +151,18 @@ impl Moe {
         moe: MoeConfig,
         precision: Precision,
     ) -> Result<Moe> {
+        Self::load_some(g, i, cfg, moe, precision, &|_| true)
+    }
+
+    /// [`load`](Self::load), holding only the experts `held` says.
+    pub(crate) fn load_some(
+        g: &GgufFile,
+        i: usize,
+        cfg: &LlamaConfig,
+        moe: MoeConfig,
+        precision: Precision,
+        held: &dyn Fn(usize) -> bool,
+    ) -> Result<Moe> {
         let (d, ff, ne) = (cfg.d_model as u64, cfg.d_ff as u64, moe.n_experts as u64);
         let name = |n: &str| format!("blk.{i}.{n}.weight");
         let router = g.tensor_f32_shaped(&name("ffn_gate_inp"), &[d, ne])?;
@@ -164,13 +185,15 @@ impl Moe {
         }
         let experts = (0..moe.n_experts)
             .map(|e| {
-                Ffn::from_rows(
-                    slice(gate, e),
-                    slice(up, e),
-                    slice(down, e),
-                    (cfg.d_model, cfg.d_ff),
-                    precision,
-                )
+                held(e).then(|| {
+                    Ffn::from_rows(
+                        slice(gate, e),
+                        slice(up, e),
+                        slice(down, e),
+                        (cfg.d_model, cfg.d_ff),
+                        precision,
+                    )
+                })
             })
             .collect();
         Ok(Moe {
@@ -185,7 +208,7 @@ impl Moe {
     }
 
     pub fn bytes(&self) -> usize {
-        self.router.len() * 4 + self.experts.iter().map(Ffn::bytes).sum::<usize>()
+        self.router.len() * 4 + self.experts.iter().flatten().map(Ffn::bytes).sum::<usize>()
     }
 
     /// The router's probabilities for `r` rows of `h: [r × d]`: logits in f32, softmax over
@@ -235,18 +258,58 @@ impl Moe {
         }
     }
 
-    /// The expert FFN for `r` rows of `h`, into `out: [r × d]`, all experts in this process.
-    pub fn forward(&self, h: &[f32], r: usize, out: &mut [f32]) {
+    /// Expert `e`, if this process holds it.
+    pub fn expert(&self, e: usize) -> Option<&Ffn> {
+        self.experts.get(e)?.as_ref()
+    }
+
+    /// The mixture for `r` rows of `h`, into `out: [r × d]`: routed here, the experts run
+    /// here or by `remote` (layer `layer`'s), combined here.
+    pub fn forward(
+        &self,
+        layer: usize,
+        h: &[f32],
+        r: usize,
+        out: &mut [f32],
+        remote: Option<&dyn ExpertBackend>,
+    ) -> Result<()> {
         let d = h.len() / r.max(1);
         let routing = self.route(h, r);
         let groups = routing.groups(self.experts.len());
-        let outputs: Vec<Vec<f32>> = groups
-            .rows
+        let outputs = match remote {
+            Some(b) => b.run(layer, h, d, &groups)?,
+            None => groups
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(e, rows)| match (rows.is_empty(), self.expert(e)) {
+                    (true, _) => Ok(Vec::new()),
+                    (false, Some(f)) => Ok(run_expert(f, h, d, rows)),
+                    (false, None) => Err(EngineError::Experts(format!(
+                        "layer {layer}'s expert {e} is not held here and no expert workers are set"
+                    ))),
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if let Some((e, o)) = outputs
             .iter()
-            .zip(&self.experts)
-            .map(|(rows, expert)| run_expert(expert, h, d, rows))
-            .collect();
+            .zip(&groups.rows)
+            .enumerate()
+            .find(|(_, (o, rows))| o.len() != rows.len() * d)
+            .map(|(e, (o, _))| (e, o.len()))
+        {
+            return Err(EngineError::Experts(format!(
+                "layer {layer}'s expert {e} returned {o} values for {} rows of {d}",
+                groups.rows[e].len()
+            )));
+        }
         combine(&routing, &groups, &outputs, d, out);
+        Ok(())
+    }
+
+    /// Drops the experts this process holds (an [`ExpertBackend`] computes them instead).
+    pub(crate) fn drop_experts(&mut self) {
+        self.experts.iter_mut().for_each(|e| *e = None);
     }
 }
 
@@ -326,11 +389,21 @@ impl FfnBlock {
         )))
     }
 
-    /// `out = ffn(h)` for `r` rows.
-    pub fn forward(&self, h: &[f32], r: usize, out: &mut [f32]) {
+    /// `out = ffn(h)` for `r` rows of layer `layer` (a mixture's experts by `remote` if set).
+    pub fn forward(
+        &self,
+        layer: usize,
+        h: &[f32],
+        r: usize,
+        out: &mut [f32],
+        remote: Option<&dyn ExpertBackend>,
+    ) -> Result<()> {
         match self {
-            FfnBlock::Dense(f) => f.forward(h, r, out),
-            FfnBlock::Moe(m) => m.forward(h, r, out),
+            FfnBlock::Dense(f) => {
+                f.forward(h, r, out);
+                Ok(())
+            }
+            FfnBlock::Moe(m) => m.forward(layer, h, r, out, remote),
         }
     }
 
@@ -343,6 +416,7 @@ impl FfnBlock {
 }
 
 pub mod make;
+pub mod shard;
 
 #[cfg(test)]
 mod tests;

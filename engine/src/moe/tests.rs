@@ -113,7 +113,7 @@ fn moe_ffn_matches_the_reference_at_every_precision() {
                 let moe = Moe::load(&t.g, layer, &t.cfg, t.cfg.moe.unwrap(), precision).unwrap();
                 let routing = moe.route(&h, r);
                 let mut out = vec![0f32; r * d];
-                moe.forward(&h, r, &mut out);
+                moe.forward(0, &h, r, &mut out, None).unwrap();
                 let mut used_experts = std::collections::BTreeSet::new();
                 for row in 0..r {
                     let (want, chosen) = reference(&t, layer, &h[row * d..(row + 1) * d]);
@@ -146,10 +146,11 @@ fn a_rows_output_does_not_depend_on_its_batch() {
     for precision in [Precision::F32, Precision::W4A8, Precision::Int8] {
         let moe = Moe::load(&t.g, 1, &t.cfg, t.cfg.moe.unwrap(), precision).unwrap();
         let mut all = vec![0f32; r * d];
-        moe.forward(&h, r, &mut all);
+        moe.forward(1, &h, r, &mut all, None).unwrap();
         for row in [0, 5, 16] {
             let mut one = vec![0f32; d];
-            moe.forward(&h[row * d..(row + 1) * d], 1, &mut one);
+            moe.forward(1, &h[row * d..(row + 1) * d], 1, &mut one, None)
+                .unwrap();
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
             assert_eq!(
                 bits(&one),

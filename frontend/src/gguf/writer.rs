@@ -20,8 +20,13 @@ impl GgufWriter {
         Self::default()
     }
 
+    /// Sets `key` (replacing its value if set: a GGUF holds each key once).
     pub fn meta(&mut self, key: impl Into<String>, v: Value) -> &mut Self {
-        self.metadata.push((key.into(), v));
+        let key = key.into();
+        match self.metadata.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = v,
+            None => self.metadata.push((key, v)),
+        }
         self
     }
 
