@@ -9,17 +9,25 @@ use protocol::auth::{self, ClusterSecret, Plane};
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long connecting to an expert worker may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one layer's reply may take before the worker is taken for gone.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Peer {
-    addr: String,
+/// An open connection to an expert worker.
+struct Conn {
     r: BufReader<TcpStream>,
     w: BufWriter<TcpStream>,
+}
+
+struct Peer {
+    addr: String,
+    /// `None` after a failure: opened again at the next step that needs the worker.
+    conn: Option<Conn>,
+    /// What it said when first reached (a reconnection must say the same).
+    hello: Hello,
 }
 
 /// What the model must be, as the prefill or decode worker loaded it.
@@ -33,6 +41,7 @@ pub struct Expect {
 
 /// Expert workers as an [`ExpertBackend`].
 pub struct RemoteExperts {
+    secret: Option<ClusterSecret>,
     peers: Vec<Mutex<Peer>>,
     /// The peer that computes each expert.
     owner: Vec<usize>,
@@ -44,11 +53,7 @@ fn err(addr: &str, what: impl std::fmt::Display) -> EngineError {
 
 /// Connects to `addr`, trying again until `deadline` while nothing listens there yet (a
 /// worker still loading); a handshake or hello that fails is an error at once.
-fn connect(
-    addr: &str,
-    secret: Option<&ClusterSecret>,
-    deadline: std::time::Instant,
-) -> Result<(Peer, Hello)> {
+fn connect(addr: &str, secret: Option<&ClusterSecret>, deadline: Instant) -> Result<(Conn, Hello)> {
     let mut last = err(addr, "no address");
     let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| err(addr, e))?.collect();
     let mut s = 'found: loop {
@@ -73,12 +78,11 @@ fn connect(
         Ok(hello)
     };
     let hello = setup(&mut s).map_err(|e| err(addr, e))?;
-    let peer = Peer {
-        addr: addr.to_string(),
+    let conn = Conn {
         r: BufReader::with_capacity(1 << 16, s.try_clone().map_err(|e| err(addr, e))?),
         w: BufWriter::with_capacity(1 << 16, s),
     };
-    Ok((peer, hello))
+    Ok((conn, hello))
 }
 
 impl RemoteExperts {
@@ -100,11 +104,11 @@ impl RemoteExperts {
         expect: Expect,
         wait: Duration,
     ) -> Result<RemoteExperts> {
-        let deadline = std::time::Instant::now() + wait;
+        let deadline = Instant::now() + wait;
         let mut peers = Vec::new();
         let mut owner: Vec<Option<usize>> = vec![None; expect.n_experts];
         for addr in addrs {
-            let (peer, h) = connect(addr, secret, deadline)?;
+            let (conn, h) = connect(addr, secret, deadline)?;
             let got = (
                 h.n_layers as usize,
                 h.n_experts as usize,
@@ -131,7 +135,11 @@ impl RemoteExperts {
                     o.get_or_insert(peers.len());
                 }
             }
-            peers.push(Mutex::new(peer));
+            peers.push(Mutex::new(Peer {
+                addr: addr.clone(),
+                conn: Some(conn),
+                hello: h,
+            }));
         }
         let missing: Vec<usize> = (0..expect.n_experts)
             .filter(|&e| owner[e].is_none())
@@ -142,6 +150,7 @@ impl RemoteExperts {
             )));
         }
         Ok(RemoteExperts {
+            secret: secret.cloned(),
             peers,
             owner: owner.into_iter().map(|o| o.expect("checked")).collect(),
         })
@@ -163,13 +172,36 @@ struct Sent {
     counts: Vec<usize>,
 }
 
+impl RemoteExperts {
+    /// Peer `p`'s connection, opened again if an earlier step lost it (a restarted worker
+    /// must say what it said at first).
+    fn conn<'a>(&self, peer: &'a mut Peer) -> Result<&'a mut Conn> {
+        if peer.conn.is_none() {
+            let (conn, hello) = connect(&peer.addr, self.secret.as_ref(), Instant::now())?;
+            if hello != peer.hello {
+                return Err(err(&peer.addr, "came back serving something else"));
+            }
+            tracing::info!(worker = %peer.addr, "expert worker reached again");
+            peer.conn = Some(conn);
+        }
+        Ok(peer.conn.as_mut().expect("opened above"))
+    }
+}
+
+/// Drops the connections of `peers` (each holds a reply not read, or is broken).
+fn reset(peers: &mut [std::sync::MutexGuard<'_, Peer>], which: impl Iterator<Item = usize>) {
+    for p in which {
+        peers[p].conn = None;
+    }
+}
+
 impl ExpertBackend for RemoteExperts {
     fn run(&self, layer: usize, h: &[f32], d: usize, groups: &Groups) -> Result<Vec<Vec<f32>>> {
         let mut outputs = vec![Vec::new(); groups.rows.len()];
         // Every peer's lock, in order, for the whole layer (one step at a time per peer).
         let mut peers: Vec<_> = self.peers.iter().map(|p| p.lock().expect("peer")).collect();
-        let mut sent = Vec::new();
-        for (p, peer) in peers.iter_mut().enumerate() {
+        let mut sent: Vec<Sent> = Vec::new();
+        for p in 0..peers.len() {
             let experts: Vec<usize> = (0..groups.rows.len())
                 .filter(|&e| self.owner[e] == p && !groups.rows[e].is_empty())
                 .collect();
@@ -197,8 +229,15 @@ impl ExpertBackend for RemoteExperts {
                         .collect(),
                 })
                 .collect();
-            wire::write_run(&mut peer.w, layer as u32, &x, d, &msg)
-                .map_err(|e| err(&peer.addr, e))?;
+            let addr = peers[p].addr.clone();
+            let written = self.conn(&mut peers[p]).and_then(|c| {
+                wire::write_run(&mut c.w, layer as u32, &x, d, &msg).map_err(|e| err(&addr, e))
+            });
+            if let Err(e) = written {
+                // The connections written this layer hold replies not read: all start over.
+                reset(&mut peers, sent.iter().map(|s| s.peer).chain([p]));
+                return Err(e);
+            }
             let counts = experts.iter().map(|&e| groups.rows[e].len()).collect();
             sent.push(Sent {
                 peer: p,
@@ -206,12 +245,23 @@ impl ExpertBackend for RemoteExperts {
                 counts,
             });
         }
-        for s in sent {
+        for (i, s) in sent.iter().enumerate() {
             let peer = &mut peers[s.peer];
-            let got = wire::read_result(&mut peer.r, &s.counts, d)
-                .map_err(|e| err(&peer.addr, e))?
-                .map_err(|why| err(&peer.addr, why))?;
-            for (e, o) in s.experts.into_iter().zip(got) {
+            let conn = peer.conn.as_mut().expect("written this layer");
+            let got = match wire::read_result(&mut conn.r, &s.counts, d) {
+                Ok(Ok(got)) => got,
+                Ok(Err(why)) => {
+                    let e = err(&peer.addr, why);
+                    reset(&mut peers, sent[i + 1..].iter().map(|s| s.peer));
+                    return Err(e);
+                }
+                Err(e) => {
+                    let e = err(&peer.addr, e);
+                    reset(&mut peers, sent[i..].iter().map(|s| s.peer));
+                    return Err(e);
+                }
+            };
+            for (&e, o) in s.experts.iter().zip(got) {
                 outputs[e] = o;
             }
         }

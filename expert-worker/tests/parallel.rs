@@ -176,7 +176,7 @@ fn wrong_model_missing_experts_and_a_dense_model_are_refused() {
 }
 
 #[test]
-fn a_worker_gone_fails_the_step_instead_of_hanging() {
+fn a_worker_gone_fails_the_step_instead_of_hanging_and_is_reached_again_when_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_moe(dir.path());
     let mut servers = vec![
@@ -187,8 +187,10 @@ fn a_worker_gone_fails_the_step_instead_of_hanging() {
     e.model
         .set_expert_backend(Arc::new(remote(&path, Precision::W4A8, &servers).unwrap()))
         .unwrap();
-    trace(&e).unwrap();
-    servers.pop().unwrap().stop();
+    let want = trace(&e).unwrap();
+    let gone = servers.pop().unwrap();
+    let addr = gone.local_addr();
+    gone.stop();
     let t = std::time::Instant::now();
     let Err(err) = trace(&e) else {
         panic!("a step without its experts succeeded")
@@ -196,4 +198,10 @@ fn a_worker_gone_fails_the_step_instead_of_hanging() {
     let err = err.to_string();
     assert!(err.contains("expert worker"), "{err}");
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    // Restarted on its address (as `tandem up` restarts it): the next steps reach it again.
+    let g = GgufFile::open(&path).unwrap();
+    let shard = Arc::new(ExpertShard::load(&g, Precision::W4A8, &[4, 5, 6, 7]).unwrap());
+    let fp = wire::fingerprint(&g, Precision::W4A8);
+    let _back = ExpertServer::bind(&addr.to_string(), shard, fp, None).unwrap();
+    assert!(trace(&e).unwrap() == want, "after the worker came back");
 }

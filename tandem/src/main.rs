@@ -35,6 +35,8 @@ enum Command {
     Prefill(args::PrefillArgs),
     /// Run a decode worker: continuous batching over its KV pool, streaming tokens.
     Decode(args::DecodeArgs),
+    /// Run an expert worker: holds some of a mixture-of-experts model's experts and computes them for the prefill and decode workers (expert parallelism).
+    Expert(args::ExpertArgs),
     /// Run the pooled KV store: KV blocks by prefix hash in RAM, spilling to disk, for every decode worker of a model.
     KvStore(args::KvStoreArgs),
     /// Load-test any OpenAI-compatible endpoint against latency SLOs (`tandem bench compare DIR...` overlays runs).
@@ -98,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Command::Prefill(a) => ("prefill", a.telemetry.clone()),
         Command::Decode(a) => ("decode", a.telemetry.clone()),
         Command::KvStore(a) => ("kv-store", a.telemetry.clone()),
+        Command::Expert(a) => ("expert", a.telemetry.clone()),
         Command::Up(a) if a.colocated => ("up", a.telemetry.clone()),
         Command::Up(a) => (
             "up",
@@ -137,6 +140,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
         Command::KvStore(args) => roles::kv_store(args),
+        Command::Expert(args) => roles::expert(args),
         Command::Plan(args) => plan::run(args),
         Command::ExportEdge(args) => edge::export(&args),
         Command::Edge(args) => edge::serve(args),

@@ -2,7 +2,7 @@
 //! component per process.
 
 use crate::args::{
-    ClusterArgs, DecodeArgs, DiscoveryArgs, KvStoreArgs, PrefillArgs, SchedulerArgs,
+    ClusterArgs, DecodeArgs, DiscoveryArgs, ExpertArgs, KvStoreArgs, PrefillArgs, SchedulerArgs,
 };
 use crate::process::{model_path, runtime, shutdown_signal};
 use crate::status::{Phase, Status};
@@ -154,8 +154,11 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         }
         cfg.kv_shared_path = Some(kv_store::shm::pool_path(&dir));
     }
-    let engine =
-        Arc::new(Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?);
+    let mut engine =
+        Engine::load(&path, &cfg).with_context(|| format!("loading {}", path.display()))?;
+    args.experts
+        .attach(&mut engine, &path, cfg.precision, secret.as_ref())?;
+    let engine = Arc::new(engine);
     let worker = args.batch.worker_config();
     let advertise = args.discovery.host(&args.listen);
     let fingerprint = engine.frontend.fingerprint;
@@ -185,6 +188,30 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
             .registered(etcd, "decode", entry, serve)
             .await
     })
+}
+
+pub fn expert(args: ExpertArgs) -> anyhow::Result<()> {
+    let secret = worker_secret(&args.cluster, &[&args.listen])?;
+    let held = crate::args::parse_experts(&args.experts)?;
+    args.compute.setup()?;
+    let rt = runtime()?;
+    let status = status_server(&rt, args.status_listen.as_deref(), "expert")?;
+    let path = model_path(args.model.model.as_deref())?;
+    let g = engine::gguf::GgufFile::open(&path)?;
+    let precision = args.model.precision;
+    let shard = engine::moe::shard::ExpertShard::load(&g, precision, &held)
+        .with_context(|| format!("loading experts {held:?} of {}", path.display()))?;
+    let fingerprint = expert_worker::wire::fingerprint(&g, precision);
+    drop(g);
+    tracing::info!(experts = ?held, layers = shard.cfg.n_layers, weights_mib = shard.bytes() >> 20, "experts loaded");
+    let server =
+        expert_worker::ExpertServer::bind(&args.listen, Arc::new(shard), fingerprint, secret)
+            .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(addr = %server.local_addr(), "expert worker serving");
+    status.set(Phase::Serving);
+    rt.block_on(draining(status));
+    server.stop();
+    Ok(())
 }
 
 pub fn kv_store(args: KvStoreArgs) -> anyhow::Result<()> {
@@ -233,10 +260,11 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let status = status_server(&rt, args.status_listen.as_deref(), "prefill")?;
     let path = model_path(args.model.model.as_deref())?;
     // A prefill worker's own pool: TCP transfers compute into it, and its prefix cache.
-    let engine = Arc::new(
-        Engine::load(&path, &args.compute.engine_config(&args.model))
-            .with_context(|| format!("loading {}", path.display()))?,
-    );
+    let mut engine = Engine::load(&path, &args.compute.engine_config(&args.model))
+        .with_context(|| format!("loading {}", path.display()))?;
+    args.experts
+        .attach(&mut engine, &path, args.model.precision, secret.as_ref())?;
+    let engine = Arc::new(engine);
     let cfg = args.prefill_config(secret)?;
     let fingerprint = engine.frontend.fingerprint;
     rt.block_on(async {

@@ -1,12 +1,12 @@
 //! `tandem up`: a whole cluster on this machine. By default it launches and supervises
 //! child processes — `tandem prefill` ×N, `tandem decode` ×M and a `tandem scheduler` in
-//! front, and with `--kv-store` a `tandem kv-store` — restarts any that dies, and stops them all on Ctrl-C / SIGTERM. `--colocated`
+//! front, with `--kv-store` a `tandem kv-store` and with `--experts N` N `tandem expert` — restarts any that dies, and stops them all on Ctrl-C / SIGTERM. `--colocated`
 //! runs the scheduler and one continuous-batching worker in this process instead (how vLLM
 //! runs), for comparison.
 
 use crate::args::{
-    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, KvStoreArgs, ModelArgs, PrefillArgs,
-    RoutingArgs, SchedulerArgs, SharingArgs, StoreUseArgs, UpArgs,
+    ClusterArgs, ComputeArgs, DecodeArgs, DiscoveryArgs, ExpertArgs, ExpertUseArgs, KvStoreArgs,
+    ModelArgs, PrefillArgs, RoutingArgs, SchedulerArgs, SharingArgs, StoreUseArgs, UpArgs,
 };
 use crate::process::{model_path, shutdown_signal};
 use anyhow::Context;
@@ -19,6 +19,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         !(args.colocated && args.store.kv_store),
         "--kv-store serves decode worker processes; --colocated runs none"
+    );
+    anyhow::ensure!(
+        !(args.colocated && args.experts.is_some()),
+        "--experts serves prefill and decode worker processes; --colocated runs none"
     );
     // Every worker would fail the same way, and be restarted forever: say it once, now.
     engine::check_device(args.model.device)?;
@@ -219,10 +223,6 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         pace_ms: (!args.pin && decode)
             .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
     };
-    let routing = RoutingArgs {
-        cost_profile: cost_profile(&args, &model, secret_dir.path())?,
-        ..args.routing.clone()
-    };
     let mut members = Vec::new();
     // The store first: decode workers reach it from their first request.
     let store = if args.store.kv_store {
@@ -247,6 +247,44 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         );
         StoreUseArgs::default()
     };
+    // Expert workers before the workers that reach them (those wait for them at start).
+    let experts = match args.experts {
+        None => ExpertUseArgs::default(),
+        Some(n) => {
+            let path = model.model.as_deref().expect("fetched above");
+            let g = engine::gguf::GgufFile::open(path)?;
+            let moe = engine::config::LlamaConfig::from_metadata(&g)?
+                .moe
+                .context("--experts: the model is dense (it has no experts); serve a mixture-of-experts model, e.g. one `tandem model make-moe` writes")?;
+            anyhow::ensure!(
+                (1..=moe.n_experts).contains(&n),
+                "--experts {n}: the model has {} experts (1 to {0} expert workers)",
+                moe.n_experts
+            );
+            let mut addrs = Vec::new();
+            for i in 0..n {
+                let (a, b) = (i * moe.n_experts / n, (i + 1) * moe.n_experts / n);
+                let x = ExpertArgs {
+                    listen: format!("127.0.0.1:{}", free_port()?),
+                    experts: vec![format!("{a}-{}", b - 1)],
+                    status_listen: None,
+                    cluster: cluster.clone(),
+                    model: model.clone(),
+                    compute: compute(),
+                    telemetry: args.telemetry.clone(),
+                };
+                addrs.push(x.listen.clone());
+                members.push(member(format!("expert-{i}"), x.to_args()));
+            }
+            ExpertUseArgs {
+                expert_workers: addrs,
+            }
+        }
+    };
+    let routing = RoutingArgs {
+        cost_profile: cost_profile(&args, &model, secret_dir.path())?,
+        ..args.routing.clone()
+    };
     let mut decode_addrs = Vec::new();
     for i in 0..args.decode {
         let d = DecodeArgs {
@@ -259,6 +297,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             batch: args.batch.clone(),
             sharing: sharing(true),
             store: store.clone(),
+            experts: experts.clone(),
             model: model.clone(),
             compute: compute(),
             telemetry: args.telemetry.clone(),
@@ -276,6 +315,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             cluster: cluster.clone(),
             discovery: no_discovery.clone(),
             sharing: sharing(false),
+            experts: experts.clone(),
             model: model.clone(),
             compute: compute(),
             telemetry: args.telemetry.clone(),
@@ -298,9 +338,13 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     sched.env = s.http.child_env();
     members.push(sched);
     eprintln!(
-        "tandem: cluster of {} prefill + {} decode worker(s){}{}; scheduler on http://{}:{} (OpenAI API under /v1)",
+        "tandem: cluster of {} prefill + {} decode worker(s){}{}{}; scheduler on http://{}:{} (OpenAI API under /v1)",
         args.prefill,
         args.decode,
+        match args.experts {
+            Some(n) => format!(", {n} expert worker(s)"),
+            None => String::new(),
+        },
         if args.pin { ", pinned" } else { "" },
         if args.store.kv_store {
             ", a KV store"

@@ -8,10 +8,12 @@ use clap::Args;
 use std::path::PathBuf;
 
 mod cluster;
+mod experts;
 mod routing;
 mod store;
 mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
+pub use experts::{ExpertArgs, ExpertUseArgs, parse_experts};
 #[cfg(test)]
 use routing::{KvTransportArg, RouterMode};
 pub use routing::{RoutingArgs, SharingArgs};
@@ -277,6 +279,8 @@ pub struct DecodeArgs {
     #[command(flatten)]
     pub store: StoreUseArgs,
     #[command(flatten)]
+    pub experts: ExpertUseArgs,
+    #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
@@ -297,6 +301,7 @@ impl DecodeArgs {
         a.extend(self.batch.to_args());
         a.extend(self.sharing.to_args());
         a.extend(self.store.to_args());
+        a.extend(self.experts.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
         a.extend(self.telemetry.to_args());
@@ -325,6 +330,8 @@ pub struct PrefillArgs {
     pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub sharing: SharingArgs,
+    #[command(flatten)]
+    pub experts: ExpertUseArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -363,6 +370,7 @@ impl PrefillArgs {
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.sharing.to_args());
+        a.extend(self.experts.to_args());
         a.extend(self.model.to_args());
         a.extend(self.compute.to_args());
         a.extend(self.telemetry.to_args());
@@ -432,6 +440,9 @@ pub struct UpArgs {
     /// Pin each worker process to its own core (round robin over this machine's cores; one compute thread each).
     #[arg(long)]
     pub pin: bool,
+    /// Expert worker processes (`tandem expert`) for a mixture-of-experts model: its experts split evenly over them, shared by every prefill and decode worker (expert parallelism). Default: none, each worker computes every expert.
+    #[arg(long)]
+    pub experts: Option<usize>,
     #[command(flatten)]
     pub routing: RoutingArgs,
     #[command(flatten)]
@@ -454,6 +465,7 @@ mod tests {
     #[derive(Parser, Debug)]
     #[command(name = "tandem")]
     enum Role {
+        Expert(ExpertArgs),
         Decode(DecodeArgs),
         Prefill(PrefillArgs),
         Scheduler(SchedulerArgs),
@@ -520,6 +532,9 @@ mod tests {
                 kv_store_addr: Some("10.0.0.9:50071".into()),
                 kv_store_write_through: true,
             },
+            experts: ExpertUseArgs {
+                expert_workers: vec!["127.0.0.1:5".into(), "10.0.0.3:6".into()],
+            },
             model: model(),
             compute: compute(vec![1, 2]),
             telemetry: TelemetryArgs {
@@ -547,6 +562,9 @@ mod tests {
             sharing: SharingArgs {
                 share_cores: Some("/tmp/up/cores".into()),
                 pace_ms: None,
+            },
+            experts: ExpertUseArgs {
+                expert_workers: vec!["127.0.0.1:7".into()],
             },
             model: model(),
             compute: compute(vec![0]),
@@ -621,6 +639,24 @@ mod tests {
             Role::KvStore(got) => assert_eq!(got, k),
             other => panic!("{other:?}"),
         }
+        let x = ExpertArgs {
+            listen: "127.0.0.1:11".into(),
+            experts: vec!["0-3".into(), "6".into()],
+            status_listen: Some("127.0.0.1:12".into()),
+            cluster: ClusterArgs {
+                cluster_secret_file: Some("/x".into()),
+            },
+            model: model(),
+            compute: compute(vec![1]),
+            telemetry: TelemetryArgs::default(),
+        };
+        match parse(x.to_args()) {
+            Role::Expert(got) => assert_eq!(got, x),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse_experts(&x.experts).unwrap(), [0, 1, 2, 3, 6]);
+        assert!(parse_experts(&["3-1".into()]).is_err());
+        assert!(parse_experts(&["x".into()]).is_err());
         // The API key never appears on a command line; it travels in the environment.
         let keyed = HttpArgs {
             api_key: Some("sk-secret".into()),

@@ -1,0 +1,155 @@
+//! `tandem up --experts N` as a user runs it: an MoE made by `tandem model make-moe`, two
+//! expert worker processes shared by the prefill and decode workers, the same tokens as one
+//! colocated process; a dense model refused; every child stopped with `up`.
+
+mod common;
+
+use common::{free_port, model};
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn tandem() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tandem"))
+}
+
+fn up(moe: &str, port: u16, extra: &[&str]) -> Up {
+    Up(tandem()
+        .args(["up", "--port", &port.to_string(), "--model", moe])
+        .args(["--kv-cache-mib", "64", "--served-model-name", "m"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap())
+}
+
+async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !matches!(reqwest::get(format!("{url}/health")).await, Ok(r) if r.status().is_success()) {
+        assert!(Instant::now() < deadline, "{url} never became healthy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The command lines of `parent`'s children.
+fn children(parent: u32) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            out.push(
+                cmd.split(|&b| b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect(),
+            );
+        }
+    }
+    out
+}
+
+async fn complete(url: &str, i: usize) -> Value {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({
+            "model": "m",
+            "prompt": format!("Request {i}: the history of the river and the town beside it"),
+            "max_tokens": 12,
+            "temperature": 0.7,
+            "seed": 40 + i,
+            "ignore_eos": true,
+            "logprobs": 1,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let v: Value = r.json().await.unwrap();
+    v["choices"][0]["logprobs"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experts_on_worker_processes_give_the_colocated_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let moe = dir.path().join("moe.gguf");
+    let made = tandem()
+        .args(["model", "make-moe", "--model", &model(), "--out"])
+        .arg(&moe)
+        .args([
+            "--num-experts",
+            "8",
+            "--top-k",
+            "2",
+            "--skew",
+            "0.5",
+            "--layers",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let moe = moe.to_str().unwrap();
+
+    // A dense model with --experts: refused at once, with the reason.
+    let dense = tandem()
+        .args(["up", "--model", &model(), "--experts", "2", "--port"])
+        .arg(free_port().to_string())
+        .output()
+        .unwrap();
+    assert!(!dense.status.success());
+    assert!(String::from_utf8_lossy(&dense.stderr).contains("dense"));
+
+    let (p1, p2) = (free_port(), free_port());
+    let ep = up(moe, p1, &["--experts", "2"]);
+    let _one = up(moe, p2, &["--colocated"]);
+    let (u1, u2) = (
+        format!("http://127.0.0.1:{p1}"),
+        format!("http://127.0.0.1:{p2}"),
+    );
+    wait_healthy(&u1).await;
+    wait_healthy(&u2).await;
+    let experts: Vec<Vec<String>> = children(ep.0.id())
+        .into_iter()
+        .filter(|c| c.get(1).map(String::as_str) == Some("expert"))
+        .collect();
+    assert_eq!(experts.len(), 2, "{experts:?}");
+    assert!(experts.iter().any(|c| c.contains(&"0-3".to_string())));
+    assert!(experts.iter().any(|c| c.contains(&"4-7".to_string())));
+    for i in 0..4 {
+        assert_eq!(
+            complete(&u1, i).await,
+            complete(&u2, i).await,
+            "request {i}"
+        );
+    }
+    let pid = ep.0.id();
+    drop(ep);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(children(pid).is_empty(), "children outlived tandem up");
+}
