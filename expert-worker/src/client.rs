@@ -2,6 +2,7 @@
 //! worker, each expert placed on one of the workers holding it, and a layer's routed rows sent
 //! to every worker that has some before any reply is read (the workers compute together).
 
+use crate::eplb;
 use crate::wire::{self, Group, Hello};
 use engine::moe::{ExpertBackend, Groups};
 use engine::{EngineError, Result};
@@ -39,12 +40,32 @@ pub struct Expect {
     pub fingerprint: u64,
 }
 
+/// Where the time of the layers sent to expert workers went, since the start.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EpStats {
+    /// Layers run on expert workers.
+    pub layers: u64,
+    /// Wall time of those layers' dispatch, expert compute and return, in seconds.
+    pub wall_s: f64,
+    /// Of it, the slowest worker's compute per layer, summed: the rest is dispatch and
+    /// combine (gathering, the wire both ways, waiting).
+    pub compute_s: f64,
+    /// Activations sent and received.
+    pub bytes: u64,
+    /// Expert rows (token × expert) each worker computed, in `--expert-workers` order: its load.
+    pub rows: Vec<u64>,
+    /// Rows routed to each expert, over every layer: the load window EPLB places by.
+    pub expert_rows: Vec<u64>,
+}
+
 /// Expert workers as an [`ExpertBackend`].
 pub struct RemoteExperts {
+    stats: Mutex<EpStats>,
     secret: Option<ClusterSecret>,
     peers: Vec<Mutex<Peer>>,
-    /// The peer that computes each expert.
-    owner: Vec<usize>,
+    /// The peers that compute each expert (several: its rows split evenly over them, in
+    /// order, `eplb::split`).
+    owner: Vec<Vec<usize>>,
 }
 
 fn err(addr: &str, what: impl std::fmt::Display) -> EngineError {
@@ -150,25 +171,72 @@ impl RemoteExperts {
             )));
         }
         Ok(RemoteExperts {
+            stats: Mutex::default(),
             secret: secret.cloned(),
             peers,
-            owner: owner.into_iter().map(|o| o.expect("checked")).collect(),
+            owner: owner
+                .into_iter()
+                .map(|o| vec![o.expect("checked")])
+                .collect(),
         })
     }
 
-    /// Which worker computes each expert.
-    pub fn placement(&self) -> Vec<String> {
+    /// Where the time went so far.
+    pub fn stats(&self) -> EpStats {
+        self.stats.lock().expect("stats").clone()
+    }
+
+    /// Which workers compute each expert.
+    pub fn placement(&self) -> Vec<Vec<String>> {
         self.owner
             .iter()
-            .map(|&p| self.peers[p].lock().expect("peer").addr.clone())
+            .map(|ps| {
+                ps.iter()
+                    .map(|&p| self.peers[p].lock().expect("peer").addr.clone())
+                    .collect()
+            })
             .collect()
+    }
+
+    /// Computes each expert on the workers `placement` gives it (`placement[w]`: the experts
+    /// worker `w` computes, in `--expert-workers` order; an expert on several workers has its
+    /// rows split over them), from the next step. Each must hold what it is given, and every
+    /// expert must be placed.
+    pub fn set_placement(&mut self, placement: &crate::eplb::Placement) -> Result<()> {
+        if placement.len() != self.peers.len() {
+            return Err(EngineError::Experts(format!(
+                "a placement for {} workers; there are {}",
+                placement.len(),
+                self.peers.len()
+            )));
+        }
+        let mut owner = vec![Vec::new(); self.owner.len()];
+        for (w, experts) in placement.iter().enumerate() {
+            let peer = self.peers[w].lock().expect("peer");
+            for &e in experts {
+                if !peer.hello.held.contains(&(e as u32)) || e >= owner.len() {
+                    return Err(err(&peer.addr, format!("does not hold expert {e}")));
+                }
+                if !owner[e].contains(&w) {
+                    owner[e].push(w);
+                }
+            }
+        }
+        if let Some(e) = owner.iter().position(Vec::is_empty) {
+            return Err(EngineError::Experts(format!(
+                "expert {e} is not placed on any worker"
+            )));
+        }
+        self.owner = owner;
+        Ok(())
     }
 }
 
-/// One peer's share of a layer: the experts it computes and their row counts.
+/// One peer's share of a layer: the experts it computes, which replica of each it is, and
+/// their row counts.
 struct Sent {
     peer: usize,
-    experts: Vec<usize>,
+    experts: Vec<(usize, usize)>,
     counts: Vec<usize>,
 }
 
@@ -197,33 +265,42 @@ fn reset(peers: &mut [std::sync::MutexGuard<'_, Peer>], which: impl Iterator<Ite
 
 impl ExpertBackend for RemoteExperts {
     fn run(&self, layer: usize, h: &[f32], d: usize, groups: &Groups) -> Result<Vec<Vec<f32>>> {
-        let mut outputs = vec![Vec::new(); groups.rows.len()];
+        let start = Instant::now();
+        let (mut slowest, mut bytes) = (0u32, 0usize);
+        // Each expert's replicas' outputs, in replica order.
+        let mut parts: Vec<Vec<Vec<f32>>> = self
+            .owner
+            .iter()
+            .map(|o| vec![Vec::new(); o.len()])
+            .collect();
         // Every peer's lock, in order, for the whole layer (one step at a time per peer).
         let mut peers: Vec<_> = self.peers.iter().map(|p| p.lock().expect("peer")).collect();
         let mut sent: Vec<Sent> = Vec::new();
         for p in 0..peers.len() {
-            let experts: Vec<usize> = (0..groups.rows.len())
-                .filter(|&e| self.owner[e] == p && !groups.rows[e].is_empty())
+            // (expert, replica, its rows) this peer computes.
+            let share: Vec<(usize, usize, &[u32])> = (0..groups.rows.len())
+                .filter_map(|e| {
+                    let i = self.owner[e].iter().position(|&o| o == p)?;
+                    let rows = eplb::split(&groups.rows[e], self.owner[e].len(), i);
+                    (!rows.is_empty()).then_some((e, i, rows))
+                })
                 .collect();
-            if experts.is_empty() {
+            if share.is_empty() {
                 continue;
             }
             // The rows any of them needs, each once.
-            let mut rows: Vec<u32> = experts
-                .iter()
-                .flat_map(|&e| groups.rows[e].iter().copied())
-                .collect();
+            let mut rows: Vec<u32> = share.iter().flat_map(|s| s.2.iter().copied()).collect();
             rows.sort_unstable();
             rows.dedup();
             let mut x = Vec::with_capacity(rows.len() * d);
             for &r in &rows {
                 x.extend_from_slice(&h[r as usize * d..(r as usize + 1) * d]);
             }
-            let msg: Vec<Group> = experts
+            let msg: Vec<Group> = share
                 .iter()
-                .map(|&e| Group {
+                .map(|&(e, _, rs)| Group {
                     expert: e as u32,
-                    rows: groups.rows[e]
+                    rows: rs
                         .iter()
                         .map(|r| rows.binary_search(r).expect("a row of the union") as u32)
                         .collect(),
@@ -238,7 +315,9 @@ impl ExpertBackend for RemoteExperts {
                 reset(&mut peers, sent.iter().map(|s| s.peer).chain([p]));
                 return Err(e);
             }
-            let counts = experts.iter().map(|&e| groups.rows[e].len()).collect();
+            let counts: Vec<usize> = share.iter().map(|s| s.2.len()).collect();
+            let experts = share.iter().map(|s| (s.0, s.1)).collect();
+            bytes += (x.len() + counts.iter().sum::<usize>() * d) * 4;
             sent.push(Sent {
                 peer: p,
                 experts,
@@ -249,7 +328,10 @@ impl ExpertBackend for RemoteExperts {
             let peer = &mut peers[s.peer];
             let conn = peer.conn.as_mut().expect("written this layer");
             let got = match wire::read_result(&mut conn.r, &s.counts, d) {
-                Ok(Ok(got)) => got,
+                Ok(Ok((got, micros))) => {
+                    slowest = slowest.max(micros);
+                    got
+                }
                 Ok(Err(why)) => {
                     let e = err(&peer.addr, why);
                     reset(&mut peers, sent[i + 1..].iter().map(|s| s.peer));
@@ -261,10 +343,24 @@ impl ExpertBackend for RemoteExperts {
                     return Err(e);
                 }
             };
-            for (&e, o) in s.experts.iter().zip(got) {
-                outputs[e] = o;
+            for (&(e, i), o) in s.experts.iter().zip(got) {
+                parts[e][i] = o;
             }
         }
+        let outputs: Vec<Vec<f32>> = parts.into_iter().map(|p| p.concat()).collect();
+        let mut st = self.stats.lock().expect("stats");
+        st.rows.resize(self.peers.len(), 0);
+        st.expert_rows.resize(groups.rows.len(), 0);
+        for (n, r) in st.expert_rows.iter_mut().zip(&groups.rows) {
+            *n += r.len() as u64;
+        }
+        for s in &sent {
+            st.rows[s.peer] += s.counts.iter().sum::<usize>() as u64;
+        }
+        st.layers += 1;
+        st.wall_s += start.elapsed().as_secs_f64();
+        st.compute_s += slowest as f64 * 1e-6;
+        st.bytes += bytes as u64;
         Ok(outputs)
     }
 }

@@ -12,10 +12,12 @@
 //! - [`wire`]: the expert plane's messages (after the cluster handshake).
 //! - [`server`]: the expert worker.
 //! - [`client`]: the prefill and decode workers' side.
+//! - [`eplb`]: placing experts, with replicas, by their load.
 
 pub mod client;
+pub mod eplb;
 pub mod server;
 pub mod wire;
 
-pub use client::{Expect, RemoteExperts};
+pub use client::{EpStats, Expect, RemoteExperts};
 pub use server::ExpertServer;

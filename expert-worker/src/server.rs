@@ -128,6 +128,7 @@ fn connection(
     let mut r = BufReader::with_capacity(1 << 16, conn);
     let d = shard.cfg.d_model;
     while let Some(run) = wire::read_run(&mut r, d)? {
+        let t = std::time::Instant::now();
         let outputs: Result<Vec<Vec<f32>>, String> = run
             .groups
             .iter()
@@ -141,7 +142,14 @@ fn connection(
                     .map_err(|e| e.to_string())
             })
             .collect();
-        wire::write_result(&mut w, outputs.as_deref().map_err(Clone::clone))?;
+        let micros = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        wire::write_result(
+            &mut w,
+            outputs
+                .as_deref()
+                .map(|o| (o, micros))
+                .map_err(Clone::clone),
+        )?;
     }
     Ok(())
 }

@@ -8,7 +8,8 @@
 //!                          | (expert u32, count u32) × n_groups
 //!                          | row indices u32 × Σ count   (into this message's rows)
 //!                          | rows f32 × n_rows·d
-//! server → client  result  status u32 (0) | outputs f32 × Σ count·d   (group order)
+//! server → client  result  status u32 (0) | compute µs u32 | outputs f32 × Σ count·d
+//!                          (group order)
 //!                   or     status u32 (1) | length u32 | UTF-8 reason
 //! ```
 //!
@@ -196,11 +197,16 @@ pub fn read_run(r: &mut impl Read, d: usize) -> io::Result<Option<Run>> {
     }))
 }
 
-/// The result of a run: each group's outputs in order, or why not.
-pub fn write_result(w: &mut impl Write, result: Result<&[Vec<f32>], String>) -> io::Result<()> {
+/// The result of a run: each group's outputs in order and the microseconds they took to
+/// compute, or why not.
+pub fn write_result(
+    w: &mut impl Write,
+    result: Result<(&[Vec<f32>], u32), String>,
+) -> io::Result<()> {
     match result {
-        Ok(outputs) => {
+        Ok((outputs, micros)) => {
             w.write_all(&0u32.to_le_bytes())?;
+            w.write_all(&micros.to_le_bytes())?;
             for o in outputs {
                 w.write_all(&f32_bytes(o))?;
             }
@@ -214,17 +220,25 @@ pub fn write_result(w: &mut impl Write, result: Result<&[Vec<f32>], String>) -> 
     w.flush()
 }
 
-/// Reads a result for groups of `counts` rows of `d`: the outputs, or the worker's reason.
+/// A worker's outputs for a run, and how long they took it.
+pub type RunOutput = (Vec<Vec<f32>>, u32);
+
+/// Reads a result for groups of `counts` rows of `d`: the outputs and the worker's compute
+/// microseconds, or the worker's reason.
 pub fn read_result(
     r: &mut impl Read,
     counts: &[usize],
     d: usize,
-) -> io::Result<Result<Vec<Vec<f32>>, String>> {
+) -> io::Result<Result<RunOutput, String>> {
     match read_u32(r)? {
-        0 => Ok(Ok(counts
-            .iter()
-            .map(|&c| read_f32s(r, c * d))
-            .collect::<io::Result<Vec<_>>>()?)),
+        0 => {
+            let micros = read_u32(r)?;
+            let outputs = counts
+                .iter()
+                .map(|&c| read_f32s(r, c * d))
+                .collect::<io::Result<Vec<_>>>()?;
+            Ok(Ok((outputs, micros)))
+        }
         1 => {
             let n = read_u32(r)?.min(1 << 16) as usize;
             let mut b = vec![0u8; n];

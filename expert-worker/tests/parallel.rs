@@ -7,7 +7,7 @@ use engine::gguf::GgufFile;
 use engine::moe::shard::ExpertShard;
 use engine::synthetic::{TinySpec, write};
 use engine::{Engine, EngineConfig, ForwardItem, LogitsWanted, Precision};
-use expert_worker::{Expect, ExpertServer, RemoteExperts, wire};
+use expert_worker::{Expect, ExpertServer, RemoteExperts, eplb, wire};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -122,7 +122,13 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
                 .map(|h| serve(&path, precision, h))
                 .collect();
             let mut e = load(&path, precision);
-            let r = remote(&path, precision, &servers).unwrap();
+            let mut r = remote(&path, precision, &servers).unwrap();
+            if placement.len() == 2 && placement[0].len() == 8 {
+                // Replicas in use: experts 0-3 split over both workers, 4-7 on the first.
+                r.set_placement(&vec![(0..8).collect(), (0..4).collect()])
+                    .unwrap();
+                assert_eq!(r.placement()[0].len(), 2);
+            }
             let owners = r.placement();
             e.model.set_expert_backend(Arc::new(r)).unwrap();
             assert!(e.model.weight_bytes() < load(&path, precision).model.weight_bytes());
@@ -133,6 +139,50 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
             );
         }
     }
+}
+
+#[test]
+fn an_eplb_placement_from_the_measured_load_keeps_the_tokens_and_balances_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let p = Precision::W4A8;
+    let want = trace(&load(&path, p)).unwrap();
+    // Every worker holds every expert; which computes what is the placement's choice.
+    let all: Vec<usize> = (0..8).collect();
+    let servers = [serve(&path, p, &all), serve(&path, p, &all)];
+    let mut r = remote(&path, p, &servers).unwrap();
+    r.set_placement(&eplb::even(8, 2)).unwrap();
+    let r = Arc::new(r);
+    let mut e = load(&path, p);
+    e.model.set_expert_backend(r.clone()).unwrap();
+    assert!(trace(&e).unwrap() == want);
+    let window: Vec<f64> = r.stats().expert_rows.iter().map(|&n| n as f64).collect();
+    let even_rows = r.stats().rows;
+    let planned = eplb::plan(&window, 2, 5);
+    let expect = eplb::imbalance(&eplb::loads(&window, &planned));
+    assert!(expect <= eplb::imbalance(&eplb::loads(&window, &eplb::even(8, 2))));
+    drop(e);
+    let mut r = Arc::try_unwrap(r).ok().expect("the engine is gone");
+    r.set_placement(&planned).unwrap();
+    let r = Arc::new(r);
+    let mut e = load(&path, p);
+    e.model.set_expert_backend(r.clone()).unwrap();
+    assert!(
+        trace(&e).unwrap() == want,
+        "a planned placement changed the tokens"
+    );
+    // The same rows again: the workers' measured loads are the plan's.
+    let rows = r.stats().rows;
+    let got = eplb::imbalance(&rows.iter().map(|&n| n as f64).collect::<Vec<_>>());
+    assert!(
+        (got - expect).abs() < 0.05,
+        "measured {got} ({rows:?}), planned {expect}; even {even_rows:?}"
+    );
+    // Placements that cannot be: an expert no worker holds, one left out, too few workers.
+    let mut r = remote(&path, p, &servers).unwrap();
+    assert!(r.set_placement(&vec![vec![9], all.clone()]).is_err());
+    assert!(r.set_placement(&vec![vec![0], vec![1]]).is_err());
+    assert!(r.set_placement(&vec![all.clone()]).is_err());
 }
 
 #[test]

@@ -88,6 +88,8 @@ enum ModelCommand {
     Bench(bench::measure::engine::BenchArgs),
     /// A device backend (CUDA) against the CPU: logits, golden prompts, batch invariance, speed.
     DeviceCheck(bench::measure::device::DeviceCheckArgs),
+    /// A mixture-of-experts model in one process against its experts on `tandem expert` worker processes: decode and prefill speed, where a decode step's time goes, each worker's load.
+    EpBench(bench::measure::moe::EpBenchArgs),
     /// One chat prompt through the engine alone, greedy and seeded: JSON lines with the SIMD level, the tokens and a hash of every step's logits (to compare builds and levels bit for bit).
     Generate(generate::GenerateArgs),
 }
@@ -167,6 +169,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Generate(args)) => {
             process::init_compute_threads(args.threads)?;
             generate::run(&args, &process::model_path(args.model.as_deref())?)
+        }
+        Command::Model(ModelCommand::EpBench(args)) => {
+            let threads = process::init_compute_threads(None)?;
+            bench::measure::moe::run(&args, threads, &std::env::current_exe()?)
         }
         Command::Model(ModelCommand::DeviceCheck(args)) => {
             process::init_compute_threads(None)?;

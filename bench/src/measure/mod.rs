@@ -8,10 +8,13 @@
 //! - [`kv`]: `tandem kv bench`, KV transports against memcpy and a raw socket.
 //! - [`store`]: `tandem kv store-bench`, the pooled store's reads against a raw socket and a
 //!   sequential file read.
+//! - [`moe`]: `tandem model ep-bench`, a mixture of experts in one process against its experts
+//!   on expert worker processes.
 
 pub mod device;
 pub mod engine;
 pub mod kv;
+pub mod moe;
 pub mod peaks;
 pub mod roofline;
 pub mod store;
