@@ -65,7 +65,7 @@ pub struct RemoteExperts {
     peers: Vec<Mutex<Peer>>,
     /// The peers that compute each expert (several: its rows split evenly over them, in
     /// order, `eplb::split`).
-    owner: Vec<Vec<usize>>,
+    owner: Mutex<Vec<Vec<usize>>>,
 }
 
 fn err(addr: &str, what: impl std::fmt::Display) -> EngineError {
@@ -174,10 +174,12 @@ impl RemoteExperts {
             stats: Mutex::default(),
             secret: secret.cloned(),
             peers,
-            owner: owner
-                .into_iter()
-                .map(|o| vec![o.expect("checked")])
-                .collect(),
+            owner: Mutex::new(
+                owner
+                    .into_iter()
+                    .map(|o| vec![o.expect("checked")])
+                    .collect(),
+            ),
         })
     }
 
@@ -189,6 +191,8 @@ impl RemoteExperts {
     /// Which workers compute each expert.
     pub fn placement(&self) -> Vec<Vec<String>> {
         self.owner
+            .lock()
+            .expect("placement")
             .iter()
             .map(|ps| {
                 ps.iter()
@@ -210,7 +214,7 @@ impl RemoteExperts {
                 self.peers.len()
             )));
         }
-        let mut owner = vec![Vec::new(); self.owner.len()];
+        let mut owner = vec![Vec::new(); self.owner.lock().expect("placement").len()];
         for (w, experts) in placement.iter().enumerate() {
             let peer = self.peers[w].lock().expect("peer");
             for &e in experts {
@@ -227,7 +231,7 @@ impl RemoteExperts {
                 "expert {e} is not placed on any worker"
             )));
         }
-        self.owner = owner;
+        *self.owner.lock().expect("placement") = owner;
         Ok(())
     }
 }
@@ -241,19 +245,111 @@ struct Sent {
 }
 
 impl RemoteExperts {
-    /// Peer `p`'s connection, opened again if an earlier step lost it (a restarted worker
-    /// must say what it said at first).
-    fn conn<'a>(&self, peer: &'a mut Peer) -> Result<&'a mut Conn> {
+    /// A peer's connection, opened again if an earlier step lost it: a restarted worker must
+    /// serve the same model, and is asked to load the experts `placed` on it that it lacks.
+    fn conn<'a>(&self, peer: &'a mut Peer, placed: &[usize]) -> Result<&'a mut Conn> {
         if peer.conn.is_none() {
-            let (conn, hello) = connect(&peer.addr, self.secret.as_ref(), Instant::now())?;
-            if hello != peer.hello {
-                return Err(err(&peer.addr, "came back serving something else"));
+            let (mut conn, hello) = connect(&peer.addr, self.secret.as_ref(), Instant::now())?;
+            let same = |h: &Hello| (h.n_layers, h.n_experts, h.d, h.fingerprint);
+            if same(&hello) != same(&peer.hello) {
+                return Err(err(&peer.addr, "came back serving another model"));
             }
+            let lacking: Vec<u32> = placed
+                .iter()
+                .map(|&e| e as u32)
+                .filter(|e| !hello.held.contains(e))
+                .collect();
+            let held = if lacking.is_empty() {
+                hello.held
+            } else {
+                load(&mut conn, &peer.addr, &lacking)?
+            };
             tracing::info!(worker = %peer.addr, "expert worker reached again");
+            peer.hello.held = held;
             peer.conn = Some(conn);
         }
         Ok(peer.conn.as_mut().expect("opened above"))
     }
+
+    /// After peer `dead` failed: if it cannot be reached again, its experts go to the
+    /// replicas that hold them, and those with none to the survivors, which load them.
+    fn fail_over(&self, dead: usize) -> Result<()> {
+        let mut owner = self.owner.lock().expect("placement");
+        let placed = |o: &[Vec<usize>], p: usize| -> Vec<usize> {
+            (0..o.len()).filter(|&e| o[e].contains(&p)).collect()
+        };
+        {
+            let mut peer = self.peers[dead].lock().expect("peer");
+            let mine = placed(&owner, dead);
+            if self.conn(&mut peer, &mine).is_ok() {
+                return Ok(()); // back already (restarted, or a blip)
+            }
+        }
+        let addr = self.peers[dead].lock().expect("peer").addr.clone();
+        // The new placement, kept only if every expert finds a worker (else the lost one stays
+        // placed, and is used again once restarted).
+        let mut owner_new = owner.clone();
+        for o in owner_new.iter_mut() {
+            o.retain(|&p| p != dead);
+        }
+        let kept = &mut *owner;
+        let mut owner = owner_new;
+        let orphans: Vec<usize> = (0..owner.len()).filter(|&e| owner[e].is_empty()).collect();
+        tracing::warn!(worker = %addr, ?orphans, "expert worker lost; its experts move to the others");
+        // Each orphan to the reachable survivor computing the fewest experts.
+        let mut alive: Vec<usize> = (0..self.peers.len())
+            .filter(|&p| p != dead && owner.iter().any(|o| o.contains(&p)))
+            .collect();
+        for e in orphans {
+            loop {
+                let Some(&p) = alive.iter().min_by_key(|&&p| (placed(&owner, p).len(), p)) else {
+                    return Err(err(
+                        &addr,
+                        "lost, and no expert worker is left to take its experts",
+                    ));
+                };
+                let mut peer = self.peers[p].lock().expect("peer");
+                let mine = placed(&owner, p);
+                if self.conn(&mut peer, &mine).is_err() {
+                    alive.retain(|&q| q != p);
+                    continue;
+                }
+                if !peer_holds(&peer.hello, e) {
+                    let Peer { addr, conn, hello } = &mut *peer;
+                    match load(conn.as_mut().expect("opened above"), addr, &[e as u32]) {
+                        Ok(held) => hello.held = held,
+                        Err(_) => {
+                            *conn = None;
+                            alive.retain(|&q| q != p);
+                            continue;
+                        }
+                    }
+                }
+                owner[e].push(p);
+                break;
+            }
+        }
+        *kept = owner;
+        Ok(())
+    }
+}
+
+fn peer_holds(h: &Hello, e: usize) -> bool {
+    h.held.contains(&(e as u32))
+}
+
+/// Asks the worker on `conn` to hold `experts` too; the experts it holds then.
+fn load(conn: &mut Conn, addr: &str, experts: &[u32]) -> Result<Vec<u32>> {
+    wire::write_load(&mut conn.w, experts).map_err(|e| err(addr, e))?;
+    wire::read_loaded(&mut conn.r)
+        .map_err(|e| err(addr, e))?
+        .map_err(|why| err(addr, why))
+}
+
+/// Why a layer failed: a worker unreachable (its experts can move), or anything else.
+enum Failure {
+    Lost(usize, EngineError),
+    Other(EngineError),
 }
 
 /// Drops the connections of `peers` (each holds a reply not read, or is broken).
@@ -264,15 +360,44 @@ fn reset(peers: &mut [std::sync::MutexGuard<'_, Peer>], which: impl Iterator<Ite
 }
 
 impl ExpertBackend for RemoteExperts {
+    /// Runs the layer; a worker lost on the way has its experts moved (to replicas, else to
+    /// survivors that load them) and the layer runs again: the same rows through the same
+    /// experts, so the same bits.
     fn run(&self, layer: usize, h: &[f32], d: usize, groups: &Groups) -> Result<Vec<Vec<f32>>> {
+        let mut lost = 0;
+        loop {
+            match self.try_run(layer, h, d, groups) {
+                Ok(out) => return Ok(out),
+                Err(Failure::Lost(p, e)) if lost < self.peers.len() => {
+                    tracing::warn!(error = %e, "an expert worker failed a layer");
+                    self.fail_over(p)?;
+                    lost += 1;
+                }
+                Err(Failure::Lost(_, e) | Failure::Other(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+impl RemoteExperts {
+    fn try_run(
+        &self,
+        layer: usize,
+        h: &[f32],
+        d: usize,
+        groups: &Groups,
+    ) -> Result<Vec<Vec<f32>>, Failure> {
+        let owner = self.owner.lock().expect("placement").clone();
+        let placed = |p: usize| -> Vec<usize> {
+            (0..owner.len())
+                .filter(|&e| owner[e].contains(&p))
+                .collect()
+        };
         let start = Instant::now();
         let (mut slowest, mut bytes) = (0u32, 0usize);
         // Each expert's replicas' outputs, in replica order.
-        let mut parts: Vec<Vec<Vec<f32>>> = self
-            .owner
-            .iter()
-            .map(|o| vec![Vec::new(); o.len()])
-            .collect();
+        let mut parts: Vec<Vec<Vec<f32>>> =
+            owner.iter().map(|o| vec![Vec::new(); o.len()]).collect();
         // Every peer's lock, in order, for the whole layer (one step at a time per peer).
         let mut peers: Vec<_> = self.peers.iter().map(|p| p.lock().expect("peer")).collect();
         let mut sent: Vec<Sent> = Vec::new();
@@ -280,8 +405,8 @@ impl ExpertBackend for RemoteExperts {
             // (expert, replica, its rows) this peer computes.
             let share: Vec<(usize, usize, &[u32])> = (0..groups.rows.len())
                 .filter_map(|e| {
-                    let i = self.owner[e].iter().position(|&o| o == p)?;
-                    let rows = eplb::split(&groups.rows[e], self.owner[e].len(), i);
+                    let i = owner[e].iter().position(|&o| o == p)?;
+                    let rows = eplb::split(&groups.rows[e], owner[e].len(), i);
                     (!rows.is_empty()).then_some((e, i, rows))
                 })
                 .collect();
@@ -307,13 +432,14 @@ impl ExpertBackend for RemoteExperts {
                 })
                 .collect();
             let addr = peers[p].addr.clone();
-            let written = self.conn(&mut peers[p]).and_then(|c| {
+            let mine = placed(p);
+            let written = self.conn(&mut peers[p], &mine).and_then(|c| {
                 wire::write_run(&mut c.w, layer as u32, &x, d, &msg).map_err(|e| err(&addr, e))
             });
             if let Err(e) = written {
                 // The connections written this layer hold replies not read: all start over.
                 reset(&mut peers, sent.iter().map(|s| s.peer).chain([p]));
-                return Err(e);
+                return Err(Failure::Lost(p, e));
             }
             let counts: Vec<usize> = share.iter().map(|s| s.2.len()).collect();
             let experts = share.iter().map(|s| (s.0, s.1)).collect();
@@ -335,12 +461,12 @@ impl ExpertBackend for RemoteExperts {
                 Ok(Err(why)) => {
                     let e = err(&peer.addr, why);
                     reset(&mut peers, sent[i + 1..].iter().map(|s| s.peer));
-                    return Err(e);
+                    return Err(Failure::Other(e));
                 }
                 Err(e) => {
                     let e = err(&peer.addr, e);
                     reset(&mut peers, sent[i..].iter().map(|s| s.peer));
-                    return Err(e);
+                    return Err(Failure::Lost(s.peer, e));
                 }
             };
             for (&(e, i), o) in s.experts.iter().zip(got) {

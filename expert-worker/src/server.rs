@@ -6,8 +6,9 @@ use engine::moe::shard::ExpertShard;
 use protocol::auth::{self, ClusterSecret, Plane};
 use std::io::{self, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,20 +22,23 @@ pub struct ExpertServer {
 
 impl ExpertServer {
     /// Serves `shard` on `addr` (port 0 picks one) to peers that pass the handshake under
-    /// `secret`, saying `fingerprint` (`wire::fingerprint` of the model file and precision).
+    /// `secret`, saying `fingerprint` (`wire::fingerprint` of the model file and precision);
+    /// loads more experts from `source` (the model file) when asked, if given.
     pub fn bind(
         addr: &str,
-        shard: Arc<ExpertShard>,
+        shard: ExpertShard,
+        source: Option<PathBuf>,
         fingerprint: u64,
         secret: Option<ClusterSecret>,
     ) -> io::Result<ExpertServer> {
-        Self::serve(TcpListener::bind(addr)?, shard, fingerprint, secret)
+        Self::serve(TcpListener::bind(addr)?, shard, source, fingerprint, secret)
     }
 
     /// [`bind`](Self::bind) on a listener already bound.
     pub fn serve(
         listener: TcpListener,
-        shard: Arc<ExpertShard>,
+        shard: ExpertShard,
+        source: Option<PathBuf>,
         fingerprint: u64,
         secret: Option<ClusterSecret>,
     ) -> io::Result<ExpertServer> {
@@ -46,8 +50,12 @@ impl ExpertServer {
             n_experts: shard.cfg.moe.map_or(0, |m| m.n_experts) as u32,
             d: shard.cfg.d_model as u32,
             fingerprint,
-            held: shard.held.iter().map(|&e| e as u32).collect(),
+            held: Vec::new(),
         };
+        let shard = Arc::new(Shared {
+            shard: RwLock::new(shard),
+            source,
+        });
         let (st, cs) = (stop.clone(), conns.clone());
         let accept = std::thread::Builder::new()
             .name("tandem-expert-accept".into())
@@ -111,10 +119,37 @@ impl Drop for ExpertServer {
     }
 }
 
+/// The experts served, and the file more come from.
+struct Shared {
+    shard: RwLock<ExpertShard>,
+    source: Option<PathBuf>,
+}
+
+impl Shared {
+    fn held(&self) -> Vec<u32> {
+        let s = self.shard.read().expect("shard");
+        s.held.iter().map(|&e| e as u32).collect()
+    }
+
+    /// Holds `more` too (from the model file); the experts now held.
+    fn load(&self, more: &[u32]) -> Result<Vec<u32>, String> {
+        let path = self
+            .source
+            .as_ref()
+            .ok_or("this worker was started without its model file to load more experts from")?;
+        let g = engine::gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
+        let more: Vec<usize> = more.iter().map(|&e| e as usize).collect();
+        let mut s = self.shard.write().expect("shard");
+        s.add(&g, &more).map_err(|e| e.to_string())?;
+        tracing::info!(experts = ?more, held = ?s.held, "took over experts");
+        Ok(s.held.iter().map(|&e| e as u32).collect())
+    }
+}
+
 /// One client's connection: the handshake, the hello, then runs until it closes.
 fn connection(
     mut conn: TcpStream,
-    shard: &ExpertShard,
+    shared: &Shared,
     secret: Option<&ClusterSecret>,
     hello: &Hello,
 ) -> io::Result<()> {
@@ -123,11 +158,23 @@ fn connection(
     auth::server(&mut conn, secret, Plane::Experts).map_err(io::Error::other)?;
     conn.set_read_timeout(None)?;
     let mut w = BufWriter::with_capacity(1 << 16, conn.try_clone()?);
-    hello.write(&mut w)?;
+    Hello {
+        held: shared.held(),
+        ..hello.clone()
+    }
+    .write(&mut w)?;
     io::Write::flush(&mut w)?;
     let mut r = BufReader::with_capacity(1 << 16, conn);
-    let d = shard.cfg.d_model;
-    while let Some(run) = wire::read_run(&mut r, d)? {
+    let d = hello.d as usize;
+    while let Some(req) = wire::read_request(&mut r, d)? {
+        let run = match req {
+            wire::Request::Load(more) => {
+                wire::write_loaded(&mut w, shared.load(&more).as_deref().map_err(Clone::clone))?;
+                continue;
+            }
+            wire::Request::Run(run) => run,
+        };
+        let shard = shared.shard.read().expect("shard");
         let t = std::time::Instant::now();
         let outputs: Result<Vec<Vec<f32>>, String> = run
             .groups
@@ -142,6 +189,7 @@ fn connection(
                     .map_err(|e| e.to_string())
             })
             .collect();
+        drop(shard);
         let micros = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
         wire::write_result(
             &mut w,

@@ -11,10 +11,15 @@
 //! server → client  result  status u32 (0) | compute µs u32 | outputs f32 × Σ count·d
 //!                          (group order)
 //!                   or     status u32 (1) | length u32 | UTF-8 reason
+//! client → server  load    0xFFFF_FFFF u32 | n u32 | experts u32 × n
+//! server → client  loaded  status u32 (0) | n_held u32 | held experts u32 × n_held
+//!                   or     status u32 (1) | length u32 | UTF-8 reason
 //! ```
 //!
 //! A step sends each peer one `run` per layer: the rows any of its experts needs, each once
 //! (a row routed to two experts of one peer crosses the wire once), with each expert's list.
+//! `load` (a run's layer is never `0xFFFF_FFFF`) asks a worker to hold more experts, of every
+//! layer, from its model file: how a survivor takes over a lost worker's experts.
 
 use engine::Precision;
 use engine::gguf::GgufFile;
@@ -158,8 +163,64 @@ pub struct Run {
     pub groups: Vec<Group>,
 }
 
-/// Reads a run of rows of `d`; `Ok(None)` at a clean end of the connection.
-pub fn read_run(r: &mut impl Read, d: usize) -> io::Result<Option<Run>> {
+/// The first word of a `load`.
+const LOAD: u32 = u32::MAX;
+
+/// What a client asks.
+#[derive(Debug)]
+pub enum Request {
+    Run(Run),
+    /// Hold these experts too.
+    Load(Vec<u32>),
+}
+
+/// Asks the worker to hold `experts` too.
+pub fn write_load(w: &mut impl Write, experts: &[u32]) -> io::Result<()> {
+    let mut b = u32s(&[LOAD, experts.len() as u32]);
+    b.extend(u32s(experts));
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// The experts held after a `load`, or why not.
+pub fn write_loaded(w: &mut impl Write, held: Result<&[u32], String>) -> io::Result<()> {
+    match held {
+        Ok(h) => {
+            let mut b = u32s(&[0, h.len() as u32]);
+            b.extend(u32s(h));
+            w.write_all(&b)?;
+        }
+        Err(why) => {
+            w.write_all(&1u32.to_le_bytes())?;
+            w.write_all(&(why.len() as u32).to_le_bytes())?;
+            w.write_all(why.as_bytes())?;
+        }
+    }
+    w.flush()
+}
+
+/// Reads the reply to a `load`: the experts now held, or the worker's reason.
+pub fn read_loaded(r: &mut impl Read) -> io::Result<Result<Vec<u32>, String>> {
+    match read_u32(r)? {
+        0 => {
+            let n = read_u32(r)?;
+            if n > MAX_GROUPS {
+                return Err(invalid(format!("{n} experts held")));
+            }
+            Ok(Ok(read_u32s(r, n as usize)?))
+        }
+        1 => {
+            let n = read_u32(r)?.min(1 << 16) as usize;
+            let mut b = vec![0u8; n];
+            r.read_exact(&mut b)?;
+            Ok(Err(String::from_utf8_lossy(&b).into_owned()))
+        }
+        s => Err(invalid(format!("load status {s}"))),
+    }
+}
+
+/// Reads a request for rows of `d`; `Ok(None)` at a clean end of the connection.
+pub fn read_request(r: &mut impl Read, d: usize) -> io::Result<Option<Request>> {
     let mut first = [0u8; 4];
     match r.read(&mut first)? {
         0 => return Ok(None),
@@ -167,6 +228,13 @@ pub fn read_run(r: &mut impl Read, d: usize) -> io::Result<Option<Run>> {
         _ => {}
     }
     let layer = u32::from_le_bytes(first);
+    if layer == LOAD {
+        let n = read_u32(r)?;
+        if n > MAX_GROUPS {
+            return Err(invalid(format!("a load of {n} experts")));
+        }
+        return Ok(Some(Request::Load(read_u32s(r, n as usize)?)));
+    }
     let n = read_u32(r)?;
     let ng = read_u32(r)?;
     if n > MAX_ROWS || ng > MAX_GROUPS {
@@ -190,11 +258,11 @@ pub fn read_run(r: &mut impl Read, d: usize) -> io::Result<Option<Run>> {
         }
     }
     let rows = read_f32s(r, n as usize * d)?;
-    Ok(Some(Run {
+    Ok(Some(Request::Run(Run {
         layer,
         rows,
         groups,
-    }))
+    })))
 }
 
 /// The result of a run: each group's outputs in order and the microseconds they took to

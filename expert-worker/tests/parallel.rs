@@ -40,8 +40,9 @@ fn load(path: &Path, precision: Precision) -> Engine {
 
 fn serve(path: &Path, precision: Precision, held: &[usize]) -> ExpertServer {
     let g = GgufFile::open(path).unwrap();
-    let shard = Arc::new(ExpertShard::load(&g, precision, held).unwrap());
-    ExpertServer::bind("127.0.0.1:0", shard, wire::fingerprint(&g, precision), None).unwrap()
+    let shard = ExpertShard::load(&g, precision, held).unwrap();
+    let fp = wire::fingerprint(&g, precision);
+    ExpertServer::bind("127.0.0.1:0", shard, Some(path.into()), fp, None).unwrap()
 }
 
 fn expect(path: &Path, precision: Precision) -> Expect {
@@ -225,22 +226,62 @@ fn wrong_model_missing_experts_and_a_dense_model_are_refused() {
     assert!(err.contains("dense"), "{err}");
 }
 
+/// An engine on `servers`' experts.
+fn engine_on(path: &Path, servers: &[ExpertServer]) -> (Engine, Arc<RemoteExperts>) {
+    let mut e = load(path, Precision::W4A8);
+    let r = Arc::new(remote(path, Precision::W4A8, servers).unwrap());
+    e.model.set_expert_backend(r.clone()).unwrap();
+    (e, r)
+}
+
 #[test]
-fn a_worker_gone_fails_the_step_instead_of_hanging_and_is_reached_again_when_back() {
+fn a_lost_workers_experts_move_to_a_survivor_and_the_tokens_do_not_change() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_moe(dir.path());
+    let want = trace(&load(&path, Precision::W4A8)).unwrap();
     let mut servers = vec![
         serve(&path, Precision::W4A8, &[0, 1, 2, 3]),
         serve(&path, Precision::W4A8, &[4, 5, 6, 7]),
     ];
-    let mut e = load(&path, Precision::W4A8);
-    e.model
-        .set_expert_backend(Arc::new(remote(&path, Precision::W4A8, &servers).unwrap()))
+    let (e, r) = engine_on(&path, &servers);
+    assert!(trace(&e).unwrap() == want);
+    // Lost between steps: the survivor loads experts 4-7 from its model file.
+    let survivor = servers[0].local_addr().to_string();
+    servers.pop().unwrap().stop();
+    assert!(trace(&e).unwrap() == want, "after losing a worker");
+    assert!(
+        r.placement().iter().all(|o| o == &[survivor.clone()]),
+        "{:?}",
+        r.placement()
+    );
+    // With replicas, nothing needs loading: the replica computes all of the expert's rows.
+    let servers = vec![
+        serve(&path, Precision::W4A8, &[0, 1, 2, 3, 4, 5, 6, 7]),
+        serve(&path, Precision::W4A8, &[0, 1, 2, 3]),
+    ];
+    let mut r = remote(&path, Precision::W4A8, &servers).unwrap();
+    r.set_placement(&vec![(0..8).collect(), (0..4).collect()])
         .unwrap();
+    let r = Arc::new(r);
+    let mut e = load(&path, Precision::W4A8);
+    e.model.set_expert_backend(r.clone()).unwrap();
+    assert!(trace(&e).unwrap() == want);
+    let mut servers = servers;
+    servers.pop().unwrap().stop();
+    assert!(trace(&e).unwrap() == want, "after losing a replica");
+    assert_eq!(r.placement()[0].len(), 1);
+}
+
+#[test]
+fn with_no_worker_left_the_step_fails_instead_of_hanging_and_the_restarted_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let all: Vec<usize> = (0..8).collect();
+    let only = serve(&path, Precision::W4A8, &all);
+    let (e, _) = engine_on(&path, std::slice::from_ref(&only));
     let want = trace(&e).unwrap();
-    let gone = servers.pop().unwrap();
-    let addr = gone.local_addr();
-    gone.stop();
+    let addr = only.local_addr();
+    only.stop();
     let t = std::time::Instant::now();
     let Err(err) = trace(&e) else {
         panic!("a step without its experts succeeded")
@@ -250,8 +291,8 @@ fn a_worker_gone_fails_the_step_instead_of_hanging_and_is_reached_again_when_bac
     assert!(t.elapsed() < std::time::Duration::from_secs(10));
     // Restarted on its address (as `tandem up` restarts it): the next steps reach it again.
     let g = GgufFile::open(&path).unwrap();
-    let shard = Arc::new(ExpertShard::load(&g, Precision::W4A8, &[4, 5, 6, 7]).unwrap());
+    let shard = ExpertShard::load(&g, Precision::W4A8, &all).unwrap();
     let fp = wire::fingerprint(&g, Precision::W4A8);
-    let _back = ExpertServer::bind(&addr.to_string(), shard, fp, None).unwrap();
+    let _back = ExpertServer::bind(&addr.to_string(), shard, None, fp, None).unwrap();
     assert!(trace(&e).unwrap() == want, "after the worker came back");
 }

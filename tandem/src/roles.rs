@@ -204,9 +204,14 @@ pub fn expert(args: ExpertArgs) -> anyhow::Result<()> {
     let fingerprint = expert_worker::wire::fingerprint(&g, precision);
     drop(g);
     tracing::info!(experts = ?held, layers = shard.cfg.n_layers, weights_mib = shard.bytes() >> 20, "experts loaded");
-    let server =
-        expert_worker::ExpertServer::bind(&args.listen, Arc::new(shard), fingerprint, secret)
-            .with_context(|| format!("listening on {}", args.listen))?;
+    let server = expert_worker::ExpertServer::bind(
+        &args.listen,
+        shard,
+        Some(path.clone()),
+        fingerprint,
+        secret,
+    )
+    .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(addr = %server.local_addr(), "expert worker serving");
     status.set(Phase::Serving);
     rt.block_on(draining(status));

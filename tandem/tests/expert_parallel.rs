@@ -1,6 +1,7 @@
 //! `tandem up --experts N` as a user runs it: an MoE made by `tandem model make-moe`, two
 //! expert worker processes shared by the prefill and decode workers, the same tokens as one
-//! colocated process; a dense model refused; every child stopped with `up`.
+//! colocated process, also across a kill -9 of an expert worker under load; a dense model
+//! refused; every child stopped with `up`.
 
 mod common;
 
@@ -44,8 +45,26 @@ async fn wait_healthy(url: &str) {
     }
 }
 
+/// Pids of `parent`'s children running `tandem <role>`, in start order.
+fn children_pids(parent: u32, role: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = children_with_pids(parent)
+        .into_iter()
+        .filter(|(_, c)| c.get(1).map(String::as_str) == Some(role))
+        .map(|(p, _)| p)
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// The command lines of `parent`'s children.
 fn children(parent: u32) -> Vec<Vec<String>> {
+    children_with_pids(parent)
+        .into_iter()
+        .map(|(_, c)| c)
+        .collect()
+}
+
+fn children_with_pids(parent: u32) -> Vec<(u32, Vec<String>)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -60,23 +79,28 @@ fn children(parent: u32) -> Vec<Vec<String>> {
             .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(parent) {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            out.push(
+            out.push((
+                pid,
                 cmd.split(|&b| b == 0)
                     .map(|a| String::from_utf8_lossy(a).into_owned())
                     .collect(),
-            );
+            ));
         }
     }
     out
 }
 
 async fn complete(url: &str, i: usize) -> Value {
+    complete_n(url, i, 12).await
+}
+
+async fn complete_n(url: &str, i: usize, max_tokens: usize) -> Value {
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/completions"))
         .json(&json!({
             "model": "m",
             "prompt": format!("Request {i}: the history of the river and the town beside it"),
-            "max_tokens": 12,
+            "max_tokens": max_tokens,
             "temperature": 0.7,
             "seed": 40 + i,
             "ignore_eos": true,
@@ -146,6 +170,28 @@ async fn experts_on_worker_processes_give_the_colocated_tokens() {
             complete(&u1, i).await,
             complete(&u2, i).await,
             "request {i}"
+        );
+    }
+    // kill -9 of an expert worker under load: its experts move to the other (which loads
+    // them), no request fails, and every token is what one process gives.
+    let load: Vec<_> = (10..16)
+        .map(|i| {
+            let u = u1.clone();
+            tokio::spawn(async move { complete_n(&u, i, 48).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let victim: Vec<u32> = children_pids(ep.0.id(), "expert");
+    // SAFETY: plain kill(2) of our grandchild.
+    unsafe {
+        libc::kill(victim[1] as i32, libc::SIGKILL);
+    }
+    for (i, h) in (10..16).zip(load) {
+        let got = h.await.expect("the request did not fail");
+        assert_eq!(
+            got,
+            complete_n(&u2, i, 48).await,
+            "request {i} after the kill"
         );
     }
     let pid = ep.0.id();

@@ -45,6 +45,41 @@ impl ExpertShard {
         })
     }
 
+    /// Also holds experts `more` of every layer, loaded from `g` (the same model): a survivor
+    /// taking over a lost worker's experts.
+    pub fn add(&mut self, g: &GgufFile, more: &[usize]) -> Result<()> {
+        let moe = self.cfg.moe.expect("a shard is of a mixture");
+        let new: Vec<usize> = more
+            .iter()
+            .copied()
+            .filter(|e| !self.held.contains(e))
+            .collect();
+        if let Some(e) = new.iter().find(|&&e| e >= moe.n_experts) {
+            return Err(EngineError::Experts(format!(
+                "expert {e} asked for; the model has {}",
+                moe.n_experts
+            )));
+        }
+        if LlamaConfig::from_metadata(g)? != self.cfg {
+            return Err(EngineError::Experts(
+                "another model than this shard's".into(),
+            ));
+        }
+        let (cfg, precision) = (&self.cfg, self.precision);
+        let loaded = (0..cfg.n_layers)
+            .into_par_iter()
+            .map(|i| Moe::load_some(g, i, cfg, moe, precision, &|e| new.contains(&e)))
+            .collect::<Result<Vec<_>>>()?;
+        for (layer, mut m) in self.layers.iter_mut().zip(loaded) {
+            for &e in &new {
+                layer.experts[e] = m.experts[e].take();
+            }
+        }
+        self.held.extend(new);
+        self.held.sort_unstable();
+        Ok(())
+    }
+
     /// Bytes of expert weights held.
     pub fn bytes(&self) -> usize {
         self.layers
