@@ -250,7 +250,9 @@ fn a_lost_workers_experts_move_to_a_survivor_and_the_tokens_do_not_change() {
     servers.pop().unwrap().stop();
     assert!(trace(&e).unwrap() == want, "after losing a worker");
     assert!(
-        r.placement().iter().all(|o| o == &[survivor.clone()]),
+        r.placement()
+            .iter()
+            .all(|o| o == std::slice::from_ref(&survivor)),
         "{:?}",
         r.placement()
     );
