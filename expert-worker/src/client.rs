@@ -474,6 +474,23 @@ impl RemoteExperts {
             }
         }
         let outputs: Vec<Vec<f32>> = parts.into_iter().map(|p| p.concat()).collect();
+        // Prometheus (the worker's /metrics): load per expert and per worker, and this layer's
+        // imbalance over its experts (busiest / mean), what EPLB evens out.
+        let total: usize = groups.rows.iter().map(Vec::len).sum();
+        let busiest = groups.rows.iter().map(Vec::len).max().unwrap_or(0);
+        if total > 0 {
+            for (e, r) in groups.rows.iter().enumerate() {
+                metrics::counter!("tandem_expert_rows_total", "expert" => e.to_string())
+                    .increment(r.len() as u64);
+            }
+            metrics::gauge!("tandem_expert_imbalance", "layer" => layer.to_string())
+                .set(busiest as f64 * groups.rows.len() as f64 / total as f64);
+        }
+        for s in &sent {
+            let addr = peers[s.peer].addr.clone();
+            metrics::counter!("tandem_expert_worker_rows_total", "worker" => addr)
+                .increment(s.counts.iter().sum::<usize>() as u64);
+        }
         let mut st = self.stats.lock().expect("stats");
         st.rows.resize(self.peers.len(), 0);
         st.expert_rows.resize(groups.rows.len(), 0);
