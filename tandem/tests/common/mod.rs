@@ -57,3 +57,41 @@ pub async fn until(url: &str, what: &str, ok: impl Fn(u16, &str) -> bool) -> Str
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// `parent`'s child processes: pid and command line.
+pub fn children(parent: u32) -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Field 4 (after the parenthesised name) is the parent pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args = cmd
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            out.push((pid, args));
+        }
+    }
+    out
+}
+
+/// Pids of `parent`'s children running `tandem <role>`, ascending.
+pub fn children_running(parent: u32, role: &str) -> Vec<u32> {
+    let mut pids: Vec<u32> = children(parent)
+        .into_iter()
+        .filter(|(_, args)| args.get(1).map(String::as_str) == Some(role))
+        .map(|(pid, _)| pid)
+        .collect();
+    pids.sort_unstable();
+    pids
+}
