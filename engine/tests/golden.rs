@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{LogitsCheck, compare_logits, ids};
+use common::{LogitsCheck, compare_logits, greedy, ids};
 use engine::chat::ChatMessage;
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
 use engine::{Engine, EngineConfig, LogitsWanted, Precision};
@@ -111,14 +111,7 @@ fn greedy_continuations_match_llama_cpp() {
             ids(&case["prompt_ids"]),
             "tokenization of {rendered:?}"
         );
-        let mut seq = e.new_sequence();
-        let mut tok =
-            engine::sampler::argmax(&e.prefill(&mut seq, &prompt, LogitsWanted::Last).unwrap());
-        let mut out = vec![tok];
-        while out.len() < 32 {
-            tok = engine::sampler::argmax(&e.decode_step(&mut [(&mut seq, tok)]).unwrap()[0]);
-            out.push(tok);
-        }
+        let out = greedy(e, &prompt, 32);
         assert_eq!(
             out,
             ids(&case["continuation"]),

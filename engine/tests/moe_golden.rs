@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{LogitsCheck, compare_logits, ids, perplexity};
+use common::{LogitsCheck, compare_logits, greedy, ids, perplexity};
 use engine::fetch::{DEFAULT_MODEL, cache_dir, ensure};
 use engine::gguf::GgufFile;
 use engine::moe::make::{MoeKind, MoeSpec, make_moe};
@@ -168,14 +168,7 @@ fn moe_greedy_continuations_match_llama_cpp() {
         let text = case["text"].as_str().unwrap();
         let prompt = e.frontend.tokenizer.encode(text, false).unwrap();
         assert_eq!(prompt, ids(&case["prompt_ids"]), "tokenization of {text:?}");
-        let mut seq = e.new_sequence();
-        let mut tok =
-            engine::sampler::argmax(&e.prefill(&mut seq, &prompt, LogitsWanted::Last).unwrap());
-        let mut out = vec![tok];
-        while out.len() < 32 {
-            tok = engine::sampler::argmax(&e.decode_step(&mut [(&mut seq, tok)]).unwrap()[0]);
-            out.push(tok);
-        }
+        let out = greedy(&e, &prompt, 32);
         assert_eq!(
             out,
             ids(&case["continuation"]),

@@ -70,3 +70,16 @@ pub fn perplexity(e: &Engine, tokens: &[u32], w: usize) -> (f64, usize) {
     }
     ((nll / n as f64).exp(), n)
 }
+
+/// `n` tokens greedily continued from `prompt`: prefill, then one token a decode step.
+pub fn greedy(e: &Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = e.new_sequence();
+    let mut tok =
+        engine::sampler::argmax(&e.prefill(&mut seq, prompt, LogitsWanted::Last).unwrap());
+    let mut out = vec![tok];
+    while out.len() < n {
+        tok = engine::sampler::argmax(&e.decode_step(&mut [(&mut seq, tok)]).unwrap()[0]);
+        out.push(tok);
+    }
+    out
+}
