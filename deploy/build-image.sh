@@ -18,12 +18,12 @@ command -v musl-gcc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -
 # etcd-client's build script compiles its .proto files with protoc.
 command -v protoc >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq protobuf-compiler; }
 # etcd discovery built in: the compose cluster and Kubernetes manifests use it.
-cargo build --release --target $TARGET -p tandem --features etcd
+# No debug info: it is stripped below anyway, and it is a good share of the build's time.
+CARGO_PROFILE_RELEASE_DEBUG=0 cargo build --release --target $TARGET -p tandem --features etcd
 BIN=target/$TARGET/release/tandem
 # Static: no interpreter, no shared libraries.
 if file "$BIN" 2>/dev/null | grep -q "dynamically linked"; then echo "$BIN is not static" >&2; exit 1; fi
 rm -rf target/image && mkdir -p target/image/models
-# The release profile keeps debug info (for profiling); the image does not need it.
 strip -o target/image/tandem "$BIN"
 case "$MODEL" in
   "") ;;
