@@ -22,7 +22,10 @@ fn spec() -> MoeSpec {
     MoeSpec {
         experts: 8,
         top_k: 2,
-        kind: MoeKind::Random { skew: 0.6 },
+        kind: MoeKind::Random {
+            skew: 0.6,
+            falloff: 1.0,
+        },
         seed: 7,
         layers: Some(6),
     }

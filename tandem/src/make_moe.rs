@@ -22,6 +22,9 @@ pub struct MakeMoeArgs {
     /// Random experts with a router calibrated so that the busiest expert takes this share of the tokens (top-k/experts is even; default 0.25 for 8 experts, top-2). Not with --upcycle.
     #[arg(long, conflicts_with = "upcycle")]
     pub skew: Option<f64>,
+    /// With random experts: expert e's router bias falls as (1 − e/(E−1))^FALLOFF from expert 0 to the last; 1 is linear; below 1 the experts after the busiest keep a bias near its own and take more of the remaining choices (the low-numbered half of the experts takes more of the load), above 1 their bias falls faster.
+    #[arg(long, default_value_t = 1.0, conflicts_with = "upcycle")]
+    pub falloff: f32,
     /// Copy each layer's dense FFN into every expert instead (the model then computes what the dense one does).
     #[arg(long)]
     pub upcycle: bool,
@@ -46,6 +49,7 @@ pub fn run(args: &MakeMoeArgs) -> anyhow::Result<()> {
             skew: args
                 .skew
                 .unwrap_or(args.top_k as f64 / args.num_experts as f64),
+            falloff: args.falloff,
         }
     };
     let spec = MoeSpec {
@@ -59,8 +63,18 @@ pub fn run(args: &MakeMoeArgs) -> anyhow::Result<()> {
     let shares = &made.busiest_share;
     let mean = shares.iter().sum::<f64>() / shares.len().max(1) as f64;
     let max = shares.iter().cloned().fold(0.0, f64::max);
+    // The load over all layers, and what it does to 2 expert workers that split the experts
+    // evenly (the case EPLB is measured on).
+    let mut load = vec![0f64; args.num_experts];
+    for layer in &made.expert_share {
+        for (l, s) in load.iter_mut().zip(layer) {
+            *l += s;
+        }
+    }
+    use expert_worker::eplb;
+    let two = eplb::imbalance(&eplb::loads(&load, &eplb::even(args.num_experts, 2)));
     eprintln!(
-        "tandem: wrote {} ({} layers, {} experts, top-{}); the busiest expert's share of the calibration tokens: mean {mean:.3}, max {max:.3} over layers",
+        "tandem: wrote {} ({} layers, {} experts, top-{}); the busiest expert's share of the calibration tokens: mean {mean:.3}, max {max:.3} over layers; 2 expert workers splitting the experts evenly: busiest / mean load {two:.2}",
         args.out.display(),
         shares.len(),
         args.num_experts,

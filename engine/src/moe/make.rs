@@ -30,7 +30,11 @@ pub enum MoeKind {
     /// × uniform noise of unit variance (0: copied as stored).
     Upcycled { noise: f32 },
     /// Random experts; the busiest expert takes `skew` of the tokens (`top_k / experts`: even).
-    Random { skew: f64 },
+    /// The router favours expert e by a bias ∝ (1 − e/(E−1))^`falloff`: 1 falls linearly from
+    /// expert 0 to the last; below 1 the next experts (1, 2, …) keep a bias near expert 0's and
+    /// take more of the remaining choices (the low-numbered experts take more of the load);
+    /// above 1 their bias falls faster.
+    Random { skew: f64, falloff: f32 },
 }
 
 /// How to make it.
@@ -44,10 +48,14 @@ pub struct MoeSpec {
     pub layers: Option<usize>,
 }
 
-/// What was made: the share of calibration tokens each layer's busiest expert took.
+/// What was made: how each layer routes the calibration tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Made {
+    /// The share of the tokens each layer's busiest expert took.
     pub busiest_share: Vec<f64>,
+    /// The share of the tokens each layer routed to each expert (a layer's shares sum to
+    /// top-k).
+    pub expert_share: Vec<Vec<f64>>,
 }
 
 /// A text the random router is calibrated on (real prose and code, ~400 tokens).
@@ -116,12 +124,15 @@ pub fn make_moe(src: &GgufFile, spec: &MoeSpec, dst: &Path) -> Result<Made> {
             cfg.n_layers
         )));
     }
-    if let MoeKind::Random { skew } = spec.kind {
+    if let MoeKind::Random { skew, falloff } = spec.kind {
         let even = spec.top_k as f64 / spec.experts as f64;
         if !(even..1.0).contains(&skew) {
             return Err(bad(format!(
                 "skew {skew}: the busiest expert's share of tokens, from {even} (even) to below 1"
             )));
+        }
+        if !(falloff.is_finite() && falloff > 0.0) {
+            return Err(bad(format!("falloff {falloff}: must be above 0")));
         }
     }
     let mut w = writer(src, spec, layers)?;
@@ -159,10 +170,8 @@ pub fn make_moe(src: &GgufFile, spec: &MoeSpec, dst: &Path) -> Result<Made> {
     }
     w.write(dst)?;
     let made = match spec.kind {
-        MoeKind::Random { skew } => calibrate(src, dst, spec, skew)?,
-        MoeKind::Upcycled { .. } => Made {
-            busiest_share: measure(&load(dst)?, &calibration_tokens(src)?)?,
-        },
+        MoeKind::Random { skew, falloff } => calibrate(src, dst, spec, skew, falloff)?,
+        MoeKind::Upcycled { .. } => measure(&load(dst)?, &calibration_tokens(src)?)?,
     };
     Ok(made)
 }
@@ -241,31 +250,46 @@ fn ffn_inputs(model: &LlamaModel, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
     Ok(inputs)
 }
 
-/// The share of `tokens` each layer's busiest expert is routed.
-fn measure(model: &LlamaModel, tokens: &[u32]) -> Result<Vec<f64>> {
+/// What each layer routed `tokens` to.
+fn measure(model: &LlamaModel, tokens: &[u32]) -> Result<Made> {
     let inputs = ffn_inputs(model, tokens)?;
-    Ok(model
+    let expert_share: Vec<Vec<f64>> = model
         .layers
         .iter()
         .zip(&inputs)
         .map(|(l, h)| match &l.ffn {
-            FfnBlock::Moe(m) => busiest(&m.route(h, tokens.len()), m.n_experts()),
-            FfnBlock::Dense(_) => 0.0,
+            FfnBlock::Moe(m) => shares(&m.route(h, tokens.len()), m.n_experts()),
+            FfnBlock::Dense(_) => Vec::new(),
         })
-        .collect())
+        .collect();
+    Ok(Made {
+        busiest_share: expert_share
+            .iter()
+            .map(|s| s.iter().cloned().fold(0.0, f64::max))
+            .collect(),
+        expert_share,
+    })
 }
 
-fn busiest(r: &crate::moe::Routing, n_experts: usize) -> f64 {
+/// The share of the rows routed to each expert.
+fn shares(r: &crate::moe::Routing, n_experts: usize) -> Vec<f64> {
     let mut count = vec![0usize; n_experts];
     for &e in &r.experts {
         count[e as usize] += 1;
     }
-    *count.iter().max().unwrap_or(&0) as f64 / r.n_rows().max(1) as f64
+    count
+        .iter()
+        .map(|&c| c as f64 / r.n_rows().max(1) as f64)
+        .collect()
+}
+
+fn busiest(r: &crate::moe::Routing, n_experts: usize) -> f64 {
+    shares(r, n_experts).into_iter().fold(0.0, f64::max)
 }
 
 /// Sets every layer's router so that expert 0 takes `skew` of the calibration tokens, layer by
 /// layer (a layer's inputs depend on the routers before it), and writes the result to `dst`.
-fn calibrate(src: &GgufFile, dst: &Path, spec: &MoeSpec, skew: f64) -> Result<Made> {
+fn calibrate(src: &GgufFile, dst: &Path, spec: &MoeSpec, skew: f64, falloff: f32) -> Result<Made> {
     let tokens = calibration_tokens(src)?;
     let mut model = load(dst)?;
     let (d, ne) = (model.cfg.d_model, spec.experts);
@@ -291,12 +315,13 @@ fn calibrate(src: &GgufFile, dst: &Path, spec: &MoeSpec, skew: f64) -> Result<Ma
                 *r -= along * m;
             }
         }
-        // Router row e gains b · (1 - e/(E-1)) · mean/|mean|²: expert 0's logit rises by b
-        // for the mean input, the last's not at all.
+        // Router row e gains b · (1 - e/(E-1))^falloff · mean/|mean|²: expert 0's logit rises
+        // by b for the mean input, the last's not at all.
         let with_bias = |b: f32, router: &mut Vec<f32>| {
             router.clone_from(&base);
             for (e, row) in router.chunks_exact_mut(d).enumerate() {
-                let s = b * (1.0 - e as f32 / (ne - 1) as f32) / norm2.max(f32::MIN_POSITIVE);
+                let share = (1.0 - e as f32 / (ne - 1) as f32).powf(falloff);
+                let s = b * share / norm2.max(f32::MIN_POSITIVE);
                 for (r, m) in row.iter_mut().zip(&mean) {
                     *r += s * m;
                 }
@@ -348,9 +373,7 @@ fn calibrate(src: &GgufFile, dst: &Path, spec: &MoeSpec, skew: f64) -> Result<Ma
         path: dst.to_path_buf(),
         source,
     })?;
-    Ok(Made {
-        busiest_share: measure(&load(dst)?, &tokens)?,
-    })
+    measure(&load(dst)?, &tokens)
 }
 
 #[cfg(test)]

@@ -86,7 +86,7 @@ fn a_random_router_takes_the_share_asked_for() {
             &MoeSpec {
                 experts: 8,
                 top_k: 2,
-                kind: MoeKind::Random { skew },
+                kind: MoeKind::Random { skew, falloff: 1.0 },
                 seed: 3,
                 layers: Some(2),
             },
@@ -103,7 +103,10 @@ fn a_random_router_takes_the_share_asked_for() {
         &MoeSpec {
             experts: 8,
             top_k: 2,
-            kind: MoeKind::Random { skew: 0.1 },
+            kind: MoeKind::Random {
+                skew: 0.1,
+                falloff: 1.0,
+            },
             seed: 3,
             layers: None,
         },
