@@ -56,6 +56,16 @@ pub trait Backend: Send + Sync {
             self.name()
         )))
     }
+    /// With an expert backend: runs a batch as `n` microbatches in flight (1 or 2).
+    fn set_microbatches(&mut self, n: usize) -> Result<()> {
+        if n == 1 {
+            return Ok(());
+        }
+        Err(EngineError::Experts(format!(
+            "the {} backend runs one batch at a time",
+            self.name()
+        )))
+    }
 }
 
 impl Backend for LlamaModel {
@@ -78,7 +88,13 @@ impl Backend for LlamaModel {
     ) -> Result<Vec<Vec<f32>>> {
         LlamaModel::forward_with(self, items, layer_done)
     }
+    fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        LlamaModel::forward(self, items)
+    }
     fn set_expert_backend(&mut self, backend: Arc<dyn ExpertBackend>) -> Result<()> {
         LlamaModel::set_expert_backend(self, backend)
+    }
+    fn set_microbatches(&mut self, n: usize) -> Result<()> {
+        LlamaModel::set_microbatches(self, n)
     }
 }

@@ -469,6 +469,7 @@ pub fn load_model(
         output_norm: vector(&bytes, &t.output_norm)?,
         layers,
         expert_backend: None,
+        microbatches: 1,
     };
     model.check_shapes()?;
     Ok(model)

@@ -42,6 +42,9 @@ pub struct LlamaModel {
     pub(crate) layers: Vec<Layer>,
     /// Where a mixture's experts run when not here (expert parallelism); `None`: here.
     pub(crate) expert_backend: Option<std::sync::Arc<dyn ExpertBackend>>,
+    /// With an expert backend: batches of several items run as this many microbatches at once
+    /// (one's attention computing while another's experts run elsewhere).
+    pub(crate) microbatches: usize,
 }
 
 /// What a forward pass calls after each layer: the layer, and the items (whose K/V of that
@@ -117,6 +120,7 @@ impl LlamaModel {
             output_norm,
             layers,
             expert_backend: None,
+            microbatches: 1,
         })
     }
 
@@ -134,6 +138,20 @@ impl LlamaModel {
             }
         }
         self.expert_backend = Some(backend);
+        Ok(())
+    }
+
+    /// With an expert backend, runs a batch of several items as `n` microbatches (1 or 2) in
+    /// flight together: while one waits for its experts on the expert workers, the other
+    /// computes its attention. Each row's arithmetic is the same either way (the kernels are
+    /// batch-invariant), so the outputs are too.
+    pub fn set_microbatches(&mut self, n: usize) -> Result<()> {
+        if !(1..=2).contains(&n) {
+            return Err(EngineError::Experts(format!(
+                "{n} microbatches: 1 or 2 are in flight"
+            )));
+        }
+        self.microbatches = n;
         Ok(())
     }
 
@@ -207,7 +225,42 @@ impl LlamaModel {
     /// Runs new tokens of every item through the model, appending their K/V to each item's
     /// sequence; returns, per item, the logits it asked for (`n × vocab` for `All`).
     pub fn forward(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        if self.microbatches > 1 && self.expert_backend.is_some() && items.len() > 1 {
+            return self.forward_split(items);
+        }
         self.forward_with(items, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward) as two microbatches of about half the rows each, on two
+    /// threads: their layers interleave on the expert backend (it runs one layer at a time),
+    /// one microbatch's attention overlapping the other's experts.
+    fn forward_split(&self, items: &mut [ForwardItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        let total: usize = items.iter().map(|it| it.tokens.len()).sum();
+        let mut cut = 1;
+        let mut rows = 0;
+        for (i, it) in items.iter().enumerate() {
+            rows += it.tokens.len();
+            if 2 * rows >= total {
+                cut = (i + 1).clamp(1, items.len() - 1);
+                break;
+            }
+        }
+        if let Some(backend) = &self.expert_backend {
+            backend.new_step();
+        }
+        let (a, b) = items.split_at_mut(cut);
+        let run = |items: &mut [ForwardItem<'_>]| {
+            self.forward_layers(items, &mut |_, _| {}, &mut |_: usize, _: &[f32]| {})
+        };
+        let (first, second) = std::thread::scope(|s| {
+            let second = s.spawn(|| run(b));
+            let first = run(a);
+            (first, second.join())
+        });
+        let second = second.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let mut out = first?;
+        out.extend(second?);
+        Ok(out)
     }
 
     /// [`forward`](Self::forward), calling `layer_done(l, items)` as soon as every item's new
@@ -225,6 +278,19 @@ impl LlamaModel {
     /// (`h: [rows × d]`, normed) before the FFN runs: what router calibration and the golden
     /// tests' router checks read.
     pub fn forward_tapped(
+        &self,
+        items: &mut [ForwardItem<'_>],
+        layer_done: &mut LayerHook<'_>,
+        ffn_input: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<Vec<Vec<f32>>> {
+        if let Some(b) = &self.expert_backend {
+            b.new_step();
+        }
+        self.forward_layers(items, layer_done, ffn_input)
+    }
+
+    /// One forward pass of `items` (no step begins here: the callers say when one does).
+    fn forward_layers(
         &self,
         items: &mut [ForwardItem<'_>],
         layer_done: &mut LayerHook<'_>,

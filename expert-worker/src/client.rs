@@ -12,6 +12,9 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod rebalance;
+pub use rebalance::EplbConfig;
+
 /// How long connecting to an expert worker may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one layer's reply may take before the worker is taken for gone.
@@ -66,6 +69,8 @@ pub struct RemoteExperts {
     /// The peers that compute each expert (several: its rows split evenly over them, in
     /// order, `eplb::split`).
     owner: Mutex<Vec<Vec<usize>>>,
+    /// Run-time EPLB, when enabled.
+    eplb: Mutex<Option<rebalance::Rebalancer>>,
 }
 
 fn err(addr: &str, what: impl std::fmt::Display) -> EngineError {
@@ -180,6 +185,7 @@ impl RemoteExperts {
                     .map(|o| vec![o.expect("checked")])
                     .collect(),
             ),
+            eplb: Mutex::new(None),
         })
     }
 
@@ -206,7 +212,50 @@ impl RemoteExperts {
     /// worker `w` computes, in `--expert-workers` order; an expert on several workers has its
     /// rows split over them), from the next step. Each must hold what it is given, and every
     /// expert must be placed.
-    pub fn set_placement(&mut self, placement: &crate::eplb::Placement) -> Result<()> {
+    pub fn set_placement(&mut self, placement: &eplb::Placement) -> Result<()> {
+        self.apply(placement)
+    }
+
+    /// [`set_placement`](Self::set_placement), first asking each worker to load the experts
+    /// it is given and lacks (from its model file): a static placement at start.
+    pub fn place(&mut self, placement: &eplb::Placement) -> Result<()> {
+        if placement.len() != self.peers.len() {
+            return self.apply(placement); // refused there, with the reason
+        }
+        for (experts, peer) in placement.iter().zip(&self.peers) {
+            let mut peer = peer.lock().expect("peer");
+            let lacking: Vec<u32> = experts
+                .iter()
+                .map(|&e| e as u32)
+                .filter(|e| !peer.hello.held.contains(e))
+                .collect();
+            if lacking.is_empty() {
+                continue;
+            }
+            let Peer { addr, conn, hello } = &mut *peer;
+            let conn = conn.as_mut().ok_or_else(|| err(addr, "not connected"))?;
+            hello.held = load(conn, addr, &lacking)?;
+        }
+        self.apply(placement)
+    }
+
+    /// The experts each worker computes now, in `--expert-workers` order.
+    pub fn current(&self) -> eplb::Placement {
+        let owner = self.owner.lock().expect("placement");
+        (0..self.peers.len())
+            .map(|p| {
+                (0..owner.len())
+                    .filter(|&e| owner[e].contains(&p))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn n_experts(&self) -> usize {
+        self.owner.lock().expect("placement").len()
+    }
+
+    fn apply(&self, placement: &eplb::Placement) -> Result<()> {
         if placement.len() != self.peers.len() {
             return Err(EngineError::Experts(format!(
                 "a placement for {} workers; there are {}",
@@ -214,11 +263,11 @@ impl RemoteExperts {
                 self.peers.len()
             )));
         }
-        let mut owner = vec![Vec::new(); self.owner.lock().expect("placement").len()];
+        let mut owner = vec![Vec::new(); self.n_experts()];
         for (w, experts) in placement.iter().enumerate() {
             let peer = self.peers[w].lock().expect("peer");
             for &e in experts {
-                if !peer.hello.held.contains(&(e as u32)) || e >= owner.len() {
+                if e >= owner.len() || !peer.hello.held.contains(&(e as u32)) {
                     return Err(err(&peer.addr, format!("does not hold expert {e}")));
                 }
                 if !owner[e].contains(&w) {
@@ -376,6 +425,11 @@ impl ExpertBackend for RemoteExperts {
                 Err(Failure::Lost(_, e) | Failure::Other(e)) => return Err(e),
             }
         }
+    }
+
+    /// EPLB at run time, when enabled, plans and applies placements between steps.
+    fn new_step(&self) {
+        self.rebalance();
     }
 }
 

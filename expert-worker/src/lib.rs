@@ -19,5 +19,5 @@ pub mod eplb;
 pub mod server;
 pub mod wire;
 
-pub use client::{EpStats, Expect, RemoteExperts};
+pub use client::{EpStats, EplbConfig, Expect, RemoteExperts};
 pub use server::ExpertServer;

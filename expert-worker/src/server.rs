@@ -139,8 +139,15 @@ impl Shared {
             .ok_or("this worker was started without its model file to load more experts from")?;
         let g = engine::gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
         let more: Vec<usize> = more.iter().map(|&e| e as usize).collect();
+        // Loaded beside the shard (runs go on meanwhile), then added under the lock.
+        let new = self
+            .shard
+            .read()
+            .expect("shard")
+            .missing(&g, &more)
+            .map_err(|e| e.to_string())?;
         let mut s = self.shard.write().expect("shard");
-        s.add(&g, &more).map_err(|e| e.to_string())?;
+        s.merge(new);
         tracing::info!(experts = ?more, held = ?s.held, "took over experts");
         Ok(s.held.iter().map(|&e| e as u32).collect())
     }

@@ -1,6 +1,6 @@
 //! Expert parallelism over TCP on loopback: a mixture's tokens are bit-identical to one
-//! process's whatever the placement (2 and 3 workers, replicas, one expert alone), at every
-//! precision; a worker of another model, experts no one holds and a worker gone are errors,
+//! process's whatever the placement (2 and 3 workers, replicas, one expert alone), with one
+//! or two microbatches in flight, at every precision; EPLB moves experts while steps run; a worker of another model, experts no one holds and a worker gone are errors,
 //! not hangs.
 
 use engine::gguf::GgufFile;
@@ -117,7 +117,7 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
     ];
     for precision in [Precision::F32, Precision::W4A8, Precision::Int8] {
         let want = trace(&load(&path, precision)).unwrap();
-        for placement in placements {
+        for (placement, microbatches) in placements.iter().flat_map(|p| [(p, 1), (p, 2)]) {
             let servers: Vec<ExpertServer> = placement
                 .iter()
                 .map(|h| serve(&path, precision, h))
@@ -132,11 +132,13 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
             }
             let owners = r.placement();
             e.model.set_expert_backend(Arc::new(r)).unwrap();
+            // Two microbatches in flight: their layers interleave on the workers.
+            e.model.set_microbatches(microbatches).unwrap();
             assert!(e.model.weight_bytes() < load(&path, precision).model.weight_bytes());
             let got = trace(&e).unwrap();
             assert!(
                 got == want,
-                "{precision} placement {placement:?} ({owners:?}) differs"
+                "{precision} placement {placement:?} ({owners:?}), {microbatches} microbatch(es), differs"
             );
         }
     }
@@ -184,6 +186,91 @@ fn an_eplb_placement_from_the_measured_load_keeps_the_tokens_and_balances_the_wo
     assert!(r.set_placement(&vec![vec![9], all.clone()]).is_err());
     assert!(r.set_placement(&vec![vec![0], vec![1]]).is_err());
     assert!(r.set_placement(&vec![all.clone()]).is_err());
+}
+
+#[test]
+fn eplb_at_run_time_moves_experts_between_steps_and_keeps_every_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let p = Precision::W4A8;
+    let want = trace(&load(&path, p)).unwrap();
+    // A lopsided start: one worker computes 7 experts, the other 1; each holds only its own.
+    let servers = [
+        serve(&path, p, &[7]),
+        serve(&path, p, &[0, 1, 2, 3, 4, 5, 6]),
+    ];
+    let mut r = remote(&path, p, &servers).unwrap();
+    let mut bad = |interval, redundant| {
+        r.enable_eplb(expert_worker::EplbConfig {
+            interval,
+            redundant,
+        })
+        .is_err()
+    };
+    assert!(bad(0, 0), "an interval of 0 steps");
+    assert!(bad(1, 9), "more replicas than one per expert per worker");
+    r.enable_eplb(expert_worker::EplbConfig {
+        interval: 2,
+        redundant: 2,
+    })
+    .unwrap();
+    let start = r.current();
+    let r = Arc::new(r);
+    let mut e = load(&path, p);
+    e.model.set_expert_backend(r.clone()).unwrap();
+    let before = r.stats().rows;
+    assert!(trace(&e).unwrap() == want);
+    let first: Vec<f64> = r.stats().rows.iter().map(|&n| n as f64).collect();
+    // Steps go on while the planned experts load; the plan takes effect at a later step.
+    let mut traces = 1;
+    while r.current() == start {
+        assert!(traces < 50, "no new placement after {traces} traces");
+        assert!(trace(&e).unwrap() == want, "a step while experts loaded");
+        traces += 1;
+    }
+    let now = r.current();
+    assert_eq!(
+        now.iter().map(Vec::len).sum::<usize>(),
+        10,
+        "2 replicas: {now:?}"
+    );
+    let rows0 = r.stats().rows;
+    assert!(trace(&e).unwrap() == want, "after the new placement");
+    let rows1 = r.stats().rows;
+    let last: Vec<f64> = rows1
+        .iter()
+        .zip(&rows0)
+        .map(|(a, b)| (a - b) as f64)
+        .collect();
+    assert!(
+        eplb::imbalance(&last) < eplb::imbalance(&first) - 0.2,
+        "imbalance {} before ({before:?} → {first:?}), {} after ({now:?})",
+        eplb::imbalance(&first),
+        eplb::imbalance(&last)
+    );
+}
+
+#[test]
+fn a_static_placement_loads_what_each_worker_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let p = Precision::Int8;
+    let want = trace(&load(&path, p)).unwrap();
+    let servers = [
+        serve(&path, p, &[0, 1, 2, 3]),
+        serve(&path, p, &[4, 5, 6, 7]),
+    ];
+    let mut r = remote(&path, p, &servers).unwrap();
+    let placement = vec![vec![0, 1, 2, 3, 4], vec![0, 4, 5, 6, 7]];
+    r.place(&placement).unwrap();
+    assert_eq!(r.current(), placement);
+    assert!(
+        r.place(&vec![vec![0, 9], vec![1]]).is_err(),
+        "expert 9 of 8"
+    );
+    let mut e = load(&path, p);
+    e.model.set_expert_backend(Arc::new(r)).unwrap();
+    assert!(trace(&e).unwrap() == want);
 }
 
 #[test]

@@ -249,7 +249,13 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     };
     // Expert workers before the workers that reach them (those wait for them at start).
     let experts = match args.experts {
-        None => ExpertUseArgs::default(),
+        None => {
+            anyhow::ensure!(
+                !args.serving.any(),
+                "--microbatches, --eplb-interval, --redundant-experts and --expert-placement need --experts"
+            );
+            ExpertUseArgs::default()
+        }
         Some(n) => {
             let path = model.model.as_deref().expect("fetched above");
             let g = engine::gguf::GgufFile::open(path)?;
@@ -278,6 +284,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             }
             ExpertUseArgs {
                 expert_workers: addrs,
+                serving: args.serving.clone(),
             }
         }
     };

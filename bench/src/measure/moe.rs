@@ -1,11 +1,13 @@
 //! `tandem model ep-bench`: a mixture-of-experts model (a) in one process, (b) with its experts
 //! on `tandem expert` worker processes split evenly, (c) placed by EPLB from (b)'s measured
-//! load with replicas, in one run: batched decode and a long prefill, where a decode step's
-//! time goes (dispatch and combine vs the experts' compute), and each worker's load.
+//! load with replicas (static), (d) started as (b) with EPLB at run time, in one run: batched
+//! decode and a long prefill, where a decode step's time goes (dispatch and combine vs the
+//! experts' compute), each worker's load, and for (d) how many steps the new placement took
+//! and the slowest step while its experts loaded.
 
 use clap::Args;
 use engine::{Engine, EngineConfig, ForwardItem, LogitsWanted};
-use expert_worker::{EpStats, Expect, RemoteExperts, eplb};
+use expert_worker::{EpStats, EplbConfig, Expect, RemoteExperts, eplb};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -37,6 +39,9 @@ pub struct EpBenchArgs {
     /// Extra expert slots over all workers for EPLB's replicas of the busiest experts.
     #[arg(long, default_value_t = 2)]
     pub redundant_experts: usize,
+    /// (d): decode steps between EPLB's plans at run time.
+    #[arg(long, default_value_t = 8)]
+    pub eplb_interval: u64,
 }
 
 /// Expert worker children, killed when dropped.
@@ -59,25 +64,21 @@ struct Measured {
     last: Vec<u32>,
 }
 
-fn measure(e: &Engine, args: &EpBenchArgs, mut between: impl FnMut()) -> anyhow::Result<Measured> {
-    // Real text (what the router was calibrated on, for a made model): prompt i starts at
-    // token 7·i of it, repeated as needed.
+/// Real text (what the router was calibrated on, for a made model): prompt `i` of `n` tokens
+/// starts at token 7·i of it, repeated as needed.
+fn prompt(e: &Engine, i: usize, n: usize) -> anyhow::Result<Vec<u32>> {
     let text = e
         .frontend
         .tokenizer
         .encode(engine::moe::make::CALIBRATION_TEXT, false)?;
-    let tok = |i: usize, j: usize| text[(7 * i + j) % text.len()];
-    // Prefill, timed alone.
-    let prompt: Vec<u32> = (0..args.prompt).map(|j| tok(0, j)).collect();
-    let mut seq = e.new_sequence();
-    let t = Instant::now();
-    e.prefill(&mut seq, &prompt, LogitsWanted::Last)?;
-    let prefill_tok_s = args.prompt as f64 / t.elapsed().as_secs_f64();
-    drop(seq);
-    // A batch of short prompts, then decode steps.
-    let prompts: Vec<Vec<u32>> = (0..args.batch)
-        .map(|i| (0..32).map(|j| tok(i, j)).collect())
-        .collect();
+    Ok((0..n).map(|j| text[(7 * i + j) % text.len()]).collect())
+}
+
+/// `args.batch` sequences of 32-token prompts, prefilled together, and their next tokens.
+fn batch(e: &Engine, args: &EpBenchArgs) -> anyhow::Result<(Vec<engine::KvSequence>, Vec<u32>)> {
+    let prompts = (0..args.batch)
+        .map(|i| prompt(e, i, 32))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence()).collect();
     let mut items: Vec<ForwardItem> = seqs
         .iter_mut()
@@ -88,13 +89,68 @@ fn measure(e: &Engine, args: &EpBenchArgs, mut between: impl FnMut()) -> anyhow:
             logits: LogitsWanted::Last,
         })
         .collect();
-    let mut next: Vec<u32> = e
+    let next = e
         .model
         .forward(&mut items)?
         .iter()
         .map(|l| engine::sampler::argmax(l))
         .collect();
     drop(items);
+    Ok((seqs, next))
+}
+
+/// How EPLB at run time went: decode steps until the new placement was in force, and step
+/// times meanwhile.
+struct Switch {
+    steps: usize,
+    slowest_ms: f64,
+    median_ms: f64,
+    placement: eplb::Placement,
+}
+
+/// Decodes a batch until `remote`'s placement changes (at most 96 steps), then 2 steps more.
+fn until_placed(e: &Engine, remote: &RemoteExperts, args: &EpBenchArgs) -> anyhow::Result<Switch> {
+    let start = remote.current();
+    let (mut seqs, mut next) = batch(e, args)?;
+    let (mut times, mut switched) = (Vec::new(), None);
+    while switched.is_none_or(|s| times.len() < s + 2) {
+        anyhow::ensure!(
+            times.len() < 96,
+            "EPLB at run time: the placement did not change in 96 steps"
+        );
+        let t = Instant::now();
+        let mut b: Vec<_> = seqs.iter_mut().zip(&next).map(|(s, &t)| (s, t)).collect();
+        next = e
+            .decode_step(&mut b)?
+            .iter()
+            .map(|l| engine::sampler::argmax(l))
+            .collect();
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        if switched.is_none() && remote.current() != start {
+            switched = Some(times.len());
+        }
+    }
+    let steps = switched.expect("loop ends switched");
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Switch {
+        steps,
+        slowest_ms: sorted[sorted.len() - 1],
+        median_ms: sorted[sorted.len() / 2],
+        placement: remote.current(),
+    })
+}
+
+fn measure(e: &Engine, args: &EpBenchArgs, mut between: impl FnMut()) -> anyhow::Result<Measured> {
+    // Prefill, timed alone.
+    let prompt = prompt(e, 0, args.prompt)?;
+    let mut seq = e.new_sequence();
+    let t = Instant::now();
+    e.prefill(&mut seq, &prompt, LogitsWanted::Last)?;
+    let prefill_tok_s = args.prompt as f64 / t.elapsed().as_secs_f64();
+    drop(seq);
+    // A batch of short prompts, then decode steps.
+    let (mut seqs, mut next) = batch(e, args)?;
     between();
     let t = Instant::now();
     let mut last = Vec::new();
@@ -120,13 +176,16 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `args.model` measured with expert workers started from `exe` holding `placement`; the
-/// expert plane's figures over the decode steps alone.
+/// expert plane's figures over the decode steps alone. With `live`, EPLB runs at run time and
+/// the measuring starts once it has placed the experts anew.
 fn with_workers(
     args: &EpBenchArgs,
     exe: &Path,
     cfg: &EngineConfig,
     placement: &eplb::Placement,
-) -> anyhow::Result<(Measured, EpStats)> {
+    live: Option<EplbConfig>,
+    microbatches: usize,
+) -> anyhow::Result<(Measured, EpStats, Option<Switch>)> {
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     for held in placement {
@@ -161,9 +220,17 @@ fn with_workers(
     )?;
     drop(g);
     remote.set_placement(placement)?;
+    if let Some(live) = live {
+        remote.enable_eplb(live)?;
+    }
     let remote = Arc::new(remote);
     e.model.set_expert_backend(remote.clone())?;
-    eprintln!("tandem: expert workers holding {placement:?}…");
+    e.model.set_microbatches(microbatches)?;
+    eprintln!("tandem: expert workers holding {placement:?}, {microbatches} microbatch(es)…");
+    let switch = match live {
+        Some(_) => Some(until_placed(&e, &remote, args)?),
+        None => None,
+    };
     let mut before = EpStats::default();
     let m = measure(&e, args, || before = remote.stats())?;
     let after = remote.stats();
@@ -183,6 +250,7 @@ fn with_workers(
             rows: sub(&after.rows, &before.rows),
             expert_rows: sub(&after.expert_rows, &before.expert_rows),
         },
+        switch,
     ))
 }
 
@@ -214,12 +282,28 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     // (b) experts split evenly over the workers; (c) placed by EPLB from (b)'s load, with
     // replicas.
     let even = eplb::even(moe.n_experts, args.experts);
-    let (b, b_stats) = with_workers(args, exe, &cfg, &even)?;
+    let (b, b_stats, _) = with_workers(args, exe, &cfg, &even, None, 1)?;
     let window: Vec<f64> = b_stats.expert_rows.iter().map(|&n| n as f64).collect();
     let slots = (moe.n_experts + args.redundant_experts).div_ceil(args.experts);
     let planned = eplb::plan(&window, args.experts, slots);
-    let (c, c_stats) = with_workers(args, exe, &cfg, &planned)?;
-    for (name, m) in [("(b)", &b), ("(c)", &c)] {
+    let (c, c_stats, _) = with_workers(args, exe, &cfg, &planned, None, 1)?;
+    // (d) (b)'s start, placed anew by EPLB at run time from the load it sees.
+    let live = EplbConfig {
+        interval: args.eplb_interval,
+        redundant: args.redundant_experts,
+    };
+    let (d, d_stats, switch) = with_workers(args, exe, &cfg, &even, Some(live), 1)?;
+    let switch = switch.expect("measured with EPLB at run time");
+    // (b) and (c) again with two microbatches in flight.
+    let (b2, b2_stats, _) = with_workers(args, exe, &cfg, &even, None, 2)?;
+    let (c2, c2_stats, _) = with_workers(args, exe, &cfg, &planned, None, 2)?;
+    for (name, m) in [
+        ("(b)", &b),
+        ("(c)", &c),
+        ("(d)", &d),
+        ("(b2)", &b2),
+        ("(c2)", &c2),
+    ] {
         anyhow::ensure!(
             a.last == m.last,
             "{name}: expert parallelism changed the logits (they must be bit-identical)"
@@ -240,7 +324,15 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     );
     for (name, m, st, placement) in [
         ("(b) even", &b, &b_stats, &even),
-        ("(c) EPLB", &c, &c_stats, &planned),
+        ("(c) EPLB, static", &c, &c_stats, &planned),
+        ("(d) EPLB at run time", &d, &d_stats, &switch.placement),
+        ("(b2) even, 2 microbatches", &b2, &b2_stats, &even),
+        (
+            "(c2) EPLB, static, 2 microbatches",
+            &c2,
+            &c2_stats,
+            &planned,
+        ),
     ] {
         let rows: Vec<f64> = st.rows.iter().map(|&n| n as f64).collect();
         println!(
@@ -266,6 +358,26 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         c.decode_tok_s / b.decode_tok_s,
         c.prefill_tok_s / b.prefill_tok_s
     );
-    println!("| logits of (a), (b), (c) | bit-identical | |");
+    println!(
+        "| (d) over (b) | decode {:.2}× | prefill {:.2}× |",
+        d.decode_tok_s / b.decode_tok_s,
+        d.prefill_tok_s / b.prefill_tok_s
+    );
+    println!(
+        "| (d) the switch, planning every {} steps | in force after {} decode steps of batch {} | slowest step meanwhile {:.0} ms, median {:.0} ms |",
+        args.eplb_interval, switch.steps, args.batch, switch.slowest_ms, switch.median_ms
+    );
+    println!(
+        "| 2 microbatches over 1: (b2) over (b), (c2) over (c) | decode {:.2}×, {:.2}× | prefill {:.2}×, {:.2}× (one sequence: not split) |",
+        b2.decode_tok_s / b.decode_tok_s,
+        c2.decode_tok_s / c.decode_tok_s,
+        b2.prefill_tok_s / b.prefill_tok_s,
+        c2.prefill_tok_s / c.prefill_tok_s
+    );
+    println!(
+        "| (c2) over (b2) | decode {:.2}× | |",
+        c2.decode_tok_s / b2.decode_tok_s
+    );
+    println!("| logits of (a) to (d), (b2), (c2) | bit-identical | |");
     Ok(())
 }

@@ -101,6 +101,10 @@ pub trait ExpertBackend: Send + Sync {
     /// Layer `layer`'s experts over the rows each was routed (`groups.rows[e]` of `h`, rows of
     /// `d`): per expert, its rows' outputs `[rows × d]` in that order (empty for none).
     fn run(&self, layer: usize, h: &[f32], d: usize, groups: &Groups) -> Result<Vec<Vec<f32>>>;
+
+    /// Called once at the start of each forward pass (a step: a decode step or a prefill
+    /// chunk of the batch, all its microbatches), before any of its layers.
+    fn new_step(&self) {}
 }
 
 /// Which experts each row goes to, and with what weight: `n_used` slots per row, highest

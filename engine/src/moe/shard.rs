@@ -45,39 +45,46 @@ impl ExpertShard {
         })
     }
 
-    /// Also holds experts `more` of every layer, loaded from `g` (the same model): a survivor
-    /// taking over a lost worker's experts.
+    /// Holds `more` too, loaded from `g` (the same model): [`missing`](Self::missing) then
+    /// [`merge`](Self::merge).
     pub fn add(&mut self, g: &GgufFile, more: &[usize]) -> Result<()> {
-        let moe = self.cfg.moe.expect("a shard is of a mixture");
-        let new: Vec<usize> = more
-            .iter()
-            .copied()
-            .filter(|e| !self.held.contains(e))
-            .collect();
-        if let Some(e) = new.iter().find(|&&e| e >= moe.n_experts) {
-            return Err(EngineError::Experts(format!(
-                "expert {e} asked for; the model has {}",
-                moe.n_experts
-            )));
-        }
+        let new = self.missing(g, more)?;
+        self.merge(new);
+        Ok(())
+    }
+
+    /// The experts of `more` not held yet, loaded from `g` (the same model) as a shard of their
+    /// own: the slow part of taking on experts, done without holding this shard (a server
+    /// keeps running its experts meanwhile), then [`merge`](Self::merge)d.
+    pub fn missing(&self, g: &GgufFile, more: &[usize]) -> Result<ExpertShard> {
         if LlamaConfig::from_metadata(g)? != self.cfg {
             return Err(EngineError::Experts(
                 "another model than this shard's".into(),
             ));
         }
-        let (cfg, precision) = (&self.cfg, self.precision);
-        let loaded = (0..cfg.n_layers)
-            .into_par_iter()
-            .map(|i| Moe::load_some(g, i, cfg, moe, precision, &|e| new.contains(&e)))
-            .collect::<Result<Vec<_>>>()?;
-        for (layer, mut m) in self.layers.iter_mut().zip(loaded) {
-            for &e in &new {
-                layer.experts[e] = m.experts[e].take();
+        let new: Vec<usize> = more
+            .iter()
+            .copied()
+            .filter(|e| !self.held.contains(e))
+            .collect();
+        ExpertShard::load(g, self.precision, &new)
+    }
+
+    /// Takes over the experts of `other` (of the same model and precision) it does not hold.
+    pub fn merge(&mut self, mut other: ExpertShard) {
+        for (layer, m) in self.layers.iter_mut().zip(&mut other.layers) {
+            for &e in &other.held {
+                if !self.held.contains(&e) {
+                    layer.experts[e] = m.experts[e].take();
+                }
             }
         }
-        self.held.extend(new);
+        for e in other.held {
+            if !self.held.contains(&e) {
+                self.held.push(e);
+            }
+        }
         self.held.sort_unstable();
-        Ok(())
     }
 
     /// Bytes of expert weights held.

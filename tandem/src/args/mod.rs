@@ -13,7 +13,7 @@ mod routing;
 mod store;
 mod telemetry;
 pub use cluster::{ClusterArgs, DiscoveryArgs, EtcdArgs};
-pub use experts::{ExpertArgs, ExpertUseArgs, parse_experts};
+pub use experts::{ExpertArgs, ExpertServingArgs, ExpertUseArgs, parse_experts};
 #[cfg(test)]
 use routing::{KvTransportArg, RouterMode};
 pub use routing::{RoutingArgs, SharingArgs};
@@ -443,6 +443,8 @@ pub struct UpArgs {
     /// Expert worker processes (`tandem expert`) for a mixture-of-experts model: its experts split evenly over them, shared by every prefill and decode worker (expert parallelism). Default: none, each worker computes every expert.
     #[arg(long)]
     pub experts: Option<usize>,
+    #[command(flatten)]
+    pub serving: ExpertServingArgs,
     #[command(flatten)]
     pub routing: RoutingArgs,
     #[command(flatten)]

@@ -75,6 +75,12 @@ fn child_command_lines_parse_back_to_their_values() {
         },
         experts: ExpertUseArgs {
             expert_workers: vec!["127.0.0.1:5".into(), "10.0.0.3:6".into()],
+            serving: ExpertServingArgs {
+                microbatches: 2,
+                eplb_interval: Some(50),
+                redundant_experts: 2,
+                expert_placement: Some("/etc/tandem/placement.json".into()),
+            },
         },
         model: model(),
         compute: compute(vec![1, 2]),
@@ -106,6 +112,7 @@ fn child_command_lines_parse_back_to_their_values() {
         },
         experts: ExpertUseArgs {
             expert_workers: vec!["127.0.0.1:7".into()],
+            serving: ExpertServingArgs::default(),
         },
         model: model(),
         compute: compute(vec![0]),
