@@ -1,7 +1,7 @@
-//! `tandem up --experts N` as a user runs it: an MoE made by `tandem model make-moe`, two
-//! expert worker processes shared by the prefill and decode workers, the same tokens as one
-//! colocated process, also across a kill -9 of an expert worker under load; a dense model
-//! refused; every child stopped with `up`.
+//! `tandem up --experts N` as a user runs it (with EPLB at run time and two microbatches): an
+//! MoE made by `tandem model make-moe`, two expert worker processes shared by the prefill and
+//! decode workers, the same tokens as one colocated process, also across a kill -9 of an
+//! expert worker under load; a dense model refused; every child stopped with `up`.
 
 mod common;
 
@@ -105,7 +105,22 @@ async fn experts_on_worker_processes_give_the_colocated_tokens() {
     assert!(String::from_utf8_lossy(&dense.stderr).contains("dense"));
 
     let (p1, p2) = (free_port(), free_port());
-    let ep = up(moe, p1, &["--experts", "2"]);
+    // With EPLB at run time (a plan every 4 steps, 2 replicas) and two microbatches in flight:
+    // whatever it moves and whenever, the tokens stay one process's.
+    let ep = up(
+        moe,
+        p1,
+        &[
+            "--experts",
+            "2",
+            "--eplb-interval",
+            "4",
+            "--redundant-experts",
+            "2",
+            "--microbatches",
+            "2",
+        ],
+    );
     let _one = up(moe, p2, &["--colocated"]);
     let (u1, u2) = (
         format!("http://127.0.0.1:{p1}"),
@@ -121,6 +136,17 @@ async fn experts_on_worker_processes_give_the_colocated_tokens() {
     assert_eq!(experts.len(), 2, "{experts:?}");
     assert!(experts.iter().any(|c| c.contains(&"0-3".to_string())));
     assert!(experts.iter().any(|c| c.contains(&"4-7".to_string())));
+    let decode: Vec<Vec<String>> = children(ep.0.id())
+        .into_iter()
+        .map(|(_, args)| args)
+        .filter(|c| c.get(1).map(String::as_str) == Some("decode"))
+        .collect();
+    assert!(
+        decode
+            .iter()
+            .all(|c| c.windows(2).any(|w| w == ["--eplb-interval", "4"])),
+        "{decode:?}"
+    );
     for i in 0..4 {
         assert_eq!(
             complete(&u1, i).await,
