@@ -139,12 +139,13 @@ impl Shared {
             .ok_or("this worker was started without its model file to load more experts from")?;
         let g = engine::gguf::GgufFile::open(path).map_err(|e| e.to_string())?;
         let more: Vec<usize> = more.iter().map(|&e| e as usize).collect();
-        // Loaded beside the shard (runs go on meanwhile), then added under the lock.
-        let new = self
-            .shard
-            .read()
-            .expect("shard")
-            .missing(&g, &more)
+        // Loaded beside the shard, no lock held (runs go on meanwhile, and a writer waiting
+        // cannot hold them up), then added under the lock.
+        let (cfg, precision, held) = {
+            let s = self.shard.read().expect("shard");
+            (s.cfg.clone(), s.precision, s.held.clone())
+        };
+        let new = ExpertShard::load_missing(&cfg, precision, &held, &g, &more)
             .map_err(|e| e.to_string())?;
         let mut s = self.shard.write().expect("shard");
         s.merge(new);

@@ -45,29 +45,32 @@ impl ExpertShard {
         })
     }
 
-    /// Holds `more` too, loaded from `g` (the same model): [`missing`](Self::missing) then
-    /// [`merge`](Self::merge).
+    /// Holds `more` too, loaded from `g` (the same model): [`load_missing`](Self::load_missing)
+    /// then [`merge`](Self::merge).
     pub fn add(&mut self, g: &GgufFile, more: &[usize]) -> Result<()> {
-        let new = self.missing(g, more)?;
+        let new = Self::load_missing(&self.cfg, self.precision, &self.held, g, more)?;
         self.merge(new);
         Ok(())
     }
 
-    /// The experts of `more` not held yet, loaded from `g` (the same model) as a shard of their
-    /// own: the slow part of taking on experts, done without holding this shard (a server
-    /// keeps running its experts meanwhile), then [`merge`](Self::merge)d.
-    pub fn missing(&self, g: &GgufFile, more: &[usize]) -> Result<ExpertShard> {
-        if LlamaConfig::from_metadata(g)? != self.cfg {
+    /// The experts of `more` not in `held`, loaded from `g` (a model of config `cfg`) at
+    /// `precision` as a shard of their own: the slow part of taking on experts, done without
+    /// holding the shard they join (a server keeps running its experts meanwhile), then
+    /// [`merge`](Self::merge)d.
+    pub fn load_missing(
+        cfg: &LlamaConfig,
+        precision: Precision,
+        held: &[usize],
+        g: &GgufFile,
+        more: &[usize],
+    ) -> Result<ExpertShard> {
+        if LlamaConfig::from_metadata(g)? != *cfg {
             return Err(EngineError::Experts(
                 "another model than this shard's".into(),
             ));
         }
-        let new: Vec<usize> = more
-            .iter()
-            .copied()
-            .filter(|e| !self.held.contains(e))
-            .collect();
-        ExpertShard::load(g, self.precision, &new)
+        let new: Vec<usize> = more.iter().copied().filter(|e| !held.contains(e)).collect();
+        ExpertShard::load(g, precision, &new)
     }
 
     /// Takes over the experts of `other` (of the same model and precision) it does not hold.
