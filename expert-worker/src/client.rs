@@ -224,11 +224,7 @@ impl RemoteExperts {
         }
         for (experts, peer) in placement.iter().zip(&self.peers) {
             let mut peer = peer.lock().expect("peer");
-            let lacking: Vec<u32> = experts
-                .iter()
-                .map(|&e| e as u32)
-                .filter(|e| !peer.hello.held.contains(e))
-                .collect();
+            let lacking = lacking(&peer.hello.held, experts);
             if lacking.is_empty() {
                 continue;
             }
@@ -303,11 +299,7 @@ impl RemoteExperts {
             if same(&hello) != same(&peer.hello) {
                 return Err(err(&peer.addr, "came back serving another model"));
             }
-            let lacking: Vec<u32> = placed
-                .iter()
-                .map(|&e| e as u32)
-                .filter(|e| !hello.held.contains(e))
-                .collect();
+            let lacking = lacking(&hello.held, placed);
             let held = if lacking.is_empty() {
                 hello.held
             } else {
@@ -381,6 +373,15 @@ impl RemoteExperts {
         *kept = owner;
         Ok(())
     }
+}
+
+/// Which of `experts` a worker holding `held` lacks.
+fn lacking(held: &[u32], experts: &[usize]) -> Vec<u32> {
+    experts
+        .iter()
+        .map(|&e| e as u32)
+        .filter(|e| !held.contains(e))
+        .collect()
 }
 
 fn peer_holds(h: &Hello, e: usize) -> bool {

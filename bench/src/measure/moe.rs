@@ -65,19 +65,21 @@ const WARM_STEPS: usize = 8;
 
 /// Real text (what the router was calibrated on, for a made model): prompt `i` of `n` tokens
 /// starts at token 7·i of it, repeated as needed.
-fn prompt(e: &Engine, i: usize, n: usize) -> anyhow::Result<Vec<u32>> {
-    let text = e
-        .frontend
+fn prompt(text: &[u32], i: usize, n: usize) -> Vec<u32> {
+    (0..n).map(|j| text[(7 * i + j) % text.len()]).collect()
+}
+
+/// The calibration text's tokens.
+fn text(e: &Engine) -> anyhow::Result<Vec<u32>> {
+    Ok(e.frontend
         .tokenizer
-        .encode(engine::moe::make::CALIBRATION_TEXT, false)?;
-    Ok((0..n).map(|j| text[(7 * i + j) % text.len()]).collect())
+        .encode(engine::moe::make::CALIBRATION_TEXT, false)?)
 }
 
 /// `args.batch` sequences of 32-token prompts, prefilled together, and their next tokens.
 fn batch(e: &Engine, args: &EpBenchArgs) -> anyhow::Result<(Vec<engine::KvSequence>, Vec<u32>)> {
-    let prompts = (0..args.batch)
-        .map(|i| prompt(e, i, 32))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let text = text(e)?;
+    let prompts: Vec<Vec<u32>> = (0..args.batch).map(|i| prompt(&text, i, 32)).collect();
     let mut seqs: Vec<_> = prompts.iter().map(|_| e.new_sequence()).collect();
     let mut items: Vec<ForwardItem> = seqs
         .iter_mut()
@@ -96,6 +98,23 @@ fn batch(e: &Engine, args: &EpBenchArgs) -> anyhow::Result<(Vec<engine::KvSequen
         .collect();
     drop(items);
     Ok((seqs, next))
+}
+
+/// One greedy decode step of `seqs` fed `next`: `next` becomes the step's argmaxes; the
+/// step's logits.
+fn step(
+    e: &Engine,
+    seqs: &mut [engine::KvSequence],
+    next: &mut Vec<u32>,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut b: Vec<_> = seqs
+        .iter_mut()
+        .zip(next.iter())
+        .map(|(s, &t)| (s, t))
+        .collect();
+    let out = e.decode_step(&mut b)?;
+    *next = out.iter().map(|l| engine::sampler::argmax(l)).collect();
+    Ok(out)
 }
 
 /// How EPLB at run time went: decode steps until the new placement was in force, and step
@@ -118,12 +137,7 @@ fn until_placed(e: &Engine, remote: &RemoteExperts, args: &EpBenchArgs) -> anyho
             "EPLB at run time: the placement did not change in 96 steps"
         );
         let t = Instant::now();
-        let mut b: Vec<_> = seqs.iter_mut().zip(&next).map(|(s, &t)| (s, t)).collect();
-        next = e
-            .decode_step(&mut b)?
-            .iter()
-            .map(|l| engine::sampler::argmax(l))
-            .collect();
+        step(e, &mut seqs, &mut next)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         if switched.is_none() && remote.current() != start {
             switched = Some(times.len());
@@ -196,14 +210,7 @@ impl Setup {
         let before = self.remote.as_ref().map(|r| r.stats()).unwrap_or_default();
         let t = Instant::now();
         for _ in 0..steps {
-            let mut b: Vec<_> = self
-                .seqs
-                .iter_mut()
-                .zip(&self.next)
-                .map(|(s, &t)| (s, t))
-                .collect();
-            let out = self.engine.decode_step(&mut b)?;
-            self.next = out.iter().map(|l| engine::sampler::argmax(l)).collect();
+            let out = step(&self.engine, &mut self.seqs, &mut self.next)?;
             self.last = out.iter().flatten().map(|x| x.to_bits()).collect();
         }
         self.decode_s += t.elapsed().as_secs_f64();
@@ -253,13 +260,7 @@ fn warm_load(s: &Setup, args: &EpBenchArgs) -> anyhow::Result<Vec<f64>> {
     let before = remote.stats().expert_rows;
     let (mut seqs, mut next) = batch(&s.engine, args)?;
     for _ in 0..WARM_STEPS {
-        let mut b: Vec<_> = seqs.iter_mut().zip(&next).map(|(s, &t)| (s, t)).collect();
-        next = s
-            .engine
-            .decode_step(&mut b)?
-            .iter()
-            .map(|l| engine::sampler::argmax(l))
-            .collect();
+        step(&s.engine, &mut seqs, &mut next)?;
     }
     let after = remote.stats().expert_rows;
     Ok(after
@@ -400,7 +401,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     let mut setups = [a, b, c, d, b2, c2];
     // The timed rounds: every setup in turn, each round a share of the decode steps and one
     // prefill.
-    let prompt = prompt(&setups[0].engine, 0, args.prompt)?;
+    let prompt = prompt(&text(&setups[0].engine)?, 0, args.prompt);
     for round in 0..ROUNDS {
         eprintln!("tandem: round {} of {ROUNDS}…", round + 1);
         let steps = args.steps / ROUNDS + usize::from(round < args.steps % ROUNDS);

@@ -133,14 +133,7 @@ impl RemoteExperts {
         let lacking: Vec<Vec<u32>> = plan
             .iter()
             .zip(&self.peers)
-            .map(|(experts, peer)| {
-                let held = &peer.lock().expect("peer").hello.held;
-                experts
-                    .iter()
-                    .map(|&e| e as u32)
-                    .filter(|e| !held.contains(e))
-                    .collect()
-            })
+            .map(|(experts, peer)| super::lacking(&peer.lock().expect("peer").hello.held, experts))
             .collect();
         if lacking.iter().all(Vec::is_empty) {
             if let Err(e) = self.apply(&plan) {
