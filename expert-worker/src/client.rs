@@ -3,28 +3,18 @@
 //! to every worker that has some before any reply is read (the workers compute together).
 
 use crate::eplb;
-use crate::wire::{self, Group, Hello};
+use crate::wire::{Group, Hello};
 use engine::moe::{ExpertBackend, Groups};
 use engine::{EngineError, Result};
-use protocol::auth::{self, ClusterSecret, Plane};
-use std::io::{BufReader, BufWriter};
-use std::net::{TcpStream, ToSocketAddrs};
+use protocol::auth::ClusterSecret;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod conn;
 mod rebalance;
+pub use conn::{CONNECT_TIMEOUT, REPLY_TIMEOUT};
+use conn::{Conn, connect};
 pub use rebalance::EplbConfig;
-
-/// How long connecting to an expert worker may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long one layer's reply may take before the worker is taken for gone.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// An open connection to an expert worker.
-struct Conn {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
-}
 
 struct Peer {
     addr: String,
@@ -71,44 +61,12 @@ pub struct RemoteExperts {
     owner: Mutex<Vec<Vec<usize>>>,
     /// Run-time EPLB, when enabled.
     eplb: Mutex<Option<rebalance::Rebalancer>>,
+    /// Move rows and outputs through shared-memory mailboxes where a worker can map them.
+    shm: bool,
 }
 
 fn err(addr: &str, what: impl std::fmt::Display) -> EngineError {
     EngineError::Experts(format!("expert worker {addr}: {what}"))
-}
-
-/// Connects to `addr`, trying again until `deadline` while nothing listens there yet (a
-/// worker still loading); a handshake or hello that fails is an error at once.
-fn connect(addr: &str, secret: Option<&ClusterSecret>, deadline: Instant) -> Result<(Conn, Hello)> {
-    let mut last = err(addr, "no address");
-    let addrs: Vec<_> = addr.to_socket_addrs().map_err(|e| err(addr, e))?.collect();
-    let mut s = 'found: loop {
-        for a in &addrs {
-            match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
-                Ok(s) => break 'found s,
-                Err(e) => last = err(addr, e),
-            }
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(last);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let setup = |s: &mut TcpStream| -> std::io::Result<Hello> {
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(auth::HANDSHAKE_TIMEOUT))?;
-        s.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        auth::client(s, secret, Plane::Experts).map_err(std::io::Error::other)?;
-        let hello = Hello::read(s)?;
-        s.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        Ok(hello)
-    };
-    let hello = setup(&mut s).map_err(|e| err(addr, e))?;
-    let conn = Conn {
-        r: BufReader::with_capacity(1 << 16, s.try_clone().map_err(|e| err(addr, e))?),
-        w: BufWriter::with_capacity(1 << 16, s),
-    };
-    Ok((conn, hello))
 }
 
 impl RemoteExperts {
@@ -186,7 +144,27 @@ impl RemoteExperts {
                     .collect(),
             ),
             eplb: Mutex::new(None),
+            shm: true,
         })
+    }
+
+    /// Whether rows and outputs may go through shared memory to workers on this host (on by
+    /// default; off: always the socket).
+    pub fn set_shm(&mut self, on: bool) {
+        self.shm = on;
+    }
+
+    /// Each worker's link, in `--expert-workers` order: `"shm"` (a mailbox), `"tcp"`, or
+    /// `"down"` (not connected now).
+    pub fn links(&self) -> Vec<&'static str> {
+        self.peers
+            .iter()
+            .map(|p| match &p.lock().expect("peer").conn {
+                Some(c) if c.over_shm() => "shm",
+                Some(_) => "tcp",
+                None => "down",
+            })
+            .collect()
     }
 
     /// Where the time went so far.
@@ -230,7 +208,7 @@ impl RemoteExperts {
             }
             let Peer { addr, conn, hello } = &mut *peer;
             let conn = conn.as_mut().ok_or_else(|| err(addr, "not connected"))?;
-            hello.held = load(conn, addr, &lacking)?;
+            hello.held = conn.load(addr, &lacking)?;
         }
         self.apply(placement)
     }
@@ -303,7 +281,7 @@ impl RemoteExperts {
             let held = if lacking.is_empty() {
                 hello.held
             } else {
-                load(&mut conn, &peer.addr, &lacking)?
+                conn.load(&peer.addr, &lacking)?
             };
             tracing::info!(worker = %peer.addr, "expert worker reached again");
             peer.hello.held = held;
@@ -357,7 +335,7 @@ impl RemoteExperts {
                 }
                 if !peer_holds(&peer.hello, e) {
                     let Peer { addr, conn, hello } = &mut *peer;
-                    match load(conn.as_mut().expect("opened above"), addr, &[e as u32]) {
+                    match conn.as_mut().expect("opened above").load(addr, &[e as u32]) {
                         Ok(held) => hello.held = held,
                         Err(_) => {
                             *conn = None;
@@ -386,14 +364,6 @@ fn lacking(held: &[u32], experts: &[usize]) -> Vec<u32> {
 
 fn peer_holds(h: &Hello, e: usize) -> bool {
     h.held.contains(&(e as u32))
-}
-
-/// Asks the worker on `conn` to hold `experts` too; the experts it holds then.
-fn load(conn: &mut Conn, addr: &str, experts: &[u32]) -> Result<Vec<u32>> {
-    wire::write_load(&mut conn.w, experts).map_err(|e| err(addr, e))?;
-    wire::read_loaded(&mut conn.r)
-        .map_err(|e| err(addr, e))?
-        .map_err(|why| err(addr, why))
 }
 
 /// Why a layer failed: a worker unreachable (its experts can move), or anything else.
@@ -472,10 +442,6 @@ impl RemoteExperts {
             let mut rows: Vec<u32> = share.iter().flat_map(|s| s.2.iter().copied()).collect();
             rows.sort_unstable();
             rows.dedup();
-            let mut x = Vec::with_capacity(rows.len() * d);
-            for &r in &rows {
-                x.extend_from_slice(&h[r as usize * d..(r as usize + 1) * d]);
-            }
             let msg: Vec<Group> = share
                 .iter()
                 .map(|&(e, _, rs)| Group {
@@ -489,7 +455,8 @@ impl RemoteExperts {
             let addr = peers[p].addr.clone();
             let mine = placed(p);
             let written = self.conn(&mut peers[p], &mine).and_then(|c| {
-                wire::write_run(&mut c.w, layer as u32, &x, d, &msg).map_err(|e| err(&addr, e))
+                c.send(self.shm, layer as u32, &rows, h, d, &msg)
+                    .map_err(|e| err(&addr, e))
             });
             if let Err(e) = written {
                 // The connections written this layer hold replies not read: all start over.
@@ -498,17 +465,20 @@ impl RemoteExperts {
             }
             let counts: Vec<usize> = share.iter().map(|s| s.2.len()).collect();
             let experts = share.iter().map(|s| (s.0, s.1)).collect();
-            bytes += (x.len() + counts.iter().sum::<usize>() * d) * 4;
+            bytes += (rows.len() + counts.iter().sum::<usize>()) * d * 4;
             sent.push(Sent {
                 peer: p,
                 experts,
                 counts,
             });
         }
+        // Waiting on the workers: this process's idle compute threads sleep rather than spin
+        // on cores the workers may share.
+        kernels::pool::rest();
         for (i, s) in sent.iter().enumerate() {
             let peer = &mut peers[s.peer];
             let conn = peer.conn.as_mut().expect("written this layer");
-            let got = match wire::read_result(&mut conn.r, &s.counts, d) {
+            let got = match conn.recv(&s.counts, d) {
                 Ok(Ok((got, micros))) => {
                     slowest = slowest.max(micros);
                     got

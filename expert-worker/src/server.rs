@@ -3,10 +3,11 @@
 
 use crate::wire::{self, Hello};
 use engine::moe::shard::ExpertShard;
+use kv_store::shm::mailbox::Mailbox;
 use protocol::auth::{self, ClusterSecret, Plane};
 use std::io::{self, BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -174,38 +175,79 @@ fn connection(
     io::Write::flush(&mut w)?;
     let mut r = BufReader::with_capacity(1 << 16, conn);
     let d = hello.d as usize;
-    while let Some(req) = wire::read_request(&mut r, d)? {
+    // Rows and outputs move through this, once the client attached one (same host).
+    let mut mailbox: Option<Mailbox> = None;
+    loop {
+        // Waiting for the next request: idle compute threads sleep rather than spin on cores
+        // the prefill or decode worker may share.
+        kernels::pool::rest();
+        let Some(req) = wire::read_request(&mut r, d, mailbox.is_some())? else {
+            break;
+        };
         let run = match req {
             wire::Request::Load(more) => {
                 wire::write_loaded(&mut w, shared.load(&more).as_deref().map_err(Clone::clone))?;
                 continue;
             }
+            wire::Request::Attach { path, nonce } => {
+                mailbox = None;
+                let done = Mailbox::attach(Path::new(&path), nonce)
+                    .map(|m| mailbox = Some(m))
+                    .map_err(|e| format!("cannot map the mailbox {path}: {e}"));
+                wire::write_attached(&mut w, done)?;
+                continue;
+            }
             wire::Request::Run(run) => run,
         };
-        let shard = shared.shard.read().expect("shard");
         let t = std::time::Instant::now();
-        let outputs: Result<Vec<Vec<f32>>, String> = run
-            .groups
-            .iter()
-            .map(|g| {
-                let mut x = Vec::with_capacity(g.rows.len() * d);
-                for &i in &g.rows {
-                    x.extend_from_slice(&run.rows[i as usize * d..(i as usize + 1) * d]);
+        let n = run.n as usize * d;
+        let result = match &mut mailbox {
+            None => compute(shared, &run, &run.rows, d),
+            Some(m) => {
+                let (request, reply) = m.answer();
+                match request.get(..n) {
+                    None => Err(format!("{} rows past the mailbox's end", run.n)),
+                    Some(rows) => compute(shared, &run, rows, d).and_then(|o| {
+                        let mut at = 0;
+                        for o in &o {
+                            reply
+                                .get_mut(at..at + o.len())
+                                .ok_or("outputs past the mailbox's end")?
+                                .copy_from_slice(o);
+                            at += o.len();
+                        }
+                        Ok(Vec::new()) // in the mailbox
+                    }),
                 }
-                shard
-                    .run(run.layer as usize, g.expert as usize, &x, g.rows.len())
-                    .map_err(|e| e.to_string())
-            })
-            .collect();
-        drop(shard);
+            }
+        };
         let micros = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
         wire::write_result(
             &mut w,
-            outputs
-                .as_deref()
-                .map(|o| (o, micros))
-                .map_err(Clone::clone),
+            result.as_deref().map(|o| (o, micros)).map_err(Clone::clone),
         )?;
     }
     Ok(())
+}
+
+/// Each group's outputs, in order, for a run whose rows are `rows`.
+fn compute(
+    shared: &Shared,
+    run: &wire::Run,
+    rows: &[f32],
+    d: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    let shard = shared.shard.read().expect("shard");
+    run.groups
+        .iter()
+        .map(|g| {
+            let mut x = Vec::with_capacity(g.rows.len() * d);
+            for &i in &g.rows {
+                x.extend_from_slice(&rows[i as usize * d..(i as usize + 1) * d]);
+            }
+            shard
+                .run(run.layer as usize, g.expert as usize, &x, g.rows.len())
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }

@@ -14,7 +14,16 @@
 //! client → server  load    0xFFFF_FFFF u32 | n u32 | experts u32 × n
 //! server → client  loaded  status u32 (0) | n_held u32 | held experts u32 × n_held
 //!                   or     status u32 (1) | length u32 | UTF-8 reason
+//! client → server  attach  0xFFFF_FFFE u32 | nonce u64 | length u32 | UTF-8 path
+//! server → client  attached status u32 (0)
+//!                   or     status u32 (1) | length u32 | UTF-8 reason
 //! ```
+//!
+//! `attach` (one host only) names a mailbox (`kv_store::shm::mailbox`) the client made; once
+//! the worker has mapped it, every later `run` on the connection leaves its rows out (they are
+//! in the mailbox's request area) and every `result` its outputs (in the reply area). Another
+//! `attach` replaces the mailbox (a bigger one); one that fails leaves the connection on the
+//! socket for rows and outputs.
 //!
 //! A step sends each peer one `run` per layer: the rows any of its experts needs, each once
 //! (a row routed to two experts of one peer crosses the wire once), with each expert's list.
@@ -134,15 +143,15 @@ impl Hello {
     }
 }
 
-/// Writes a run: `rows` (`[n × d]`) and each group's row indices into them.
+/// Writes a run of `n` rows and each group's row indices into them; the rows (`[n × d]`)
+/// follow on the socket, or are in the connection's mailbox (`None`).
 pub fn write_run(
     w: &mut impl Write,
     layer: u32,
-    rows: &[f32],
-    d: usize,
+    n: usize,
+    rows: Option<&[f32]>,
     groups: &[Group],
 ) -> io::Result<()> {
-    let n = rows.len() / d;
     let mut head = u32s(&[layer, n as u32, groups.len() as u32]);
     for g in groups {
         head.extend(u32s(&[g.expert, g.rows.len() as u32]));
@@ -151,7 +160,9 @@ pub fn write_run(
         head.extend(u32s(&g.rows));
     }
     w.write_all(&head)?;
-    w.write_all(&f32_bytes(rows))?;
+    if let Some(rows) = rows {
+        w.write_all(&f32_bytes(rows))?;
+    }
     w.flush()
 }
 
@@ -159,12 +170,19 @@ pub fn write_run(
 #[derive(Debug)]
 pub struct Run {
     pub layer: u32,
+    /// How many rows.
+    pub n: u32,
+    /// The rows, when they came on the socket (else empty: they are in the mailbox).
     pub rows: Vec<f32>,
     pub groups: Vec<Group>,
 }
 
 /// The first word of a `load`.
 const LOAD: u32 = u32::MAX;
+/// The first word of an `attach`.
+const ATTACH: u32 = u32::MAX - 1;
+/// The longest mailbox path accepted.
+const MAX_PATH: u32 = 4096;
 
 /// What a client asks.
 #[derive(Debug)]
@@ -172,6 +190,54 @@ pub enum Request {
     Run(Run),
     /// Hold these experts too.
     Load(Vec<u32>),
+    /// Move rows and outputs through this mailbox from now on.
+    Attach {
+        path: String,
+        nonce: u64,
+    },
+}
+
+/// Asks the worker to map the mailbox at `path` saying `nonce`.
+pub fn write_attach(w: &mut impl Write, path: &str, nonce: u64) -> io::Result<()> {
+    let mut b = ATTACH.to_le_bytes().to_vec();
+    b.extend(nonce.to_le_bytes());
+    b.extend((path.len() as u32).to_le_bytes());
+    b.extend(path.as_bytes());
+    w.write_all(&b)?;
+    w.flush()
+}
+
+/// Whether the worker mapped the mailbox, or why not.
+pub fn write_attached(w: &mut impl Write, done: Result<(), String>) -> io::Result<()> {
+    match done {
+        Ok(()) => w.write_all(&0u32.to_le_bytes())?,
+        Err(why) => write_reason(w, &why)?,
+    }
+    w.flush()
+}
+
+/// Reads the reply to an `attach`.
+pub fn read_attached(r: &mut impl Read) -> io::Result<Result<(), String>> {
+    match read_u32(r)? {
+        0 => Ok(Ok(())),
+        1 => Ok(Err(read_reason(r)?)),
+        s => Err(invalid(format!("attach status {s}"))),
+    }
+}
+
+/// Status 1 and why (after the status word).
+fn write_reason(w: &mut impl Write, why: &str) -> io::Result<()> {
+    w.write_all(&1u32.to_le_bytes())?;
+    w.write_all(&(why.len() as u32).to_le_bytes())?;
+    w.write_all(why.as_bytes())
+}
+
+/// A reason, after status 1.
+fn read_reason(r: &mut impl Read) -> io::Result<String> {
+    let n = read_u32(r)?.min(1 << 16) as usize;
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b)?;
+    Ok(String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Asks the worker to hold `experts` too.
@@ -190,11 +256,7 @@ pub fn write_loaded(w: &mut impl Write, held: Result<&[u32], String>) -> io::Res
             b.extend(u32s(h));
             w.write_all(&b)?;
         }
-        Err(why) => {
-            w.write_all(&1u32.to_le_bytes())?;
-            w.write_all(&(why.len() as u32).to_le_bytes())?;
-            w.write_all(why.as_bytes())?;
-        }
+        Err(why) => write_reason(w, &why)?,
     }
     w.flush()
 }
@@ -209,18 +271,14 @@ pub fn read_loaded(r: &mut impl Read) -> io::Result<Result<Vec<u32>, String>> {
             }
             Ok(Ok(read_u32s(r, n as usize)?))
         }
-        1 => {
-            let n = read_u32(r)?.min(1 << 16) as usize;
-            let mut b = vec![0u8; n];
-            r.read_exact(&mut b)?;
-            Ok(Err(String::from_utf8_lossy(&b).into_owned()))
-        }
+        1 => Ok(Err(read_reason(r)?)),
         s => Err(invalid(format!("load status {s}"))),
     }
 }
 
-/// Reads a request for rows of `d`; `Ok(None)` at a clean end of the connection.
-pub fn read_request(r: &mut impl Read, d: usize) -> io::Result<Option<Request>> {
+/// Reads a request for rows of `d`, a run's rows from the socket unless they are in the
+/// connection's mailbox (`in_mailbox`); `Ok(None)` at a clean end of the connection.
+pub fn read_request(r: &mut impl Read, d: usize, in_mailbox: bool) -> io::Result<Option<Request>> {
     let mut first = [0u8; 4];
     match r.read(&mut first)? {
         0 => return Ok(None),
@@ -234,6 +292,22 @@ pub fn read_request(r: &mut impl Read, d: usize) -> io::Result<Option<Request>> 
             return Err(invalid(format!("a load of {n} experts")));
         }
         return Ok(Some(Request::Load(read_u32s(r, n as usize)?)));
+    }
+    if layer == ATTACH {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        let n = read_u32(r)?;
+        if n > MAX_PATH {
+            return Err(invalid(format!("a mailbox path of {n} bytes")));
+        }
+        let mut path = vec![0u8; n as usize];
+        r.read_exact(&mut path)?;
+        let path =
+            String::from_utf8(path).map_err(|_| invalid("a mailbox path not UTF-8".into()))?;
+        return Ok(Some(Request::Attach {
+            path,
+            nonce: u64::from_le_bytes(b),
+        }));
     }
     let n = read_u32(r)?;
     let ng = read_u32(r)?;
@@ -257,16 +331,21 @@ pub fn read_request(r: &mut impl Read, d: usize) -> io::Result<Option<Request>> 
             return Err(invalid(format!("row {bad} of a run of {n}")));
         }
     }
-    let rows = read_f32s(r, n as usize * d)?;
+    let rows = if in_mailbox {
+        Vec::new()
+    } else {
+        read_f32s(r, n as usize * d)?
+    };
     Ok(Some(Request::Run(Run {
         layer,
+        n,
         rows,
         groups,
     })))
 }
 
-/// The result of a run: each group's outputs in order and the microseconds they took to
-/// compute, or why not.
+/// The result of a run: each group's outputs in order (none when they are in the mailbox) and
+/// the microseconds they took to compute, or why not.
 pub fn write_result(
     w: &mut impl Write,
     result: Result<(&[Vec<f32>], u32), String>,
@@ -279,11 +358,7 @@ pub fn write_result(
                 w.write_all(&f32_bytes(o))?;
             }
         }
-        Err(why) => {
-            w.write_all(&1u32.to_le_bytes())?;
-            w.write_all(&(why.len() as u32).to_le_bytes())?;
-            w.write_all(why.as_bytes())?;
-        }
+        Err(why) => write_reason(w, &why)?,
     }
     w.flush()
 }
@@ -291,28 +366,38 @@ pub fn write_result(
 /// A worker's outputs for a run, and how long they took it.
 pub type RunOutput = (Vec<Vec<f32>>, u32);
 
-/// Reads a result for groups of `counts` rows of `d`: the outputs and the worker's compute
-/// microseconds, or the worker's reason.
+/// Reads a result for groups of `counts` rows of `d`: the outputs (from the socket, or from
+/// the mailbox's reply area `mailbox`) and the worker's compute microseconds, or the worker's
+/// reason.
 pub fn read_result(
     r: &mut impl Read,
     counts: &[usize],
     d: usize,
+    mailbox: Option<&[f32]>,
 ) -> io::Result<Result<RunOutput, String>> {
     match read_u32(r)? {
         0 => {
             let micros = read_u32(r)?;
-            let outputs = counts
-                .iter()
-                .map(|&c| read_f32s(r, c * d))
-                .collect::<io::Result<Vec<_>>>()?;
+            let outputs = match mailbox {
+                Some(reply) => {
+                    let mut at = 0;
+                    counts
+                        .iter()
+                        .map(|&c| {
+                            let o = reply.get(at..at + c * d).map(<[f32]>::to_vec);
+                            at += c * d;
+                            o.ok_or_else(|| invalid("outputs past the mailbox's end".into()))
+                        })
+                        .collect::<io::Result<Vec<_>>>()?
+                }
+                None => counts
+                    .iter()
+                    .map(|&c| read_f32s(r, c * d))
+                    .collect::<io::Result<Vec<_>>>()?,
+            };
             Ok(Ok((outputs, micros)))
         }
-        1 => {
-            let n = read_u32(r)?.min(1 << 16) as usize;
-            let mut b = vec![0u8; n];
-            r.read_exact(&mut b)?;
-            Ok(Err(String::from_utf8_lossy(&b).into_owned()))
-        }
+        1 => Ok(Err(read_reason(r)?)),
         s => Err(invalid(format!("result status {s}"))),
     }
 }

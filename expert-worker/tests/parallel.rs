@@ -1,4 +1,4 @@
-//! Expert parallelism over TCP on loopback: a mixture's tokens are bit-identical to one
+//! Expert parallelism on loopback (rows through shared-memory mailboxes, and on the socket): a mixture's tokens are bit-identical to one
 //! process's whatever the placement (2 and 3 workers, replicas, one expert alone), with one
 //! or two microbatches in flight, at every precision; EPLB moves experts while steps run; a worker of another model, experts no one holds and a worker gone are errors,
 //! not hangs.
@@ -117,13 +117,18 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
     ];
     for precision in [Precision::F32, Precision::W4A8, Precision::Int8] {
         let want = trace(&load(&path, precision)).unwrap();
-        for (placement, microbatches) in placements.iter().flat_map(|p| [(p, 1), (p, 2)]) {
+        // Rows through shared-memory mailboxes (the default on one host) and on the socket.
+        let ways = placements
+            .iter()
+            .flat_map(|p| [(p, 1, true), (p, 2, true), (p, 1, false)]);
+        for (placement, microbatches, shm) in ways {
             let servers: Vec<ExpertServer> = placement
                 .iter()
                 .map(|h| serve(&path, precision, h))
                 .collect();
             let mut e = load(&path, precision);
             let mut r = remote(&path, precision, &servers).unwrap();
+            r.set_shm(shm);
             if placement.len() == 2 && placement[0].len() == 8 {
                 // Replicas in use: experts 0-3 split over both workers, 4-7 on the first.
                 r.set_placement(&vec![(0..8).collect(), (0..4).collect()])
@@ -131,15 +136,19 @@ fn tokens_are_bit_identical_to_one_process_whatever_the_placement() {
                 assert_eq!(r.placement()[0].len(), 2);
             }
             let owners = r.placement();
-            e.model.set_expert_backend(Arc::new(r)).unwrap();
+            let r = Arc::new(r);
+            e.model.set_expert_backend(r.clone()).unwrap();
             // Two microbatches in flight: their layers interleave on the workers.
             e.model.set_microbatches(microbatches).unwrap();
             assert!(e.model.weight_bytes() < load(&path, precision).model.weight_bytes());
             let got = trace(&e).unwrap();
             assert!(
                 got == want,
-                "{precision} placement {placement:?} ({owners:?}), {microbatches} microbatch(es), differs"
+                "{precision} placement {placement:?} ({owners:?}), {microbatches} microbatch(es), shm {shm}, differs"
             );
+            // Every worker computed some rows here (each holds an expert placed on it).
+            let link = if shm { "shm" } else { "tcp" };
+            assert_eq!(r.links(), vec![link; placement.len()], "{placement:?}");
         }
     }
 }
@@ -384,4 +393,63 @@ fn with_no_worker_left_the_step_fails_instead_of_hanging_and_the_restarted_one_i
     let fp = wire::fingerprint(&g, Precision::W4A8);
     let _back = ExpertServer::bind(&addr.to_string(), shard, None, fp, None).unwrap();
     assert!(trace(&e).unwrap() == want, "after the worker came back");
+}
+
+#[test]
+fn a_run_past_the_first_mailbox_grows_it_and_matches_the_socket() {
+    use engine::moe::{ExpertBackend, Groups};
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let precision = Precision::W4A8;
+    let servers = vec![
+        serve(&path, precision, &[0, 1, 2, 3]),
+        serve(&path, precision, &[4, 5, 6, 7]),
+    ];
+    let d = 64;
+    // 10,000 rows of 64 (2.5 MiB), each to 2 experts: either worker needs more than a first
+    // mailbox's 1 MiB of rows.
+    let n = 10_000usize;
+    let mut s = 0x9e37_79b9u32;
+    let h: Vec<f32> = (0..n * d)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+        })
+        .collect();
+    let mut rows = vec![Vec::new(); 8];
+    for r in 0..n as u32 {
+        rows[(r % 8) as usize].push(r);
+        rows[((r * 7 + 3) % 8) as usize].push(r);
+    }
+    for r in &mut rows {
+        r.sort_unstable();
+        r.dedup();
+    }
+    let groups = Groups {
+        rows,
+        at: Vec::new(),
+    };
+    let shm = remote(&path, precision, &servers).unwrap();
+    let mut tcp = remote(&path, precision, &servers).unwrap();
+    tcp.set_shm(false);
+    let small = Groups {
+        rows: (0..8).map(|e| vec![e as u32]).collect(),
+        at: Vec::new(),
+    };
+    let first = shm.run(0, &h, d, &small).unwrap();
+    assert_eq!(shm.links(), vec!["shm"; 2]);
+    assert_eq!(first, tcp.run(0, &h, d, &small).unwrap());
+    for layer in 0..3 {
+        let got = shm.run(layer, &h, d, &groups).unwrap();
+        assert_eq!(shm.links(), vec!["shm"; 2], "grown, still shared memory");
+        let want = tcp.run(layer, &h, d, &groups).unwrap();
+        assert_eq!(tcp.links(), vec!["tcp"; 2]);
+        assert!(
+            got == want,
+            "layer {layer}: shared memory and the socket differ"
+        );
+        assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 2 * n * d);
+    }
 }

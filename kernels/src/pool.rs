@@ -4,7 +4,9 @@
 //! notification only when a worker went to sleep, and a spin on a counter — no spawning, no
 //! allocation, no work stealing. Between calls, idle workers spin briefly (the gaps between
 //! the matmuls of one forward pass are microseconds) and then sleep on a condition variable,
-//! so an idle server burns no CPU.
+//! so an idle server burns no CPU. A caller about to block on another process (a layer's
+//! experts on expert workers sharing these cores) sends them to sleep at once ([`rest`]), so
+//! their spinning does not take the cores that process computes on.
 //!
 //! The caller always takes part in its own call. One call runs at a time: a second thread
 //! calling while the pool is busy runs its tasks serially on itself (correct, just not
@@ -37,6 +39,8 @@ struct Shared {
     panicked: AtomicBool,
     shutdown: AtomicBool,
     sleeping: AtomicUsize,
+    /// Set by [`Pool::rest`]: idle workers sleep now instead of spinning; cleared by a call.
+    resting: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -66,6 +70,7 @@ impl Pool {
             panicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             sleeping: AtomicUsize::new(0),
+            resting: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -87,6 +92,13 @@ impl Pool {
     /// Threads that run a call (the caller included).
     pub fn threads(&self) -> usize {
         self.workers + 1
+    }
+
+    /// The caller will not call for a while (it is about to wait on another process): idle
+    /// workers go to sleep now rather than spin for the next call. The next call wakes them
+    /// (a notification, microseconds).
+    pub fn rest(&self) {
+        self.shared.resting.store(true, Ordering::Relaxed);
     }
 
     /// Runs `f(0) .. f(n_tasks - 1)` across the pool and returns when all have finished.
@@ -115,6 +127,7 @@ impl Pool {
         s.n_tasks.store(n_tasks, Ordering::Relaxed);
         s.next.store(0, Ordering::Relaxed);
         s.active.store(self.workers, Ordering::Relaxed);
+        s.resting.store(false, Ordering::Relaxed);
         s.epoch.fetch_add(1, Ordering::SeqCst);
         if s.sleeping.load(Ordering::SeqCst) > 0 {
             let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -179,7 +192,8 @@ fn worker(s: &Shared) {
                 break;
             }
             spins = spins.wrapping_add(1);
-            if !spins.is_multiple_of(256) || start.elapsed() < SPIN {
+            let resting = s.resting.load(Ordering::Relaxed);
+            if !resting && (!spins.is_multiple_of(256) || start.elapsed() < SPIN) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -262,9 +276,36 @@ pub fn global() -> &'static Pool {
     })
 }
 
+/// [`Pool::rest`] on the process's pool, if it started (never starts it).
+pub fn rest() {
+    if let Some(p) = GLOBAL.get() {
+        p.rest();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resting_workers_sleep_and_the_next_call_wakes_them() {
+        let pool = Pool::new(3);
+        let sum = AtomicUsize::new(0);
+        for round in 0..50 {
+            pool.run(6, &|t| {
+                sum.fetch_add(t, Ordering::Relaxed);
+            });
+            pool.rest();
+            if round % 10 == 0 {
+                let t = Instant::now();
+                while pool.shared.sleeping.load(Ordering::SeqCst) < 2 {
+                    assert!(t.elapsed() < Duration::from_secs(5), "workers still awake");
+                    std::thread::yield_now();
+                }
+            }
+        }
+        assert_eq!(sum.load(Ordering::Relaxed), 50 * 15);
+    }
 
     #[test]
     fn every_task_runs_exactly_once() {

@@ -252,7 +252,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         None => {
             anyhow::ensure!(
                 !args.serving.any(),
-                "--microbatches, --eplb-interval, --redundant-experts and --expert-placement need --experts"
+                "--microbatches, --eplb-interval, --redundant-experts, --expert-placement and --no-expert-shm need --experts"
             );
             ExpertUseArgs::default()
         }

@@ -1,7 +1,8 @@
 //! `tandem model ep-bench`: a mixture-of-experts model (a) in one process, (b) with its experts
 //! on `tandem expert` worker processes split evenly, (c) placed by EPLB from (b)'s measured
 //! load with replicas (static), (d) started as (b) with EPLB at run time, (b2) and (c2) as (b)
-//! and (c) with two microbatches in flight — all set up at once and measured in rounds taken in
+//! and (c) with two microbatches in flight, (b-tcp) as (b) with rows on the socket instead of
+//! shared-memory mailboxes — all set up at once and measured in rounds taken in
 //! turn, so that the ratios compare runs side by side on a noisy machine: batched decode and a
 //! long prefill, where a decode step's time goes (dispatch and combine vs the experts'
 //! compute), each worker's load, and for (d) how many steps the new placement took and the
@@ -270,17 +271,39 @@ fn warm_load(s: &Setup, args: &EpBenchArgs) -> anyhow::Result<Vec<f64>> {
         .collect())
 }
 
+/// How a setup with expert workers runs.
+#[derive(Clone, Copy)]
+struct How {
+    /// EPLB at run time.
+    live: Option<EplbConfig>,
+    microbatches: usize,
+    /// Rows and outputs through shared-memory mailboxes (else the socket).
+    shm: bool,
+}
+
+/// The default: one microbatch, shared memory, no EPLB at run time.
+const PLAIN: How = How {
+    live: None,
+    microbatches: 1,
+    shm: true,
+};
+
 /// An engine whose experts run on worker processes started from `exe`, holding `placement`;
-/// with `live`, EPLB runs at run time and is given steps until it has placed the experts anew.
+/// with `how.live`, EPLB runs at run time and is given steps until it has placed the experts
+/// anew.
 fn with_workers(
     args: &EpBenchArgs,
     exe: &Path,
     cfg: &EngineConfig,
     name: &str,
     placement: &eplb::Placement,
-    live: Option<EplbConfig>,
-    microbatches: usize,
+    how: How,
 ) -> anyhow::Result<(Setup, Option<Switch>)> {
+    let How {
+        live,
+        microbatches,
+        shm,
+    } = how;
     let mut children = Children(Vec::new());
     let mut addrs = Vec::new();
     for held in placement {
@@ -314,6 +337,7 @@ fn with_workers(
         Duration::from_secs(300),
     )?;
     drop(g);
+    remote.set_shm(shm);
     remote.set_placement(placement)?;
     if let Some(live) = live {
         remote.enable_eplb(live)?;
@@ -321,14 +345,21 @@ fn with_workers(
     let remote = Arc::new(remote);
     e.model.set_expert_backend(remote.clone())?;
     e.model.set_microbatches(microbatches)?;
-    eprintln!(
-        "tandem: {name}: expert workers holding {placement:?}, {microbatches} microbatch(es)…"
-    );
     let switch = match live {
         Some(_) => Some(until_placed(&e, &remote, args)?),
         None => None,
     };
-    let setup = Setup::new(name.to_string(), e, Some(remote), children, args)?;
+    let setup = Setup::new(name.to_string(), e, Some(remote.clone()), children, args)?;
+    // Mailboxes are attached at a connection's first run (the batch's prefill, by now).
+    let links = remote.links();
+    eprintln!(
+        "tandem: {name}: expert workers holding {placement:?}, {microbatches} microbatch(es), links {links:?}…"
+    );
+    anyhow::ensure!(
+        links.iter().all(|l| *l == if shm { "shm" } else { "tcp" }),
+        "{name}: links {links:?} (shared memory {})",
+        if shm { "asked for" } else { "off" }
+    );
     Ok((setup, switch))
 }
 
@@ -369,11 +400,11 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     // untimed round), with replicas; (d) started as (b) with EPLB at run time; (b2), (c2) as
     // (b), (c) with two microbatches in flight.
     let even = eplb::even(moe.n_experts, args.experts);
-    let (b, _) = with_workers(args, exe, &cfg, "(b) even", &even, None, 1)?;
+    let (b, _) = with_workers(args, exe, &cfg, "(b) even", &even, PLAIN)?;
     let window = warm_load(&b, args)?;
     let slots = (moe.n_experts + args.redundant_experts).div_ceil(args.experts);
     let planned = eplb::plan(&window, args.experts, slots);
-    let (c, _) = with_workers(args, exe, &cfg, "(c) EPLB, static", &planned, None, 1)?;
+    let (c, _) = with_workers(args, exe, &cfg, "(c) EPLB, static", &planned, PLAIN)?;
     let live = EplbConfig {
         interval: args.eplb_interval,
         redundant: args.redundant_experts,
@@ -384,21 +415,31 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         &cfg,
         "(d) EPLB at run time",
         &even,
-        Some(live),
-        1,
+        How {
+            live: Some(live),
+            ..PLAIN
+        },
     )?;
     let switch = switch.expect("started with EPLB at run time");
-    let (b2, _) = with_workers(args, exe, &cfg, "(b2) even, 2 microbatches", &even, None, 2)?;
+    let two = How {
+        microbatches: 2,
+        ..PLAIN
+    };
+    let (b2, _) = with_workers(args, exe, &cfg, "(b2) even, 2 microbatches", &even, two)?;
     let (c2, _) = with_workers(
         args,
         exe,
         &cfg,
         "(c2) EPLB, static, 2 microbatches",
         &planned,
-        None,
-        2,
+        two,
     )?;
-    let mut setups = [a, b, c, d, b2, c2];
+    let tcp = How {
+        shm: false,
+        ..PLAIN
+    };
+    let (bt, _) = with_workers(args, exe, &cfg, "(b-tcp) even, over TCP", &even, tcp)?;
+    let mut setups = [a, b, c, d, b2, c2, bt];
     // The timed rounds: every setup in turn, each round a share of the decode steps and one
     // prefill.
     let prompt = prompt(&text(&setups[0].engine)?, 0, args.prompt);
@@ -410,7 +451,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
             s.prefill(&prompt)?;
         }
     }
-    let [a, b, c, d, b2, c2] = &setups;
+    let [a, b, c, d, b2, c2, bt] = &setups;
     for s in &setups[1..] {
         anyhow::ensure!(
             s.last == a.last,
@@ -435,7 +476,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         args.prompt,
         a.prefill_tok_s()
     );
-    let placements = [&even, &planned, &switch.placement, &even, &planned];
+    let placements = [&even, &planned, &switch.placement, &even, &planned, &even];
     for (s, placement) in setups[1..].iter().zip(placements) {
         let st = &s.stats;
         let rows: Vec<f64> = st.rows.iter().map(|&n| n as f64).collect();
@@ -471,6 +512,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         (b2, b, "(b2) over (b): 2 microbatches"),
         (c2, c, "(c2) over (c): 2 microbatches"),
         (c2, b2, "(c2) over (b2)"),
+        (b, bt, "(b) over (b-tcp): shared memory"),
     ] {
         println!(
             "| {what} | decode {:.2}× | prefill {:.2}× |",
@@ -482,6 +524,8 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         "| (d) the switch, planning every {} steps | in force after {} decode steps of batch {} | slowest step meanwhile {:.0} ms, median {:.0} ms |",
         args.eplb_interval, switch.steps, args.batch, switch.slowest_ms, switch.median_ms
     );
-    println!("| logits of (a) to (d), (b2), (c2) after the last round | bit-identical | |");
+    println!(
+        "| logits of (a) to (d), (b2), (c2), (b-tcp) after the last round | bit-identical | |"
+    );
     Ok(())
 }

@@ -156,7 +156,7 @@ impl RemoteExperts {
                         if !experts.is_empty() {
                             let (mut conn, _) =
                                 connect(&addrs[w], secret.as_ref(), Instant::now())?;
-                            held[w] = Some(super::load(&mut conn, &addrs[w], experts)?);
+                            held[w] = Some(conn.load(&addrs[w], experts)?);
                         }
                     }
                     Ok((plan, held))

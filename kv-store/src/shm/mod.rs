@@ -1,8 +1,10 @@
-//! Shared-memory pools: a decode worker keeps its KV pool in a file under `/dev/shm` that
+//! Shared memory on one host: a decode worker keeps its KV pool in a file under `/dev/shm` that
 //! prefill workers on the same host map and write into, behind a [`fence`] that keeps a late
-//! writer out of blocks taken back.
+//! writer out of blocks taken back; an expert-plane connection moves its activations through a
+//! [`mailbox`] both ends map.
 
 pub mod fence;
+pub mod mailbox;
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +26,52 @@ pub fn dir() -> PathBuf {
     }
 }
 
-const PREFIX: &str = "tandem-kv-";
+/// A kind of shared-memory file: a name prefix and suffix (`PREFIX``PID-NONCE``SUFFIX`).
+struct Kind {
+    prefix: &'static str,
+    suffix: &'static str,
+}
+
+/// A decode worker's KV pool.
+const POOL: Kind = Kind {
+    prefix: "tandem-kv-",
+    suffix: ".pool",
+};
+/// An expert-plane connection's mailbox ([`mailbox`]).
+const MAILBOX: Kind = Kind {
+    prefix: "tandem-ex-",
+    suffix: ".mbox",
+};
+const KINDS: [&Kind; 2] = [&POOL, &MAILBOX];
+
+impl Kind {
+    /// A fresh name for this process in `dir`.
+    fn path(&self, dir: &Path, nonce: u32) -> PathBuf {
+        dir.join(format!(
+            "{}{}-{nonce:08x}{}",
+            self.prefix,
+            std::process::id(),
+            self.suffix
+        ))
+    }
+
+    /// Whether `path` is named as [`path`](Self::path) makes them and is a regular file,
+    /// not a link.
+    fn is_file(&self, path: &Path) -> bool {
+        let named = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(self.prefix))
+            .and_then(|n| n.strip_suffix(self.suffix))
+            .and_then(|n| n.split_once('-'))
+            .is_some_and(|(pid, nonce)| {
+                pid.parse::<u32>().is_ok()
+                    && nonce.len() == 8
+                    && nonce.bytes().all(|b| b.is_ascii_hexdigit())
+            });
+        named && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+    }
+}
 
 /// A fresh pool file name for this process in `dir`.
 pub fn pool_path(dir: &Path) -> PathBuf {
@@ -32,28 +79,17 @@ pub fn pool_path(dir: &Path) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    dir.join(format!("{PREFIX}{}-{nonce:08x}.pool", std::process::id()))
+    POOL.path(dir, nonce)
 }
 
 /// Whether `path` names a pool file as [`pool_path`] makes them (`tandem-kv-PID-NONCE.pool`)
 /// and is a regular file, not a link: what a prefill worker agrees to map and write.
 pub fn is_pool_file(path: &Path) -> bool {
-    let named = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix(PREFIX))
-        .and_then(|n| n.strip_suffix(".pool"))
-        .and_then(|n| n.split_once('-'))
-        .is_some_and(|(pid, nonce)| {
-            pid.parse::<u32>().is_ok()
-                && nonce.len() == 8
-                && nonce.bytes().all(|b| b.is_ascii_hexdigit())
-        });
-    named && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file())
+    POOL.is_file(path)
 }
 
-/// Removes pool files in `dir` left by processes that no longer run (a worker killed with
-/// SIGKILL cannot remove its own); returns how many.
+/// Removes pool files and mailboxes in `dir` left by processes that no longer run (a worker
+/// killed with SIGKILL cannot remove its own); returns how many.
 pub fn sweep_stale(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -61,7 +97,10 @@ pub fn sweep_stale(dir: &Path) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)) else {
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| KINDS.iter().find_map(|k| n.strip_prefix(k.prefix)))
+        else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
@@ -84,19 +123,21 @@ mod tests {
         let live = pool_path(d.path());
         std::fs::write(&live, b"x").unwrap();
         // No process has pid 2^22 + 1 (above Linux's pid_max default of 2^22).
-        let dead = d.path().join(format!("{PREFIX}4194305-0000abcd.pool"));
+        let dead = d.path().join("tandem-kv-4194305-0000abcd.pool");
+        let dead_box = d.path().join("tandem-ex-4194305-0000abcd.mbox");
+        std::fs::write(&dead_box, b"x").unwrap();
         std::fs::write(&dead, b"x").unwrap();
         let other = d.path().join("unrelated-4194305.pool");
         std::fs::write(&other, b"x").unwrap();
-        assert_eq!(sweep_stale(d.path()), 1);
-        assert!(live.exists() && !dead.exists() && other.exists());
+        assert_eq!(sweep_stale(d.path()), 2);
+        assert!(live.exists() && !dead.exists() && !dead_box.exists() && other.exists());
         assert!(is_pool_file(&live));
         assert!(!is_pool_file(&other), "not a pool's name");
         assert!(
-            !is_pool_file(&d.path().join(format!("{PREFIX}1-0000abcd.pool"))),
+            !is_pool_file(&d.path().join("tandem-kv-1-0000abcd.pool")),
             "absent"
         );
-        let link = d.path().join(format!("{PREFIX}1-0000beef.pool"));
+        let link = d.path().join("tandem-kv-1-0000beef.pool");
         std::os::unix::fs::symlink(&live, &link).unwrap();
         assert!(!is_pool_file(&link), "a link");
         assert!(!host_id().is_empty());

@@ -1,7 +1,7 @@
 //! Expert parallelism's flags: the expert worker (`tandem expert`), and how prefill and decode
 //! workers reach expert workers.
 
-use super::{ClusterArgs, ComputeArgs, ModelArgs, TelemetryArgs, flag, list, opt};
+use super::{ClusterArgs, ComputeArgs, ModelArgs, TelemetryArgs, flag, list, opt, switch};
 use anyhow::Context;
 use clap::Args;
 
@@ -96,6 +96,9 @@ pub struct ExpertServingArgs {
     /// A static placement at start, a JSON file: {"placement": [[expert ids of worker 0], ...]} in --expert-workers order (experts a worker lacks are loaded), or {"expert_load": [rows per expert]} (a saved load window, e.g. tandem_expert_rows_total from /metrics) placed by EPLB with --redundant-experts.
     #[arg(long, env = "TANDEM_EXPERT_PLACEMENT")]
     pub expert_placement: Option<std::path::PathBuf>,
+    /// Send routed rows and outputs to expert workers on the socket even on one host (default: through a shared-memory mailbox per connection where the worker can map it, the socket elsewhere).
+    #[arg(long, env = "TANDEM_NO_EXPERT_SHM")]
+    pub no_expert_shm: bool,
 }
 
 impl Default for ExpertServingArgs {
@@ -105,6 +108,7 @@ impl Default for ExpertServingArgs {
             eplb_interval: None,
             redundant_experts: 0,
             expert_placement: None,
+            no_expert_shm: false,
         }
     }
 }
@@ -124,6 +128,7 @@ impl ExpertServingArgs {
             "expert-placement",
             self.expert_placement.as_ref().map(|p| p.display()),
         );
+        switch(&mut a, "no-expert-shm", self.no_expert_shm);
         a
     }
 
@@ -197,7 +202,7 @@ impl ExpertUseArgs {
         if self.expert_workers.is_empty() {
             anyhow::ensure!(
                 !self.serving.any(),
-                "--microbatches, --eplb-interval, --redundant-experts and --expert-placement need --expert-workers"
+                "--microbatches, --eplb-interval, --redundant-experts, --expert-placement and --no-expert-shm need --expert-workers"
             );
             return Ok(());
         }
@@ -219,6 +224,7 @@ impl ExpertUseArgs {
             EXPERT_WORKERS_WAIT,
         )?;
         let mut remote = remote;
+        remote.set_shm(!self.serving.no_expert_shm);
         if let Some(p) = self
             .serving
             .static_placement(moe.n_experts, self.expert_workers.len())?
@@ -231,7 +237,7 @@ impl ExpertUseArgs {
                 redundant: self.serving.redundant_experts,
             })?;
         }
-        tracing::info!(placement = ?remote.placement(), "experts on expert workers");
+        tracing::info!(placement = ?remote.placement(), shm = !self.serving.no_expert_shm, "experts on expert workers");
         engine
             .model
             .set_expert_backend(std::sync::Arc::new(remote))?;

@@ -80,6 +80,7 @@ fn child_command_lines_parse_back_to_their_values() {
                 eplb_interval: Some(50),
                 redundant_experts: 2,
                 expert_placement: Some("/etc/tandem/placement.json".into()),
+                no_expert_shm: true,
             },
         },
         model: model(),
