@@ -49,6 +49,9 @@ pub struct EpStats {
     pub rows: Vec<u64>,
     /// Rows routed to each expert, over every layer: the load window EPLB places by.
     pub expert_rows: Vec<u64>,
+    /// The workers' compute time per run against its experts and rows: what running an
+    /// expert costs beyond its rows (EPLB weighs replicas by it).
+    pub fit: eplb::CostFit,
 }
 
 /// Expert workers as an [`ExpertBackend`].
@@ -420,6 +423,7 @@ impl RemoteExperts {
         };
         let start = Instant::now();
         let (mut slowest, mut bytes) = (0u32, 0usize);
+        let mut took = Vec::with_capacity(self.peers.len());
         // Each expert's replicas' outputs, in replica order.
         let mut parts: Vec<Vec<Vec<f32>>> =
             owner.iter().map(|o| vec![Vec::new(); o.len()]).collect();
@@ -481,6 +485,7 @@ impl RemoteExperts {
             let got = match conn.recv(&s.counts, d) {
                 Ok(Ok((got, micros))) => {
                     slowest = slowest.max(micros);
+                    took.push(micros);
                     got
                 }
                 Ok(Err(why)) => {
@@ -522,8 +527,10 @@ impl RemoteExperts {
         for (n, r) in st.expert_rows.iter_mut().zip(&groups.rows) {
             *n += r.len() as u64;
         }
-        for s in &sent {
-            st.rows[s.peer] += s.counts.iter().sum::<usize>() as u64;
+        for (s, &micros) in sent.iter().zip(&took) {
+            let rows = s.counts.iter().sum::<usize>();
+            st.rows[s.peer] += rows as u64;
+            st.fit.add(s.counts.len(), rows, micros as f64 * 1e-6);
         }
         st.layers += 1;
         st.wall_s += start.elapsed().as_secs_f64();

@@ -4,6 +4,12 @@
 //! workers, heaviest first, each to the least loaded worker with a free slot that does not
 //! hold that expert yet. A replicated expert's rows are split evenly over its replicas
 //! ([`split`]), so a worker's load is the sum of its replicas' shares.
+//!
+//! Rows are not the whole cost: running an expert at all costs about as much as some rows
+//! (its weights are read once per run however few rows it has: at decode batches, where each
+//! expert gets a few rows, this share is large). [`plan_costed`] counts that fixed cost per
+//! replica (measured: [`CostFit`]) and so uses no more replica slots than pay: with a fixed
+//! cost, a permutation of the experts often balances a decode load better than replicas do.
 
 /// Which experts each worker holds.
 pub type Placement = Vec<Vec<usize>>;
@@ -18,6 +24,44 @@ pub fn plan(load: &[f64], workers: usize, slots: usize) -> Placement {
         "{workers} × {slots} slots for {n} experts"
     );
     let extra = (workers * slots - n).min(n * (workers - 1));
+    keep_better(load, pack(load, workers, slots, extra), workers, 0.0)
+}
+
+/// [`plan`] where each replica also costs `fixed` (in the load's units) whatever its share:
+/// every number of replicas up to the slots' room is packed, and the plan whose busiest
+/// worker costs least is kept (the fewer replicas on a tie); never costlier than [`even`].
+pub fn plan_costed(load: &[f64], workers: usize, slots: usize, fixed: f64) -> Placement {
+    let n = load.len();
+    assert!(
+        workers >= 1 && workers * slots >= n,
+        "{workers} × {slots} slots for {n} experts"
+    );
+    let most = (workers * slots - n).min(n * (workers - 1));
+    let busiest = |p: &Placement| costs(load, p, fixed).into_iter().fold(0.0, f64::max);
+    let mut best = pack(load, workers, slots, 0);
+    for extra in 1..=most {
+        let p = pack(load, workers, slots, extra);
+        if busiest(&p) < busiest(&best) {
+            best = p;
+        }
+    }
+    keep_better(load, best, workers, fixed)
+}
+
+/// Greedy packing can lose to the plain split on a few experts: the better of the two.
+fn keep_better(load: &[f64], planned: Placement, workers: usize, fixed: f64) -> Placement {
+    let base = even(load.len(), workers);
+    let busiest = |p: &Placement| costs(load, p, fixed).into_iter().fold(0.0, f64::max);
+    if busiest(&base) < busiest(&planned) {
+        return base;
+    }
+    planned
+}
+
+/// `extra` replicas to the experts with the most load per replica, then every replica, the
+/// heaviest first, to the least loaded worker with a free slot not holding that expert.
+fn pack(load: &[f64], workers: usize, slots: usize, extra: usize) -> Placement {
+    let n = load.len();
     let mut replicas = vec![1usize; n];
     for _ in 0..extra {
         // The expert with the most load per replica that can still take one (at most one
@@ -48,11 +92,6 @@ pub fn plan(load: &[f64], workers: usize, slots: usize) -> Placement {
     for h in &mut held {
         h.sort_unstable();
     }
-    // Greedy packing can lose to the plain split on a few experts: keep the better.
-    let base = even(n, workers);
-    if imbalance(&loads(load, &base)) < imbalance(&loads(load, &held)) {
-        return base;
-    }
     held
 }
 
@@ -72,6 +111,78 @@ pub fn loads(load: &[f64], placement: &Placement) -> Vec<f64> {
         .iter()
         .map(|h| h.iter().map(|&e| load[e] / replicas[e] as f64).sum())
         .collect()
+}
+
+/// Each worker's expected cost under `placement`: its load ([`loads`]) and `fixed` for every
+/// replica it runs.
+pub fn costs(load: &[f64], placement: &Placement, fixed: f64) -> Vec<f64> {
+    loads(load, placement)
+        .into_iter()
+        .zip(placement)
+        .map(|(l, h)| l + fixed * h.len() as f64)
+        .collect()
+}
+
+/// A least-squares fit of a worker's compute time for a run to `fixed · experts + per_row ·
+/// rows`, from the runs' measured times: the fixed cost of running an expert, in rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CostFit {
+    gg: f64,
+    gr: f64,
+    rr: f64,
+    gt: f64,
+    rt: f64,
+}
+
+impl CostFit {
+    /// A run of `experts` experts over `rows` rows (their sum) that took `secs`.
+    pub fn add(&mut self, experts: usize, rows: usize, secs: f64) {
+        let (g, r) = (experts as f64, rows as f64);
+        self.gg += g * g;
+        self.gr += g * r;
+        self.rr += r * r;
+        self.gt += g * secs;
+        self.rt += r * secs;
+    }
+
+    /// The runs of `self` not in `earlier` (a window).
+    pub fn since(&self, earlier: &CostFit) -> CostFit {
+        CostFit {
+            gg: self.gg - earlier.gg,
+            gr: self.gr - earlier.gr,
+            rr: self.rr - earlier.rr,
+            gt: self.gt - earlier.gt,
+            rt: self.rt - earlier.rt,
+        }
+    }
+
+    /// The runs of both.
+    pub fn plus(&self, more: &CostFit) -> CostFit {
+        CostFit {
+            gg: self.gg + more.gg,
+            gr: self.gr + more.gr,
+            rr: self.rr + more.rr,
+            gt: self.gt + more.gt,
+            rt: self.rt + more.rt,
+        }
+    }
+
+    /// `(fixed seconds per expert run, seconds per row)`, if the runs determine them (they
+    /// varied enough) and both came out positive.
+    pub fn solve(&self) -> Option<(f64, f64)> {
+        let det = self.gg * self.rr - self.gr * self.gr;
+        if det <= 1e-9 * self.gg * self.rr {
+            return None;
+        }
+        let fixed = (self.gt * self.rr - self.rt * self.gr) / det;
+        let per_row = (self.rt * self.gg - self.gt * self.gr) / det;
+        (fixed > 0.0 && per_row > 0.0).then_some((fixed, per_row))
+    }
+
+    /// The fixed cost of running an expert, in rows (0 if not determined).
+    pub fn fixed_rows(&self) -> f64 {
+        self.solve().map_or(0.0, |(f, r)| f / r)
+    }
 }
 
 /// The busiest worker's load over the mean (1: balanced).
@@ -123,6 +234,63 @@ mod tests {
             );
             assert!(planned <= base + 1e-9, "{planned} > {base} for {load:?}");
         }
+    }
+
+    #[test]
+    fn a_fixed_cost_per_replica_uses_only_the_replicas_that_pay() {
+        // Expert 0 takes 48% of the rows (a hot expert at top-2): a permutation balances the
+        // rows without replicas, and with a fixed cost replicas only add to it.
+        let load = [48.0, 20.0, 12.0, 8.0, 5.0, 4.0, 2.0, 1.0];
+        let p = plan_costed(&load, 2, 5, 6.0);
+        assert_eq!(
+            p.iter().map(Vec::len).sum::<usize>(),
+            8,
+            "no replica: {p:?}"
+        );
+        assert!(imbalance(&loads(&load, &p)) <= 1.05, "{p:?}");
+        // Without a fixed cost the slots are all used (DeepSeek's EPLB).
+        assert_eq!(plan(&load, 2, 5).iter().map(Vec::len).sum::<usize>(), 10);
+        // One expert with 70%: only a replica balances it, and it pays.
+        let hot = [70.0, 10.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0];
+        let p = plan_costed(&hot, 2, 5, 6.0);
+        assert_eq!(p.iter().flatten().filter(|&&e| e == 0).count(), 2, "{p:?}");
+        let busiest = |p: &Placement| costs(&hot, p, 6.0).into_iter().fold(0.0, f64::max);
+        assert!(busiest(&p) < busiest(&even(8, 2)) * 0.8);
+        // Never costlier than the even split, whatever the load and fixed cost.
+        let mut s = 11u64;
+        for _ in 0..300 {
+            let n = 2 + (rng(&mut s) * 20.0) as usize;
+            let workers = 1 + (rng(&mut s) * 4.0) as usize;
+            let slots = n.div_ceil(workers) + (rng(&mut s) * 3.0) as usize;
+            let load: Vec<f64> = (0..n).map(|_| rng(&mut s).powi(3) * 100.0 + 0.1).collect();
+            let fixed = rng(&mut s) * 20.0;
+            let p = plan_costed(&load, workers, slots, fixed);
+            assert!(p.iter().flatten().count() <= workers * slots);
+            let busiest = |p: &Placement| costs(&load, p, fixed).into_iter().fold(0.0, f64::max);
+            assert!(busiest(&p) <= busiest(&even(n, workers)) + 1e-9);
+        }
+    }
+
+    #[test]
+    fn the_cost_fit_recovers_a_fixed_and_a_per_row_cost() {
+        let mut f = CostFit::default();
+        assert_eq!(f.solve(), None);
+        let mut s = 3u64;
+        for _ in 0..200 {
+            let g = 1 + (rng(&mut s) * 5.0) as usize;
+            let r = g + (rng(&mut s) * 120.0) as usize;
+            let noise = 1.0 + (rng(&mut s) - 0.5) * 0.02;
+            f.add(g, r, (115e-6 * g as f64 + 18.5e-6 * r as f64) * noise);
+        }
+        let (fixed, per_row) = f.solve().unwrap();
+        assert!((fixed / 115e-6 - 1.0).abs() < 0.05, "{fixed}");
+        assert!((per_row / 18.5e-6 - 1.0).abs() < 0.05, "{per_row}");
+        assert!((f.fixed_rows() - 115.0 / 18.5).abs() < 0.4);
+        // A window of runs all alike does not determine the two.
+        let mut same = CostFit::default();
+        (0..10).for_each(|_| same.add(2, 40, 1e-3));
+        assert_eq!(same.since(&CostFit::default()).solve(), None);
+        assert_eq!(f.since(&f).solve(), None);
     }
 
     #[test]

@@ -238,10 +238,10 @@ fn eplb_at_run_time_moves_experts_between_steps_and_keeps_every_token() {
         traces += 1;
     }
     let now = r.current();
-    assert_eq!(
-        now.iter().map(Vec::len).sum::<usize>(),
-        10,
-        "2 replicas: {now:?}"
+    // Up to 2 replicas: as many as pay for the fixed cost of running an expert.
+    assert!(
+        (8..=10).contains(&now.iter().map(Vec::len).sum::<usize>()),
+        "every expert placed, at most 2 replicas: {now:?}"
     );
     let rows0 = r.stats().rows;
     assert!(trace(&e).unwrap() == want, "after the new placement");

@@ -229,6 +229,7 @@ impl Setup {
             st.wall_s += after.wall_s - before.wall_s;
             st.compute_s += after.compute_s - before.compute_s;
             st.bytes += after.bytes - before.bytes;
+            st.fit = st.fit.plus(&after.fit.since(&before.fit));
             add(&mut st.rows, &after.rows, &before.rows);
             add(&mut st.expert_rows, &after.expert_rows, &before.expert_rows);
         }
@@ -254,21 +255,25 @@ impl Setup {
     }
 }
 
-/// Rows per expert over `WARM_STEPS` untimed decode steps of a batch of its own (the load
-/// window EPLB plans from).
-fn warm_load(s: &Setup, args: &EpBenchArgs) -> anyhow::Result<Vec<f64>> {
+/// The load window EPLB plans from: rows per expert over `WARM_STEPS` untimed decode steps of
+/// a batch of its own, and the fixed cost of running an expert over that window, in rows
+/// (the workers' run times fitted: per run, times the layers run).
+fn warm_load(s: &Setup, args: &EpBenchArgs) -> anyhow::Result<(Vec<f64>, f64)> {
     let remote = s.remote.as_ref().expect("a setup with expert workers");
-    let before = remote.stats().expert_rows;
+    let before = remote.stats();
     let (mut seqs, mut next) = batch(&s.engine, args)?;
     for _ in 0..WARM_STEPS {
         step(&s.engine, &mut seqs, &mut next)?;
     }
-    let after = remote.stats().expert_rows;
-    Ok(after
+    let after = remote.stats();
+    let rows = after
+        .expert_rows
         .iter()
         .enumerate()
-        .map(|(i, &x)| (x - before.get(i).copied().unwrap_or(0)) as f64)
-        .collect())
+        .map(|(i, &x)| (x - before.expert_rows.get(i).copied().unwrap_or(0)) as f64)
+        .collect();
+    let fixed = after.fit.since(&before.fit).fixed_rows() * (after.layers - before.layers) as f64;
+    Ok((rows, fixed))
 }
 
 /// How a setup with expert workers runs.
@@ -401,9 +406,9 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     // (b), (c) with two microbatches in flight.
     let even = eplb::even(moe.n_experts, args.experts);
     let (b, _) = with_workers(args, exe, &cfg, "(b) even", &even, PLAIN)?;
-    let window = warm_load(&b, args)?;
+    let (window, fixed) = warm_load(&b, args)?;
     let slots = (moe.n_experts + args.redundant_experts).div_ceil(args.experts);
-    let planned = eplb::plan(&window, args.experts, slots);
+    let planned = eplb::plan_costed(&window, args.experts, slots, fixed);
     let (c, _) = with_workers(args, exe, &cfg, "(c) EPLB, static", &planned, PLAIN)?;
     let live = EplbConfig {
         interval: args.eplb_interval,
@@ -504,6 +509,14 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
             st.rows,
             eplb::imbalance(&rows),
             st.bytes as f64 / (s.decode_tokens / args.batch) as f64 / 1e6
+        );
+    }
+    if let Some((fixed, per_row)) = b.stats.fit.solve() {
+        println!(
+            "| (b) the expert workers' compute per run, fitted | {:.0} µs per expert run + {:.1} µs per row: an expert run costs {:.1} rows | EPLB weighs each replica by it |",
+            fixed * 1e6,
+            per_row * 1e6,
+            fixed / per_row
         );
     }
     for (x, y, what) in [

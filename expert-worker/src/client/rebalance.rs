@@ -1,5 +1,6 @@
 //! EPLB at run time: every `interval` steps the load each expert took since the last plan is
-//! placed anew ([`eplb::plan`], with `redundant` replica slots); experts a worker lacks are
+//! placed anew ([`eplb::plan_costed`], with up to `redundant` replica slots, each replica
+//! weighed with the fixed cost of running an expert that the workers' run times show); experts a worker lacks are
 //! loaded on a thread of their own, over connections of their own, while steps go on with the
 //! placement in force; the new placement takes effect at the first step after they are loaded.
 //! No step waits for a plan or a load, and outputs do not change: a placement only moves where
@@ -21,7 +22,7 @@ pub struct EplbConfig {
     pub redundant: usize,
 }
 
-/// A plan is applied only if it cuts the busiest worker's load by this share at least.
+/// A plan is applied only if it cuts the busiest worker's cost by this share at least.
 const MIN_GAIN: f64 = 0.03;
 
 /// The plan, and what each worker holds once its experts have loaded (`None`: unchanged).
@@ -30,8 +31,10 @@ type Loaded = Result<(Placement, Vec<Option<Vec<u32>>>)>;
 pub(super) struct Rebalancer {
     cfg: EplbConfig,
     steps: u64,
-    /// Rows per expert (all layers) when the last plan was made.
+    /// Rows per expert (all layers), layers run and the cost fit when the last plan was made.
     mark: Vec<u64>,
+    mark_layers: u64,
+    mark_fit: eplb::CostFit,
     /// Experts being loaded for a plan.
     pending: Option<JoinHandle<Loaded>>,
 }
@@ -42,6 +45,8 @@ impl Rebalancer {
             cfg,
             steps: 0,
             mark: Vec::new(),
+            mark_layers: 0,
+            mark_fit: eplb::CostFit::default(),
             pending: None,
         }
     }
@@ -102,23 +107,39 @@ impl RemoteExperts {
         if rb.pending.is_some() || rb.steps % rb.cfg.interval != 0 {
             return;
         }
-        let rows = self.stats.lock().expect("stats").expert_rows.clone();
+        let (rows, layers, fit) = {
+            let st = self.stats.lock().expect("stats");
+            (st.expert_rows.clone(), st.layers, st.fit)
+        };
         rb.mark.resize(rows.len(), 0);
         let load: Vec<f64> = rows
             .iter()
             .zip(&rb.mark)
             .map(|(a, b)| (a - b) as f64)
             .collect();
+        // What running an expert costs beyond its rows, in rows, fitted on the window (or on
+        // every run so far, if the window's runs did not vary enough); a replica pays it once
+        // per layer run.
+        let window = fit.since(&rb.mark_fit);
+        let per_run = if window.solve().is_some() {
+            window.fixed_rows()
+        } else {
+            fit.fixed_rows()
+        };
+        let fixed = per_run * (layers - rb.mark_layers) as f64;
         rb.mark = rows;
+        rb.mark_layers = layers;
+        rb.mark_fit = fit;
         if load.len() != self.n_experts() || load.iter().sum::<f64>() == 0.0 {
             return;
         }
         let workers = self.peers.len();
         let now = self.current();
-        let plan = eplb::plan(
+        let plan = eplb::plan_costed(
             &load,
             workers,
             (load.len() + rb.cfg.redundant).div_ceil(workers),
+            fixed,
         );
         let (before, after) = (
             eplb::imbalance(&eplb::loads(&load, &now)),
@@ -126,10 +147,11 @@ impl RemoteExperts {
         );
         metrics::gauge!("tandem_eplb_imbalance", "placement" => "in force").set(before);
         metrics::gauge!("tandem_eplb_imbalance", "placement" => "planned").set(after);
-        if plan == now || after > before * (1.0 - MIN_GAIN) {
+        let busiest = |p: &Placement| eplb::costs(&load, p, fixed).into_iter().fold(0.0, f64::max);
+        if plan == now || busiest(&plan) > busiest(&now) * (1.0 - MIN_GAIN) {
             return;
         }
-        tracing::info!(before, after, placement = ?plan, "EPLB: planned a placement");
+        tracing::info!(before, after, fixed_rows_per_run = per_run, placement = ?plan, "EPLB: planned a placement");
         let lacking: Vec<Vec<u32>> = plan
             .iter()
             .zip(&self.peers)
