@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 mod conn;
 mod rebalance;
+mod recovery;
 pub use conn::{CONNECT_TIMEOUT, REPLY_TIMEOUT};
 use conn::{Conn, connect};
 pub use rebalance::EplbConfig;
@@ -64,6 +65,8 @@ pub struct RemoteExperts {
     owner: Mutex<Vec<Vec<usize>>>,
     /// Run-time EPLB, when enabled.
     eplb: Mutex<Option<rebalance::Rebalancer>>,
+    /// Workers lost and the placement to go back to once they answer again.
+    recovery: Mutex<Option<recovery::Recovery>>,
     /// Move rows and outputs through shared-memory mailboxes where a worker can map them.
     shm: bool,
 }
@@ -147,6 +150,7 @@ impl RemoteExperts {
                     .collect(),
             ),
             eplb: Mutex::new(None),
+            recovery: Mutex::new(None),
             shm: true,
         })
     }
@@ -292,68 +296,6 @@ impl RemoteExperts {
         }
         Ok(peer.conn.as_mut().expect("opened above"))
     }
-
-    /// After peer `dead` failed: if it cannot be reached again, its experts go to the
-    /// replicas that hold them, and those with none to the survivors, which load them.
-    fn fail_over(&self, dead: usize) -> Result<()> {
-        let mut owner = self.owner.lock().expect("placement");
-        let placed = |o: &[Vec<usize>], p: usize| -> Vec<usize> {
-            (0..o.len()).filter(|&e| o[e].contains(&p)).collect()
-        };
-        {
-            let mut peer = self.peers[dead].lock().expect("peer");
-            let mine = placed(&owner, dead);
-            if self.conn(&mut peer, &mine).is_ok() {
-                return Ok(()); // back already (restarted, or a blip)
-            }
-        }
-        let addr = self.peers[dead].lock().expect("peer").addr.clone();
-        // The new placement, kept only if every expert finds a worker (else the lost one stays
-        // placed, and is used again once restarted).
-        let mut owner_new = owner.clone();
-        for o in owner_new.iter_mut() {
-            o.retain(|&p| p != dead);
-        }
-        let kept = &mut *owner;
-        let mut owner = owner_new;
-        let orphans: Vec<usize> = (0..owner.len()).filter(|&e| owner[e].is_empty()).collect();
-        tracing::warn!(worker = %addr, ?orphans, "expert worker lost; its experts move to the others");
-        // Each orphan to the reachable survivor computing the fewest experts.
-        let mut alive: Vec<usize> = (0..self.peers.len())
-            .filter(|&p| p != dead && owner.iter().any(|o| o.contains(&p)))
-            .collect();
-        for e in orphans {
-            loop {
-                let Some(&p) = alive.iter().min_by_key(|&&p| (placed(&owner, p).len(), p)) else {
-                    return Err(err(
-                        &addr,
-                        "lost, and no expert worker is left to take its experts",
-                    ));
-                };
-                let mut peer = self.peers[p].lock().expect("peer");
-                let mine = placed(&owner, p);
-                if self.conn(&mut peer, &mine).is_err() {
-                    alive.retain(|&q| q != p);
-                    continue;
-                }
-                if !peer_holds(&peer.hello, e) {
-                    let Peer { addr, conn, hello } = &mut *peer;
-                    match conn.as_mut().expect("opened above").load(addr, &[e as u32]) {
-                        Ok(held) => hello.held = held,
-                        Err(_) => {
-                            *conn = None;
-                            alive.retain(|&q| q != p);
-                            continue;
-                        }
-                    }
-                }
-                owner[e].push(p);
-                break;
-            }
-        }
-        *kept = owner;
-        Ok(())
-    }
 }
 
 /// Which of `experts` a worker holding `held` lacks.
@@ -363,10 +305,6 @@ fn lacking(held: &[u32], experts: &[usize]) -> Vec<u32> {
         .map(|&e| e as u32)
         .filter(|e| !held.contains(e))
         .collect()
-}
-
-fn peer_holds(h: &Hello, e: usize) -> bool {
-    h.held.contains(&(e as u32))
 }
 
 /// Why a layer failed: a worker unreachable (its experts can move), or anything else.
@@ -401,8 +339,10 @@ impl ExpertBackend for RemoteExperts {
         }
     }
 
-    /// EPLB at run time, when enabled, plans and applies placements between steps.
+    /// Between steps: lost workers that answer again get their experts back, and EPLB at
+    /// run time, when enabled, plans and applies placements.
     fn new_step(&self) {
+        self.recover();
         self.rebalance();
     }
 }

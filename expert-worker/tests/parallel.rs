@@ -453,3 +453,44 @@ fn a_run_past_the_first_mailbox_grows_it_and_matches_the_socket() {
         assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 2 * n * d);
     }
 }
+
+#[test]
+fn a_restarted_worker_gets_its_experts_back_between_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_moe(dir.path());
+    let p = Precision::W4A8;
+    let want = trace(&load(&path, p)).unwrap();
+    let (first, second) = ((0..4).collect::<Vec<_>>(), (4..8).collect::<Vec<_>>());
+    let servers = vec![serve(&path, p, &first), serve(&path, p, &second)];
+    let (e, r) = engine_on(&path, &servers);
+    let home = vec![first.clone(), second.clone()];
+    assert_eq!(r.current(), home);
+    assert!(trace(&e).unwrap() == want);
+    let mut servers = servers;
+    let gone = servers.pop().unwrap();
+    let addr = gone.local_addr();
+    gone.stop();
+    assert!(trace(&e).unwrap() == want, "after the loss");
+    assert_eq!(r.current(), vec![(0..8).collect::<Vec<_>>(), vec![]]);
+    // Restarted on its address with its own experts: probed between steps, it gets them back.
+    let g = GgufFile::open(&path).unwrap();
+    let shard = ExpertShard::load(&g, p, &second).unwrap();
+    let fp = wire::fingerprint(&g, p);
+    let _back = ExpertServer::bind(&addr.to_string(), shard, Some(path.clone()), fp, None).unwrap();
+    let t = std::time::Instant::now();
+    while r.current() != home {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "not handed back"
+        );
+        assert!(trace(&e).unwrap() == want, "a step while it was probed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let before = r.stats().rows;
+    assert!(trace(&e).unwrap() == want, "after the hand-back");
+    let after = r.stats().rows;
+    assert!(
+        after[1] > before[1],
+        "the restarted worker computes again: {after:?}"
+    );
+}
