@@ -48,8 +48,11 @@ pub struct EpStats {
     pub bytes: u64,
     /// Expert rows (token × expert) each worker computed, in `--expert-workers` order: its load.
     pub rows: Vec<u64>,
-    /// Rows routed to each expert, over every layer: the load window EPLB places by.
+    /// Rows routed to each expert, over every layer.
     pub expert_rows: Vec<u64>,
+    /// Rows routed to each expert of each layer (`[layer][expert]`): the load window EPLB
+    /// places by.
+    pub layer_rows: Vec<Vec<u64>>,
     /// The workers' compute time per run against its experts and rows: what running an
     /// expert costs beyond its rows (EPLB weighs replicas by it).
     pub fit: eplb::CostFit,
@@ -465,6 +468,14 @@ impl RemoteExperts {
         st.rows.resize(self.peers.len(), 0);
         st.expert_rows.resize(groups.rows.len(), 0);
         for (n, r) in st.expert_rows.iter_mut().zip(&groups.rows) {
+            *n += r.len() as u64;
+        }
+        if st.layer_rows.len() <= layer {
+            st.layer_rows.resize(layer + 1, Vec::new());
+        }
+        let per = &mut st.layer_rows[layer];
+        per.resize(groups.rows.len(), 0);
+        for (n, r) in per.iter_mut().zip(&groups.rows) {
             *n += r.len() as u64;
         }
         for (s, &micros) in sent.iter().zip(&took) {

@@ -5,11 +5,14 @@
 //! hold that expert yet. A replicated expert's rows are split evenly over its replicas
 //! ([`split`]), so a worker's load is the sum of its replicas' shares.
 //!
-//! Rows are not the whole cost: running an expert at all costs about as much as some rows
-//! (its weights are read once per run however few rows it has: at decode batches, where each
-//! expert gets a few rows, this share is large). [`plan_costed`] counts that fixed cost per
-//! replica (measured: [`CostFit`]) and so uses no more replica slots than pay: with a fixed
-//! cost, a permutation of the experts often balances a decode load better than replicas do.
+//! Rows are not the whole cost, and a step pays each layer's busiest worker, not the busiest
+//! over the layers' sum: running an expert at all costs about as much as some rows (its weights
+//! are read once per run however few rows it has: at decode batches, where each expert gets a
+//! few rows, this share is large), and one placement serves every layer, whose loads differ.
+//! [`plan_costed`] packs the summed load with every number of replicas the slots allow and
+//! keeps the plan whose [`step_cost`] — per layer, the busiest worker's rows plus a fixed cost
+//! per replica run (measured: [`CostFit`]) — is least: replicas where they pay (a hot expert's
+//! replicas split its rows in every layer), a permutation where they do not.
 
 /// Which experts each worker holds.
 pub type Placement = Vec<Vec<usize>>;
@@ -24,38 +27,62 @@ pub fn plan(load: &[f64], workers: usize, slots: usize) -> Placement {
         "{workers} × {slots} slots for {n} experts"
     );
     let extra = (workers * slots - n).min(n * (workers - 1));
-    keep_better(load, pack(load, workers, slots, extra), workers, 0.0)
+    // Greedy packing can lose to the plain split on a few experts: keep the better.
+    let planned = pack(load, workers, slots, extra);
+    let base = even(n, workers);
+    if imbalance(&loads(load, &base)) < imbalance(&loads(load, &planned)) {
+        return base;
+    }
+    planned
 }
 
-/// [`plan`] where each replica also costs `fixed` (in the load's units) whatever its share:
-/// every number of replicas up to the slots' room is packed, and the plan whose busiest
-/// worker costs least is kept (the fewer replicas on a tie); never costlier than [`even`].
-pub fn plan_costed(load: &[f64], workers: usize, slots: usize, fixed: f64) -> Placement {
-    let n = load.len();
+/// Rows per expert of each layer over a window: `[layer][expert]`.
+pub type LayerLoad = Vec<Vec<f64>>;
+
+/// What a window of `layer_load` costs under `placement`: over the layers, the busiest
+/// worker's share of the rows plus `fixed` (in rows, over the window) for each replica that got
+/// rows in that layer.
+pub fn step_cost(layer_load: &[Vec<f64>], placement: &Placement, fixed: f64) -> f64 {
+    let mut replicas = vec![0usize; layer_load.first().map_or(0, Vec::len)];
+    placement.iter().flatten().for_each(|&e| replicas[e] += 1);
+    layer_load
+        .iter()
+        .map(|load| {
+            placement
+                .iter()
+                .map(|h| {
+                    h.iter()
+                        .filter(|&&e| load[e] > 0.0)
+                        .map(|&e| load[e] / replicas[e] as f64 + fixed)
+                        .sum::<f64>()
+                })
+                .fold(0.0, f64::max)
+        })
+        .sum()
+}
+
+/// The experts of `layer_load` (`[layer][expert]`) on `workers` workers of up to `slots`
+/// experts: the summed load packed with every number of replicas up to the slots' room, and
+/// the even split, and the one of least [`step_cost`] kept (the fewer replicas on a tie).
+pub fn plan_costed(layer_load: &[Vec<f64>], workers: usize, slots: usize, fixed: f64) -> Placement {
+    let n = layer_load.first().map_or(0, Vec::len);
     assert!(
         workers >= 1 && workers * slots >= n,
         "{workers} × {slots} slots for {n} experts"
     );
+    let load: Vec<f64> = (0..n)
+        .map(|e| layer_load.iter().map(|l| l[e]).sum())
+        .collect();
     let most = (workers * slots - n).min(n * (workers - 1));
-    let busiest = |p: &Placement| costs(load, p, fixed).into_iter().fold(0.0, f64::max);
-    let mut best = pack(load, workers, slots, 0);
-    for extra in 1..=most {
-        let p = pack(load, workers, slots, extra);
-        if busiest(&p) < busiest(&best) {
+    let cost = |p: &Placement| step_cost(layer_load, p, fixed);
+    let mut best = even(n, workers);
+    for extra in 0..=most {
+        let p = pack(&load, workers, slots, extra);
+        if cost(&p) < cost(&best) {
             best = p;
         }
     }
-    keep_better(load, best, workers, fixed)
-}
-
-/// Greedy packing can lose to the plain split on a few experts: the better of the two.
-fn keep_better(load: &[f64], planned: Placement, workers: usize, fixed: f64) -> Placement {
-    let base = even(load.len(), workers);
-    let busiest = |p: &Placement| costs(load, p, fixed).into_iter().fold(0.0, f64::max);
-    if busiest(&base) < busiest(&planned) {
-        return base;
-    }
-    planned
+    best
 }
 
 /// `extra` replicas to the experts with the most load per replica, then every replica, the
@@ -113,69 +140,73 @@ pub fn loads(load: &[f64], placement: &Placement) -> Vec<f64> {
         .collect()
 }
 
-/// Each worker's expected cost under `placement`: its load ([`loads`]) and `fixed` for every
-/// replica it runs.
-pub fn costs(load: &[f64], placement: &Placement, fixed: f64) -> Vec<f64> {
-    loads(load, placement)
-        .into_iter()
-        .zip(placement)
-        .map(|(l, h)| l + fixed * h.len() as f64)
-        .collect()
-}
-
-/// A least-squares fit of a worker's compute time for a run to `fixed · experts + per_row ·
-/// rows`, from the runs' measured times: the fixed cost of running an expert, in rows.
+/// A least-squares fit of a worker's compute time for a run to `per_run + fixed · experts +
+/// per_row · rows`, from the runs' measured times: the fixed cost of running an expert (its
+/// weights read however few its rows), apart from what every run costs (the message, waking
+/// up). Runs that always have as many experts (a placement that never changes) cannot tell
+/// the two apart: the fit then gives none, and EPLB weighs rows alone.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CostFit {
-    gg: f64,
-    gr: f64,
-    rr: f64,
-    gt: f64,
-    rt: f64,
+    /// Σ of x xᵀ over the runs, x = (1, experts, rows), upper triangle row by row.
+    xx: [f64; 6],
+    /// Σ of x · seconds.
+    xt: [f64; 3],
 }
 
 impl CostFit {
     /// A run of `experts` experts over `rows` rows (their sum) that took `secs`.
     pub fn add(&mut self, experts: usize, rows: usize, secs: f64) {
-        let (g, r) = (experts as f64, rows as f64);
-        self.gg += g * g;
-        self.gr += g * r;
-        self.rr += r * r;
-        self.gt += g * secs;
-        self.rt += r * secs;
+        let x = [1.0, experts as f64, rows as f64];
+        let mut k = 0;
+        for i in 0..3 {
+            for j in i..3 {
+                self.xx[k] += x[i] * x[j];
+                k += 1;
+            }
+            self.xt[i] += x[i] * secs;
+        }
+    }
+
+    fn zip(&self, other: &CostFit, f: impl Fn(f64, f64) -> f64) -> CostFit {
+        CostFit {
+            xx: std::array::from_fn(|i| f(self.xx[i], other.xx[i])),
+            xt: std::array::from_fn(|i| f(self.xt[i], other.xt[i])),
+        }
     }
 
     /// The runs of `self` not in `earlier` (a window).
     pub fn since(&self, earlier: &CostFit) -> CostFit {
-        CostFit {
-            gg: self.gg - earlier.gg,
-            gr: self.gr - earlier.gr,
-            rr: self.rr - earlier.rr,
-            gt: self.gt - earlier.gt,
-            rt: self.rt - earlier.rt,
-        }
+        self.zip(earlier, |a, b| a - b)
     }
 
     /// The runs of both.
     pub fn plus(&self, more: &CostFit) -> CostFit {
-        CostFit {
-            gg: self.gg + more.gg,
-            gr: self.gr + more.gr,
-            rr: self.rr + more.rr,
-            gt: self.gt + more.gt,
-            rt: self.rt + more.rt,
-        }
+        self.zip(more, |a, b| a + b)
     }
 
-    /// `(fixed seconds per expert run, seconds per row)`, if the runs determine them (they
-    /// varied enough) and both came out positive.
+    /// `(fixed seconds per expert run, seconds per row)`, if the runs determine them (their
+    /// experts and rows varied enough) and both came out positive.
     pub fn solve(&self) -> Option<(f64, f64)> {
-        let det = self.gg * self.rr - self.gr * self.gr;
-        if det <= 1e-9 * self.gg * self.rr {
+        let [a, b, c, d, e, f] = self.xx;
+        let m = [[a, b, c], [b, d, e], [c, e, f]];
+        let det3 = |m: &[[f64; 3]; 3]| {
+            m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+                - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+                + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+        };
+        let det = det3(&m);
+        // Relative to the diagonal's product: near 0 when a column is (nearly) a multiple of
+        // another, e.g. every run with as many experts.
+        if !(det > 1e-6 * a * d * f) {
             return None;
         }
-        let fixed = (self.gt * self.rr - self.rt * self.gr) / det;
-        let per_row = (self.rt * self.gg - self.gt * self.gr) / det;
+        // Cramer's rule for the experts' and the rows' coefficients.
+        let with = |col: usize| {
+            let mut m = m;
+            (0..3).for_each(|r| m[r][col] = self.xt[r]);
+            det3(&m) / det
+        };
+        let (fixed, per_row) = (with(1), with(2));
         (fixed > 0.0 && per_row > 0.0).then_some((fixed, per_row))
     }
 
@@ -241,7 +272,7 @@ mod tests {
         // Expert 0 takes 48% of the rows (a hot expert at top-2): a permutation balances the
         // rows without replicas, and with a fixed cost replicas only add to it.
         let load = [48.0, 20.0, 12.0, 8.0, 5.0, 4.0, 2.0, 1.0];
-        let p = plan_costed(&load, 2, 5, 6.0);
+        let p = plan_costed(&[load.to_vec()], 2, 5, 6.0);
         assert_eq!(
             p.iter().map(Vec::len).sum::<usize>(),
             8,
@@ -251,24 +282,50 @@ mod tests {
         // Without a fixed cost the slots are all used (DeepSeek's EPLB).
         assert_eq!(plan(&load, 2, 5).iter().map(Vec::len).sum::<usize>(), 10);
         // One expert with 70%: only a replica balances it, and it pays.
-        let hot = [70.0, 10.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0];
+        let hot = vec![vec![70.0, 10.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0]];
         let p = plan_costed(&hot, 2, 5, 6.0);
         assert_eq!(p.iter().flatten().filter(|&&e| e == 0).count(), 2, "{p:?}");
-        let busiest = |p: &Placement| costs(&hot, p, 6.0).into_iter().fold(0.0, f64::max);
-        assert!(busiest(&p) < busiest(&even(8, 2)) * 0.8);
-        // Never costlier than the even split, whatever the load and fixed cost.
+        assert!(step_cost(&hot, &p, 6.0) < step_cost(&hot, &even(8, 2), 6.0) * 0.8);
+        // Never costlier than the even split, whatever the loads and fixed cost.
         let mut s = 11u64;
         for _ in 0..300 {
             let n = 2 + (rng(&mut s) * 20.0) as usize;
             let workers = 1 + (rng(&mut s) * 4.0) as usize;
             let slots = n.div_ceil(workers) + (rng(&mut s) * 3.0) as usize;
-            let load: Vec<f64> = (0..n).map(|_| rng(&mut s).powi(3) * 100.0 + 0.1).collect();
+            let layers = 1 + (rng(&mut s) * 4.0) as usize;
+            let load: LayerLoad = (0..layers)
+                .map(|_| (0..n).map(|_| rng(&mut s).powi(3) * 100.0).collect())
+                .collect();
             let fixed = rng(&mut s) * 20.0;
             let p = plan_costed(&load, workers, slots, fixed);
-            assert!(p.iter().flatten().count() <= workers * slots);
-            let busiest = |p: &Placement| costs(&load, p, fixed).into_iter().fold(0.0, f64::max);
-            assert!(busiest(&p) <= busiest(&even(n, workers)) + 1e-9);
+            assert!(p.iter().all(|h| h.len() <= slots));
+            assert!(step_cost(&load, &p, fixed) <= step_cost(&load, &even(n, workers), fixed));
         }
+    }
+
+    #[test]
+    fn each_layers_busiest_worker_is_what_a_step_pays() {
+        // Layer 0's hot expert is 0, layer 1's is 1: 0 and 1 on different workers balance the
+        // sum, but each layer waits on one worker; a replica of each splits them in every layer.
+        let load = vec![
+            vec![60.0, 4.0, 10.0, 10.0, 4.0, 4.0, 4.0, 4.0],
+            vec![4.0, 60.0, 10.0, 10.0, 4.0, 4.0, 4.0, 4.0],
+        ];
+        let p = plan_costed(&load, 2, 5, 1.0);
+        for e in [0, 1] {
+            assert_eq!(p.iter().flatten().filter(|&&x| x == e).count(), 2, "{p:?}");
+        }
+        let one = |p: &Placement| step_cost(&load, p, 1.0);
+        let sum_balanced: Placement = vec![vec![0, 2, 4, 6], vec![1, 3, 5, 7]];
+        assert!(
+            one(&p) < one(&sum_balanced) * 0.85,
+            "{} vs {}",
+            one(&p),
+            one(&sum_balanced)
+        );
+        // A fixed cost far above the rows: no replica pays.
+        let p = plan_costed(&load, 2, 5, 100.0);
+        assert_eq!(p.iter().map(Vec::len).sum::<usize>(), 8, "{p:?}");
     }
 
     #[test]
@@ -280,17 +337,27 @@ mod tests {
             let g = 1 + (rng(&mut s) * 5.0) as usize;
             let r = g + (rng(&mut s) * 120.0) as usize;
             let noise = 1.0 + (rng(&mut s) - 0.5) * 0.02;
-            f.add(g, r, (115e-6 * g as f64 + 18.5e-6 * r as f64) * noise);
+            // 40 µs every run, 115 µs per expert, 18.5 µs per row.
+            f.add(
+                g,
+                r,
+                (40e-6 + 115e-6 * g as f64 + 18.5e-6 * r as f64) * noise,
+            );
         }
         let (fixed, per_row) = f.solve().unwrap();
         assert!((fixed / 115e-6 - 1.0).abs() < 0.05, "{fixed}");
         assert!((per_row / 18.5e-6 - 1.0).abs() < 0.05, "{per_row}");
         assert!((f.fixed_rows() - 115.0 / 18.5).abs() < 0.4);
-        // A window of runs all alike does not determine the two.
-        let mut same = CostFit::default();
-        (0..10).for_each(|_| same.add(2, 40, 1e-3));
-        assert_eq!(same.since(&CostFit::default()).solve(), None);
+        // Runs all with 4 experts cannot tell a cost per expert from one per run.
+        let mut four = CostFit::default();
+        for i in 0..50 {
+            four.add(4, 20 + i, 500e-6 + 18.5e-6 * (20 + i) as f64);
+        }
+        assert_eq!(four.solve(), None);
+        assert_eq!(four.fixed_rows(), 0.0);
         assert_eq!(f.since(&f).solve(), None);
+        let back = four.plus(&f).since(&four).solve().unwrap();
+        assert!((back.0 / fixed - 1.0).abs() < 1e-6 && (back.1 / per_row - 1.0).abs() < 1e-6);
     }
 
     #[test]

@@ -232,6 +232,11 @@ impl Setup {
             st.fit = st.fit.plus(&after.fit.since(&before.fit));
             add(&mut st.rows, &after.rows, &before.rows);
             add(&mut st.expert_rows, &after.expert_rows, &before.expert_rows);
+            let got = window(&after.layer_rows, &before.layer_rows);
+            st.layer_rows.resize(got.len(), Vec::new());
+            for (acc, g) in st.layer_rows.iter_mut().zip(&got) {
+                add(acc, g, &[]);
+            }
         }
         Ok(())
     }
@@ -255,25 +260,44 @@ impl Setup {
     }
 }
 
-/// The load window EPLB plans from: rows per expert over `WARM_STEPS` untimed decode steps of
-/// a batch of its own, and the fixed cost of running an expert over that window, in rows
-/// (the workers' run times fitted: per run, times the layers run).
-fn warm_load(s: &Setup, args: &EpBenchArgs) -> anyhow::Result<(Vec<f64>, f64)> {
+/// The load window EPLB plans from — the workload measured, untimed: rows per expert of each
+/// layer over `WARM_STEPS` decode steps of a batch of its own and one prefill of `prompt` —
+/// and the fixed cost of running an expert over that window, in rows (the workers' run times
+/// fitted: per run, times the steps).
+fn warm_load(
+    s: &Setup,
+    args: &EpBenchArgs,
+    prompt: &[u32],
+) -> anyhow::Result<(eplb::LayerLoad, f64)> {
     let remote = s.remote.as_ref().expect("a setup with expert workers");
     let before = remote.stats();
     let (mut seqs, mut next) = batch(&s.engine, args)?;
     for _ in 0..WARM_STEPS {
         step(&s.engine, &mut seqs, &mut next)?;
     }
+    let mut seq = s.engine.new_sequence();
+    s.engine.prefill(&mut seq, prompt, LogitsWanted::Last)?;
     let after = remote.stats();
-    let rows = after
-        .expert_rows
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (x - before.expert_rows.get(i).copied().unwrap_or(0)) as f64)
+    let rows: eplb::LayerLoad = window(&after.layer_rows, &before.layer_rows)
+        .into_iter()
+        .map(|l| l.into_iter().map(|x| x as f64).collect())
         .collect();
-    let fixed = after.fit.since(&before.fit).fixed_rows() * (after.layers - before.layers) as f64;
+    let steps = (after.layers - before.layers) as f64 / rows.len().max(1) as f64;
+    let fixed = after.fit.since(&before.fit).fixed_rows() * steps;
     Ok((rows, fixed))
+}
+
+/// `now − then`, per layer and expert.
+fn window(now: &[Vec<u64>], then: &[Vec<u64>]) -> Vec<Vec<u64>> {
+    now.iter()
+        .enumerate()
+        .map(|(l, row)| {
+            row.iter()
+                .enumerate()
+                .map(|(e, &x)| x - then.get(l).and_then(|t| t.get(e)).copied().unwrap_or(0))
+                .collect()
+        })
+        .collect()
 }
 
 /// How a setup with expert workers runs.
@@ -406,7 +430,8 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     // (b), (c) with two microbatches in flight.
     let even = eplb::even(moe.n_experts, args.experts);
     let (b, _) = with_workers(args, exe, &cfg, "(b) even", &even, PLAIN)?;
-    let (window, fixed) = warm_load(&b, args)?;
+    let prompt = prompt(&text(&b.engine)?, 0, args.prompt);
+    let (window, fixed) = warm_load(&b, args, &prompt)?;
     let slots = (moe.n_experts + args.redundant_experts).div_ceil(args.experts);
     let planned = eplb::plan_costed(&window, args.experts, slots, fixed);
     let (c, _) = with_workers(args, exe, &cfg, "(c) EPLB, static", &planned, PLAIN)?;
@@ -447,7 +472,6 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     let mut setups = [a, b, c, d, b2, c2, bt];
     // The timed rounds: every setup in turn, each round a share of the decode steps and one
     // prefill.
-    let prompt = prompt(&text(&setups[0].engine)?, 0, args.prompt);
     for round in 0..ROUNDS {
         eprintln!("tandem: round {} of {ROUNDS}…", round + 1);
         let steps = args.steps / ROUNDS + usize::from(round < args.steps % ROUNDS);
@@ -501,8 +525,17 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         } else {
             ""
         };
+        // Per layer: each layer's busiest worker over its mean, summed over the layers (what a
+        // step waits for when the expert phase is bound by rows).
+        let layer_load: eplb::LayerLoad = st
+            .layer_rows
+            .iter()
+            .map(|l| l.iter().map(|&x| x as f64).collect())
+            .collect();
+        let per_layer = eplb::step_cost(&layer_load, placement, 0.0)
+            / (layer_load.iter().flatten().sum::<f64>() / args.experts as f64);
         println!(
-            "| {}: a decode step on the expert plane | dispatch + combine{wait} {:.1}%, expert compute (slowest worker) {:.1}% | worker rows {:?}: busiest / mean {:.2}; {:.2} MB per step |",
+            "| {}: a decode step on the expert plane | dispatch + combine{wait} {:.1}%, expert compute (slowest worker) {:.1}% | worker rows {:?}: busiest / mean {:.2}, per layer {per_layer:.2}; {:.2} MB per step |",
             s.name,
             100.0 * (st.wall_s - st.compute_s) / s.decode_s,
             100.0 * st.compute_s / s.decode_s,
@@ -511,13 +544,17 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
             st.bytes as f64 / (s.decode_tokens / args.batch) as f64 / 1e6
         );
     }
-    if let Some((fixed, per_row)) = b.stats.fit.solve() {
-        println!(
-            "| (b) the expert workers' compute per run, fitted | {:.0} µs per expert run + {:.1} µs per row: an expert run costs {:.1} rows | EPLB weighs each replica by it |",
-            fixed * 1e6,
-            per_row * 1e6,
-            fixed / per_row
-        );
+    // Where the runs tell a cost per expert from one per run (their expert counts varied).
+    for st in setups[1..].iter() {
+        if let Some((fixed, per_row)) = st.stats.fit.solve() {
+            println!(
+                "| {}: the expert workers' compute per run, fitted | {:.0} µs per expert run + {:.1} µs per row: an expert run costs {:.1} rows | EPLB weighs each replica by it |",
+                st.name,
+                fixed * 1e6,
+                per_row * 1e6,
+                fixed / per_row
+            );
+        }
     }
     for (x, y, what) in [
         (c, b, "(c) over (b)"),

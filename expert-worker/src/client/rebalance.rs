@@ -31,8 +31,8 @@ type Loaded = Result<(Placement, Vec<Option<Vec<u32>>>)>;
 pub(super) struct Rebalancer {
     cfg: EplbConfig,
     steps: u64,
-    /// Rows per expert (all layers), layers run and the cost fit when the last plan was made.
-    mark: Vec<u64>,
+    /// Rows per expert of each layer, layers run and the cost fit when the last plan was made.
+    mark: Vec<Vec<u64>>,
     mark_layers: u64,
     mark_fit: eplb::CostFit,
     /// Experts being loaded for a plan.
@@ -109,34 +109,48 @@ impl RemoteExperts {
         }
         let (rows, layers, fit) = {
             let st = self.stats.lock().expect("stats");
-            (st.expert_rows.clone(), st.layers, st.fit)
+            (st.layer_rows.clone(), st.layers, st.fit)
         };
-        rb.mark.resize(rows.len(), 0);
-        let load: Vec<f64> = rows
+        let n_layers = rows.len().max(1);
+        rb.mark.resize(rows.len(), Vec::new());
+        let layer_load: eplb::LayerLoad = rows
             .iter()
             .zip(&rb.mark)
-            .map(|(a, b)| (a - b) as f64)
+            .map(|(now, then)| {
+                now.iter()
+                    .enumerate()
+                    .map(|(e, &a)| (a - then.get(e).copied().unwrap_or(0)) as f64)
+                    .collect()
+            })
             .collect();
         // What running an expert costs beyond its rows, in rows, fitted on the window (or on
         // every run so far, if the window's runs did not vary enough); a replica pays it once
-        // per layer run.
+        // per step of the window in each layer it gets rows in.
         let window = fit.since(&rb.mark_fit);
         let per_run = if window.solve().is_some() {
             window.fixed_rows()
         } else {
             fit.fixed_rows()
         };
-        let fixed = per_run * (layers - rb.mark_layers) as f64;
+        let fixed = per_run * (layers - rb.mark_layers) as f64 / n_layers as f64;
         rb.mark = rows;
         rb.mark_layers = layers;
         rb.mark_fit = fit;
-        if load.len() != self.n_experts() || load.iter().sum::<f64>() == 0.0 {
+        let load: Vec<f64> = (0..self.n_experts())
+            .map(|e| {
+                layer_load
+                    .iter()
+                    .map(|l| l.get(e).copied().unwrap_or(0.0))
+                    .sum()
+            })
+            .collect();
+        if layer_load.iter().any(|l| l.len() != load.len()) || load.iter().sum::<f64>() == 0.0 {
             return;
         }
         let workers = self.peers.len();
         let now = self.current();
         let plan = eplb::plan_costed(
-            &load,
+            &layer_load,
             workers,
             (load.len() + rb.cfg.redundant).div_ceil(workers),
             fixed,
@@ -147,8 +161,8 @@ impl RemoteExperts {
         );
         metrics::gauge!("tandem_eplb_imbalance", "placement" => "in force").set(before);
         metrics::gauge!("tandem_eplb_imbalance", "placement" => "planned").set(after);
-        let busiest = |p: &Placement| eplb::costs(&load, p, fixed).into_iter().fold(0.0, f64::max);
-        if plan == now || busiest(&plan) > busiest(&now) * (1.0 - MIN_GAIN) {
+        let cost = |p: &Placement| eplb::step_cost(&layer_load, p, fixed);
+        if plan == now || cost(&plan) > cost(&now) * (1.0 - MIN_GAIN) {
             return;
         }
         tracing::info!(before, after, fixed_rows_per_run = per_run, placement = ?plan, "EPLB: planned a placement");
