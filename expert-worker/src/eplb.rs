@@ -197,7 +197,7 @@ impl CostFit {
         let det = det3(&m);
         // Relative to the diagonal's product: near 0 when a column is (nearly) a multiple of
         // another, e.g. every run with as many experts.
-        if !(det > 1e-6 * a * d * f) {
+        if det.is_nan() || det <= 1e-6 * a * d * f {
             return None;
         }
         // Cramer's rule for the experts' and the rows' coefficients.
