@@ -225,14 +225,7 @@ impl RemoteExperts {
 
     /// The experts each worker computes now, in `--expert-workers` order.
     pub fn current(&self) -> eplb::Placement {
-        let owner = self.owner.lock().expect("placement");
-        (0..self.peers.len())
-            .map(|p| {
-                (0..owner.len())
-                    .filter(|&e| owner[e].contains(&p))
-                    .collect()
-            })
-            .collect()
+        recovery::placement_of(&self.owner.lock().expect("placement"), self.peers.len())
     }
 
     fn n_experts(&self) -> usize {

@@ -191,9 +191,19 @@ fn connection(
             }
             wire::Request::Attach { path, nonce } => {
                 mailbox = None;
-                let done = Mailbox::attach(Path::new(&path), nonce)
-                    .map(|m| mailbox = Some(m))
-                    .map_err(|e| format!("cannot map the mailbox {path}: {e}"));
+                // Only a mailbox in this host's shared-memory folder, where clients make them.
+                let path = Path::new(&path);
+                let done = if path.parent() != Some(kv_store::shm::dir().as_path()) {
+                    Err(format!(
+                        "{} is not in {}",
+                        path.display(),
+                        kv_store::shm::dir().display()
+                    ))
+                } else {
+                    Mailbox::attach(path, nonce)
+                        .map(|m| mailbox = Some(m))
+                        .map_err(|e| format!("cannot map the mailbox {}: {e}", path.display()))
+                };
                 wire::write_attached(&mut w, done)?;
                 continue;
             }

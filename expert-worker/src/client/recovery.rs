@@ -29,7 +29,7 @@ pub(super) struct Recovery {
 }
 
 /// `owner` (each expert's workers) as each worker's experts.
-fn placement_of(owner: &[Vec<usize>], workers: usize) -> Placement {
+pub(super) fn placement_of(owner: &[Vec<usize>], workers: usize) -> Placement {
     (0..workers)
         .map(|p| {
             (0..owner.len())
