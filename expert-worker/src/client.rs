@@ -58,6 +58,66 @@ pub struct EpStats {
     pub fit: eplb::CostFit,
 }
 
+/// `f` of two counts lists, element by element (a missing element counts 0).
+fn each(a: &[u64], b: &[u64], f: fn(u64, u64) -> u64) -> Vec<u64> {
+    (0..a.len().max(b.len()))
+        .map(|i| {
+            f(
+                a.get(i).copied().unwrap_or(0),
+                b.get(i).copied().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+impl EpStats {
+    /// What happened since `earlier` (a window).
+    pub fn since(&self, earlier: &EpStats) -> EpStats {
+        self.zip(earlier, true)
+    }
+
+    /// Both windows together.
+    pub fn plus(&self, more: &EpStats) -> EpStats {
+        self.zip(more, false)
+    }
+
+    /// `self − o` (`sub`) or `self + o`, field by field.
+    fn zip(&self, o: &EpStats, sub: bool) -> EpStats {
+        let n: fn(u64, u64) -> u64 = if sub {
+            u64::saturating_sub
+        } else {
+            u64::saturating_add
+        };
+        let x = |a: f64, b: f64| if sub { a - b } else { a + b };
+        let layers = self.layer_rows.len().max(o.layer_rows.len());
+        let row = |s: &EpStats, l: usize| s.layer_rows.get(l).cloned().unwrap_or_default();
+        EpStats {
+            layers: n(self.layers, o.layers),
+            wall_s: x(self.wall_s, o.wall_s),
+            compute_s: x(self.compute_s, o.compute_s),
+            bytes: n(self.bytes, o.bytes),
+            rows: each(&self.rows, &o.rows, n),
+            expert_rows: each(&self.expert_rows, &o.expert_rows, n),
+            layer_rows: (0..layers)
+                .map(|l| each(&row(self, l), &row(o, l), n))
+                .collect(),
+            fit: if sub {
+                self.fit.since(&o.fit)
+            } else {
+                self.fit.plus(&o.fit)
+            },
+        }
+    }
+
+    /// The rows per expert of each layer, as EPLB plans from them.
+    pub fn layer_load(&self) -> eplb::LayerLoad {
+        self.layer_rows
+            .iter()
+            .map(|l| l.iter().map(|&r| r as f64).collect())
+            .collect()
+    }
+}
+
 /// Expert workers as an [`ExpertBackend`].
 pub struct RemoteExperts {
     stats: Mutex<EpStats>,
@@ -481,5 +541,41 @@ impl RemoteExperts {
         st.compute_s += slowest as f64 * 1e-6;
         st.bytes += bytes as u64;
         Ok(outputs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_windows_add_and_take_back() {
+        let mut a = EpStats {
+            layers: 4,
+            bytes: 100,
+            rows: vec![3, 5],
+            expert_rows: vec![1, 2, 5],
+            layer_rows: vec![vec![1, 0, 2], vec![0, 2, 3]],
+            ..EpStats::default()
+        };
+        a.fit.add(2, 8, 1e-3);
+        let mut b = EpStats {
+            layers: 2,
+            rows: vec![1],
+            expert_rows: vec![0, 1, 1],
+            layer_rows: vec![vec![0, 1, 1]],
+            ..EpStats::default()
+        };
+        b.fit.add(3, 5, 2e-3);
+        let sum = a.plus(&b);
+        assert_eq!((sum.layers, sum.rows.clone()), (6, vec![4, 5]));
+        assert_eq!(sum.layer_rows, vec![vec![1, 1, 3], vec![0, 2, 3]]);
+        let back = sum.since(&b);
+        assert_eq!(back.layer_rows, a.layer_rows);
+        assert_eq!(
+            (back.layers, back.bytes, &back.rows, &back.expert_rows),
+            (4, 100, &a.rows, &a.expert_rows)
+        );
+        assert_eq!(a.layer_load()[1], vec![0.0, 2.0, 3.0]);
     }
 }

@@ -217,26 +217,7 @@ impl Setup {
         self.decode_s += t.elapsed().as_secs_f64();
         self.decode_tokens += steps * self.seqs.len();
         if let Some(r) = &self.remote {
-            let after = r.stats();
-            let add = |acc: &mut Vec<u64>, a: &[u64], b: &[u64]| {
-                acc.resize(a.len(), 0);
-                for (i, x) in a.iter().enumerate() {
-                    acc[i] += x - b.get(i).copied().unwrap_or(0);
-                }
-            };
-            let st = &mut self.stats;
-            st.layers += after.layers - before.layers;
-            st.wall_s += after.wall_s - before.wall_s;
-            st.compute_s += after.compute_s - before.compute_s;
-            st.bytes += after.bytes - before.bytes;
-            st.fit = st.fit.plus(&after.fit.since(&before.fit));
-            add(&mut st.rows, &after.rows, &before.rows);
-            add(&mut st.expert_rows, &after.expert_rows, &before.expert_rows);
-            let got = window(&after.layer_rows, &before.layer_rows);
-            st.layer_rows.resize(got.len(), Vec::new());
-            for (acc, g) in st.layer_rows.iter_mut().zip(&got) {
-                add(acc, g, &[]);
-            }
+            self.stats = self.stats.plus(&r.stats().since(&before));
         }
         Ok(())
     }
@@ -277,27 +258,10 @@ fn warm_load(
     }
     let mut seq = s.engine.new_sequence();
     s.engine.prefill(&mut seq, prompt, LogitsWanted::Last)?;
-    let after = remote.stats();
-    let rows: eplb::LayerLoad = window(&after.layer_rows, &before.layer_rows)
-        .into_iter()
-        .map(|l| l.into_iter().map(|x| x as f64).collect())
-        .collect();
-    let steps = (after.layers - before.layers) as f64 / rows.len().max(1) as f64;
-    let fixed = after.fit.since(&before.fit).fixed_rows() * steps;
-    Ok((rows, fixed))
-}
-
-/// `now − then`, per layer and expert.
-fn window(now: &[Vec<u64>], then: &[Vec<u64>]) -> Vec<Vec<u64>> {
-    now.iter()
-        .enumerate()
-        .map(|(l, row)| {
-            row.iter()
-                .enumerate()
-                .map(|(e, &x)| x - then.get(l).and_then(|t| t.get(e)).copied().unwrap_or(0))
-                .collect()
-        })
-        .collect()
+    let window = remote.stats().since(&before);
+    let rows = window.layer_load();
+    let steps = window.layers as f64 / rows.len().max(1) as f64;
+    Ok((rows, window.fit.fixed_rows() * steps))
 }
 
 /// How a setup with expert workers runs.
@@ -527,11 +491,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         };
         // Per layer: each layer's busiest worker over its mean, summed over the layers (what a
         // step waits for when the expert phase is bound by rows).
-        let layer_load: eplb::LayerLoad = st
-            .layer_rows
-            .iter()
-            .map(|l| l.iter().map(|&x| x as f64).collect())
-            .collect();
+        let layer_load = st.layer_load();
         let per_layer = eplb::step_cost(&layer_load, placement, 0.0)
             / (layer_load.iter().flatten().sum::<f64>() / args.experts as f64);
         println!(

@@ -6,7 +6,7 @@
 //! No step waits for a plan or a load, and outputs do not change: a placement only moves where
 //! the same rows meet the same experts.
 
-use super::{RemoteExperts, connect};
+use super::{EpStats, RemoteExperts, connect};
 use crate::eplb::{self, Placement};
 use engine::{EngineError, Result};
 use std::thread::JoinHandle;
@@ -31,10 +31,8 @@ type Loaded = Result<(Placement, Vec<Option<Vec<u32>>>)>;
 pub(super) struct Rebalancer {
     cfg: EplbConfig,
     steps: u64,
-    /// Rows per expert of each layer, layers run and the cost fit when the last plan was made.
-    mark: Vec<Vec<u64>>,
-    mark_layers: u64,
-    mark_fit: eplb::CostFit,
+    /// The expert plane's stats when the last plan was made.
+    mark: EpStats,
     /// Experts being loaded for a plan.
     pending: Option<JoinHandle<Loaded>>,
 }
@@ -44,9 +42,7 @@ impl Rebalancer {
         Rebalancer {
             cfg,
             steps: 0,
-            mark: Vec::new(),
-            mark_layers: 0,
-            mark_fit: eplb::CostFit::default(),
+            mark: EpStats::default(),
             pending: None,
         }
     }
@@ -107,44 +103,24 @@ impl RemoteExperts {
         if rb.pending.is_some() || rb.steps % rb.cfg.interval != 0 {
             return;
         }
-        let (rows, layers, fit) = {
-            let st = self.stats.lock().expect("stats");
-            (st.layer_rows.clone(), st.layers, st.fit)
-        };
-        let n_layers = rows.len().max(1);
-        rb.mark.resize(rows.len(), Vec::new());
-        let layer_load: eplb::LayerLoad = rows
-            .iter()
-            .zip(&rb.mark)
-            .map(|(now, then)| {
-                now.iter()
-                    .enumerate()
-                    .map(|(e, &a)| (a - then.get(e).copied().unwrap_or(0)) as f64)
-                    .collect()
-            })
-            .collect();
+        let all = self.stats.lock().expect("stats").clone();
+        let window = all.since(&rb.mark);
+        rb.mark = all;
+        let layer_load = window.layer_load();
         // What running an expert costs beyond its rows, in rows, fitted on the window (or on
         // every run so far, if the window's runs did not vary enough); a replica pays it once
         // per step of the window in each layer it gets rows in.
-        let window = fit.since(&rb.mark_fit);
-        let per_run = if window.solve().is_some() {
-            window.fixed_rows()
+        let per_run = if window.fit.solve().is_some() {
+            window.fit.fixed_rows()
         } else {
-            fit.fixed_rows()
+            rb.mark.fit.fixed_rows()
         };
-        let fixed = per_run * (layers - rb.mark_layers) as f64 / n_layers as f64;
-        rb.mark = rows;
-        rb.mark_layers = layers;
-        rb.mark_fit = fit;
-        let load: Vec<f64> = (0..self.n_experts())
-            .map(|e| {
-                layer_load
-                    .iter()
-                    .map(|l| l.get(e).copied().unwrap_or(0.0))
-                    .sum()
-            })
-            .collect();
-        if layer_load.iter().any(|l| l.len() != load.len()) || load.iter().sum::<f64>() == 0.0 {
+        let fixed = per_run * window.layers as f64 / layer_load.len().max(1) as f64;
+        let load: Vec<f64> = window.expert_rows.iter().map(|&r| r as f64).collect();
+        if load.len() != self.n_experts()
+            || layer_load.iter().any(|l| l.len() != load.len())
+            || load.iter().sum::<f64>() == 0.0
+        {
             return;
         }
         let workers = self.peers.len();
