@@ -95,6 +95,43 @@ impl Leases {
         }
     }
 
+    /// Lends `blocks` through the fence to the store, which copies a fetch into them in place
+    /// (`kv_store::store::pool`): the tag to name them by, or `None` without a shared pool.
+    pub(crate) fn lend_to_store(&self, blocks: &[u32]) -> std::io::Result<Option<u64>> {
+        let Some(f) = &self.fence else {
+            return Ok(None);
+        };
+        let tag = lease_tag(&LeaseId::random().0);
+        f.grant(blocks, tag)?;
+        Ok(Some(tag))
+    }
+
+    /// Takes back blocks lent to the store for a fetch into `seq`: the sequence, or `None`
+    /// when the store is still inside them (a fetch that timed out) — then the sequence is
+    /// quarantined, its blocks out of use until the store lets go or dies.
+    pub(crate) fn take_back_from_store(
+        &self,
+        seq: KvSequence,
+        lent: Vec<u32>,
+    ) -> Option<KvSequence> {
+        let l = Lease {
+            request: 0,
+            tokens: Vec::new(),
+            seq,
+            cached: 0,
+            expires: Instant::now(),
+            transfer: Transfer::Idle,
+            writer: None,
+            released: true,
+            lent,
+        };
+        if self.take_back(&l) {
+            return Some(l.seq);
+        }
+        self.quarantine_add(l);
+        None
+    }
+
     /// Takes back what `l` lent for writing in place: `false` while a writer is inside.
     fn take_back(&self, l: &Lease) -> bool {
         let Some(f) = self.fence.as_ref().filter(|_| !l.lent.is_empty()) else {
@@ -118,7 +155,7 @@ impl Leases {
         tracing::warn!(
             request = l.request,
             blocks = l.lent.len(),
-            "a prefill worker is still writing an ended lease in place: its blocks are held back"
+            "a writer (a prefill worker, the store) is still inside blocks taken back: they are held back"
         );
         q.push(l);
         metrics::gauge!("tandem_kv_leases_quarantined").set(q.len() as f64);

@@ -191,7 +191,7 @@ impl DecodeWorker for DecodeService {
         };
         seq.reserve(r.tokens.len()).map_err(|e| engine_status(&e))?;
         if let Some(store) = self.cfg.store.as_ref().filter(|_| r.use_prefix_cache) {
-            (seq, cached) = crate::store::fetch_prefix(store, seq, &r.tokens, cached)
+            (seq, cached) = crate::store::fetch_prefix(store, &self.leases, seq, &r.tokens, cached)
                 .await
                 .map_err(|e| engine_status(&e))?;
         }
@@ -359,7 +359,7 @@ impl DecodeWorker for DecodeService {
                     let known = generated.len().saturating_sub(1);
                     let target: Vec<TokenId> =
                         prompt.iter().chain(&generated[..known]).copied().collect();
-                    crate::store::warm_prefix(store, &self.engine.kv, &target).await;
+                    crate::store::warm_prefix(store, &self.leases, &self.engine.kv, &target).await;
                 }
                 self.handle
                     .submit_request(NewRequest {

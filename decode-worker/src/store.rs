@@ -6,10 +6,13 @@
 //! Nothing here fails a request: a store that is slow, full, gone or sends bytes that do not
 //! add up is a miss, and the prompt is computed as if there were no store.
 
+use crate::leases::Leases;
 use engine::kv::{BlockHash, SpillWhen, block_hashes};
 use engine::{KvPool, KvSequence, TokenId};
 use kv_store::store::BlockShape;
-use kv_store::store::client::StoreClient;
+use kv_store::store::Tier;
+use kv_store::store::client::{ClientError, Fetched, StoreClient};
+use kv_store::store::pool::PoolTarget;
 use kv_store::tcp::{ConnId, SlabSink, Slot};
 use protocol::LeaseId;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -134,12 +137,14 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fetches into `seq` (its first `cached` positions from this worker's prefix cache, blocks
 /// reserved for all of `tokens`) the blocks after those that the store holds, up to the last
-/// full block before the final token (whose logits the prefill must compute). Returns the
-/// sequence — its fetched blocks filled, checked and published to the prefix cache — and the
-/// positions now cached. (An error only when a fetch outlived its timeout and no blocks are
-/// left for a fresh sequence.)
+/// full block before the final token (whose logits the prefill must compute): copied by the
+/// store straight into the pool when it runs on this host and the pool is shared, over the
+/// TCP data plane otherwise. Returns the sequence — its fetched blocks filled, checked and
+/// published to the prefix cache — and the positions now cached. (An error only when a fetch
+/// outlived its timeout and no blocks are left for a fresh sequence.)
 pub async fn fetch_prefix(
     store: &StoreUse,
+    leases: &Leases,
     seq: KvSequence,
     tokens: &[TokenId],
     cached: usize,
@@ -152,35 +157,58 @@ pub async fn fetch_prefix(
         return Ok((seq, cached));
     }
     let hashes: Vec<BlockHash> = block_hashes(pool.hash_salt(), &tokens[..usable * bs], bs);
-    let sink = Arc::new(FetchInto {
-        seq: Mutex::new(seq),
-        first,
-        n: usable - first,
-    });
-    let got = tokio::time::timeout(
-        FETCH_TIMEOUT,
-        store
-            .client
-            .fetch(&hashes[first..], shape(&pool), sink.clone()),
-    )
-    .await;
-    // The transfer is over (or abandoned: a timed-out blocking fetch keeps its own reference
-    // to the sink, and with it the sequence, until it stops): take the sequence back.
-    let mut seq = match Arc::try_unwrap(sink) {
-        Ok(s) => s.seq.into_inner().expect("fetch sequence poisoned"),
-        Err(shared) => {
-            // Still written by an abandoned transfer: a fresh sequence for the prompt instead.
-            tracing::warn!("a store fetch outlived its timeout; computing the prompt");
-            drop(shared);
-            let mut s = KvSequence::new(pool.clone());
-            let c = s.attach_prefix(tokens);
-            s.reserve(tokens.len())?;
-            return Ok((s, c));
+    let hashes = &hashes[first..];
+    let mut seq = Some(seq);
+    // The outcome, and the checksum's order: block after block when the store copied into
+    // the pool, (layer, block) over TCP.
+    let mut got = None;
+    if pool.shared_path().is_some() && store.client.shm_usable() {
+        let s = seq.take().expect("the sequence");
+        match into_pool(store, leases, s, first..usable, hashes).await {
+            (Some(s), Some(Err(ClientError::Rpc(e))))
+                if e.code() == tonic::Code::FailedPrecondition =>
+            {
+                seq = Some(s); // the store cannot map this pool: over TCP below
+            }
+            (Some(s), g) => {
+                seq = Some(s);
+                got = Some((g.unwrap_or(Err(ClientError::Timeout)), true));
+            }
+            (None, _) => return fresh(&pool, tokens),
+        }
+    }
+    let (got, in_place) = match got {
+        Some(g) => g,
+        None => {
+            let sink = Arc::new(FetchInto {
+                seq: Mutex::new(seq.take().expect("the sequence")),
+                first,
+                n: usable - first,
+            });
+            let got = tokio::time::timeout(
+                FETCH_TIMEOUT,
+                store.client.fetch(hashes, shape(&pool), sink.clone()),
+            )
+            .await
+            .unwrap_or(Err(ClientError::Timeout));
+            // The transfer is over (or abandoned: a timed-out blocking fetch keeps its own
+            // reference to the sink, and with it the sequence, until it stops).
+            match Arc::try_unwrap(sink) {
+                Ok(s) => seq = Some(s.seq.into_inner().expect("fetch sequence poisoned")),
+                Err(_) => return fresh(&pool, tokens),
+            }
+            (got, false)
         }
     };
+    let mut seq = seq.expect("the sequence");
     let fetched = match got {
-        Ok(Ok((f, tiers))) if f.blocks > 0 => {
-            let sum = kv_store::sequence_checksum(&seq, first..first + f.blocks);
+        Ok((f, tiers)) if f.blocks > 0 => {
+            let fetched = first..first + f.blocks;
+            let sum = if in_place {
+                kv_store::blocks_checksum(&seq, fetched)
+            } else {
+                kv_store::sequence_checksum(&seq, fetched)
+            };
             if sum != f.checksum {
                 metrics::counter!("tandem_kv_checksum_failures_total").increment(1);
                 tracing::warn!("blocks fetched from the store fail their checksum; computing them");
@@ -193,13 +221,12 @@ pub async fn fetch_prefix(
                 f.blocks
             }
         }
-        Ok(Ok(_)) => 0,
-        Ok(Err(e)) => {
+        Ok(_) => 0,
+        Err(e) => {
             metrics::counter!("tandem_kv_store_fetch_failed_total").increment(1);
             tracing::debug!(error = %e, "store fetch failed; computing the prompt");
             0
         }
-        Err(_) => 0,
     };
     if fetched == 0 {
         return Ok((seq, cached));
@@ -210,10 +237,78 @@ pub async fn fetch_prefix(
     Ok((seq, now))
 }
 
+/// The store copies `hashes`' blocks into `seq`'s blocks `blocks` in this worker's shared
+/// pool, lent to it through the fence for the call. Returns the sequence unless the store is
+/// still inside its blocks (then they stay quarantined), and the fetch's outcome (`None`: it
+/// timed out).
+async fn into_pool(
+    store: &StoreUse,
+    leases: &Leases,
+    mut seq: KvSequence,
+    blocks: std::ops::Range<usize>,
+    hashes: &[BlockHash],
+) -> (
+    Option<KvSequence>,
+    Option<Result<(Fetched, Vec<Tier>), ClientError>>,
+) {
+    let pool = seq.pool().clone();
+    let path = pool.shared_path().expect("a shared pool").to_owned();
+    let lent: Vec<u32> = match seq.writable_blocks(blocks) {
+        Ok(b) => b.iter().map(|b| b.0).collect(),
+        Err(e) => return (Some(seq), Some(Err(ClientError::Protocol(e.to_string())))),
+    };
+    let tag = match leases.lend_to_store(&lent) {
+        Ok(Some(tag)) => tag,
+        Ok(None) => {
+            return (
+                Some(seq),
+                Some(Err(ClientError::Protocol("no fence".into()))),
+            );
+        }
+        Err(e) => return (Some(seq), Some(Err(e.into()))),
+    };
+    let to = PoolTarget {
+        path,
+        blocks: lent.clone(),
+        tag,
+    };
+    let got = tokio::time::timeout(
+        FETCH_TIMEOUT,
+        store.client.fetch_into(hashes, shape(&pool), &to),
+    )
+    .await
+    .ok();
+    let seq = leases.take_back_from_store(seq, lent);
+    if seq.is_none() {
+        tracing::warn!(
+            "the store is still copying into blocks of a fetch that timed out; computing the prompt"
+        );
+    }
+    (seq, got)
+}
+
+/// A new sequence for `tokens` (its cached prefix attached, its blocks reserved), when the one
+/// a fetch was writing cannot be used.
+fn fresh(
+    pool: &Arc<KvPool>,
+    tokens: &[TokenId],
+) -> Result<(KvSequence, usize), engine::EngineError> {
+    tracing::warn!("a store fetch outlived its timeout; computing the prompt");
+    let mut s = KvSequence::new(pool.clone());
+    let c = s.attach_prefix(tokens);
+    s.reserve(tokens.len())?;
+    Ok((s, c))
+}
+
 /// Before this worker prefills `tokens` itself: fetches the blocks of their prefix that the
 /// store holds beyond the prefix cache into the prefix cache, where the batch finds them when
 /// it admits the prompt. (A miss, a failure or no free blocks: nothing happens.)
-pub async fn warm_prefix(store: &StoreUse, pool: &Arc<KvPool>, tokens: &[TokenId]) {
+pub async fn warm_prefix(
+    store: &StoreUse,
+    leases: &Leases,
+    pool: &Arc<KvPool>,
+    tokens: &[TokenId],
+) {
     let bs = pool.layout().block_size;
     let usable = tokens.len().saturating_sub(1) / bs * bs;
     let mut seq = KvSequence::new(pool.clone());
@@ -222,5 +317,5 @@ pub async fn warm_prefix(store: &StoreUse, pool: &Arc<KvPool>, tokens: &[TokenId
         return;
     }
     // The fetched blocks are published; dropping the sequence leaves them cached.
-    let _ = fetch_prefix(store, seq, tokens, cached).await;
+    let _ = fetch_prefix(store, leases, seq, tokens, cached).await;
 }

@@ -56,6 +56,19 @@ pub fn sequence_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u6
     c.digest()
 }
 
+/// The [`Checksum`] of `seq`'s blocks `blocks` block after block (each block's slabs in layer
+/// order: its bytes as the store holds them): what a fetch into a shared pool
+/// (`store::pool`) reproduces, as it copies block by block.
+pub fn blocks_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u64 {
+    let mut c = Checksum::new();
+    for b in blocks {
+        for layer in 0..seq.pool().layout().n_layers {
+            c.update(seq.slab(b, layer));
+        }
+    }
+    c.digest()
+}
+
 /// Blocks a prefill with `cached` positions already in place and `filled` in all writes:
 /// from the first block past the cached ones to the last one written.
 pub fn written_blocks(cached: usize, filled: usize, block_size: usize) -> std::ops::Range<usize> {

@@ -176,6 +176,76 @@ async fn put_lookup_and_fetch_over_the_data_plane() {
     stop(s).await;
 }
 
+/// On the store's host the client has the store copy straight into its shared pool; a pool
+/// the store cannot map turns the client to the data plane for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_into_a_shared_pool_through_the_service() {
+    use kv_store::shm::fence::{Fence, lease_tag};
+    use kv_store::store::pool::PoolTarget;
+    let s = start(None, Limits::default()).await;
+    let client = StoreClient::new(&s.addr, None).unwrap();
+    let hs = hashes(3);
+    client
+        .put(
+            &hs[..2],
+            SHAPE,
+            hs[..2].iter().map(|&h| payload(h)).collect(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if client.lookup(&hs).await.unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let path = kv_store::shm::pool_path(&kv_store::shm::dir());
+    std::fs::write(&path, vec![0u8; 4 * SHAPE.bytes()]).unwrap();
+    let fence = Fence::create(&path, 4).unwrap();
+    let to = PoolTarget {
+        path: path.clone(),
+        blocks: vec![3, 1, 0],
+        tag: lease_tag(&[9; 16]),
+    };
+    fence.grant(&to.blocks, to.tag).unwrap();
+    let (got, tiers) = client.fetch_into(&hs, SHAPE, &to).await.unwrap();
+    assert!(fence.revoke(&to.blocks).unwrap(), "the store let go");
+    assert_eq!((got.blocks, tiers), (2, vec![Tier::Ram; 2]));
+    let file = std::fs::read(&path).unwrap();
+    let block = |b: usize| &file[b * SHAPE.bytes()..][..SHAPE.bytes()];
+    let mut c = kv_store::Checksum::new();
+    for (h, b) in hs[..2].iter().zip([3, 1]) {
+        assert_eq!(block(b), &payload(*h)[..]);
+        c.update(block(b));
+    }
+    assert_eq!(got.checksum, c.digest());
+    assert!(
+        block(0).iter().all(|&b| b == 0),
+        "nothing past the held prefix"
+    );
+    assert!(client.shm_usable());
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join(path.file_name().unwrap());
+    std::fs::copy(&path, &outside).unwrap();
+    let e = client
+        .fetch_into(
+            &hs,
+            SHAPE,
+            &PoolTarget {
+                path: outside,
+                ..to
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot map"), "{e}");
+    assert!(!client.shm_usable(), "the client turns to the data plane");
+    drop(fence);
+    let _ = std::fs::remove_file(&path);
+    stop(s).await;
+}
+
 async fn stop(mut s: Running) {
     let _ = s.stop.take().unwrap().send(());
     s.task.await.unwrap().unwrap();

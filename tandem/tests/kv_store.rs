@@ -57,19 +57,23 @@ async fn store(disk: &std::path::Path, port: u16) -> (Proc, String) {
 }
 
 fn decode(port: u16, store: u16) -> Proc {
-    spawn(
-        &[
-            "decode",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--kv-cache-mib",
-            "64",
-            "--kv-store-addr",
-            &format!("127.0.0.1:{store}"),
-            "--kv-store-write-through",
-        ],
-        true,
-    )
+    decode_with(port, store, &[])
+}
+
+fn decode_with(port: u16, store: u16, extra: &[&str]) -> Proc {
+    let (listen, store) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{store}"));
+    let mut args = vec![
+        "decode",
+        "--listen",
+        &listen,
+        "--kv-cache-mib",
+        "64",
+        "--kv-store-addr",
+        &store,
+        "--kv-store-write-through",
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args, true)
 }
 
 fn kill9(p: Proc) {
@@ -135,9 +139,11 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
         "{page}"
     );
 
+    // Round 0: the pool is shared, so the store copies into it in place; round 1: a private
+    // pool, fetched over the data plane.
     for round in 0..2 {
         kill9(dec);
-        dec = decode(dp, sp);
+        dec = decode_with(dp, sp, if round == 0 { &[] } else { &["--no-shm"] });
         until(&format!("{api}/health"), "healthy again", |c, _| c == 200).await;
         let (again, cached) = complete(&api, &prompt).await;
         assert!(cached >= 16 * 20, "round {round}: {cached} tokens cached");
@@ -196,6 +202,16 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
                 &format!("event=\"{tier}\"")
             ) > 0.0,
             "no {tier}:\n{page}"
+        );
+    }
+    for transport in ["shm", "tcp"] {
+        assert!(
+            metric(
+                &page,
+                "tandem_kv_store_bytes_sent_total",
+                &format!("transport=\"{transport}\"")
+            ) > 0.0,
+            "nothing fetched over {transport}:\n{page}"
         );
     }
     drop(dec);

@@ -6,6 +6,11 @@
 //!   prompt's blocks; a fetch as a decode worker makes it — the lease call, the fetch frame, the
 //!   slabs written by the kernel straight into a sequence's blocks — against the raw loopback
 //!   socket of `tandem kv bench` (1 MiB writes into a 256 KiB buffer that stays in cache).
+//! - **RAM tier over shared memory**: the same store copying the blocks straight into a
+//!   decode worker's shared pool as a worker fetches (blocks lent through the pool's fence,
+//!   the `FetchInto` call — lease, copy block by block with the checksum summed, release —
+//!   and the blocks taken back), against copying the same bytes from memory into private
+//!   memory with `memcpy`, block by block.
 //! - **Disk tier**: the same fetch from a store whose RAM holds none of them (every block read
 //!   from its file, checked, and sent), against reading the same files in a row as `dd` does
 //!   (`read(2)` into one 1 MiB buffer; in this process, so that starting a `dd` per file does
@@ -18,7 +23,9 @@ use engine::config::LlamaConfig;
 use engine::kv::{KvDtype, KvLayout};
 use engine::{KvPool, KvSequence};
 use frontend::block::BlockHash;
+use kv_store::shm::fence::Fence;
 use kv_store::store::client::StoreClient;
+use kv_store::store::pool::PoolTarget;
 use kv_store::store::{BlockShape, Limits, Store};
 use kv_store::tcp::{ConnId, SlabSink, Slot};
 use protocol::LeaseId;
@@ -185,6 +192,40 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
     let mut seq = KvSequence::new(pool);
     seq.reserve(n * l.block_size)?;
     let into = Arc::new(Into(Mutex::new(seq)));
+    // A decode worker's shared pool and its fence, the fetch's blocks lent to the store.
+    let pool_path = kv_store::shm::pool_path(&kv_store::shm::dir());
+    let shared = KvPool::new_shared(l, n, &pool_path)?;
+    let fence = Fence::create(&pool_path, n as u32)?;
+    let mut shared_seq = KvSequence::new(shared);
+    shared_seq.reserve(n * l.block_size)?;
+    let lent: Vec<u32> = shared_seq
+        .writable_blocks(0..n)?
+        .iter()
+        .map(|b| b.0)
+        .collect();
+    let target = PoolTarget {
+        path: pool_path.clone(),
+        blocks: lent,
+        tag: kv_store::shm::fence::lease_tag(&[0x5a; 16]),
+    };
+    // As a decode worker fetches: the blocks lent through the fence, the call, taken back.
+    let fetch_shm = |c: &StoreClient| -> anyhow::Result<()> {
+        fence.grant(&target.blocks, target.tag)?;
+        let (got, _) = rt.block_on(c.fetch_into(&hashes, shape, &target))?;
+        anyhow::ensure!(
+            fence.revoke(&target.blocks)?,
+            "the store still holds the blocks"
+        );
+        anyhow::ensure!(got.blocks == n, "copied {} of {n} blocks", got.blocks);
+        Ok(())
+    };
+    let mut private = vec![1u8; bytes];
+    let memcpy = |private: &mut Vec<u8>| {
+        for (dst, p) in private.chunks_exact_mut(shape.bytes()).zip(&payloads) {
+            dst.copy_from_slice(p);
+        }
+        std::hint::black_box(&private);
+    };
     let (raw_addr, raw_reader) = spawn_raw_reader(false)?;
     let mut raw = std::net::TcpStream::connect(raw_addr)?;
     raw.set_nodelay(true)?;
@@ -199,28 +240,31 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         // Rotating order: whichever transfer comes first in a round measures slower.
         m.try_time("disk_tier", bytes, read_local)?;
         m.try_time("read_local", bytes, || read_all(&local_files))?;
-        for i in 0..4 {
-            match (round + i) % 4 {
+        for i in 0..6 {
+            match (round + i) % 6 {
                 0 => m.try_time("store_ram", bytes, || fetch(&ram))?,
                 1 => m.try_time("socket", bytes, || raw_round(&mut raw, &chunk, bytes))?,
                 2 => m.try_time("store_disk", files.len() * shape.bytes(), || {
                     fetch(&on_disk)
                 })?,
-                _ => m.try_time("read", files.len() * shape.bytes(), || read_all(&files))?,
+                3 => m.try_time("read", files.len() * shape.bytes(), || read_all(&files))?,
+                4 => m.try_time("store_shm", bytes, || fetch_shm(&ram))?,
+                _ => m.time("memcpy", bytes, || memcpy(&mut private)),
             }
         }
     }
-    // What landed is what was put.
+    // What landed is what was put, over TCP and over shared memory.
     let seq = into.0.lock().expect("bench sequence");
     for (b, p) in payloads.iter().enumerate() {
         for layer in 0..l.n_layers {
             let want = &p[layer * shape.slab_bytes as usize..][..shape.slab_bytes as usize];
             anyhow::ensure!(
-                seq.slab(b, layer) == want,
+                seq.slab(b, layer) == want && shared_seq.slab(b, layer) == want,
                 "block {b} layer {layer} differs"
             );
         }
     }
+    drop(fence);
     drop(raw);
     let _ = raw_reader.join();
     let _ = std::fs::remove_dir_all(&disk);
@@ -236,6 +280,12 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
             "store, RAM tier, over TCP into a sequence's blocks",
             "socket",
             "raw loopback socket",
+        ),
+        (
+            "store_shm",
+            "store, RAM tier, copied into a shared pool (FetchInto)",
+            "memcpy",
+            "memcpy of the same blocks into private memory",
         ),
         (
             "store_disk",

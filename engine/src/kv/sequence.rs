@@ -113,6 +113,24 @@ impl KvSequence {
         Ok(unsafe { self.pool.data.as_ptr().add(r.start) })
     }
 
+    /// The pool's ids of blocks `range` of this sequence, for another process to write in
+    /// place (the store copying into a shared pool). Refused, as
+    /// [`write_slab`](Self::write_slab), when one is shared with other sequences; the same
+    /// contract as [`slab_mut_ptr`](Self::slab_mut_ptr) for the writes.
+    pub fn writable_blocks(&mut self, range: std::ops::Range<usize>) -> Result<Vec<BlockId>> {
+        if range.end > self.blocks.len() || range.start < self.shared {
+            return Err(EngineError::BadBlocks(format!(
+                "blocks {range:?} of a sequence of {} whose first {} are shared",
+                self.blocks.len(),
+                self.shared
+            )));
+        }
+        let blocks = self.blocks[range].to_vec();
+        debug_assert!(blocks.iter().all(|&b| self.pool.exclusive(b)));
+        self.pool.bump_generation(&blocks);
+        Ok(blocks)
+    }
+
     /// Bytes of one slab.
     pub fn slab_bytes(&self) -> usize {
         2 * self.pool.layout.plane_bytes()

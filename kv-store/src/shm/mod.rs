@@ -1,5 +1,5 @@
 //! Shared memory on one host: a decode worker keeps its KV pool in a file under `/dev/shm` that
-//! prefill workers on the same host map and write into, behind a [`fence`] that keeps a late
+//! prefill workers (and the pooled store) on the same host map and write into, behind a [`fence`] that keeps a late
 //! writer out of blocks taken back; an expert-plane connection moves its activations through a
 //! [`mailbox`] both ends map.
 

@@ -2,6 +2,7 @@
 //! (a pool of idle connections to the store's receiver). Every call is bounded in time, and
 //! every failure is the caller's cue to compute the KV instead — never a request's error.
 
+use super::pool::PoolTarget;
 use super::{Shape, Tier};
 use crate::Checksum;
 use crate::tcp::{KvSender, SlabSink};
@@ -10,6 +11,7 @@ use protocol::LeaseId;
 use protocol::auth::ClusterSecret;
 use protocol::pb;
 use protocol::pb::kv_store_client::KvStoreClient;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -46,6 +48,8 @@ pub struct StoreClient {
     grpc: KvStoreClient<Channel>,
     secret: Option<ClusterSecret>,
     idle: Arc<Mutex<Vec<(String, KvSender)>>>,
+    /// The store said it cannot map this host's pools (another host or `/dev/shm`).
+    no_shm: Arc<AtomicBool>,
 }
 
 async fn timed<T>(
@@ -79,6 +83,7 @@ impl StoreClient {
             grpc: KvStoreClient::new(protocol::net::channel(addr, secret.clone())?),
             secret,
             idle: Arc::default(),
+            no_shm: Arc::default(),
         })
     }
 
@@ -147,6 +152,63 @@ impl StoreClient {
         }
         let blocks = (slabs / shape.slabs) as usize;
         Ok((Fetched { blocks, checksum }, tiers[..blocks].to_vec()))
+    }
+
+    /// Whether fetches into a shared pool may work: the store has not said it cannot reach
+    /// this worker's pools.
+    pub fn shm_usable(&self) -> bool {
+        !self.no_shm.load(Ordering::Relaxed)
+    }
+
+    /// Fetches the longest held prefix of `hashes` (blocks of `shape`) straight into a shared
+    /// pool on the store's host: the store copies hash `i`'s bytes into pool block
+    /// `to.blocks[i]`, which the caller lent through the pool's fence under `to.tag` and takes
+    /// back after this returns. A store that cannot map the pool says so once
+    /// ([`shm_usable`](Self::shm_usable) turns false; fetch over the data plane instead).
+    pub async fn fetch_into(
+        &self,
+        hashes: &[BlockHash],
+        shape: Shape,
+        to: &PoolTarget,
+    ) -> Result<(Fetched, Vec<Tier>), ClientError> {
+        let mut grpc = self.grpc.clone();
+        let call = grpc.fetch_into(pb::FetchIntoRequest {
+            hashes: hashes.iter().map(|h| h.0).collect(),
+            shape: shape_pb(shape),
+            pool_path: to.path.to_string_lossy().into_owned(),
+            host_id: crate::shm::host_id(),
+            blocks: to.blocks.clone(),
+            tag: to.tag,
+        });
+        let r = match tokio::time::timeout(FETCH_STALL, call).await {
+            Err(_) => return Err(ClientError::Timeout),
+            Ok(Err(s)) => {
+                if s.code() == tonic::Code::FailedPrecondition {
+                    tracing::info!(
+                        reason = s.message(),
+                        "the store cannot reach this worker's shared pool; fetching over TCP"
+                    );
+                    self.no_shm.store(true, Ordering::Relaxed);
+                }
+                return Err(s.into());
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let tiers: Vec<Tier> = r.tiers.iter().filter_map(|&t| tier(t)).collect();
+        if tiers.len() != r.tiers.len() || tiers.len() > hashes.len() {
+            return Err(ClientError::Protocol(format!(
+                "{} tiers for {} blocks asked",
+                r.tiers.len(),
+                hashes.len()
+            )));
+        }
+        Ok((
+            Fetched {
+                blocks: tiers.len(),
+                checksum: r.checksum,
+            },
+            tiers,
+        ))
     }
 
     /// Puts blocks: `hashes[i]`'s payload is `payloads[i]` (layer-major slabs of `shape`). Only

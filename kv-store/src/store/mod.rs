@@ -22,6 +22,7 @@
 pub mod client;
 pub mod disk;
 mod index;
+pub mod pool;
 pub mod service;
 
 use crate::Checksum;

@@ -3,6 +3,7 @@
 //! straight into their staging ([`StoreSink`]) and answering fetch frames with a lease's
 //! slabs ([`StoreSource`]).
 
+use super::pool::{self, PoolError, PoolTarget, Pools};
 use super::{Lease, Limits, Shape, Stats, Store, StoreError, Tier};
 use crate::Checksum;
 use crate::events::BlockFeed;
@@ -86,6 +87,9 @@ pub struct StoreService {
     /// The data plane, as clients reach it.
     data_addr: String,
     limits: Limits,
+    /// Shared pools of this host's workers, for fetches into them.
+    pools: Arc<Pools>,
+    host_id: String,
 }
 
 fn tier_pb(t: Tier) -> pb::StoreTier {
@@ -188,6 +192,40 @@ impl KvStore for StoreService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.store.release(id);
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn fetch_into(
+        &self,
+        req: Request<pb::FetchIntoRequest>,
+    ) -> Result<Response<pb::FetchIntoReply>, Status> {
+        let r = req.into_inner();
+        check_len(r.hashes.len())?;
+        let shape = shape(r.shape.as_ref())?;
+        if r.host_id != self.host_id {
+            return Err(Status::failed_precondition(
+                "the store runs on another host",
+            ));
+        }
+        let to = PoolTarget {
+            path: r.pool_path.into(),
+            blocks: r.blocks,
+            tag: r.tag,
+        };
+        let (store, pools, hashes) = (self.store.clone(), self.pools.clone(), hashes(&r.hashes));
+        let copied = tokio::task::spawn_blocking(move || {
+            pool::fetch_into(&store, &pools, &hashes, shape, &to)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        match copied {
+            Ok(c) => Ok(Response::new(pb::FetchIntoReply {
+                tiers: c.tiers.into_iter().map(tier).collect(),
+                checksum: c.checksum,
+            })),
+            Err(e @ PoolError::Unreachable(..)) => Err(Status::failed_precondition(e.to_string())),
+            Err(e @ PoolError::Fence(_)) => Err(Status::aborted(e.to_string())),
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        }
     }
 
     async fn put_start(
@@ -300,6 +338,8 @@ pub async fn serve(
         store,
         data_addr,
         limits,
+        pools: Arc::default(),
+        host_id: crate::shm::host_id(),
     };
     // Draining waits for open streams: the schedulers' block event streams end first.
     let feed = svc.feed.clone();

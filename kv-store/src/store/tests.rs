@@ -303,3 +303,154 @@ fn random_operations_keep_the_accounting_true() {
     let files = disk::Dir::open(dir.path()).unwrap().scan().unwrap().len() as u64;
     assert_eq!(files, store.stats().disk_blocks);
 }
+
+/// A decode worker's shared pool file of `n` blocks of [`SHAPE`] in this host's shared-memory
+/// folder, with its fence (both removed when dropped).
+struct SharedPool {
+    path: std::path::PathBuf,
+    fence: Option<crate::shm::fence::Fence>,
+}
+
+impl SharedPool {
+    fn new(n: u32) -> SharedPool {
+        let path = crate::shm::pool_path(&crate::shm::dir());
+        std::fs::write(&path, vec![0u8; n as usize * BLOCK]).unwrap();
+        let fence = crate::shm::fence::Fence::create(&path, n).unwrap();
+        SharedPool {
+            path,
+            fence: Some(fence),
+        }
+    }
+    fn block(&self, b: u32) -> Vec<u8> {
+        std::fs::read(&self.path).unwrap()[b as usize * BLOCK..][..BLOCK].to_vec()
+    }
+}
+
+impl Drop for SharedPool {
+    fn drop(&mut self) {
+        drop(self.fence.take());
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The store copies the held prefix into the lent blocks (any order of pool blocks), with the
+/// checksum of the blocks' bytes in order; blocks past the prefix stay untouched.
+#[test]
+fn a_fetch_into_a_shared_pool_copies_the_held_prefix_in_place() {
+    use super::pool::{PoolTarget, Pools, fetch_into};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(limits(2, Some((dir.path(), 8)))).unwrap();
+    let hs = hashes(0, 5);
+    assert_eq!(put(&store, &hs[..4]).unwrap(), 4); // two in RAM, two spilled to disk
+    let pool = SharedPool::new(12);
+    let tag = crate::shm::fence::lease_tag(&[6; 16]);
+    let blocks = vec![9, 8, 7, 2, 3];
+    pool.fence.as_ref().unwrap().grant(&blocks, tag).unwrap();
+    let pools = Pools::default();
+    let to = PoolTarget {
+        path: pool.path.clone(),
+        blocks: blocks.clone(),
+        tag,
+    };
+    let got = fetch_into(&store, &pools, &hs, SHAPE, &to).unwrap();
+    assert_eq!(got.tiers.len(), 4, "the held prefix");
+    assert!(got.tiers.contains(&Tier::Disk) && got.tiers.contains(&Tier::Ram));
+    let mut sum = Checksum::new();
+    for (h, &b) in hs[..4].iter().zip(&blocks) {
+        assert_eq!(pool.block(b), payload(*h), "block {b}");
+        sum.update(&payload(*h));
+    }
+    assert_eq!(got.checksum, sum.digest());
+    assert_eq!(pool.block(3), vec![0; BLOCK], "past the prefix: untouched");
+    assert_eq!(store.stats().leases, 0, "the lease ended with the copy");
+    // Again through the kept mapping; nothing held is no copy and no error.
+    assert_eq!(fetch_into(&store, &pools, &hs, SHAPE, &to).unwrap(), got);
+    let none = fetch_into(
+        &store,
+        &pools,
+        &hashes(50, 2),
+        SHAPE,
+        &PoolTarget {
+            blocks: vec![0, 1],
+            ..to.clone()
+        },
+    )
+    .unwrap();
+    assert!(none.tiers.is_empty());
+}
+
+/// What the store refuses to write: blocks not lent under the tag (or taken back), blocks past
+/// the pool, a file that is not a pool in the shared-memory folder, a pool of another block
+/// size, target lists of another length.
+#[test]
+fn a_fetch_into_a_pool_writes_only_lent_blocks_of_a_real_pool() {
+    use super::pool::{PoolError, PoolTarget, Pools, fetch_into};
+    use crate::shm::fence::HoldError;
+    let store = Store::open(limits(8, None)).unwrap();
+    let hs = hashes(0, 3);
+    put(&store, &hs).unwrap();
+    let pool = SharedPool::new(6);
+    let fence = pool.fence.as_ref().unwrap();
+    let (tag, other) = (
+        crate::shm::fence::lease_tag(&[1; 16]),
+        crate::shm::fence::lease_tag(&[2; 16]),
+    );
+    fence.grant(&[0, 1], tag).unwrap();
+    fence.grant(&[2], other).unwrap();
+    let pools = Pools::default();
+    let to = |blocks: Vec<u32>| PoolTarget {
+        path: pool.path.clone(),
+        blocks,
+        tag,
+    };
+    let err = |t: &PoolTarget, hs: &[BlockHash], shape| {
+        fetch_into(&store, &pools, hs, shape, t).unwrap_err()
+    };
+    assert!(matches!(
+        err(&to(vec![0, 1, 2]), &hs, SHAPE),
+        PoolError::Fence(HoldError::Revoked(2))
+    ));
+    assert!(matches!(
+        err(&to(vec![0, 1, 6]), &hs, SHAPE),
+        PoolError::Invalid(_)
+    ));
+    assert!(matches!(
+        err(&to(vec![0, 1]), &hs, SHAPE),
+        PoolError::Invalid(_)
+    ));
+    let other_shape = Shape {
+        slab_bytes: 100,
+        slabs: 3,
+    };
+    assert!(matches!(
+        err(&to(vec![0]), &hs[..1], other_shape),
+        PoolError::Invalid(_)
+    ));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let outside = elsewhere.path().join(pool.path.file_name().unwrap());
+    std::fs::copy(&pool.path, &outside).unwrap();
+    let not_a_pool = crate::shm::dir().join(format!("tandem-test-{}.bin", std::process::id()));
+    std::fs::write(&not_a_pool, vec![0u8; 6 * BLOCK]).unwrap();
+    for path in [outside, not_a_pool.clone()] {
+        let t = PoolTarget {
+            path,
+            ..to(vec![0])
+        };
+        assert!(matches!(
+            err(&t, &hs[..1], SHAPE),
+            PoolError::Unreachable(..)
+        ));
+    }
+    let _ = std::fs::remove_file(&not_a_pool);
+    assert_eq!(
+        pool.block(0),
+        vec![0; BLOCK],
+        "nothing was written by a refused fetch"
+    );
+    assert!(fence.revoke(&[0, 1]).unwrap());
+    assert!(matches!(
+        err(&to(vec![0, 1]), &hs[..2], SHAPE),
+        PoolError::Fence(HoldError::Revoked(0))
+    ));
+    assert_eq!(store.stats().leases, 0, "refused fetches hold no lease");
+}
