@@ -163,18 +163,21 @@ pub async fn fetch_prefix(
     // the pool, (layer, block) over TCP.
     let mut got = None;
     if pool.shared_path().is_some() && store.client.shm_usable() {
-        let s = seq.take().expect("the sequence");
-        match into_pool(store, leases, s, first..usable, hashes).await {
-            (Some(s), Some(Err(ClientError::Rpc(e))))
-                if e.code() == tonic::Code::FailedPrecondition =>
-            {
-                seq = Some(s); // the store cannot map this pool: over TCP below
-            }
-            (Some(s), g) => {
+        match into_pool(
+            store,
+            leases,
+            seq.take().expect("the sequence"),
+            first..usable,
+            hashes,
+        )
+        .await
+        {
+            InPool::Skipped(s) => seq = Some(s), // over TCP below
+            InPool::Done(s, g) => {
                 seq = Some(s);
-                got = Some((g.unwrap_or(Err(ClientError::Timeout)), true));
+                got = Some((g, true));
             }
-            (None, _) => return fresh(&pool, tokens),
+            InPool::StillWriting => return fresh(&pool, tokens),
         }
     }
     let (got, in_place) = match got {
@@ -237,35 +240,44 @@ pub async fn fetch_prefix(
     Ok((seq, now))
 }
 
+/// How a fetch into the shared pool went.
+enum InPool {
+    /// Not made, or the store cannot reach this pool: fetch over TCP.
+    Skipped(KvSequence),
+    /// Made: the sequence (its blocks taken back from the store) and the outcome.
+    Done(KvSequence, Result<(Fetched, Vec<Tier>), ClientError>),
+    /// Timed out with the store still inside the blocks: they stay quarantined.
+    StillWriting,
+}
+
 /// The store copies `hashes`' blocks into `seq`'s blocks `blocks` in this worker's shared
-/// pool, lent to it through the fence for the call. Returns the sequence unless the store is
-/// still inside its blocks (then they stay quarantined), and the fetch's outcome (`None`: it
-/// timed out).
+/// pool, lent to it through the fence for the call.
 async fn into_pool(
     store: &StoreUse,
     leases: &Leases,
     mut seq: KvSequence,
     blocks: std::ops::Range<usize>,
     hashes: &[BlockHash],
-) -> (
-    Option<KvSequence>,
-    Option<Result<(Fetched, Vec<Tier>), ClientError>>,
-) {
+) -> InPool {
     let pool = seq.pool().clone();
-    let path = pool.shared_path().expect("a shared pool").to_owned();
+    let Some(path) = pool.shared_path().map(|p| p.to_owned()) else {
+        return InPool::Skipped(seq);
+    };
     let lent: Vec<u32> = match seq.writable_blocks(blocks) {
         Ok(b) => b.iter().map(|b| b.0).collect(),
-        Err(e) => return (Some(seq), Some(Err(ClientError::Protocol(e.to_string())))),
+        Err(_) => return InPool::Skipped(seq),
     };
     let tag = match leases.lend_to_store(&lent) {
         Ok(Some(tag)) => tag,
-        Ok(None) => {
-            return (
-                Some(seq),
-                Some(Err(ClientError::Protocol("no fence".into()))),
-            );
+        Ok(None) => return InPool::Skipped(seq),
+        Err(e) => {
+            tracing::warn!(error = %e, "the KV fence failed; fetching over TCP");
+            // Zero what was written of the tags before the blocks go anywhere.
+            return match leases.take_back_from_store(seq, lent) {
+                Some(s) => InPool::Skipped(s),
+                None => InPool::StillWriting,
+            };
         }
-        Err(e) => return (Some(seq), Some(Err(e.into()))),
     };
     let to = PoolTarget {
         path,
@@ -277,14 +289,16 @@ async fn into_pool(
         store.client.fetch_into(hashes, shape(&pool), &to),
     )
     .await
-    .ok();
-    let seq = leases.take_back_from_store(seq, lent);
-    if seq.is_none() {
-        tracing::warn!(
-            "the store is still copying into blocks of a fetch that timed out; computing the prompt"
-        );
+    .unwrap_or(Err(ClientError::Timeout));
+    match leases.take_back_from_store(seq, lent) {
+        None => InPool::StillWriting,
+        Some(s) => match got {
+            Err(ClientError::Rpc(e)) if e.code() == tonic::Code::FailedPrecondition => {
+                InPool::Skipped(s)
+            }
+            got => InPool::Done(s, got),
+        },
     }
-    (seq, got)
 }
 
 /// A new sequence for `tokens` (its cached prefix attached, its blocks reserved), when the one
