@@ -11,7 +11,7 @@ use engine::kv::{BlockHash, SpillWhen, block_hashes};
 use engine::{KvPool, KvSequence, TokenId};
 use kv_store::store::BlockShape;
 use kv_store::store::Tier;
-use kv_store::store::client::{ClientError, Fetched, StoreClient};
+use kv_store::store::client::{ClientError, StoreClient};
 use kv_store::store::pool::PoolTarget;
 use kv_store::tcp::{ConnId, SlabSink, Slot};
 use protocol::LeaseId;
@@ -159,8 +159,6 @@ pub async fn fetch_prefix(
     let hashes: Vec<BlockHash> = block_hashes(pool.hash_salt(), &tokens[..usable * bs], bs);
     let hashes = &hashes[first..];
     let mut seq = Some(seq);
-    // The outcome, and the checksum's order: block after block when the store copied into
-    // the pool, (layer, block) over TCP.
     let mut got = None;
     if pool.shared_path().is_some() && store.client.shm_usable() {
         match into_pool(
@@ -175,12 +173,12 @@ pub async fn fetch_prefix(
             InPool::Skipped(s) => seq = Some(s), // over TCP below
             InPool::Done(s, g) => {
                 seq = Some(s);
-                got = Some((g, true));
+                got = Some(g);
             }
             InPool::StillWriting => return fresh(&pool, tokens),
         }
     }
-    let (got, in_place) = match got {
+    let got = match got {
         Some(g) => g,
         None => {
             let sink = Arc::new(FetchInto {
@@ -200,28 +198,25 @@ pub async fn fetch_prefix(
                 Ok(s) => seq = Some(s.seq.into_inner().expect("fetch sequence poisoned")),
                 Err(_) => return fresh(&pool, tokens),
             }
-            (got, false)
+            got
         }
     };
     let mut seq = seq.expect("the sequence");
     let fetched = match got {
-        Ok((f, tiers)) if f.blocks > 0 => {
-            let fetched = first..first + f.blocks;
-            let sum = if in_place {
-                kv_store::blocks_checksum(&seq, fetched)
-            } else {
-                kv_store::sequence_checksum(&seq, fetched)
-            };
-            if sum != f.checksum {
+        Ok((tiers, crcs)) if !tiers.is_empty() => {
+            // Each block's CRC as the store took it, over what landed (either transport).
+            let n = crcs.len();
+            let ok = kv_store::block_crcs(&seq, first..first + n) == crcs;
+            if !ok {
                 metrics::counter!("tandem_kv_checksum_failures_total").increment(1);
                 tracing::warn!("blocks fetched from the store fail their checksum; computing them");
                 0
             } else {
-                for t in &tiers {
+                for t in &tiers[..n] {
                     metrics::counter!("tandem_kv_store_fetched_blocks_total", "tier" => t.name())
                         .increment(1);
                 }
-                f.blocks
+                n
             }
         }
         Ok(_) => 0,
@@ -245,7 +240,7 @@ enum InPool {
     /// Not made, or the store cannot reach this pool: fetch over TCP.
     Skipped(KvSequence),
     /// Made: the sequence (its blocks taken back from the store) and the outcome.
-    Done(KvSequence, Result<(Fetched, Vec<Tier>), ClientError>),
+    Done(KvSequence, Result<(Vec<Tier>, Vec<u32>), ClientError>),
     /// Timed out with the store still inside the blocks: they stay quarantined.
     StillWriting,
 }
@@ -293,9 +288,7 @@ async fn into_pool(
     match leases.take_back_from_store(seq, lent) {
         None => InPool::StillWriting,
         Some(s) => match got {
-            Err(ClientError::Rpc(e)) if e.code() == tonic::Code::FailedPrecondition => {
-                InPool::Skipped(s)
-            }
+            Err(ClientError::Unreachable(_)) => InPool::Skipped(s),
             got => InPool::Done(s, got),
         },
     }

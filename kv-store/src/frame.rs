@@ -5,12 +5,12 @@
 //! offset  size  field
 //!      0     4  magic "TKV3" (the format version is in the magic)
 //!      4     1  kind: 1 = slabs of one layer, 2 = end of a lease's transfer,
-//!                 3 = fetch: the peer asks for a store lease's blocks (no payload)
+//!                 4 = get: a request to a store, 5 = got: the store's answer
 //!      5     3  zero
-//!      8    16  lease id (16 random bytes)
+//!      8    16  lease id (16 random bytes; a get's request id)
 //!     24     4  slabs: how many (n); end: slabs sent in all (little-endian, as every field)
-//!     28     4  slabs: the layer; end: zero
-//!     32     4  slabs: bytes of each slab; end: 8 (the checksum)
+//!     28     4  slabs: the layer; end, get, got: zero
+//!     32     4  slabs: bytes of each slab; end: 8 (the checksum); get, got: the body's bytes
 //!     36     4  zero
 //! ```
 //!
@@ -18,9 +18,10 @@
 //! then the `n` slabs in that order. The receiver learns every destination before the first
 //! payload byte arrives, so it reads the slabs straight from the socket into their blocks
 //! with one scattered read (no copy through a staging buffer). An end frame's payload is the
-//! sender's checksum (`u64`). A fetch frame has no payload: the store answers on the same
-//! connection with the lease's slabs frames (layer by layer, block indices 0.. in the lease's
-//! order) and its end frame (kv-store/SPEC.md).
+//! sender's checksum (`u64`). A get frame's body asks a store for the longest held prefix of
+//! some blocks (`store::get`); the store answers on the same connection with a got frame and,
+//! unless it copied them into the asker's shared pool, their slabs frames (layer by layer,
+//! block indices 0.. in order) and an end frame under the get's id (kv-store/SPEC.md).
 
 use protocol::LeaseId;
 
@@ -31,6 +32,8 @@ const MAGIC: &[u8; 4] = b"TKV3";
 pub const MAX_SLAB: usize = 64 << 20;
 /// Most slabs in one frame (a layer of a 1M-token prompt in 16-token blocks).
 pub const MAX_SLABS: usize = 1 << 16;
+/// Largest get or got body (a get of [`MAX_SLABS`] blocks into a pool is under 1 MiB).
+pub const MAX_BODY: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
@@ -43,8 +46,10 @@ pub enum Frame {
     },
     /// Every slab of the lease was sent; 8 bytes of checksum follow.
     End { lease: LeaseId, slabs: u32 },
-    /// Send the blocks of store lease `lease` back on this connection.
-    Fetch { lease: LeaseId },
+    /// A request to a store; `len` bytes of body follow.
+    Get { id: LeaseId, len: u32 },
+    /// A store's answer to get `id`; `len` bytes of body follow.
+    Got { id: LeaseId, len: u32 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,7 +74,8 @@ impl Frame {
                 len,
             } => (1u8, lease, n, layer, len),
             Frame::End { lease, slabs } => (2, lease, slabs, 0, 8),
-            Frame::Fetch { lease } => (3, lease, 0, 0, 0),
+            Frame::Get { id, len } => (4, id, 0, 0, len),
+            Frame::Got { id, len } => (5, id, 0, 0, len),
         };
         h[4] = kind;
         h[8..24].copy_from_slice(&lease.0);
@@ -102,7 +108,17 @@ impl Frame {
                 lease,
                 slabs: u32_at(24),
             }),
-            3 => Ok(Frame::Fetch { lease }),
+            4 | 5 => {
+                let len = u32_at(32);
+                if len as usize > MAX_BODY {
+                    return Err(FrameError::TooLarge { n: 1, len });
+                }
+                Ok(if h[4] == 4 {
+                    Frame::Get { id: lease, len }
+                } else {
+                    Frame::Got { id: lease, len }
+                })
+            }
             k => Err(FrameError::Kind(k)),
         }
     }
@@ -153,12 +169,21 @@ mod tests {
             hex(end),
             "544b563302000000111111111111111111111111111111113c000000000000000800000000000000"
         );
-        let fetch = Frame::Fetch {
-            lease: LeaseId([0x22; 16]),
+        let get = Frame::Get {
+            id: LeaseId([0x22; 16]),
+            len: 745,
         };
         assert_eq!(
-            hex(fetch),
-            "544b5633030000002222222222222222222222222222222200000000000000000000000000000000"
+            hex(get),
+            "544b563304000000222222222222222222222222222222220000000000000000e902000000000000"
+        );
+        let got = Frame::Got {
+            id: LeaseId([0x22; 16]),
+            len: 16,
+        };
+        assert_eq!(
+            hex(got),
+            "544b5633050000002222222222222222222222222222222200000000000000001000000000000000"
         );
     }
 
@@ -175,8 +200,13 @@ mod tests {
                 lease: LeaseId::random(),
                 slabs: 3_750,
             },
-            Frame::Fetch {
-                lease: LeaseId::random(),
+            Frame::Get {
+                id: LeaseId::random(),
+                len: 12,
+            },
+            Frame::Got {
+                id: LeaseId::random(),
+                len: MAX_BODY as u32,
             },
         ] {
             assert_eq!(Frame::decode(&f.encode()), Ok(f));
@@ -209,6 +239,18 @@ mod tests {
             Frame::decode(&slabs(MAX_SLABS as u32 + 1, 16)),
             Err(FrameError::TooLarge { .. })
         ));
+        let mut h = Frame::Got {
+            id: LeaseId([1; 16]),
+            len: 0,
+        }
+        .encode();
+        h[32..36].copy_from_slice(&(MAX_BODY as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            Frame::decode(&h),
+            Err(FrameError::TooLarge { .. })
+        ));
+        h[4] = 3; // the fetch frame of format version 1's store: gone
+        assert_eq!(Frame::decode(&h), Err(FrameError::Kind(3)));
         let blocks = [0, 7, u32::MAX];
         assert_eq!(decode_blocks(&encode_blocks(blocks)), blocks);
     }

@@ -56,17 +56,18 @@ pub fn sequence_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u6
     c.digest()
 }
 
-/// The [`Checksum`] of `seq`'s blocks `blocks` block after block (each block's slabs in layer
-/// order: its bytes as the store holds them): what a fetch into a shared pool
-/// (`store::pool`) reproduces, as it copies block by block.
-pub fn blocks_checksum(seq: &KvSequence, blocks: std::ops::Range<usize>) -> u64 {
-    let mut c = Checksum::new();
-    for b in blocks {
-        for layer in 0..seq.pool().layout().n_layers {
-            c.update(seq.slab(b, layer));
-        }
-    }
-    c.digest()
+/// The CRC-32 of each of `seq`'s blocks `blocks` (its slabs in layer order: its bytes as the
+/// store holds them): what a fetch into a shared pool (`store::pool`) is checked against.
+pub fn block_crcs(seq: &KvSequence, blocks: std::ops::Range<usize>) -> Vec<u32> {
+    blocks
+        .map(|b| {
+            let mut c = crc32fast::Hasher::new();
+            for layer in 0..seq.pool().layout().n_layers {
+                c.update(seq.slab(b, layer));
+            }
+            c.finalize()
+        })
+        .collect()
 }
 
 /// Blocks a prefill with `cached` positions already in place and `filled` in all writes:

@@ -75,3 +75,29 @@ fn kv_bench_moves_the_bytes_and_reports_every_series() {
     }
     assert_eq!(field("blocks_checksum"), crc.finalize() as u64);
 }
+
+/// `tandem kv store-bench`, small: every read path of the pooled store runs (the bench checks
+/// that what landed over TCP and in the shared pool is what was put) and reports its ratio.
+#[test]
+fn store_bench_reads_every_path_and_reports_its_ratios() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["kv", "store-bench", "--mib", "2", "--rounds", "2"])
+        .output()
+        .expect("run tandem kv store-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tandem kv store-bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
+        .expect("the last line is JSON");
+    for ratio in [
+        "store_ram_vs_socket",
+        "store_shm_vs_memcpy",
+        "store_disk_vs_read",
+        "disk_tier_vs_read_local",
+    ] {
+        assert!(json[ratio].as_f64().is_some_and(|r| r > 0.0), "{ratio}");
+    }
+}

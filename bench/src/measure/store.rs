@@ -3,14 +3,15 @@
 //! of the per-round ratios:
 //!
 //! - **RAM tier over TCP**: a `tandem kv-store` (in this process, on loopback) holding a
-//!   prompt's blocks; a fetch as a decode worker makes it — the lease call, the fetch frame, the
+//!   prompt's blocks; a fetch as a decode worker makes it — one get frame, the got frame, the
 //!   slabs written by the kernel straight into a sequence's blocks — against the raw loopback
-//!   socket of `tandem kv bench` (1 MiB writes into a 256 KiB buffer that stays in cache).
+//!   socket of `tandem kv bench` (1 MiB writes into a 256 KiB buffer that stays in cache: the
+//!   socket's peak, with none of the fetch's reads and writes of memory).
 //! - **RAM tier over shared memory**: the same store copying the blocks straight into a
 //!   decode worker's shared pool as a worker fetches (blocks lent through the pool's fence,
-//!   the `FetchInto` call — lease, copy block by block with the checksum summed, release —
-//!   and the blocks taken back), against copying the same bytes from memory into private
-//!   memory with `memcpy`, block by block.
+//!   the get into the pool — lease, each block copied whole, release — and the blocks taken
+//!   back), against copying the same bytes from memory into private memory with `memcpy`,
+//!   block by block.
 //! - **Disk tier**: the same fetch from a store whose RAM holds none of them (every block read
 //!   from its file, checked, and sent), against reading the same files in a row as `dd` does
 //!   (`read(2)` into one 1 MiB buffer; in this process, so that starting a `dd` per file does
@@ -211,12 +212,12 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
     // As a decode worker fetches: the blocks lent through the fence, the call, taken back.
     let fetch_shm = |c: &StoreClient| -> anyhow::Result<()> {
         fence.grant(&target.blocks, target.tag)?;
-        let (got, _) = rt.block_on(c.fetch_into(&hashes, shape, &target))?;
+        let (tiers, _) = rt.block_on(c.fetch_into(&hashes, shape, &target))?;
         anyhow::ensure!(
             fence.revoke(&target.blocks)?,
             "the store still holds the blocks"
         );
-        anyhow::ensure!(got.blocks == n, "copied {} of {n} blocks", got.blocks);
+        anyhow::ensure!(tiers.len() == n, "copied {} of {n} blocks", tiers.len());
         Ok(())
     };
     let mut private = vec![1u8; bytes];
@@ -231,8 +232,8 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
     raw.set_nodelay(true)?;
     let chunk = vec![7u8; 1 << 20];
     let fetch = |c: &StoreClient| -> anyhow::Result<()> {
-        let (got, _) = rt.block_on(c.fetch(&hashes, shape, into.clone()))?;
-        anyhow::ensure!(got.blocks == n, "fetched {} of {n} blocks", got.blocks);
+        let (tiers, _) = rt.block_on(c.fetch(&hashes, shape, into.clone()))?;
+        anyhow::ensure!(tiers.len() == n, "fetched {} of {n} blocks", tiers.len());
         Ok(())
     };
     let mut m = Series::default();
@@ -283,7 +284,7 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         ),
         (
             "store_shm",
-            "store, RAM tier, copied into a shared pool (FetchInto)",
+            "store, RAM tier, copied into a shared pool (a get into the pool)",
             "memcpy",
             "memcpy of the same blocks into private memory",
         ),

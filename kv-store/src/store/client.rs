@@ -2,9 +2,9 @@
 //! (a pool of idle connections to the store's receiver). Every call is bounded in time, and
 //! every failure is the caller's cue to compute the KV instead — never a request's error.
 
+use super::get::{GetReply, GetRequest, GetStatus};
 use super::pool::PoolTarget;
 use super::{Shape, Tier};
-use crate::Checksum;
 use crate::tcp::{KvSender, SlabSink};
 use frontend::block::BlockHash;
 use protocol::LeaseId;
@@ -31,15 +31,9 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Protocol(String),
-}
-
-/// What a fetch brought: `blocks` blocks (a prefix of those asked) written into the sink, and
-/// the store's checksum over their slabs in `(layer, block)` order, for the caller to check
-/// against what landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fetched {
-    pub blocks: usize,
-    pub checksum: u64,
+    /// The store cannot reach this worker's shared pool: fetch over the data plane.
+    #[error("the store cannot copy into this pool: {0}")]
+    Unreachable(String),
 }
 
 /// A connection to one store.
@@ -50,6 +44,8 @@ pub struct StoreClient {
     idle: Arc<Mutex<Vec<(String, KvSender)>>>,
     /// The store said it cannot map this host's pools (another host or `/dev/shm`).
     no_shm: Arc<AtomicBool>,
+    /// The store's data plane, as its last answer gave it.
+    data_addr: Arc<Mutex<Option<String>>>,
 }
 
 async fn timed<T>(
@@ -84,6 +80,7 @@ impl StoreClient {
             secret,
             idle: Arc::default(),
             no_shm: Arc::default(),
+            data_addr: Arc::default(),
         })
     }
 
@@ -96,62 +93,36 @@ impl StoreClient {
         Ok(r.tiers.into_iter().filter_map(tier).collect())
     }
 
-    /// Fetches the longest held prefix of `hashes` (blocks of `shape`) into `sink`: block
-    /// index `i` of the frames is `hashes[i]`. Blocking I/O runs off the async threads.
+    /// Fetches the longest held prefix of `hashes` (blocks of `shape`) into `sink` with one
+    /// get on the data plane: block index `i` of the frames is `hashes[i]`. Returns the
+    /// blocks' tiers and CRC-32s (check what landed against them: [`crate::block_crcs`]).
     pub async fn fetch(
         &self,
         hashes: &[BlockHash],
         shape: Shape,
         sink: Arc<dyn SlabSink>,
-    ) -> Result<(Fetched, Vec<Tier>), ClientError> {
-        let r = timed(self.grpc.clone().lease(pb::StoreLeaseRequest {
-            hashes: hashes.iter().map(|h| h.0).collect(),
-            shape: shape_pb(shape),
-            max_blocks: hashes.len() as u32,
-        }))
-        .await?;
-        if r.lease_id.is_empty() {
-            return Ok((
-                Fetched {
-                    blocks: 0,
-                    checksum: Checksum::new().digest(),
-                },
-                Vec::new(),
-            ));
+    ) -> Result<(Vec<Tier>, Vec<u32>), ClientError> {
+        let body = GetRequest {
+            shape,
+            hashes: hashes.to_vec(),
+            into: None,
         }
-        let lease =
-            LeaseId::from_wire(&r.lease_id).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let tiers: Vec<Tier> = r.tiers.into_iter().filter_map(tier).collect();
-        let this = self.clone();
-        let addr = r.data_addr;
-        let got = tokio::task::spawn_blocking(move || {
-            this.on_connection(&addr, |conn| {
-                conn.set_read_timeout(Some(FETCH_STALL))?;
-                conn.fetch(lease, &*sink)
-            })
-        })
-        .await
-        .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let (slabs, checksum) = match got {
-            Ok(g) => g,
-            Err(e) => {
-                let _ = timed(self.grpc.clone().release(pb::ReleaseRequest {
-                    lease_id: lease.wire(),
-                }))
-                .await;
-                return Err(e);
-            }
-        };
-        if shape.slabs == 0
-            || slabs % shape.slabs != 0
-            || (slabs / shape.slabs) as usize > tiers.len()
+        .encode();
+        let (r, ended) = self.get(body, Some(sink)).await?;
+        let (slabs, _) = ended.ok_or_else(|| ClientError::Protocol("no end frame".into()))?;
+        let n = r.tiers.len();
+        if r.status != GetStatus::Ok
+            || n > hashes.len()
+            || r.crcs.len() != n
+            || slabs as u64 != n as u64 * shape.slabs as u64
         {
             return Err(ClientError::Protocol(format!(
-                "{slabs} slabs for blocks of {shape:?}"
+                "{slabs} slabs and {} CRCs for {n} blocks of {shape:?} ({:?})",
+                r.crcs.len(),
+                r.status
             )));
         }
-        let blocks = (slabs / shape.slabs) as usize;
-        Ok((Fetched { blocks, checksum }, tiers[..blocks].to_vec()))
+        Ok((r.tiers, r.crcs))
     }
 
     /// Whether fetches into a shared pool may work: the store has not said it cannot reach
@@ -163,52 +134,84 @@ impl StoreClient {
     /// Fetches the longest held prefix of `hashes` (blocks of `shape`) straight into a shared
     /// pool on the store's host: the store copies hash `i`'s bytes into pool block
     /// `to.blocks[i]`, which the caller lent through the pool's fence under `to.tag` and takes
-    /// back after this returns. A store that cannot map the pool says so once
-    /// ([`shm_usable`](Self::shm_usable) turns false; fetch over the data plane instead).
+    /// back after this returns. Returns the copied blocks' tiers and CRC-32s (check the copies
+    /// against them: [`crate::block_crcs`]). A store that cannot map the pool says so
+    /// ([`ClientError::Unreachable`]) and [`shm_usable`](Self::shm_usable) turns false: fetch
+    /// over the data plane instead.
     pub async fn fetch_into(
         &self,
         hashes: &[BlockHash],
         shape: Shape,
         to: &PoolTarget,
-    ) -> Result<(Fetched, Vec<Tier>), ClientError> {
-        let mut grpc = self.grpc.clone();
-        let call = grpc.fetch_into(pb::FetchIntoRequest {
-            hashes: hashes.iter().map(|h| h.0).collect(),
-            shape: shape_pb(shape),
-            pool_path: to.path.to_string_lossy().into_owned(),
-            host_id: crate::shm::host_id(),
-            blocks: to.blocks.clone(),
-            tag: to.tag,
-        });
-        let r = match tokio::time::timeout(FETCH_STALL, call).await {
-            Err(_) => return Err(ClientError::Timeout),
-            Ok(Err(s)) => {
-                if s.code() == tonic::Code::FailedPrecondition {
-                    tracing::info!(
-                        reason = s.message(),
-                        "the store cannot reach this worker's shared pool; fetching over TCP"
-                    );
-                    self.no_shm.store(true, Ordering::Relaxed);
-                }
-                return Err(s.into());
-            }
-            Ok(Ok(r)) => r.into_inner(),
-        };
-        let tiers: Vec<Tier> = r.tiers.iter().filter_map(|&t| tier(t)).collect();
-        if tiers.len() != r.tiers.len() || tiers.len() > hashes.len() {
-            return Err(ClientError::Protocol(format!(
-                "{} tiers for {} blocks asked",
-                r.tiers.len(),
-                hashes.len()
-            )));
+    ) -> Result<(Vec<Tier>, Vec<u32>), ClientError> {
+        let body = GetRequest {
+            shape,
+            hashes: hashes.to_vec(),
+            into: Some((to.clone(), crate::shm::host_id())),
         }
-        Ok((
-            Fetched {
-                blocks: tiers.len(),
-                checksum: r.checksum,
-            },
-            tiers,
-        ))
+        .encode();
+        let (r, _) = self.get(body, None).await?;
+        match r.status {
+            GetStatus::Ok if r.tiers.len() <= hashes.len() && r.crcs.len() == r.tiers.len() => {
+                Ok((r.tiers, r.crcs))
+            }
+            GetStatus::Ok => Err(ClientError::Protocol(format!(
+                "{} blocks ({} CRCs) for {} asked",
+                r.tiers.len(),
+                r.crcs.len(),
+                hashes.len()
+            ))),
+            GetStatus::Unreachable => {
+                tracing::info!(reason = %r.message, "the store cannot reach this worker's shared pool; fetching over TCP");
+                self.no_shm.store(true, Ordering::Relaxed);
+                Err(ClientError::Unreachable(r.message))
+            }
+            GetStatus::Refused => Err(ClientError::Protocol(r.message)),
+        }
+    }
+
+    /// One get on the data plane (its address asked once, and again after a failure).
+    async fn get(
+        &self,
+        body: Vec<u8>,
+        sink: Option<Arc<dyn SlabSink>>,
+    ) -> Result<(GetReply, Option<(u32, u64)>), ClientError> {
+        let known = self
+            .data_addr
+            .lock()
+            .expect("store address poisoned")
+            .clone();
+        let addr = match known {
+            Some(a) => a,
+            None => {
+                let a = self.stats().await?.data_addr;
+                *self.data_addr.lock().expect("store address poisoned") = Some(a.clone());
+                a
+            }
+        };
+        let this = self.clone();
+        let a = addr.clone();
+        let get = move || {
+            this.on_connection(&a, |conn| {
+                conn.set_read_timeout(Some(FETCH_STALL))?;
+                conn.get(protocol::LeaseId::random(), &body, sink.as_deref())
+            })
+        };
+        // Blocking socket I/O: in place where the runtime can hand this thread's other tasks
+        // on (no hop to another thread and back: ~0.1–0.2 ms a get on this machine), else on
+        // the blocking pool.
+        let got = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(get),
+            _ => tokio::task::spawn_blocking(get)
+                .await
+                .map_err(|e| ClientError::Protocol(e.to_string()))?,
+        };
+        let (reply, ended) = got.inspect_err(|_| {
+            // The store may have restarted elsewhere: ask for its address next time.
+            *self.data_addr.lock().expect("store address poisoned") = None;
+        })?;
+        let reply = GetReply::decode(&reply)?;
+        Ok((reply, ended))
     }
 
     /// Puts blocks: `hashes[i]`'s payload is `payloads[i]` (layer-major slabs of `shape`). Only
@@ -242,6 +245,7 @@ impl StoreClient {
         let n = wanted.len();
         let this = self.clone();
         let addr = r.data_addr;
+        *self.data_addr.lock().expect("store address poisoned") = Some(addr.clone());
         tokio::task::spawn_blocking(move || {
             this.on_connection(&addr, |conn| {
                 conn.blocks(put, &wanted, shape.slab_bytes as usize)

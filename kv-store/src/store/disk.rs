@@ -95,8 +95,9 @@ impl Dir {
         result
     }
 
-    /// Reads a block's payload back, checking its header and checksum.
-    pub fn read(&self, h: BlockHash) -> Result<(Shape, Vec<u8>), ReadError> {
+    /// Reads a block's payload back, checking its header and checksum (returned: the CRC-32
+    /// of the payload).
+    pub fn read(&self, h: BlockHash) -> Result<(Shape, Vec<u8>, u32), ReadError> {
         let path = self.path(h);
         let mut f = fs::File::open(&path)?;
         let mut header = [0u8; HEADER];
@@ -123,7 +124,7 @@ impl Dir {
         if c.digest() as u32 != crc {
             return Err(corrupt("checksum mismatch".into()));
         }
-        Ok((shape, payload))
+        Ok((shape, payload, crc))
     }
 
     pub fn remove(&self, h: BlockHash) {
@@ -248,7 +249,10 @@ mod tests {
         let payload: Vec<u8> = (0..72u8).map(|i| i.wrapping_mul(37) ^ 5).collect();
         let h = BlockHash(0xfeed_beef_0000_0001);
         d.write(h, shape, &payload).unwrap();
-        assert_eq!(d.read(h).unwrap(), (shape, payload.clone()));
+        assert_eq!(
+            d.read(h).unwrap(),
+            (shape, payload.clone(), crc32fast::hash(&payload))
+        );
         let found = d.scan().unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].0, found[0].1), (h, shape));

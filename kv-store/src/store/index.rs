@@ -78,7 +78,7 @@ impl Index {
                 skipped.push((tick, h));
                 continue;
             }
-            let payload = e.ram.take().expect("a RAM-LRU block is in RAM");
+            let payload = e.ram.take().expect("a RAM-LRU block is in RAM").bytes;
             self.ram_bytes -= payload.len();
             if e.on_disk {
                 self.note(h);

@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod disk;
+pub mod get;
 mod index;
 pub mod pool;
 pub mod service;
@@ -135,9 +136,25 @@ pub struct PutStart {
     pub want: Vec<bool>,
 }
 
+/// A block's payload (layer-major slabs) and the CRC-32 of its bytes — computed when its put
+/// was checked, or read from its file's header when that checked out — which readers that
+/// copy without summing hand on (`pool`).
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub bytes: Arc<[u8]>,
+    pub crc: u32,
+}
+
+impl Block {
+    fn new(bytes: Arc<[u8]>) -> Block {
+        let crc = crc32fast::hash(&bytes);
+        Block { bytes, crc }
+    }
+}
+
 struct Entry {
     shape: Shape,
-    ram: Option<Arc<[u8]>>,
+    ram: Option<Block>,
     on_disk: bool,
     /// Leases holding it.
     leased: u32,
@@ -291,10 +308,15 @@ impl Store {
         Some(Lease { id, blocks, shape })
     }
 
-    /// A leased block's payload (layer-major slabs). From disk it is read and checked outside
-    /// the index lock and brought back into RAM; a damaged file is removed
-    /// ([`StoreError::Corrupt`]: the caller recomputes this block and those after it).
+    /// A leased block's payload (layer-major slabs) ([`read_block`](Self::read_block)).
     pub fn read(&self, lease: LeaseId, h: BlockHash) -> Result<Arc<[u8]>, StoreError> {
+        self.read_block(lease, h).map(|b| b.bytes)
+    }
+
+    /// A leased block's payload and CRC. From disk it is read and checked outside the index
+    /// lock and brought back into RAM; a damaged file is removed ([`StoreError::Corrupt`]:
+    /// the caller recomputes this block and those after it).
+    pub fn read_block(&self, lease: LeaseId, h: BlockHash) -> Result<Block, StoreError> {
         let dir = {
             let ix = self.lock();
             let l = ix.leases.get(&lease).ok_or(StoreError::Unknown(lease))?;
@@ -311,10 +333,13 @@ impl Store {
         };
         // The lease pins the file: no eviction removes it while it is read here, unlocked.
         match dir.read(h) {
-            Ok((_, payload)) => {
-                let payload: Arc<[u8]> = payload.into();
+            Ok((_, payload, crc)) => {
+                let payload = Block {
+                    bytes: payload.into(),
+                    crc,
+                };
                 let mut ix = self.lock();
-                let bytes = payload.len();
+                let bytes = payload.bytes.len();
                 ix.make_room(bytes);
                 if ix.ram_bytes + bytes <= ix.limits.ram_bytes {
                     let tick = ix.next_tick();
@@ -504,7 +529,7 @@ impl Store {
             ix.staged_bytes -= p.blocks.len() * p.shape.bytes();
             p
         };
-        // Summed outside the lock: the put is ours alone now.
+        // Summed outside the lock: the put is ours alone now (and each block's CRC too).
         let len = p.shape.slab_bytes as usize;
         let mut c = Checksum::new();
         for layer in 0..p.shape.slabs as usize {
@@ -518,13 +543,18 @@ impl Store {
                 want: c.digest(),
             });
         }
+        let blocks: Vec<(BlockHash, Block)> = p
+            .blocks
+            .into_iter()
+            .map(|(h, b)| (h, Block::new(Arc::from(b))))
+            .collect();
         let mut ix = self.lock();
         let mut stored = 0;
-        for (h, payload) in p.blocks {
+        for (h, payload) in blocks {
             if ix.entries.contains_key(&h) {
                 continue; // another put published it meanwhile: objects are immutable
             }
-            let bytes = payload.len();
+            let bytes = payload.bytes.len();
             ix.make_room(bytes);
             if ix.ram_bytes + bytes > ix.limits.ram_bytes {
                 ix.stats.dropped += 1;
@@ -537,7 +567,7 @@ impl Store {
                 h,
                 Entry {
                     shape: p.shape,
-                    ram: Some(Arc::from(payload)),
+                    ram: Some(payload),
                     on_disk: false,
                     leased: 0,
                     tick,

@@ -1,11 +1,9 @@
 //! The store as a service (`tandem kv-store`): the control calls of `tandem.v2.KvStore` over
 //! gRPC, and the data plane — the TCP receiver of the workers' frames, writing put slabs
-//! straight into their staging ([`StoreSink`]) and answering fetch frames with a lease's
-//! slabs ([`StoreSource`]).
+//! straight into their staging ([`StoreSink`]) and answering get frames ([`StoreSource`]).
 
-use super::pool::{self, PoolError, PoolTarget, Pools};
-use super::{Lease, Limits, Shape, Stats, Store, StoreError, Tier};
-use crate::Checksum;
+use super::pool::Pools;
+use super::{Limits, Shape, Stats, Store, StoreError, Tier};
 use crate::events::BlockFeed;
 use crate::tcp::{ConnId, FrameWriter, KvReceiver, ReceiverLimits, SlabSink, SlabSource, Slot};
 use frontend::block::BlockHash;
@@ -51,31 +49,23 @@ unsafe impl SlabSink for StoreSink {
     }
 }
 
-/// The data plane's answers to fetch frames.
-pub struct StoreSource(pub Arc<Store>);
+/// The data plane's answers to get frames (`super::get`).
+pub struct StoreSource {
+    pub store: Arc<Store>,
+    /// Shared pools of this host's workers, for gets into them.
+    pub pools: Pools,
+    pub host_id: String,
+}
 
 impl SlabSource for StoreSource {
-    /// Sends the lease's blocks that can be read (a damaged one ends the prefix there), layer
-    /// by layer, then the end frame; the lease ends with the fetch.
-    fn send(&self, _conn: ConnId, lease: LeaseId, out: &mut FrameWriter<'_>) -> io::Result<()> {
-        let Some((blocks, shape)) = self.0.leased(lease) else {
-            return out.end(lease, 0, Checksum::new().digest());
-        };
-        let mut payloads = Vec::with_capacity(blocks.len());
-        for h in blocks {
-            match self.0.read(lease, h) {
-                Ok(p) => payloads.push(p),
-                Err(e) => {
-                    tracing::warn!(block = %h, error = %e, "store read failed; the fetch stops before it");
-                    break;
-                }
-            }
-        }
-        out.blocks(lease, &payloads, shape.slab_bytes as usize)?;
-        self.0.release(lease);
-        metrics::counter!("tandem_kv_store_bytes_sent_total", "transport" => "tcp")
-            .increment(payloads.len() as u64 * shape.bytes() as u64);
-        Ok(())
+    fn get(
+        &self,
+        _conn: ConnId,
+        id: LeaseId,
+        body: &[u8],
+        out: &mut FrameWriter<'_>,
+    ) -> io::Result<()> {
+        super::get::serve(&self.store, &self.pools, &self.host_id, id, body, out)
     }
 }
 
@@ -87,9 +77,6 @@ pub struct StoreService {
     /// The data plane, as clients reach it.
     data_addr: String,
     limits: Limits,
-    /// Shared pools of this host's workers, for fetches into them.
-    pools: Arc<Pools>,
-    host_id: String,
 }
 
 fn tier_pb(t: Tier) -> pb::StoreTier {
@@ -157,77 +144,6 @@ impl KvStore for StoreService {
         }))
     }
 
-    async fn lease(
-        &self,
-        req: Request<pb::StoreLeaseRequest>,
-    ) -> Result<Response<pb::StoreLeaseReply>, Status> {
-        let r = req.into_inner();
-        check_len(r.hashes.len())?;
-        let shape = shape(r.shape.as_ref())?;
-        let max = if r.max_blocks == 0 {
-            usize::MAX
-        } else {
-            r.max_blocks as usize
-        };
-        let lease = self.store.lease(&hashes(&r.hashes), shape, max);
-        let (lease_id, tiers) = match lease {
-            Some(Lease { id, blocks, .. }) => {
-                (id.wire(), blocks.into_iter().map(|b| tier(b.1)).collect())
-            }
-            None => (Vec::new(), Vec::new()),
-        };
-        Ok(Response::new(pb::StoreLeaseReply {
-            lease_id,
-            tiers,
-            data_addr: self.data_addr.clone(),
-            lease_ms: self.limits.lease_ttl.as_millis() as u64,
-        }))
-    }
-
-    async fn release(
-        &self,
-        req: Request<pb::ReleaseRequest>,
-    ) -> Result<Response<pb::Empty>, Status> {
-        let id = LeaseId::from_wire(&req.into_inner().lease_id)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.store.release(id);
-        Ok(Response::new(pb::Empty {}))
-    }
-
-    async fn fetch_into(
-        &self,
-        req: Request<pb::FetchIntoRequest>,
-    ) -> Result<Response<pb::FetchIntoReply>, Status> {
-        let r = req.into_inner();
-        check_len(r.hashes.len())?;
-        let shape = shape(r.shape.as_ref())?;
-        if r.host_id != self.host_id {
-            return Err(Status::failed_precondition(
-                "the store runs on another host",
-            ));
-        }
-        let to = PoolTarget {
-            path: r.pool_path.into(),
-            blocks: r.blocks,
-            tag: r.tag,
-        };
-        let (store, pools, hashes) = (self.store.clone(), self.pools.clone(), hashes(&r.hashes));
-        let copied = tokio::task::spawn_blocking(move || {
-            pool::fetch_into(&store, &pools, &hashes, shape, &to)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?;
-        match copied {
-            Ok(c) => Ok(Response::new(pb::FetchIntoReply {
-                tiers: c.tiers.into_iter().map(tier).collect(),
-                checksum: c.checksum,
-            })),
-            Err(e @ PoolError::Unreachable(..)) => Err(Status::failed_precondition(e.to_string())),
-            Err(e @ PoolError::Fence(_)) => Err(Status::aborted(e.to_string())),
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
-        }
-    }
-
     async fn put_start(
         &self,
         req: Request<pb::PutStartRequest>,
@@ -256,7 +172,10 @@ impl KvStore for StoreService {
     }
 
     async fn stats(&self, _: Request<pb::Empty>) -> Result<Response<pb::StoreStats>, Status> {
-        Ok(Response::new(stats_pb(&self.store.stats(), &self.limits)))
+        Ok(Response::new(pb::StoreStats {
+            data_addr: self.data_addr.clone(),
+            ..stats_pb(&self.store.stats(), &self.limits)
+        }))
     }
 }
 
@@ -279,6 +198,7 @@ fn stats_pb(s: &Stats, l: &Limits) -> pb::StoreStats {
         corrupt: s.corrupt,
         leases: s.leases,
         puts_open: s.puts_open,
+        data_addr: String::new(),
     }
 }
 
@@ -319,7 +239,11 @@ pub async fn serve(
     let receiver = KvReceiver::bind_with_source(
         data_bind,
         Arc::new(StoreSink(store.clone())),
-        Some(Arc::new(StoreSource(store.clone()))),
+        Some(Arc::new(StoreSource {
+            store: store.clone(),
+            pools: Pools::default(),
+            host_id: crate::shm::host_id(),
+        })),
         secret.clone(),
         ReceiverLimits::default(),
     )?;
@@ -338,8 +262,6 @@ pub async fn serve(
         store,
         data_addr,
         limits,
-        pools: Arc::default(),
-        host_id: crate::shm::host_id(),
     };
     // Draining waits for open streams: the schedulers' block event streams end first.
     let feed = svc.feed.clone();

@@ -124,20 +124,29 @@ impl KvSender {
         FrameWriter(&self.stream).blocks(lease, blocks, slab_bytes)
     }
 
-    /// Fetches store lease `lease`'s blocks into `sink` ([`recv::fetch`]).
-    pub fn fetch(&mut self, lease: LeaseId, sink: &dyn SlabSink) -> io::Result<(u32, u64)> {
-        recv::fetch(&self.stream, lease, sink)
+    /// Sends get `id` to a store and reads its answer ([`recv::get`]).
+    pub fn get(
+        &mut self,
+        id: LeaseId,
+        body: &[u8],
+        sink: Option<&dyn SlabSink>,
+    ) -> io::Result<recv::GetAnswer> {
+        recv::get(&self.stream, id, body, sink)
     }
 }
 
-/// The store side of fetches: what a receiver answers a fetch frame with.
+/// The store side of gets: what a receiver answers a get frame with.
 pub trait SlabSource: Send + Sync + 'static {
-    /// Sends every slab of store lease `lease` (asked on `conn`) through `out`, layer by layer
-    /// with block indices in the lease's order, then its end frame with the [`Checksum`] of
-    /// the slabs in that order. An unknown lease is an end frame of no slabs.
-    ///
-    /// [`Checksum`]: crate::Checksum
-    fn send(&self, conn: ConnId, lease: LeaseId, out: &mut FrameWriter<'_>) -> io::Result<()>;
+    /// Answers get `id` (asked on `conn`, with `body`) through `out`: a got frame under `id`,
+    /// then whatever the get's kind sends after it (`store::get`). An error closes the
+    /// connection.
+    fn get(
+        &self,
+        conn: ConnId,
+        id: LeaseId,
+        body: &[u8],
+        out: &mut FrameWriter<'_>,
+    ) -> io::Result<()>;
 }
 
 /// Writes frames on a connection.
@@ -173,6 +182,17 @@ impl FrameWriter<'_> {
         self.frame(&Frame::End { lease, slabs }, &checksum.to_le_bytes())
     }
 
+    /// A store's answer to get `id`.
+    pub fn got(&mut self, id: LeaseId, body: &[u8]) -> io::Result<()> {
+        self.frame(
+            &Frame::Got {
+                id,
+                len: body.len() as u32,
+            },
+            body,
+        )
+    }
+
     /// Whole blocks (each its slabs of `slab_bytes`, layer after layer — the store's object
     /// layout) as one transfer: a slabs frame per layer, block indices `0..` in order, then
     /// the end frame with the [`Checksum`](crate::Checksum) of the slabs in `(layer, block)`
@@ -183,22 +203,37 @@ impl FrameWriter<'_> {
         blocks: &[impl AsRef<[u8]>],
         slab_bytes: usize,
     ) -> io::Result<()> {
+        let mut c = crate::Checksum::new();
+        let slabs = self.layers(lease, blocks, slab_bytes, Some(&mut c))?;
+        self.end(lease, slabs, c.digest())
+    }
+
+    /// The slabs frames of [`blocks`](Self::blocks) — summed into `sum` when given — without
+    /// the end frame; returns how many slabs went.
+    pub fn layers(
+        &mut self,
+        lease: LeaseId,
+        blocks: &[impl AsRef<[u8]>],
+        slab_bytes: usize,
+        mut sum: Option<&mut crate::Checksum>,
+    ) -> io::Result<u32> {
         let layers = blocks
             .first()
             .map_or(0, |b| b.as_ref().len() / slab_bytes.max(1));
-        let mut c = crate::Checksum::new();
         for layer in 0..layers {
             let slabs: Vec<(u32, &[u8])> = blocks
                 .iter()
                 .enumerate()
                 .map(|(i, b)| (i as u32, &b.as_ref()[layer * slab_bytes..][..slab_bytes]))
                 .collect();
-            for (_, s) in &slabs {
-                c.update(s);
+            if let Some(c) = sum.as_deref_mut() {
+                for (_, s) in &slabs {
+                    c.update(s);
+                }
             }
             self.slabs(lease, layer as u32, &slabs)?;
         }
-        self.end(lease, (blocks.len() * layers) as u32, c.digest())
+        Ok((blocks.len() * layers) as u32)
     }
 
     /// A frame's header and payload in one write.
@@ -239,7 +274,7 @@ fn write_all_vectored(w: &mut impl Write, parts: &[&[u8]]) -> io::Result<()> {
 
 mod recv;
 
-pub use recv::{Connections, KvReceiver, ReceiverLimits, fetch, recv_exact_waitall};
+pub use recv::{Connections, GetAnswer, KvReceiver, ReceiverLimits, get, recv_exact_waitall};
 
 #[cfg(test)]
 mod tests {

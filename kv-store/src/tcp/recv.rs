@@ -100,7 +100,7 @@ impl KvReceiver {
         Self::bind_with_source(addr, sink, None, secret, limits)
     }
 
-    /// [`bind`](Self::bind), also answering fetch frames from `source` (the store).
+    /// [`bind`](Self::bind), also answering get frames from `source` (the store).
     pub fn bind_with_source(
         addr: &str,
         sink: Arc<dyn SlabSink>,
@@ -200,12 +200,23 @@ fn accept_peer(mut conn: TcpStream, secret: Option<&ClusterSecret>) -> io::Resul
 }
 
 impl Drop for KvReceiver {
+    /// Stops accepting and cuts the open connections off: a receiver gone serves nothing more
+    /// (a store stopped in a process that lives on must not answer gets on kept connections).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         // Wake the accept loop so it sees the flag.
         let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.accept.take() {
             let _ = t.join();
+        }
+        for s in self
+            .conns
+            .open
+            .lock()
+            .expect("connection table poisoned")
+            .values()
+        {
+            let _ = s.shutdown(Shutdown::Both);
         }
     }
 }
@@ -218,7 +229,7 @@ const HEADER_BUFFER: usize = 4096;
 const MAX_IOV: usize = 1024;
 
 /// Receives frames on connection `id` until the peer closes; `open` holds the leases begun
-/// and not ended. A fetch frame is answered from `source` on the same connection (none: the
+/// and not ended. A get frame is answered from `source` on the same connection (none: the
 /// connection is closed).
 fn serve(
     conn: TcpStream,
@@ -238,15 +249,17 @@ fn serve(
         }
         conn.get_ref().set_read_timeout(Some(limits.stall))?;
         match read_frame(&mut conn)? {
-            Frame::Fetch { lease } => {
+            Frame::Get { id: get, len } => {
                 let Some(source) = source else {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
-                        "a fetch frame on a receiver with nothing to send",
+                        "a get frame on a receiver with nothing to send",
                     ));
                 };
+                let mut body = vec![0; len as usize];
+                conn.read_exact(&mut body)?;
                 let mut out = super::FrameWriter(conn.get_ref());
-                source.send(id, lease, &mut out)?;
+                source.get(id, get, &body, &mut out)?;
             }
             f => {
                 receive(&mut conn, f, id, sink, open, &mut scratch)?;
@@ -322,31 +335,72 @@ fn receive(
             sink.end(id, lease, slabs, checksum);
             Ok(Some((lease, slabs, checksum)))
         }
-        Frame::Fetch { .. } => Err(io::Error::new(
+        Frame::Get { .. } | Frame::Got { .. } => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "a fetch frame where slabs were expected",
+            "a get or got frame where slabs were expected",
         )),
     }
 }
 
-/// The asking side of a fetch: sends a fetch frame for store lease `lease` on `conn` and
-/// receives the slabs the store sends back into `sink` (its slots, as a receiver would),
-/// returning the store's `(slabs, checksum)`. The sink hears `end` on success, `abort` when
-/// the connection fails mid-transfer (the connection is then unusable).
-pub fn fetch(conn: &TcpStream, lease: LeaseId, sink: &dyn SlabSink) -> io::Result<(u32, u64)> {
+/// A get's answer: the got frame's body, and the end frame's `(slabs, checksum)` when slabs
+/// followed it.
+pub type GetAnswer = (Vec<u8>, Option<(u32, u64)>);
+
+/// The asking side of a get (`store::get`): sends get frame `id` with `body` on `conn`, reads
+/// the store's got frame and returns its body; with a `sink`, then receives the slabs that
+/// follow into it (its slots, as a receiver would) up to the end frame under `id`, returning
+/// the store's `(slabs, checksum)` too. The sink hears `end` on success, `abort` when the
+/// connection fails mid-transfer (the connection is then unusable).
+pub fn get(
+    conn: &TcpStream,
+    id: LeaseId,
+    body: &[u8],
+    sink: Option<&dyn SlabSink>,
+) -> io::Result<GetAnswer> {
     let mut w = super::FrameWriter(conn);
-    w.frame(&Frame::Fetch { lease }, &[])?;
+    w.frame(
+        &Frame::Get {
+            id,
+            len: body.len() as u32,
+        },
+        body,
+    )?;
     let mut conn = io::BufReader::with_capacity(HEADER_BUFFER, conn.try_clone()?);
+    let got = match read_frame(&mut conn)? {
+        Frame::Got { id: g, len } if g == id => {
+            let mut b = vec![0; len as usize];
+            conn.read_exact(&mut b)?;
+            b
+        }
+        f => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{f:?} where a got frame was expected"),
+            ));
+        }
+    };
+    let Some(sink) = sink else {
+        return match conn.buffer().is_empty() {
+            true => Ok((got, None)),
+            false => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bytes after a got frame",
+            )),
+        };
+    };
     let (mut open, mut scratch) = (Vec::new(), Scratch::default());
-    let got = (|| loop {
-        let f = read_frame(&mut conn)?;
-        if let Some((l, slabs, checksum)) = receive(&mut conn, f, 0, sink, &mut open, &mut scratch)?
-            && l == lease
-        {
-            return Ok((slabs, checksum));
+    let ended = (|| -> io::Result<(u32, u64)> {
+        loop {
+            let f = read_frame(&mut conn)?;
+            if let Some((l, slabs, checksum)) =
+                receive(&mut conn, f, 0, sink, &mut open, &mut scratch)?
+                && l == id
+            {
+                return Ok((slabs, checksum));
+            }
         }
     })();
-    if got.is_err() {
+    if ended.is_err() {
         for l in open {
             sink.abort(0, l);
         }
@@ -354,10 +408,10 @@ pub fn fetch(conn: &TcpStream, lease: LeaseId, sink: &dyn SlabSink) -> io::Resul
     if !conn.buffer().is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "bytes after a fetch's end",
+            "bytes after a get's end",
         ));
     }
-    got
+    Ok((got, Some(ended?)))
 }
 
 /// Reads and drops `len` bytes through a small buffer (a homeless slab costs no memory).
