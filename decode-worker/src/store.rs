@@ -132,7 +132,9 @@ unsafe impl SlabSink for FetchInto {
     fn abort(&self, _: ConnId, _: LeaseId) {}
 }
 
-/// How long a fetch may take in all before the prompt is computed instead.
+/// How long a fetch may take in all before the prompt is computed instead. (On a multi-thread
+/// runtime the client blocks its thread in place for the transfer, so the data plane's stall
+/// timeout — `kv_store::store::client::FETCH_STALL`, per read — bounds it instead.)
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fetches into `seq` (its first `cached` positions from this worker's prefix cache, blocks

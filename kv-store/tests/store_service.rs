@@ -159,6 +159,24 @@ async fn put_lookup_and_fetch_over_the_data_plane() {
         );
     }
 
+    // A get the store refuses (a shape of no bytes) ends at once, and the connection serves on.
+    let t = std::time::Instant::now();
+    let none = BlockShape {
+        slab_bytes: 0,
+        slabs: 5,
+    };
+    assert!(client.fetch(&hs, none, into.clone()).await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(
+        client
+            .fetch(&hs, SHAPE, into.clone())
+            .await
+            .unwrap()
+            .0
+            .len(),
+        3
+    );
+
     // Without the secret neither plane answers.
     let stranger = StoreClient::new(&s.addr, None).unwrap();
     assert!(stranger.lookup(&hs).await.is_err());
@@ -166,8 +184,8 @@ async fn put_lookup_and_fetch_over_the_data_plane() {
     let st = client.stats().await.unwrap();
     assert_eq!(
         (st.ram_blocks, st.hits_ram, st.leases),
-        (3, 3, 0),
-        "the fetch ended its lease"
+        (3, 6, 0),
+        "both fetches ended their leases"
     );
     stop(s).await;
 }

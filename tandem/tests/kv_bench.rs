@@ -5,20 +5,26 @@
 use serde_json::Value;
 use std::process::Command;
 
-#[test]
-fn kv_bench_moves_the_bytes_and_reports_every_series() {
+/// Runs `tandem ARGS`, which must succeed: its output and the JSON of its last line.
+fn run(args: &[&str]) -> (String, Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["kv", "bench", "--mib", "2", "--rounds", "3"])
+        .args(args)
         .output()
-        .expect("run tandem kv bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .expect("run tandem");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "tandem kv bench failed:\n{stdout}\n{}",
+        "tandem {args:?} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let json: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
         .expect("the last line is JSON");
+    (stdout, json)
+}
+
+#[test]
+fn kv_bench_moves_the_bytes_and_reports_every_series() {
+    let (stdout, json) = run(&["kv", "bench", "--mib", "2", "--rounds", "3"]);
     assert_eq!(json["rounds"], 3);
     for series in [
         "memcpy",
@@ -80,18 +86,7 @@ fn kv_bench_moves_the_bytes_and_reports_every_series() {
 /// that what landed over TCP and in the shared pool is what was put) and reports its ratio.
 #[test]
 fn store_bench_reads_every_path_and_reports_its_ratios() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(["kv", "store-bench", "--mib", "2", "--rounds", "2"])
-        .output()
-        .expect("run tandem kv store-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "tandem kv store-bench failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line"))
-        .expect("the last line is JSON");
+    let (_, json) = run(&["kv", "store-bench", "--mib", "2", "--rounds", "2"]);
     for ratio in [
         "store_ram_vs_socket",
         "store_shm_vs_memcpy",

@@ -229,7 +229,12 @@ pub fn serve(
     let r = GetRequest::decode(body)?;
     if r.shape.bytes() == 0 || r.shape.slab_bytes as usize > crate::frame::MAX_SLAB {
         let why = format!("block shape {:?}", r.shape);
-        return out.got(id, &GetReply::refused(GetStatus::Refused, why).encode());
+        out.got(id, &GetReply::refused(GetStatus::Refused, why).encode())?;
+        // A get over the data plane always ends with an end frame, here of no slabs.
+        return match r.into {
+            Some(_) => Ok(()),
+            None => out.end(id, 0, 0),
+        };
     }
     if let Some((to, host)) = &r.into {
         let reply = if host != host_id {

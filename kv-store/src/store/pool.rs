@@ -62,13 +62,18 @@ struct Mapped {
     map: Arc<MmapRaw>,
 }
 
-/// Pools mapped so far (a few decode workers per host; a restarted worker's new file replaces
-/// its old mapping, the oldest goes beyond [`Pools::KEEP`]).
+/// Pools mapped so far (a few decode workers per host): a mapping goes when its file does (or
+/// is replaced), the oldest beyond [`Pools::KEEP`].
 #[derive(Default)]
 pub struct Pools(Mutex<Vec<Mapped>>);
 
 impl Pools {
     const KEEP: usize = 16;
+
+    /// Pools mapped now.
+    pub fn mapped(&self) -> usize {
+        self.0.lock().expect("pool mappings poisoned").len()
+    }
 
     /// The mapping of the pool at `path`, checked as the module says.
     fn map(&self, path: &Path, shape: Shape) -> Result<Arc<MmapRaw>, PoolError> {
@@ -94,6 +99,11 @@ impl Pools {
             )));
         }
         let mut maps = self.0.lock().expect("pool mappings poisoned");
+        // A mapping outlives its file's name: one whose file was removed or replaced (its
+        // worker stopped or restarted) would keep the whole pool's memory alive. Unmap those.
+        maps.retain(|m| {
+            std::fs::symlink_metadata(&m.path).is_ok_and(|md| (md.dev(), md.ino()) == m.id)
+        });
         if let Some(m) = maps.iter().find(|m| m.path == path && m.id == id) {
             return Ok(m.map.clone());
         }

@@ -379,6 +379,24 @@ fn a_fetch_into_a_shared_pool_copies_the_held_prefix_in_place() {
     )
     .unwrap();
     assert!(none.tiers.is_empty());
+    // The worker goes (its pool file with it): the next get, into another pool, unmaps it.
+    assert_eq!(pools.mapped(), 1);
+    drop(pool);
+    let other = SharedPool::new(4);
+    other.fence.as_ref().unwrap().grant(&[0], tag).unwrap();
+    let to = PoolTarget {
+        path: other.path.clone(),
+        blocks: vec![0],
+        tag,
+    };
+    assert_eq!(
+        fetch_into(&store, &pools, &hs[..1], SHAPE, &to)
+            .unwrap()
+            .tiers
+            .len(),
+        1
+    );
+    assert_eq!(pools.mapped(), 1, "the gone pool's mapping was dropped");
 }
 
 /// What the store refuses to write: blocks not lent under the tag (or taken back), blocks past
