@@ -267,16 +267,7 @@ pub fn serve(
         return out.end(id, 0, 0);
     };
     let sent = (|| {
-        let mut payloads = Vec::with_capacity(lease.blocks.len());
-        for (h, _) in &lease.blocks {
-            match store.read_block(lease.id, *h) {
-                Ok(p) => payloads.push(p),
-                Err(e) => {
-                    tracing::warn!(block = %h, error = %e, "store read failed; the get stops before it");
-                    break;
-                }
-            }
-        }
+        let payloads = store.read_prefix(&lease);
         let reply = GetReply {
             status: GetStatus::Ok,
             tiers: lease.blocks[..payloads.len()].iter().map(|b| b.1).collect(),

@@ -174,7 +174,6 @@ struct Put {
 
 struct ReadLease {
     blocks: Vec<BlockHash>,
-    shape: Shape,
     deadline: Instant,
 }
 
@@ -301,7 +300,6 @@ impl Store {
             id,
             ReadLease {
                 blocks: blocks.iter().map(|b| b.0).collect(),
-                shape,
                 deadline,
             },
         );
@@ -368,10 +366,22 @@ impl Store {
         }
     }
 
-    /// A live lease's blocks and their shape.
-    pub fn leased(&self, lease: LeaseId) -> Option<(Vec<BlockHash>, Shape)> {
-        let ix = self.lock();
-        ix.leases.get(&lease).map(|l| (l.blocks.clone(), l.shape))
+    /// The blocks of `lease` that can be read, in order: a prefix, ended by the first that
+    /// cannot (a damaged disk file: removed, and the reader computes it and those after it).
+    /// Every payload is of the lease's shape.
+    pub fn read_prefix(&self, lease: &Lease) -> Vec<Block> {
+        let mut blocks = Vec::with_capacity(lease.blocks.len());
+        for (h, _) in &lease.blocks {
+            match self.read_block(lease.id, *h) {
+                Ok(b) if b.bytes.len() == lease.shape.bytes() => blocks.push(b),
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(block = %h, error = %e, "store read failed; the read stops before it");
+                    break;
+                }
+            }
+        }
+        blocks
     }
 
     /// Ends a read lease (a lapsed or unknown one is not an error: the blocks are free anyway).

@@ -122,7 +122,7 @@ impl Pools {
 }
 
 /// Copies the longest held prefix of `hashes` (blocks of `shape`) into `to`: leases it, reads
-/// each block (a damaged one ends the prefix there), holds the target blocks through the
+/// it ([`Store::read_prefix`]: a damaged block ends it there), holds the target blocks through the
 /// fence, copies, releases. No block held: nothing copied, no error.
 pub fn fetch_into(
     store: &Store,
@@ -153,17 +153,7 @@ pub fn fetch_into(
         });
     };
     let copied = (|| {
-        let mut payloads = Vec::with_capacity(lease.blocks.len());
-        for (h, _) in &lease.blocks {
-            match store.read_block(lease.id, *h) {
-                Ok(p) if p.bytes.len() == block => payloads.push(p),
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(block = %h, error = %e, "store read failed; the fetch stops before it");
-                    break;
-                }
-            }
-        }
+        let payloads = store.read_prefix(&lease);
         let targets = &to.blocks[..payloads.len()];
         let _hold = Hold::take(&to.path, targets, to.tag)?;
         // Each block whole: its bytes are contiguous on both sides (the store's object and the
