@@ -100,6 +100,11 @@ pub struct RunArgs {
     pub mixed_long_fraction: f64,
     #[arg(long, default_value_t = 2000)]
     pub mixed_long_len: usize,
+    /// Tokens of context unique to each conversation, after its shared prefix: a document or
+    /// a long first message the conversation goes on about (multi-turn; vLLM's multi-turn
+    /// bench calls it the conversation's prefix).
+    #[arg(long, default_value_t = 0)]
+    pub conversation_prefix_len: usize,
     /// Turns per conversation (multi-turn).
     #[arg(long, default_value_t = 5)]
     pub num_turns: usize,

@@ -228,6 +228,12 @@ pub fn build(
             for c in 0..conversations {
                 // The history as one prompt: what a chat template renders, turn after turn.
                 let (mut history, mut len) = prefixes[c % groups].clone();
+                if args.conversation_prefix_len > 0 {
+                    let (own, olen) = src.text(&mut text_rng, args.conversation_prefix_len)?;
+                    history.push('\n');
+                    history.push_str(&own);
+                    len += olen + 1;
+                }
                 for t in 0..turns.min(count - c * turns) {
                     let n = jitter(&mut rng, args.random_input_len, ratio);
                     let (user, ulen) = src.text(&mut text_rng, n)?;

@@ -99,6 +99,7 @@ fn args(base_url: String, tokenizer: std::path::PathBuf, dir: std::path::PathBuf
         tokenizer: Some(tokenizer),
         num_prefix_groups: 2,
         shared_prefix_len: 30,
+        conversation_prefix_len: 0,
         mixed_long_fraction: 0.25,
         mixed_long_len: 50,
         num_turns: 5,
@@ -308,4 +309,46 @@ fn multi_turn_histories_grow_and_the_ideal_reuse_counts_them() {
         bench::dataset::ideal_cached_tokens(&specs, &[3], &t).unwrap(),
         0
     );
+}
+
+/// Multi-turn with a context of each conversation's own: every conversation's first turn is
+/// its shared prefix, then its own context of about the asked length (which no other
+/// conversation shares), then the user turn.
+#[test]
+fn multi_turn_conversations_have_contexts_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = dir.path().join("tok.gguf");
+    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
+    let g = engine::gguf::GgufFile::open(&tok).unwrap();
+    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
+    let mut a = args(String::new(), tok, dir.path().join("x"));
+    a.dataset_name = DatasetName::MultiTurn;
+    a.num_turns = 2;
+    a.num_prefix_groups = 1;
+    a.shared_prefix_len = 32;
+    a.random_input_len = 8;
+    let plain = bench::dataset::build(&a, &src, 6, 5, 5).unwrap();
+    a.conversation_prefix_len = 200;
+    let specs = bench::dataset::build(&a, &src, 6, 5, 5).unwrap();
+    let firsts: Vec<&str> = specs
+        .iter()
+        .filter(|s| s.turn.unwrap().1 == 0)
+        .map(|s| s.prompt.as_str())
+        .collect();
+    assert_eq!(firsts.len(), 3);
+    for (i, p) in firsts.iter().enumerate() {
+        let grew = t.encode(p, false).unwrap().len() as isize
+            - t.encode(&plain[2 * i].prompt, false).unwrap().len() as isize;
+        assert!(
+            (180..=230).contains(&grew),
+            "conversation {i}'s own context is {grew} tokens"
+        );
+    }
+    // The shared prefix is common to all; past it the contexts part at once.
+    let common = |a: &str, b: &str| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let shared = common(firsts[0], firsts[1]);
+    assert!(shared > 0 && shared < firsts[0].len() / 2);
+    assert!(common(firsts[1], firsts[2]) < firsts[1].len() / 2);
 }

@@ -6,7 +6,8 @@
 #   (b) kv:        --router-mode kv, no store
 #   (c) kv+store:  --router-mode kv --kv-store (RAM STORE_MIB, disk tier in a temporary dir)
 # — under `tandem bench --dataset-name multi-turn`: CONVS conversations of TURNS turns, each
-# opening with one of GROUPS shared system prompts of SYS tokens, user turns of USER tokens,
+# opening with one of GROUPS shared system prompts of SYS tokens then a context of its own of
+# CONV_PREFIX tokens (0: none; a document the conversation is about), user turns of USER tokens,
 # answers of OUT_TOKENS, think time THINK s, turns offered at RATE/s. The working set (every
 # conversation's history) is several times what the two decode workers' pools hold. Each
 # set-up's summary has median TTFT, goodput at TTFT <= SLO_TTFT ms / TPOT <= SLO_TPOT ms, and
@@ -17,7 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-1}
 KV_MIB=${KV_MIB:-64} STORE_MIB=${STORE_MIB:-256}
-CONVS=${CONVS:-24} TURNS=${TURNS:-4} GROUPS=${GROUPS:-4} SYS=${SYS:-512} USER=${USER_TOKENS:-96}
+CONVS=${CONVS:-24} TURNS=${TURNS:-4} GROUPS=${GROUPS:-4} SYS=${SYS:-512} CONV_PREFIX=${CONV_PREFIX:-0}
+USER=${USER_TOKENS:-96}
 OUT_TOKENS=${OUT_TOKENS:-32} THINK=${THINK:-2} RATE=${RATE:-0.6}
 SLO_TTFT=${SLO_TTFT:-1000} SLO_TPOT=${SLO_TPOT:-100}
 OUT=bench-results/kv-store
@@ -54,6 +56,7 @@ for round in $(seq 1 "$ROUNDS"); do
     $BIN bench --base-url "http://127.0.0.1:$PORT" --model SmolLM2-135M-Instruct --tokenizer "$MODEL" \
       --quiet --endpoint /v1/completions --dataset-name multi-turn --num-prompts $((CONVS * TURNS)) \
       --num-turns "$TURNS" --num-prefix-groups "$GROUPS" --shared-prefix-len "$SYS" \
+      --conversation-prefix-len "$CONV_PREFIX" \
       --random-input-len "$USER" --random-output-len "$OUT_TOKENS" --think-time "$THINK" \
       --request-rate "$RATE" --seed "$round" --goodput "ttft:$SLO_TTFT tpot:$SLO_TPOT" \
       --label "$NAME" --result-dir "$OUT/$NAME-r$round" >/dev/null
