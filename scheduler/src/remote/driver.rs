@@ -163,7 +163,7 @@ impl Driver<'_> {
             let queue = tracing::info_span!(parent: &self.parent, "queue",
                 x_request_id = %self.request_id, tandem.attempt = attempts as i64);
             let tokens = self.prefill_tokens();
-            let Some(d) = self
+            let Some((d, cached)) = self
                 .remote
                 .decode_worker(&tokens, &self.cancel)
                 .instrument(queue)
@@ -183,6 +183,7 @@ impl Driver<'_> {
                 tandem.attempt = attempts as i64,
                 tandem.decode.worker = %d.addr,
                 tandem.prompt_tokens = self.prompt.len() as i64,
+                tandem.prefill.expected_cached_tokens = cached as i64,
                 tandem.prefill.worker = tracing::field::Empty,
                 tandem.prefill.placement = tracing::field::Empty,
                 tandem.prefill.predicted_ttft_ms = tracing::field::Empty,
@@ -190,7 +191,11 @@ impl Driver<'_> {
             );
             let route = self.route.clone();
             let commit = {
-                match self.prefill_phase(&d).instrument(route.clone()).await {
+                match self
+                    .prefill_phase(&d, cached)
+                    .instrument(route.clone())
+                    .await
+                {
                     Ok(Some((commit, events))) => {
                         let mut finished = false;
                         for ev in events {
@@ -233,14 +238,18 @@ impl Driver<'_> {
     }
 
     /// Reserve on `d`, then prefill on a prefill worker: the commit and the events for the
-    /// client, or `None` when no prefill worker is left.
+    /// client, or `None` when the decode worker prefills (no prefill worker is left, or the
+    /// placement keeps it local — judged on the tokens past the `cached` ones routing expects
+    /// `d` to hold or fetch).
     async fn prefill_phase(
         &mut self,
         d: &Arc<Decode>,
+        cached: usize,
     ) -> Result<Option<(pb::Commit, Vec<WorkerEvent>)>, Fault> {
         let fingerprint = d.stats().fingerprint;
         let shape = PromptShape {
             tokens: self.prompt.len(),
+            cached,
             prompt_logprobs: self.params.prompt_logprobs.is_some(),
         };
         let (place, decision) = self.remote.place_prefill(shape, d, self.params.max_tokens);

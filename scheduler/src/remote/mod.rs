@@ -415,19 +415,21 @@ impl Remote {
     }
 
     /// The decode worker for a prefill of `tokens` — by where their prefix is cached and the
-    /// load ([`kv_route`]), or by load alone — waiting up to the hold time for a healthy one.
+    /// load ([`kv_route`]), or by load alone — waiting up to the hold time for a healthy one;
+    /// with the leading tokens it is expected to hold or fetch from the store (0 when routing
+    /// by load, which knows no caches).
     async fn decode_worker(
         &self,
         tokens: &[TokenId],
         cancel: &CancellationToken,
-    ) -> Option<Arc<Decode>> {
+    ) -> Option<(Arc<Decode>, usize)> {
         let deadline = tokio::time::Instant::now() + self.cfg.hold;
         loop {
             let decode = self.decode_workers();
-            if let Some((i, reason)) = self.route(&decode, tokens) {
+            if let Some((i, reason, cached)) = self.route(&decode, tokens) {
                 metrics::counter!("tandem_route_decisions_total", "reason" => reason.name())
                     .increment(1);
-                return Some(decode[i].clone());
+                return Some((decode[i].clone(), cached));
             }
             if cancel.is_cancelled() || tokio::time::Instant::now() >= deadline {
                 return None;
@@ -439,12 +441,13 @@ impl Remote {
         }
     }
 
-    /// The routing decision among `decode` for a prefill of `tokens`.
+    /// The routing decision among `decode` for a prefill of `tokens`: the worker, why, and the
+    /// leading tokens it holds or can fetch from the store, as the index sees them.
     fn route(
         &self,
         decode: &[Arc<Decode>],
         tokens: &[TokenId],
-    ) -> Option<(usize, kv_route::RouteReason)> {
+    ) -> Option<(usize, kv_route::RouteReason, usize)> {
         let stats: Vec<pb::WorkerStats> = decode.iter().map(|w| w.stats()).collect();
         let loads: Vec<policy::DecodeLoad> = decode
             .iter()
@@ -458,7 +461,7 @@ impl Remote {
             })
             .collect();
         let Some(r) = &self.cfg.kv_routing else {
-            return policy::pick_decode(&loads).map(|i| (i, kv_route::RouteReason::Load));
+            return policy::pick_decode(&loads).map(|i| (i, kv_route::RouteReason::Load, 0));
         };
         // The model's block hashes, salted as its workers salt them.
         let model = stats
@@ -500,7 +503,8 @@ impl Remote {
         } else {
             0.0
         };
-        kv_route::pick(r, &candidates, hashes.len(), &store, draw)
+        let (i, reason) = kv_route::pick(r, &candidates, hashes.len(), &store, draw)?;
+        Some((i, reason, candidates[i].cached_blocks.max(store.len()) * bs))
     }
 
     /// The prefill workers with their loads as routing sees them (`tried`: failed this request).
@@ -571,7 +575,15 @@ impl Remote {
                 tcp: self.cfg.transport == Some(protocol::KvTransport::Tcp),
             }
         });
-        let decision = placement::decide(&cp.cost, cp.slo, prompt.tokens, 0, &view, pview.as_ref());
+        let cached = prompt.cached.min(prompt.tokens);
+        let decision = placement::decide(
+            &cp.cost,
+            cp.slo,
+            prompt.tokens,
+            cached,
+            &view,
+            pview.as_ref(),
+        );
         let place = match (decision.place, best) {
             (placement::Place::Prefill, Some(i)) => policy::PrefillPlace::PrefillWorker(i),
             (_, None) => policy::PrefillPlace::Decode(policy::LocalReason::NoPrefillWorker),

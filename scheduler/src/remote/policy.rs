@@ -94,6 +94,11 @@ pub enum LocalReason {
 pub struct PromptShape {
     /// Positions to prefill.
     pub tokens: usize,
+    /// Of those, the leading ones the chosen decode worker is expected to hold already or to
+    /// fetch from the KV store (routing's view: its block index and the store's): only the
+    /// rest is computed, so only the rest counts against the rules' thresholds (Dynamo's
+    /// conditional disaggregation weighs the prefill length less the prefix hit likewise).
+    pub cached: usize,
     /// Log-probabilities of the prompt's tokens are wanted (`echo` with `logprobs`).
     pub prompt_logprobs: bool,
 }
@@ -106,7 +111,7 @@ impl Disaggregation {
         prefill: &[PrefillLoad],
         fingerprint: u64,
     ) -> PrefillPlace {
-        if prompt.tokens < self.min_tokens {
+        if prompt.tokens.saturating_sub(prompt.cached) < self.min_tokens {
             return PrefillPlace::Decode(LocalReason::Short);
         }
         if prompt.prompt_logprobs {
@@ -139,6 +144,7 @@ mod tests {
     fn shape(tokens: usize) -> PromptShape {
         PromptShape {
             tokens,
+            cached: 0,
             prompt_logprobs: false,
         }
     }
@@ -211,6 +217,19 @@ mod tests {
             rules.place(shape(64), &ws, 1),
             PrefillPlace::PrefillWorker(0)
         );
+        // A long prompt whose prefix the decode worker holds (or fetches) is short to compute.
+        let mostly_cached = |cached| PromptShape {
+            cached,
+            ..shape(1000)
+        };
+        assert_eq!(
+            rules.place(mostly_cached(960), &ws, 1),
+            PrefillPlace::Decode(LocalReason::Short)
+        );
+        assert_eq!(
+            rules.place(mostly_cached(936), &ws, 1),
+            PrefillPlace::PrefillWorker(0)
+        );
         assert_eq!(
             rules.place(shape(64), &ws, 2),
             PrefillPlace::Decode(LocalReason::NoPrefillWorker)
@@ -229,6 +248,7 @@ mod tests {
         );
         let scored = PromptShape {
             tokens: 500,
+            cached: 0,
             prompt_logprobs: true,
         };
         assert_eq!(
