@@ -7,17 +7,13 @@
 //! add up is a miss, and the prompt is computed as if there were no store.
 
 use crate::leases::Leases;
-use engine::kv::{BlockHash, SpillWhen, block_hashes};
+use engine::kv::{BlockHash, SpillWhen};
 use engine::{KvPool, KvSequence, TokenId};
-use kv_store::store::BlockShape;
-use kv_store::store::Tier;
 use kv_store::store::client::{ClientError, StoreClient};
+use kv_store::store::fetch;
 use kv_store::store::pool::PoolTarget;
-use kv_store::tcp::{ConnId, SlabSink, Slot};
-use protocol::LeaseId;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// How a decode worker uses a store.
@@ -43,15 +39,6 @@ const WRITE_BACK_BYTES: usize = 128 << 20;
 /// Blocks per put.
 const PUT_BATCH: usize = 32;
 
-/// A block's shape in the store for this pool.
-pub fn shape(pool: &KvPool) -> BlockShape {
-    let l = pool.layout();
-    BlockShape {
-        slab_bytes: (2 * l.plane_bytes()) as u32,
-        slabs: l.n_layers as u32,
-    }
-}
-
 /// Connects `pool`'s cached blocks to the store: each block the pool lets go of (evicted, or
 /// with write-through released) is copied and queued; a task writes them in batches.
 pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHandle<()> {
@@ -74,7 +61,7 @@ pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHand
             }
         }),
     );
-    let (client, shape) = (store.client.clone(), shape(pool));
+    let (client, shape) = (store.client.clone(), fetch::shape(pool));
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(PUT_BATCH);
         while rx.recv_many(&mut batch, PUT_BATCH).await > 0 {
@@ -94,56 +81,13 @@ pub fn write_back(store: &StoreUse, pool: &Arc<KvPool>) -> tokio::task::JoinHand
     })
 }
 
-/// The blocks of a sequence a fetch writes: the `n` blocks from block `first` on.
-struct FetchInto {
-    seq: Mutex<KvSequence>,
-    first: usize,
-    n: usize,
-}
-
-// SAFETY: the slots are blocks of the sequence this sink owns (past its shared prefix:
-// `slab_mut_ptr` refuses the others), reserved and not yet lent to anyone: nothing else reads
-// or writes them until the fetch returns and the sequence is taken back out of the sink, and
-// the sink (holding the sequence, so its blocks) outlives the transfer.
-unsafe impl SlabSink for FetchInto {
-    fn slots(
-        &self,
-        _: ConnId,
-        _: LeaseId,
-        layer: u32,
-        blocks: &[u32],
-        len: usize,
-        out: &mut Vec<Option<Slot>>,
-    ) {
-        let mut seq = self.seq.lock().expect("fetch sequence poisoned");
-        let ok_len = len == seq.slab_bytes();
-        for &b in blocks {
-            let slot = (ok_len && (b as usize) < self.n)
-                .then(|| {
-                    seq.slab_mut_ptr(self.first + b as usize, layer as usize)
-                        .ok()
-                })
-                .flatten()
-                .map(|ptr| Slot { ptr, len });
-            out.push(slot);
-        }
-    }
-    fn end(&self, _: ConnId, _: LeaseId, _: u32, _: u64) {}
-    fn abort(&self, _: ConnId, _: LeaseId) {}
-}
-
-/// How long a fetch may take in all before the prompt is computed instead. (On a multi-thread
-/// runtime the client blocks its thread in place for the transfer, so the data plane's stall
-/// timeout — `kv_store::store::client::FETCH_STALL`, per read — bounds it instead.)
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Fetches into `seq` (its first `cached` positions from this worker's prefix cache, blocks
 /// reserved for all of `tokens`) the blocks after those that the store holds, up to the last
 /// full block before the final token (whose logits the prefill must compute): copied by the
 /// store straight into the pool when it runs on this host and the pool is shared, over the
-/// TCP data plane otherwise. Returns the sequence — its fetched blocks filled, checked and
-/// published to the prefix cache — and the positions now cached. (An error only when a fetch
-/// outlived its timeout and no blocks are left for a fresh sequence.)
+/// TCP data plane otherwise ([`fetch::over_tcp`]). Returns the sequence — its fetched blocks
+/// filled, checked and published to the prefix cache — and the positions now cached. (An
+/// error only when a fetch outlived its timeout and no blocks are left for a fresh sequence.)
 pub async fn fetch_prefix(
     store: &StoreUse,
     leases: &Leases,
@@ -153,87 +97,30 @@ pub async fn fetch_prefix(
 ) -> Result<(KvSequence, usize), engine::EngineError> {
     let pool = seq.pool().clone();
     let bs = pool.layout().block_size;
-    let usable = tokens.len().saturating_sub(1) / bs;
+    let hashes = fetch::usable_hashes(&pool, tokens);
     let first = cached / bs;
-    if usable <= first {
+    if hashes.len() <= first {
         return Ok((seq, cached));
     }
-    let hashes: Vec<BlockHash> = block_hashes(pool.hash_salt(), &tokens[..usable * bs], bs);
     let hashes = &hashes[first..];
-    let mut seq = Some(seq);
-    let mut got = None;
-    if pool.shared_path().is_some() && store.client.shm_usable() {
-        match into_pool(
-            store,
-            leases,
-            seq.take().expect("the sequence"),
-            first..usable,
-            hashes,
-        )
-        .await
-        {
-            InPool::Skipped(s) => seq = Some(s), // over TCP below
-            InPool::Done(s, g) => {
-                seq = Some(s);
-                got = Some(g);
-            }
+    // Copied in place by the store when it can reach the pool; else (or refused) over TCP.
+    let in_pool = if pool.shared_path().is_some() && store.client.shm_usable() {
+        match into_pool(store, leases, seq, first..first + hashes.len(), hashes).await {
+            InPool::Done(s, got) => Ok((s, got)),
+            InPool::Skipped(s) => Err(s),
             InPool::StillWriting => return fresh(&pool, tokens),
         }
-    }
-    let got = match got {
-        Some(g) => g,
-        None => {
-            let sink = Arc::new(FetchInto {
-                seq: Mutex::new(seq.take().expect("the sequence")),
-                first,
-                n: usable - first,
-            });
-            let got = tokio::time::timeout(
-                FETCH_TIMEOUT,
-                store.client.fetch(hashes, shape(&pool), sink.clone()),
-            )
-            .await
-            .unwrap_or(Err(ClientError::Timeout));
-            // The transfer is over (or abandoned: a timed-out blocking fetch keeps its own
-            // reference to the sink, and with it the sequence, until it stops).
-            match Arc::try_unwrap(sink) {
-                Ok(s) => seq = Some(s.seq.into_inner().expect("fetch sequence poisoned")),
-                Err(_) => return fresh(&pool, tokens),
-            }
-            got
-        }
+    } else {
+        Err(seq)
     };
-    let mut seq = seq.expect("the sequence");
-    let fetched = match got {
-        Ok((tiers, crcs)) if !tiers.is_empty() => {
-            // Each block's CRC as the store took it, over what landed (either transport).
-            let n = crcs.len();
-            let ok = kv_store::block_crcs(&seq, first..first + n) == crcs;
-            if !ok {
-                metrics::counter!("tandem_kv_checksum_failures_total").increment(1);
-                tracing::warn!("blocks fetched from the store fail their checksum; computing them");
-                0
-            } else {
-                for t in &tiers[..n] {
-                    metrics::counter!("tandem_kv_store_fetched_blocks_total", "tier" => t.name())
-                        .increment(1);
-                }
-                n
-            }
-        }
-        Ok(_) => 0,
-        Err(e) => {
-            metrics::counter!("tandem_kv_store_fetch_failed_total").increment(1);
-            tracing::debug!(error = %e, "store fetch failed; computing the prompt");
-            0
-        }
+    let (mut seq, got) = match in_pool {
+        Ok(done) => done,
+        Err(s) => match fetch::over_tcp(&store.client, s, first, hashes).await {
+            fetch::Fetched::Landed(s, got) => (s, got),
+            fetch::Fetched::Abandoned => return fresh(&pool, tokens),
+        },
     };
-    if fetched == 0 {
-        return Ok((seq, cached));
-    }
-    let now = (first + fetched) * bs;
-    seq.set_filled(now);
-    seq.publish_prefix(&tokens[..now]);
+    let now = fetch::adopt(&mut seq, tokens, first, got).unwrap_or(cached);
     Ok((seq, now))
 }
 
@@ -242,7 +129,7 @@ enum InPool {
     /// Not made, or the store cannot reach this pool: fetch over TCP.
     Skipped(KvSequence),
     /// Made: the sequence (its blocks taken back from the store) and the outcome.
-    Done(KvSequence, Result<(Vec<Tier>, Vec<u32>), ClientError>),
+    Done(KvSequence, fetch::Got),
     /// Timed out with the store still inside the blocks: they stay quarantined.
     StillWriting,
 }
@@ -282,8 +169,8 @@ async fn into_pool(
         tag,
     };
     let got = tokio::time::timeout(
-        FETCH_TIMEOUT,
-        store.client.fetch_into(hashes, shape(&pool), &to),
+        fetch::FETCH_TIMEOUT,
+        store.client.fetch_into(hashes, fetch::shape(&pool), &to),
     )
     .await
     .unwrap_or(Err(ClientError::Timeout));

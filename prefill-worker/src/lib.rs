@@ -100,6 +100,10 @@ pub struct PrefillConfig {
     /// The page through which this worker tells a decode worker on the same host that it is
     /// computing, so that it paces its steps and leaves cores free (`protocol::cores`).
     pub arbiter: Option<Arc<protocol::cores::CoreArbiter>>,
+    /// The pooled KV store (`tandem kv-store`): before a prompt computes in this worker's own
+    /// pool (KV going to a decode worker over TCP), the prefix the store holds beyond the
+    /// pool's prefix cache is fetched instead of computed.
+    pub store: Option<kv_store::store::client::StoreClient>,
 }
 
 /// Default of [`PrefillConfig::max_batch_tokens`].
@@ -114,6 +118,7 @@ impl Default for PrefillConfig {
             max_waiting: DEFAULT_MAX_WAITING,
             secret: None,
             arbiter: None,
+            store: None,
         }
     }
 }

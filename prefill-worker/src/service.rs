@@ -4,6 +4,7 @@ use crate::target::Transport;
 use crate::{PrefillConfig, PrefillHandle, PrefillJob, SubmitError};
 use engine::Engine;
 use engine::request::{CancellationToken, GenerationParams, RequestId, WorkerError};
+use kv_store::store::client::StoreClient;
 use protocol::pb;
 use protocol::pb::prefill_worker_server::{PrefillWorker, PrefillWorkerServer};
 use std::collections::HashMap;
@@ -20,6 +21,8 @@ pub struct PrefillService {
     cancels: Arc<Mutex<HashMap<u64, CancellationToken>>>,
     /// Verifies the grants (`None`: a loopback-only cluster's unkeyed ones).
     secret: Option<protocol::auth::ClusterSecret>,
+    /// The pooled KV store, when there is one.
+    store: Option<StoreClient>,
 }
 
 impl PrefillService {
@@ -33,7 +36,14 @@ impl PrefillService {
             handle,
             cancels: Arc::default(),
             secret,
+            store: None,
         }
+    }
+
+    /// Fetches prompts' prefixes from `store` before computing them in this worker's pool.
+    pub fn with_store(mut self, store: Option<StoreClient>) -> PrefillService {
+        self.store = store;
+        self
     }
 
     pub fn into_server(self) -> PrefillWorkerServer<PrefillService> {
@@ -82,6 +92,17 @@ impl PrefillService {
         let bs = self.engine.kv.layout().block_size;
         crate::target::check_target(&target, positions, bs, transport, self.secret.as_ref())
             .map_err(|e| Status::invalid_argument(format!("bad KV target: {e}")))?;
+        if let Some(store) = &self.store
+            && params.prompt_logprobs.is_none()
+            && crate::target::computes_locally(&target, transport)
+        {
+            // Into this pool's prefix cache, where the prefill attaches it.
+            let mut tokens = r.prompt.clone();
+            tokens.extend_from_slice(&r.generated[..r.generated.len().saturating_sub(1)]);
+            let cached =
+                kv_store::store::fetch::warm_over_tcp(store, &self.engine.kv, &tokens).await;
+            span.record("tandem.kv.store_prefix_tokens", cached as i64);
+        }
         let flag = CancellationToken::default();
         self.cancels
             .lock()
@@ -169,6 +190,7 @@ impl PrefillWorker for PrefillService {
             gen_ai.usage.input_tokens = req.get_ref().prompt.len() as i64,
             tandem.cached_tokens = tracing::field::Empty,
             tandem.kv.transport = tracing::field::Empty,
+            tandem.kv.store_prefix_tokens = tracing::field::Empty,
         );
         protocol::trace::continue_from(&span, req.metadata());
         self.prefill_call(req, request_id, span.clone())
@@ -214,11 +236,15 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let secret = cfg.secret.clone();
+    let (secret, store) = (cfg.secret.clone(), cfg.store.clone());
     let (handle, thread) = crate::spawn(engine.clone(), cfg);
     tracing::info!(grpc = %listener.local_addr()?, authenticated = secret.is_some(), "prefill worker serving");
     let server = tonic::transport::Server::builder()
-        .add_service(PrefillService::new(engine, handle, secret.clone()).into_server())
+        .add_service(
+            PrefillService::new(engine, handle, secret.clone())
+                .with_store(store)
+                .into_server(),
+        )
         .serve_with_incoming_shutdown(
             protocol::net::incoming(listener, secret, protocol::net::DEFAULT_MAX_CONNECTIONS),
             shutdown,

@@ -170,6 +170,15 @@ pub struct Sealed {
     pub cached: usize,
 }
 
+/// Whether a job's KV will be computed in this worker's own pool and sent over TCP (as
+/// [`Targets::prepare`] decides, before it tries to map the decode worker's pool).
+pub fn computes_locally(t: &pb::KvTarget, transport: Option<Transport>) -> bool {
+    match transport {
+        Some(tr) => tr == Transport::Tcp,
+        None => t.host_id != kv_store::shm::host_id() || t.shm_path.is_empty(),
+    }
+}
+
 impl Targets {
     pub fn new(engine: Arc<Engine>, secret: Option<ClusterSecret>) -> Targets {
         Targets {

@@ -270,7 +270,10 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     args.experts
         .attach(&mut engine, &path, args.model.precision, secret.as_ref())?;
     let engine = Arc::new(engine);
-    let cfg = args.prefill_config(secret)?;
+    let cfg = {
+        let _on = rt.enter();
+        args.prefill_config(secret)?
+    };
     let fingerprint = engine.frontend.fingerprint;
     rt.block_on(async {
         let (listener, addr) = args.discovery.bind(&args.listen).await?;

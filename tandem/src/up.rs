@@ -319,6 +319,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
             max_prefill_tokens: prefill_worker::DEFAULT_MAX_BATCH_TOKENS,
             max_prefill_waiting: prefill_worker::DEFAULT_MAX_WAITING,
             status_listen: None,
+            kv_store_addr: store.kv_store_addr.clone(),
             cluster: cluster.clone(),
             discovery: no_discovery.clone(),
             sharing: sharing(false),

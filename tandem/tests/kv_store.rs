@@ -2,7 +2,8 @@
 //! its prefix cache (killed with SIGKILL, restarted) gets a prompt's prefix back from the
 //! store — from its RAM tier and from its disk tier — and the tokens and log-probabilities
 //! are bit-identical to the first run, which computed everything; with a prefill worker the
-//! fetch lands in the blocks reserved for the transfer instead, with the same result.
+//! fetch lands in the blocks reserved for the transfer instead, with the same result; over TCP
+//! the prefill worker fetches the prefix into its own pool, with the same result again.
 
 mod common;
 
@@ -154,7 +155,7 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
     }
     // Disaggregated: the decode worker fetches into the blocks it reserves for the prefill
     // worker, which reads them in place and computes only the rest.
-    let (pp, http2) = (free_port(), free_port());
+    let (pp, http2, pstatus) = (free_port(), free_port(), free_port());
     let _prefill = spawn(
         &[
             "prefill",
@@ -162,6 +163,10 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
             &format!("127.0.0.1:{pp}"),
             "--kv-cache-mib",
             "64",
+            "--kv-store-addr",
+            &format!("127.0.0.1:{sp}"),
+            "--status-listen",
+            &format!("127.0.0.1:{pstatus}"),
         ],
         true,
     );
@@ -188,6 +193,42 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
     assert_eq!(
         again, first,
         "disaggregated: tokens or log-probabilities changed"
+    );
+    // Over TCP (as when the decode worker is on another host) the prefill worker computes in
+    // its own pool: it takes the prefix from the store too, and computes only the rest.
+    let http3 = free_port();
+    let _sched3 = spawn(
+        &[
+            "scheduler",
+            "--port",
+            &http3.to_string(),
+            "--decode",
+            &format!("127.0.0.1:{dp}"),
+            "--prefill",
+            &format!("127.0.0.1:{pp}"),
+            "--disagg-min-tokens",
+            "1",
+            "--kv-transport",
+            "tcp",
+        ],
+        true,
+    );
+    let api3 = format!("http://127.0.0.1:{http3}");
+    until(&format!("{api3}/health"), "healthy", |c, _| c == 200).await;
+    let (again, _) = complete(&api3, &prompt).await;
+    assert_eq!(
+        again, first,
+        "over TCP: tokens or log-probabilities changed"
+    );
+    let page = until(
+        &format!("http://127.0.0.1:{pstatus}/metrics"),
+        "the prefill worker's metrics",
+        |c, _| c == 200,
+    )
+    .await;
+    assert!(
+        metric(&page, "tandem_kv_store_fetched_blocks_total", "tier=") >= 20.0,
+        "the prefill worker fetched nothing from the store:\n{page}"
     );
 
     let page = until(&format!("{store_status}/metrics"), "metrics", |c, _| {

@@ -72,6 +72,14 @@ fn tier(t: i32) -> Option<Tier> {
     }
 }
 
+impl std::fmt::Debug for StoreClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreClient")
+            .field("authenticated", &self.secret.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl StoreClient {
     /// A client of the store whose gRPC service is at `addr` (connects lazily).
     pub fn new(addr: &str, secret: Option<ClusterSecret>) -> Result<StoreClient, String> {

@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod disk;
+pub mod fetch;
 pub mod get;
 mod index;
 pub mod pool;

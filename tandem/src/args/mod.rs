@@ -324,6 +324,9 @@ pub struct PrefillArgs {
     /// Serve /live, /health (ready) and /metrics over plain HTTP on this address (probes and Prometheus; off by default).
     #[arg(long, env = "TANDEM_STATUS_LISTEN")]
     pub status_listen: Option<String>,
+    /// The pooled KV store's gRPC address (`tandem kv-store`): a prompt computed in this worker's own pool (its KV going to a decode worker on another host, over TCP) takes the prefix the store holds instead of computing it.
+    #[arg(long, env = "TANDEM_KV_STORE_ADDR")]
+    pub kv_store_addr: Option<String>,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -352,11 +355,20 @@ impl PrefillArgs {
             )),
             None => None,
         };
+        // (Within a runtime: the store's channel is made on it.)
+        let store = match &self.kv_store_addr {
+            Some(addr) => Some(
+                kv_store::store::client::StoreClient::new(addr, secret.clone())
+                    .map_err(|e| anyhow::anyhow!("--kv-store-addr: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(prefill_worker::PrefillConfig {
             max_batch_tokens: self.max_prefill_tokens.max(1),
             max_waiting: self.max_prefill_waiting.max(1),
             secret,
             arbiter,
+            store,
         })
     }
 
@@ -367,6 +379,7 @@ impl PrefillArgs {
         flag(&mut a, "max-prefill-tokens", self.max_prefill_tokens);
         flag(&mut a, "max-prefill-waiting", self.max_prefill_waiting);
         opt(&mut a, "status-listen", self.status_listen.as_ref());
+        opt(&mut a, "kv-store-addr", self.kv_store_addr.as_ref());
         a.extend(self.cluster.to_args());
         a.extend(self.discovery.to_args());
         a.extend(self.sharing.to_args());

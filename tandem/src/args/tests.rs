@@ -99,6 +99,7 @@ fn child_command_lines_parse_back_to_their_values() {
         max_prefill_tokens: 300,
         max_prefill_waiting: 3,
         status_listen: Some("[::]:9091".into()),
+        kv_store_addr: Some("10.0.0.9:50071".into()),
         cluster: ClusterArgs {
             cluster_secret_file: Some("/s".into()),
         },
