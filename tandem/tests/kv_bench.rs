@@ -89,6 +89,7 @@ fn store_bench_reads_every_path_and_reports_its_ratios() {
     let (_, json) = run(&["kv", "store-bench", "--mib", "2", "--rounds", "2"]);
     for ratio in [
         "store_ram_vs_socket",
+        "store_ram_vs_socket_mem",
         "store_shm_vs_memcpy",
         "store_disk_vs_read",
         "disk_tier_vs_read_local",

@@ -162,8 +162,8 @@ pub fn run(
     });
     let receiver = KvReceiver::bind("127.0.0.1:0", sink.clone(), None, Default::default())?;
     let mut sender = KvSender::connect(&receiver.local_addr().to_string(), None)?;
-    let (raw_addr, raw_reader) = spawn_raw_reader(false)?;
-    let (wait_addr, wait_reader) = spawn_raw_reader(true)?;
+    let (raw_addr, raw_reader) = spawn_raw_reader(false, 0)?;
+    let (wait_addr, wait_reader) = spawn_raw_reader(true, 0)?;
     if pinned {
         pin(&[0])?;
     }
@@ -385,9 +385,11 @@ pub fn run(
 /// bytes, read 256 KiB at a time into one buffer (which stays in cache: what the socket can
 /// do at all), with plain reads or, `wait`, reads that wait for all 256 KiB (`MSG_WAITALL`,
 /// as the data plane's receiver reads; which is faster depends on the host's load);
-/// acknowledged with one byte.
+/// acknowledged with one byte. With `into` bytes (0: none), reads go one after another
+/// through a buffer that large instead (a round as large lands in memory, as a fetch's does).
 pub(crate) fn spawn_raw_reader(
     wait: bool,
+    into: usize,
 ) -> std::io::Result<(
     std::net::SocketAddr,
     std::thread::JoinHandle<std::io::Result<()>>,
@@ -397,21 +399,26 @@ pub(crate) fn spawn_raw_reader(
     let reader = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut c, _) = listener.accept()?;
         c.set_nodelay(true)?;
-        let mut buf = vec![0u8; 256 << 10];
+        let step = 256 << 10;
+        let mut buf = vec![0u8; into.max(step)];
         loop {
             let mut len = [0u8; 8];
             if c.read_exact(&mut len).is_err() {
                 return Ok(());
             }
-            let mut left = u64::from_le_bytes(len) as usize;
+            let (mut left, mut at) = (u64::from_le_bytes(len) as usize, 0);
             while left > 0 {
-                let n = left.min(buf.len());
+                let n = left.min(step);
+                if at + n > buf.len() {
+                    at = 0;
+                }
                 if wait {
-                    kv_store::tcp::recv_exact_waitall(&c, &mut buf[..n])?;
+                    kv_store::tcp::recv_exact_waitall(&c, &mut buf[at..at + n])?;
                 } else {
-                    c.read_exact(&mut buf[..n])?;
+                    c.read_exact(&mut buf[at..at + n])?;
                 }
                 left -= n;
+                at = if into > 0 { at + n } else { 0 };
             }
             c.write_all(&[1])?;
         }
@@ -431,6 +438,22 @@ pub(crate) fn raw_round(
         let n = left.min(chunk.len());
         raw.write_all(&chunk[..n])?;
         left -= n;
+    }
+    let mut ack = [0u8; 1];
+    raw.read_exact(&mut ack)?;
+    Ok(())
+}
+
+/// One raw-socket round of `parts`, each written whole and in order (bytes in memory, not a
+/// buffer in cache), then the reader's ack.
+pub(crate) fn raw_round_parts(
+    raw: &mut std::net::TcpStream,
+    parts: &[impl AsRef<[u8]>],
+) -> anyhow::Result<()> {
+    let bytes: usize = parts.iter().map(|p| p.as_ref().len()).sum();
+    raw.write_all(&(bytes as u64).to_le_bytes())?;
+    for p in parts {
+        raw.write_all(p.as_ref())?;
     }
     let mut ack = [0u8; 1];
     raw.read_exact(&mut ack)?;

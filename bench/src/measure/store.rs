@@ -6,7 +6,9 @@
 //!   prompt's blocks; a fetch as a decode worker makes it — one get frame, the got frame, the
 //!   slabs written by the kernel straight into a sequence's blocks — against the raw loopback
 //!   socket of `tandem kv bench` (1 MiB writes into a 256 KiB buffer that stays in cache: the
-//!   socket's peak, with none of the fetch's reads and writes of memory).
+//!   socket's peak, with none of the fetch's reads and writes of memory), and against the same
+//!   socket moving the same blocks from memory into a buffer as large (the socket doing the
+//!   fetch's memory traffic, without its frames and its scatter into blocks).
 //! - **RAM tier over shared memory**: the same store copying the blocks straight into a
 //!   decode worker's shared pool as a worker fetches (blocks lent through the pool's fence,
 //!   the get into the pool — lease, each block copied whole, release — and the blocks taken
@@ -18,7 +20,7 @@
 //!   not flatter the store). Both from the page cache: the files were just written; a cold
 //!   disk is slower for both.
 
-use super::kv::{Series, raw_round, spawn_raw_reader};
+use super::kv::{Series, raw_round, raw_round_parts, spawn_raw_reader};
 use anyhow::Context;
 use engine::config::LlamaConfig;
 use engine::kv::{KvDtype, KvLayout};
@@ -227,9 +229,14 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         }
         std::hint::black_box(&private);
     };
-    let (raw_addr, raw_reader) = spawn_raw_reader(false)?;
+    let (raw_addr, raw_reader) = spawn_raw_reader(false, 0)?;
     let mut raw = std::net::TcpStream::connect(raw_addr)?;
     raw.set_nodelay(true)?;
+    // The same blocks' bytes from memory into memory as large: the socket doing a fetch's
+    // work without its frames and scatter.
+    let (mem_addr, mem_reader) = spawn_raw_reader(false, bytes)?;
+    let mut raw_mem = std::net::TcpStream::connect(mem_addr)?;
+    raw_mem.set_nodelay(true)?;
     let chunk = vec![7u8; 1 << 20];
     let fetch = |c: &StoreClient| -> anyhow::Result<()> {
         let (tiers, _) = rt.block_on(c.fetch(&hashes, shape, into.clone()))?;
@@ -241,10 +248,13 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         // Rotating order: whichever transfer comes first in a round measures slower.
         m.try_time("disk_tier", bytes, read_local)?;
         m.try_time("read_local", bytes, || read_all(&local_files))?;
-        for i in 0..6 {
-            match (round + i) % 6 {
+        for i in 0..7 {
+            match (round + i) % 7 {
                 0 => m.try_time("store_ram", bytes, || fetch(&ram))?,
                 1 => m.try_time("socket", bytes, || raw_round(&mut raw, &chunk, bytes))?,
+                5 => m.try_time("socket_mem", bytes, || {
+                    raw_round_parts(&mut raw_mem, &payloads)
+                })?,
                 2 => m.try_time("store_disk", files.len() * shape.bytes(), || {
                     fetch(&on_disk)
                 })?,
@@ -266,8 +276,8 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         }
     }
     drop(fence);
-    drop(raw);
-    let _ = raw_reader.join();
+    drop((raw, raw_mem));
+    let _ = (raw_reader.join(), mem_reader.join());
     let _ = std::fs::remove_dir_all(&disk);
     println!(
         "| read | GB/s | baseline | baseline GB/s | ratio: median of {} rounds' ratios | best / best |",
@@ -281,6 +291,12 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
             "store, RAM tier, over TCP into a sequence's blocks",
             "socket",
             "raw loopback socket",
+        ),
+        (
+            "store_ram",
+            "store, RAM tier, over TCP into a sequence's blocks",
+            "socket_mem",
+            "raw loopback socket, the same blocks from memory into memory",
         ),
         (
             "store_shm",
