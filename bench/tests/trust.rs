@@ -258,20 +258,32 @@ fn sweep_runs_share_the_mix_but_not_the_text_and_lengths_are_exact() {
     );
 }
 
+/// A tiny model's tokenizer, text cut from it, and multi-turn arguments over it (in `dir`).
+fn multi_turn(
+    dir: &std::path::Path,
+) -> (
+    std::sync::Arc<engine::Tokenizer>,
+    bench::dataset::TextSource,
+    RunArgs,
+) {
+    let tok = dir.join("tok.gguf");
+    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
+    let g = engine::gguf::GgufFile::open(&tok).unwrap();
+    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
+    let mut a = args(String::new(), tok, dir.join("x"));
+    a.dataset_name = DatasetName::MultiTurn;
+    (t, src, a)
+}
+
 /// Multi-turn: each turn's prompt extends the one before it (the history grows, so the next
 /// turn can reuse the last one's cached prefix), conversations open with shared system
 /// prompts, and the ideal hit rate counts exactly those reuses.
 #[test]
 fn multi_turn_histories_grow_and_the_ideal_reuse_counts_them() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = dir.path().join("tok.gguf");
-    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
-    let g = engine::gguf::GgufFile::open(&tok).unwrap();
-    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
-    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
-    let mut a = args(String::new(), tok, dir.path().join("x"));
-    a.dataset_name = DatasetName::MultiTurn;
+    let (t, src, mut a) = multi_turn(dir.path());
     a.num_turns = 4;
     a.num_prefix_groups = 2;
     a.shared_prefix_len = 48;
@@ -317,14 +329,7 @@ fn multi_turn_histories_grow_and_the_ideal_reuse_counts_them() {
 #[test]
 fn multi_turn_conversations_have_contexts_of_their_own() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = dir.path().join("tok.gguf");
-    engine::synthetic::write(&engine::synthetic::TinySpec::default(), &tok).unwrap();
-    let g = engine::gguf::GgufFile::open(&tok).unwrap();
-    let t = std::sync::Arc::new(engine::Tokenizer::from_metadata(&g).unwrap());
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
-    let src = bench::dataset::TextSource::new(t.clone(), &mut rng).unwrap();
-    let mut a = args(String::new(), tok, dir.path().join("x"));
-    a.dataset_name = DatasetName::MultiTurn;
+    let (t, src, mut a) = multi_turn(dir.path());
     a.num_turns = 2;
     a.num_prefix_groups = 1;
     a.shared_prefix_len = 32;

@@ -28,11 +28,10 @@ use engine::{KvPool, KvSequence};
 use frontend::block::BlockHash;
 use kv_store::shm::fence::Fence;
 use kv_store::store::client::StoreClient;
+use kv_store::store::fetch::SequenceSink;
 use kv_store::store::pool::PoolTarget;
 use kv_store::store::{BlockShape, Limits, Store};
-use kv_store::tcp::{ConnId, SlabSink, Slot};
-use protocol::LeaseId;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct StoreBenchArgs {
@@ -44,31 +43,6 @@ pub struct StoreBenchArgs {
     /// The model whose KV geometry is moved (default: the default model).
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
-}
-
-/// Fetched slabs land in a sequence's blocks, as in a decode worker.
-struct Into(Mutex<KvSequence>);
-
-// SAFETY: the slots are blocks this sequence holds alone (`slab_mut_ptr` refuses others); the
-// sink (and the sequence) outlive every fetch of the bench, which runs one at a time.
-unsafe impl SlabSink for Into {
-    fn slots(
-        &self,
-        _: ConnId,
-        _: LeaseId,
-        layer: u32,
-        blocks: &[u32],
-        len: usize,
-        out: &mut Vec<Option<Slot>>,
-    ) {
-        let mut s = self.0.lock().expect("bench sequence");
-        for &b in blocks {
-            let ptr = s.slab_mut_ptr(b as usize, layer as usize).ok();
-            out.push(ptr.map(|ptr| Slot { ptr, len }));
-        }
-    }
-    fn end(&self, _: ConnId, _: LeaseId, _: u32, _: u64) {}
-    fn abort(&self, _: ConnId, _: LeaseId) {}
 }
 
 /// A store serving on loopback until the runtime drops.
@@ -194,7 +168,8 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
     let pool = KvPool::new(l, n);
     let mut seq = KvSequence::new(pool);
     seq.reserve(n * l.block_size)?;
-    let into = Arc::new(Into(Mutex::new(seq)));
+    // Fetched slabs land in a sequence's blocks, as in a worker.
+    let into = Arc::new(SequenceSink::new(seq, 0, n));
     // A decode worker's shared pool and its fence, the fetch's blocks lent to the store.
     let pool_path = kv_store::shm::pool_path(&kv_store::shm::dir());
     let shared = KvPool::new_shared(l, n, &pool_path)?;
@@ -265,7 +240,7 @@ pub fn run(args: &StoreBenchArgs, model: &LlamaConfig) -> anyhow::Result<()> {
         }
     }
     // What landed is what was put, over TCP and over shared memory.
-    let seq = into.0.lock().expect("bench sequence");
+    let seq = into.sequence();
     for (b, p) in payloads.iter().enumerate() {
         for layer in 0..l.n_layers {
             let want = &p[layer * shape.slab_bytes as usize..][..shape.slab_bytes as usize];

@@ -43,18 +43,38 @@ pub enum Fetched {
     Abandoned,
 }
 
-/// The blocks of a sequence a fetch writes: the `n` blocks from block `first` on.
-struct FetchInto {
+/// Where a read over the data plane lands: the `n` blocks of a sequence from block `first` on,
+/// slab by slab as the receiver asks (block indices in the transfer count from `first`).
+pub struct SequenceSink {
     seq: Mutex<KvSequence>,
     first: usize,
     n: usize,
+}
+
+impl SequenceSink {
+    pub fn new(seq: KvSequence, first: usize, n: usize) -> SequenceSink {
+        SequenceSink {
+            seq: Mutex::new(seq),
+            first,
+            n,
+        }
+    }
+
+    /// The sequence, between transfers.
+    pub fn sequence(&self) -> std::sync::MutexGuard<'_, KvSequence> {
+        self.seq.lock().expect("fetch sequence poisoned")
+    }
+
+    pub fn into_sequence(self) -> KvSequence {
+        self.seq.into_inner().expect("fetch sequence poisoned")
+    }
 }
 
 // SAFETY: the slots are blocks of the sequence this sink owns (past its shared prefix:
 // `slab_mut_ptr` refuses the others), reserved and not yet lent to anyone: nothing else reads
 // or writes them until the fetch returns and the sequence is taken back out of the sink, and
 // the sink (holding the sequence, so its blocks) outlives the transfer.
-unsafe impl SlabSink for FetchInto {
+unsafe impl SlabSink for SequenceSink {
     fn slots(
         &self,
         _: ConnId,
@@ -64,7 +84,7 @@ unsafe impl SlabSink for FetchInto {
         len: usize,
         out: &mut Vec<Option<Slot>>,
     ) {
-        let mut seq = self.seq.lock().expect("fetch sequence poisoned");
+        let mut seq = self.sequence();
         let ok_len = len == seq.slab_bytes();
         for &b in blocks {
             let slot = (ok_len && (b as usize) < self.n)
@@ -90,18 +110,14 @@ pub async fn over_tcp(
     hashes: &[BlockHash],
 ) -> Fetched {
     let shape = shape(seq.pool());
-    let sink = Arc::new(FetchInto {
-        seq: Mutex::new(seq),
-        first,
-        n: hashes.len(),
-    });
+    let sink = Arc::new(SequenceSink::new(seq, first, hashes.len()));
     let got = tokio::time::timeout(FETCH_TIMEOUT, client.fetch(hashes, shape, sink.clone()))
         .await
         .unwrap_or(Err(ClientError::Timeout));
     // The transfer is over (or abandoned: a timed-out blocking fetch keeps its own reference
     // to the sink, and with it the sequence, until it stops).
     match Arc::try_unwrap(sink) {
-        Ok(s) => Fetched::Landed(s.seq.into_inner().expect("fetch sequence poisoned"), got),
+        Ok(s) => Fetched::Landed(s.into_sequence(), got),
         Err(_) => Fetched::Abandoned,
     }
 }
