@@ -23,6 +23,8 @@ pub struct PrefillService {
     secret: Option<protocol::auth::ClusterSecret>,
     /// The pooled KV store, when there is one.
     store: Option<StoreClient>,
+    /// This host's id (`kv_store::shm::host_id`): whether a target's pool is here.
+    host_id: String,
 }
 
 impl PrefillService {
@@ -37,6 +39,7 @@ impl PrefillService {
             cancels: Arc::default(),
             secret,
             store: None,
+            host_id: kv_store::shm::host_id(),
         }
     }
 
@@ -92,17 +95,6 @@ impl PrefillService {
         let bs = self.engine.kv.layout().block_size;
         crate::target::check_target(&target, positions, bs, transport, self.secret.as_ref())
             .map_err(|e| Status::invalid_argument(format!("bad KV target: {e}")))?;
-        if let Some(store) = &self.store
-            && params.prompt_logprobs.is_none()
-            && crate::target::computes_locally(&target, transport)
-        {
-            // Into this pool's prefix cache, where the prefill attaches it.
-            let mut tokens = r.prompt.clone();
-            tokens.extend_from_slice(&r.generated[..r.generated.len().saturating_sub(1)]);
-            let cached =
-                kv_store::store::fetch::warm_over_tcp(store, &self.engine.kv, &tokens).await;
-            span.record("tandem.kv.store_prefix_tokens", cached as i64);
-        }
         let flag = CancellationToken::default();
         self.cancels
             .lock()
@@ -114,23 +106,31 @@ impl PrefillService {
             flag: flag.clone(),
         };
         let (tx, rx) = oneshot::channel();
-        self.handle
-            .submit(PrefillJob {
-                id: RequestId(r.request_id),
-                prompt: r.prompt,
-                generated: r.generated,
-                params,
-                target,
-                transport,
-                cancel: flag,
-                reply: tx,
-                span: span.clone(),
-                request_id,
-            })
-            .map_err(|e| match e {
-                SubmitError::QueueFull => Status::resource_exhausted(e.to_string()),
-                SubmitError::Stopped => Status::unavailable(e.to_string()),
-            })?;
+        let job = PrefillJob {
+            id: RequestId(r.request_id),
+            prompt: r.prompt,
+            generated: r.generated,
+            params,
+            target,
+            transport,
+            cancel: flag,
+            reply: tx,
+            span: span.clone(),
+            request_id,
+        };
+        if let Some(store) = &self.store
+            && job.params.prompt_logprobs.is_none()
+            && crate::target::computes_locally(&job.target, job.transport, &self.host_id)
+        {
+            // Into this pool's prefix cache, where the prefill attaches it.
+            let cached =
+                kv_store::store::fetch::warm_over_tcp(store, &self.engine.kv, &job.tokens()).await;
+            span.record("tandem.kv.store_prefix_tokens", cached as i64);
+        }
+        self.handle.submit(job).map_err(|e| match e {
+            SubmitError::QueueFull => Status::resource_exhausted(e.to_string()),
+            SubmitError::Stopped => Status::unavailable(e.to_string()),
+        })?;
         let out = rx
             .await
             .map_err(|_| Status::cancelled("the prefill was cancelled"))?;

@@ -170,12 +170,17 @@ pub struct Sealed {
     pub cached: usize,
 }
 
+/// Whether `t` names a shared pool on the host `host_id` (this worker's, read once).
+fn pool_on_host(t: &pb::KvTarget, host_id: &str) -> bool {
+    t.host_id == host_id && !t.shm_path.is_empty()
+}
+
 /// Whether a job's KV will be computed in this worker's own pool and sent over TCP (as
 /// [`Targets::prepare`] decides, before it tries to map the decode worker's pool).
-pub fn computes_locally(t: &pb::KvTarget, transport: Option<Transport>) -> bool {
+pub fn computes_locally(t: &pb::KvTarget, transport: Option<Transport>, host_id: &str) -> bool {
     match transport {
         Some(tr) => tr == Transport::Tcp,
-        None => t.host_id != kv_store::shm::host_id() || t.shm_path.is_empty(),
+        None => !pool_on_host(t, host_id),
     }
 }
 
@@ -217,7 +222,7 @@ impl Targets {
         }
         let transport = match job.transport {
             Some(tr) => tr,
-            None if t.host_id == self.host_id && !t.shm_path.is_empty() => match self.pool(t) {
+            None if pool_on_host(t, &self.host_id) => match self.pool(t) {
                 Ok(_) => Transport::Shm,
                 Err(e) => {
                     tracing::debug!(error = %e, "shared pool not reachable; KV goes over TCP");

@@ -77,6 +77,14 @@ fn decode_with(port: u16, store: u16, extra: &[&str]) -> Proc {
     spawn(&args, true)
 }
 
+/// A scheduler on HTTP port `http` over the decode worker on `decode`, with `extra` flags.
+fn scheduler(http: u16, decode: u16, extra: &[&str]) -> Proc {
+    let (port, decode) = (http.to_string(), format!("127.0.0.1:{decode}"));
+    let mut args = vec!["scheduler", "--port", &port, "--decode", &decode];
+    args.extend_from_slice(extra);
+    spawn(&args, true)
+}
+
 fn kill9(p: Proc) {
     // SAFETY: our own child.
     unsafe {
@@ -110,16 +118,7 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
     let (sp, dp, http) = (free_port(), free_port(), free_port());
     let (_store, store_status) = store(disk.path(), sp).await;
     let mut dec = decode(dp, sp);
-    let _sched = spawn(
-        &[
-            "scheduler",
-            "--port",
-            &http.to_string(),
-            "--decode",
-            &format!("127.0.0.1:{dp}"),
-        ],
-        true,
-    );
+    let _sched = scheduler(http, dp, &[]);
     let api = format!("http://127.0.0.1:{http}");
     until(&format!("{api}/health"), "healthy", |c, _| c == 200).await;
 
@@ -170,20 +169,9 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
         ],
         true,
     );
-    let _sched2 = spawn(
-        &[
-            "scheduler",
-            "--port",
-            &http2.to_string(),
-            "--decode",
-            &format!("127.0.0.1:{dp}"),
-            "--prefill",
-            &format!("127.0.0.1:{pp}"),
-            "--disagg-min-tokens",
-            "1",
-        ],
-        true,
-    );
+    let pp_addr = format!("127.0.0.1:{pp}");
+    let disaggregated = ["--prefill", &pp_addr, "--disagg-min-tokens", "1"];
+    let _sched2 = scheduler(http2, dp, &disaggregated);
     kill9(dec);
     let dec = decode(dp, sp);
     let api2 = format!("http://127.0.0.1:{http2}");
@@ -197,21 +185,10 @@ async fn a_restarted_worker_gets_its_prefixes_back_from_the_store_bit_identical(
     // Over TCP (as when the decode worker is on another host) the prefill worker computes in
     // its own pool: it takes the prefix from the store too, and computes only the rest.
     let http3 = free_port();
-    let _sched3 = spawn(
-        &[
-            "scheduler",
-            "--port",
-            &http3.to_string(),
-            "--decode",
-            &format!("127.0.0.1:{dp}"),
-            "--prefill",
-            &format!("127.0.0.1:{pp}"),
-            "--disagg-min-tokens",
-            "1",
-            "--kv-transport",
-            "tcp",
-        ],
-        true,
+    let _sched3 = scheduler(
+        http3,
+        dp,
+        &[&disaggregated[..], &["--kv-transport", "tcp"]].concat(),
     );
     let api3 = format!("http://127.0.0.1:{http3}");
     until(&format!("{api3}/health"), "healthy", |c, _| c == 200).await;
@@ -267,16 +244,7 @@ async fn a_store_killed_under_load_costs_no_request() {
     let (sp, dp, http) = (free_port(), free_port(), free_port());
     let (store_proc, store_status) = store(disk.path(), sp).await;
     let _dec = decode(dp, sp);
-    let _sched = spawn(
-        &[
-            "scheduler",
-            "--port",
-            &http.to_string(),
-            "--decode",
-            &format!("127.0.0.1:{dp}"),
-        ],
-        true,
-    );
+    let _sched = scheduler(http, dp, &[]);
     let api = format!("http://127.0.0.1:{http}");
     until(&format!("{api}/health"), "healthy", |c, _| c == 200).await;
     let prompts: Vec<String> = (0..6)
