@@ -8,6 +8,7 @@ use engine::moe::{ExpertBackend, Groups};
 use engine::{EngineError, Result};
 use protocol::auth::ClusterSecret;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod conn;
@@ -53,6 +54,9 @@ pub struct EpStats {
     /// Rows routed to each expert of each layer (`[layer][expert]`): the load window EPLB
     /// places by.
     pub layer_rows: Vec<Vec<u64>>,
+    /// The busiest worker's rows in each layer run, summed: what the steps waited for (over
+    /// the rows' sum ÷ workers, the imbalance a step pays).
+    pub busiest_rows: u64,
     /// The workers' compute time per run against its experts and rows: what running an
     /// expert costs beyond its rows (EPLB weighs replicas by it).
     pub fit: eplb::CostFit,
@@ -96,6 +100,7 @@ impl EpStats {
             wall_s: x(self.wall_s, o.wall_s),
             compute_s: x(self.compute_s, o.compute_s),
             bytes: n(self.bytes, o.bytes),
+            busiest_rows: n(self.busiest_rows, o.busiest_rows),
             rows: each(&self.rows, &o.rows, n),
             expert_rows: each(&self.expert_rows, &o.expert_rows, n),
             layer_rows: (0..layers)
@@ -123,9 +128,12 @@ pub struct RemoteExperts {
     stats: Mutex<EpStats>,
     secret: Option<ClusterSecret>,
     peers: Vec<Mutex<Peer>>,
-    /// The peers that compute each expert (several: its rows split evenly over them, in
-    /// order, `eplb::split`).
+    /// The peers that compute each expert (several: its rows split over them in each layer
+    /// of each step by `eplb::assign`, in order).
     owner: Mutex<Vec<Vec<usize>>>,
+    /// What running an expert costs beyond its rows, in rows (`EpStats::fit`, updated between
+    /// steps; 0 until the runs determine it): how `eplb::assign` weighs a replica's run.
+    fixed_rows: AtomicU64,
     /// Run-time EPLB, when enabled.
     eplb: Mutex<Option<rebalance::Rebalancer>>,
     /// Workers lost and the placement to go back to once they answer again.
@@ -212,6 +220,7 @@ impl RemoteExperts {
                     .map(|o| vec![o.expect("checked")])
                     .collect(),
             ),
+            fixed_rows: AtomicU64::new(0f64.to_bits()),
             eplb: Mutex::new(None),
             recovery: Mutex::new(None),
             shm: true,
@@ -398,6 +407,8 @@ impl ExpertBackend for RemoteExperts {
     /// Between steps: lost workers that answer again get their experts back, and EPLB at
     /// run time, when enabled, plans and applies placements.
     fn new_step(&self) {
+        let fixed = self.stats.lock().expect("stats").fit.fixed_rows();
+        self.fixed_rows.store(fixed.to_bits(), Ordering::Relaxed);
         self.recover();
         self.rebalance();
     }
@@ -426,12 +437,16 @@ impl RemoteExperts {
         // Every peer's lock, in order, for the whole layer (one step at a time per peer).
         let mut peers: Vec<_> = self.peers.iter().map(|p| p.lock().expect("peer")).collect();
         let mut sent: Vec<Sent> = Vec::new();
+        // This layer's rows per expert split over the replicas to level the workers.
+        let counts: Vec<usize> = groups.rows.iter().map(Vec::len).collect();
+        let fixed = f64::from_bits(self.fixed_rows.load(Ordering::Relaxed));
+        let shares = eplb::assign(&counts, &owner, peers.len(), fixed).shares;
         for p in 0..peers.len() {
             // (expert, replica, its rows) this peer computes.
             let share: Vec<(usize, usize, &[u32])> = (0..groups.rows.len())
                 .filter_map(|e| {
                     let i = owner[e].iter().position(|&o| o == p)?;
-                    let rows = eplb::split(&groups.rows[e], owner[e].len(), i);
+                    let rows = eplb::part(&groups.rows[e], &shares[e], i);
                     (!rows.is_empty()).then_some((e, i, rows))
                 })
                 .collect();
@@ -512,10 +527,20 @@ impl RemoteExperts {
             metrics::gauge!("tandem_expert_imbalance", "layer" => layer.to_string())
                 .set(busiest as f64 * groups.rows.len() as f64 / total as f64);
         }
+        let busiest_worker = sent
+            .iter()
+            .map(|s| s.counts.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
         for s in &sent {
             let addr = peers[s.peer].addr.clone();
             metrics::counter!("tandem_expert_worker_rows_total", "worker" => addr)
                 .increment(s.counts.iter().sum::<usize>() as u64);
+        }
+        if total > 0 {
+            // The workers' imbalance this layer (busiest / mean rows): what the step waited for.
+            metrics::gauge!("tandem_expert_worker_imbalance", "layer" => layer.to_string())
+                .set(busiest_worker as f64 * self.peers.len() as f64 / total as f64);
         }
         let mut st = self.stats.lock().expect("stats");
         st.rows.resize(self.peers.len(), 0);
@@ -537,6 +562,7 @@ impl RemoteExperts {
             st.fit.add(s.counts.len(), rows, micros as f64 * 1e-6);
         }
         st.layers += 1;
+        st.busiest_rows += busiest_worker as u64;
         st.wall_s += start.elapsed().as_secs_f64();
         st.compute_s += slowest as f64 * 1e-6;
         st.bytes += bytes as u64;

@@ -2,8 +2,14 @@
 //! expert's load over a window, give the most loaded experts extra replicas (each next
 //! replica to the expert with the highest load per replica), then pack the replicas onto the
 //! workers, heaviest first, each to the least loaded worker with a free slot that does not
-//! hold that expert yet. A replicated expert's rows are split evenly over its replicas
-//! ([`split`]), so a worker's load is the sum of its replicas' shares.
+//! hold that expert yet.
+//!
+//! A replicated expert's rows are not split by a fixed rule: in every layer of every step,
+//! [`assign`] gives them to its replicas so as to level the workers' costs for the rows that
+//! step really routed — the placement is shared by the layers, the split is each layer's own
+//! (DeepSeek's EPLB places per layer; here the replicas absorb each layer's and each step's
+//! imbalance, with one set of weights per worker). Any split gives the same bits: the kernels
+//! are batch-invariant and the outputs are combined in row order.
 //!
 //! Rows are not the whole cost, and a step pays each layer's busiest worker, not the busiest
 //! over the layers' sum: running an expert at all costs about as much as some rows (its weights
@@ -28,7 +34,7 @@ pub fn plan(load: &[f64], workers: usize, slots: usize) -> Placement {
     );
     let extra = (workers * slots - n).min(n * (workers - 1));
     // Greedy packing can lose to the plain split on a few experts: keep the better.
-    let planned = pack(load, workers, slots, extra);
+    let planned = pack(load, workers, slots, extra, 0.0);
     let base = even(n, workers);
     if imbalance(&loads(load, &base)) < imbalance(&loads(load, &planned)) {
         return base;
@@ -40,25 +46,167 @@ pub fn plan(load: &[f64], workers: usize, slots: usize) -> Placement {
 pub type LayerLoad = Vec<Vec<f64>>;
 
 /// What a window of `layer_load` costs under `placement`: over the layers, the busiest
-/// worker's share of the rows plus `fixed` (in rows, over the window) for each replica that got
-/// rows in that layer.
+/// worker's cost once [`assign`] has split the replicated experts' rows — its rows plus
+/// `fixed` (in rows, over the window) for each expert it gets rows of in that layer.
 pub fn step_cost(layer_load: &[Vec<f64>], placement: &Placement, fixed: f64) -> f64 {
-    let mut replicas = vec![0usize; layer_load.first().map_or(0, Vec::len)];
-    placement.iter().flatten().for_each(|&e| replicas[e] += 1);
+    let owner = owners(placement, layer_load.first().map_or(0, Vec::len));
     layer_load
         .iter()
         .map(|load| {
-            placement
-                .iter()
-                .map(|h| {
-                    h.iter()
-                        .filter(|&&e| load[e] > 0.0)
-                        .map(|&e| load[e] / replicas[e] as f64 + fixed)
-                        .sum::<f64>()
-                })
+            let rows: Vec<usize> = load.iter().map(|&r| r.round() as usize).collect();
+            assign(&rows, &owner, placement.len(), fixed)
+                .cost
+                .into_iter()
                 .fold(0.0, f64::max)
         })
         .sum()
+}
+
+/// Each expert's workers under `placement`, in worker order.
+pub fn owners(placement: &Placement, experts: usize) -> Vec<Vec<usize>> {
+    let mut owner = vec![Vec::new(); experts];
+    for (w, held) in placement.iter().enumerate() {
+        for &e in held {
+            if !owner[e].contains(&w) {
+                owner[e].push(w);
+            }
+        }
+    }
+    owner
+}
+
+/// How one layer's rows go to the workers in one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// Rows of each expert for each of its replicas: `shares[e][i]` for worker `owner[e][i]`.
+    pub shares: Vec<Vec<usize>>,
+    /// Each worker's cost: its rows plus `fixed` for every expert it gets rows of.
+    pub cost: Vec<f64>,
+}
+
+/// Splits `rows[e]` rows of each expert over its replicas `owner[e]` (workers below
+/// `workers`) so that the busiest worker's cost — rows, plus `fixed` rows' worth for each
+/// expert it runs (its weights are read however few its rows) — is low: an expert with one
+/// replica goes to it; replicated experts start whole on their least costly replica (the
+/// largest first), whole on their first, or split evenly, and from each start, while it
+/// lowers the busiest worker's cost, rows of one of its replicated experts move to another
+/// replica (all of them, when that saves the busiest worker the expert's run); the best of the
+/// three is kept. Deterministic; never costlier than the even split or than every expert on
+/// its first replica.
+pub fn assign(rows: &[usize], owner: &[Vec<usize>], workers: usize, fixed: f64) -> Assignment {
+    let mut base = Assignment {
+        shares: owner.iter().map(|o| vec![0; o.len()]).collect(),
+        cost: vec![0f64; workers],
+    };
+    let mut replicated = Vec::new();
+    for (e, &n) in rows.iter().enumerate() {
+        match owner[e].len() {
+            _ if n == 0 => {}
+            1 => base.give(e, 0, n, owner, fixed),
+            _ => replicated.push(e),
+        }
+    }
+    if replicated.is_empty() {
+        return base;
+    }
+    replicated.sort_by(|&a, &b| rows[b].cmp(&rows[a]).then(a.cmp(&b)));
+    let mut least = base.clone();
+    for &e in &replicated {
+        let c = &least.cost;
+        let i = (0..owner[e].len())
+            .min_by(|&a, &b| c[owner[e][a]].total_cmp(&c[owner[e][b]]).then(a.cmp(&b)))
+            .expect("replicated");
+        least.give(e, i, rows[e], owner, fixed);
+    }
+    let (mut first, mut even) = (base.clone(), base);
+    for &e in &replicated {
+        first.give(e, 0, rows[e], owner, fixed);
+        let k = owner[e].len();
+        for i in 0..k {
+            even.give(
+                e,
+                i,
+                rows[e] / k + usize::from(i < rows[e] % k),
+                owner,
+                fixed,
+            );
+        }
+    }
+    [least, first, even]
+        .into_iter()
+        .map(|mut a| {
+            a.level(&replicated, owner, fixed);
+            a
+        })
+        .min_by(|a, b| a.busiest().total_cmp(&b.busiest()))
+        .expect("three starts")
+}
+
+impl Assignment {
+    /// The busiest worker's cost.
+    pub fn busiest(&self) -> f64 {
+        self.cost.iter().cloned().fold(0.0, f64::max)
+    }
+
+    /// `n` more rows of expert `e` to its replica `i`.
+    fn give(&mut self, e: usize, i: usize, n: usize, owner: &[Vec<usize>], fixed: f64) {
+        if n == 0 {
+            return;
+        }
+        let open = if self.shares[e][i] == 0 { fixed } else { 0.0 };
+        self.shares[e][i] += n;
+        self.cost[owner[e][i]] += open + n as f64;
+    }
+
+    /// `n` rows of expert `e` off its replica `i`.
+    fn take(&mut self, e: usize, i: usize, n: usize, owner: &[Vec<usize>], fixed: f64) {
+        let closed = if self.shares[e][i] == n { fixed } else { 0.0 };
+        self.shares[e][i] -= n;
+        self.cost[owner[e][i]] -= closed + n as f64;
+    }
+
+    /// Moves rows of `replicated` experts off the busiest worker while a move lowers its cost
+    /// without another worker rising to it: each move lowers the maximum or the number of
+    /// workers at it (bounded all the same).
+    fn level(&mut self, replicated: &[usize], owner: &[Vec<usize>], fixed: f64) {
+        let workers = self.cost.len();
+        for _ in 0..4 * (replicated.len() + 1) * workers {
+            let c = &self.cost;
+            let b = (0..workers)
+                .max_by(|&x, &y| c[x].total_cmp(&c[y]).then(y.cmp(&x)))
+                .expect("a worker");
+            let top = c[b];
+            // (new max of the pair, expert, from replica, to replica, rows moved)
+            let mut best: Option<(f64, usize, usize, usize, usize)> = None;
+            for &e in replicated {
+                let Some(from) = owner[e].iter().position(|&w| w == b) else {
+                    continue;
+                };
+                let have = self.shares[e][from];
+                if have == 0 {
+                    continue;
+                }
+                for to in (0..owner[e].len()).filter(|&to| to != from) {
+                    let o = owner[e][to];
+                    let open = if self.shares[e][to] == 0 { fixed } else { 0.0 };
+                    let half = ((top - c[o] - open) / 2.0).floor().max(0.0) as usize;
+                    for x in [half, half + 1, have] {
+                        let x = x.clamp(1, have);
+                        let freed = if x == have { fixed } else { 0.0 };
+                        let after = (top - x as f64 - freed).max(c[o] + open + x as f64);
+                        if after < top - 1e-9 && best.is_none_or(|m| after < m.0 - 1e-9) {
+                            best = Some((after, e, from, to, x));
+                        }
+                    }
+                }
+            }
+            let Some((_, e, from, to, x)) = best else {
+                return;
+            };
+            self.take(e, from, x, owner, fixed);
+            self.give(e, to, x, owner, fixed);
+        }
+    }
 }
 
 /// The experts of `layer_load` (`[layer][expert]`) on `workers` workers of up to `slots`
@@ -77,7 +225,7 @@ pub fn plan_costed(layer_load: &[Vec<f64>], workers: usize, slots: usize, fixed:
     let cost = |p: &Placement| step_cost(layer_load, p, fixed);
     let mut best = even(n, workers);
     for extra in 0..=most {
-        let p = pack(&load, workers, slots, extra);
+        let p = pack(&load, workers, slots, extra, fixed);
         if cost(&p) < cost(&best) {
             best = p;
         }
@@ -86,8 +234,9 @@ pub fn plan_costed(layer_load: &[Vec<f64>], workers: usize, slots: usize, fixed:
 }
 
 /// `extra` replicas to the experts with the most load per replica, then every replica, the
-/// heaviest first, to the least loaded worker with a free slot not holding that expert.
-fn pack(load: &[f64], workers: usize, slots: usize, extra: usize) -> Placement {
+/// heaviest first, to the least loaded worker with a free slot not holding that expert (a
+/// replica weighing its share of the load plus `fixed`, what running it costs).
+fn pack(load: &[f64], workers: usize, slots: usize, extra: usize, fixed: f64) -> Placement {
     let n = load.len();
     let mut replicas = vec![1usize; n];
     for _ in 0..extra {
@@ -114,7 +263,7 @@ fn pack(load: &[f64], workers: usize, slots: usize, extra: usize) -> Placement {
             .min_by(|&a, &b| weight[a].total_cmp(&weight[b]).then(a.cmp(&b)))
             .expect("a worker with a free slot without this expert");
         held[w].push(e);
-        weight[w] += l;
+        weight[w] += l + fixed;
     }
     for h in &mut held {
         h.sort_unstable();
@@ -222,11 +371,10 @@ pub fn imbalance(loads: &[f64]) -> f64 {
     loads.iter().cloned().fold(0.0, f64::max) / mean.max(f64::MIN_POSITIVE)
 }
 
-/// `rows` split over `k` replicas as evenly as possible, in order: replica `i`'s share.
-pub fn split(rows: &[u32], k: usize, i: usize) -> &[u32] {
-    let (q, r) = (rows.len() / k, rows.len() % k);
-    let start = i * q + i.min(r);
-    &rows[start..start + q + usize::from(i < r)]
+/// Replica `i`'s rows of `rows` when its replicas take `shares` of them, in order.
+pub fn part<'a>(rows: &'a [u32], shares: &[usize], i: usize) -> &'a [u32] {
+    let start: usize = shares[..i].iter().sum();
+    &rows[start..start + shares[i]]
 }
 
 #[cfg(test)]
@@ -269,16 +417,12 @@ mod tests {
 
     #[test]
     fn a_fixed_cost_per_replica_uses_only_the_replicas_that_pay() {
-        // Expert 0 takes 48% of the rows (a hot expert at top-2): a permutation balances the
-        // rows without replicas, and with a fixed cost replicas only add to it.
+        // Expert 0 takes 48% of the rows (a hot expert at top-2): a permutation levels the
+        // workers to within a row of (100 rows + 8 runs × 6) / 2 = 74, and a replica would add
+        // a run.
         let load = [48.0, 20.0, 12.0, 8.0, 5.0, 4.0, 2.0, 1.0];
         let p = plan_costed(&[load.to_vec()], 2, 5, 6.0);
-        assert_eq!(
-            p.iter().map(Vec::len).sum::<usize>(),
-            8,
-            "no replica: {p:?}"
-        );
-        assert!(imbalance(&loads(&load, &p)) <= 1.05, "{p:?}");
+        assert!(step_cost(&[load.to_vec()], &p, 6.0) <= 75.0, "{p:?}");
         // Without a fixed cost the slots are all used (DeepSeek's EPLB).
         assert_eq!(plan(&load, 2, 5).iter().map(Vec::len).sum::<usize>(), 10);
         // One expert with 70%: only a replica balances it, and it pays.
@@ -323,9 +467,20 @@ mod tests {
             one(&p),
             one(&sum_balanced)
         );
-        // A fixed cost far above the rows: no replica pays.
+        // A fixed cost far above the rows: replicas may let a layer run an expert where it
+        // costs least, but never split one's rows.
         let p = plan_costed(&load, 2, 5, 100.0);
-        assert_eq!(p.iter().map(Vec::len).sum::<usize>(), 8, "{p:?}");
+        let owner = owners(&p, 8);
+        for l in &load {
+            let rows: Vec<usize> = l.iter().map(|&r| r as usize).collect();
+            let a = assign(&rows, &owner, 2, 100.0);
+            assert!(
+                a.shares
+                    .iter()
+                    .all(|s| s.iter().filter(|&&n| n > 0).count() <= 1),
+                "{a:?}"
+            );
+        }
     }
 
     #[test]
@@ -371,11 +526,107 @@ mod tests {
     }
 
     #[test]
-    fn splits_cover_the_rows_in_order() {
+    fn parts_cover_the_rows_in_order() {
         let rows: Vec<u32> = (0..11).collect();
-        for k in 1..5 {
-            let parts: Vec<u32> = (0..k).flat_map(|i| split(&rows, k, i).to_vec()).collect();
+        for shares in [
+            vec![11],
+            vec![0, 11],
+            vec![4, 7],
+            vec![3, 0, 8],
+            vec![1, 1, 9],
+        ] {
+            let k = shares.len();
+            let parts: Vec<u32> = (0..k)
+                .flat_map(|i| part(&rows, &shares, i).to_vec())
+                .collect();
             assert_eq!(parts, rows);
         }
+    }
+
+    /// The busiest worker's cost of `shares`, computed afresh.
+    fn busiest(
+        rows: &[usize],
+        owner: &[Vec<usize>],
+        shares: &[Vec<usize>],
+        workers: usize,
+        fixed: f64,
+    ) -> f64 {
+        let mut cost = vec![0f64; workers];
+        for e in 0..rows.len() {
+            assert_eq!(
+                shares[e].iter().sum::<usize>(),
+                rows[e],
+                "expert {e}'s rows"
+            );
+            for (i, &n) in shares[e].iter().enumerate() {
+                if n > 0 {
+                    cost[owner[e][i]] += fixed + n as f64;
+                }
+            }
+        }
+        cost.into_iter().fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn assignments_keep_every_row_and_level_the_workers() {
+        let mut s = 5u64;
+        for _ in 0..2000 {
+            let workers = 1 + (rng(&mut s) * 4.0) as usize;
+            let n = 1 + (rng(&mut s) * 12.0) as usize;
+            let slots = n.div_ceil(workers) + (rng(&mut s) * 3.0) as usize;
+            let load: Vec<f64> = (0..n).map(|_| rng(&mut s).powi(2) * 60.0).collect();
+            let placement = plan(&load, workers, slots);
+            let owner = owners(&placement, n);
+            let rows: Vec<usize> = (0..n)
+                .map(|_| (rng(&mut s).powi(3) * 80.0) as usize)
+                .collect();
+            let fixed = (rng(&mut s) * 12.0).floor();
+            let a = assign(&rows, &owner, workers, fixed);
+            let top = busiest(&rows, &owner, &a.shares, workers, fixed);
+            assert_eq!(top, a.cost.iter().cloned().fold(0.0, f64::max));
+            // Never worse than every expert's rows on its first replica, or than the even
+            // split of before.
+            let first: Vec<Vec<usize>> = (0..n)
+                .map(|e| {
+                    (0..owner[e].len())
+                        .map(|i| if i == 0 { rows[e] } else { 0 })
+                        .collect()
+                })
+                .collect();
+            let even: Vec<Vec<usize>> = (0..n)
+                .map(|e| {
+                    let k = owner[e].len();
+                    (0..k)
+                        .map(|i| rows[e] / k + usize::from(i < rows[e] % k))
+                        .collect()
+                })
+                .collect();
+            for other in [first, even] {
+                let theirs = busiest(&rows, &owner, &other, workers, fixed);
+                assert!(
+                    top <= theirs + 1e-9,
+                    "{top} > {theirs}: {rows:?} on {owner:?}, fixed {fixed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_hot_replicated_expert_is_split_to_level_each_step() {
+        // Expert 0 on both workers, the others once each: whatever a step routes, the busiest
+        // worker ends within a row of the level (fixed 0), and whole when splitting costs more
+        // than it saves (fixed 10).
+        let owner = vec![vec![0, 1], vec![0], vec![0], vec![1], vec![1]];
+        let a = assign(&[60, 10, 2, 14, 4], &owner, 2, 0.0);
+        assert_eq!(a.cost, vec![45.0, 45.0]);
+        assert_eq!(a.shares[0], vec![33, 27]);
+        let a = assign(&[60, 10, 2, 14, 4], &owner, 2, 10.0);
+        // Level with a split: (90 rows + 6 runs × 10) / 2 = 75 a worker.
+        assert_eq!(a.cost, vec![75.0, 75.0]);
+        assert_eq!(a.shares[0], vec![33, 27]);
+        // A row is not worth a second run of the expert.
+        let a = assign(&[1, 10, 2, 9, 4], &owner, 2, 10.0);
+        assert_eq!(a.cost, vec![43.0, 33.0]);
+        assert_eq!(a.shares[0].iter().filter(|&&n| n > 0).count(), 1, "{a:?}");
     }
 }

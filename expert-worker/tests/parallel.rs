@@ -176,6 +176,7 @@ fn an_eplb_placement_from_the_measured_load_keeps_the_tokens_and_balances_the_wo
     drop(e);
     let mut r = Arc::try_unwrap(r).ok().expect("the engine is gone");
     r.set_placement(&planned).unwrap();
+    let before = r.stats();
     let r = Arc::new(r);
     let mut e = load(&path, p);
     e.model.set_expert_backend(r.clone()).unwrap();
@@ -183,11 +184,12 @@ fn an_eplb_placement_from_the_measured_load_keeps_the_tokens_and_balances_the_wo
         trace(&e).unwrap() == want,
         "a planned placement changed the tokens"
     );
-    // The same rows again: the workers' measured loads are the plan's.
-    let rows = r.stats().rows;
+    // The same rows again: the workers' measured loads are the plan's, or more level (the
+    // replicas' rows are split per layer and step to level the workers).
+    let rows = r.stats().since(&before).rows;
     let got = eplb::imbalance(&rows.iter().map(|&n| n as f64).collect::<Vec<_>>());
     assert!(
-        (got - expect).abs() < 0.05,
+        got < expect + 0.05,
         "measured {got} ({rows:?}), planned {expect}; even {even_rows:?}"
     );
     // Placements that cannot be: an expert no worker holds, one left out, too few workers.

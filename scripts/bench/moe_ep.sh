@@ -3,7 +3,8 @@
 # `tandem model make-moe --skew S --falloff F`: the busiest expert takes S of the tokens, the
 # router's bias falls as (1 - e/7)^F over the others) measured (a) in one process, (b) with its
 # experts on 2 `tandem expert` processes split evenly, (c) placed by EPLB from (b)'s measured
-# load with up to 2 redundant experts (static), (d) started as (b) with EPLB at run time (a plan
+# load with up to 2 redundant experts (static; a replicated expert's rows split per layer and
+# step to level the workers), (c0) the same plan without replicas, (d) started as (b) with EPLB at run time (a plan
 # every 8 steps), (b2)/(c2) with 2 microbatches, (b-tcp) as (b) with rows on the socket instead
 # of shared memory: decode at batch 64, a 2,000-token prefill, a decode step's dispatch +
 # combine share, each worker's load (summed and per layer), the fitted cost of an expert run,

@@ -1,6 +1,7 @@
 //! `tandem model ep-bench`: a mixture-of-experts model (a) in one process, (b) with its experts
 //! on `tandem expert` worker processes split evenly, (c) placed by EPLB from (b)'s measured
-//! load with replicas (static), (d) started as (b) with EPLB at run time, (b2) and (c2) as (b)
+//! load with replicas (static), (c0) the same without replicas (a permutation of the experts:
+//! what the replicas' per-step split adds), (d) started as (b) with EPLB at run time, (b2) and (c2) as (b)
 //! and (c) with two microbatches in flight, (b-tcp) as (b) with rows on the socket instead of
 //! shared-memory mailboxes — all set up at once and measured in rounds taken in
 //! turn, so that the ratios compare runs side by side on a noisy machine: batched decode and a
@@ -399,6 +400,20 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     let slots = (moe.n_experts + args.redundant_experts).div_ceil(args.experts);
     let planned = eplb::plan_costed(&window, args.experts, slots, fixed);
     let (c, _) = with_workers(args, exe, &cfg, "(c) EPLB, static", &planned, PLAIN)?;
+    let permuted = eplb::plan_costed(
+        &window,
+        args.experts,
+        moe.n_experts.div_ceil(args.experts),
+        fixed,
+    );
+    let (c0, _) = with_workers(
+        args,
+        exe,
+        &cfg,
+        "(c0) EPLB, static, no replicas",
+        &permuted,
+        PLAIN,
+    )?;
     let live = EplbConfig {
         interval: args.eplb_interval,
         redundant: args.redundant_experts,
@@ -433,7 +448,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         ..PLAIN
     };
     let (bt, _) = with_workers(args, exe, &cfg, "(b-tcp) even, over TCP", &even, tcp)?;
-    let mut setups = [a, b, c, d, b2, c2, bt];
+    let mut setups = [a, b, c, c0, d, b2, c2, bt];
     // The timed rounds: every setup in turn, each round a share of the decode steps and one
     // prefill.
     for round in 0..ROUNDS {
@@ -444,7 +459,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
             s.prefill(&prompt)?;
         }
     }
-    let [a, b, c, d, b2, c2, bt] = &setups;
+    let [a, b, c, c0, d, b2, c2, bt] = &setups;
     for s in &setups[1..] {
         anyhow::ensure!(
             s.last == a.last,
@@ -469,7 +484,15 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         args.prompt,
         a.prefill_tok_s()
     );
-    let placements = [&even, &planned, &switch.placement, &even, &planned, &even];
+    let placements = [
+        &even,
+        &planned,
+        &permuted,
+        &switch.placement,
+        &even,
+        &planned,
+        &even,
+    ];
     for (s, placement) in setups[1..].iter().zip(placements) {
         let st = &s.stats;
         let rows: Vec<f64> = st.rows.iter().map(|&n| n as f64).collect();
@@ -489,13 +512,12 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         } else {
             ""
         };
-        // Per layer: each layer's busiest worker over its mean, summed over the layers (what a
-        // step waits for when the expert phase is bound by rows).
-        let layer_load = st.layer_load();
-        let per_layer = eplb::step_cost(&layer_load, placement, 0.0)
-            / (layer_load.iter().flatten().sum::<f64>() / args.experts as f64);
+        // Per layer and step: each layer run's busiest worker over the mean, as the steps
+        // met it (what a step waits for when the expert phase is bound by rows).
+        let per_layer =
+            st.busiest_rows as f64 * args.experts as f64 / rows.iter().sum::<f64>().max(1.0);
         println!(
-            "| {}: a decode step on the expert plane | dispatch + combine{wait} {:.1}%, expert compute (slowest worker) {:.1}% | worker rows {:?}: busiest / mean {:.2}, per layer {per_layer:.2}; {:.2} MB per step |",
+            "| {}: a decode step on the expert plane | dispatch + combine{wait} {:.1}%, expert compute (slowest worker) {:.1}% | worker rows {:?}: busiest / mean {:.2}, per layer and step {per_layer:.2}; {:.2} MB per step |",
             s.name,
             100.0 * (st.wall_s - st.compute_s) / s.decode_s,
             100.0 * st.compute_s / s.decode_s,
@@ -518,6 +540,8 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
     }
     for (x, y, what) in [
         (c, b, "(c) over (b)"),
+        (c0, b, "(c0) over (b)"),
+        (c, c0, "(c) over (c0): replicas split per layer and step"),
         (d, b, "(d) over (b)"),
         (b2, b, "(b2) over (b): 2 microbatches"),
         (c2, c, "(c2) over (c): 2 microbatches"),
@@ -535,7 +559,7 @@ pub fn run(args: &EpBenchArgs, threads: usize, exe: &Path) -> anyhow::Result<()>
         args.eplb_interval, switch.steps, args.batch, switch.slowest_ms, switch.median_ms
     );
     println!(
-        "| logits of (a) to (d), (b2), (c2), (b-tcp) after the last round | bit-identical | |"
+        "| logits of (a) to (d), (c0), (b2), (c2), (b-tcp) after the last round | bit-identical | |"
     );
     Ok(())
 }
