@@ -11,7 +11,7 @@
 
 use super::layout::Layout;
 use super::placement::Slo;
-use super::simulate::{Run, simulate};
+use super::simulate::{Arrival, Run, arrivals, replay};
 use super::workload::Workload;
 
 /// A layout's predicted latencies under the workload.
@@ -65,11 +65,24 @@ pub fn predict(
     layout: Layout,
     pace: f64,
 ) -> Prediction {
+    predict_on(cost, &arrivals(w, REQUESTS, SEED), w.osl, slo, layout, pace)
+}
+
+/// `layout` under the requests `reqs` (a measured trace, or a workload's arrivals), placed as
+/// for streams of `horizon` output tokens.
+pub fn predict_on(
+    cost: &super::cost::CostModel,
+    reqs: &[Arrival],
+    horizon: usize,
+    slo: Slo,
+    layout: Layout,
+    pace: f64,
+) -> Prediction {
     let Run {
         served,
         prefill_load,
         batch,
-    } = simulate(cost, w, slo, layout, pace, REQUESTS, SEED);
+    } = replay(cost, reqs, horizon, slo, layout, pace);
     let ttft: Vec<f64> = served.iter().map(|s| s.ttft_s).collect();
     let tpot: Vec<f64> = served.iter().map(|s| s.tpot_s).collect();
     let met = served
@@ -98,6 +111,21 @@ pub fn candidates(
     cores: usize,
     pace: f64,
 ) -> Vec<Candidate> {
+    let reqs = arrivals(w, REQUESTS, SEED);
+    candidates_on(cost, &reqs, w.osl, slo, cores, pace)
+}
+
+/// [`candidates`] under the requests `reqs` (e.g. a `tandem bench` run's, to tell the cost
+/// model's error from the sampling error of a short run), placed as for streams of `horizon`
+/// output tokens.
+pub fn candidates_on(
+    cost: &super::cost::CostModel,
+    reqs: &[Arrival],
+    horizon: usize,
+    slo: Slo,
+    cores: usize,
+    pace: f64,
+) -> Vec<Candidate> {
     let mut layouts = Vec::new();
     for t in 1..=cores {
         layouts.push(Layout::Colocated { threads: t });
@@ -109,7 +137,7 @@ pub fn candidates(
             layouts.push(Layout::Pinned { prefill, decode });
         }
     }
-    rank(cost, w, slo, layouts, pace)
+    rank(cost, reqs, horizon, slo, layouts, pace)
 }
 
 /// Every split of up to `max_pods` worker pods of `threads` cores (at least one decode pod),
@@ -131,12 +159,13 @@ pub fn pod_candidates(
             });
         }
     }
-    rank(cost, w, slo, layouts, 1.0)
+    rank(cost, &arrivals(w, REQUESTS, SEED), w.osl, slo, layouts, 1.0)
 }
 
 fn rank(
     cost: &super::cost::CostModel,
-    w: &Workload,
+    reqs: &[Arrival],
+    horizon: usize,
     slo: Slo,
     layouts: Vec<Layout>,
     pace: f64,
@@ -145,7 +174,7 @@ fn rank(
         .into_iter()
         .map(|layout| Candidate {
             layout,
-            prediction: predict(cost, w, slo, layout, pace),
+            prediction: predict_on(cost, reqs, horizon, slo, layout, pace),
         })
         .collect();
     c.sort_by(|a, b| {

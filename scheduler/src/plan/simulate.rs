@@ -61,21 +61,28 @@ impl Rng {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Request {
-    at: f64,
-    prompt: usize,
+/// One request to replay: when it arrives (seconds from the start), its prompt tokens and the
+/// tokens it generates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Arrival {
+    pub at: f64,
+    pub prompt: usize,
+    pub osl: usize,
 }
 
 /// `n` Poisson arrivals of the workload.
-fn arrivals(w: &Workload, n: usize, seed: u64) -> Vec<Request> {
+pub fn arrivals(w: &Workload, n: usize, seed: u64) -> Vec<Arrival> {
     let mut rng = Rng(seed);
     let mut at = 0.0;
     (0..n)
         .map(|_| {
             at += -rng.unit().ln() / w.rate;
             let prompt = w.prompts.sample(rng.unit(), rng.unit());
-            Request { at, prompt }
+            Arrival {
+                at,
+                prompt,
+                osl: w.osl,
+            }
         })
         .collect()
 }
@@ -194,7 +201,20 @@ pub fn simulate(
     n: usize,
     seed: u64,
 ) -> Run {
-    let reqs = arrivals(w, n, seed);
+    replay(cost, &arrivals(w, n, seed), w.osl, slo, layout, pace)
+}
+
+/// Replays `reqs` (in arrival order) through `layout`, placing prompts as the scheduler would
+/// for streams of `horizon` output tokens; a shared decode worker paces to `pace × TPOT bound`.
+pub fn replay(
+    cost: &CostModel,
+    reqs: &[Arrival],
+    horizon: usize,
+    slo: Slo,
+    layout: Layout,
+    pace: f64,
+) -> Run {
+    let n = reqs.len();
     let decode = |threads: usize, pace: Option<(usize, f64)>| DecodeSim {
         f: *cost.forward(threads),
         threads,
@@ -245,7 +265,8 @@ pub fn simulate(
         n
     ];
     let (mut steps, mut stepped) = (0usize, 0usize);
-    let osl = w.osl.max(1);
+    let horizon = horizon.max(1);
+    let osl = |r: usize| reqs[r].osl.max(1);
     let mut next = 0;
     let mut now = 0.0f64;
     let mut done = 0;
@@ -286,7 +307,7 @@ pub fn simulate(
                     s.have = s.prompt;
                     s.out = 1;
                     served[s.req].ttft_s = at - reqs[s.req].at;
-                    if osl == 1 {
+                    if osl(s.req) == 1 {
                         served[s.req].tpot_s = 0.0;
                         ds[d].assigned -= 1;
                         done += 1;
@@ -312,7 +333,7 @@ pub fn simulate(
                 context: d.context(),
                 backlog: d.backlog(),
                 max_batch_tokens: STEP_BUDGET,
-                horizon: osl,
+                horizon,
                 pace_s: d.pace.map(|(_, p)| p),
             };
             let pview = pi.map(|i| PrefillView {
@@ -344,8 +365,7 @@ pub fn simulate(
         for d in &mut ds {
             if d.next_step(now).is_some_and(|s| s <= now) {
                 let sharing = d.pace.filter(|&(p, _)| ps[p].batch.is_some());
-                let (finished, n_seqs) =
-                    step(d, now, sharing.map(|(_, p)| p), osl, &reqs, &mut served);
+                let (finished, n_seqs) = step(d, now, sharing.map(|(_, p)| p), reqs, &mut served);
                 d.assigned -= finished;
                 done += finished;
                 steps += 1;
@@ -368,8 +388,7 @@ fn step(
     d: &mut DecodeSim,
     now: f64,
     pace: Option<f64>,
-    osl: usize,
-    reqs: &[Request],
+    reqs: &[Arrival],
     served: &mut [Served],
 ) -> (usize, usize) {
     while d.joining.front().is_some_and(|&(t, _)| t <= now) {
@@ -413,6 +432,7 @@ fn step(
                 served[s.req].ttft_s = end - reqs[s.req].at;
             }
         }
+        let osl = reqs[s.req].osl.max(1);
         if s.out >= osl {
             served[s.req].tpot_s = if osl > 1 {
                 (end - s.first_at) / (osl - 1) as f64
@@ -422,7 +442,7 @@ fn step(
         }
     }
     d.running.retain(|s| {
-        let keep = s.out < osl;
+        let keep = s.out < reqs[s.req].osl.max(1);
         finished += usize::from(!keep);
         keep
     });
@@ -468,6 +488,41 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9
+    }
+
+    #[test]
+    fn a_trace_replays_each_requests_own_arrival_and_lengths() {
+        let m = model();
+        let layout = Layout::Colocated { threads: 2 };
+        // A workload's arrivals replayed are the workload simulated.
+        let w = workload("200-400", 16, 2.0);
+        assert_eq!(
+            replay(&m, &arrivals(&w, 40, 9), w.osl, SLO, layout, 0.8),
+            simulate(&m, &w, SLO, layout, 0.8, 40, 9)
+        );
+        // Requests far apart, each alone: its own chunks, then its own output's steps.
+        let f = m.forward(2);
+        let trace = [
+            Arrival {
+                at: 0.0,
+                prompt: 100,
+                osl: 1,
+            },
+            Arrival {
+                at: 50.0,
+                prompt: 300,
+                osl: 3,
+            },
+        ];
+        let run = replay(&m, &trace, 2, SLO, layout, 0.8);
+        let (a, b) = (run.served[0], run.served[1]);
+        assert!(
+            close(a.ttft_s, f.seconds(Work::prefill(0, 100))) && a.tpot_s == 0.0,
+            "{a:?}"
+        );
+        let ttft = f.seconds(Work::prefill(0, 256)) + f.seconds(Work::prefill(256, 300));
+        let tpot = (f.seconds(Work::decode(1, 300)) + f.seconds(Work::decode(1, 301))) / 2.0;
+        assert!(close(b.ttft_s, ttft) && close(b.tpot_s, tpot), "{b:?}");
     }
 
     #[test]

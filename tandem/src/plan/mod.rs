@@ -36,14 +36,19 @@ pub struct PlanFlags {
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<PathBuf>,
     /// Prompt tokens: N, a range LO-HI, or a weighted mix (`900-1100:0.25,32-256:0.75`, bench's mixed dataset).
-    #[arg(long, required_unless_present = "from_bench")]
+    #[arg(long, required_unless_present_any = ["from_bench", "trace"])]
     pub isl: Option<Prompts>,
     /// Mean output tokens.
-    #[arg(long, required_unless_present = "from_bench")]
+    #[arg(long, required_unless_present_any = ["from_bench", "trace"])]
     pub osl: Option<usize>,
     /// Requests per second (Poisson arrivals).
-    #[arg(long, required_unless_present = "from_bench")]
+    #[arg(long, required_unless_present_any = ["from_bench", "trace"])]
     pub rate: Option<f64>,
+    /// Replay the very requests of a `tandem bench` run (its `requests.jsonl`: each request's
+    /// arrival, prompt and output tokens) instead of a workload's Poisson arrivals: what the
+    /// cost model predicts for the run measured, apart from the sampling of a short run.
+    #[arg(long, conflicts_with_all = ["isl", "osl", "rate", "from_bench", "pods"])]
+    pub trace: Option<PathBuf>,
     /// The workload of a `tandem bench` run (its summary.json: mean prompt and output tokens, achieved rate); the flags above override it.
     #[arg(long)]
     pub from_bench: Option<PathBuf>,
@@ -160,6 +165,36 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
     let cost = CostModel::load(&profile).map_err(|e| {
         anyhow::anyhow!("{e}; `tandem plan profile` measures this machine's (a minute or two)")
     })?;
+    let slo = Slo {
+        ttft_s: a.slo_ttft_ms / 1e3,
+        tpot_s: a.slo_tpot_ms / 1e3,
+    };
+    if let Some(path) = &a.trace {
+        let trace = read_trace(path)?;
+        let horizon = (trace.iter().map(|r| r.osl).sum::<usize>() as f64 / trace.len() as f64)
+            .round() as usize;
+        let cores = a.cores.unwrap_or(cost.cores);
+        let c = scheduler::plan::capacity::candidates_on(
+            &cost,
+            &trace,
+            horizon,
+            slo,
+            cores,
+            scheduler::plan::PACE,
+        );
+        let span = trace.last().map_or(0.0, |r| r.at).max(1e-9);
+        let header = format!(
+            "trace: the {} requests of {} (mean prompt {:.0} tokens, mean output {horizon}, {:.2} req/s); SLO: TTFT <= {} ms, TPOT <= {} ms; {cores} cores; profile {}",
+            trace.len(),
+            path.display(),
+            trace.iter().map(|r| r.prompt).sum::<usize>() as f64 / trace.len() as f64,
+            (trace.len() - 1) as f64 / span,
+            a.slo_ttft_ms,
+            a.slo_tpot_ms,
+            profile.display(),
+        );
+        return print_layouts(a, &c, slo, &header);
+    }
     let from = match &a.from_bench {
         Some(p) => Some(bench_workload(p)?),
         None => None,
@@ -181,10 +216,6 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         w.rate > 0.0 && w.rate.is_finite(),
         "--rate must be a positive number of requests per second"
     );
-    let slo = Slo {
-        ttft_s: a.slo_ttft_ms / 1e3,
-        tpot_s: a.slo_tpot_ms / 1e3,
-    };
     let cores = a.cores.unwrap_or(cost.cores);
     let c = if a.pods {
         let threads = a
@@ -209,15 +240,36 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if a.emit {
-        println!("{}", c[0].layout.up_flags(slo).join(" "));
-        return Ok(());
-    }
     let room = if a.pods {
         format!("up to {} worker pods", a.max_pods)
     } else {
         format!("{cores} cores")
     };
+    let header = format!(
+        "workload: {} prompt tokens (mean {:.0}), {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {room}; profile {}; {} requests replayed per layout",
+        w.prompts,
+        w.prompts.mean(),
+        w.osl,
+        w.rate,
+        a.slo_ttft_ms,
+        a.slo_tpot_ms,
+        profile.display(),
+        scheduler::plan::capacity::REQUESTS
+    );
+    print_layouts(a, &c, slo, &header)
+}
+
+/// The ranked layouts: as JSON (`--json`), or a header line and a table.
+fn print_layouts(
+    a: &PlanFlags,
+    c: &[scheduler::plan::capacity::Candidate],
+    slo: scheduler::plan::placement::Slo,
+    header: &str,
+) -> anyhow::Result<()> {
+    if a.emit {
+        println!("{}", c[0].layout.up_flags(slo).join(" "));
+        return Ok(());
+    }
     if a.json {
         let rows: Vec<serde_json::Value> = c
             .iter()
@@ -242,22 +294,12 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "workload: {} prompt tokens (mean {:.0}), {} output tokens, {} req/s; SLO: TTFT <= {} ms, TPOT <= {} ms; {room}; profile {}; {} requests replayed per layout",
-        w.prompts,
-        w.prompts.mean(),
-        w.osl,
-        w.rate,
-        a.slo_ttft_ms,
-        a.slo_tpot_ms,
-        profile.display(),
-        scheduler::plan::capacity::REQUESTS
-    );
+    println!("{header}");
     println!(
         "| layout | cores | TTFT ms (median) | TTFT ms (p90) | TPOT ms (median) | TPOT ms (p90) | attainment | prefill load | decode batch | meets SLO | tandem up flags |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for x in &c {
+    for x in c {
         let p = x.prediction;
         println!(
             "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {} | `{}` |",
@@ -278,6 +320,42 @@ fn plan(a: &PlanFlags) -> anyhow::Result<()> {
         println!("no layout meets the SLO at this rate: the first row comes closest");
     }
     Ok(())
+}
+
+/// The requests of a `tandem bench` run's `requests.jsonl`, in arrival order: when each was
+/// scheduled, its prompt tokens (the server's count, else the client's) and the tokens it got
+/// (else the tokens it asked for).
+fn read_trace(path: &Path) -> anyhow::Result<Vec<scheduler::plan::simulate::Arrival>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut trace = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        let num = |keys: &[&str]| keys.iter().find_map(|k| v[*k].as_f64());
+        let field = |keys: &[&str]| {
+            num(keys).with_context(|| {
+                format!(
+                    "{} line {}: no {}",
+                    path.display(),
+                    i + 1,
+                    keys.join(" or ")
+                )
+            })
+        };
+        trace.push(scheduler::plan::simulate::Arrival {
+            at: field(&["scheduled_s"])?,
+            prompt: field(&["prompt_tokens", "client_input_len"])?.max(1.0) as usize,
+            osl: field(&["completion_tokens", "requested_output_len"])?.max(1.0) as usize,
+        });
+    }
+    anyhow::ensure!(!trace.is_empty(), "{} holds no requests", path.display());
+    trace.sort_by(|a, b| a.at.total_cmp(&b.at));
+    Ok(trace)
 }
 
 /// Mean prompt tokens, mean output tokens and achieved rate of a `tandem bench` summary.
@@ -454,5 +532,30 @@ mod tests {
         assert_eq!(STEP_BUDGET, decode_worker::DEFAULT_MAX_BATCH_TOKENS);
         assert_eq!(MAX_RUNNING, decode_worker::DEFAULT_MAX_RUNNING);
         assert_eq!(PREFILL_BUDGET, prefill_worker::DEFAULT_MAX_BATCH_TOKENS);
+    }
+
+    #[test]
+    fn a_bench_runs_requests_are_read_as_a_trace_in_arrival_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("requests.jsonl");
+        // As `tandem bench` writes them; a failed request has no server counts.
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"index":1,"scheduled_s":0.5,"client_input_len":30,"requested_output_len":16,"prompt_tokens":31,"completion_tokens":16,"success":true}"#,
+                "\n",
+                r#"{"index":0,"scheduled_s":0.0,"client_input_len":900,"requested_output_len":64,"prompt_tokens":null,"completion_tokens":null,"success":false}"#,
+                "\n\n"
+            ),
+        )
+        .unwrap();
+        let t = super::read_trace(&path).unwrap();
+        let got: Vec<(f64, usize, usize)> = t.iter().map(|r| (r.at, r.prompt, r.osl)).collect();
+        assert_eq!(got, vec![(0.0, 900, 64), (0.5, 31, 16)]);
+        std::fs::write(&path, r#"{"index":0,"client_input_len":9}"#).unwrap();
+        let e = super::read_trace(&path).unwrap_err().to_string();
+        assert!(e.contains("scheduled_s"), "{e}");
+        std::fs::write(&path, "").unwrap();
+        assert!(super::read_trace(&path).is_err());
     }
 }
