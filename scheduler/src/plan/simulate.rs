@@ -70,13 +70,6 @@ pub struct Arrival {
     pub osl: usize,
 }
 
-impl Arrival {
-    /// Tokens it generates, the first included (at least one).
-    fn outputs(&self) -> usize {
-        self.osl.max(1)
-    }
-}
-
 /// `n` Poisson arrivals of the workload.
 pub fn arrivals(w: &Workload, n: usize, seed: u64) -> Vec<Arrival> {
     let mut rng = Rng(seed);
@@ -273,6 +266,7 @@ pub fn replay(
     ];
     let (mut steps, mut stepped) = (0usize, 0usize);
     let horizon = horizon.max(1);
+    let osl = |r: usize| reqs[r].osl.max(1);
     let mut next = 0;
     let mut now = 0.0f64;
     let mut done = 0;
@@ -313,7 +307,7 @@ pub fn replay(
                     s.have = s.prompt;
                     s.out = 1;
                     served[s.req].ttft_s = at - reqs[s.req].at;
-                    if reqs[s.req].outputs() == 1 {
+                    if osl(s.req) == 1 {
                         served[s.req].tpot_s = 0.0;
                         ds[d].assigned -= 1;
                         done += 1;
@@ -438,7 +432,7 @@ fn step(
                 served[s.req].ttft_s = end - reqs[s.req].at;
             }
         }
-        let osl = reqs[s.req].outputs();
+        let osl = reqs[s.req].osl.max(1);
         if s.out >= osl {
             served[s.req].tpot_s = if osl > 1 {
                 (end - s.first_at) / (osl - 1) as f64
@@ -448,7 +442,7 @@ fn step(
         }
     }
     d.running.retain(|s| {
-        let keep = s.out < reqs[s.req].outputs();
+        let keep = s.out < reqs[s.req].osl.max(1);
         finished += usize::from(!keep);
         keep
     });
