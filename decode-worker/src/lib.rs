@@ -187,8 +187,8 @@ pub fn spawn(engine: Arc<Engine>, cfg: WorkerConfig) -> (DecodeHandle, JoinHandl
 }
 
 /// Starts a worker that shares its cores with a prefill worker on this host: while that one
-/// computes, each step that decodes is followed by a rest to the pacer's period
-/// (`protocol::cores`).
+/// computes, each step carries its decode tokens and only the prompt chunks that fit its share
+/// of the pacer's period, and is followed by a rest to the period (`protocol::cores`).
 pub fn spawn_paced(
     engine: Arc<Engine>,
     cfg: WorkerConfig,
@@ -457,7 +457,7 @@ impl Worker {
             return false;
         }
         let started = std::time::Instant::now();
-        let decodes = plan.iter().any(|(_, w)| *w == Work::Decode);
+        let tokens = plan.iter().map(|(_, w)| w.tokens()).sum();
         self.execute(plan);
         // Sequences that finished (or lost their client) in this step are gone now: an idle
         // worker must not keep reporting them.
@@ -466,9 +466,10 @@ impl Worker {
             .store(self.running.len(), Ordering::Relaxed);
         metrics::gauge!("tandem_decode_running_sequences").set(self.running.len() as f64);
         self.publish_load();
-        if let Some(p) = self.pacer.as_ref().filter(|_| decodes) {
-            let rest = p.rest(started);
+        if let Some(p) = self.pacer.as_mut() {
+            let rest = p.rest(tokens, started);
             if !rest.is_zero() {
+                kernels::pool::rest(); // its idle threads sleep too, rather than spin
                 std::thread::sleep(rest);
             }
         }
@@ -507,7 +508,12 @@ impl Worker {
             }
         }
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
-        let mut budget = self.cfg.max_batch_tokens.saturating_sub(decoding);
+        let max = self.cfg.max_batch_tokens;
+        let max = self
+            .pacer
+            .as_ref()
+            .map_or(max, |p| p.step_tokens(decoding, max));
+        let mut budget = max.saturating_sub(decoding);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let s = &self.running[i];
@@ -533,7 +539,7 @@ impl Worker {
                 capacity: s.kv.capacity(),
             })
             .collect();
-        plan::compose(&states, self.cfg.max_batch_tokens)
+        plan::compose(&states, max)
     }
 
     /// Makes room for sequence `i` (in the arrival-sorted batch) to hold `total` positions.

@@ -13,6 +13,15 @@ pub enum Work {
     Chunk { from: usize, to: usize },
 }
 
+impl Work {
+    pub fn tokens(&self) -> usize {
+        match *self {
+            Work::Decode => 1,
+            Work::Chunk { from, to } => to - from,
+        }
+    }
+}
+
 /// A running sequence as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqState {

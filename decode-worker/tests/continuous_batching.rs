@@ -222,3 +222,38 @@ fn a_full_queue_refuses_at_once_and_cancelled_requests_free_their_place() {
     drop(h);
     th.join().unwrap();
 }
+
+#[test]
+fn paced_beside_a_prefill_pass_every_request_gets_what_it_gets_alone() {
+    // Sharing the cores with a prefill worker that is computing, the worker's steps carry only
+    // the chunks that fit their share of the period (sizes from its running fit of its own
+    // steps, so they vary) and rest to the period: the outputs do not change, and nothing
+    // stalls.
+    let (_d, e) = load(Precision::Int8, 64 << 20);
+    let mut rng = Rng(0x9ace_d00d);
+    let prompts: Vec<Vec<u32>> = prompts(&mut rng).into_iter().take(16).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("cores");
+    let prefill = protocol::cores::CoreArbiter::open(&page).unwrap();
+    let _pass = prefill.computing();
+    let pacer = protocol::cores::Pacer::new(
+        protocol::cores::CoreArbiter::open(&page).unwrap(),
+        std::time::Duration::from_millis(2),
+    );
+    let (h, th) = decode_worker::spawn_paced(e.clone(), WorkerConfig::default(), Some(pacer));
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(&h, i, p.clone(), params(i)))
+        .collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let got = collect(rx).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(
+            got,
+            generate_alone(&e, &prompts[i], params(i)),
+            "request {i}"
+        );
+    }
+    drop(h);
+    th.join().unwrap();
+}

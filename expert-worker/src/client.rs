@@ -8,7 +8,6 @@ use engine::moe::{ExpertBackend, Groups};
 use engine::{EngineError, Result};
 use protocol::auth::ClusterSecret;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod conn;
@@ -131,9 +130,6 @@ pub struct RemoteExperts {
     /// The peers that compute each expert (several: its rows split over them in each layer
     /// of each step by `eplb::assign`, in order).
     owner: Mutex<Vec<Vec<usize>>>,
-    /// What running an expert costs beyond its rows, in rows (`EpStats::fit`, updated between
-    /// steps; 0 until the runs determine it): how `eplb::assign` weighs a replica's run.
-    fixed_rows: AtomicU64,
     /// Run-time EPLB, when enabled.
     eplb: Mutex<Option<rebalance::Rebalancer>>,
     /// Workers lost and the placement to go back to once they answer again.
@@ -220,7 +216,6 @@ impl RemoteExperts {
                     .map(|o| vec![o.expect("checked")])
                     .collect(),
             ),
-            fixed_rows: AtomicU64::new(0f64.to_bits()),
             eplb: Mutex::new(None),
             recovery: Mutex::new(None),
             shm: true,
@@ -407,8 +402,6 @@ impl ExpertBackend for RemoteExperts {
     /// Between steps: lost workers that answer again get their experts back, and EPLB at
     /// run time, when enabled, plans and applies placements.
     fn new_step(&self) {
-        let fixed = self.stats.lock().expect("stats").fit.fixed_rows();
-        self.fixed_rows.store(fixed.to_bits(), Ordering::Relaxed);
         self.recover();
         self.rebalance();
     }
@@ -439,7 +432,9 @@ impl RemoteExperts {
         let mut sent: Vec<Sent> = Vec::new();
         // This layer's rows per expert split over the replicas to level the workers.
         let counts: Vec<usize> = groups.rows.iter().map(Vec::len).collect();
-        let fixed = f64::from_bits(self.fixed_rows.load(Ordering::Relaxed));
+        // What running an expert costs beyond its rows, in rows, as the workers' runs so far
+        // show (0 until they determine it): how a replica's run is weighed.
+        let fixed = self.stats.lock().expect("stats").fit.fixed_rows();
         let shares = eplb::assign(&counts, &owner, peers.len(), fixed).shares;
         for p in 0..peers.len() {
             // (expert, replica, its rows) this peer computes.

@@ -106,8 +106,11 @@ pub struct PrefillConfig {
     pub store: Option<kv_store::store::client::StoreClient>,
 }
 
-/// Default of [`PrefillConfig::max_batch_tokens`].
-pub const DEFAULT_MAX_BATCH_TOKENS: usize = 2048;
+/// Default of [`PrefillConfig::max_batch_tokens`]. A pass's prompts all get their first token
+/// when it ends, so batching delays the first prompt by the others; on a CPU a pass of a few
+/// hundred tokens already pays its fixed cost (the weights read once), so batching beyond that
+/// gains little throughput for the delay it adds (a ~1,000-token prompt runs about alone).
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 1024;
 /// Default of [`PrefillConfig::max_waiting`].
 pub const DEFAULT_MAX_WAITING: usize = 64;
 

@@ -7,8 +7,11 @@
 //! decode batch runs step after step, so the decode worker paces itself: while the prefill
 //! worker computes (it says so in a shared page, [`CoreArbiter`]), each decode step runs at
 //! full speed on every core and the worker then idles to the end of a period sized to the
-//! TPOT target; prefill gets every cycle the steps leave. With no prefill work the decode
-//! worker runs flat out, and with no decode batch prefill has the whole machine.
+//! TPOT target; prefill gets every cycle the steps leave. A step then carries its decode
+//! tokens and only the prompt chunks of its own that fit [`STEP_SHARE`] of what the decode
+//! tokens leave of the period (timed by a running fit of its steps, [`StepFit`]), so the pass
+//! keeps the rest however many prompts the decode worker prefills itself. With no prefill work the
+//! decode worker runs flat out, and with no decode batch prefill has the whole machine.
 //!
 //! The page holds a count of passes in progress and a heartbeat (CLOCK_MONOTONIC, the same
 //! clock for every process on the host): a prefill worker that dies mid-pass leaves a count
@@ -133,15 +136,80 @@ pub struct Sharing {
     pub period: Duration,
 }
 
+/// While a prefill pass runs, the share of each period beyond its decode tokens that a decode
+/// step may fill with prompt chunks of its own; the rest of the period is the prefill
+/// worker's. Without the bound a stream of short prompts placed on the decode worker keeps
+/// every step past its period, and the pass, at idle priority, starves.
+pub const STEP_SHARE: f64 = 0.5;
+/// Prompt-chunk tokens a paced step may always carry, so that its own prompts still move
+/// while a pass runs however full its decode batch.
+pub const MIN_CHUNK: usize = 4;
+
+/// A running least-squares fit of a step's time against its tokens, `a + c·tokens`, each
+/// step weighing a little less than the next (so it follows the machine's speed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepFit {
+    w: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl StepFit {
+    const DECAY: f64 = 0.98;
+
+    pub fn observe(&mut self, tokens: usize, seconds: f64) {
+        let (x, d) = (tokens as f64, Self::DECAY);
+        self.w = self.w * d + 1.0;
+        self.x = self.x * d + x;
+        self.y = self.y * d + seconds;
+        self.xx = self.xx * d + x * x;
+        self.xy = self.xy * d + x * seconds;
+    }
+
+    /// `(a, c)`: fixed seconds per step and seconds per token; `None` before any step. While
+    /// the steps seen had too few distinct sizes to separate them, every second is charged to
+    /// the tokens (an overestimate of a token's cost, so a bound on tokens stays safe).
+    pub fn line(&self) -> Option<(f64, f64)> {
+        if self.w <= 0.0 || self.x <= 0.0 {
+            return None;
+        }
+        let var = self.w * self.xx - self.x * self.x;
+        if var > 1e-3 * self.w * self.xx {
+            let c = (self.w * self.xy - self.x * self.y) / var;
+            let a = (self.y - c * self.x) / self.w;
+            if c > 0.0 && a >= 0.0 {
+                return Some((a, c));
+            }
+        }
+        Some((0.0, self.y / self.x))
+    }
+
+    /// Prompt-chunk tokens beside `decode` decode tokens in a step paced to `period_s`: what
+    /// fits `share` of the period the decode tokens leave (at least [`MIN_CHUNK`]); `None`
+    /// before any step was seen.
+    pub fn chunk_tokens(&self, decode: usize, period_s: f64, share: f64) -> Option<usize> {
+        let (a, c) = self.line()?;
+        let left = share * (period_s - a - c * decode as f64);
+        Some(((left / c).max(0.0) as usize).max(MIN_CHUNK))
+    }
+}
+
 /// Paces a decode worker's steps while a prefill worker shares its cores.
 pub struct Pacer {
     arbiter: CoreArbiter,
     period: Duration,
+    fit: StepFit,
 }
 
 impl Pacer {
     pub fn new(arbiter: CoreArbiter, period: Duration) -> Pacer {
-        Pacer { arbiter, period }
+        Pacer {
+            arbiter,
+            period,
+            fit: StepFit::default(),
+        }
     }
 
     pub fn open(s: &Sharing) -> io::Result<Pacer> {
@@ -152,13 +220,36 @@ impl Pacer {
         self.period
     }
 
-    /// After a step that began at `start` and decoded some sequence: how long to leave the
-    /// cores to prefill (nothing while prefill is idle or the step used its whole period).
-    pub fn rest(&self, start: std::time::Instant) -> Duration {
+    /// The tokens the next step may compute, `decode` of them decode tokens and `max` its
+    /// budget: with streams decoding, the prompt chunks that keep the step within the period
+    /// (so that a long prompt of its own never holds the streams past their TPOT target), and
+    /// while a pass runs [`STEP_SHARE`] of that ([`StepFit::chunk_tokens`]); with none, all of
+    /// it.
+    pub fn step_tokens(&self, decode: usize, max: usize) -> usize {
+        let share = if self.arbiter.prefill_active() {
+            STEP_SHARE
+        } else if decode > 0 {
+            1.0
+        } else {
+            return max;
+        };
+        let period = self.period.as_secs_f64();
+        let chunk = self
+            .fit
+            .chunk_tokens(decode, period, share)
+            .unwrap_or(MIN_CHUNK);
+        max.min(decode + chunk)
+    }
+
+    /// After a step of `tokens` that began at `start`: how long to leave the cores to prefill
+    /// (nothing while prefill is idle or the step used its whole period).
+    pub fn rest(&mut self, tokens: usize, start: std::time::Instant) -> Duration {
+        let took = start.elapsed();
+        self.fit.observe(tokens, took.as_secs_f64());
         if !self.arbiter.prefill_active() {
             return Duration::ZERO;
         }
-        self.period.saturating_sub(start.elapsed())
+        self.period.saturating_sub(took)
     }
 }
 
@@ -173,19 +264,57 @@ mod tests {
         let prefill = CoreArbiter::open(&p).unwrap();
         let decode = CoreArbiter::open(&p).unwrap();
         assert!(!decode.prefill_active());
-        let pacer = Pacer::new(CoreArbiter::open(&p).unwrap(), Duration::from_millis(50));
-        assert_eq!(pacer.rest(std::time::Instant::now()), Duration::ZERO);
+        let mut pacer = Pacer::new(CoreArbiter::open(&p).unwrap(), Duration::from_millis(50));
+        assert_eq!(pacer.step_tokens(0, 256), 256);
+        // Before any step is timed, streams decoding take the least chunk.
+        assert_eq!(pacer.step_tokens(3, 256), 3 + MIN_CHUNK);
+        assert_eq!(pacer.rest(1, std::time::Instant::now()), Duration::ZERO);
         {
             let _a = prefill.computing();
             let _b = prefill.computing();
             assert!(decode.prefill_active());
-            let rest = pacer.rest(std::time::Instant::now());
+            let rest = pacer.rest(1, std::time::Instant::now());
             assert!(rest > Duration::from_millis(40) && rest <= Duration::from_millis(50));
             // A step that took its whole period leaves nothing.
             let long_ago = std::time::Instant::now() - Duration::from_millis(60);
-            assert_eq!(pacer.rest(long_ago), Duration::ZERO);
+            assert_eq!(pacer.rest(1, long_ago), Duration::ZERO);
+            assert!(pacer.step_tokens(3, 256) < 256);
         }
         assert!(!decode.prefill_active());
+    }
+
+    #[test]
+    fn a_paced_step_carries_the_chunk_tokens_that_fit_its_share_of_the_period() {
+        // Steps cost 2 ms + 0.1 ms a token.
+        let mut f = StepFit::default();
+        assert_eq!(f.chunk_tokens(4, 0.01, STEP_SHARE), None);
+        for t in [1, 8, 40, 3, 200, 17, 64] {
+            f.observe(t, 0.002 + 1e-4 * t as f64);
+        }
+        let (a, c) = f.line().unwrap();
+        assert!(
+            (a - 0.002).abs() < 1e-6 && (c - 1e-4).abs() < 1e-8,
+            "{a} {c}"
+        );
+        // A 20 ms period: 2 ms fixed and 0.4 ms for 4 decode tokens leave 17.6 ms, half of
+        // it for 88 chunk tokens.
+        let k = f.chunk_tokens(4, 0.02, STEP_SHARE).unwrap();
+        assert!((87..=88).contains(&k), "{k}");
+        // A decode batch that fills the period alone still moves its prompts a little.
+        assert_eq!(f.chunk_tokens(200, 0.02, STEP_SHARE), Some(MIN_CHUNK));
+        // Without a pass, the whole of what the decode tokens leave.
+        let k = f.chunk_tokens(4, 0.02, 1.0).unwrap();
+        assert!((175..=176).contains(&k), "{k}");
+        // Steps all of one size: every second is charged to the tokens.
+        let mut g = StepFit::default();
+        for _ in 0..5 {
+            g.observe(10, 0.003);
+        }
+        let (a, c) = g.line().unwrap();
+        assert_eq!(a, 0.0);
+        assert!((c - 3e-4).abs() < 1e-9);
+        let k = g.chunk_tokens(10, 0.023, STEP_SHARE).unwrap();
+        assert!((33..=34).contains(&k), "{k}");
     }
 
     #[test]

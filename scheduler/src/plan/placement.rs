@@ -8,9 +8,11 @@
 //! prompt stays local because its chunk fits in one step; a long one moves out when its chunks
 //! would slow every running stream past the TPOT bound; a busy prefill worker loses to an idle
 //! decode worker; on one host, where both workers share the cores, the decode worker's paced
-//! steps leave the prefill worker what they do not use (see `protocol::cores`).
+//! steps leave the prefill worker what they do not use, and beside a pass carry only the
+//! chunks of their own prompts that fit their share of the period (see `protocol::cores`).
 
 use super::cost::{CostModel, Work};
+use protocol::cores::STEP_SHARE;
 
 /// The latency bounds a request should meet (seconds).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -85,7 +87,8 @@ pub fn decide(
     d: &DecodeView,
     prefill: Option<&PrefillView>,
 ) -> Decision {
-    let local = on_decode(cost, slo, prompt, cached, d);
+    let pass = prefill.and_then(|p| pass_beside(cost, prompt, cached, d, p));
+    let local = on_decode(cost, slo, prompt, cached, d, pass);
     let remote = prefill.map(|p| on_prefill(cost, slo, prompt, cached, d, p));
     let place = match remote {
         Some(r) if (r.misses, r.ttft_s) < (local.misses, local.ttft_s) => Place::Prefill,
@@ -132,9 +135,13 @@ fn misses(slo: Slo, ttft: f64, tpot: f64, running: usize) -> usize {
 /// batch: how many steps, each one's time, and the time of them all.
 fn chunked(cost: &CostModel, d: &DecodeView, todo: usize, pairs: f64) -> (f64, f64, f64) {
     let f = cost.forward(d.threads);
-    let chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
-    let steps = todo.div_ceil(chunk).max(1) as f64;
     let decode = Work::decode(d.running, d.context);
+    let mut chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
+    // Pacing, with streams decoding: the chunks that keep a step within the period.
+    if let Some(period) = d.pace_s.filter(|_| d.running > 0) {
+        chunk = chunk.min(f.paced_chunk(decode, pairs, period, 1.0));
+    }
+    let steps = todo.div_ceil(chunk).max(1) as f64;
     let all = Work {
         tokens: decode.tokens * steps + todo as f64,
         prefill_pairs: pairs * todo as f64,
@@ -156,13 +163,103 @@ fn pairs_per_token(prompt: usize, cached: usize) -> f64 {
     Work::prefill(cached, prompt).prefill_pairs / prompt.saturating_sub(cached).max(1) as f64
 }
 
-fn on_decode(cost: &CostModel, slo: Slo, prompt: usize, cached: usize, d: &DecodeView) -> Outcome {
+/// A prefill pass running beside a paced decode worker (both on the same cores): how long it
+/// goes on, and the period the decode steps pace to meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct Pass {
+    left_s: f64,
+    period_s: f64,
+}
+
+/// The share of the cores a paced decode worker leaves its prefill neighbour while a pass runs:
+/// the rest of each period after its decode step and, with prompts of its own to prefill,
+/// their chunks (`STEP_SHARE` of what the decode step leaves).
+fn prefill_share(base: f64, period: f64, own_prompts: bool) -> f64 {
+    let left = 1.0 - base / period.max(base);
+    let own = if own_prompts { STEP_SHARE } else { 0.0 };
+    (left * (1.0 - own)).max(MIN_SHARE)
+}
+
+/// How long prefill work of `pass` seconds (at full speed) takes beside a decode worker pacing
+/// to `period`: while the decode worker's own queued prompts move in paced chunks, at the share
+/// they leave; after them, at the whole rest of each period.
+fn beside_paced(cost: &CostModel, d: &DecodeView, pairs: f64, pass: f64, period: f64) -> f64 {
+    let base = base_step(cost, d);
+    let full = prefill_share(base, period, false);
+    if d.backlog == 0 {
+        return pass / full;
+    }
+    let half = prefill_share(base, period, true);
+    let decode = Work::decode(d.running, d.context);
+    let k = cost
+        .forward(d.threads)
+        .paced_chunk(decode, pairs, period, STEP_SHARE);
+    let own = d.backlog.div_ceil(k) as f64 * period.max(base);
+    if pass <= own * half {
+        pass / half
+    } else {
+        own + (pass - own * half) / full
+    }
+}
+
+fn pass_beside(
+    cost: &CostModel,
+    prompt: usize,
+    cached: usize,
+    d: &DecodeView,
+    p: &PrefillView,
+) -> Option<Pass> {
+    let period_s = d.pace_s?;
+    if p.backlog == 0 {
+        return None;
+    }
+    let pairs = pairs_per_token(prompt, cached);
+    let mut work = Work::prefill(0, 0);
+    work.tokens = p.backlog as f64;
+    work.prefill_pairs = pairs * p.backlog as f64;
+    let pass = cost.forward(p.threads).seconds(work);
+    Some(Pass {
+        left_s: beside_paced(cost, d, pairs, pass, period_s),
+        period_s,
+    })
+}
+
+fn on_decode(
+    cost: &CostModel,
+    slo: Slo,
+    prompt: usize,
+    cached: usize,
+    d: &DecodeView,
+    pass: Option<Pass>,
+) -> Outcome {
     let todo = d.backlog + prompt.saturating_sub(cached);
-    let (steps, step, ttft) = chunked(cost, d, todo, pairs_per_token(prompt, cached));
+    let pairs = pairs_per_token(prompt, cached);
+    // Beside a pass, the steps carry only the chunks that fit their share of the period.
+    let (paced_steps, paced_s, todo) = match pass {
+        Some(p) => {
+            let decode = Work::decode(d.running, d.context);
+            let k = cost
+                .forward(d.threads)
+                .paced_chunk(decode, pairs, p.period_s, STEP_SHARE);
+            let steps = ((p.left_s / p.period_s).floor()).min(todo.div_ceil(k) as f64);
+            let done = (steps as usize * k).min(todo);
+            (steps, steps * p.period_s, todo - done)
+        }
+        None => (0.0, 0.0, todo),
+    };
+    let (steps, step, rest) = if todo > 0 || paced_steps == 0.0 {
+        chunked(cost, d, todo, pairs)
+    } else {
+        (0.0, 0.0, 0.0)
+    };
+    let ttft = paced_s + rest;
     let tpot = if d.running == 0 {
         0.0
     } else {
-        mean_tpot(base_step(cost, d), step, steps, slack_tokens(d))
+        let base = base_step(cost, d);
+        let paced = pass.map_or(base, |p| p.period_s.max(base));
+        let slack = slack_tokens(d);
+        mean_tpot(base, paced, paced_steps, slack) + mean_tpot(base, step, steps, slack) - base
     };
     Outcome {
         ttft_s: ttft,
@@ -190,30 +287,27 @@ fn on_prefill(
     let base = base_step(cost, d);
     let left = slack_tokens(d);
     // The decode worker's own queued prompts slow its streams wherever this one goes.
-    let (queued_steps, queued_step, queued_s) = if d.backlog > 0 {
+    let (queued_steps, queued_step, _) = if d.backlog > 0 {
         chunked(cost, d, d.backlog, pairs_per_token(prompt, cached))
     } else {
         (0.0, base, 0.0)
     };
     let behind = mean_tpot(base, queued_step, queued_steps, left) - base;
-    // Sharing the cores: while it computes, the decode worker runs each step at full speed
-    // and then idles to the end of its period, so prefill gets what the steps leave — nothing
-    // while the decode worker's own prompt chunks fill its steps, so those go first.
-    let (wait, share, tpot) = match d.pace_s {
+    // Sharing the cores: while it computes, the decode worker runs each step — its decode
+    // tokens and the chunks of its own prompts that fit its share of the period — and then
+    // idles to the end of the period; prefill gets the rest. The streams meet the period
+    // meanwhile, the decode worker's own prompts included.
+    let (wall, tpot) = match d.pace_s {
         Some(period) if d.running > 0 || d.backlog > 0 => {
+            let wall = beside_paced(cost, d, pairs_per_token(prompt, cached), pass, period);
             let period = period.max(base);
-            let share = (1.0 - base / period).max(MIN_SHARE);
-            let slow = (pass / share / period).max(1.0);
-            (
-                queued_s,
-                share,
-                mean_tpot(base, period, slow, left) + behind,
-            )
+            let slow = (wall / period).max(1.0);
+            (wall, mean_tpot(base, period, slow, left))
         }
-        _ => (0.0, 1.0, base + behind),
+        _ => (pass, base + behind),
     };
     let link = cost.link.calls_s + if p.tcp { cost.tcp_seconds(new) } else { 0.0 };
-    let ttft = wait + pass / share + link;
+    let ttft = wall + link;
     Outcome {
         ttft_s: ttft,
         tpot_s: tpot,
@@ -283,7 +377,7 @@ mod tests {
     #[test]
     fn a_long_prompt_moves_out_when_its_chunks_would_break_the_tpot_bound() {
         let m = model();
-        let busy = decode(8, 2000, 0, Some(0.02));
+        let busy = decode(8, 2000, 0, None);
         let d = decide(&m, TIGHT_TPOT, 1000, 0, &busy, Some(&IDLE_PREFILL));
         assert!(d.decode.tpot_s > TIGHT_TPOT.tpot_s, "{d:?}");
         assert_eq!(d.decode.misses, 8);
@@ -293,10 +387,12 @@ mod tests {
             p.tpot_s <= TIGHT_TPOT.tpot_s && p.ttft_s <= TIGHT_TPOT.ttft_s,
             "{p:?}"
         );
-        // The same prompt under a loose TPOT bound stays: chunks in the batch's steps are
-        // the cheapest way to compute it.
-        let d = decide(&m, CHAT, 1000, 0, &busy, Some(&IDLE_PREFILL));
-        assert_eq!(d.place, Place::Decode, "{d:?}");
+        // A decode worker pacing its steps (sharing the cores) keeps each step within its
+        // period, chunks and all: its streams keep the bound wherever the prompt goes.
+        let paced = decode(8, 2000, 0, Some(0.02));
+        let d = decide(&m, TIGHT_TPOT, 1000, 0, &paced, Some(&IDLE_PREFILL));
+        assert!(d.decode.tpot_s <= 0.02 + 1e-12, "{d:?}");
+        assert_eq!(d.decode.misses, 0, "{d:?}");
     }
 
     #[test]
@@ -356,8 +452,8 @@ mod tests {
         );
         assert!(d.decode.ttft_s > d.prefill.unwrap().ttft_s, "{d:?}");
         assert_eq!(d.place, Place::Prefill, "{d:?}");
-        // Sharing the cores, the queue's chunks fill the decode steps and leave the prefill
-        // worker nothing until they are done: moving the prompt gains nothing.
+        // Sharing the cores, the queue's chunks fill only their share of each paced step and
+        // the prefill worker keeps the rest of the period: the prompt goes out too.
         let shared = decide(
             &m,
             CHAT,
@@ -366,11 +462,47 @@ mod tests {
             &decode(16, 4000, 3000, Some(0.08)),
             Some(&IDLE_PREFILL),
         );
+        let p = shared.prefill.unwrap();
+        assert!(p.ttft_s < shared.decode.ttft_s, "{shared:?}");
+        let alone = m.forward(2).seconds(Work::prefill(0, 250));
+        let base = m.forward(2).seconds(Work::decode(16, 4000));
+        let share = (1.0 - base / 0.08) * (1.0 - STEP_SHARE);
         assert!(
-            shared.prefill.unwrap().ttft_s > shared.decode.ttft_s,
-            "{shared:?}"
+            (p.ttft_s - alone / share - m.link.calls_s).abs() < 1e-9,
+            "{p:?}"
         );
-        assert_eq!(shared.place, Place::Decode);
+        assert_eq!(shared.place, Place::Prefill);
+    }
+
+    #[test]
+    fn beside_a_pass_the_decode_workers_own_prompts_move_a_paced_chunk_a_period() {
+        let m = model();
+        let d = decode(8, 2000, 0, Some(0.08));
+        let pass = PrefillView {
+            backlog: 4000,
+            ..IDLE_PREFILL
+        };
+        let paced = decide(&m, CHAT, 200, 0, &d, Some(&pass)).decode;
+        let free = decide(&m, CHAT, 200, 0, &d, Some(&IDLE_PREFILL)).decode;
+        // The chunks that fit half of what 8 decode tokens leave of each 80 ms period, one
+        // step a period, all within the pass.
+        let k = m
+            .forward(2)
+            .paced_chunk(Work::decode(8, 2000), 100.5, 0.08, STEP_SHARE);
+        assert!((protocol::cores::MIN_CHUNK..200).contains(&k), "{k}");
+        let want = 200usize.div_ceil(k) as f64 * 0.08;
+        assert!((paced.ttft_s - want).abs() < 1e-9, "{paced:?} {want}");
+        assert!(paced.ttft_s > free.ttft_s, "{paced:?} {free:?}");
+        // The streams run at the period meanwhile.
+        assert!(
+            paced.tpot_s > free.tpot_s && paced.tpot_s <= 0.08 + 1e-12,
+            "{paced:?}"
+        );
+        // Without pacing (cores of their own) a busy prefill worker changes nothing locally.
+        let own = decode(8, 2000, 0, None);
+        let a = decide(&m, CHAT, 200, 0, &own, Some(&pass)).decode;
+        let b = decide(&m, CHAT, 200, 0, &own, Some(&IDLE_PREFILL)).decode;
+        assert_eq!(a, b);
     }
 
     #[test]

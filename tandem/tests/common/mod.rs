@@ -20,13 +20,31 @@ pub fn model() -> String {
     }
 }
 
-/// A port nothing listens on now.
+/// A port nothing listens on now, below the kernel's ephemeral range: a port the kernel hands
+/// out (`bind(0)`) may be taken by any outgoing connection of a test running beside this one
+/// before the child process binds it, and the child then exits (CI met it once: a decode worker
+/// live but never ready). Ports are tried from a point of this process's own, so that test
+/// binaries side by side rarely try the same ones; each is checked free.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (from, span) = (10_000, low.saturating_sub(10_000));
+    if span < 1_000 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        return l.local_addr().unwrap().port();
+    }
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (from + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process, stopped with SIGTERM (and waited for) when dropped.

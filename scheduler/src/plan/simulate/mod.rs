@@ -3,7 +3,8 @@
 //! sequences' tokens and then prompt chunks, oldest first, up to its step budget; a prefill
 //! worker batches whole prompts up to its token budget; each prompt placed by
 //! [`super::placement::decide`], as the scheduler places it; a decode worker sharing its cores
-//! rests to its pace while the prefill worker computes, which then gets only the rests.
+//! rests to its pace while the prefill worker computes, its steps carrying only the chunks
+//! that fit their share of the period, and the prefill worker gets the rests.
 //!
 //! Averages hide what the SLO sees: a stream's time per output token is the mean of the steps
 //! it met, and a burst of long prompts makes a few streams' steps slow, not every stream's a
@@ -22,7 +23,7 @@ use std::collections::VecDeque;
 pub const STEP_BUDGET: usize = 256;
 pub const MAX_RUNNING: usize = 64;
 /// A prefill worker's batch budget (its default).
-pub const PREFILL_BUDGET: usize = 2048;
+pub const PREFILL_BUDGET: usize = 1024;
 
 /// One simulated request's latencies.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +69,13 @@ pub struct Arrival {
     pub at: f64,
     pub prompt: usize,
     pub osl: usize,
+}
+
+impl Arrival {
+    /// The tokens it makes: at least one (the first, from its prefill).
+    pub fn outputs(&self) -> usize {
+        self.osl.max(1)
+    }
 }
 
 /// `n` Poisson arrivals of the workload.
@@ -266,7 +274,7 @@ pub fn replay(
     ];
     let (mut steps, mut stepped) = (0usize, 0usize);
     let horizon = horizon.max(1);
-    let osl = |r: usize| reqs[r].osl.max(1);
+    let osl = |r: usize| reqs[r].outputs();
     let mut next = 0;
     let mut now = 0.0f64;
     let mut done = 0;
@@ -364,8 +372,8 @@ pub fn replay(
         // Decode steps due now.
         for d in &mut ds {
             if d.next_step(now).is_some_and(|s| s <= now) {
-                let sharing = d.pace.filter(|&(p, _)| ps[p].batch.is_some());
-                let (finished, n_seqs) = step(d, now, sharing.map(|(_, p)| p), reqs, &mut served);
+                let pass = d.pace.is_some_and(|(p, _)| ps[p].batch.is_some());
+                let (finished, n_seqs) = step(d, now, pass, reqs, &mut served);
                 d.assigned -= finished;
                 done += finished;
                 steps += 1;
@@ -382,12 +390,13 @@ pub fn replay(
 }
 
 /// One step of `d` at `now`: sequences that arrived join (up to the cap), decoding ones make a
-/// token each, prompt chunks fill the budget. Returns the requests it finished and the
-/// sequences it stepped.
+/// token each, prompt chunks fill the budget (paced: the share of the period the decode tokens
+/// leave, and then a rest to the period while a `pass` runs beside it). Returns the requests
+/// it finished and the sequences it stepped.
 fn step(
     d: &mut DecodeSim,
     now: f64,
-    pace: Option<f64>,
+    pass: bool,
     reqs: &[Arrival],
     served: &mut [Served],
 ) -> (usize, usize) {
@@ -403,6 +412,27 @@ fn step(
     }
     let decoding = d.running.iter().filter(|s| s.have >= s.prompt).count();
     let mut budget = STEP_BUDGET.saturating_sub(decoding);
+    // Paced, the chunks that fit the step's share of the period (`protocol::cores`).
+    let pace = d.pace.map(|(_, p)| p);
+    let share = match pace {
+        Some(_) if pass => Some(protocol::cores::STEP_SHARE),
+        Some(_) if decoding > 0 => Some(1.0),
+        _ => None,
+    };
+    if let (Some(period), Some(share)) = (pace, share) {
+        let context = d
+            .running
+            .iter()
+            .filter(|s| s.have >= s.prompt)
+            .map(|s| s.have);
+        let decode = Work::decode(decoding, context.sum());
+        let pairs = d
+            .running
+            .iter()
+            .find(|s| s.have < s.prompt)
+            .map_or(0, |s| s.have);
+        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period, share));
+    }
     let mut work = Work::default();
     let mut chunks = vec![0usize; d.running.len()];
     for (i, s) in d.running.iter().enumerate() {
@@ -417,7 +447,7 @@ fn step(
     }
     let end = now + d.f.seconds(work);
     d.busy_until = end;
-    d.free_at = pace.map_or(end, |p| end.max(now + p));
+    d.free_at = pace.filter(|_| pass).map_or(end, |p| end.max(now + p));
     let n_seqs = d.running.len();
     let mut finished = 0;
     for (i, s) in d.running.iter_mut().enumerate() {
@@ -432,7 +462,7 @@ fn step(
                 served[s.req].ttft_s = end - reqs[s.req].at;
             }
         }
-        let osl = reqs[s.req].osl.max(1);
+        let osl = reqs[s.req].outputs();
         if s.out >= osl {
             served[s.req].tpot_s = if osl > 1 {
                 (end - s.first_at) / (osl - 1) as f64
@@ -442,7 +472,7 @@ fn step(
         }
     }
     d.running.retain(|s| {
-        let keep = s.out < reqs[s.req].osl.max(1);
+        let keep = s.out < reqs[s.req].outputs();
         finished += usize::from(!keep);
         keep
     });
@@ -450,249 +480,4 @@ fn step(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::plan::cost::tests::model;
-    use crate::plan::workload::Prompts;
-
-    const SLO: Slo = Slo {
-        ttft_s: 1.0,
-        tpot_s: 0.1,
-    };
-
-    fn workload(prompts: &str, osl: usize, rate: f64) -> Workload {
-        Workload {
-            prompts: prompts.parse::<Prompts>().unwrap(),
-            osl,
-            rate,
-        }
-    }
-
-    /// A request alone: its own steps and nothing else.
-    fn alone(layout: Layout, prompt: usize, osl: usize) -> Served {
-        let run = simulate(
-            &model(),
-            &workload(&prompt.to_string(), osl, 1e-4),
-            SLO,
-            layout,
-            0.8,
-            3,
-            1,
-        );
-        let same = |a: &Served| {
-            close(a.ttft_s, run.served[0].ttft_s) && close(a.tpot_s, run.served[0].tpot_s)
-        };
-        assert!(run.served.iter().all(same), "{run:?}");
-        run.served[0]
-    }
-
-    fn close(a: f64, b: f64) -> bool {
-        (a - b).abs() <= 1e-9
-    }
-
-    #[test]
-    fn a_trace_replays_each_requests_own_arrival_and_lengths() {
-        let m = model();
-        let layout = Layout::Colocated { threads: 2 };
-        // A workload's arrivals replayed are the workload simulated.
-        let w = workload("200-400", 16, 2.0);
-        assert_eq!(
-            replay(&m, &arrivals(&w, 40, 9), w.osl, SLO, layout, 0.8),
-            simulate(&m, &w, SLO, layout, 0.8, 40, 9)
-        );
-        // Requests far apart, each alone: its own chunks, then its own output's steps.
-        let f = m.forward(2);
-        let trace = [
-            Arrival {
-                at: 0.0,
-                prompt: 100,
-                osl: 1,
-            },
-            Arrival {
-                at: 50.0,
-                prompt: 300,
-                osl: 3,
-            },
-        ];
-        let run = replay(&m, &trace, 2, SLO, layout, 0.8);
-        let (a, b) = (run.served[0], run.served[1]);
-        assert!(
-            close(a.ttft_s, f.seconds(Work::prefill(0, 100))) && a.tpot_s == 0.0,
-            "{a:?}"
-        );
-        let ttft = f.seconds(Work::prefill(0, 256)) + f.seconds(Work::prefill(256, 300));
-        let tpot = (f.seconds(Work::decode(1, 300)) + f.seconds(Work::decode(1, 301))) / 2.0;
-        assert!(close(b.ttft_s, ttft) && close(b.tpot_s, tpot), "{b:?}");
-    }
-
-    #[test]
-    fn a_request_alone_costs_its_chunks_and_then_its_decode_steps() {
-        let m = model();
-        let f = m.forward(2);
-        // 600 tokens: chunks of 256, 256, 88, the first token at the end of the last.
-        let ttft: f64 = [(0, 256), (256, 512), (512, 600)]
-            .iter()
-            .map(|&(a, b)| f.seconds(Work::prefill(a, b)))
-            .sum();
-        let tpot = (600..603)
-            .map(|c| f.seconds(Work::decode(1, c)))
-            .sum::<f64>()
-            / 3.0;
-        let s = alone(Layout::Colocated { threads: 2 }, 600, 4);
-        assert!(
-            close(s.ttft_s, ttft) && close(s.tpot_s, tpot),
-            "{s:?} vs {ttft} {tpot}"
-        );
-        // On a prefill worker: one pass, then the link; no pacing once prefill is idle.
-        let s = alone(Layout::Shared { threads: 2 }, 600, 4);
-        let pass = f.seconds(Work::prefill(0, 600)) + m.link.calls_s;
-        assert!(close(s.ttft_s, pass) && close(s.tpot_s, tpot), "{s:?}");
-        let one = m.forward(1);
-        let s = alone(
-            Layout::Pinned {
-                prefill: 1,
-                decode: 1,
-            },
-            600,
-            4,
-        );
-        assert!(
-            close(
-                s.ttft_s,
-                one.seconds(Work::prefill(0, 600)) + m.link.calls_s
-            ),
-            "{s:?}"
-        );
-    }
-
-    #[test]
-    fn arrivals_are_poisson_at_the_rate_and_the_same_for_a_seed() {
-        let w = workload("32-256", 8, 4.0);
-        let a = arrivals(&w, 20_000, 9);
-        let gaps: Vec<f64> = a.windows(2).map(|p| p[1].at - p[0].at).collect();
-        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
-        let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / gaps.len() as f64;
-        assert!((mean - 0.25).abs() < 0.01, "{mean}");
-        // An exponential's standard deviation is its mean.
-        assert!((var.sqrt() / mean - 1.0).abs() < 0.05, "{var}");
-        let again = arrivals(&w, 20_000, 9);
-        assert!(
-            a.iter()
-                .zip(&again)
-                .all(|(x, y)| x.at == y.at && x.prompt == y.prompt)
-        );
-        assert_ne!(arrivals(&w, 10, 10)[0].at, a[0].at);
-    }
-
-    #[test]
-    fn a_paced_decode_worker_leaves_its_prefill_neighbour_the_rest_of_each_period() {
-        let m = model();
-        // A stream decoding, then a long prompt: it prefills in the rests of 20 ms periods,
-        // and the stream's steps stretch to the period while it does.
-        let w = workload("1000", 200, 0.4);
-        let slo = Slo {
-            ttft_s: 3.0,
-            tpot_s: 0.025,
-        };
-        let run = simulate(&m, &w, slo, Layout::Shared { threads: 2 }, 0.8, 200, 3);
-        let f = m.forward(2);
-        let pass = f.seconds(Work::prefill(0, 1000));
-        let step = f.seconds(Work::decode(1, 1100));
-        let slowest = run.served.iter().map(|s| s.ttft_s).fold(0.0, f64::max);
-        // With a stream or more decoding, a pass takes at least pass / (1 − step/period).
-        assert!(
-            slowest > pass / (1.0 - step / 0.02) * 0.99,
-            "{slowest} {pass}"
-        );
-        let mut tpot: Vec<f64> = run.served.iter().map(|s| s.tpot_s).collect();
-        tpot.sort_by(f64::total_cmp);
-        assert!(
-            tpot[tpot.len() / 2] <= 0.02 + 1e-9,
-            "{}",
-            tpot[tpot.len() / 2]
-        );
-        assert!(
-            run.prefill_load > 0.1 && run.prefill_load < 1.0,
-            "{}",
-            run.prefill_load
-        );
-    }
-
-    #[test]
-    fn pods_pay_the_kv_transfer_over_tcp() {
-        let mut m = model();
-        // Calls so dear that one pass beats eight chunks on an idle decode pod.
-        for f in &mut m.forward {
-            f.fixed_s = 0.2;
-        }
-        let w = workload("2000", 4, 1e-4);
-        let slo = Slo {
-            ttft_s: 10.0,
-            tpot_s: 0.1,
-        };
-        // The prompt goes to the prefill pod; its first token waits for the KV to cross.
-        let pods = Layout::Pods {
-            prefill: 1,
-            decode: 1,
-            threads: 2,
-        };
-        let run = simulate(&m, &w, slo, pods, 1.0, 2, 1);
-        let pass = m.forward(2).seconds(Work::prefill(0, 2000));
-        let want = pass + m.link.calls_s + m.tcp_seconds(2000);
-        assert!(run.prefill_load > 0.0, "{run:?}");
-        assert!(
-            close(run.served[0].ttft_s, want),
-            "{:?} vs {want}",
-            run.served[0]
-        );
-    }
-
-    #[test]
-    fn pinned_decode_workers_split_the_streams() {
-        let m = model();
-        let w = workload("100", 50, 2.0);
-        let one = simulate(
-            &m,
-            &w,
-            SLO,
-            Layout::Pinned {
-                prefill: 1,
-                decode: 1,
-            },
-            0.8,
-            300,
-            5,
-        );
-        let mut more = m.clone();
-        more.cores = 3;
-        let two = simulate(
-            &more,
-            &w,
-            SLO,
-            Layout::Pinned {
-                prefill: 1,
-                decode: 2,
-            },
-            0.8,
-            300,
-            5,
-        );
-        assert!(
-            two.batch < one.batch * 0.75,
-            "{} vs {}",
-            two.batch,
-            one.batch
-        );
-        let median = |r: &Run| {
-            let mut t: Vec<f64> = r.served.iter().map(|s| s.tpot_s).collect();
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        };
-        assert!(
-            median(&two) < median(&one),
-            "{} vs {}",
-            median(&two),
-            median(&one)
-        );
-    }
-}
+mod tests;
