@@ -221,22 +221,17 @@ impl Pacer {
     }
 
     /// The tokens the next step may compute, `decode` of them decode tokens and `max` its
-    /// budget: with streams decoding, the prompt chunks that keep the step within the period
-    /// (so that a long prompt of its own never holds the streams past their TPOT target), and
-    /// while a pass runs [`STEP_SHARE`] of that ([`StepFit::chunk_tokens`]); with none, all of
-    /// it.
+    /// budget: all of it while prefill is idle; while a pass runs, the decode tokens and the
+    /// chunks that fit [`STEP_SHARE`] of what they leave of the period
+    /// ([`StepFit::chunk_tokens`]).
     pub fn step_tokens(&self, decode: usize, max: usize) -> usize {
-        let share = if self.arbiter.prefill_active() {
-            STEP_SHARE
-        } else if decode > 0 {
-            1.0
-        } else {
+        if !self.arbiter.prefill_active() {
             return max;
-        };
+        }
         let period = self.period.as_secs_f64();
         let chunk = self
             .fit
-            .chunk_tokens(decode, period, share)
+            .chunk_tokens(decode, period, STEP_SHARE)
             .unwrap_or(MIN_CHUNK);
         max.min(decode + chunk)
     }
@@ -265,9 +260,7 @@ mod tests {
         let decode = CoreArbiter::open(&p).unwrap();
         assert!(!decode.prefill_active());
         let mut pacer = Pacer::new(CoreArbiter::open(&p).unwrap(), Duration::from_millis(50));
-        assert_eq!(pacer.step_tokens(0, 256), 256);
-        // Before any step is timed, streams decoding take the least chunk.
-        assert_eq!(pacer.step_tokens(3, 256), 3 + MIN_CHUNK);
+        assert_eq!(pacer.step_tokens(3, 256), 256);
         assert_eq!(pacer.rest(1, std::time::Instant::now()), Duration::ZERO);
         {
             let _a = prefill.computing();

@@ -262,6 +262,7 @@ mod tests {
             shared.tpot_p90_s <= 0.025 && shared.attainment > colocated.attainment + 0.03,
             "{shared:?} {colocated:?}"
         );
-        assert!(shared.prefill_load > 0.1, "{shared:?}");
+        // The long prompts that would break the bound go to the prefill worker.
+        assert!(shared.prefill_load > 0.05, "{shared:?}");
     }
 }

@@ -10,9 +10,8 @@ pub mod placement;
 pub mod simulate;
 pub mod workload;
 
-/// A decode worker sharing its cores with a prefill worker paces its steps to this fraction of
-/// the TPOT bound (`--pace-ms` of `tandem decode`): with streams decoding, a step carries only
-/// the prompt chunks that keep it within the period, and while the prefill worker computes it
-/// leaves it the rest of each period; the margin absorbs the noise of a shared machine (the
-/// paced streams' p99 TPOT measured 3–5% over the period).
+/// While a decode worker shares its cores with a computing prefill worker, it paces its steps
+/// to this fraction of the TPOT bound (`--pace-ms` of `tandem decode`): the steps run at full
+/// speed, the rest of each period goes to prefill, and the margin absorbs the noise of a
+/// shared machine (the paced streams' p99 TPOT measured 3–5% over the period).
 pub const PACE: f64 = 0.9;

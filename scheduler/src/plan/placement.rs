@@ -8,8 +8,9 @@
 //! prompt stays local because its chunk fits in one step; a long one moves out when its chunks
 //! would slow every running stream past the TPOT bound; a busy prefill worker loses to an idle
 //! decode worker; on one host, where both workers share the cores, the decode worker's paced
-//! steps leave the prefill worker what they do not use, and beside a pass carry only the
-//! chunks of their own prompts that fit their share of the period (see `protocol::cores`).
+//! steps carry only the prompt chunks that keep them within their period (beside a prefill
+//! pass, half of what the decode tokens leave of it) and leave the prefill worker the rest
+//! (see `protocol::cores`).
 
 use super::cost::{CostModel, Work};
 use protocol::cores::STEP_SHARE;
@@ -90,8 +91,14 @@ pub fn decide(
     let pass = prefill.and_then(|p| pass_beside(cost, prompt, cached, d, p));
     let local = on_decode(cost, slo, prompt, cached, d, pass);
     let remote = prefill.map(|p| on_prefill(cost, slo, prompt, cached, d, p));
+    // Sharing the cores, a pass takes them from the decode worker's own queued prompts (their
+    // chunks shrink to a share of each period) and, preempted every period, runs slower than
+    // its profile — costs this request's prediction does not see: so it goes out only to
+    // spare a miss. With cores of its own, the earlier first token decides a tie.
+    let shared = d.pace_s.is_some();
     let place = match remote {
-        Some(r) if (r.misses, r.ttft_s) < (local.misses, local.ttft_s) => Place::Prefill,
+        Some(r) if r.misses < local.misses => Place::Prefill,
+        Some(r) if r.misses == local.misses && !shared && r.ttft_s < local.ttft_s => Place::Prefill,
         _ => Place::Decode,
     };
     Decision {
@@ -136,11 +143,7 @@ fn misses(slo: Slo, ttft: f64, tpot: f64, running: usize) -> usize {
 fn chunked(cost: &CostModel, d: &DecodeView, todo: usize, pairs: f64) -> (f64, f64, f64) {
     let f = cost.forward(d.threads);
     let decode = Work::decode(d.running, d.context);
-    let mut chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
-    // Pacing, with streams decoding: the chunks that keep a step within the period.
-    if let Some(period) = d.pace_s.filter(|_| d.running > 0) {
-        chunk = chunk.min(f.paced_chunk(decode, pairs, period, 1.0));
-    }
+    let chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
     let steps = todo.div_ceil(chunk).max(1) as f64;
     let all = Work {
         tokens: decode.tokens * steps + todo as f64,
@@ -387,12 +390,12 @@ mod tests {
             p.tpot_s <= TIGHT_TPOT.tpot_s && p.ttft_s <= TIGHT_TPOT.ttft_s,
             "{p:?}"
         );
-        // A decode worker pacing its steps (sharing the cores) keeps each step within its
-        // period, chunks and all: its streams keep the bound wherever the prompt goes.
+        // Sharing the cores too: the remote pass slows the streams only to the pace.
         let paced = decode(8, 2000, 0, Some(0.02));
         let d = decide(&m, TIGHT_TPOT, 1000, 0, &paced, Some(&IDLE_PREFILL));
-        assert!(d.decode.tpot_s <= 0.02 + 1e-12, "{d:?}");
-        assert_eq!(d.decode.misses, 0, "{d:?}");
+        assert_eq!(d.decode.misses, 8, "{d:?}");
+        assert_eq!(d.place, Place::Prefill, "{d:?}");
+        assert!(d.prefill.unwrap().tpot_s <= 0.02 + 1e-12, "{d:?}");
     }
 
     #[test]
@@ -453,7 +456,8 @@ mod tests {
         assert!(d.decode.ttft_s > d.prefill.unwrap().ttft_s, "{d:?}");
         assert_eq!(d.place, Place::Prefill, "{d:?}");
         // Sharing the cores, the queue's chunks fill only their share of each paced step and
-        // the prefill worker keeps the rest of the period: the prompt goes out too.
+        // the prefill worker keeps the rest of the period: the prompt goes out too, sparing
+        // the misses its chunks would add.
         let shared = decide(
             &m,
             CHAT,
@@ -463,7 +467,7 @@ mod tests {
             Some(&IDLE_PREFILL),
         );
         let p = shared.prefill.unwrap();
-        assert!(p.ttft_s < shared.decode.ttft_s, "{shared:?}");
+        assert!(p.misses < shared.decode.misses, "{shared:?}");
         let alone = m.forward(2).seconds(Work::prefill(0, 250));
         let base = m.forward(2).seconds(Work::decode(16, 4000));
         let share = (1.0 - base / 0.08) * (1.0 - STEP_SHARE);
@@ -472,6 +476,19 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(shared.place, Place::Prefill);
+        // Where both options miss alike, sharing keeps the prompt: a pass would take the cores
+        // from the decode worker's own queue, a cost this request's prediction does not see.
+        // With cores of its own, the earlier first token goes out.
+        let tie = decide(
+            &m,
+            CHAT,
+            40,
+            0,
+            &decode(4, 500, 0, Some(0.08)),
+            Some(&IDLE_PREFILL),
+        );
+        assert_eq!(tie.decode.misses, tie.prefill.unwrap().misses);
+        assert_eq!(tie.place, Place::Decode, "{tie:?}");
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub struct SharingArgs {
     /// The page (a file on this host) through which this worker and a prefill or decode worker on the same cores coordinate: the prefill worker runs at idle priority and says when it computes; the decode worker then paces its steps to --pace-ms and leaves it the rest.
     #[arg(long)]
     pub share_cores: Option<PathBuf>,
-    /// Decode workers sharing cores: the step period, ms: with streams decoding a step carries only the prompt chunks that fit it, and while a prefill worker computes the rest of it is the prefill worker's (default: 0.9 × --slo-tpot-ms of `tandem up`, 90).
+    /// Decode workers sharing cores: the step period while a prefill worker computes, ms (default: 0.9 × --slo-tpot-ms of `tandem up`, 90).
     #[arg(long, requires = "share_cores")]
     pub pace_ms: Option<f64>,
 }

@@ -16,6 +16,7 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
+use protocol::cores::STEP_SHARE;
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -390,9 +391,9 @@ pub fn replay(
 }
 
 /// One step of `d` at `now`: sequences that arrived join (up to the cap), decoding ones make a
-/// token each, prompt chunks fill the budget (paced: the share of the period the decode tokens
-/// leave, and then a rest to the period while a `pass` runs beside it). Returns the requests
-/// it finished and the sequences it stepped.
+/// token each, prompt chunks fill the budget (while a `pass` runs beside a paced worker: the
+/// share of what the decode tokens leave of the period, and then a rest to the period).
+/// Returns the requests it finished and the sequences it stepped.
 fn step(
     d: &mut DecodeSim,
     now: f64,
@@ -412,14 +413,9 @@ fn step(
     }
     let decoding = d.running.iter().filter(|s| s.have >= s.prompt).count();
     let mut budget = STEP_BUDGET.saturating_sub(decoding);
-    // Paced, the chunks that fit the step's share of the period (`protocol::cores`).
-    let pace = d.pace.map(|(_, p)| p);
-    let share = match pace {
-        Some(_) if pass => Some(protocol::cores::STEP_SHARE),
-        Some(_) if decoding > 0 => Some(1.0),
-        _ => None,
-    };
-    if let (Some(period), Some(share)) = (pace, share) {
+    // Beside a pass, the chunks that fit the step's share of the period (`protocol::cores`).
+    let pace = d.pace.map(|(_, p)| p).filter(|_| pass);
+    if let Some(period) = pace {
         let context = d
             .running
             .iter()
@@ -431,7 +427,7 @@ fn step(
             .iter()
             .find(|s| s.have < s.prompt)
             .map_or(0, |s| s.have);
-        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period, share));
+        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period, STEP_SHARE));
     }
     let mut work = Work::default();
     let mut chunks = vec![0usize; d.running.len()];
@@ -447,7 +443,7 @@ fn step(
     }
     let end = now + d.f.seconds(work);
     d.busy_until = end;
-    d.free_at = pace.filter(|_| pass).map_or(end, |p| end.max(now + p));
+    d.free_at = pace.map_or(end, |p| end.max(now + p));
     let n_seqs = d.running.len();
     let mut finished = 0;
     for (i, s) in d.running.iter_mut().enumerate() {
