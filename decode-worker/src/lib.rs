@@ -508,11 +508,8 @@ impl Worker {
             }
         }
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
-        let max = self.cfg.max_batch_tokens;
-        let max = self
-            .pacer
-            .as_ref()
-            .map_or(max, |p| p.step_tokens(decoding, max));
+        let (pacer, max) = (self.pacer.as_ref(), self.cfg.max_batch_tokens);
+        let max = pacer.map_or(max, |p| p.step_tokens(decoding, max));
         let mut budget = max.saturating_sub(decoding);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {

@@ -72,6 +72,15 @@ fn submit(
     rx
 }
 
+/// Request `i` is `prompts[i]` with `params(i)`; their event streams, in order.
+fn submit_all(h: &DecodeHandle, prompts: &[Vec<u32>]) -> Vec<UnboundedReceiver<WorkerEvent>> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| submit(h, i, p.clone(), params(i)))
+        .collect()
+}
+
 fn prompts(rng: &mut Rng) -> Vec<Vec<u32>> {
     let shared: Vec<u32> = (0..40).map(|_| rng.next(250) as u32 + 3).collect();
     (0..N_SEQ)
@@ -112,12 +121,7 @@ fn continuous_batching_with_chunks_and_preemption_equals_each_request_alone() {
                     max_waiting: 64,
                 },
             );
-            let rxs: Vec<_> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| submit(&h, i, p.clone(), params(i)))
-                .collect();
-            for (i, rx) in rxs.into_iter().enumerate() {
+            for (i, rx) in submit_all(&h, &prompts).into_iter().enumerate() {
                 let got = collect(rx).unwrap_or_else(|e| panic!("request {i}: {e}"));
                 assert_eq!(
                     got, want[i],
@@ -241,12 +245,7 @@ fn paced_beside_a_prefill_pass_every_request_gets_what_it_gets_alone() {
         std::time::Duration::from_millis(2),
     );
     let (h, th) = decode_worker::spawn_paced(e.clone(), WorkerConfig::default(), Some(pacer));
-    let rxs: Vec<_> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| submit(&h, i, p.clone(), params(i)))
-        .collect();
-    for (i, rx) in rxs.into_iter().enumerate() {
+    for (i, rx) in submit_all(&h, &prompts).into_iter().enumerate() {
         let got = collect(rx).unwrap_or_else(|e| panic!("request {i}: {e}"));
         assert_eq!(
             got,

@@ -10,8 +10,9 @@
 //! TPOT target; prefill gets every cycle the steps leave. A step then carries its decode
 //! tokens and only the prompt chunks of its own that fit [`STEP_SHARE`] of what the decode
 //! tokens leave of the period (timed by a running fit of its steps, [`StepFit`]), so the pass
-//! keeps the rest however many prompts the decode worker prefills itself. With no prefill work the
-//! decode worker runs flat out, and with no decode batch prefill has the whole machine.
+//! keeps the rest however many prompts the decode worker prefills itself. With no prefill
+//! work the decode worker runs flat out, and with no decode batch prefill has the whole
+//! machine.
 //!
 //! The page holds a count of passes in progress and a heartbeat (CLOCK_MONOTONIC, the same
 //! clock for every process on the host): a prefill worker that dies mid-pass leaves a count
@@ -186,12 +187,12 @@ impl StepFit {
         Some((0.0, self.y / self.x))
     }
 
-    /// Prompt-chunk tokens beside `decode` decode tokens in a step paced to `period_s`: what
-    /// fits `share` of the period the decode tokens leave (at least [`MIN_CHUNK`]); `None`
-    /// before any step was seen.
-    pub fn chunk_tokens(&self, decode: usize, period_s: f64, share: f64) -> Option<usize> {
+    /// Prompt-chunk tokens beside `decode` decode tokens in a step paced to `period_s` beside a
+    /// pass: what fits [`STEP_SHARE`] of what the decode tokens leave of the period (at least
+    /// [`MIN_CHUNK`]); `None` before any step was seen.
+    pub fn chunk_tokens(&self, decode: usize, period_s: f64) -> Option<usize> {
         let (a, c) = self.line()?;
-        let left = share * (period_s - a - c * decode as f64);
+        let left = STEP_SHARE * (period_s - a - c * decode as f64);
         Some(((left / c).max(0.0) as usize).max(MIN_CHUNK))
     }
 }
@@ -229,10 +230,7 @@ impl Pacer {
             return max;
         }
         let period = self.period.as_secs_f64();
-        let chunk = self
-            .fit
-            .chunk_tokens(decode, period, STEP_SHARE)
-            .unwrap_or(MIN_CHUNK);
+        let chunk = self.fit.chunk_tokens(decode, period).unwrap_or(MIN_CHUNK);
         max.min(decode + chunk)
     }
 
@@ -280,7 +278,7 @@ mod tests {
     fn a_paced_step_carries_the_chunk_tokens_that_fit_its_share_of_the_period() {
         // Steps cost 2 ms + 0.1 ms a token.
         let mut f = StepFit::default();
-        assert_eq!(f.chunk_tokens(4, 0.01, STEP_SHARE), None);
+        assert_eq!(f.chunk_tokens(4, 0.01), None);
         for t in [1, 8, 40, 3, 200, 17, 64] {
             f.observe(t, 0.002 + 1e-4 * t as f64);
         }
@@ -291,13 +289,10 @@ mod tests {
         );
         // A 20 ms period: 2 ms fixed and 0.4 ms for 4 decode tokens leave 17.6 ms, half of
         // it for 88 chunk tokens.
-        let k = f.chunk_tokens(4, 0.02, STEP_SHARE).unwrap();
+        let k = f.chunk_tokens(4, 0.02).unwrap();
         assert!((87..=88).contains(&k), "{k}");
         // A decode batch that fills the period alone still moves its prompts a little.
-        assert_eq!(f.chunk_tokens(200, 0.02, STEP_SHARE), Some(MIN_CHUNK));
-        // Without a pass, the whole of what the decode tokens leave.
-        let k = f.chunk_tokens(4, 0.02, 1.0).unwrap();
-        assert!((175..=176).contains(&k), "{k}");
+        assert_eq!(f.chunk_tokens(200, 0.02), Some(MIN_CHUNK));
         // Steps all of one size: every second is charged to the tokens.
         let mut g = StepFit::default();
         for _ in 0..5 {
@@ -306,7 +301,7 @@ mod tests {
         let (a, c) = g.line().unwrap();
         assert_eq!(a, 0.0);
         assert!((c - 3e-4).abs() < 1e-9);
-        let k = g.chunk_tokens(10, 0.023, STEP_SHARE).unwrap();
+        let k = g.chunk_tokens(10, 0.023).unwrap();
         assert!((33..=34).contains(&k), "{k}");
     }
 

@@ -91,13 +91,12 @@ impl ForwardCost {
             + self.per_decode_pair_s * w.decode_pairs
     }
 
-    /// Prompt-chunk tokens a decode step over `decode` may carry while it paces to `period_s`:
-    /// what fits `share` of what the decode work leaves of the period (all of it with streams
-    /// decoding, `protocol::cores::STEP_SHARE` beside a prefill pass; attention over `pairs`
-    /// positions a token), at least `MIN_CHUNK` — the decode worker's own bound, which it times
-    /// by a fit of its steps.
-    pub fn paced_chunk(&self, decode: Work, pairs: f64, period_s: f64, share: f64) -> usize {
-        let left = share * (period_s - self.seconds(decode));
+    /// Prompt-chunk tokens a decode step over `decode` may carry while it paces to `period_s`
+    /// beside a prefill pass: what fits `protocol::cores::STEP_SHARE` of what the decode work
+    /// leaves of the period (attention over `pairs` positions a token), at least `MIN_CHUNK` —
+    /// the decode worker's own bound, which it times by a fit of its steps.
+    pub fn paced_chunk(&self, decode: Work, pairs: f64, period_s: f64) -> usize {
+        let left = protocol::cores::STEP_SHARE * (period_s - self.seconds(decode));
         let per = self.per_token_s + self.per_prefill_pair_s * pairs;
         let fits = if per > 0.0 {
             (left / per).max(0.0)

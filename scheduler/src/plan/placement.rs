@@ -194,9 +194,7 @@ fn beside_paced(cost: &CostModel, d: &DecodeView, pairs: f64, pass: f64, period:
     }
     let half = prefill_share(base, period, true);
     let decode = Work::decode(d.running, d.context);
-    let k = cost
-        .forward(d.threads)
-        .paced_chunk(decode, pairs, period, STEP_SHARE);
+    let k = cost.forward(d.threads).paced_chunk(decode, pairs, period);
     let own = d.backlog.div_ceil(k) as f64 * period.max(base);
     if pass <= own * half {
         pass / half
@@ -243,7 +241,7 @@ fn on_decode(
             let decode = Work::decode(d.running, d.context);
             let k = cost
                 .forward(d.threads)
-                .paced_chunk(decode, pairs, p.period_s, STEP_SHARE);
+                .paced_chunk(decode, pairs, p.period_s);
             let steps = ((p.left_s / p.period_s).floor()).min(todo.div_ceil(k) as f64);
             let done = (steps as usize * k).min(todo);
             (steps, steps * p.period_s, todo - done)
@@ -503,9 +501,7 @@ mod tests {
         let free = decide(&m, CHAT, 200, 0, &d, Some(&IDLE_PREFILL)).decode;
         // The chunks that fit half of what 8 decode tokens leave of each 80 ms period, one
         // step a period, all within the pass.
-        let k = m
-            .forward(2)
-            .paced_chunk(Work::decode(8, 2000), 100.5, 0.08, STEP_SHARE);
+        let k = m.forward(2).paced_chunk(Work::decode(8, 2000), 100.5, 0.08);
         assert!((protocol::cores::MIN_CHUNK..200).contains(&k), "{k}");
         let want = 200usize.div_ceil(k) as f64 * 0.08;
         assert!((paced.ttft_s - want).abs() < 1e-9, "{paced:?} {want}");

@@ -16,7 +16,6 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
-use protocol::cores::STEP_SHARE;
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -427,7 +426,7 @@ fn step(
             .iter()
             .find(|s| s.have < s.prompt)
             .map_or(0, |s| s.have);
-        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period, STEP_SHARE));
+        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period));
     }
     let mut work = Work::default();
     let mut chunks = vec![0usize; d.running.len()];
