@@ -287,25 +287,25 @@ fn on_prefill(
     let pass = f.seconds(work);
     let base = base_step(cost, d);
     let left = slack_tokens(d);
-    // The decode worker's own queued prompts slow its streams wherever this one goes.
-    let (queued_steps, queued_step, _) = if d.backlog > 0 {
-        chunked(cost, d, d.backlog, pairs_per_token(prompt, cached))
-    } else {
-        (0.0, base, 0.0)
-    };
-    let behind = mean_tpot(base, queued_step, queued_steps, left) - base;
-    // Sharing the cores: while it computes, the decode worker runs each step — its decode
-    // tokens and the chunks of its own prompts that fit its share of the period — and then
-    // idles to the end of the period; prefill gets the rest. The streams meet the period
-    // meanwhile, the decode worker's own prompts included.
+    let pairs = pairs_per_token(prompt, cached);
     let (wall, tpot) = match d.pace_s {
+        // Sharing the cores: while it computes, the decode worker runs each step — its decode
+        // tokens and the chunks of its own prompts that fit its share of the period — and then
+        // idles to the end of the period; prefill gets the rest. The streams meet the period
+        // meanwhile, the decode worker's own prompts included.
         Some(period) if d.running > 0 || d.backlog > 0 => {
-            let wall = beside_paced(cost, d, pairs_per_token(prompt, cached), pass, period);
+            let wall = beside_paced(cost, d, pairs, pass, period);
             let period = period.max(base);
             let slow = (wall / period).max(1.0);
             (wall, mean_tpot(base, period, slow, left))
         }
-        _ => (pass, base + behind),
+        // Cores of its own: the decode worker's own queued prompts, chunked into its steps,
+        // slow its streams wherever this one goes.
+        _ if d.backlog > 0 => {
+            let (steps, step, _) = chunked(cost, d, d.backlog, pairs);
+            (pass, mean_tpot(base, step, steps, left))
+        }
+        _ => (pass, base),
     };
     let link = cost.link.calls_s + if p.tcp { cost.tcp_seconds(new) } else { 0.0 };
     let ttft = wall + link;
