@@ -2,7 +2,9 @@
 //! decode worker (chunks mixed into the running batch's steps, as a colocated server does) or
 //! on a prefill worker (its own pass, the KV shipped over). Each option's time to first token
 //! and its effect on the running batch's time per output token are predicted, and the option
-//! that makes fewer requests miss the SLO wins, then the one with the earlier first token.
+//! that makes fewer requests miss the SLO wins, then the one with the earlier first token; on
+//! cores shared with the prefill worker, a prompt goes out only where that spares running
+//! streams a miss (see [`decide`]).
 //!
 //! This replaces fixed thresholds (a minimum prompt length, a maximum prefill queue): a short
 //! prompt stays local because its chunk fits in one step; a long one moves out when its chunks
@@ -91,14 +93,23 @@ pub fn decide(
     let pass = prefill.and_then(|p| pass_beside(cost, prompt, cached, d, p));
     let local = on_decode(cost, slo, prompt, cached, d, pass);
     let remote = prefill.map(|p| on_prefill(cost, slo, prompt, cached, d, p));
-    // Sharing the cores, a pass takes them from the decode worker's own queued prompts (their
-    // chunks shrink to a share of each period) and, preempted every period, runs slower than
-    // its profile — costs this request's prediction does not see: so it goes out only to
-    // spare a miss. With cores of its own, the earlier first token decides a tie.
-    let shared = d.pace_s.is_some();
+    // Sharing the cores, a pass adds no compute: it runs ahead of the decode worker's own
+    // queued prompts (their chunks shrink to a share of each period) and, preempted every
+    // period by the paced steps and every other process's threads, slower than its profile.
+    // What it buys is the running streams' pace, so it goes out only to spare streams a
+    // miss; a first token it would bring forward is taken from the local queue's. With cores
+    // of its own, fewer misses decide, then the earlier first token.
     let place = match remote {
+        Some(r) if d.pace_s.is_some() => {
+            let late = |o: &Outcome| o.misses - usize::from(o.ttft_s > slo.ttft_s);
+            if r.misses < local.misses && late(&r) < late(&local) {
+                Place::Prefill
+            } else {
+                Place::Decode
+            }
+        }
         Some(r) if r.misses < local.misses => Place::Prefill,
-        Some(r) if r.misses == local.misses && !shared && r.ttft_s < local.ttft_s => Place::Prefill,
+        Some(r) if r.misses == local.misses && r.ttft_s < local.ttft_s => Place::Prefill,
         _ => Place::Decode,
     };
     Decision {
@@ -295,9 +306,25 @@ fn on_prefill(
         // meanwhile, the decode worker's own prompts included.
         Some(period) if d.running > 0 || d.backlog > 0 => {
             let wall = beside_paced(cost, d, pairs, pass, period);
-            let period = period.max(base);
-            let slow = (wall / period).max(1.0);
-            (wall, mean_tpot(base, period, slow, left))
+            let paced = period.max(base);
+            let slow = (wall / paced).max(1.0);
+            let tpot = mean_tpot(base, paced, slow, left);
+            // The decode worker's own queue moves a paced chunk a period meanwhile; what is left
+            // of it after the pass is chunked into full steps, which slow the streams whichever
+            // way this prompt goes (the local option counts them too).
+            let k = cost.forward(d.threads).paced_chunk(
+                Work::decode(d.running, d.context),
+                pairs,
+                period,
+            );
+            let after = d.backlog.saturating_sub(slow.floor() as usize * k);
+            let tpot = if after > 0 && d.running > 0 {
+                let (steps, step, _) = chunked(cost, d, after, pairs);
+                tpot + mean_tpot(base, step, steps, left) - base
+            } else {
+                tpot
+            };
+            (wall, tpot)
         }
         // Cores of its own: the decode worker's own queued prompts, chunked into its steps,
         // slow its streams wherever this one goes.
@@ -454,8 +481,9 @@ mod tests {
         assert!(d.decode.ttft_s > d.prefill.unwrap().ttft_s, "{d:?}");
         assert_eq!(d.place, Place::Prefill, "{d:?}");
         // Sharing the cores, the queue's chunks fill only their share of each paced step and
-        // the prefill worker keeps the rest of the period: the prompt goes out too, sparing
-        // the misses its chunks would add.
+        // the prefill worker keeps the rest of the period, so the pass would be in time; but
+        // the queue's chunk steps slow the streams past the bound whichever way the prompt
+        // goes, and a first token alone does not send it out.
         let shared = decide(
             &m,
             CHAT,
@@ -465,7 +493,6 @@ mod tests {
             Some(&IDLE_PREFILL),
         );
         let p = shared.prefill.unwrap();
-        assert!(p.misses < shared.decode.misses, "{shared:?}");
         let alone = m.forward(2).seconds(Work::prefill(0, 250));
         let base = m.forward(2).seconds(Work::decode(16, 4000));
         let share = (1.0 - base / 0.08) * (1.0 - STEP_SHARE);
@@ -473,7 +500,15 @@ mod tests {
             (p.ttft_s - alone / share - m.link.calls_s).abs() < 1e-9,
             "{p:?}"
         );
-        assert_eq!(shared.place, Place::Prefill);
+        assert!(
+            p.ttft_s < CHAT.ttft_s && shared.decode.ttft_s > CHAT.ttft_s,
+            "{shared:?}"
+        );
+        assert!(
+            p.tpot_s > CHAT.tpot_s && shared.decode.tpot_s > CHAT.tpot_s,
+            "{shared:?}"
+        );
+        assert_eq!(shared.place, Place::Decode, "{shared:?}");
         // Where both options miss alike, sharing keeps the prompt: a pass would take the cores
         // from the decode worker's own queue, a cost this request's prediction does not see.
         // With cores of its own, the earlier first token goes out.
@@ -487,6 +522,33 @@ mod tests {
         );
         assert_eq!(tie.decode.misses, tie.prefill.unwrap().misses);
         assert_eq!(tie.place, Place::Decode, "{tie:?}");
+    }
+
+    #[test]
+    fn sharing_the_cores_a_prompt_does_not_jump_the_local_queue_for_its_first_token_alone() {
+        // A burst: the decode worker's queue makes this prompt's first token late, and a pass
+        // beside it would be in time — but on the same cores the pass only runs ahead of the
+        // queued prompts. With no stream to spare, the prompt waits its turn.
+        let m = model();
+        let burst = decode(0, 0, 3000, Some(0.09));
+        let d = decide(&m, CHAT, 250, 0, &burst, Some(&IDLE_PREFILL));
+        let p = d.prefill.unwrap();
+        assert!(
+            d.decode.ttft_s > CHAT.ttft_s && p.ttft_s < CHAT.ttft_s,
+            "{d:?}"
+        );
+        assert_eq!((d.decode.misses, p.misses), (1, 0));
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+        // With cores of its own the pass adds compute, and the prompt goes out.
+        let own = decide(
+            &m,
+            CHAT,
+            250,
+            0,
+            &decode(0, 0, 3000, None),
+            Some(&IDLE_PREFILL),
+        );
+        assert_eq!(own.place, Place::Prefill, "{own:?}");
     }
 
     #[test]
