@@ -9,7 +9,8 @@
 #              TPOT <= 25 ms, swept over MIXED_RATES (default 0.5,1,2,3).
 # The cost profile is this machine's cached one (`tandem plan profile` first measures a full
 # one; otherwise `tandem up` measures a quick one on its first start).
-# Results land in bench-results/placement-<scenario>-<setup>-<round>/; a table with the
+# Results land in bench-results/placement-<scenario>-<setup>-<round>/ (the default's with
+# placements.txt: how many prompts each kind of worker prefilled); a table with the
 # default/colocated goodput ratios is printed at the end.
 #
 # usage: scripts/bench/placement.sh [SCENARIO...]   (default: all)
@@ -50,7 +51,11 @@ for s in $SCENARIOS; do
   esac
   for round in $(seq 1 "$ROUNDS"); do
     start --colocated; bench "${args[@]}" "${good[@]}" --label colocated --result-dir $OUT/placement-$s-colocated-$round; stop
-    start "${slo[@]}"; bench "${args[@]}" "${good[@]}" --label default --result-dir $OUT/placement-$s-default-$round; stop
+    start "${slo[@]}"; bench "${args[@]}" "${good[@]}" --label default --result-dir $OUT/placement-$s-default-$round
+    # Where the prompts went (the scheduler's counter), beside the run's results.
+    curl -s "http://127.0.0.1:$PORT/metrics" | grep '^tandem_prefill_placements_total' \
+      > $OUT/placement-$s-default-$round/placements.txt || true
+    stop
   done
 done
 python3 - "$OUT" $SCENARIOS <<'PY'
