@@ -194,6 +194,12 @@ fn prefill_share(base: f64, period: f64, own_prompts: bool) -> f64 {
     (left * (1.0 - own)).max(MIN_SHARE)
 }
 
+/// The prompt-chunk tokens each of the decode worker's paced steps carries beside a pass.
+fn paced_chunk(cost: &CostModel, d: &DecodeView, pairs: f64, period: f64) -> usize {
+    let decode = Work::decode(d.running, d.context);
+    cost.forward(d.threads).paced_chunk(decode, pairs, period)
+}
+
 /// How long prefill work of `pass` seconds (at full speed) takes beside a decode worker pacing
 /// to `period`: while the decode worker's own queued prompts move in paced chunks, at the share
 /// they leave; after them, at the whole rest of each period.
@@ -204,8 +210,7 @@ fn beside_paced(cost: &CostModel, d: &DecodeView, pairs: f64, pass: f64, period:
         return pass / full;
     }
     let half = prefill_share(base, period, true);
-    let decode = Work::decode(d.running, d.context);
-    let k = cost.forward(d.threads).paced_chunk(decode, pairs, period);
+    let k = paced_chunk(cost, d, pairs, period);
     let own = d.backlog.div_ceil(k) as f64 * period.max(base);
     if pass <= own * half {
         pass / half
@@ -249,10 +254,7 @@ fn on_decode(
     // Beside a pass, the steps carry only the chunks that fit their share of the period.
     let (paced_steps, paced_s, todo) = match pass {
         Some(p) => {
-            let decode = Work::decode(d.running, d.context);
-            let k = cost
-                .forward(d.threads)
-                .paced_chunk(decode, pairs, p.period_s);
+            let k = paced_chunk(cost, d, pairs, p.period_s);
             let steps = ((p.left_s / p.period_s).floor()).min(todo.div_ceil(k) as f64);
             let done = (steps as usize * k).min(todo);
             (steps, steps * p.period_s, todo - done)
@@ -312,12 +314,9 @@ fn on_prefill(
             // The decode worker's own queue moves a paced chunk a period meanwhile; what is left
             // of it after the pass is chunked into full steps, which slow the streams whichever
             // way this prompt goes (the local option counts them too).
-            let k = cost.forward(d.threads).paced_chunk(
-                Work::decode(d.running, d.context),
-                pairs,
-                period,
-            );
-            let after = d.backlog.saturating_sub(slow.floor() as usize * k);
+            let after = d
+                .backlog
+                .saturating_sub(slow.floor() as usize * paced_chunk(cost, d, pairs, period));
             let tpot = if after > 0 && d.running > 0 {
                 let (steps, step, _) = chunked(cost, d, after, pairs);
                 tpot + mean_tpot(base, step, steps, left) - base
