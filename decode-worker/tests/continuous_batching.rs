@@ -233,16 +233,30 @@ fn paced_beside_a_prefill_pass_every_request_gets_what_it_gets_alone() {
     // the chunks that fit their share of the period (sizes from its running fit of its own
     // steps, so they vary) and rest to the period: the outputs do not change, and nothing
     // stalls.
+    paced_requests_get_what_they_get_alone(true);
+}
+
+#[test]
+fn paced_with_no_pass_every_request_gets_what_it_gets_alone() {
+    // Sharing the cores with an idle prefill worker, the worker's steps hold to the period and
+    // the streams' credit against it (`protocol::cores::stream_credit`; a 2 ms period, so the
+    // chunks shrink and grow as the credit does): the outputs do not change, and nothing
+    // stalls.
+    paced_requests_get_what_they_get_alone(false);
+}
+
+fn paced_requests_get_what_they_get_alone(pass: bool) {
     let (_d, e) = load(Precision::Int8, 64 << 20);
     let mut rng = Rng(0x9ace_d00d);
     let prompts: Vec<Vec<u32>> = prompts(&mut rng).into_iter().take(16).collect();
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("cores");
     let prefill = protocol::cores::CoreArbiter::open(&page).unwrap();
-    let _pass = prefill.computing();
+    let _pass = pass.then(|| prefill.computing());
     let pacer = protocol::cores::Pacer::new(
         protocol::cores::CoreArbiter::open(&page).unwrap(),
         std::time::Duration::from_millis(2),
+        std::time::Duration::from_secs(1),
     );
     let (h, th) = decode_worker::spawn_paced(e.clone(), WorkerConfig::default(), Some(pacer));
     for (i, rx) in submit_all(&h, &prompts).into_iter().enumerate() {

@@ -10,9 +10,10 @@
 //! TPOT target; prefill gets every cycle the steps leave. A step then carries its decode
 //! tokens and only the prompt chunks of its own that fit [`STEP_SHARE`] of what the decode
 //! tokens leave of the period (timed by a running fit of its steps, [`StepFit`]), so the pass
-//! keeps the rest however many prompts the decode worker prefills itself. With no prefill
-//! work the decode worker runs flat out, and with no decode batch prefill has the whole
-//! machine.
+//! keeps the rest however many prompts the decode worker prefills itself. With no pass, the
+//! decode worker runs without rests, each step with streams decoding holding to the period
+//! plus the credit they have against it ([`stream_credit`]), so that its own prompts' chunks
+//! keep the streams within the bound too; with no decode batch prefill has the whole machine.
 //!
 //! The page holds a count of passes in progress and a heartbeat (CLOCK_MONOTONIC, the same
 //! clock for every process on the host): a prefill worker that dies mid-pass leaves a count
@@ -135,6 +136,8 @@ pub fn yield_cores() -> io::Result<()> {
 pub struct Sharing {
     pub path: std::path::PathBuf,
     pub period: Duration,
+    /// How long queued prompts may wait on the pace: the first-token bound ([`holds`]).
+    pub hold: Duration,
 }
 
 /// While a prefill pass runs, the share of each period beyond its decode tokens that a decode
@@ -145,6 +148,70 @@ pub const STEP_SHARE: f64 = 0.5;
 /// Prompt-chunk tokens a paced step may always carry, so that its own prompts still move
 /// while a pass runs however full its decode batch.
 pub const MIN_CHUNK: usize = 4;
+
+/// Whether a paced step with no pass beside it holds to the period and the streams' credit,
+/// whichever makes fewer requests miss. Held: the queued prompts (`queued`: the prompt tokens
+/// each still has and how long it has waited, in the order they are served) that would not
+/// get their first token within `hold_s` (the first-token bound) at the `per_period` chunk
+/// tokens a period leaves beside the decode tokens. Run whole (a step of `whole_s`, as a
+/// colocated server's): the decoding streams on pace (`credits`, [`stream_credit`], ≥ 0) that
+/// it would overrun. Requests lost already (a prompt waiting past the bound; a stream behind
+/// its pace, or — the caller leaves it out — whose first token was late) count on neither
+/// side. A tie holds. Held regardless, a 32-stream burst at TPOT ≤ 100 ms got its first tokens
+/// 2.8–4× later than colocated's; whole regardless, §5's mix at TPOT ≤ 25 ms breaks every
+/// stream's bound.
+pub fn holds(
+    credits: &[f64],
+    queued: &[(usize, f64)],
+    per_period: usize,
+    whole_s: f64,
+    period_s: f64,
+    hold_s: f64,
+) -> bool {
+    let mut tokens = 0;
+    let late = queued
+        .iter()
+        .filter(|&&(q, waited)| {
+            tokens += q;
+            let done = tokens.div_ceil(per_period.max(1)) as f64 * period_s;
+            waited <= hold_s && waited + done > hold_s
+        })
+        .count();
+    let overrun = whole_s - period_s;
+    late <= credits
+        .iter()
+        .filter(|&&c| (0.0..overrun).contains(&c))
+        .count()
+}
+
+/// Of the margin the pace leaves under the TPOT bound (the period is 0.9 of it), the share a
+/// stream's tokens ahead may be lent against (see [`stream_credit`]).
+pub const AHEAD_MARGIN: f64 = 0.1;
+
+/// How much longer than `period_s` the next step may take while a stream's mean time per
+/// output token (from its first token on, as a client measures it) stays within the period:
+/// the time its `after_first` tokens so far saved against the period (`since_first_s` spent),
+/// plus what a few of its `left` tokens still to come would save at `base_s` a step — only as
+/// many as keep the loan within [`AHEAD_MARGIN`] of the period over its `outputs` tokens,
+/// since a queue that goes on may hold them to the period. Negative: the stream is behind.
+///
+/// The least credit over the running streams bounds the decode worker's steps while it shares
+/// its cores and no pass runs: a paced worker that ran flat out then would chunk a long prompt
+/// into steps that break every stream's bound (a colocated server's failure), and one capped
+/// to the period always would starve a burst of prompts that the streams' slack could absorb.
+pub fn stream_credit(
+    period_s: f64,
+    since_first_s: f64,
+    after_first: usize,
+    left: usize,
+    outputs: usize,
+    base_s: f64,
+) -> f64 {
+    let saved = (period_s - base_s).max(1e-6);
+    let lend = AHEAD_MARGIN * period_s * outputs.saturating_sub(1) as f64 / saved;
+    let ahead = (left as f64).min(lend.floor());
+    period_s * after_first as f64 - since_first_s + ahead * (period_s - base_s).max(0.0)
+}
 
 /// A running least-squares fit of a step's time against its tokens, `a + c·tokens`, each
 /// step weighing a little less than the next (so it follows the machine's speed).
@@ -187,6 +254,19 @@ impl StepFit {
         Some((0.0, self.y / self.x))
     }
 
+    /// Tokens a step may compute within `seconds` (at least `decode` + [`MIN_CHUNK`]); `None`
+    /// before any step was seen.
+    pub fn tokens_within(&self, decode: usize, seconds: f64) -> Option<usize> {
+        let (a, c) = self.line()?;
+        let fits = ((seconds - a) / c).max(0.0) as usize;
+        Some(fits.max(decode + MIN_CHUNK))
+    }
+
+    /// The time of a step of `tokens`; `None` before any step was seen.
+    pub fn seconds(&self, tokens: usize) -> Option<f64> {
+        self.line().map(|(a, c)| a + c * tokens as f64)
+    }
+
     /// Prompt-chunk tokens beside `decode` decode tokens in a step paced to `period_s` beside a
     /// pass: what fits [`STEP_SHARE`] of what the decode tokens leave of the period (at least
     /// [`MIN_CHUNK`]); `None` before any step was seen.
@@ -201,35 +281,71 @@ impl StepFit {
 pub struct Pacer {
     arbiter: CoreArbiter,
     period: Duration,
+    hold: Duration,
     fit: StepFit,
 }
 
 impl Pacer {
-    pub fn new(arbiter: CoreArbiter, period: Duration) -> Pacer {
+    pub fn new(arbiter: CoreArbiter, period: Duration, hold: Duration) -> Pacer {
         Pacer {
             arbiter,
             period,
+            hold,
             fit: StepFit::default(),
         }
     }
 
     pub fn open(s: &Sharing) -> io::Result<Pacer> {
-        Ok(Pacer::new(CoreArbiter::open(&s.path)?, s.period))
+        Ok(Pacer::new(CoreArbiter::open(&s.path)?, s.period, s.hold))
     }
 
     pub fn period(&self) -> Duration {
         self.period
     }
 
+    /// The first-token bound its queued prompts are held to ([`holds`]).
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// The time a step of the `decode` decode tokens alone takes, by the fit of the steps seen.
+    pub fn decode_seconds(&self, decode: usize) -> Option<f64> {
+        self.fit.seconds(decode)
+    }
+
     /// The tokens the next step may compute, `decode` of them decode tokens and `max` its
-    /// budget: all of it while prefill is idle; while a pass runs, the decode tokens and the
-    /// chunks that fit [`STEP_SHARE`] of what they leave of the period
-    /// ([`StepFit::chunk_tokens`]).
-    pub fn step_tokens(&self, decode: usize, max: usize) -> usize {
-        if !self.arbiter.prefill_active() {
-            return max;
-        }
+    /// budget. While prefill is idle: all of it, but, with streams decoding (their `credits`)
+    /// where holding them to the pace makes fewer requests miss than a whole step ([`holds`];
+    /// `queued`: each queued prompt's tokens left and time waited), only what fits the period
+    /// plus the least of their credits ([`stream_credit`]). While a pass runs:
+    /// the decode tokens and the chunks that fit [`STEP_SHARE`] of what they leave of the
+    /// period ([`StepFit::chunk_tokens`]).
+    pub fn step_tokens(
+        &self,
+        decode: usize,
+        max: usize,
+        credits: &[f64],
+        queued: &[(usize, f64)],
+    ) -> usize {
         let period = self.period.as_secs_f64();
+        if !self.arbiter.prefill_active() {
+            let (Some(level), Some(whole)) = (
+                self.fit.tokens_within(decode, period),
+                self.fit.seconds(max),
+            ) else {
+                return max;
+            };
+            let per_period = level.saturating_sub(decode);
+            let hold = self.hold.as_secs_f64();
+            if decode == 0 || !holds(credits, queued, per_period, whole, period, hold) {
+                return max;
+            }
+            let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
+            return self
+                .fit
+                .tokens_within(decode, period + credit)
+                .map_or(max, |fits| max.min(fits));
+        }
         let chunk = self.fit.chunk_tokens(decode, period).unwrap_or(MIN_CHUNK);
         max.min(decode + chunk)
     }
@@ -257,8 +373,12 @@ mod tests {
         let prefill = CoreArbiter::open(&p).unwrap();
         let decode = CoreArbiter::open(&p).unwrap();
         assert!(!decode.prefill_active());
-        let mut pacer = Pacer::new(CoreArbiter::open(&p).unwrap(), Duration::from_millis(50));
-        assert_eq!(pacer.step_tokens(3, 256), 256);
+        let mut pacer = Pacer::new(
+            CoreArbiter::open(&p).unwrap(),
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+        );
+        assert_eq!(pacer.step_tokens(3, 256, &[], &[]), 256);
         assert_eq!(pacer.rest(1, std::time::Instant::now()), Duration::ZERO);
         {
             let _a = prefill.computing();
@@ -269,9 +389,85 @@ mod tests {
             // A step that took its whole period leaves nothing.
             let long_ago = std::time::Instant::now() - Duration::from_millis(60);
             assert_eq!(pacer.rest(1, long_ago), Duration::ZERO);
-            assert!(pacer.step_tokens(3, 256) < 256);
+            assert!(pacer.step_tokens(3, 256, &[], &[]) < 256);
         }
         assert!(!decode.prefill_active());
+    }
+
+    #[test]
+    fn a_streams_credit_is_what_it_saved_against_the_period_and_a_little_lent() {
+        // 10 tokens after the first in 100 ms against a 20 ms period saved 100 ms.
+        let saved = stream_credit(0.02, 0.1, 10, 0, 64, 0.005);
+        assert!((saved - 0.1).abs() < 1e-12, "{saved}");
+        // A fresh stream borrows against the tokens ahead that keep the overrun within the
+        // margin over its output: 0.1 × 20 ms × 63 / 15 ms = 8.4, so 8 tokens of 15 ms.
+        let fresh = stream_credit(0.02, 0.0, 0, 63, 64, 0.005);
+        assert!((fresh - 8.0 * 0.015).abs() < 1e-12, "{fresh}");
+        // A stream behind the pace has none.
+        assert!(stream_credit(0.02, 0.5, 10, 50, 64, 0.005) < 0.0);
+    }
+
+    #[test]
+    fn a_step_holds_to_the_pace_where_that_makes_fewer_requests_miss() {
+        // A 20 ms period leaves 10 chunk tokens; prompts have 1 s for their first token, so
+        // 500 tokens drain in time; a whole step takes 150 ms.
+        let (per, whole, period, hold) = (10, 0.15, 0.02, 1.0);
+        let poor = [0.01; 6]; // credits a whole step would overrun
+        let fresh = |n| vec![(200, 0.0); n];
+        // A chat turn queued: holding keeps it in time and six streams within the bound.
+        assert!(holds(&poor, &fresh(1), per, whole, period, hold));
+        // A burst of prompts that cannot all drain in time: holding would make five miss
+        // their first token (the first two of seven are in time), against six streams.
+        assert!(holds(&poor, &fresh(7), per, whole, period, hold));
+        assert!(!holds(&poor[..4], &fresh(7), per, whole, period, hold));
+        // Streams with credit enough for a whole step lose nothing to it, and streams behind
+        // their pace are lost either way.
+        assert!(!holds(&[0.2; 6], &fresh(7), per, whole, period, hold));
+        assert!(!holds(&[-0.01; 6], &fresh(7), per, whole, period, hold));
+        // Prompts that waited past the bound already are lost either way.
+        assert!(holds(
+            &poor[..1],
+            &[(200, 1.5); 7],
+            per,
+            whole,
+            period,
+            hold
+        ));
+        // A tie holds.
+        assert!(holds(&[0.01; 5], &fresh(7), per, whole, period, hold));
+    }
+
+    #[test]
+    fn steps_that_spend_every_credit_keep_a_streams_mean_within_the_margin() {
+        // However a queue spends the credit (each step the period plus all of it, or a
+        // decode-only step at `base`), the stream's mean time per token after its first stays
+        // within the period and the margin lent.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for _ in 0..500 {
+            let period = 0.005 + 0.2 * next();
+            let base = period * (0.05 + 0.9 * next());
+            let outputs = 2 + (next() * 300.0) as usize;
+            let mut since = 0.0;
+            for made in 1..outputs {
+                let credit = stream_credit(period, since, made - 1, outputs - made, outputs, base);
+                since += if next() < 0.7 {
+                    (period + credit).max(base)
+                } else {
+                    base
+                };
+            }
+            let mean = since / (outputs - 1) as f64;
+            assert!(
+                mean <= period * (1.0 + AHEAD_MARGIN) + 1e-12,
+                "{mean} {period} {base} {outputs}"
+            );
+        }
     }
 
     #[test]

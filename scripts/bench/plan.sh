@@ -5,7 +5,8 @@
 # prints measured median TTFT / TPOT and SLO attainment beside the prediction. Then, for each
 # workload, the best layout the plan rejects runs the same way: it should miss. Each run's own
 # requests are then replayed through the cost model (`tandem plan --trace`), so that the model's
-# error shows apart from the sampling error of a run of 24-90 requests.
+# error shows apart from the sampling error of a run of 24-180 requests (the chat run is the
+# longest: its TPOT median moves most with the sample).
 # It measures a cost profile of its own first (`tandem plan profile`, half a minute).
 # Results land in bench-results/plan-<workload>-<chosen|rejected>/.
 #
@@ -22,7 +23,7 @@ P=(--profile $OUT/profile.json)
 
 for w in $WORKLOADS; do
   case $w in
-    chat)  isl=128; osl=64; rate=2; ttft=1000; tpot=100; n=60
+    chat)  isl=128; osl=64; rate=2; ttft=1000; tpot=100; n=180
            data=(--dataset-name random --random-input-len 128 --random-output-len 64) ;;
     long)  isl=1000; osl=64; rate=0.5; ttft=3000; tpot=100; n=24
            data=(--dataset-name random --random-input-len 1000 --random-output-len 64) ;;

@@ -222,6 +222,7 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         share_cores: (!args.pin).then(|| secret_dir.path().join("cores")),
         pace_ms: (!args.pin && decode)
             .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
+        hold_ms: (!args.pin && decode).then_some(args.routing.slo_ttft_ms as f64),
     };
     let mut members = Vec::new();
     // The store first: decode workers reach it from their first request.

@@ -256,13 +256,16 @@ mod tests {
         };
         let shared = predict(&m, &w, slo, Layout::Shared { threads: 2 }, 0.8);
         let colocated = predict(&m, &w, slo, Layout::Colocated { threads: 2 }, 0.8);
-        assert!(shared.tpot_s <= 0.8 * 0.025 + 1e-12, "{shared:?}");
+        // The streams' mean TPOT keeps to the pace but for the credit lent against it.
+        let lent = 1.0 + protocol::cores::AHEAD_MARGIN;
+        assert!(shared.tpot_s <= 0.8 * 0.025 * lent, "{shared:?}");
         assert!(colocated.tpot_p90_s > 0.025, "{colocated:?}");
         assert!(
             shared.tpot_p90_s <= 0.025 && shared.attainment > colocated.attainment + 0.03,
             "{shared:?} {colocated:?}"
         );
-        // The long prompts that would break the bound go to the prefill worker.
-        assert!(shared.prefill_load > 0.05, "{shared:?}");
+        // The decode worker's steps holding to the pace, prompts hardly need the prefill
+        // worker.
+        assert!(shared.prefill_load < 0.01, "{shared:?}");
     }
 }

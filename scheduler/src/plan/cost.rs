@@ -97,9 +97,15 @@ impl ForwardCost {
     /// the decode worker's own bound, which it times by a fit of its steps.
     pub fn paced_chunk(&self, decode: Work, pairs: f64, period_s: f64) -> usize {
         let left = protocol::cores::STEP_SHARE * (period_s - self.seconds(decode));
+        self.chunk_within(pairs, left)
+    }
+
+    /// Prompt-chunk tokens (attention over `pairs` positions a token) that `left_s` seconds of
+    /// a step hold, at least `MIN_CHUNK`.
+    pub fn chunk_within(&self, pairs: f64, left_s: f64) -> usize {
         let per = self.per_token_s + self.per_prefill_pair_s * pairs;
         let fits = if per > 0.0 {
-            (left / per).max(0.0)
+            (left_s / per).max(0.0)
         } else {
             0.0
         };

@@ -10,9 +10,9 @@
 //! prompt stays local because its chunk fits in one step; a long one moves out when its chunks
 //! would slow every running stream past the TPOT bound; a busy prefill worker loses to an idle
 //! decode worker; on one host, where both workers share the cores, the decode worker's paced
-//! steps carry only the prompt chunks that keep them within their period (beside a prefill
-//! pass, half of what the decode tokens leave of it) and leave the prefill worker the rest
-//! (see `protocol::cores`).
+//! steps carry only the prompt chunks that keep them within their period and the streams'
+//! credit against it (beside a prefill pass, half of what the decode tokens leave of it, the
+//! rest the prefill worker's; see `protocol::cores`), so there a prompt rarely goes out.
 
 use super::cost::{CostModel, Work};
 use protocol::cores::STEP_SHARE;
@@ -150,11 +150,35 @@ fn misses(slo: Slo, ttft: f64, tpot: f64, running: usize) -> usize {
 }
 
 /// The decode worker prefilling `todo` tokens (pairs per token `pairs`) in chunks beside its
-/// batch: how many steps, each one's time, and the time of them all.
-fn chunked(cost: &CostModel, d: &DecodeView, todo: usize, pairs: f64) -> (f64, f64, f64) {
+/// batch: how many steps, each one's time, and the time of them all. Sharing the cores, with
+/// streams running and no pass, its steps hold to the period (the credit the streams may have
+/// saved against it is not counted) where that makes fewer requests miss than whole steps
+/// (`protocol::cores::holds`, for streams halfway through their output): full chunks shrink to
+/// what the period leaves beside the decode tokens.
+fn chunked(cost: &CostModel, slo: Slo, d: &DecodeView, todo: usize, pairs: f64) -> (f64, f64, f64) {
     let f = cost.forward(d.threads);
     let decode = Work::decode(d.running, d.context);
-    let chunk = d.max_batch_tokens.saturating_sub(d.running).max(1);
+    let full = d.max_batch_tokens.saturating_sub(d.running).max(1);
+    let chunk = match d.pace_s {
+        Some(period) if d.running > 0 => {
+            let base = f.seconds(decode);
+            let held = f.chunk_within(pairs, period - base);
+            // The queue: what was placed before, then this prompt; the streams halfway
+            // through their output, at decode-only steps so far.
+            let queue = [(d.backlog, 0.0), (todo.saturating_sub(d.backlog), 0.0)];
+            let h = d.horizon.max(2);
+            let (made, since) = (h / 2, (h / 2) as f64 * base);
+            let credit = protocol::cores::stream_credit(period, since, made, h - made, h, base);
+            let whole = f.seconds(decode + Work::prefill(0, full));
+            let credits = vec![credit; d.running];
+            if protocol::cores::holds(&credits, &queue, held, whole, period, slo.ttft_s) {
+                full.min(held)
+            } else {
+                full
+            }
+        }
+        _ => full,
+    };
     let steps = todo.div_ceil(chunk).max(1) as f64;
     let all = Work {
         tokens: decode.tokens * steps + todo as f64,
@@ -262,7 +286,7 @@ fn on_decode(
         None => (0.0, 0.0, todo),
     };
     let (steps, step, rest) = if todo > 0 || paced_steps == 0.0 {
-        chunked(cost, d, todo, pairs)
+        chunked(cost, slo, d, todo, pairs)
     } else {
         (0.0, 0.0, 0.0)
     };
@@ -318,7 +342,7 @@ fn on_prefill(
                 .backlog
                 .saturating_sub(slow.floor() as usize * paced_chunk(cost, d, pairs, period));
             let tpot = if after > 0 && d.running > 0 {
-                let (steps, step, _) = chunked(cost, d, after, pairs);
+                let (steps, step, _) = chunked(cost, slo, d, after, pairs);
                 tpot + mean_tpot(base, step, steps, left) - base
             } else {
                 tpot
@@ -328,7 +352,7 @@ fn on_prefill(
         // Cores of its own: the decode worker's own queued prompts, chunked into its steps,
         // slow its streams wherever this one goes.
         _ if d.backlog > 0 => {
-            let (steps, step, _) = chunked(cost, d, d.backlog, pairs);
+            let (steps, step, _) = chunked(cost, slo, d, d.backlog, pairs);
             (pass, mean_tpot(base, step, steps, left))
         }
         _ => (pass, base),
@@ -414,12 +438,19 @@ mod tests {
             p.tpot_s <= TIGHT_TPOT.tpot_s && p.ttft_s <= TIGHT_TPOT.ttft_s,
             "{p:?}"
         );
-        // Sharing the cores too: the remote pass slows the streams only to the pace.
+        // Sharing the cores, the decode worker's own steps hold to the pace (its chunks shrink
+        // to what the period leaves beside the decode tokens): the prompt stays, in time, and
+        // no stream misses.
         let paced = decode(8, 2000, 0, Some(0.02));
         let d = decide(&m, TIGHT_TPOT, 1000, 0, &paced, Some(&IDLE_PREFILL));
-        assert_eq!(d.decode.misses, 8, "{d:?}");
-        assert_eq!(d.place, Place::Prefill, "{d:?}");
-        assert!(d.prefill.unwrap().tpot_s <= 0.02 + 1e-12, "{d:?}");
+        assert_eq!(d.decode.misses, 0, "{d:?}");
+        assert!(d.decode.tpot_s <= 0.02 + 1e-12, "{d:?}");
+        assert!(d.decode.ttft_s <= TIGHT_TPOT.ttft_s, "{d:?}");
+        assert_eq!(d.place, Place::Decode, "{d:?}");
+        // It takes longer than the chunks of a worker with cores of its own, which take
+        // whole steps.
+        let own = decide(&m, TIGHT_TPOT, 1000, 0, &busy, None);
+        assert!(d.decode.ttft_s > own.decode.ttft_s, "{d:?} {own:?}");
     }
 
     #[test]
@@ -440,7 +471,7 @@ mod tests {
         let local = d.decode;
         // Spread over the whole output, the four chunk steps would pass (and the local first
         // token comes sooner): that let runs of such prompts break the bound together.
-        let (steps, step, _) = chunked(&m, &decode(1, 500, 0, None), 1000, 500.5);
+        let (steps, step, _) = chunked(&m, CHAT, &decode(1, 500, 0, None), 1000, 500.5);
         let base = base_step(&m, &decode(1, 500, 0, None));
         assert!(mean_tpot(base, step, steps, 64) < TIGHT_TPOT.tpot_s);
         assert!(local.ttft_s < d.prefill.unwrap().ttft_s, "{d:?}");
@@ -481,8 +512,9 @@ mod tests {
         assert_eq!(d.place, Place::Prefill, "{d:?}");
         // Sharing the cores, the queue's chunks fill only their share of each paced step and
         // the prefill worker keeps the rest of the period, so the pass would be in time; but
-        // the queue's chunk steps slow the streams past the bound whichever way the prompt
-        // goes, and a first token alone does not send it out.
+        // the local queue is too long to hold to the pace (its prompts would miss their first
+        // tokens), so its whole chunk steps slow the streams past the bound whichever way the
+        // prompt goes, and a first token alone does not send it out.
         let shared = decide(
             &m,
             CHAT,

@@ -179,9 +179,12 @@ pub struct SharingArgs {
     /// The page (a file on this host) through which this worker and a prefill or decode worker on the same cores coordinate: the prefill worker runs at idle priority and says when it computes; the decode worker then paces its steps to --pace-ms and leaves it the rest.
     #[arg(long)]
     pub share_cores: Option<PathBuf>,
-    /// Decode workers sharing cores: the step period while a prefill worker computes, ms (default: 0.9 × --slo-tpot-ms of `tandem up`, 90).
+    /// Decode workers sharing cores: the step period, ms — paced to with rests while a prefill worker computes, held to with the streams' credit otherwise (default: 0.9 × --slo-tpot-ms of `tandem up`, 90).
     #[arg(long, requires = "share_cores")]
     pub pace_ms: Option<f64>,
+    /// Decode workers sharing cores: the first-token bound their queued prompts are held to, ms — steps keep to the pace only where that makes fewer requests miss than whole steps (default: --slo-ttft-ms of `tandem up`, 1000).
+    #[arg(long, requires = "share_cores")]
+    pub hold_ms: Option<f64>,
 }
 
 impl SharingArgs {
@@ -196,6 +199,9 @@ impl SharingArgs {
                         .unwrap_or(scheduler::plan::PACE * DEFAULT_SLO_TPOT_MS as f64)
                         / 1e3,
                 ),
+                hold: Duration::from_secs_f64(
+                    self.hold_ms.unwrap_or(DEFAULT_SLO_TTFT_MS as f64) / 1e3,
+                ),
             })
     }
 
@@ -207,6 +213,7 @@ impl SharingArgs {
             self.share_cores.as_ref().map(|p| p.display()),
         );
         opt(&mut a, "pace-ms", self.pace_ms);
+        opt(&mut a, "hold-ms", self.hold_ms);
         a
     }
 }

@@ -16,6 +16,7 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
+use protocol::cores::{holds, stream_credit};
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -112,6 +113,8 @@ struct DecodeSim {
     threads: usize,
     /// The prefill worker it shares its cores with, and the step period it then paces to.
     pace: Option<(usize, f64)>,
+    /// How long its queued prompts may wait on the pace (`protocol::cores::holds`).
+    hold_s: f64,
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
     /// Prefilled elsewhere, arriving at the given time.
@@ -227,6 +230,7 @@ pub fn replay(
         f: *cost.forward(threads),
         threads,
         pace,
+        hold_s: slo.ttft_s,
         running: Vec::new(),
         waiting: VecDeque::new(),
         joining: VecDeque::new(),
@@ -412,21 +416,50 @@ fn step(
     }
     let decoding = d.running.iter().filter(|s| s.have >= s.prompt).count();
     let mut budget = STEP_BUDGET.saturating_sub(decoding);
-    // Beside a pass, the chunks that fit the step's share of the period (`protocol::cores`).
+    // Beside a pass, the chunks that fit the step's share of the period; with none, those
+    // that keep the step within the period and the streams' least credit against it
+    // (`protocol::cores`).
     let pace = d.pace.map(|(_, p)| p).filter(|_| pass);
-    if let Some(period) = pace {
-        let context = d
-            .running
-            .iter()
-            .filter(|s| s.have >= s.prompt)
-            .map(|s| s.have);
-        let decode = Work::decode(decoding, context.sum());
+    if let Some((_, period)) = d.pace.filter(|_| pass || decoding > 0) {
+        let decoding_seqs = || d.running.iter().filter(|s| s.have >= s.prompt);
+        let decode = Work::decode(decoding, decoding_seqs().map(|s| s.have).sum());
         let pairs = d
             .running
             .iter()
             .find(|s| s.have < s.prompt)
-            .map_or(0, |s| s.have);
-        budget = budget.min(d.f.paced_chunk(decode, pairs as f64, period));
+            .map_or(0, |s| s.have) as f64;
+        let base = d.f.seconds(decode);
+        let credits: Vec<f64> = decoding_seqs()
+            .filter(|s| served[s.req].ttft_s <= d.hold_s)
+            .map(|s| {
+                let osl = reqs[s.req].outputs();
+                let since = now - s.first_at;
+                stream_credit(
+                    period,
+                    since,
+                    s.out - 1,
+                    osl.saturating_sub(s.out),
+                    osl,
+                    base,
+                )
+            })
+            .collect();
+        let queued: Vec<(usize, f64)> = (d.running.iter().chain(&d.waiting))
+            .filter(|s| s.have < s.prompt)
+            .map(|s| (s.prompt - s.have, now - reqs[s.req].at))
+            .collect();
+        let held = d.f.chunk_within(pairs, period - base);
+        let whole =
+            d.f.seconds(decode + Work::prefill(pairs as usize, pairs as usize + budget));
+        let chunk = if pass {
+            d.f.paced_chunk(decode, pairs, period)
+        } else if !holds(&credits, &queued, held, whole, period, d.hold_s) {
+            budget
+        } else {
+            let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
+            d.f.chunk_within(pairs, period + credit - base)
+        };
+        budget = budget.min(chunk);
     }
     let mut work = Work::default();
     let mut chunks = vec![0usize; d.running.len()];
