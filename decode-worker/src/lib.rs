@@ -28,6 +28,7 @@
 
 pub mod colocated;
 pub mod leases;
+mod pace;
 pub mod plan;
 pub mod service;
 pub mod store;
@@ -485,29 +486,6 @@ impl Worker {
         true
     }
 
-    /// What placement prices: the positions held and the prefill work left.
-    fn publish_load(&self) {
-        let context = self.running.iter().map(|s| s.kv.len()).sum();
-        self.stats.context.store(context, Ordering::Relaxed);
-        self.stats
-            .prefill_tokens
-            .store(self.queued_prompt_tokens(), Ordering::Relaxed);
-    }
-
-    /// Prompt tokens still to prefill, running and waiting.
-    fn queued_prompt_tokens(&self) -> usize {
-        self.queued_prompts().map(|(left, _)| left).sum()
-    }
-
-    /// The prompt tokens each prompt still has to prefill, in the order they are served.
-    fn queued_prompts(&self) -> impl Iterator<Item = (usize, &Seq)> + '_ {
-        self.running
-            .iter()
-            .filter(|s| !s.decoding())
-            .map(|s| (s.target_len().saturating_sub(s.kv.len()), s))
-            .chain(self.waiting.iter().map(|s| (s.target_len(), s)))
-    }
-
     /// Chooses this step's work and reserves its memory, preempting when needed: one token for
     /// every decoding sequence, then prefill chunks, oldest first, until the budget is spent.
     fn plan(&mut self) -> Vec<(usize, Work)> {
@@ -526,15 +504,7 @@ impl Worker {
             }
         }
         let decoding = self.running.iter().filter(|s| s.decoding()).count();
-        let (pacer, max) = (self.pacer.as_ref(), self.cfg.max_batch_tokens);
-        let max = pacer.map_or(max, |p| {
-            let now = std::time::Instant::now();
-            let queued: Vec<(usize, f64)> = self
-                .queued_prompts()
-                .map(|(left, s)| (left, now.duration_since(s.queued_at).as_secs_f64()))
-                .collect();
-            p.step_tokens(decoding, max, &self.credits(p, decoding), &queued)
-        });
+        let max = self.step_tokens(decoding);
         let mut budget = max.saturating_sub(decoding);
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -562,40 +532,6 @@ impl Worker {
             })
             .collect();
         plan::compose(&states, max)
-    }
-
-    /// The decoding streams' credits against the pace (`protocol::cores::stream_credit`), of
-    /// those whose first token came within the hold (the others are lost already); none before
-    /// the step time is known.
-    fn credits(&self, pacer: &Pacer, decoding: usize) -> Vec<f64> {
-        let Some(base) = pacer.decode_seconds(decoding) else {
-            return Vec::new();
-        };
-        let (period, now) = (pacer.period().as_secs_f64(), std::time::Instant::now());
-        self.running
-            .iter()
-            .filter(|s| s.decoding())
-            .filter_map(|s| {
-                let first = s.first_at?;
-                if first.duration_since(s.queued_at) > pacer.hold() {
-                    return None;
-                }
-                let since = now.duration_since(first).as_secs_f64();
-                // A request without max_tokens may stop anywhere: lend against no more than
-                // a long answer's tokens.
-                let outputs = s.state.params.max_tokens.min(512);
-                let made = s.generated.len();
-                protocol::cores::stream_credit(
-                    period,
-                    since,
-                    made.saturating_sub(1),
-                    outputs.saturating_sub(made),
-                    outputs,
-                    base,
-                )
-                .into()
-            })
-            .collect()
     }
 
     /// Makes room for sequence `i` (in the arrival-sorted batch) to hold `total` positions.
