@@ -367,6 +367,9 @@ impl Worker {
             // Already prefilled: straight into the batch (its blocks are already held).
             self.running.push(seq);
         } else {
+            if let Some(p) = self.pacer.as_mut() {
+                p.arrived(seq.target_len());
+            }
             self.waiting.push_back(seq);
         }
     }

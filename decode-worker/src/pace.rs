@@ -28,7 +28,22 @@ impl Worker {
             .queued_prompts()
             .map(|(left, s)| (left, now.duration_since(s.queued_at).as_secs_f64()))
             .collect();
-        p.step_tokens(decoding, max, &self.credits(p, decoding), &queued)
+        let credits = self.credits(p, decoding);
+        let tokens = p.step_tokens(decoding, max, &credits, &queued);
+        tracing::trace!(
+            decoding,
+            tokens,
+            streams = credits.len(),
+            least = credits.iter().copied().fold(f64::INFINITY, f64::min),
+            on_pace = credits.iter().filter(|&&c| c >= 0.0).count(),
+            queued = queued.len(),
+            fresh = queued
+                .iter()
+                .filter(|q| q.1 <= p.hold().as_secs_f64())
+                .count(),
+            "paced step"
+        );
+        tokens
     }
 
     /// Prompt tokens still to prefill, running and waiting.

@@ -151,20 +151,19 @@ pub const MIN_CHUNK: usize = 4;
 
 /// Whether a paced step with no pass beside it holds to the period and the streams' credit,
 /// whichever makes fewer requests miss. Held: the queued prompts (`queued`: the prompt tokens
-/// each still has and how long it has waited, in the order they are served) that would not
-/// get their first token within `hold_s` (the first-token bound) at the `per_period` chunk
-/// tokens a period leaves beside the decode tokens. Run whole (a step of `whole_s`, as a
-/// colocated server's): the decoding streams on pace (`credits`, [`stream_credit`], ≥ 0) that
-/// it would overrun. Requests lost already (a prompt waiting past the bound; a stream behind
-/// its pace, or — the caller leaves it out — whose first token was late) count on neither
-/// side. A tie holds. Held regardless, a 32-stream burst at TPOT ≤ 100 ms got its first tokens
-/// 2.8–4× later than colocated's; whole regardless, §5's mix at TPOT ≤ 25 ms breaks every
-/// stream's bound.
+/// each still has and how long it has waited, in the order they are served; those expected
+/// to come, [`ArrivalRate::ahead`], with minus the time until they do) that would not get
+/// their first token within `hold_s` (the first-token bound) at the `per_period` chunk tokens
+/// a period leaves beside the decode tokens. Run whole (as a colocated server's): the
+/// `streams` it would overrun ([`overrun`]). Requests lost already (a prompt waiting past the
+/// bound; a stream behind its pace, or — the caller leaves it out — whose first token was
+/// late) count on neither side. A tie holds. Held regardless, a 32-stream burst at
+/// TPOT ≤ 100 ms got its first tokens 2.8–4× later than colocated's; whole regardless, §5's
+/// mix at TPOT ≤ 25 ms breaks every stream's bound.
 pub fn holds(
-    credits: &[f64],
+    streams: usize,
     queued: &[(usize, f64)],
     per_period: usize,
-    whole_s: f64,
     period_s: f64,
     hold_s: f64,
 ) -> bool {
@@ -177,12 +176,84 @@ pub fn holds(
             waited <= hold_s && waited + done > hold_s
         })
         .count();
-    let overrun = whole_s - period_s;
-    late <= credits
+    late <= streams
+}
+
+/// Of the decoding streams' `credits` ([`stream_credit`]), those on pace (at most [`ON_PACE`]
+/// of the period short of it) that a whole step of `whole_s` would overrun ([`holds`]).
+pub fn overrun(credits: &[f64], whole_s: f64, period_s: f64) -> usize {
+    credits
         .iter()
-        .filter(|&&c| (0.0..overrun).contains(&c))
+        .filter(|&&c| (-ON_PACE * period_s..whole_s - period_s).contains(&c))
         .count()
 }
+
+/// How fast prompts reach a worker and how long they are, each arrival weighing less as it
+/// ages (time constant [`ArrivalRate::TAU_S`]): [`holds`] counts the prompts that will queue
+/// behind held steps, not only those queued now. A 32-stream closed loop brings a prompt
+/// every ~0.2 s while its streams start; held steps that drain one or two queued prompts in
+/// time fall behind that rate, and every prompt after them waits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArrivalRate {
+    at_s: f64,
+    weight: f64,
+    tokens: f64,
+}
+
+impl ArrivalRate {
+    pub const TAU_S: f64 = 2.0;
+
+    fn decay(&self, now_s: f64) -> f64 {
+        (-(now_s - self.at_s).max(0.0) / Self::TAU_S).exp()
+    }
+
+    /// A prompt of `tokens` arrived at `at_s` (seconds on any clock that only goes forward).
+    pub fn observe(&mut self, at_s: f64, tokens: usize) {
+        let d = self.decay(at_s);
+        self.weight = self.weight * d + 1.0;
+        self.tokens = self.tokens * d + tokens as f64;
+        self.at_s = self.at_s.max(at_s);
+    }
+
+    /// How far ahead [`holds`] counts the prompts to come: the window the rate is measured
+    /// over, and at least the first-token bound `hold_s`. Held steps slower than the prompts
+    /// come make every later prompt wait longer; within the bound alone they would seem to
+    /// cost a prompt or two.
+    pub fn horizon(hold_s: f64) -> f64 {
+        hold_s.max(Self::TAU_S)
+    }
+
+    /// The prompt tokens that come in `period_s`, at the rate as of `now_s`: what a held step
+    /// carries at least, so that its queue does not grow while a stream behind the pace catches
+    /// up on shorter steps (with four prompt tokens a step, a 32-stream run's prompts queued
+    /// behind such a stream for seconds while more kept coming).
+    pub fn per_period(&self, now_s: f64, period_s: f64) -> usize {
+        (self.tokens * self.decay(now_s) / Self::TAU_S * period_s).ceil() as usize
+    }
+
+    /// Prompts per second, as of `now_s`.
+    pub fn rate(&self, now_s: f64) -> f64 {
+        self.weight * self.decay(now_s) / Self::TAU_S
+    }
+
+    /// The prompts expected within `horizon_s` after `now_s` at the rate and mean length seen,
+    /// as [`holds`] takes its queue: each one's tokens and minus the seconds until it comes.
+    pub fn ahead(&self, now_s: f64, horizon_s: f64) -> impl Iterator<Item = (usize, f64)> {
+        let rate = self.rate(now_s);
+        let mean = if self.weight > 0.0 {
+            (self.tokens / self.weight).round() as usize
+        } else {
+            0
+        };
+        let n = (rate * horizon_s).floor() as usize;
+        (1..=n).map(move |k| (mean, -(k as f64) / rate))
+    }
+}
+
+/// How far short of its pace a stream may be and still count as on it ([`holds`]), as a share
+/// of the period: a held step spends the least credit, and the step-time fit's error leaves
+/// that stream a little either side of nothing.
+pub const ON_PACE: f64 = 0.1;
 
 /// Of the margin the pace leaves under the TPOT bound (the period is 0.9 of it), the share a
 /// stream's tokens ahead may be lent against (see [`stream_credit`]).
@@ -283,6 +354,8 @@ pub struct Pacer {
     period: Duration,
     hold: Duration,
     fit: StepFit,
+    arrivals: ArrivalRate,
+    epoch: std::time::Instant,
 }
 
 impl Pacer {
@@ -292,7 +365,15 @@ impl Pacer {
             period,
             hold,
             fit: StepFit::default(),
+            arrivals: ArrivalRate::default(),
+            epoch: std::time::Instant::now(),
         }
+    }
+
+    /// A prompt of `tokens` to prefill arrived.
+    pub fn arrived(&mut self, tokens: usize) {
+        let now = self.epoch.elapsed().as_secs_f64();
+        self.arrivals.observe(now, tokens);
     }
 
     pub fn open(s: &Sharing) -> io::Result<Pacer> {
@@ -317,7 +398,8 @@ impl Pacer {
     /// budget. While prefill is idle: all of it, but, with streams decoding (their `credits`)
     /// where holding them to the pace makes fewer requests miss than a whole step ([`holds`];
     /// `queued`: each queued prompt's tokens left and time waited), only what fits the period
-    /// plus the least of their credits ([`stream_credit`]). While a pass runs:
+    /// plus the least of their credits, but at least the prompt tokens that come in a period
+    /// ([`ArrivalRate::per_period`]). While a pass runs:
     /// the decode tokens and the chunks that fit [`STEP_SHARE`] of what they leave of the
     /// period ([`StepFit::chunk_tokens`]).
     pub fn step_tokens(
@@ -329,22 +411,37 @@ impl Pacer {
     ) -> usize {
         let period = self.period.as_secs_f64();
         if !self.arbiter.prefill_active() {
+            // A whole step: the decode tokens and as much of the queued prompts as it holds.
+            let want = decode + queued.iter().map(|&(q, _)| q).sum::<usize>();
             let (Some(level), Some(whole)) = (
                 self.fit.tokens_within(decode, period),
-                self.fit.seconds(max),
+                self.fit.seconds(max.min(want)),
             ) else {
                 return max;
             };
             let per_period = level.saturating_sub(decode);
             let hold = self.hold.as_secs_f64();
-            if decode == 0 || !holds(credits, queued, per_period, whole, period, hold) {
+            if decode == 0 {
+                return max;
+            }
+            let now = self.epoch.elapsed().as_secs_f64();
+            let mut queue = queued.to_vec();
+            queue.extend(self.arrivals.ahead(now, ArrivalRate::horizon(hold)));
+            if !holds(
+                overrun(credits, whole, period),
+                &queue,
+                per_period,
+                period,
+                hold,
+            ) {
                 return max;
             }
             let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
+            let keep_up = decode + self.arrivals.per_period(now, period);
             return self
                 .fit
                 .tokens_within(decode, period + credit)
-                .map_or(max, |fits| max.min(fits));
+                .map_or(max, |fits| max.min(fits.max(keep_up)));
         }
         let chunk = self.fit.chunk_tokens(decode, period).unwrap_or(MIN_CHUNK);
         max.min(decode + chunk)
@@ -413,28 +510,71 @@ mod tests {
         // 500 tokens drain in time; a whole step takes 150 ms.
         let (per, whole, period, hold) = (10, 0.15, 0.02, 1.0);
         let poor = [0.01; 6]; // credits a whole step would overrun
+        let h = |credits: &[f64], queued: &[(usize, f64)]| {
+            holds(overrun(credits, whole, period), queued, per, period, hold)
+        };
         let fresh = |n| vec![(200, 0.0); n];
         // A chat turn queued: holding keeps it in time and six streams within the bound.
-        assert!(holds(&poor, &fresh(1), per, whole, period, hold));
+        assert!(h(&poor, &fresh(1)));
         // A burst of prompts that cannot all drain in time: holding would make five miss
         // their first token (the first two of seven are in time), against six streams.
-        assert!(holds(&poor, &fresh(7), per, whole, period, hold));
-        assert!(!holds(&poor[..4], &fresh(7), per, whole, period, hold));
+        assert!(h(&poor, &fresh(7)));
+        assert!(!h(&poor[..4], &fresh(7)));
         // Streams with credit enough for a whole step lose nothing to it, and streams behind
         // their pace are lost either way.
-        assert!(!holds(&[0.2; 6], &fresh(7), per, whole, period, hold));
-        assert!(!holds(&[-0.01; 6], &fresh(7), per, whole, period, hold));
+        assert!(!h(&[0.2; 6], &fresh(7)));
+        assert!(!h(&[-0.01; 6], &fresh(7)));
+        // A stream a held step left a little short of nothing (the fit's error) is on pace.
+        assert!(h(&[-0.001; 6], &fresh(7)));
         // Prompts that waited past the bound already are lost either way.
+        assert!(h(&poor[..1], &[(200, 1.5); 7]));
+        // A tie holds.
+        assert!(h(&[0.01; 5], &fresh(7)));
+        assert_eq!(overrun(&[0.2, -0.3], whole, period), 0);
+    }
+
+    #[test]
+    fn prompts_expected_to_come_count_against_holding_where_held_steps_fall_behind_them() {
+        // Five prompts of 250 tokens a second for the last few seconds.
+        let mut a = ArrivalRate::default();
+        assert_eq!(a.ahead(0.0, 1.0).count(), 0);
+        for k in 0..40 {
+            a.observe(k as f64 * 0.2, 240 + 20 * (k % 2));
+        }
+        let rate = a.rate(7.8);
+        assert!((4.5..5.5).contains(&rate), "{rate}");
+        let ahead: Vec<_> = a.ahead(7.8, 1.0).collect();
+        assert_eq!(ahead.len(), 5);
+        assert!(ahead.iter().all(|&(t, _)| t == 250));
+        assert!(ahead.windows(2).all(|w| w[1].1 < w[0].1 && w[0].1 < 0.0));
+        // A held step carries at least the ~1,250 tokens a second that come: 113 a 90 ms
+        // period.
+        let k = a.per_period(7.8, 0.09);
+        assert!((110..=125).contains(&k), "{k}");
+        // The rate fades once prompts stop coming.
+        assert!(a.rate(17.8) < 0.05 * rate);
+        // A 90 ms period that leaves 67 chunk tokens (~740 a second) beside the streams: one
+        // queued prompt drains in time, so the held step spares two streams …
+        let (per, whole, period, hold) = (67, 0.18, 0.09, 1.0);
+        let poor = [0.01, 0.02];
         assert!(holds(
-            &poor[..1],
-            &[(200, 1.5); 7],
+            overrun(&poor, whole, period),
+            &[(250, 0.0)],
             per,
-            whole,
             period,
             hold
         ));
-        // A tie holds.
-        assert!(holds(&[0.01; 5], &fresh(7), per, whole, period, hold));
+        // … but with the prompts that come behind it (two seconds of them), held steps make
+        // more of them miss.
+        let mut queue = vec![(250, 0.0)];
+        queue.extend(a.ahead(7.8, ArrivalRate::horizon(hold)));
+        assert!(!holds(
+            overrun(&poor, whole, period),
+            &queue,
+            per,
+            period,
+            hold
+        ));
     }
 
     #[test]

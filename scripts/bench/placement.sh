@@ -11,7 +11,8 @@
 # one; otherwise `tandem up` measures a quick one on its first start).
 # Results land in bench-results/placement-<scenario>-<setup>-<round>/ (the default's with
 # placements.txt: how many prompts each kind of worker prefilled); a table with the
-# default/colocated goodput ratios is printed at the end.
+# default/colocated goodput ratios is printed at the end. TRACE=1 keeps the default's log, with
+# each paced step's decision (TANDEM_LOG=decode_worker::pace=trace), beside its results.
 #
 # usage: scripts/bench/placement.sh [SCENARIO...]   (default: all)
 set -euo pipefail
@@ -19,6 +20,7 @@ PORT=18125
 source "$(dirname "$0")/lib.sh"
 SCENARIOS=${*:-streams32 results1 results2 results3 results4 results5 mixed-tight}
 ROUNDS=${ROUNDS:-1}
+[ -z "${TRACE:-}" ] || export TANDEM_LOG=${TANDEM_LOG:-info,decode_worker::pace=trace}
 
 for s in $SCENARIOS; do
   slo=(--slo-ttft-ms 2000 --slo-tpot-ms 200)
@@ -51,7 +53,8 @@ for s in $SCENARIOS; do
   esac
   for round in $(seq 1 "$ROUNDS"); do
     start --colocated; bench "${args[@]}" "${good[@]}" --label colocated --result-dir $OUT/placement-$s-colocated-$round; stop
-    start "${slo[@]}"; bench "${args[@]}" "${good[@]}" --label default --result-dir $OUT/placement-$s-default-$round
+    SERVER_LOG=${TRACE:+$OUT/placement-$s-default-$round.log} start "${slo[@]}"
+    bench "${args[@]}" "${good[@]}" --label default --result-dir $OUT/placement-$s-default-$round
     # Where the prompts went (the scheduler's counter), beside the run's results.
     curl -s "http://127.0.0.1:$PORT/metrics" | grep '^tandem_prefill_placements_total' \
       > $OUT/placement-$s-default-$round/placements.txt || true

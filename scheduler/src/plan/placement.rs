@@ -170,8 +170,8 @@ fn chunked(cost: &CostModel, slo: Slo, d: &DecodeView, todo: usize, pairs: f64) 
             let (made, since) = (h / 2, (h / 2) as f64 * base);
             let credit = protocol::cores::stream_credit(period, since, made, h - made, h, base);
             let whole = f.seconds(decode + Work::prefill(0, full));
-            let credits = vec![credit; d.running];
-            if protocol::cores::holds(&credits, &queue, held, whole, period, slo.ttft_s) {
+            let streams = protocol::cores::overrun(&vec![credit; d.running], whole, period);
+            if protocol::cores::holds(streams, &queue, held, period, slo.ttft_s) {
                 full.min(held)
             } else {
                 full

@@ -16,7 +16,7 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
-use protocol::cores::{holds, stream_credit};
+use protocol::cores::{ArrivalRate, holds, overrun, stream_credit};
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -115,6 +115,8 @@ struct DecodeSim {
     pace: Option<(usize, f64)>,
     /// How long its queued prompts may wait on the pace (`protocol::cores::holds`).
     hold_s: f64,
+    /// The prompts it was given to prefill, for the prompts `holds` expects to come.
+    arrivals: ArrivalRate,
     running: Vec<Seq>,
     waiting: VecDeque<Seq>,
     /// Prefilled elsewhere, arriving at the given time.
@@ -231,6 +233,7 @@ pub fn replay(
         threads,
         pace,
         hold_s: slo.ttft_s,
+        arrivals: ArrivalRate::default(),
         running: Vec::new(),
         waiting: VecDeque::new(),
         joining: VecDeque::new(),
@@ -369,7 +372,10 @@ pub fn replay(
                     ps[i].queue.push_back((seq, di));
                     ps[i].start();
                 }
-                _ => ds[di].waiting.push_back(seq),
+                _ => {
+                    ds[di].arrivals.observe(r.at, seq.prompt);
+                    ds[di].waiting.push_back(seq);
+                }
             }
             next += 1;
         }
@@ -417,8 +423,8 @@ fn step(
     let decoding = d.running.iter().filter(|s| s.have >= s.prompt).count();
     let mut budget = STEP_BUDGET.saturating_sub(decoding);
     // Beside a pass, the chunks that fit the step's share of the period; with none, those
-    // that keep the step within the period and the streams' least credit against it
-    // (`protocol::cores`).
+    // that keep the step within the period and the streams' least credit against it, and at
+    // least the prompt tokens that come in a period (`protocol::cores`).
     let pace = d.pace.map(|(_, p)| p).filter(|_| pass);
     if let Some((_, period)) = d.pace.filter(|_| pass || decoding > 0) {
         let decoding_seqs = || d.running.iter().filter(|s| s.have >= s.prompt);
@@ -444,20 +450,30 @@ fn step(
                 )
             })
             .collect();
-        let queued: Vec<(usize, f64)> = (d.running.iter().chain(&d.waiting))
+        let mut queued: Vec<(usize, f64)> = (d.running.iter().chain(&d.waiting))
             .filter(|s| s.have < s.prompt)
             .map(|s| (s.prompt - s.have, now - reqs[s.req].at))
             .collect();
+        // A whole step: as much of the queued prompts as the budget holds.
+        let want = budget.min(queued.iter().map(|q| q.0).sum());
+        queued.extend(d.arrivals.ahead(now, ArrivalRate::horizon(d.hold_s)));
         let held = d.f.chunk_within(pairs, period - base);
         let whole =
-            d.f.seconds(decode + Work::prefill(pairs as usize, pairs as usize + budget));
+            d.f.seconds(decode + Work::prefill(pairs as usize, pairs as usize + want));
         let chunk = if pass {
             d.f.paced_chunk(decode, pairs, period)
-        } else if !holds(&credits, &queued, held, whole, period, d.hold_s) {
+        } else if !holds(
+            overrun(&credits, whole, period),
+            &queued,
+            held,
+            period,
+            d.hold_s,
+        ) {
             budget
         } else {
             let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
-            d.f.chunk_within(pairs, period + credit - base)
+            let keep_up = d.arrivals.per_period(now, period);
+            d.f.chunk_within(pairs, period + credit - base).max(keep_up)
         };
         budget = budget.min(chunk);
     }
