@@ -34,8 +34,8 @@ impl Worker {
             decoding,
             tokens,
             streams = credits.len(),
-            least = credits.iter().copied().fold(f64::INFINITY, f64::min),
-            on_pace = credits.iter().filter(|&&c| c >= 0.0).count(),
+            least = protocol::cores::least_credit(&credits),
+            on_pace = protocol::cores::overrun(&credits, f64::INFINITY, p.period().as_secs_f64()),
             queued = queued.len(),
             fresh = queued
                 .iter()

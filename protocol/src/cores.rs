@@ -250,6 +250,12 @@ impl ArrivalRate {
     }
 }
 
+/// The least of the streams' `credits` ([`stream_credit`]): what a held step may take beyond
+/// the period (below it, for a stream behind its pace); infinite with no stream.
+pub fn least_credit(credits: &[f64]) -> f64 {
+    credits.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 /// How far short of its pace a stream may be and still count as on it ([`holds`]), as a share
 /// of the period: a held step spends the least credit, and the step-time fit's error leaves
 /// that stream a little either side of nothing.
@@ -436,7 +442,7 @@ impl Pacer {
             ) {
                 return max;
             }
-            let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
+            let credit = least_credit(credits);
             let keep_up = decode + self.arrivals.per_period(now, period);
             return self
                 .fit

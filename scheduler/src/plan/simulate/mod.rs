@@ -16,7 +16,7 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
-use protocol::cores::{ArrivalRate, holds, overrun, stream_credit};
+use protocol::cores::{ArrivalRate, holds, least_credit, overrun, stream_credit};
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -471,7 +471,7 @@ fn step(
         ) {
             budget
         } else {
-            let credit = credits.iter().copied().fold(f64::INFINITY, f64::min);
+            let credit = least_credit(&credits);
             let keep_up = d.arrivals.per_period(now, period);
             d.f.chunk_within(pairs, period + credit - base).max(keep_up)
         };
