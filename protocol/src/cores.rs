@@ -149,34 +149,54 @@ pub const STEP_SHARE: f64 = 0.5;
 /// while a pass runs however full its decode batch.
 pub const MIN_CHUNK: usize = 4;
 
+/// How fast a decode worker's steps move its queued prompts: `tokens` prompt tokens a step of
+/// `step_s` seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pace {
+    pub tokens: usize,
+    pub step_s: f64,
+}
+
+impl Pace {
+    /// Of the `queued` prompts (each one's tokens left and how long it has waited, in the order
+    /// they are served), those still within the first-token bound `hold_s` that this pace would
+    /// take past it.
+    pub fn late(&self, queued: &[(usize, f64)], hold_s: f64) -> usize {
+        let mut tokens = 0;
+        queued
+            .iter()
+            .filter(|&&(q, waited)| {
+                tokens += q;
+                let done = tokens.div_ceil(self.tokens.max(1)) as f64 * self.step_s;
+                waited <= hold_s && waited + done > hold_s
+            })
+            .count()
+    }
+}
+
 /// Whether a paced step with no pass beside it holds to the period and the streams' credit,
-/// whichever makes fewer requests miss. Held: the queued prompts (`queued`: the prompt tokens
-/// each still has and how long it has waited, in the order they are served; those expected
-/// to come, [`ArrivalRate::ahead`], with minus the time until they do) that would not get
-/// their first token within `hold_s` (the first-token bound) at the `per_period` chunk tokens
-/// a period leaves beside the decode tokens. Run whole (as a colocated server's): the
-/// `streams` it would overrun ([`overrun`]). Requests lost already (a prompt waiting past the
-/// bound; a stream behind its pace, or — the caller leaves it out — whose first token was
-/// late) count on neither side. A tie holds. Held regardless, a 32-stream burst at
-/// TPOT ≤ 100 ms got its first tokens 2.8–4× later than colocated's; whole regardless, §5's
-/// mix at TPOT ≤ 25 ms breaks every stream's bound.
+/// whichever makes fewer requests miss. Held (`held`: the chunk tokens a period leaves beside
+/// the decode tokens), the queued prompts (`queued`: the prompt tokens each still has and how
+/// long it has waited, in the order they are served; those expected to come,
+/// [`ArrivalRate::ahead`], with minus the time until they do) it makes miss the first-token
+/// bound `hold_s` beyond those that whole steps (`whole`) would. Run whole (as a colocated
+/// server's): the `streams` it would overrun ([`overrun`]). Requests lost already (a prompt
+/// waiting past the bound; a stream behind its pace, or — the caller leaves it out — whose
+/// first token was late) count on neither side. A tie holds. Held regardless, a 32-stream
+/// burst at TPOT ≤ 100 ms got its first tokens 2.8–4× later than colocated's; whole
+/// regardless, §5's mix at TPOT ≤ 25 ms breaks every stream's bound; and counting as late the
+/// prompts of a burst of long ones that miss either way, that mix's streams lost their bound to
+/// whole steps that brought no prompt in time.
 pub fn holds(
     streams: usize,
     queued: &[(usize, f64)],
-    per_period: usize,
-    period_s: f64,
+    held: Pace,
+    whole: Pace,
     hold_s: f64,
 ) -> bool {
-    let mut tokens = 0;
-    let late = queued
-        .iter()
-        .filter(|&&(q, waited)| {
-            tokens += q;
-            let done = tokens.div_ceil(per_period.max(1)) as f64 * period_s;
-            waited <= hold_s && waited + done > hold_s
-        })
-        .count();
-    late <= streams
+    held.late(queued, hold_s)
+        .saturating_sub(whole.late(queued, hold_s))
+        <= streams
 }
 
 /// Of the decoding streams' `credits` ([`stream_credit`]), those on pace (at most [`ON_PACE`]
@@ -419,13 +439,21 @@ impl Pacer {
         if !self.arbiter.prefill_active() {
             // A whole step: the decode tokens and as much of the queued prompts as it holds.
             let want = decode + queued.iter().map(|&(q, _)| q).sum::<usize>();
-            let (Some(level), Some(whole)) = (
+            let (Some(level), Some(whole), Some(full)) = (
                 self.fit.tokens_within(decode, period),
                 self.fit.seconds(max.min(want)),
+                self.fit.seconds(max),
             ) else {
                 return max;
             };
-            let per_period = level.saturating_sub(decode);
+            let held = Pace {
+                tokens: level.saturating_sub(decode),
+                step_s: period,
+            };
+            let whole_pace = Pace {
+                tokens: max.saturating_sub(decode),
+                step_s: full,
+            };
             let hold = self.hold.as_secs_f64();
             if decode == 0 {
                 return max;
@@ -436,8 +464,8 @@ impl Pacer {
             if !holds(
                 overrun(credits, whole, period),
                 &queue,
-                per_period,
-                period,
+                held,
+                whole_pace,
                 hold,
             ) {
                 return max;
@@ -513,11 +541,19 @@ mod tests {
     #[test]
     fn a_step_holds_to_the_pace_where_that_makes_fewer_requests_miss() {
         // A 20 ms period leaves 10 chunk tokens; prompts have 1 s for their first token, so
-        // 500 tokens drain in time; a whole step takes 150 ms.
+        // 500 tokens drain in time; a whole step takes 150 ms and carries 250 prompt tokens.
         let (per, whole, period, hold) = (10, 0.15, 0.02, 1.0);
+        let held = Pace {
+            tokens: per,
+            step_s: period,
+        };
+        let full = Pace {
+            tokens: 250,
+            step_s: whole,
+        };
         let poor = [0.01; 6]; // credits a whole step would overrun
         let h = |credits: &[f64], queued: &[(usize, f64)]| {
-            holds(overrun(credits, whole, period), queued, per, period, hold)
+            holds(overrun(credits, whole, period), queued, held, full, hold)
         };
         let fresh = |n| vec![(200, 0.0); n];
         // A chat turn queued: holding keeps it in time and six streams within the bound.
@@ -536,6 +572,14 @@ mod tests {
         assert!(h(&poor[..1], &[(200, 1.5); 7]));
         // A tie holds.
         assert!(h(&[0.01; 5], &fresh(7)));
+        // A burst that whole steps would not bring in time either (ten prompts of 500
+        // tokens: whole steps make seven of them miss, held ones nine): holding costs two
+        // prompts, so it spares two streams their bound, but not one.
+        let long = vec![(500, 0.0); 10];
+        assert_eq!(full.late(&long, hold), 7);
+        assert_eq!(held.late(&long, hold), 9);
+        assert!(h(&poor[..2], &long));
+        assert!(!h(&poor[..1], &long));
         assert_eq!(overrun(&[0.2, -0.3], whole, period), 0);
     }
 
@@ -561,24 +605,33 @@ mod tests {
         assert!(a.rate(17.8) < 0.05 * rate);
         // A 90 ms period that leaves 67 chunk tokens (~740 a second) beside the streams: one
         // queued prompt drains in time, so the held step spares two streams …
-        let (per, whole, period, hold) = (67, 0.18, 0.09, 1.0);
+        let (whole, period, hold) = (0.18, 0.09, 1.0);
+        let held = Pace {
+            tokens: 67,
+            step_s: period,
+        };
+        let full = Pace {
+            tokens: 254,
+            step_s: whole,
+        };
         let poor = [0.01, 0.02];
         assert!(holds(
             overrun(&poor, whole, period),
             &[(250, 0.0)],
-            per,
-            period,
+            held,
+            full,
             hold
         ));
         // … but with the prompts that come behind it (two seconds of them), held steps make
         // more of them miss.
         let mut queue = vec![(250, 0.0)];
         queue.extend(a.ahead(7.8, ArrivalRate::horizon(hold)));
+        assert_eq!(full.late(&queue, hold), 0);
         assert!(!holds(
             overrun(&poor, whole, period),
             &queue,
-            per,
-            period,
+            held,
+            full,
             hold
         ));
     }

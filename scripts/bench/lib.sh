@@ -4,10 +4,11 @@
 #                   $SERVER_LOG where set);
 #   stop            its graceful stop (SIGTERM, then wait);
 #   bench ARGS...   `tandem bench` against it.
-# The caller sets PORT first; T, MODEL and OUT come from here.
+# The caller sets PORT first; T, MODEL and OUT come from here (TANDEM_BIN: another build's
+# binary to drive instead of this checkout's, for an A/B of two commits).
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 cargo build --release -q
-T=./target/release/tandem
+T=${TANDEM_BIN:-./target/release/tandem}
 MODEL=$($T model fetch 2>/dev/null)
 OUT=${OUT:-bench-results}
 SERVER=

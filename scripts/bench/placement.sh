@@ -86,4 +86,9 @@ for s in scenarios:
                     ratio = f"{(r.get('request_goodput') or 0) / g:.2f}" if g else ("=" if not r.get("request_goodput") else "inf")
                     ttft = f"{r['median_ttft_ms'] / rc['median_ttft_ms']:.2f}"
                 print(f"| {s} | {rnd} | {name} | " + " | ".join(cells) + f" | {ratio} | {ttft} |")
+        if len(rows(c)) > 1:
+            # A sweep: each set-up's best goodput over its rates, and their ratio.
+            best = [max(r.get("request_goodput") or 0 for r in rows(p)) for p in (c, d)]
+            print(f"| {s} | {rnd} | best over the sweep | colocated {best[0]:.2f}, default {best[1]:.2f} req/s"
+                  + (f": {best[1] / best[0]:.2f}x" if best[0] else "") + " |")
 PY

@@ -16,7 +16,7 @@ use super::cost::{CostModel, ForwardCost, Work};
 use super::layout::Layout;
 use super::placement::{DecodeView, Place, PrefillView, Slo, decide};
 use super::workload::Workload;
-use protocol::cores::{ArrivalRate, holds, least_credit, overrun, stream_credit};
+use protocol::cores::{ArrivalRate, Pace, holds, least_credit, overrun, stream_credit};
 use std::collections::VecDeque;
 
 /// A decode worker's step budget and sequence cap (the workers' defaults: `tandem`'s tests
@@ -457,16 +457,23 @@ fn step(
         // A whole step: as much of the queued prompts as the budget holds.
         let want = budget.min(queued.iter().map(|q| q.0).sum());
         queued.extend(d.arrivals.ahead(now, ArrivalRate::horizon(d.hold_s)));
-        let held = d.f.chunk_within(pairs, period - base);
-        let whole =
-            d.f.seconds(decode + Work::prefill(pairs as usize, pairs as usize + want));
+        let held = Pace {
+            tokens: d.f.chunk_within(pairs, period - base),
+            step_s: period,
+        };
+        let prefill = |n: usize| Work::prefill(pairs as usize, pairs as usize + n);
+        let whole = d.f.seconds(decode + prefill(want));
+        let full = Pace {
+            tokens: budget,
+            step_s: d.f.seconds(decode + prefill(budget)),
+        };
         let chunk = if pass {
             d.f.paced_chunk(decode, pairs, period)
         } else if !holds(
             overrun(&credits, whole, period),
             &queued,
             held,
-            period,
+            full,
             d.hold_s,
         ) {
             budget
