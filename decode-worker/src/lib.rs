@@ -368,7 +368,8 @@ impl Worker {
             self.running.push(seq);
         } else {
             if let Some(p) = self.pacer.as_mut() {
-                p.arrived(seq.target_len());
+                let work = p.cost().chunk(0, seq.target_len());
+                p.arrived(work);
             }
             self.waiting.push_back(seq);
         }
@@ -470,7 +471,7 @@ impl Worker {
             return false;
         }
         let started = std::time::Instant::now();
-        let tokens = plan.iter().map(|(_, w)| w.tokens()).sum();
+        let timed = self.timed(&plan);
         self.execute(plan);
         // Sequences that finished (or lost their client) in this step are gone now: an idle
         // worker must not keep reporting them.
@@ -479,12 +480,8 @@ impl Worker {
             .store(self.running.len(), Ordering::Relaxed);
         metrics::gauge!("tandem_decode_running_sequences").set(self.running.len() as f64);
         self.publish_load();
-        if let Some(p) = self.pacer.as_mut() {
-            let rest = p.rest(tokens, started);
-            if !rest.is_zero() {
-                kernels::pool::rest(); // its idle threads sleep too, rather than spin
-                std::thread::sleep(rest);
-            }
+        if let Some(t) = timed {
+            self.rest_after(t, started);
         }
         true
     }
@@ -506,20 +503,22 @@ impl Worker {
                 i += 1;
             }
         }
-        let decoding = self.running.iter().filter(|s| s.decoding()).count();
-        let max = self.step_tokens(decoding);
-        let mut budget = max.saturating_sub(decoding);
+        let budget = self.step_budget();
+        let mut left = budget;
+        for _ in self.running.iter().filter(|s| s.decoding()) {
+            left.take_decode();
+        }
         let mut i = 0;
-        while i < self.running.len() && budget > 0 {
+        while i < self.running.len() && left.tokens > 0 {
             let s = &self.running[i];
             if s.decoding() {
                 i += 1;
                 continue;
             }
             let (have, target) = (s.kv.len(), s.target_len());
-            let to = target.min(have + budget);
+            let to = left.chunk_end(have, target);
             if self.reserve_or_preempt(i, to) {
-                budget -= to - have;
+                left.take_chunk(have, to);
                 i += 1;
             }
         }
@@ -534,7 +533,7 @@ impl Worker {
                 capacity: s.kv.capacity(),
             })
             .collect();
-        plan::compose(&states, max)
+        plan::compose(&states, budget)
     }
 
     /// Makes room for sequence `i` (in the arrival-sorted batch) to hold `total` positions.

@@ -4,6 +4,8 @@
 //! worker gathers the state, reserves the memory (preempting when the pool runs short) and
 //! runs the plan.
 
+use protocol::cores::StepCost;
+
 /// What one sequence contributes to a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -19,6 +21,55 @@ impl Work {
             Work::Decode => 1,
             Work::Chunk { from, to } => to - from,
         }
+    }
+
+    /// Its work in token-equivalents.
+    pub fn cost(&self, cost: &StepCost) -> f64 {
+        match *self {
+            Work::Decode => StepCost::DECODE,
+            Work::Chunk { from, to } => cost.chunk(from, to),
+        }
+    }
+}
+
+/// What a step may still compute: batch tokens, and work in token-equivalents (the pacer's
+/// bound, [`StepCost`]; infinite without one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub tokens: usize,
+    pub work: f64,
+    pub cost: StepCost,
+    /// Prompt tokens the step carries whatever its work allows (`protocol::cores::MIN_CHUNK`).
+    pub floor: usize,
+}
+
+impl Budget {
+    /// `tokens` batch tokens, no bound on their work.
+    pub fn tokens(tokens: usize) -> Budget {
+        Budget {
+            tokens,
+            work: f64::INFINITY,
+            cost: StepCost::default(),
+            floor: 0,
+        }
+    }
+
+    /// A decoding sequence computes its token (never cut).
+    pub fn take_decode(&mut self) {
+        self.tokens = self.tokens.saturating_sub(1);
+        self.work -= StepCost::DECODE;
+    }
+
+    /// Where a prompt at `have` of its `target` positions may prefill to within the budget.
+    pub fn chunk_end(&self, have: usize, target: usize) -> usize {
+        let fits = self.cost.chunk_within(have, self.work).max(self.floor);
+        target.min(have.saturating_add(fits.min(self.tokens)))
+    }
+
+    pub fn take_chunk(&mut self, from: usize, to: usize) {
+        self.tokens -= to - from;
+        self.work -= self.cost.chunk(from, to);
+        self.floor = self.floor.saturating_sub(to - from);
     }
 }
 
@@ -36,25 +87,24 @@ pub struct SeqState {
 }
 
 /// This step's work, in batch order: one token for every decoding sequence, then prefill
-/// chunks in batch order (oldest first) until `max_batch_tokens` are spent; a chunk never runs
-/// past the blocks its sequence holds.
-pub fn compose(seqs: &[SeqState], max_batch_tokens: usize) -> Vec<(usize, Work)> {
+/// chunks in batch order (oldest first) until the `budget` is spent; a chunk never runs past
+/// the blocks its sequence holds.
+pub fn compose(seqs: &[SeqState], mut budget: Budget) -> Vec<(usize, Work)> {
     let mut plan = Vec::new();
-    let mut budget = max_batch_tokens;
     for (i, s) in seqs.iter().enumerate() {
         if s.decoding {
             plan.push((i, Work::Decode));
-            budget = budget.saturating_sub(1);
+            budget.take_decode();
         }
     }
     for (i, s) in seqs.iter().enumerate() {
         if s.decoding {
             continue;
         }
-        let to = s.target.min(s.have + budget).min(s.capacity);
+        let to = budget.chunk_end(s.have, s.target).min(s.capacity);
         if to > s.have {
             plan.push((i, Work::Chunk { from: s.have, to }));
-            budget -= to - s.have;
+            budget.take_chunk(s.have, to);
         }
     }
     plan
@@ -98,7 +148,7 @@ mod tests {
             decoding(7),
         ];
         assert_eq!(
-            compose(&seqs, 64),
+            compose(&seqs, Budget::tokens(64)),
             [
                 (1, Work::Decode),
                 (3, Work::Decode),
@@ -107,7 +157,7 @@ mod tests {
         );
         // A bigger budget reaches the second prompt, which stops at its target.
         assert_eq!(
-            compose(&seqs, 200),
+            compose(&seqs, Budget::tokens(200)),
             [
                 (1, Work::Decode),
                 (3, Work::Decode),
@@ -120,18 +170,54 @@ mod tests {
     #[test]
     fn a_chunk_stops_at_the_blocks_held_and_a_spent_budget_adds_nothing() {
         assert_eq!(
-            compose(&[prefilling(16, 100, 48)], 256),
+            compose(&[prefilling(16, 100, 48)], Budget::tokens(256)),
             [(0, Work::Chunk { from: 16, to: 48 })]
         );
-        assert_eq!(compose(&[prefilling(48, 100, 48)], 256), []);
+        assert_eq!(compose(&[prefilling(48, 100, 48)], Budget::tokens(256)), []);
         let many: Vec<SeqState> = (0..5).map(|_| decoding(3)).collect();
-        let plan = compose(&[many.clone(), vec![prefilling(0, 9, 16)]].concat(), 4);
+        let plan = compose(
+            &[many.clone(), vec![prefilling(0, 9, 16)]].concat(),
+            Budget::tokens(4),
+        );
         assert_eq!(
             plan.len(),
             5,
             "decode tokens are never cut; no budget is left for the chunk"
         );
         assert!(plan.iter().all(|(_, w)| *w == Work::Decode));
+    }
+
+    #[test]
+    fn a_work_budget_gives_a_chunk_deep_into_its_prompt_fewer_tokens_and_the_floor_at_least() {
+        let cost = StepCost { prefill_pair: 1e-3 };
+        // Two decode tokens cost 2 of the 60.5 of work.
+        let budget = Budget {
+            tokens: 256,
+            work: 60.5,
+            cost,
+            floor: 4,
+        };
+        let early = [decoding(100), decoding(50), prefilling(0, 1000, 1008)];
+        let late = [decoding(100), decoding(50), prefilling(900, 1000, 1008)];
+        let chunk = |seqs: &[SeqState]| match compose(seqs, budget)[2] {
+            (2, Work::Chunk { from, to }) => (from, to),
+            other => panic!("{other:?}"),
+        };
+        // 56 tokens from 0 cost 56 + 1.6; from 900, 30 cost 30 + 27.5.
+        assert_eq!(chunk(&early), (0, 56));
+        assert_eq!(chunk(&late), (900, 930));
+        let (from, to) = chunk(&late);
+        let spent = 2.0 + cost.chunk(from, to);
+        assert!(spent <= 60.5 && spent + cost.chunk(to, to + 1) > 60.5);
+        // Whatever the work left, the floor's tokens.
+        let spent_already = Budget {
+            work: 1.0,
+            ..budget
+        };
+        assert_eq!(
+            compose(&late, spent_already)[2],
+            (2, Work::Chunk { from: 900, to: 904 })
+        );
     }
 
     #[test]

@@ -12,7 +12,8 @@
 # Results land in bench-results/placement-<scenario>-<setup>-<round>/ (the default's with
 # placements.txt: how many prompts each kind of worker prefilled); a table with the
 # default/colocated goodput ratios is printed at the end. TRACE=1 keeps the default's log, with
-# each paced step's decision (TANDEM_LOG=decode_worker::pace=trace), beside its results.
+# each paced step's decision and time (TANDEM_LOG=decode_worker=trace), beside its results;
+# scripts/bench/step_fit.py reads how well the step-time fit predicted those times.
 #
 # usage: scripts/bench/placement.sh [SCENARIO...]   (default: all)
 set -euo pipefail
@@ -20,7 +21,7 @@ PORT=18125
 source "$(dirname "$0")/lib.sh"
 SCENARIOS=${*:-streams32 results1 results2 results3 results4 results5 mixed-tight}
 ROUNDS=${ROUNDS:-1}
-[ -z "${TRACE:-}" ] || export TANDEM_LOG=${TANDEM_LOG:-info,decode_worker::pace=trace}
+[ -z "${TRACE:-}" ] || export TANDEM_LOG=${TANDEM_LOG:-info,decode_worker=trace}
 
 for s in $SCENARIOS; do
   slo=(--slo-ttft-ms 2000 --slo-tpot-ms 200)

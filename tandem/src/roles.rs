@@ -175,7 +175,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
                 decode_worker::service::ServiceConfig {
                     store: store_use(&args.store, secret.clone())?,
                     secret,
-                    sharing: args.sharing.decode(),
+                    sharing: args.sharing.decode()?,
                     ..Default::default()
                 },
                 draining(status.clone()),

@@ -217,13 +217,6 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
         etcd_ttl_secs: crate::args::DEFAULT_ETCD_TTL_SECS,
         advertise_host: None,
     };
-    // Unpinned, the workers share the cores, the decode steps first (`protocol::cores`).
-    let sharing = |decode: bool| SharingArgs {
-        share_cores: (!args.pin).then(|| secret_dir.path().join("cores")),
-        pace_ms: (!args.pin && decode)
-            .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
-        hold_ms: (!args.pin && decode).then_some(args.routing.slo_ttft_ms as f64),
-    };
     let mut members = Vec::new();
     // The store first: decode workers reach it from their first request.
     let store = if args.store.kv_store {
@@ -292,6 +285,17 @@ fn supervise(args: UpArgs) -> anyhow::Result<()> {
     let routing = RoutingArgs {
         cost_profile: cost_profile(&args, &model, secret_dir.path())?,
         ..args.routing.clone()
+    };
+    // Unpinned, the workers share the cores, the decode steps first (`protocol::cores`), the
+    // decode worker weighing its steps by the profile prompts are placed with.
+    let sharing = |decode: bool| SharingArgs {
+        share_cores: (!args.pin).then(|| secret_dir.path().join("cores")),
+        pace_ms: (!args.pin && decode)
+            .then_some(scheduler::plan::PACE * args.routing.slo_tpot_ms as f64),
+        hold_ms: (!args.pin && decode).then_some(args.routing.slo_ttft_ms as f64),
+        pace_profile: (!args.pin && decode)
+            .then(|| routing.cost_profile.clone())
+            .flatten(),
     };
     let mut decode_addrs = Vec::new();
     for i in 0..args.decode {

@@ -9,7 +9,8 @@
 //! full speed on every core and the worker then idles to the end of a period sized to the
 //! TPOT target; prefill gets every cycle the steps leave. A step then carries its decode
 //! tokens and only the prompt chunks of its own that fit [`STEP_SHARE`] of what the decode
-//! tokens leave of the period (timed by a running fit of its steps, [`StepFit`]), so the pass
+//! tokens leave of the period (timed by a running fit of its steps against their work,
+//! attention included: [`StepFit`], [`StepCost`]), so the pass
 //! keeps the rest however many prompts the decode worker prefills itself. With no pass, the
 //! decode worker runs without rests, each step with streams decoding holding to the period
 //! plus the credit they have against it ([`stream_credit`]), so that its own prompts' chunks
@@ -25,6 +26,9 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+mod fit;
+pub use fit::{StepCost, StepFit};
 
 /// How old a heartbeat may be before the passes it vouches for are taken as dead.
 pub const STALE: Duration = Duration::from_secs(30);
@@ -138,6 +142,8 @@ pub struct Sharing {
     pub period: Duration,
     /// How long queued prompts may wait on the pace: the first-token bound ([`holds`]).
     pub hold: Duration,
+    /// What its steps' work is: attention's weight against a token's ([`StepFit`]).
+    pub cost: StepCost,
 }
 
 /// While a prefill pass runs, the share of each period beyond its decode tokens that a decode
@@ -145,29 +151,30 @@ pub struct Sharing {
 /// worker's. Without the bound a stream of short prompts placed on the decode worker keeps
 /// every step past its period, and the pass, at idle priority, starves.
 pub const STEP_SHARE: f64 = 0.5;
-/// Prompt-chunk tokens a paced step may always carry, so that its own prompts still move
-/// while a pass runs however full its decode batch.
+/// Prompt-chunk tokens a paced step always carries, whatever its work allows, so that its own
+/// prompts still move while a pass runs however full its decode batch.
 pub const MIN_CHUNK: usize = 4;
 
-/// How fast a decode worker's steps move its queued prompts: `tokens` prompt tokens a step of
-/// `step_s` seconds.
+/// How fast a decode worker's steps move its queued prompts: `work` of them a step of `step_s`
+/// seconds — prompt tokens, or their work in token-equivalents ([`StepCost`]), in the unit the
+/// queue is counted in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pace {
-    pub tokens: usize,
+    pub work: f64,
     pub step_s: f64,
 }
 
 impl Pace {
-    /// Of the `queued` prompts (each one's tokens left and how long it has waited, in the order
+    /// Of the `queued` prompts (each one's work left and how long it has waited, in the order
     /// they are served), those still within the first-token bound `hold_s` that this pace would
     /// take past it.
-    pub fn late(&self, queued: &[(usize, f64)], hold_s: f64) -> usize {
-        let mut tokens = 0;
+    pub fn late(&self, queued: &[(f64, f64)], hold_s: f64) -> usize {
+        let mut work = 0.0;
         queued
             .iter()
             .filter(|&&(q, waited)| {
-                tokens += q;
-                let done = tokens.div_ceil(self.tokens.max(1)) as f64 * self.step_s;
+                work += q;
+                let done = (work / self.work.max(1.0)).ceil() * self.step_s;
                 waited <= hold_s && waited + done > hold_s
             })
             .count()
@@ -175,8 +182,8 @@ impl Pace {
 }
 
 /// Whether a paced step with no pass beside it holds to the period and the streams' credit,
-/// whichever makes fewer requests miss. Held (`held`: the chunk tokens a period leaves beside
-/// the decode tokens), the queued prompts (`queued`: the prompt tokens each still has and how
+/// whichever makes fewer requests miss. Held (`held`: the chunk work a period leaves beside
+/// the decode tokens), the queued prompts (`queued`: the work each still has and how
 /// long it has waited, in the order they are served; those expected to come,
 /// [`ArrivalRate::ahead`], with minus the time until they do) it makes miss the first-token
 /// bound `hold_s` beyond those that whole steps (`whole`) would. Run whole (as a colocated
@@ -187,13 +194,7 @@ impl Pace {
 /// regardless, §5's mix at TPOT ≤ 25 ms breaks every stream's bound; and counting as late the
 /// prompts of a burst of long ones that miss either way, that mix's streams lost their bound to
 /// whole steps that brought no prompt in time.
-pub fn holds(
-    streams: usize,
-    queued: &[(usize, f64)],
-    held: Pace,
-    whole: Pace,
-    hold_s: f64,
-) -> bool {
+pub fn holds(streams: usize, queued: &[(f64, f64)], held: Pace, whole: Pace, hold_s: f64) -> bool {
     held.late(queued, hold_s)
         .saturating_sub(whole.late(queued, hold_s))
         <= streams
@@ -217,7 +218,7 @@ pub fn overrun(credits: &[f64], whole_s: f64, period_s: f64) -> usize {
 pub struct ArrivalRate {
     at_s: f64,
     weight: f64,
-    tokens: f64,
+    work: f64,
 }
 
 impl ArrivalRate {
@@ -227,11 +228,12 @@ impl ArrivalRate {
         (-(now_s - self.at_s).max(0.0) / Self::TAU_S).exp()
     }
 
-    /// A prompt of `tokens` arrived at `at_s` (seconds on any clock that only goes forward).
-    pub fn observe(&mut self, at_s: f64, tokens: usize) {
+    /// A prompt of `work` (its tokens, or their work: [`Pace`]) arrived at `at_s` (seconds on
+    /// any clock that only goes forward).
+    pub fn observe(&mut self, at_s: f64, work: f64) {
         let d = self.decay(at_s);
         self.weight = self.weight * d + 1.0;
-        self.tokens = self.tokens * d + tokens as f64;
+        self.work = self.work * d + work;
         self.at_s = self.at_s.max(at_s);
     }
 
@@ -243,12 +245,12 @@ impl ArrivalRate {
         hold_s.max(Self::TAU_S)
     }
 
-    /// The prompt tokens that come in `period_s`, at the rate as of `now_s`: what a held step
+    /// The prompts' work that comes in `period_s`, at the rate as of `now_s`: what a held step
     /// carries at least, so that its queue does not grow while a stream behind the pace catches
     /// up on shorter steps (with four prompt tokens a step, a 32-stream run's prompts queued
     /// behind such a stream for seconds while more kept coming).
-    pub fn per_period(&self, now_s: f64, period_s: f64) -> usize {
-        (self.tokens * self.decay(now_s) / Self::TAU_S * period_s).ceil() as usize
+    pub fn per_period(&self, now_s: f64, period_s: f64) -> f64 {
+        self.work * self.decay(now_s) / Self::TAU_S * period_s
     }
 
     /// Prompts per second, as of `now_s`.
@@ -257,13 +259,13 @@ impl ArrivalRate {
     }
 
     /// The prompts expected within `horizon_s` after `now_s` at the rate and mean length seen,
-    /// as [`holds`] takes its queue: each one's tokens and minus the seconds until it comes.
-    pub fn ahead(&self, now_s: f64, horizon_s: f64) -> impl Iterator<Item = (usize, f64)> {
+    /// as [`holds`] takes its queue: each one's work and minus the seconds until it comes.
+    pub fn ahead(&self, now_s: f64, horizon_s: f64) -> impl Iterator<Item = (f64, f64)> {
         let rate = self.rate(now_s);
         let mean = if self.weight > 0.0 {
-            (self.tokens / self.weight).round() as usize
+            self.work / self.weight
         } else {
-            0
+            0.0
         };
         let n = (rate * horizon_s).floor() as usize;
         (1..=n).map(move |k| (mean, -(k as f64) / rate))
@@ -310,76 +312,13 @@ pub fn stream_credit(
     period_s * after_first as f64 - since_first_s + ahead * (period_s - base_s).max(0.0)
 }
 
-/// A running least-squares fit of a step's time against its tokens, `a + c·tokens`, each
-/// step weighing a little less than the next (so it follows the machine's speed).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StepFit {
-    w: f64,
-    x: f64,
-    y: f64,
-    xx: f64,
-    xy: f64,
-}
-
-impl StepFit {
-    const DECAY: f64 = 0.98;
-
-    pub fn observe(&mut self, tokens: usize, seconds: f64) {
-        let (x, d) = (tokens as f64, Self::DECAY);
-        self.w = self.w * d + 1.0;
-        self.x = self.x * d + x;
-        self.y = self.y * d + seconds;
-        self.xx = self.xx * d + x * x;
-        self.xy = self.xy * d + x * seconds;
-    }
-
-    /// `(a, c)`: fixed seconds per step and seconds per token; `None` before any step. While
-    /// the steps seen had too few distinct sizes to separate them, every second is charged to
-    /// the tokens (an overestimate of a token's cost, so a bound on tokens stays safe).
-    pub fn line(&self) -> Option<(f64, f64)> {
-        if self.w <= 0.0 || self.x <= 0.0 {
-            return None;
-        }
-        let var = self.w * self.xx - self.x * self.x;
-        if var > 1e-3 * self.w * self.xx {
-            let c = (self.w * self.xy - self.x * self.y) / var;
-            let a = (self.y - c * self.x) / self.w;
-            if c > 0.0 && a >= 0.0 {
-                return Some((a, c));
-            }
-        }
-        Some((0.0, self.y / self.x))
-    }
-
-    /// Tokens a step may compute within `seconds` (at least `decode` + [`MIN_CHUNK`]); `None`
-    /// before any step was seen.
-    pub fn tokens_within(&self, decode: usize, seconds: f64) -> Option<usize> {
-        let (a, c) = self.line()?;
-        let fits = ((seconds - a) / c).max(0.0) as usize;
-        Some(fits.max(decode + MIN_CHUNK))
-    }
-
-    /// The time of a step of `tokens`; `None` before any step was seen.
-    pub fn seconds(&self, tokens: usize) -> Option<f64> {
-        self.line().map(|(a, c)| a + c * tokens as f64)
-    }
-
-    /// Prompt-chunk tokens beside `decode` decode tokens in a step paced to `period_s` beside a
-    /// pass: what fits [`STEP_SHARE`] of what the decode tokens leave of the period (at least
-    /// [`MIN_CHUNK`]); `None` before any step was seen.
-    pub fn chunk_tokens(&self, decode: usize, period_s: f64) -> Option<usize> {
-        let (a, c) = self.line()?;
-        let left = STEP_SHARE * (period_s - a - c * decode as f64);
-        Some(((left / c).max(0.0) as usize).max(MIN_CHUNK))
-    }
-}
-
 /// Paces a decode worker's steps while a prefill worker shares its cores.
 pub struct Pacer {
     arbiter: CoreArbiter,
     period: Duration,
     hold: Duration,
     fit: StepFit,
+    cost: StepCost,
     arrivals: ArrivalRate,
     epoch: std::time::Instant,
 }
@@ -391,19 +330,27 @@ impl Pacer {
             period,
             hold,
             fit: StepFit::default(),
+            cost: StepCost::default(),
             arrivals: ArrivalRate::default(),
             epoch: std::time::Instant::now(),
         }
     }
 
-    /// A prompt of `tokens` to prefill arrived.
-    pub fn arrived(&mut self, tokens: usize) {
+    /// A prompt of `work` to prefill arrived ([`StepCost::chunk`]).
+    pub fn arrived(&mut self, work: f64) {
         let now = self.epoch.elapsed().as_secs_f64();
-        self.arrivals.observe(now, tokens);
+        self.arrivals.observe(now, work);
     }
 
     pub fn open(s: &Sharing) -> io::Result<Pacer> {
-        Ok(Pacer::new(CoreArbiter::open(&s.path)?, s.period, s.hold))
+        let mut p = Pacer::new(CoreArbiter::open(&s.path)?, s.period, s.hold);
+        p.cost = s.cost;
+        Ok(p)
+    }
+
+    /// What its steps' work is ([`StepCost`]).
+    pub fn cost(&self) -> StepCost {
+        self.cost
     }
 
     pub fn period(&self) -> Duration {
@@ -415,82 +362,88 @@ impl Pacer {
         self.hold
     }
 
-    /// The time a step of the `decode` decode tokens alone takes, by the fit of the steps seen.
-    pub fn decode_seconds(&self, decode: usize) -> Option<f64> {
-        self.fit.seconds(decode)
+    /// The time of a step of `work` ([`StepCost`]) by the fit of the steps seen.
+    pub fn step_seconds(&self, work: f64) -> Option<f64> {
+        self.fit.seconds(work)
     }
 
-    /// The tokens the next step may compute, `decode` of them decode tokens and `max` its
-    /// budget. While prefill is idle: all of it, but, with streams decoding (their `credits`)
+    /// The work ([`StepCost`]) the next step may compute (infinite: what its batch budget
+    /// holds). While prefill is idle: all of it, but, with streams decoding (their `credits`)
     /// where holding them to the pace makes fewer requests miss than a whole step ([`holds`];
-    /// `queued`: each queued prompt's tokens left and time waited), only what fits the period
-    /// plus the least of their credits, but at least the prompt tokens that come in a period
-    /// ([`ArrivalRate::per_period`]). While a pass runs:
-    /// the decode tokens and the chunks that fit [`STEP_SHARE`] of what they leave of the
-    /// period ([`StepFit::chunk_tokens`]).
-    pub fn step_tokens(
-        &self,
-        decode: usize,
-        max: usize,
-        credits: &[f64],
-        queued: &[(usize, f64)],
-    ) -> usize {
+    /// `queued`: each queued prompt's work left and time waited), only what fits the period
+    /// plus the least of their credits, but at least the decode tokens' and the prompts' work
+    /// that comes in a period ([`ArrivalRate::per_period`]). While a pass runs: the decode
+    /// tokens' and the chunks' that fit [`STEP_SHARE`] of what they leave of the period
+    /// ([`StepFit::paced_work`]).
+    pub fn step_work(&self, step: StepWork, credits: &[f64], queued: &[(f64, f64)]) -> f64 {
         let period = self.period.as_secs_f64();
-        if !self.arbiter.prefill_active() {
-            // A whole step: the decode tokens and as much of the queued prompts as it holds.
-            let want = decode + queued.iter().map(|&(q, _)| q).sum::<usize>();
-            let (Some(level), Some(whole), Some(full)) = (
-                self.fit.tokens_within(decode, period),
-                self.fit.seconds(max.min(want)),
-                self.fit.seconds(max),
-            ) else {
-                return max;
-            };
-            let held = Pace {
-                tokens: level.saturating_sub(decode),
-                step_s: period,
-            };
-            let whole_pace = Pace {
-                tokens: max.saturating_sub(decode),
-                step_s: full,
-            };
-            let hold = self.hold.as_secs_f64();
-            if decode == 0 {
-                return max;
-            }
-            let now = self.epoch.elapsed().as_secs_f64();
-            let mut queue = queued.to_vec();
-            queue.extend(self.arrivals.ahead(now, ArrivalRate::horizon(hold)));
-            if !holds(
-                overrun(credits, whole, period),
-                &queue,
-                held,
-                whole_pace,
-                hold,
-            ) {
-                return max;
-            }
-            let credit = least_credit(credits);
-            let keep_up = decode + self.arrivals.per_period(now, period);
+        if self.arbiter.prefill_active() {
             return self
                 .fit
-                .tokens_within(decode, period + credit)
-                .map_or(max, |fits| max.min(fits.max(keep_up)));
+                .paced_work(step.decode, period)
+                .unwrap_or(step.decode);
         }
-        let chunk = self.fit.chunk_tokens(decode, period).unwrap_or(MIN_CHUNK);
-        max.min(decode + chunk)
+        let (Some(level), Some(whole), Some(full)) = (
+            self.fit.work_within(period),
+            self.fit.seconds(step.whole),
+            self.fit.seconds(step.full),
+        ) else {
+            return f64::INFINITY;
+        };
+        if step.decode <= 0.0 {
+            return f64::INFINITY;
+        }
+        let held = Pace {
+            work: (level - step.decode).max(MIN_CHUNK as f64),
+            step_s: period,
+        };
+        let whole_pace = Pace {
+            work: step.full - step.decode,
+            step_s: full,
+        };
+        let hold = self.hold.as_secs_f64();
+        let now = self.epoch.elapsed().as_secs_f64();
+        let mut queue = queued.to_vec();
+        queue.extend(self.arrivals.ahead(now, ArrivalRate::horizon(hold)));
+        if !holds(
+            overrun(credits, whole, period),
+            &queue,
+            held,
+            whole_pace,
+            hold,
+        ) {
+            return f64::INFINITY;
+        }
+        let credit = least_credit(credits);
+        let keep_up = step.decode + self.arrivals.per_period(now, period);
+        self.fit
+            .work_within(period + credit)
+            .map_or(f64::INFINITY, |fits| fits.max(keep_up))
     }
 
-    /// After a step of `tokens` that began at `start`: how long to leave the cores to prefill
+    /// After a step of `work` that began at `start`: how long to leave the cores to prefill
     /// (nothing while prefill is idle or the step used its whole period).
-    pub fn rest(&mut self, tokens: usize, start: std::time::Instant) -> Duration {
+    pub fn rest(&mut self, work: f64, start: std::time::Instant) -> Duration {
         let took = start.elapsed();
-        self.fit.observe(tokens, took.as_secs_f64());
+        self.fit.observe(work, took.as_secs_f64());
         if !self.arbiter.prefill_active() {
             return Duration::ZERO;
         }
         self.period.saturating_sub(took)
     }
+}
+
+/// A decode worker's next step by its work ([`StepCost`]), as its queue stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepWork {
+    /// Its decode tokens'.
+    pub decode: f64,
+    /// Run whole now: its decode tokens' and as much of the queued prompts as the batch budget
+    /// holds.
+    pub whole: f64,
+    /// A whole step's with its budget full (a new prompt's work in what the queue leaves of
+    /// it): the pace at which whole steps move a queue.
+    pub full: f64,
 }
 
 #[cfg(test)]

@@ -83,6 +83,15 @@ pub struct ForwardCost {
 }
 
 impl ForwardCost {
+    /// A prompt chunk's attention against a token's cost, as a decode worker's pacer weighs
+    /// its steps' work.
+    pub fn step_cost(&self) -> protocol::cores::StepCost {
+        let per_token = self.per_token_s.max(f64::MIN_POSITIVE);
+        protocol::cores::StepCost {
+            prefill_pair: (self.per_prefill_pair_s / per_token).max(0.0),
+        }
+    }
+
     /// Seconds one forward call over `w` takes.
     pub fn seconds(&self, w: Work) -> f64 {
         self.fixed_s

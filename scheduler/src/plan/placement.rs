@@ -165,14 +165,23 @@ fn chunked(cost: &CostModel, slo: Slo, d: &DecodeView, todo: usize, pairs: f64) 
             let held = f.chunk_within(pairs, period - base);
             // The queue: what was placed before, then this prompt; the streams halfway
             // through their output, at decode-only steps so far.
-            let queue = [(d.backlog, 0.0), (todo.saturating_sub(d.backlog), 0.0)];
+            let queue = [
+                (d.backlog as f64, 0.0),
+                (todo.saturating_sub(d.backlog) as f64, 0.0),
+            ];
             let h = d.horizon.max(2);
             let (made, since) = (h / 2, (h / 2) as f64 * base);
             let credit = protocol::cores::stream_credit(period, since, made, h - made, h, base);
             let whole = f.seconds(decode + Work::prefill(0, full));
             let streams = protocol::cores::overrun(&vec![credit; d.running], whole, period);
-            let pace = |tokens, step_s| Pace { tokens, step_s };
-            let (at_held, at_whole) = (pace(held, period), pace(full, whole));
+            let at_held = Pace {
+                work: held as f64,
+                step_s: period,
+            };
+            let at_whole = Pace {
+                work: full as f64,
+                step_s: whole,
+            };
             if protocol::cores::holds(streams, &queue, at_held, at_whole, slo.ttft_s) {
                 full.min(held)
             } else {

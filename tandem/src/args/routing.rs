@@ -185,24 +185,35 @@ pub struct SharingArgs {
     /// Decode workers sharing cores: the first-token bound their queued prompts are held to, ms — steps keep to the pace only where that makes fewer requests miss than whole steps (default: --slo-ttft-ms of `tandem up`, 1000).
     #[arg(long, requires = "share_cores")]
     pub hold_ms: Option<f64>,
+    /// Decode workers sharing cores: the cost profile (`tandem plan profile`) whose costs of attention against a token's weigh each step's work, so that steps deep into long prompts keep the pace (default: tokens alone; `tandem up` passes the profile it places prompts with).
+    #[arg(long, requires = "share_cores")]
+    pub pace_profile: Option<PathBuf>,
 }
 
 impl SharingArgs {
     /// A decode worker's share.
-    pub fn decode(&self) -> Option<protocol::cores::Sharing> {
-        self.share_cores
-            .as_ref()
-            .map(|path| protocol::cores::Sharing {
-                path: path.clone(),
-                period: Duration::from_secs_f64(
-                    self.pace_ms
-                        .unwrap_or(scheduler::plan::PACE * DEFAULT_SLO_TPOT_MS as f64)
-                        / 1e3,
-                ),
-                hold: Duration::from_secs_f64(
-                    self.hold_ms.unwrap_or(DEFAULT_SLO_TTFT_MS as f64) / 1e3,
-                ),
-            })
+    pub fn decode(&self) -> anyhow::Result<Option<protocol::cores::Sharing>> {
+        let Some(path) = self.share_cores.as_ref() else {
+            return Ok(None);
+        };
+        let cost = match &self.pace_profile {
+            Some(p) => {
+                let m = scheduler::plan::cost::CostModel::load(p).map_err(anyhow::Error::msg)?;
+                // The fit of the most threads measured: a worker sharing the cores uses them all.
+                m.forward(usize::MAX).step_cost()
+            }
+            None => protocol::cores::StepCost::default(),
+        };
+        Ok(Some(protocol::cores::Sharing {
+            path: path.clone(),
+            period: Duration::from_secs_f64(
+                self.pace_ms
+                    .unwrap_or(scheduler::plan::PACE * DEFAULT_SLO_TPOT_MS as f64)
+                    / 1e3,
+            ),
+            hold: Duration::from_secs_f64(self.hold_ms.unwrap_or(DEFAULT_SLO_TTFT_MS as f64) / 1e3),
+            cost,
+        }))
     }
 
     pub fn to_args(&self) -> Vec<String> {
@@ -214,6 +225,11 @@ impl SharingArgs {
         );
         opt(&mut a, "pace-ms", self.pace_ms);
         opt(&mut a, "hold-ms", self.hold_ms);
+        opt(
+            &mut a,
+            "pace-profile",
+            self.pace_profile.as_ref().map(|p| p.display()),
+        );
         a
     }
 }

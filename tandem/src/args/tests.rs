@@ -69,6 +69,7 @@ fn child_command_lines_parse_back_to_their_values() {
             share_cores: Some("/tmp/up/cores".into()),
             pace_ms: Some(12.5),
             hold_ms: Some(2500.0),
+            pace_profile: Some("/var/cache/tandem/profile.json".into()),
         },
         store: StoreUseArgs {
             kv_store_addr: Some("10.0.0.9:50071".into()),
@@ -113,6 +114,7 @@ fn child_command_lines_parse_back_to_their_values() {
             share_cores: Some("/tmp/up/cores".into()),
             pace_ms: None,
             hold_ms: None,
+            pace_profile: None,
         },
         experts: ExpertUseArgs {
             expert_workers: vec!["127.0.0.1:7".into()],

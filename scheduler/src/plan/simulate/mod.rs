@@ -373,7 +373,7 @@ pub fn replay(
                     ps[i].start();
                 }
                 _ => {
-                    ds[di].arrivals.observe(r.at, seq.prompt);
+                    ds[di].arrivals.observe(r.at, seq.prompt as f64);
                     ds[di].waiting.push_back(seq);
                 }
             }
@@ -450,21 +450,21 @@ fn step(
                 )
             })
             .collect();
-        let mut queued: Vec<(usize, f64)> = (d.running.iter().chain(&d.waiting))
+        let mut queued: Vec<(f64, f64)> = (d.running.iter().chain(&d.waiting))
             .filter(|s| s.have < s.prompt)
-            .map(|s| (s.prompt - s.have, now - reqs[s.req].at))
+            .map(|s| ((s.prompt - s.have) as f64, now - reqs[s.req].at))
             .collect();
         // A whole step: as much of the queued prompts as the budget holds.
-        let want = budget.min(queued.iter().map(|q| q.0).sum());
+        let want = budget.min(queued.iter().map(|q| q.0 as usize).sum());
         queued.extend(d.arrivals.ahead(now, ArrivalRate::horizon(d.hold_s)));
         let held = Pace {
-            tokens: d.f.chunk_within(pairs, period - base),
+            work: d.f.chunk_within(pairs, period - base) as f64,
             step_s: period,
         };
         let prefill = |n: usize| Work::prefill(pairs as usize, pairs as usize + n);
         let whole = d.f.seconds(decode + prefill(want));
         let full = Pace {
-            tokens: budget,
+            work: budget as f64,
             step_s: d.f.seconds(decode + prefill(budget)),
         };
         let chunk = if pass {
@@ -479,7 +479,7 @@ fn step(
             budget
         } else {
             let credit = least_credit(&credits);
-            let keep_up = d.arrivals.per_period(now, period);
+            let keep_up = d.arrivals.per_period(now, period).ceil() as usize;
             d.f.chunk_within(pairs, period + credit - base).max(keep_up)
         };
         budget = budget.min(chunk);
