@@ -98,4 +98,4 @@ y = np.array([s[3] for s in steps])
 coef = np.linalg.lstsq(x, y, rcond=None)[0]
 print(f"least squares over the run: {coef[0]:.2f} ms + {coef[1]:.3f} ms/token + "
       f"{coef[2] * 1e6:.1f} ns/prefill pair + {coef[3] * 1e6:.1f} ns/decode pair; mean error "
-      + ", ".join(f"{c} {np.mean((x @ coef - y)[[s[0] == c for s in steps]]):+.2f} ms" for c in kinds))
+      + ", ".join(f"{c} {mean(list((x @ coef - y)[[s[0] == c for s in steps]])):+.2f} ms" for c in kinds))
