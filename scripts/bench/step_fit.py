@@ -14,7 +14,10 @@ starts DEEP (default 300) positions or more into its prompt: negative is a step 
 than its fit said, the error that breaks a stream's bound. Then the least-squares line of the
 whole run's step times against [1, tokens, prompt-chunk attention pairs, decode attention
 pairs] (with numpy): the live costs to hold against the profile's, and what even the best such
-line errs on each kind of step.
+line errs on each kind of step. Last, a candidate for the worker: the same running fit with the
+prompt attention's weight learned live (time against 1, tokens and the profile-weighed pairs,
+each term its own coefficient, pulled toward the profile's weight by a small ridge; the fit by
+work where that gives a negative coefficient), predicting each step before it sees it.
 """
 import argparse
 import re
@@ -99,3 +102,25 @@ coef = np.linalg.lstsq(x, y, rcond=None)[0]
 print(f"least squares over the run: {coef[0]:.2f} ms + {coef[1]:.3f} ms/token + "
       f"{coef[2] * 1e6:.1f} ns/prefill pair + {coef[3] * 1e6:.1f} ns/decode pair; mean error "
       + ", ".join(f"{c} {mean(list((x @ coef - y)[[s[0] == c for s in steps]])):+.2f} ms" for c in kinds))
+
+# The weight the worker ran with: work = tokens + weight x prompt pairs.
+weights = [(s[2] - s[1]) / s[4] for s in steps if s[4] and s[4] > 0]
+weight = sorted(weights)[len(weights) // 2] if weights else 0.0
+gram, rhs, ridge = np.zeros((3, 3)), np.zeros(3), 0.1 * np.array([[0, 0, 0], [0, 1, -1], [0, -1, 1]])
+fallback, live, signed_live = Fit(), [], {c: [] for c in kinds}
+for kind, tokens, work, took, pp, _ in steps:
+    x = np.array([1.0, tokens, weight * pp])
+    p = None
+    if gram[0, 0] > 0:
+        theta = np.linalg.solve(gram + ridge * gram[0, 0] + 1e-12 * np.eye(3), rhs)
+        if (theta >= 0).all() and theta[1] > 0:
+            p = x @ theta
+    if p is None:
+        p = fallback.seconds(work)
+    if p is not None:
+        live.append(abs(p * 1e3 - took))
+        signed_live[kind].append(p * 1e3 - took)
+    gram, rhs = gram * DECAY + np.outer(x, x), rhs * DECAY + x * took / 1e3
+    fallback.observe(work, took / 1e3)
+print(f"fit with the weight learned live: mean |error| {mean(live):.2f} ms; mean error "
+      + ", ".join(f"{c} {mean(signed_live[c]):+.2f} ms" for c in kinds))

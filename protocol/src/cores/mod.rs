@@ -142,7 +142,8 @@ pub struct Sharing {
     pub period: Duration,
     /// How long queued prompts may wait on the pace: the first-token bound ([`holds`]).
     pub hold: Duration,
-    /// What its steps' work is: attention's weight against a token's ([`StepFit`]).
+    /// What its steps' work is: a prompt chunk's attention weighed against a token
+    /// ([`StepCost`], from the cost profile; tokens alone by default).
     pub cost: StepCost,
 }
 

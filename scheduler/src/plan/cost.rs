@@ -308,6 +308,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_pacer_weighs_a_prompt_pair_by_its_cost_against_a_tokens() {
+        let m = model();
+        let f = m.forward(usize::MAX);
+        assert_eq!(f.threads, 2);
+        let w = f.step_cost().prefill_pair;
+        assert!(
+            (w - f.per_prefill_pair_s / f.per_token_s).abs() < 1e-15,
+            "{w}"
+        );
+        assert!(w > 0.0);
+    }
+
+    #[test]
     fn prefill_pairs_count_each_position_against_those_up_to_it() {
         assert_eq!(Work::prefill(0, 3).prefill_pairs, 6.0); // 1 + 2 + 3
         assert_eq!(Work::prefill(2, 4).prefill_pairs, 7.0); // 3 + 4
