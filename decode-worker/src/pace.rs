@@ -61,7 +61,7 @@ impl Worker {
             took_ms = started.elapsed().as_secs_f64() * 1e3,
             "step timed"
         );
-        let rest = p.rest(t.work, started);
+        let rest = p.rest(t.tokens, t.prefill_pairs, started);
         if !rest.is_zero() {
             kernels::pool::rest(); // its idle threads sleep too, rather than spin
             std::thread::sleep(rest);

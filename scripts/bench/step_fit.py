@@ -5,10 +5,10 @@ and measured time).
 
 usage: scripts/bench/step_fit.py SERVER.log [--period-ms P] [--deep DEEP]
 
-Replays, on the same steps, the fit the worker ran (`protocol::cores::StepFit`: a decayed least
-squares of time against work, attention weighed by the cost profile) beside the same fit
-against tokens alone (the pacer before it weighed attention), each predicting a step before
-observing it. Prints each fit's mean absolute error, and its mean signed error on decode-only
+Replays, on the same steps, a decayed least squares of time against the work the worker priced
+each step at (`protocol::cores::StepCost`: prompt attention weighed by the cost profile, scaled
+by what the worker's fit learned live, `StepFit::scale`) beside the same fit against tokens
+alone (the pacer before it weighed attention), each predicting a step before observing it. Prints each fit's mean absolute error, and its mean signed error on decode-only
 steps, on steps with prompt chunks near their prompt's start, and on steps with a chunk that
 starts DEEP (default 300) positions or more into its prompt: negative is a step that ran longer
 than its fit said, the error that breaks a stream's bound. Then the least-squares line of the

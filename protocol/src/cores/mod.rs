@@ -349,9 +349,12 @@ impl Pacer {
         Ok(p)
     }
 
-    /// What its steps' work is ([`StepCost`]).
+    /// What its steps' work is: the profile's weight of a prompt pair ([`StepCost`]), scaled
+    /// as its steps say ([`StepFit::scale`]).
     pub fn cost(&self) -> StepCost {
-        self.cost
+        StepCost {
+            prefill_pair: self.cost.prefill_pair * self.fit.scale(),
+        }
     }
 
     pub fn period(&self) -> Duration {
@@ -422,11 +425,14 @@ impl Pacer {
             .map_or(f64::INFINITY, |fits| fits.max(keep_up))
     }
 
-    /// After a step of `work` that began at `start`: how long to leave the cores to prefill
-    /// (nothing while prefill is idle or the step used its whole period).
-    pub fn rest(&mut self, work: f64, start: std::time::Instant) -> Duration {
+    /// After a step of `tokens`, its prompt chunks attending to `pairs` positions in all, that
+    /// began at `start`: how long to leave the cores to prefill (nothing while prefill is idle
+    /// or the step used its whole period).
+    pub fn rest(&mut self, tokens: usize, pairs: f64, start: std::time::Instant) -> Duration {
         let took = start.elapsed();
-        self.fit.observe(work, took.as_secs_f64());
+        let attention = self.cost.prefill_pair * pairs;
+        self.fit
+            .observe(tokens as f64, attention, took.as_secs_f64());
         if !self.arbiter.prefill_active() {
             return Duration::ZERO;
         }

@@ -20,16 +20,19 @@ fn a_pass_in_progress_is_seen_by_another_mapping_until_it_ends() {
         full: 256.0,
     };
     assert_eq!(pacer.step_work(step, &[], &[]), f64::INFINITY);
-    assert_eq!(pacer.rest(1.0, std::time::Instant::now()), Duration::ZERO);
+    assert_eq!(
+        pacer.rest(1, 0.0, std::time::Instant::now()),
+        Duration::ZERO
+    );
     {
         let _a = prefill.computing();
         let _b = prefill.computing();
         assert!(decode.prefill_active());
-        let rest = pacer.rest(1.0, std::time::Instant::now());
+        let rest = pacer.rest(1, 0.0, std::time::Instant::now());
         assert!(rest > Duration::from_millis(40) && rest <= Duration::from_millis(50));
         // A step that took its whole period leaves nothing.
         let long_ago = std::time::Instant::now() - Duration::from_millis(60);
-        assert_eq!(pacer.rest(1.0, long_ago), Duration::ZERO);
+        assert_eq!(pacer.rest(1, 0.0, long_ago), Duration::ZERO);
         assert!(pacer.step_work(step, &[], &[]) < 256.0);
     }
     assert!(!decode.prefill_active());
@@ -179,7 +182,7 @@ fn a_paced_step_carries_the_work_that_fits_its_share_of_the_period() {
     let mut f = StepFit::default();
     assert_eq!(f.paced_work(4.0, 0.01), None);
     for t in [1.0, 8.0, 40.0, 3.0, 200.0, 17.0, 64.0] {
-        f.observe(t, 0.002 + 1e-4 * t);
+        f.observe(t, 0.0, 0.002 + 1e-4 * t);
     }
     let (a, c) = f.line().unwrap();
     assert!(
@@ -196,7 +199,7 @@ fn a_paced_step_carries_the_work_that_fits_its_share_of_the_period() {
     // Steps all of one size: every second is charged to the work.
     let mut g = StepFit::default();
     for _ in 0..5 {
-        g.observe(10.0, 0.003);
+        g.observe(10.0, 0.0, 0.003);
     }
     let (a, c) = g.line().unwrap();
     assert_eq!(a, 0.0);
@@ -249,28 +252,40 @@ fn a_chunks_work_adds_up_and_the_longest_chunk_within_a_work_is_exact() {
 }
 
 #[test]
-fn a_fit_by_work_times_chunks_deep_into_a_long_prompt_that_tokens_alone_miss() {
+fn a_fit_learns_what_attention_costs_live_and_times_deep_chunks_that_tokens_alone_miss() {
     // A machine whose steps cost 4 ms + 0.5 ms a token + 0.3 µs an attended prompt
     // position: the decode steps of 20 streams at ~300 positions, some with a chunk of a
-    // 1,000-token prompt at a random depth.
+    // 1,000-token prompt at a random depth. The profile said 0.15 µs a pair: the live
+    // steps pay twice that.
     let truth = |tokens: f64, pairs: f64| 4e-3 + 5e-4 * tokens + 3e-7 * pairs;
-    let cost = StepCost {
-        prefill_pair: 3e-7 / 5e-4,
+    let profile = StepCost {
+        prefill_pair: 1.5e-7 / 5e-4,
     };
     let (mut by_work, mut by_tokens) = (StepFit::default(), StepFit::default());
     let mut next = rng(0x5851_f42d_4c95_7f2d);
+    let observe = |fit: &mut StepFit, weight: f64, from: usize, n: usize| {
+        let pairs = StepCost { prefill_pair: 1.0 }.chunk(from, from + n) - n as f64;
+        let tokens = 20.0 + n as f64;
+        fit.observe(tokens, weight * pairs, truth(tokens, pairs));
+    };
+    // Decode-only steps first: nothing to learn the attention from yet.
+    for _ in 0..100 {
+        observe(&mut by_work, profile.prefill_pair, 0, 0);
+    }
+    assert_eq!(by_work.scale(), 1.0);
     for _ in 0..400 {
         let (from, n) = ((next() * 900.0) as usize, (next() * 40.0) as usize);
-        let pairs = cost.chunk(from, from + n) - n as f64;
-        let tokens = 20.0 + n as f64;
-        let took = truth(tokens, pairs / cost.prefill_pair);
-        by_work.observe(20.0 + cost.chunk(from, from + n), took);
-        by_tokens.observe(tokens, took);
+        observe(&mut by_work, profile.prefill_pair, from, n);
+        observe(&mut by_tokens, 0.0, from, n);
     }
-    // A 30-token chunk at position 950.
-    let pairs = cost.chunk(950, 980) - 30.0;
-    let took = truth(50.0, pairs / cost.prefill_pair);
-    let work = by_work.seconds(20.0 + cost.chunk(950, 980)).unwrap();
+    let scale = by_work.scale();
+    assert!((scale - 2.0).abs() < 0.05, "{scale}");
+    // A 30-token chunk at position 950, priced by the weight learned.
+    let live = StepCost {
+        prefill_pair: profile.prefill_pair * scale,
+    };
+    let took = truth(50.0, 30.0 * 950.0 + 30.0 * 31.0 / 2.0);
+    let work = by_work.seconds(20.0 + live.chunk(950, 980)).unwrap();
     let tokens = by_tokens.seconds(50.0).unwrap();
     assert!((work - took).abs() < 0.01 * took, "{work} {took}");
     assert!(took - tokens > 3e-3, "{tokens} {took}");
