@@ -23,7 +23,6 @@ impl Worker {
     /// The step `plan` as its pacer times it; `None` for a worker not pacing.
     pub(crate) fn timed(&self, plan: &[(usize, Work)]) -> Option<Timed> {
         let cost = self.pacer.as_ref()?.cost();
-        let pairs = StepCost { prefill_pair: 1.0 };
         let mut t = Timed {
             work: 0.0,
             tokens: 0,
@@ -35,9 +34,9 @@ impl Worker {
             t.work += w.cost(&cost);
             t.tokens += w.tokens();
             match w {
-                Work::Chunk { from, .. } => {
+                Work::Chunk { from, to } => {
                     t.deepest = t.deepest.max(Some(from));
-                    t.prefill_pairs += w.cost(&pairs) - w.tokens() as f64;
+                    t.prefill_pairs += protocol::cores::prefill_pairs(from, to);
                 }
                 Work::Decode => t.decode_pairs += self.running[i].kv.len() as f64,
             }

@@ -28,8 +28,7 @@ impl StepCost {
     /// The work of prefilling positions `from..to` of one sequence (`from` already cached):
     /// each position attends to itself and every one before it.
     pub fn chunk(&self, from: usize, to: usize) -> f64 {
-        let (a, b) = (from as f64, to.max(from) as f64);
-        (b - a) + self.prefill_pair * (b * (b + 1.0) - a * (a + 1.0)) / 2.0
+        to.saturating_sub(from) as f64 + self.prefill_pair * prefill_pairs(from, to)
     }
 
     /// The most positions a chunk from `from` may prefill within `work`.
@@ -56,6 +55,13 @@ impl StepCost {
         }
         n
     }
+}
+
+/// The attention pairs of prefilling positions `from..to` of one sequence (`from` already
+/// cached): each position against itself and every one before it, `Σ_{i=from}^{to-1} (i + 1)`.
+pub fn prefill_pairs(from: usize, to: usize) -> f64 {
+    let (a, b) = (from as f64, to.max(from) as f64);
+    (b * (b + 1.0) - a * (a + 1.0)) / 2.0
 }
 
 /// A running least-squares fit of a step's time against its work ([`StepCost`]), `a +

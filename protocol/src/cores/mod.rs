@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 mod fit;
-pub use fit::{StepCost, StepFit};
+pub use fit::{StepCost, StepFit, prefill_pairs};
 
 /// How old a heartbeat may be before the passes it vouches for are taken as dead.
 pub const STALE: Duration = Duration::from_secs(30);

@@ -31,11 +31,9 @@ pub struct Work {
 impl Work {
     /// Prefill of positions `from..to` of one sequence (`from` already cached).
     pub fn prefill(from: usize, to: usize) -> Work {
-        let (a, b) = (from as f64, to.max(from) as f64);
         Work {
-            tokens: b - a,
-            // Σ_{i=from}^{to-1} (i + 1)
-            prefill_pairs: (b * (b + 1.0) - a * (a + 1.0)) / 2.0,
+            tokens: to.saturating_sub(from) as f64,
+            prefill_pairs: protocol::cores::prefill_pairs(from, to),
             decode_pairs: 0.0,
         }
     }
